@@ -1,0 +1,219 @@
+//! JSON text frames exchanged over a barrage WebSocket.
+//!
+//! Every frame is an object with a `type`. Clients send `join`, `leave` and
+//! `ping`; the server sends `connected`, `message`, `joined`, `left`,
+//! `error` and `pong`. A `message` frame for a fan-out is encoded once by
+//! [`encode_message_frame`] and the same bytes go to every recipient.
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// A frame a client sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    /// Join a room; answered with `joined` (or `error`).
+    Join {
+        /// The room to join.
+        room: String,
+    },
+    /// Leave a room; answered with `left` (or `error`).
+    Leave {
+        /// The room to leave.
+        room: String,
+    },
+    /// Application-level ping; answered with `pong`.
+    Ping,
+}
+
+/// A `message` frame as a client decodes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageFrame {
+    /// The stream the message belongs to: `room:<id>`, `user:<id>` or `broadcast`.
+    pub stream: String,
+    /// Message id (the caller's idempotency key or a generated one).
+    pub id: String,
+    /// Stream epoch at the time of the push.
+    pub epoch: u64,
+    /// Position of the message in its stream.
+    pub seq: u64,
+    /// Application event name.
+    pub event: String,
+    /// The content: parsed JSON when the pushed content was JSON, a string otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+    /// Base64 of a binary payload, present instead of `data` for binary pushes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_b64: Option<String>,
+    /// Unix time in milliseconds when the push was accepted.
+    pub timestamp: i64,
+}
+
+/// A frame the server sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// The session is established and known to the controller: pushes issued
+    /// from now on reach this connection.
+    Connected {
+        /// Id of this connection, unique on its node.
+        conn_id: String,
+        /// The authenticated user.
+        user_id: String,
+        /// The connect-node holding the connection.
+        node_id: String,
+        /// Rooms joined at connect time.
+        rooms: Vec<String>,
+    },
+    /// A pushed message.
+    Message(MessageFrame),
+    /// A `join` succeeded; pushes to the room issued from now on arrive.
+    Joined {
+        /// The room joined.
+        room: String,
+    },
+    /// The connection left a room.
+    Left {
+        /// The room left.
+        room: String,
+    },
+    /// A request was refused; the connection stays open.
+    Error {
+        /// Machine-readable code, e.g. `invalid_frame`, `invalid_room`.
+        code: String,
+        /// Human-readable reason.
+        message: String,
+    },
+    /// Answer to a client `ping`.
+    Pong,
+}
+
+impl ServerFrame {
+    /// Serializes the frame as JSON text.
+    pub fn to_json(&self) -> String {
+        // Serializing these plain structs cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Builds an `error` frame.
+    pub fn error(code: &str, message: impl Into<String>) -> Self {
+        ServerFrame::Error {
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Why a client frame was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FrameError(String);
+
+/// Parses a client text frame, with an error message fit for an `error` frame.
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
+    serde_json::from_str(text).map_err(|e| {
+        FrameError(format!(
+            "expected a JSON object with \"type\": join | leave | ping ({e})"
+        ))
+    })
+}
+
+/// Encodes a `message` frame once, ready to be shared by every recipient.
+///
+/// `content` is embedded as JSON when it parses as JSON, as a JSON string
+/// otherwise; a non-empty `binary` payload is sent base64-encoded as
+/// `data_b64` instead.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_message_frame(
+    stream: &str,
+    id: &str,
+    epoch: u64,
+    seq: u64,
+    event: &str,
+    content: &str,
+    binary: &[u8],
+    timestamp_ms: i64,
+) -> Bytes {
+    let mut out = Vec::with_capacity(96 + stream.len() + id.len() + content.len());
+    out.extend_from_slice(br#"{"type":"message","stream":"#);
+    push_json_str(&mut out, stream);
+    out.extend_from_slice(br#","id":"#);
+    push_json_str(&mut out, id);
+    out.extend_from_slice(format!(r#","epoch":{epoch},"seq":{seq},"event":"#).as_bytes());
+    push_json_str(&mut out, event);
+    if binary.is_empty() {
+        out.extend_from_slice(br#","data":"#);
+        if serde_json::from_str::<serde::de::IgnoredAny>(content).is_ok() {
+            out.extend_from_slice(content.trim().as_bytes());
+        } else {
+            push_json_str(&mut out, content);
+        }
+    } else {
+        out.extend_from_slice(br#","data_b64":""#);
+        out.extend_from_slice(
+            base64::engine::general_purpose::STANDARD
+                .encode(binary)
+                .as_bytes(),
+        );
+        out.push(b'"');
+    }
+    out.extend_from_slice(format!(r#","timestamp":{timestamp_ms}}}"#).as_bytes());
+    Bytes::from(out)
+}
+
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    // serde_json's string escaping; writing to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(b: &Bytes) -> MessageFrame {
+        match serde_json::from_slice::<ServerFrame>(b).unwrap() {
+            ServerFrame::Message(m) => m,
+            other => panic!("not a message frame: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn json_content_is_embedded_as_json() {
+        let b = encode_message_frame("room:r1", "m1", 7, 3, "comment", r#"{"t":"hi"}"#, &[], 5);
+        let m = decode(&b);
+        assert_eq!(m.stream, "room:r1");
+        assert_eq!((m.epoch, m.seq), (7, 3));
+        assert_eq!(m.data, Some(serde_json::json!({"t": "hi"})));
+        assert_eq!(m.timestamp, 5);
+    }
+
+    #[test]
+    fn text_content_becomes_a_string_and_is_escaped() {
+        let b = encode_message_frame("user:u\"1", "m\n", 1, 1, "e", "hello \"world\"", &[], 0);
+        let m = decode(&b);
+        assert_eq!(m.stream, "user:u\"1");
+        assert_eq!(m.id, "m\n");
+        assert_eq!(m.data, Some(serde_json::json!("hello \"world\"")));
+    }
+
+    #[test]
+    fn binary_content_is_base64() {
+        let b = encode_message_frame("broadcast", "m", 1, 1, "e", "", &[0, 255], 0);
+        let m = decode(&b);
+        assert_eq!(m.data, None);
+        assert_eq!(m.data_b64.as_deref(), Some("AP8="));
+    }
+
+    #[test]
+    fn client_frames_parse_and_errors_explain() {
+        assert_eq!(
+            parse_client_frame(r#"{"type":"join","room":"r"}"#).unwrap(),
+            ClientFrame::Join { room: "r".into() }
+        );
+        assert_eq!(parse_client_frame(r#"{"type":"ping"}"#).unwrap(), ClientFrame::Ping);
+        let err = parse_client_frame("nope").unwrap_err().to_string();
+        assert!(err.contains("join | leave | ping"), "{err}");
+        assert!(parse_client_frame(r#"{"type":"join"}"#).is_err());
+    }
+}

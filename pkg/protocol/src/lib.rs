@@ -1,0 +1,16 @@
+//! The barrage client protocol: identifiers, stream keys, WebSocket frames
+//! and close codes.
+//!
+//! Everything a client and a server must agree on lives here, so the
+//! connect-node, the Rust client and the tests share one definition. The
+//! wire format is documented for other languages in `docs/protocol.md`.
+
+mod close;
+mod frame;
+mod ids;
+
+pub use close::CloseCode;
+pub use frame::{
+    ClientFrame, FrameError, MessageFrame, ServerFrame, encode_message_frame, parse_client_frame,
+};
+pub use ids::{IdError, MAX_ID_LEN, NodeId, RoomId, StreamKey, StreamPos, UserId};

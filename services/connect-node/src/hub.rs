@@ -1,0 +1,363 @@
+//! The connections a connect-node holds, indexed by room and user, and the
+//! local half of a fan-out: one encoded frame handed to many send queues.
+//!
+//! Every change to who is connected where is reported to the owning
+//! controller *while the hub lock is held*, so a full state snapshot taken
+//! under the same lock never misses or double-counts a change in flight.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::ws::Utf8Bytes;
+use barrage_proto::v1::{KeyState, session_change::Kind};
+use barrage_protocol::{CloseCode, RoomId, StreamKey, UserId};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::reporter::{Ack, Change, Reporter};
+
+/// Id of a connection, unique within one connect-node process.
+pub type ConnId = u64;
+
+/// The hub's side of one WebSocket: its identity and bounded send queue.
+#[derive(Debug)]
+pub struct ConnHandle {
+    /// Connection id.
+    pub id: ConnId,
+    /// The user holding the connection.
+    pub user: UserId,
+    tx: mpsc::Sender<Utf8Bytes>,
+    close: CancellationToken,
+    close_code: Mutex<Option<CloseCode>>,
+}
+
+/// Outcome of queueing a frame on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    /// The frame is in the connection's send queue.
+    Yes,
+    /// The queue was full: the connection is being closed as a slow consumer.
+    SlowConsumer,
+    /// The connection is already closing.
+    Closed,
+}
+
+impl ConnHandle {
+    /// Queues a frame without waiting. A full queue closes the connection
+    /// with [`CloseCode::SlowConsumer`] instead of slowing the fan-out.
+    pub fn queue(&self, frame: Utf8Bytes) -> Queued {
+        match self.tx.try_send(frame) {
+            Ok(()) => Queued::Yes,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if self.close_with(CloseCode::SlowConsumer) {
+                    Queued::SlowConsumer
+                } else {
+                    Queued::Closed
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Queued::Closed,
+        }
+    }
+
+    /// Asks the connection's writer to close with `code`. Returns false when
+    /// it was already closing (the first code wins).
+    pub fn close_with(&self, code: CloseCode) -> bool {
+        let mut slot = self.close_code.lock();
+        if slot.is_some() {
+            return false;
+        }
+        *slot = Some(code);
+        self.close.cancel();
+        true
+    }
+
+    /// The code the connection is closing with, once asked to close.
+    pub fn close_code(&self) -> Option<CloseCode> {
+        *self.close_code.lock()
+    }
+
+    /// Completes when the connection is asked to close.
+    pub async fn closing(&self) {
+        self.close.cancelled().await
+    }
+}
+
+#[derive(Default)]
+struct State {
+    conns: HashMap<ConnId, Arc<ConnHandle>>,
+    conn_rooms: HashMap<ConnId, HashSet<RoomId>>,
+    rooms: HashMap<RoomId, HashMap<ConnId, Arc<ConnHandle>>>,
+    users: HashMap<UserId, HashMap<ConnId, Arc<ConnHandle>>>,
+}
+
+/// Counts of what a hub holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HubStats {
+    /// Open connections.
+    pub connections: usize,
+    /// Distinct users.
+    pub users: usize,
+    /// Rooms with at least one member.
+    pub rooms: usize,
+}
+
+/// Result of a local fan-out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Delivery {
+    /// Connections the frame was queued to.
+    pub delivered: u32,
+    /// Connections closed as slow consumers instead.
+    pub dropped: u32,
+}
+
+/// Every connection of this node, by id, room and user.
+pub struct Hub {
+    state: RwLock<State>,
+    next_id: AtomicU64,
+    reporter: Arc<Reporter>,
+    metrics: Metrics,
+    queue_len: usize,
+}
+
+impl Hub {
+    /// An empty hub reporting through `reporter`; send queues hold `queue_len` frames.
+    pub fn new(reporter: Arc<Reporter>, metrics: Metrics, queue_len: usize) -> Self {
+        Hub {
+            state: RwLock::new(State::default()),
+            next_id: AtomicU64::new(1),
+            reporter,
+            metrics,
+            queue_len: queue_len.max(1),
+        }
+    }
+
+    /// Adds a connection of `user` in `rooms`. Returns its handle, the
+    /// receiving end of its send queue, and an ack that resolves once the
+    /// controllers know about it.
+    pub fn connect(
+        &self,
+        user: UserId,
+        rooms: &[RoomId],
+    ) -> (Arc<ConnHandle>, mpsc::Receiver<Utf8Bytes>, Ack) {
+        let (tx, rx) = mpsc::channel(self.queue_len);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(ConnHandle {
+            id,
+            user: user.clone(),
+            tx,
+            close: CancellationToken::new(),
+            close_code: Mutex::new(None),
+        });
+        let mut changes = vec![Change {
+            kind: Kind::Connect,
+            key: StreamKey::User(user.clone()).to_string(),
+            user: user.clone(),
+        }];
+        let mut st = self.state.write();
+        st.conns.insert(id, conn.clone());
+        st.users
+            .entry(user.clone())
+            .or_default()
+            .insert(id, conn.clone());
+        let joined = st.conn_rooms.entry(id).or_default();
+        for room in rooms {
+            if joined.insert(room.clone()) {
+                changes.push(Change {
+                    kind: Kind::Join,
+                    key: StreamKey::Room(room.clone()).to_string(),
+                    user: user.clone(),
+                });
+            }
+        }
+        for room in rooms {
+            st.rooms
+                .entry(room.clone())
+                .or_default()
+                .insert(id, conn.clone());
+        }
+        let ack = self.reporter.enqueue(changes);
+        self.observe(&st);
+        drop(st);
+        self.metrics.connects.inc();
+        (conn, rx, ack)
+    }
+
+    /// Adds a connection to a room. `None` when it was already a member.
+    pub fn join(&self, conn: &Arc<ConnHandle>, room: &RoomId) -> Option<Ack> {
+        let mut st = self.state.write();
+        let rooms = st.conn_rooms.get_mut(&conn.id)?;
+        if !rooms.insert(room.clone()) {
+            return None;
+        }
+        st.rooms
+            .entry(room.clone())
+            .or_default()
+            .insert(conn.id, conn.clone());
+        let ack = self.reporter.enqueue(vec![Change {
+            kind: Kind::Join,
+            key: StreamKey::Room(room.clone()).to_string(),
+            user: conn.user.clone(),
+        }]);
+        self.observe(&st);
+        Some(ack)
+    }
+
+    /// Removes a connection from a room. Returns whether it was a member.
+    pub fn leave(&self, conn: &ConnHandle, room: &RoomId) -> bool {
+        let mut st = self.state.write();
+        let removed = st
+            .conn_rooms
+            .get_mut(&conn.id)
+            .is_some_and(|r| r.remove(room));
+        if removed {
+            Self::remove_from_room(&mut st, room, conn.id);
+            // Nobody waits for a leave: pushes to a room it left are
+            // filtered locally anyway.
+            drop(self.reporter.enqueue(vec![Change {
+                kind: Kind::Leave,
+                key: StreamKey::Room(room.clone()).to_string(),
+                user: conn.user.clone(),
+            }]));
+            self.observe(&st);
+        }
+        removed
+    }
+
+    /// Number of rooms a connection is in.
+    pub fn room_count(&self, conn: ConnId) -> usize {
+        self.state
+            .read()
+            .conn_rooms
+            .get(&conn)
+            .map_or(0, HashSet::len)
+    }
+
+    /// Removes a connection and everything it joined.
+    pub fn disconnect(&self, conn: &ConnHandle) {
+        let mut st = self.state.write();
+        if st.conns.remove(&conn.id).is_none() {
+            return;
+        }
+        let mut changes = vec![Change {
+            kind: Kind::Disconnect,
+            key: StreamKey::User(conn.user.clone()).to_string(),
+            user: conn.user.clone(),
+        }];
+        if let Some(conns) = st.users.get_mut(&conn.user) {
+            conns.remove(&conn.id);
+            if conns.is_empty() {
+                st.users.remove(&conn.user);
+            }
+        }
+        for room in st.conn_rooms.remove(&conn.id).unwrap_or_default() {
+            Self::remove_from_room(&mut st, &room, conn.id);
+            changes.push(Change {
+                kind: Kind::Leave,
+                key: StreamKey::Room(room).to_string(),
+                user: conn.user.clone(),
+            });
+        }
+        drop(self.reporter.enqueue(changes));
+        self.observe(&st);
+    }
+
+    fn remove_from_room(st: &mut State, room: &RoomId, id: ConnId) {
+        if let Some(members) = st.rooms.get_mut(room) {
+            members.remove(&id);
+            if members.is_empty() {
+                st.rooms.remove(room);
+            }
+        }
+    }
+
+    /// Queues one encoded frame to every connection of `stream`, except
+    /// users in `exclude`. The frame is shared, never copied per recipient.
+    pub fn deliver(&self, stream: &StreamKey, frame: &Utf8Bytes, exclude: &HashSet<&str>) -> Delivery {
+        let st = self.state.read();
+        let mut d = Delivery::default();
+        let mut send = |c: &Arc<ConnHandle>| {
+            if !exclude.is_empty() && exclude.contains(c.user.as_str()) {
+                return;
+            }
+            match c.queue(frame.clone()) {
+                Queued::Yes => d.delivered += 1,
+                Queued::SlowConsumer => d.dropped += 1,
+                Queued::Closed => {}
+            }
+        };
+        match stream {
+            StreamKey::Room(r) => st.rooms.get(r).into_iter().flat_map(|m| m.values()).for_each(&mut send),
+            StreamKey::User(u) => st.users.get(u).into_iter().flat_map(|m| m.values()).for_each(&mut send),
+            StreamKey::Broadcast => st.conns.values().for_each(&mut send),
+        }
+        drop(st);
+        self.metrics.frames_delivered.inc_by(u64::from(d.delivered));
+        self.metrics
+            .bytes_delivered
+            .inc_by(u64::from(d.delivered) * frame.len() as u64);
+        if d.dropped > 0 {
+            self.metrics.slow_consumers.inc_by(u64::from(d.dropped));
+        }
+        d
+    }
+
+    /// Full state of the keys `owned` selects, for a controller sync.
+    /// Called by the reporter with the hub lock held via [`Hub::with_snapshot`].
+    fn key_states(st: &State, owned: &dyn Fn(&str) -> bool) -> Vec<KeyState> {
+        let mut out = Vec::new();
+        for (user, conns) in &st.users {
+            let key = StreamKey::User(user.clone()).to_string();
+            if owned(&key) {
+                out.push(KeyState {
+                    key,
+                    users: [(user.to_string(), conns.len() as u32)].into_iter().collect(),
+                });
+            }
+        }
+        for (room, conns) in &st.rooms {
+            let key = StreamKey::Room(room.clone()).to_string();
+            if owned(&key) {
+                let mut users: HashMap<String, u32> = HashMap::new();
+                for c in conns.values() {
+                    *users.entry(c.user.to_string()).or_default() += 1;
+                }
+                out.push(KeyState { key, users });
+            }
+        }
+        out
+    }
+
+    /// Runs `f` with a snapshot of the keys `owned` selects while the hub
+    /// lock is held, so no change can slip between the snapshot and `f`.
+    pub fn with_snapshot<R>(
+        &self,
+        owned: &dyn Fn(&str) -> bool,
+        f: impl FnOnce(Vec<KeyState>) -> R,
+    ) -> R {
+        let st = self.state.read();
+        f(Self::key_states(&st, owned))
+    }
+
+    /// Every open connection (for shutdown).
+    pub fn connections(&self) -> Vec<Arc<ConnHandle>> {
+        self.state.read().conns.values().cloned().collect()
+    }
+
+    /// Counts of connections, users and rooms.
+    pub fn stats(&self) -> HubStats {
+        let st = self.state.read();
+        HubStats {
+            connections: st.conns.len(),
+            users: st.users.len(),
+            rooms: st.rooms.len(),
+        }
+    }
+
+    fn observe(&self, st: &State) {
+        self.metrics.connections.set(st.conns.len() as i64);
+        self.metrics.rooms.set(st.rooms.len() as i64);
+    }
+}

@@ -1,0 +1,268 @@
+//! barrage connect-node: holds client WebSockets, reports who is connected
+//! where to the controllers, and delivers pushed messages.
+//!
+//! The hub ([`hub::Hub`]) is the node's source of truth for its sessions;
+//! the reporter keeps the owning controllers in step; the `ConnectNode` gRPC
+//! service hands each pushed message to the local connections of its target,
+//! encoding the frame once.
+
+pub mod hub;
+mod metrics;
+mod reporter;
+mod service;
+pub mod ws;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use barrage_discovery::{Discovery, Member, MemberWatch, Role};
+use barrage_proto::v1::connect_node_server::ConnectNodeServer;
+use barrage_protocol::CloseCode;
+use barrage_telemetry::Readiness;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+pub use metrics::Metrics;
+use reporter::{Reporter, ReporterConfig};
+pub use service::ConnectNodeService;
+use ws::{WsSettings, WsState};
+
+/// Connect-node settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Id registered in discovery and reported to controllers.
+    pub node_id: String,
+    /// gRPC address others use to reach this node; the listener's when empty.
+    pub advertise_addr: String,
+    /// TTL of the discovery lease.
+    pub lease_ttl: Duration,
+    /// Accept `?user_id=` without a token (development only).
+    pub insecure_user_id: bool,
+    /// Frames one connection's send queue holds before it is closed as slow.
+    pub send_queue: usize,
+    /// Largest inbound WebSocket frame, bytes.
+    pub max_frame_bytes: usize,
+    /// Rooms one connection may be in.
+    pub max_rooms: usize,
+    /// Server ping interval.
+    pub ping_interval: Duration,
+    /// Close connections silent for this long.
+    pub read_timeout: Duration,
+    /// Per-connection read/write buffer, bytes.
+    pub io_buffer: usize,
+    /// Heartbeat to controllers when idle.
+    pub heartbeat: Duration,
+    /// Deadline for controllers to confirm a connect or join.
+    pub ack_timeout: Duration,
+    /// Virtual nodes per controller on the hash ring.
+    pub ring_vnodes: usize,
+    /// Time given to connections to close on shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: "connect-node-1".into(),
+            advertise_addr: String::new(),
+            lease_ttl: Duration::from_secs(10),
+            insecure_user_id: false,
+            send_queue: 256,
+            max_frame_bytes: 64 * 1024,
+            max_rooms: 64,
+            ping_interval: Duration::from_secs(25),
+            read_timeout: Duration::from_secs(60),
+            io_buffer: 4 * 1024,
+            heartbeat: Duration::from_secs(1),
+            ack_timeout: Duration::from_secs(10),
+            ring_vnodes: barrage_discovery::ring::DEFAULT_VNODES,
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Sockets the connect-node serves on, bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    /// WebSockets (`/ws`).
+    pub ws: TcpListener,
+    /// gRPC (`barrage.v1.ConnectNode`, health, reflection).
+    pub grpc: TcpListener,
+    /// HTTP (`/metrics`, `/healthz`, `/readyz`).
+    pub http: TcpListener,
+}
+
+/// Errors that stop a connect-node.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listener could not be used.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Registration failed at start-up.
+    #[error("discovery: {0}")]
+    Discovery(#[from] barrage_discovery::Error),
+    /// Reflection could not be set up.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// Metrics could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Runs a connect-node until `shutdown`, then drains: readiness goes false,
+/// the node leaves discovery, and connections are closed with 4000
+/// ("reconnect") spread over the drain timeout.
+///
+/// `controllers` is the live controller set (from discovery, or fixed);
+/// `discovery`, when given, is where this node registers.
+pub async fn run(
+    cfg: Config,
+    listeners: Listeners,
+    controllers: MemberWatch,
+    discovery: Option<Discovery>,
+    registry: prometheus::Registry,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let grpc_addr = if cfg.advertise_addr.is_empty() {
+        listeners.grpc.local_addr()?.to_string()
+    } else {
+        cfg.advertise_addr.clone()
+    };
+    let ws_addr = listeners.ws.local_addr()?.to_string();
+    let http_addr = listeners.http.local_addr()?.to_string();
+    let metrics = Metrics::new(&registry)?;
+    let readiness = Readiness::new();
+    if cfg.insecure_user_id {
+        tracing::warn!("INSECURE: clients may connect with ?user_id= and no token; development only");
+    }
+
+    let reporter = Reporter::new(
+        ReporterConfig {
+            node_id: cfg.node_id.clone(),
+            incarnation: format!("{:016x}", rand::random::<u64>()),
+            grpc_addr: grpc_addr.clone(),
+            heartbeat: cfg.heartbeat,
+            call_timeout: Duration::from_secs(5),
+            vnodes: cfg.ring_vnodes,
+        },
+        metrics.clone(),
+    );
+    let hub = Arc::new(hub::Hub::new(reporter.clone(), metrics.clone(), cfg.send_queue));
+    let tasks = CancellationToken::new();
+    {
+        let (hub, stop) = (hub.clone(), tasks.clone());
+        tokio::spawn(async move { reporter.run(&hub, controllers, stop).await });
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ConnectNodeServer<ConnectNodeService>>()
+        .await;
+    let (reflection_v1, reflection_v1alpha) = barrage_proto::reflection_services()?;
+    let grpc_stop = CancellationToken::new();
+    let grpc = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(ConnectNodeServer::new(ConnectNodeService::new(
+                cfg.node_id.clone(),
+                hub.clone(),
+                metrics.clone(),
+            )))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listeners.grpc),
+                grpc_stop.clone().cancelled_owned(),
+            ),
+    );
+
+    let draining = CancellationToken::new();
+    let ws_state = WsState {
+        hub: hub.clone(),
+        settings: Arc::new(WsSettings {
+            node_id: cfg.node_id.clone(),
+            insecure_user_id: cfg.insecure_user_id,
+            max_frame_bytes: cfg.max_frame_bytes,
+            max_rooms: cfg.max_rooms,
+            ping_interval: cfg.ping_interval,
+            read_timeout: cfg.read_timeout,
+            io_buffer: cfg.io_buffer,
+            ack_timeout: cfg.ack_timeout,
+        }),
+        metrics: metrics.clone(),
+        draining: draining.clone(),
+    };
+    let ws_router = Router::new()
+        .route("/ws", get(ws::ws_handler))
+        .with_state(ws_state);
+    let ws_stop = CancellationToken::new();
+    let ws = tokio::spawn(barrage_telemetry::serve_http(
+        listeners.ws,
+        ws_router,
+        ws_stop.clone().cancelled_owned(),
+    ));
+    let http_stop = CancellationToken::new();
+    let http = tokio::spawn(barrage_telemetry::serve_http(
+        listeners.http,
+        barrage_telemetry::ops_router(registry.clone(), readiness.clone()),
+        http_stop.clone().cancelled_owned(),
+    ));
+
+    let registration = match &discovery {
+        Some(d) => {
+            let member = Member {
+                id: cfg.node_id.clone(),
+                role: Role::ConnectNode,
+                grpc_addr: grpc_addr.clone(),
+                http_addr,
+                ws_addr: Some(ws_addr.clone()),
+            };
+            Some(d.register(member, cfg.lease_ttl).await?)
+        }
+        None => None,
+    };
+    readiness.set(true);
+    tracing::info!(node_id = %cfg.node_id, %grpc_addr, %ws_addr, "connect-node ready");
+
+    shutdown.cancelled().await;
+    tracing::info!(node_id = %cfg.node_id, "connect-node draining");
+    readiness.set(false);
+    draining.cancel();
+    health
+        .set_not_serving::<ConnectNodeServer<ConnectNodeService>>()
+        .await;
+    if let Some(r) = registration {
+        r.deregister().await;
+    }
+    // Spread the closes over the drain window so clients do not all
+    // reconnect in the same instant.
+    let conns = hub.connections();
+    if !conns.is_empty() {
+        let step = cfg.drain_timeout / (conns.len() as u32 + 1);
+        for c in conns {
+            c.close_with(CloseCode::Shutdown);
+            if !step.is_zero() {
+                tokio::time::sleep(step).await;
+            }
+        }
+    }
+    ws_stop.cancel();
+    let _ = tokio::time::timeout(cfg.drain_timeout, ws).await;
+    tasks.cancel();
+    grpc_stop.cancel();
+    http_stop.cancel();
+    let grpc_result = grpc.await;
+    let _ = http.await;
+    match grpc_result {
+        Ok(r) => r?,
+        Err(e) => tracing::error!(error = %e, "grpc server task failed"),
+    }
+    tracing::info!(node_id = %cfg.node_id, "connect-node stopped");
+    Ok(())
+}

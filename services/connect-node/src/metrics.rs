@@ -1,0 +1,82 @@
+//! Connect-node metrics, registered on the registry the role is given.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// The connect-node's Prometheus metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    /// Open WebSocket connections.
+    pub connections: IntGauge,
+    /// Rooms with at least one local member.
+    pub rooms: IntGauge,
+    /// Connections accepted.
+    pub connects: IntCounter,
+    /// Connections closed, by close code.
+    pub disconnects: IntCounterVec,
+    /// Upgrade requests refused before the WebSocket opened, by reason.
+    pub rejected: IntCounterVec,
+    /// Message frames queued to connections.
+    pub frames_delivered: IntCounter,
+    /// Bytes of message frames queued to connections.
+    pub bytes_delivered: IntCounter,
+    /// Connections closed because their send queue was full.
+    pub slow_consumers: IntCounter,
+    /// PushMessageBatch calls served.
+    pub push_batches: IntCounter,
+    /// Failed report or sync calls to controllers.
+    pub report_failures: IntCounter,
+    /// Client frames refused with an `error` frame, by code.
+    pub frame_errors: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates and registers the metrics.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Metrics {
+            connections: IntGauge::new("connect_node_connections", "Open WebSocket connections")?,
+            rooms: IntGauge::new("connect_node_rooms", "Rooms with at least one local member")?,
+            connects: IntCounter::new("connect_node_connects_total", "WebSocket connections accepted")?,
+            disconnects: IntCounterVec::new(
+                Opts::new("connect_node_disconnects_total", "WebSocket connections closed by close code"),
+                &["code"],
+            )?,
+            rejected: IntCounterVec::new(
+                Opts::new("connect_node_rejected_total", "Upgrade requests refused by reason"),
+                &["reason"],
+            )?,
+            frames_delivered: IntCounter::new(
+                "connect_node_frames_delivered_total",
+                "Message frames queued to connections",
+            )?,
+            bytes_delivered: IntCounter::new(
+                "connect_node_bytes_delivered_total",
+                "Bytes of message frames queued to connections",
+            )?,
+            slow_consumers: IntCounter::new(
+                "connect_node_slow_consumers_total",
+                "Connections closed because their send queue was full",
+            )?,
+            push_batches: IntCounter::new("connect_node_push_batches_total", "PushMessageBatch calls served")?,
+            report_failures: IntCounter::new(
+                "connect_node_report_failures_total",
+                "Failed report or sync calls to controllers",
+            )?,
+            frame_errors: IntCounterVec::new(
+                Opts::new("connect_node_frame_errors_total", "Client frames refused by error code"),
+                &["code"],
+            )?,
+        };
+        registry.register(Box::new(m.connections.clone()))?;
+        registry.register(Box::new(m.rooms.clone()))?;
+        registry.register(Box::new(m.connects.clone()))?;
+        registry.register(Box::new(m.disconnects.clone()))?;
+        registry.register(Box::new(m.rejected.clone()))?;
+        registry.register(Box::new(m.frames_delivered.clone()))?;
+        registry.register(Box::new(m.bytes_delivered.clone()))?;
+        registry.register(Box::new(m.slow_consumers.clone()))?;
+        registry.register(Box::new(m.push_batches.clone()))?;
+        registry.register(Box::new(m.report_failures.clone()))?;
+        registry.register(Box::new(m.frame_errors.clone()))?;
+        Ok(m)
+    }
+}

@@ -1,0 +1,375 @@
+//! Reports this node's sessions to the controllers that own them.
+//!
+//! Keys map to controllers through the consistent-hash ring built from the
+//! live controllers. Each controller has a [`Link`]: a queue of changes and
+//! one task that sends them in order as numbered `Report` batches (whatever
+//! queued while the previous batch was in flight goes in the next one), an
+//! empty report as a heartbeat when idle, and a full `Sync` of the keys the
+//! controller owns on first contact, when the controller asks for it (it
+//! restarted or saw a gap), and whenever the ring changes.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use barrage_discovery::MemberWatch;
+use barrage_discovery::ring::Ring;
+use barrage_proto::v1::{
+    ReportRequest, SessionChange, SyncRequest, controller_client::ControllerClient,
+    session_change::Kind,
+};
+use barrage_protocol::UserId;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+/// One session change to report.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// What happened.
+    pub kind: Kind,
+    /// `user:<id>` or `room:<id>`.
+    pub key: String,
+    /// Whose connection it was.
+    pub user: UserId,
+}
+
+/// Resolves once every controller concerned has applied a batch of changes.
+#[derive(Debug)]
+pub struct Ack(Vec<oneshot::Receiver<()>>);
+
+impl Ack {
+    /// Waits for the controllers; false when a link went away or the wait
+    /// exceeded `timeout`.
+    pub async fn wait(self, timeout: Duration) -> bool {
+        let all = async {
+            for rx in self.0 {
+                if rx.await.is_err() {
+                    return false;
+                }
+            }
+            true
+        };
+        tokio::time::timeout(timeout, all).await.unwrap_or(false)
+    }
+}
+
+/// A report sent but not yet acknowledged.
+struct Inflight {
+    seq: u64,
+    changes: Vec<SessionChange>,
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    inflight: Option<Inflight>,
+    changes: Vec<SessionChange>,
+    waiters: Vec<oneshot::Sender<()>>,
+    /// Seq of the last report sent (or the sync the controller holds).
+    seq: u64,
+    full_sync: bool,
+}
+
+/// The path to one controller.
+struct Link {
+    id: String,
+    addr: String,
+    queue: Mutex<Queue>,
+    notify: Notify,
+    stop: CancellationToken,
+}
+
+/// Settings of the reporter.
+#[derive(Debug, Clone)]
+pub struct ReporterConfig {
+    /// This node's id.
+    pub node_id: String,
+    /// Random per process start.
+    pub incarnation: String,
+    /// This node's gRPC address, sent with syncs.
+    pub grpc_addr: String,
+    /// Idle links send an empty report this often.
+    pub heartbeat: Duration,
+    /// Deadline of one report or sync call.
+    pub call_timeout: Duration,
+    /// Virtual nodes per controller on the ring.
+    pub vnodes: usize,
+}
+
+/// Routes session changes to their controllers.
+pub struct Reporter {
+    cfg: ReporterConfig,
+    ring: RwLock<Arc<Ring<Arc<Link>>>>,
+    hub: Mutex<Weak<Hub>>,
+    metrics: Metrics,
+}
+
+impl Reporter {
+    /// A reporter with no controllers yet; call [`Reporter::run`] to follow them.
+    pub fn new(cfg: ReporterConfig, metrics: Metrics) -> Arc<Self> {
+        Arc::new(Reporter {
+            ring: RwLock::new(Arc::new(Ring::new(Vec::new(), cfg.vnodes))),
+            cfg,
+            hub: Mutex::new(Weak::new()),
+            metrics,
+        })
+    }
+
+    /// Queues changes on the links of their owners. Called with the hub
+    /// lock held. A change no controller owns fails its ack at once.
+    pub fn enqueue(&self, changes: Vec<Change>) -> Ack {
+        let ring = self.ring.read().clone();
+        let mut by_link: BTreeMap<&str, (&Arc<Link>, Vec<SessionChange>)> = BTreeMap::new();
+        let mut acks = Vec::new();
+        for c in changes {
+            match ring.owner(&c.key) {
+                Some((id, link)) => by_link.entry(id).or_insert_with(|| (link, Vec::new())).1.push(
+                    SessionChange {
+                        kind: c.kind as i32,
+                        key: c.key,
+                        user_id: c.user.to_string(),
+                    },
+                ),
+                None => {
+                    // Dropping the sender fails the ack: no controller to tell.
+                    let (_tx, rx) = oneshot::channel();
+                    acks.push(rx);
+                }
+            }
+        }
+        for (_, (link, changes)) in by_link {
+            let (tx, rx) = oneshot::channel();
+            let mut q = link.queue.lock();
+            q.changes.extend(changes);
+            q.waiters.push(tx);
+            drop(q);
+            link.notify.notify_one();
+            acks.push(rx);
+        }
+        Ack(acks)
+    }
+
+    /// Follows the live controllers until `stop`: keeps one link per
+    /// controller and a full sync to each whenever the ring changes.
+    pub async fn run(self: Arc<Self>, hub: &Arc<Hub>, mut controllers: MemberWatch, stop: CancellationToken) {
+        *self.hub.lock() = Arc::downgrade(hub);
+        loop {
+            self.apply_members(&controllers.current());
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                r = controllers.changed() => if r.is_err() { break },
+            }
+        }
+        let ring = self.ring.read().clone();
+        for (_, link) in ring.members() {
+            link.stop.cancel();
+        }
+    }
+
+    fn apply_members(self: &Arc<Self>, members: &barrage_discovery::Members) {
+        let old = self.ring.read().clone();
+        let mut links = Vec::new();
+        for (id, m) in members {
+            let existing = old
+                .members()
+                .find(|(oid, l)| *oid == id && l.addr == m.grpc_addr)
+                .map(|(_, l)| l.clone());
+            let link = existing.unwrap_or_else(|| self.spawn_link(id, &m.grpc_addr));
+            links.push((id.clone(), link));
+        }
+        let new = Arc::new(Ring::new(links, self.cfg.vnodes));
+        for (id, link) in old.members() {
+            if !new.members().any(|(nid, l)| nid == id && Arc::ptr_eq(l, link)) {
+                tracing::info!(controller = %id, "controller gone; closing its report link");
+                link.stop.cancel();
+            }
+        }
+        *self.ring.write() = new.clone();
+        // Ownership may have moved: every controller gets this node's full
+        // state for the keys it owns now.
+        for (_, link) in new.members() {
+            link.queue.lock().full_sync = true;
+            link.notify.notify_one();
+        }
+        tracing::info!(controllers = new.len(), "controller ring updated");
+    }
+
+    fn spawn_link(self: &Arc<Self>, id: &str, addr: &str) -> Arc<Link> {
+        let link = Arc::new(Link {
+            id: id.to_owned(),
+            addr: addr.to_owned(),
+            queue: Mutex::new(Queue {
+                full_sync: true,
+                ..Queue::default()
+            }),
+            notify: Notify::new(),
+            stop: CancellationToken::new(),
+        });
+        tokio::spawn(self.clone().link_task(link.clone()));
+        link
+    }
+
+    async fn link_task(self: Arc<Self>, link: Arc<Link>) {
+        let client = match Endpoint::from_shared(format!("http://{}", link.addr)) {
+            Ok(e) => ControllerClient::new(
+                e.connect_timeout(self.cfg.call_timeout)
+                    .tcp_nodelay(true)
+                    .connect_lazy(),
+            ),
+            Err(e) => {
+                tracing::error!(controller = %link.id, addr = %link.addr, error = %e, "bad controller address");
+                return;
+            }
+        };
+        let mut backoff = Backoff::new();
+        loop {
+            let sent = if link.queue.lock().full_sync {
+                self.full_sync(&link, &client).await
+            } else {
+                self.send_report(&link, &client).await
+            };
+            match sent {
+                Ok(more) => {
+                    backoff.reset();
+                    if more {
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    self.metrics.report_failures.inc();
+                    tracing::warn!(controller = %link.id, error = %e, "report to controller failed; retrying");
+                    tokio::select! {
+                        _ = link.stop.cancelled() => return,
+                        _ = tokio::time::sleep(backoff.next()) => continue,
+                    }
+                }
+            }
+            tokio::select! {
+                _ = link.stop.cancelled() => return,
+                _ = link.notify.notified() => {}
+                _ = tokio::time::sleep(self.cfg.heartbeat) => {}
+            }
+        }
+    }
+
+    /// Sends the batch in flight, or what is queued, or a heartbeat.
+    /// Ok(true) when there is more to do.
+    async fn send_report(
+        &self,
+        link: &Link,
+        client: &ControllerClient<Channel>,
+    ) -> Result<bool, tonic::Status> {
+        let req = {
+            let mut q = link.queue.lock();
+            if q.inflight.is_none() {
+                let changes = std::mem::take(&mut q.changes);
+                let waiters = std::mem::take(&mut q.waiters);
+                if !changes.is_empty() {
+                    q.seq += 1;
+                }
+                // An empty batch is a heartbeat: it repeats the last seq.
+                q.inflight = Some(Inflight {
+                    seq: q.seq,
+                    changes,
+                    waiters,
+                });
+            }
+            let f = q.inflight.as_ref().map(|f| (f.seq, f.changes.clone()));
+            let (seq, changes) = f.unwrap_or_default();
+            ReportRequest {
+                node_id: self.cfg.node_id.clone(),
+                incarnation: self.cfg.incarnation.clone(),
+                seq,
+                changes,
+            }
+        };
+        let mut r = tonic::Request::new(req);
+        r.set_timeout(self.cfg.call_timeout);
+        // On error the batch stays in flight and is resent as it is, with
+        // the same seq, so a controller that did apply it sees a duplicate.
+        let resp = client.clone().report(r).await?.into_inner();
+        let mut q = link.queue.lock();
+        if resp.resync_required {
+            q.full_sync = true;
+            return Ok(true);
+        }
+        if let Some(f) = q.inflight.take() {
+            for w in f.waiters {
+                let _ = w.send(());
+            }
+        }
+        Ok(!q.changes.is_empty() || q.full_sync)
+    }
+
+    /// Sends the full state of the keys this link's controller owns.
+    async fn full_sync(
+        &self,
+        link: &Arc<Link>,
+        client: &ControllerClient<Channel>,
+    ) -> Result<bool, tonic::Status> {
+        let Some(hub) = self.hub.lock().upgrade() else {
+            return Ok(false);
+        };
+        let ring = self.ring.read().clone();
+        let owned = |key: &str| ring.owner(key).is_some_and(|(id, _)| id == link.id);
+        // Snapshot and drain under the hub lock: queued changes are part of
+        // the snapshot, later ones follow it as reports.
+        let (req, waiters) = hub.with_snapshot(&owned, |keys| {
+            let mut q = link.queue.lock();
+            q.changes.clear();
+            q.full_sync = false;
+            let mut waiters = q.inflight.take().map(|f| f.waiters).unwrap_or_default();
+            waiters.append(&mut q.waiters);
+            let req = SyncRequest {
+                node_id: self.cfg.node_id.clone(),
+                incarnation: self.cfg.incarnation.clone(),
+                seq: q.seq,
+                full: true,
+                keys,
+                grpc_addr: self.cfg.grpc_addr.clone(),
+            };
+            (req, waiters)
+        });
+        let mut r = tonic::Request::new(req);
+        r.set_timeout(self.cfg.call_timeout);
+        match client.clone().sync(r).await {
+            Ok(_) => {
+                tracing::debug!(controller = %link.id, "full sync sent");
+                for w in waiters {
+                    let _ = w.send(());
+                }
+                Ok(!link.queue.lock().changes.is_empty())
+            }
+            Err(e) => {
+                let mut q = link.queue.lock();
+                q.full_sync = true;
+                let mut w = waiters;
+                w.append(&mut q.waiters);
+                q.waiters = w;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Capped exponential backoff with jitter.
+struct Backoff(u32);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(0)
+    }
+    fn reset(&mut self) {
+        self.0 = 0;
+    }
+    fn next(&mut self) -> Duration {
+        let base = 100u64 << self.0.min(5);
+        self.0 += 1;
+        Duration::from_millis(base + rand::random::<u64>() % (base / 2 + 1))
+    }
+}

@@ -1,0 +1,101 @@
+//! The `barrage.v1.ConnectNode` gRPC service: local delivery of pushed
+//! messages and node statistics.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use barrage_proto::v1::{
+    MessageResult, PushMessageBatchRequest, PushMessageBatchResponse, StatsRequest,
+    StatsResponse, connect_node_server::ConnectNode,
+};
+use barrage_protocol::{StreamKey, encode_message_frame};
+use tonic::{Request, Response, Status};
+
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+/// gRPC front of the hub.
+#[derive(Clone)]
+pub struct ConnectNodeService {
+    node_id: String,
+    hub: Arc<Hub>,
+    metrics: Metrics,
+}
+
+impl ConnectNodeService {
+    /// Serves deliveries into `hub`.
+    pub fn new(node_id: String, hub: Arc<Hub>, metrics: Metrics) -> Self {
+        ConnectNodeService {
+            node_id,
+            hub,
+            metrics,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ConnectNode for ConnectNodeService {
+    async fn push_message_batch(
+        &self,
+        req: Request<PushMessageBatchRequest>,
+    ) -> Result<Response<PushMessageBatchResponse>, Status> {
+        let req = req.into_inner();
+        self.metrics.push_batches.inc();
+        // Validate the whole batch before delivering any of it.
+        let mut plans = Vec::with_capacity(req.messages.len());
+        for (i, m) in req.messages.iter().enumerate() {
+            let body = m
+                .body
+                .as_ref()
+                .ok_or_else(|| Status::invalid_argument(format!("messages[{i}].body is required")))?;
+            let mut targets = Vec::with_capacity(m.targets.len());
+            for (j, t) in m.targets.iter().enumerate() {
+                let key: StreamKey = t.stream.parse().map_err(|e| {
+                    Status::invalid_argument(format!("messages[{i}].targets[{j}].stream: {e}"))
+                })?;
+                targets.push((key, t));
+            }
+            plans.push((body, targets));
+        }
+        let mut results = Vec::with_capacity(plans.len());
+        for (body, targets) in plans {
+            let mut result = MessageResult {
+                message_id: body.id.clone(),
+                ..MessageResult::default()
+            };
+            for (key, t) in targets {
+                // Encoded once per target stream; every recipient shares it.
+                let frame = encode_message_frame(
+                    &t.stream,
+                    &body.id,
+                    t.epoch,
+                    t.seq,
+                    &body.event,
+                    &body.content,
+                    &body.binary_content,
+                    body.timestamp_ms,
+                );
+                let frame = Utf8Bytes::try_from(frame)
+                    .map_err(|_| Status::internal("encoded frame is not UTF-8"))?;
+                let exclude: HashSet<&str> =
+                    t.exclude_user_ids.iter().map(String::as_str).collect();
+                let d = self.hub.deliver(&key, &frame, &exclude);
+                result.delivered += d.delivered;
+                result.dropped += d.dropped;
+            }
+            results.push(result);
+        }
+        Ok(Response::new(PushMessageBatchResponse { results }))
+    }
+
+    async fn stats(&self, _req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        let s = self.hub.stats();
+        Ok(Response::new(StatsResponse {
+            node_id: self.node_id.clone(),
+            connections: s.connections as u32,
+            users: s.users as u32,
+            rooms: s.rooms as u32,
+        }))
+    }
+}

@@ -1,0 +1,303 @@
+//! The WebSocket endpoint `GET /ws`: admission, the connection's reader and
+//! writer, and the client frames `join`, `leave` and `ping`.
+//!
+//! A connection is announced to the controllers before the client hears
+//! `connected` (and each join before `joined`), so any push issued after
+//! the client saw that frame reaches it. Outbound frames go through a
+//! bounded queue drained by one writer task, which writes whatever is queued
+//! and flushes once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use barrage_protocol::{ClientFrame, CloseCode, RoomId, ServerFrame, UserId, parse_client_frame};
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::{ConnHandle, Hub};
+use crate::metrics::Metrics;
+
+/// Settings of the WebSocket endpoint.
+#[derive(Debug, Clone)]
+pub struct WsSettings {
+    /// Node id, echoed in `connected`.
+    pub node_id: String,
+    /// Accept `?user_id=` without a token (development only).
+    pub insecure_user_id: bool,
+    /// Largest inbound frame in bytes; bigger ones close the connection with 1009.
+    pub max_frame_bytes: usize,
+    /// Rooms one connection may be in at once.
+    pub max_rooms: usize,
+    /// Interval of server pings.
+    pub ping_interval: Duration,
+    /// A connection silent for this long is closed with 4001.
+    pub read_timeout: Duration,
+    /// tungstenite read/write buffer size per connection, in bytes.
+    pub io_buffer: usize,
+    /// How long a connect or join may wait for the controllers.
+    pub ack_timeout: Duration,
+}
+
+/// What the WebSocket handler needs.
+#[derive(Clone)]
+pub struct WsState {
+    /// The node's connections.
+    pub hub: Arc<Hub>,
+    /// Endpoint settings.
+    pub settings: Arc<WsSettings>,
+    /// Metrics of the node.
+    pub metrics: Metrics,
+    /// Cancelled when the node drains: new upgrades are refused.
+    pub draining: CancellationToken,
+}
+
+/// Query string of `GET /ws`.
+#[derive(Debug, Deserialize)]
+pub struct ConnectParams {
+    user_id: Option<String>,
+    rooms: Option<String>,
+}
+
+fn reject(state: &WsState, status: StatusCode, reason: &'static str, msg: String) -> Response {
+    state.metrics.rejected.with_label_values(&[reason]).inc();
+    (status, msg).into_response()
+}
+
+/// `GET /ws?user_id=<id>&rooms=a,b`
+pub async fn ws_handler(
+    State(state): State<WsState>,
+    Query(params): Query<ConnectParams>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if state.draining.is_cancelled() {
+        return reject(&state, StatusCode::SERVICE_UNAVAILABLE, "draining", "node is shutting down; connect to another node\n".into());
+    }
+    if !state.settings.insecure_user_id {
+        return reject(
+            &state,
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "no authentication accepted: this node does not allow ?user_id= (enable the insecure development mode with --insecure-user-id / INSECURE_USER_ID=true)\n".into(),
+        );
+    }
+    let user = match UserId::new(params.user_id.unwrap_or_default()) {
+        Ok(u) => u,
+        Err(e) => return reject(&state, StatusCode::BAD_REQUEST, "bad_request", format!("user_id: {e}\n")),
+    };
+    let mut rooms = Vec::new();
+    for r in params.rooms.as_deref().unwrap_or("").split(',').filter(|r| !r.is_empty()) {
+        match RoomId::new(r) {
+            Ok(room) if !rooms.contains(&room) => rooms.push(room),
+            Ok(_) => {}
+            Err(e) => return reject(&state, StatusCode::BAD_REQUEST, "bad_request", format!("rooms: {r:?}: {e}\n")),
+        }
+    }
+    if rooms.len() > state.settings.max_rooms {
+        return reject(
+            &state,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("rooms: at most {} rooms per connection, got {}\n", state.settings.max_rooms, rooms.len()),
+        );
+    }
+    let s = &state.settings;
+    upgrade
+        .read_buffer_size(s.io_buffer)
+        .write_buffer_size(s.io_buffer)
+        .max_write_buffer_size(s.io_buffer.max(s.max_frame_bytes) * 4)
+        .max_message_size(s.max_frame_bytes)
+        .max_frame_size(s.max_frame_bytes)
+        .on_upgrade(move |socket| serve(state, socket, user, rooms))
+}
+
+async fn serve(state: WsState, socket: WebSocket, user: UserId, rooms: Vec<RoomId>) {
+    let hub = state.hub.clone();
+    let settings = state.settings.clone();
+    let (conn, rx, ack) = hub.connect(user.clone(), &rooms);
+    let (mut sink, stream) = socket.split();
+    if !ack.wait(settings.ack_timeout).await {
+        tracing::warn!(user = %user, "controllers did not confirm the session in time; closing");
+        hub.disconnect(&conn);
+        let _ = sink.send(close_message(CloseCode::InternalError, "no controller available, reconnect")).await;
+        state.metrics.disconnects.with_label_values(&[&CloseCode::InternalError.code().to_string()]).inc();
+        return;
+    }
+    let connected = ServerFrame::Connected {
+        conn_id: format!("{}-{}", settings.node_id, conn.id),
+        user_id: user.to_string(),
+        node_id: settings.node_id.clone(),
+        rooms: rooms.iter().map(ToString::to_string).collect(),
+    };
+    if sink.send(Message::Text(connected.to_json().into())).await.is_err() {
+        hub.disconnect(&conn);
+        return;
+    }
+    tracing::debug!(conn = conn.id, user = %user, rooms = rooms.len(), "connected");
+    let writer = tokio::spawn(write_loop(sink, rx, conn.clone(), settings.ping_interval));
+    let code = read_loop(&state, stream, &conn).await;
+    if let Some(code) = code {
+        conn.close_with(code);
+    } else {
+        conn.close_with(CloseCode::Normal);
+    }
+    hub.disconnect(&conn);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    let code = conn.close_code().unwrap_or(CloseCode::Normal);
+    state.metrics.disconnects.with_label_values(&[&code.code().to_string()]).inc();
+    tracing::debug!(conn = conn.id, code = code.code(), "disconnected");
+}
+
+fn close_message(code: CloseCode, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: code.code(),
+        reason: Utf8Bytes::from(reason),
+    }))
+}
+
+/// Writes queued frames (feeding all that are ready, then one flush), sends
+/// pings, and sends the close frame once the connection is asked to close.
+async fn write_loop(
+    mut sink: futures::stream::SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Utf8Bytes>,
+    conn: Arc<ConnHandle>,
+    ping_interval: Duration,
+) {
+    let mut ping = tokio::time::interval(ping_interval);
+    ping.reset();
+    loop {
+        tokio::select! {
+            biased;
+            _ = conn.closing() => break,
+            frame = rx.recv() => {
+                let Some(frame) = frame else { break };
+                if sink.feed(Message::Text(frame)).await.is_err() {
+                    conn.close_with(CloseCode::Normal);
+                    return;
+                }
+                let mut ok = true;
+                while let Ok(frame) = rx.try_recv() {
+                    if sink.feed(Message::Text(frame)).await.is_err() {
+                        ok = false;
+                        break;
+                    }
+                }
+                if !ok || sink.flush().await.is_err() {
+                    conn.close_with(CloseCode::Normal);
+                    return;
+                }
+            }
+            _ = ping.tick() => {
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    conn.close_with(CloseCode::Normal);
+                    return;
+                }
+            }
+        }
+    }
+    let code = conn.close_code().unwrap_or(CloseCode::Normal);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        sink.send(close_message(code, code.reason())),
+    )
+    .await;
+}
+
+/// Reads client frames until the connection ends. Returns the close code
+/// the server chose, or None when the client went away.
+async fn read_loop(
+    state: &WsState,
+    mut stream: futures::stream::SplitStream<WebSocket>,
+    conn: &Arc<ConnHandle>,
+) -> Option<CloseCode> {
+    let settings = &state.settings;
+    loop {
+        let next = tokio::select! {
+            _ = conn.closing() => return conn.close_code(),
+            n = tokio::time::timeout(settings.read_timeout, stream.next()) => n,
+        };
+        let msg = match next {
+            Err(_) => return Some(CloseCode::ReadTimeout),
+            Ok(None) => return None,
+            Ok(Some(Err(e))) => {
+                let text = e.to_string();
+                if text.contains("Space limit exceeded") || text.contains("too long") {
+                    return Some(CloseCode::MessageTooBig);
+                }
+                tracing::debug!(conn = conn.id, error = %text, "websocket read failed");
+                return None;
+            }
+            Ok(Some(Ok(m))) => m,
+        };
+        match msg {
+            Message::Text(text) => handle_text(state, conn, text.as_str()).await,
+            Message::Binary(_) => return Some(CloseCode::InvalidFrame),
+            Message::Close(_) => return None,
+            Message::Ping(_) | Message::Pong(_) => {}
+        }
+    }
+}
+
+fn send_frame(conn: &ConnHandle, frame: ServerFrame) {
+    conn.queue(Utf8Bytes::from(frame.to_json()));
+}
+
+fn send_error(state: &WsState, conn: &ConnHandle, code: &str, message: String) {
+    state.metrics.frame_errors.with_label_values(&[code]).inc();
+    send_frame(conn, ServerFrame::error(code, message));
+}
+
+async fn handle_text(state: &WsState, conn: &Arc<ConnHandle>, text: &str) {
+    let frame = match parse_client_frame(text) {
+        Ok(f) => f,
+        Err(e) => return send_error(state, conn, "invalid_frame", e.to_string()),
+    };
+    match frame {
+        ClientFrame::Ping => send_frame(conn, ServerFrame::Pong),
+        ClientFrame::Join { room } => {
+            let room = match RoomId::new(room) {
+                Ok(r) => r,
+                Err(e) => return send_error(state, conn, "invalid_room", format!("room: {e}")),
+            };
+            if state.hub.room_count(conn.id) >= state.settings.max_rooms {
+                return send_error(
+                    state,
+                    conn,
+                    "too_many_rooms",
+                    format!("at most {} rooms per connection", state.settings.max_rooms),
+                );
+            }
+            match state.hub.join(conn, &room) {
+                Some(ack) => {
+                    if !ack.wait(state.settings.ack_timeout).await {
+                        state.hub.leave(conn, &room);
+                        return send_error(
+                            state,
+                            conn,
+                            "unavailable",
+                            format!("could not join {room}: no controller confirmed it, try again"),
+                        );
+                    }
+                }
+                None => {} // already a member: joining again is harmless
+            }
+            send_frame(conn, ServerFrame::Joined { room: room.to_string() });
+        }
+        ClientFrame::Leave { room } => {
+            let room = match RoomId::new(room) {
+                Ok(r) => r,
+                Err(e) => return send_error(state, conn, "invalid_room", format!("room: {e}")),
+            };
+            if state.hub.leave(conn, &room) {
+                send_frame(conn, ServerFrame::Left { room: room.to_string() });
+            } else {
+                send_error(state, conn, "not_joined", format!("not a member of {room}"));
+            }
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! barrage controller: tracks which connect-nodes host which users and
+//! rooms, and owns the message streams of its keys.
+//!
+//! Connect-nodes report session changes here in batches (`Report`, `Sync`);
+//! push-manager asks which nodes host a target and gets the message's stream
+//! position in the same call (`Resolve`). The state is soft: it is rebuilt
+//! from connect-node reports after a restart, and a node whose discovery
+//! registration disappears (or that falls silent) is dropped.
+
+mod metrics;
+mod service;
+pub mod state;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use barrage_discovery::{Discovery, Member, Role};
+use barrage_proto::v1::controller_server::ControllerServer;
+use barrage_telemetry::Readiness;
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+pub use metrics::Metrics;
+pub use service::ControllerService;
+use state::Membership;
+
+/// Controller settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Id registered in discovery.
+    pub node_id: String,
+    /// gRPC address others use to reach this controller; the gRPC
+    /// listener's local address when empty.
+    pub advertise_addr: String,
+    /// TTL of the discovery lease.
+    pub lease_ttl: Duration,
+    /// A connect-node not heard from for this long is dropped.
+    pub node_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: "controller-1".into(),
+            advertise_addr: String::new(),
+            lease_ttl: Duration::from_secs(10),
+            node_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Sockets the controller serves on, bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC (`barrage.v1.Controller`, health, reflection).
+    pub grpc: TcpListener,
+    /// HTTP (`/metrics`, `/healthz`, `/readyz`).
+    pub http: TcpListener,
+}
+
+/// Errors that stop a controller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listener could not be used.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Registration or watching failed at start-up.
+    #[error("discovery: {0}")]
+    Discovery(#[from] barrage_discovery::Error),
+    /// Reflection could not be set up.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// Metrics could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Runs a controller until `shutdown` is cancelled, then drains: readiness
+/// goes false, the process leaves discovery, in-flight calls finish.
+pub async fn run(
+    cfg: Config,
+    listeners: Listeners,
+    discovery: Option<Discovery>,
+    registry: prometheus::Registry,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let grpc_addr = if cfg.advertise_addr.is_empty() {
+        listeners.grpc.local_addr()?.to_string()
+    } else {
+        cfg.advertise_addr.clone()
+    };
+    let http_addr = listeners.http.local_addr()?.to_string();
+    let metrics = Metrics::new(&registry)?;
+    let epoch = new_epoch();
+    let state = Arc::new(Mutex::new(Membership::new(epoch)));
+    let readiness = Readiness::new();
+    tracing::info!(node_id = %cfg.node_id, %grpc_addr, epoch, "controller starting");
+
+    let service = ControllerService::new(state.clone(), metrics.clone());
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ControllerServer<ControllerService>>()
+        .await;
+    let (reflection_v1, reflection_v1alpha) = barrage_proto::reflection_services()?;
+    let grpc_stop = CancellationToken::new();
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(ControllerServer::new(service))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listeners.grpc),
+            grpc_stop.clone().cancelled_owned(),
+        );
+    let grpc = tokio::spawn(grpc);
+
+    let http_stop = CancellationToken::new();
+    let http = tokio::spawn(barrage_telemetry::serve_http(
+        listeners.http,
+        barrage_telemetry::ops_router(registry.clone(), readiness.clone()),
+        http_stop.clone().cancelled_owned(),
+    ));
+
+    // Drop nodes that fall silent, and (with discovery) nodes whose
+    // registration disappears.
+    let tasks = CancellationToken::new();
+    tokio::spawn(expire_loop(
+        state.clone(),
+        metrics.clone(),
+        cfg.node_timeout,
+        tasks.clone(),
+    ));
+    let registration = match &discovery {
+        Some(d) => {
+            let mut nodes = d.watch(Role::ConnectNode).await?;
+            let (state, metrics, stop) = (state.clone(), metrics.clone(), tasks.clone());
+            tokio::spawn(async move {
+                loop {
+                    let alive: HashSet<String> = nodes.current().keys().cloned().collect();
+                    for id in state.lock().retain_nodes(&alive) {
+                        tracing::info!(node_id = %id, "connect-node left discovery; dropped its sessions");
+                        metrics.nodes_dropped.with_label_values(&["deregistered"]).inc();
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        r = nodes.changed() => if r.is_err() { return },
+                    }
+                }
+            });
+            let member = Member {
+                id: cfg.node_id.clone(),
+                role: Role::Controller,
+                grpc_addr: grpc_addr.clone(),
+                http_addr,
+                ws_addr: None,
+            };
+            Some(d.register(member, cfg.lease_ttl).await?)
+        }
+        None => None,
+    };
+    readiness.set(true);
+    tracing::info!(node_id = %cfg.node_id, "controller ready");
+
+    shutdown.cancelled().await;
+    tracing::info!(node_id = %cfg.node_id, "controller draining");
+    readiness.set(false);
+    health
+        .set_not_serving::<ControllerServer<ControllerService>>()
+        .await;
+    if let Some(r) = registration {
+        r.deregister().await;
+    }
+    tasks.cancel();
+    grpc_stop.cancel();
+    http_stop.cancel();
+    let grpc_result = grpc.await;
+    let _ = http.await;
+    match grpc_result {
+        Ok(r) => r?,
+        Err(e) => tracing::error!(error = %e, "grpc server task failed"),
+    }
+    tracing::info!(node_id = %cfg.node_id, "controller stopped");
+    Ok(())
+}
+
+async fn expire_loop(
+    state: Arc<Mutex<Membership>>,
+    metrics: Metrics,
+    timeout: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1).min(timeout / 2));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let dead = {
+            let mut s = state.lock();
+            let dead = s.expire(Instant::now(), timeout);
+            metrics.observe(&s);
+            dead
+        };
+        for id in dead {
+            tracing::warn!(node_id = %id, "connect-node silent past its timeout; dropped its sessions");
+            metrics.nodes_dropped.with_label_values(&["silent"]).inc();
+        }
+    }
+}
+
+/// A stream epoch for this process: distinct across restarts, and below
+/// 2^53 so JavaScript clients hold it exactly.
+fn new_epoch() -> u64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let salt: u64 = rand::random::<u64>() & 0x3ff;
+    ((ms << 10) | salt) & ((1 << 53) - 1)
+}

@@ -1,0 +1,174 @@
+//! The `barrage.v1.Controller` gRPC service over the shared [`Membership`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use barrage_proto::v1::{
+    self as pb, GetRoomInfoRequest, GetRoomInfoResponse, GetUserNodeRequest, GetUserNodeResponse,
+    ReportRequest, ReportResponse, ResolveRequest, ResolveResponse, SyncRequest, SyncResponse,
+    controller_server::Controller,
+};
+use barrage_protocol::{RoomId, StreamKey, UserId};
+use parking_lot::Mutex;
+use tonic::{Request, Response, Status};
+
+use crate::metrics::Metrics;
+use crate::state::{Membership, ReportOutcome};
+
+/// Members listed by GetRoomInfo at most.
+const MAX_LISTED_MEMBERS: usize = 1000;
+
+/// gRPC front of the controller state.
+#[derive(Clone)]
+pub struct ControllerService {
+    state: Arc<Mutex<Membership>>,
+    metrics: Metrics,
+}
+
+impl ControllerService {
+    /// Serves `state`, counting into `metrics`.
+    pub fn new(state: Arc<Mutex<Membership>>, metrics: Metrics) -> Self {
+        ControllerService { state, metrics }
+    }
+}
+
+fn invalid(field: &str, e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {e}"))
+}
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    async fn report(
+        &self,
+        req: Request<ReportRequest>,
+    ) -> Result<Response<ReportResponse>, Status> {
+        let r = req.into_inner();
+        let outcome = {
+            let mut s = self.state.lock();
+            let o = s.report(&r.node_id, &r.incarnation, r.seq, &r.changes, Instant::now());
+            self.metrics.observe(&s);
+            o
+        };
+        let label = match outcome {
+            ReportOutcome::Applied => "applied",
+            ReportOutcome::Duplicate => "duplicate",
+            ReportOutcome::ResyncRequired => "resync",
+        };
+        self.metrics.reports.with_label_values(&[label]).inc();
+        if outcome == ReportOutcome::ResyncRequired {
+            tracing::debug!(node_id = %r.node_id, seq = r.seq, "asking connect-node for a full sync");
+        }
+        Ok(Response::new(ReportResponse {
+            resync_required: outcome == ReportOutcome::ResyncRequired,
+        }))
+    }
+
+    async fn sync(&self, req: Request<SyncRequest>) -> Result<Response<SyncResponse>, Status> {
+        let r = req.into_inner();
+        {
+            let mut s = self.state.lock();
+            s.sync(
+                &r.node_id,
+                &r.incarnation,
+                &r.grpc_addr,
+                r.seq,
+                r.full,
+                &r.keys,
+                Instant::now(),
+            );
+            self.metrics.observe(&s);
+        }
+        let kind = if r.full { "full" } else { "partial" };
+        self.metrics.syncs.with_label_values(&[kind]).inc();
+        tracing::debug!(node_id = %r.node_id, keys = r.keys.len(), kind, "sync applied");
+        Ok(Response::new(SyncResponse {}))
+    }
+
+    async fn resolve(
+        &self,
+        req: Request<ResolveRequest>,
+    ) -> Result<Response<ResolveResponse>, Status> {
+        let r = req.into_inner();
+        let mut keys = Vec::with_capacity(r.targets.len());
+        for t in &r.targets {
+            let key: StreamKey = t.key.parse().map_err(|e| invalid("targets.key", e))?;
+            keys.push(key);
+        }
+        let mut out = ResolveResponse::default();
+        let mut s = self.state.lock();
+        for key in keys {
+            let kind = match key {
+                StreamKey::Room(_) => "room",
+                StreamKey::User(_) => "user",
+                StreamKey::Broadcast => "broadcast",
+            };
+            self.metrics.resolves.with_label_values(&[kind]).inc();
+            let key = key.to_string();
+            let resolved = s.resolve(&key);
+            for n in &resolved.node_ids {
+                if let Some(addr) = s.node_addr(n) {
+                    out.node_addrs.insert(n.clone(), addr.to_owned());
+                }
+            }
+            out.targets.push(pb::ResolvedTarget {
+                key,
+                epoch: resolved.epoch,
+                seq: resolved.seq,
+                node_ids: resolved.node_ids,
+                not_owner: false,
+            });
+        }
+        self.metrics.observe(&s);
+        Ok(Response::new(out))
+    }
+
+    async fn get_room_info(
+        &self,
+        req: Request<GetRoomInfoRequest>,
+    ) -> Result<Response<GetRoomInfoResponse>, Status> {
+        let room = RoomId::new(req.into_inner().room_id).map_err(|e| invalid("room_id", e))?;
+        let info = self.state.lock().info(&StreamKey::Room(room.clone()).to_string());
+        if info.connections == 0 {
+            return Err(Status::not_found(format!("room {room} has no members")));
+        }
+        Ok(Response::new(GetRoomInfoResponse {
+            room_id: room.to_string(),
+            member_count: info.users.len() as u32,
+            connection_count: info.connections,
+            nodes: info
+                .nodes
+                .into_iter()
+                .map(|(node_id, (members, conns))| pb::NodeMembers {
+                    node_id,
+                    member_count: members,
+                    connection_count: conns,
+                })
+                .collect(),
+            members: info.users.into_iter().take(MAX_LISTED_MEMBERS).collect(),
+        }))
+    }
+
+    async fn get_user_node(
+        &self,
+        req: Request<GetUserNodeRequest>,
+    ) -> Result<Response<GetUserNodeResponse>, Status> {
+        let user = UserId::new(req.into_inner().user_id).map_err(|e| invalid("user_id", e))?;
+        let info = self.state.lock().info(&StreamKey::User(user.clone()).to_string());
+        if info.connections == 0 {
+            return Err(Status::not_found(format!("user {user} has no connection")));
+        }
+        Ok(Response::new(GetUserNodeResponse {
+            user_id: user.to_string(),
+            online: info.connections > 0,
+            connection_count: info.connections,
+            nodes: info
+                .nodes
+                .into_iter()
+                .map(|(node_id, (_, conns))| pb::UserConnections {
+                    node_id,
+                    connection_count: conns,
+                })
+                .collect(),
+        }))
+    }
+}

@@ -1,0 +1,422 @@
+//! The controller's soft state: which connect-nodes host which keys, and the
+//! position of every message stream it owns.
+//!
+//! Nothing here is persisted. Connect-nodes are the source of truth for
+//! sessions and report them in batches ([`Membership::report`]) numbered per
+//! node incarnation; a gap, an unknown node or a new incarnation asks the
+//! node for a full [`Membership::sync`] instead of guessing.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use barrage_proto::v1::{KeyState, SessionChange, session_change::Kind};
+
+/// Users (with their connection counts) of one key on one node.
+type NodeUsers = HashMap<String, u32>;
+
+#[derive(Debug)]
+struct NodeEntry {
+    incarnation: String,
+    seq: u64,
+    grpc_addr: String,
+    keys: HashSet<String>,
+    last_seen: Instant,
+}
+
+/// Where a stream stands: its epoch and the last sequence number assigned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamState {
+    /// Epoch of the stream; a new controller process starts new epochs.
+    pub epoch: u64,
+    /// Last sequence number handed out (0 before the first message).
+    pub seq: u64,
+}
+
+/// What happened to a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportOutcome {
+    /// The changes were applied.
+    Applied,
+    /// Already applied before (a retried report); nothing changed.
+    Duplicate,
+    /// The controller cannot apply it; the node must send a full sync.
+    ResyncRequired,
+}
+
+/// A key resolved for a push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// Position assigned to the message.
+    pub epoch: u64,
+    /// Sequence number assigned to the message.
+    pub seq: u64,
+    /// Nodes hosting the key, sorted.
+    pub node_ids: Vec<String>,
+}
+
+/// Per-node breakdown of a key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// node id → (distinct users, connections).
+    pub nodes: BTreeMap<String, (u32, u32)>,
+    /// Distinct users over all nodes, sorted.
+    pub users: Vec<String>,
+    /// Connections over all nodes.
+    pub connections: u32,
+}
+
+/// Membership and streams of the keys one controller owns.
+#[derive(Debug)]
+pub struct Membership {
+    epoch: u64,
+    keys: HashMap<String, HashMap<String, NodeUsers>>,
+    nodes: HashMap<String, NodeEntry>,
+    streams: HashMap<String, StreamState>,
+}
+
+impl Membership {
+    /// Empty state; streams created by this process use `epoch`.
+    pub fn new(epoch: u64) -> Self {
+        Membership {
+            epoch,
+            keys: HashMap::new(),
+            nodes: HashMap::new(),
+            streams: HashMap::new(),
+        }
+    }
+
+    /// Applies a batch of session changes from a node.
+    pub fn report(
+        &mut self,
+        node_id: &str,
+        incarnation: &str,
+        seq: u64,
+        changes: &[SessionChange],
+        now: Instant,
+    ) -> ReportOutcome {
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return ReportOutcome::ResyncRequired;
+        };
+        if node.incarnation != incarnation {
+            return ReportOutcome::ResyncRequired;
+        }
+        node.last_seen = now;
+        if seq <= node.seq {
+            return ReportOutcome::Duplicate;
+        }
+        if seq != node.seq + 1 {
+            return ReportOutcome::ResyncRequired;
+        }
+        node.seq = seq;
+        for change in changes {
+            let delta: i64 = match change.kind() {
+                Kind::Connect | Kind::Join => 1,
+                Kind::Disconnect | Kind::Leave => -1,
+                Kind::Unspecified => continue,
+            };
+            self.apply(node_id, &change.key, &change.user_id, delta);
+        }
+        ReportOutcome::Applied
+    }
+
+    /// Replaces a node's state for the given keys (all of its keys when
+    /// `full`), continuing its report numbering from `seq`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sync(
+        &mut self,
+        node_id: &str,
+        incarnation: &str,
+        grpc_addr: &str,
+        seq: u64,
+        full: bool,
+        keys: &[KeyState],
+        now: Instant,
+    ) {
+        let fresh = self
+            .nodes
+            .get(node_id)
+            .is_none_or(|n| n.incarnation != incarnation);
+        if full || fresh {
+            self.drop_node(node_id);
+        }
+        let node = self
+            .nodes
+            .entry(node_id.to_owned())
+            .or_insert_with(|| NodeEntry {
+                incarnation: incarnation.to_owned(),
+                seq,
+                grpc_addr: grpc_addr.to_owned(),
+                keys: HashSet::new(),
+                last_seen: now,
+            });
+        node.seq = seq;
+        node.last_seen = now;
+        if !grpc_addr.is_empty() {
+            node.grpc_addr = grpc_addr.to_owned();
+        }
+        for ks in keys {
+            self.remove_key_on_node(node_id, &ks.key);
+            for (user, n) in &ks.users {
+                if *n > 0 {
+                    self.apply(node_id, &ks.key, user, i64::from(*n));
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, node_id: &str, key: &str, user: &str, delta: i64) {
+        let nodes = self.keys.entry(key.to_owned()).or_default();
+        let users = nodes.entry(node_id.to_owned()).or_default();
+        let count = users.entry(user.to_owned()).or_default();
+        let next = (i64::from(*count) + delta).max(0);
+        *count = u32::try_from(next).unwrap_or(u32::MAX);
+        if *count == 0 {
+            users.remove(user);
+        }
+        let node_empty = users.is_empty();
+        if node_empty {
+            nodes.remove(node_id);
+        }
+        if nodes.is_empty() {
+            self.keys.remove(key);
+        }
+        if let Some(n) = self.nodes.get_mut(node_id) {
+            if node_empty {
+                n.keys.remove(key);
+            } else {
+                n.keys.insert(key.to_owned());
+            }
+        }
+    }
+
+    fn remove_key_on_node(&mut self, node_id: &str, key: &str) {
+        if let Some(nodes) = self.keys.get_mut(key) {
+            nodes.remove(node_id);
+            if nodes.is_empty() {
+                self.keys.remove(key);
+            }
+        }
+        if let Some(n) = self.nodes.get_mut(node_id) {
+            n.keys.remove(key);
+        }
+    }
+
+    /// Forgets everything about a node (its registration went away).
+    /// Returns whether the node was known.
+    pub fn drop_node(&mut self, node_id: &str) -> bool {
+        let Some(node) = self.nodes.remove(node_id) else {
+            return false;
+        };
+        for key in node.keys {
+            if let Some(nodes) = self.keys.get_mut(&key) {
+                nodes.remove(node_id);
+                if nodes.is_empty() {
+                    self.keys.remove(&key);
+                }
+            }
+        }
+        true
+    }
+
+    /// Drops nodes not heard from within `timeout`; returns their ids.
+    pub fn expire(&mut self, now: Instant, timeout: Duration) -> Vec<String> {
+        let dead: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| now.saturating_duration_since(n.last_seen) > timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &dead {
+            self.drop_node(id);
+        }
+        dead
+    }
+
+    /// Drops every node not in `alive` (discovery's view); returns their ids.
+    pub fn retain_nodes(&mut self, alive: &HashSet<String>) -> Vec<String> {
+        let dead: Vec<String> = self
+            .nodes
+            .keys()
+            .filter(|id| !alive.contains(*id))
+            .cloned()
+            .collect();
+        for id in &dead {
+            self.drop_node(id);
+        }
+        dead
+    }
+
+    /// Assigns the next position in `key`'s stream and lists the nodes that
+    /// host it (every known node for `broadcast`).
+    pub fn resolve(&mut self, key: &str) -> Resolved {
+        let epoch = self.epoch;
+        let stream = self
+            .streams
+            .entry(key.to_owned())
+            .or_insert(StreamState { epoch, seq: 0 });
+        stream.seq += 1;
+        let (epoch, seq) = (stream.epoch, stream.seq);
+        let mut node_ids: Vec<String> = if key == "broadcast" {
+            self.nodes.keys().cloned().collect()
+        } else {
+            self.keys
+                .get(key)
+                .map(|n| n.keys().cloned().collect())
+                .unwrap_or_default()
+        };
+        node_ids.sort();
+        Resolved {
+            epoch,
+            seq,
+            node_ids,
+        }
+    }
+
+    /// gRPC address a node reported, if known.
+    pub fn node_addr(&self, node_id: &str) -> Option<&str> {
+        self.nodes
+            .get(node_id)
+            .map(|n| n.grpc_addr.as_str())
+            .filter(|a| !a.is_empty())
+    }
+
+    /// Who holds `key`, per node.
+    pub fn info(&self, key: &str) -> KeyInfo {
+        let mut info = KeyInfo::default();
+        let mut users = HashSet::new();
+        if let Some(nodes) = self.keys.get(key) {
+            for (node, members) in nodes {
+                let conns: u32 = members.values().sum();
+                info.nodes
+                    .insert(node.clone(), (members.len() as u32, conns));
+                info.connections += conns;
+                users.extend(members.keys().cloned());
+            }
+        }
+        info.users = users.into_iter().collect();
+        info.users.sort();
+        info
+    }
+
+    /// Number of keys with at least one session.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Number of known connect-nodes.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Number of streams with a position.
+    pub fn stream_count(&self) -> usize {
+        self.streams.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(kind: Kind, key: &str, user: &str) -> SessionChange {
+        SessionChange {
+            kind: kind as i32,
+            key: key.into(),
+            user_id: user.into(),
+        }
+    }
+
+    fn synced(m: &mut Membership, node: &str) {
+        m.sync(node, "inc", "127.0.0.1:1", 0, true, &[], Instant::now());
+    }
+
+    #[test]
+    fn unknown_node_must_sync_first() {
+        let mut m = Membership::new(1);
+        let out = m.report("n1", "inc", 1, &[change(Kind::Connect, "user:u", "u")], Instant::now());
+        assert_eq!(out, ReportOutcome::ResyncRequired);
+        assert!(m.resolve("user:u").node_ids.is_empty());
+    }
+
+    #[test]
+    fn reports_apply_in_order_and_gaps_ask_for_resync() {
+        let mut m = Membership::new(1);
+        let now = Instant::now();
+        synced(&mut m, "n1");
+        let joins = [change(Kind::Join, "room:r", "a"), change(Kind::Join, "room:r", "b")];
+        assert_eq!(m.report("n1", "inc", 1, &joins, now), ReportOutcome::Applied);
+        assert_eq!(m.report("n1", "inc", 1, &joins, now), ReportOutcome::Duplicate);
+        assert_eq!(m.info("room:r").users, vec!["a", "b"]);
+        assert_eq!(m.report("n1", "inc", 3, &[], now), ReportOutcome::ResyncRequired);
+        assert_eq!(m.report("n1", "other", 2, &[], now), ReportOutcome::ResyncRequired);
+        let leave = [change(Kind::Leave, "room:r", "a")];
+        assert_eq!(m.report("n1", "inc", 2, &leave, now), ReportOutcome::Applied);
+        assert_eq!(m.info("room:r").users, vec!["b"]);
+    }
+
+    #[test]
+    fn resolve_lists_hosting_nodes_and_counts_seq() {
+        let mut m = Membership::new(9);
+        let now = Instant::now();
+        for n in ["n1", "n2", "n3"] {
+            synced(&mut m, n);
+        }
+        m.report("n1", "inc", 1, &[change(Kind::Join, "room:r", "a")], now);
+        m.report("n2", "inc", 1, &[change(Kind::Join, "room:r", "b")], now);
+        let r1 = m.resolve("room:r");
+        assert_eq!(r1.node_ids, vec!["n1", "n2"]);
+        assert_eq!((r1.epoch, r1.seq), (9, 1));
+        assert_eq!(m.resolve("room:r").seq, 2);
+        assert_eq!(m.resolve("room:empty").node_ids, Vec::<String>::new());
+        assert_eq!(m.resolve("broadcast").node_ids, vec!["n1", "n2", "n3"]);
+    }
+
+    #[test]
+    fn several_connections_of_one_user_are_counted() {
+        let mut m = Membership::new(1);
+        let now = Instant::now();
+        synced(&mut m, "n1");
+        let c = change(Kind::Connect, "user:u", "u");
+        m.report("n1", "inc", 1, &[c.clone(), c.clone()], now);
+        let info = m.info("user:u");
+        assert_eq!(info.connections, 2);
+        m.report("n1", "inc", 2, &[change(Kind::Disconnect, "user:u", "u")], now);
+        assert_eq!(m.info("user:u").connections, 1);
+        m.report("n1", "inc", 3, &[change(Kind::Disconnect, "user:u", "u")], now);
+        assert!(m.info("user:u").nodes.is_empty());
+        assert_eq!(m.key_count(), 0);
+    }
+
+    #[test]
+    fn full_sync_replaces_and_drop_forgets() {
+        let mut m = Membership::new(1);
+        let now = Instant::now();
+        synced(&mut m, "n1");
+        m.report("n1", "inc", 1, &[change(Kind::Join, "room:old", "a")], now);
+        let ks = KeyState {
+            key: "room:new".into(),
+            users: [("a".to_string(), 2)].into_iter().collect(),
+        };
+        m.sync("n1", "inc2", "", 7, true, &[ks], now);
+        assert!(m.info("room:old").nodes.is_empty());
+        assert_eq!(m.info("room:new").connections, 2);
+        assert_eq!(m.report("n1", "inc2", 8, &[], now), ReportOutcome::Applied);
+        assert_eq!(m.node_addr("n1"), Some("127.0.0.1:1"));
+        assert!(m.drop_node("n1"));
+        assert!(m.info("room:new").nodes.is_empty());
+        assert!(m.resolve("broadcast").node_ids.is_empty());
+    }
+
+    #[test]
+    fn silent_nodes_expire() {
+        let mut m = Membership::new(1);
+        let t0 = Instant::now();
+        m.sync("n1", "i", "", 0, true, &[], t0);
+        m.sync("n2", "i", "", 0, true, &[], t0 + Duration::from_secs(5));
+        let dead = m.expire(t0 + Duration::from_secs(11), Duration::from_secs(10));
+        assert_eq!(dead, vec!["n1"]);
+        assert_eq!(m.node_count(), 1);
+        let alive: HashSet<String> = HashSet::new();
+        assert_eq!(m.retain_nodes(&alive), vec!["n2"]);
+    }
+}

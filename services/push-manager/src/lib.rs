@@ -1,0 +1,189 @@
+//! barrage push-manager: the public push API for business services.
+//!
+//! Stateless. For each push it asks the owning controller(s) for the
+//! message's stream position and the connect-nodes hosting the target, then
+//! sends one `PushMessageBatch` per node, concurrently, over long-lived
+//! pooled channels kept in step with discovery. A room push costs one call
+//! per node, never one per user.
+
+mod metrics;
+pub mod pool;
+mod service;
+
+use std::time::Duration;
+
+use barrage_discovery::{Discovery, Member, MemberWatch, Role};
+use barrage_proto::v1::push_manager_server::PushManagerServer;
+use barrage_telemetry::Readiness;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+pub use metrics::Metrics;
+pub use service::{Limits, PushService};
+
+/// push-manager settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Id registered in discovery (`MANAGER_ID`).
+    pub node_id: String,
+    /// gRPC address others use to reach this process; the listener's when empty.
+    pub advertise_addr: String,
+    /// TTL of the discovery lease.
+    pub lease_ttl: Duration,
+    /// Deadline of one PushMessageBatch (and of one controller call).
+    pub node_timeout: Duration,
+    /// Request limits.
+    pub limits: Limits,
+    /// Virtual nodes per controller on the hash ring.
+    pub ring_vnodes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: "push-manager-1".into(),
+            advertise_addr: String::new(),
+            lease_ttl: Duration::from_secs(10),
+            node_timeout: Duration::from_secs(3),
+            limits: Limits::default(),
+            ring_vnodes: barrage_discovery::ring::DEFAULT_VNODES,
+        }
+    }
+}
+
+/// Sockets push-manager serves on, bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC (`barrage.v1.PushManager`, health, reflection).
+    pub grpc: TcpListener,
+    /// HTTP (`/metrics`, `/healthz`, `/readyz`).
+    pub http: TcpListener,
+}
+
+/// What push-manager finds its peers through.
+pub struct Peers {
+    /// Live controllers (from discovery, or one fixed address).
+    pub controllers: MemberWatch,
+    /// Live connect-nodes, when discovery is available. Without it,
+    /// node addresses come from the controllers' answers.
+    pub nodes: Option<MemberWatch>,
+    /// Where to register, when discovery is available.
+    pub discovery: Option<Discovery>,
+}
+
+/// Errors that stop push-manager.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listener could not be used.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Registration failed at start-up.
+    #[error("discovery: {0}")]
+    Discovery(#[from] barrage_discovery::Error),
+    /// Reflection could not be set up.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// Metrics could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Runs push-manager until `shutdown`, then drains: readiness goes false,
+/// it leaves discovery, and in-flight calls finish.
+pub async fn run(
+    cfg: Config,
+    listeners: Listeners,
+    peers: Peers,
+    registry: prometheus::Registry,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let grpc_addr = if cfg.advertise_addr.is_empty() {
+        listeners.grpc.local_addr()?.to_string()
+    } else {
+        cfg.advertise_addr.clone()
+    };
+    let http_addr = listeners.http.local_addr()?.to_string();
+    let metrics = Metrics::new(&registry)?;
+    let readiness = Readiness::new();
+    let tasks = CancellationToken::new();
+
+    let connect_timeout = Duration::from_secs(2);
+    let controllers = pool::ControllerRing::new(cfg.ring_vnodes, connect_timeout);
+    tokio::spawn(controllers.clone().follow(peers.controllers, tasks.clone()));
+    let nodes = pool::NodePool::new(metrics.node_connections.clone(), connect_timeout);
+    if let Some(w) = peers.nodes {
+        tokio::spawn(nodes.clone().follow(w, tasks.clone()));
+    }
+    let service = PushService::new(
+        controllers,
+        nodes,
+        metrics.clone(),
+        cfg.limits.clone(),
+        cfg.node_timeout,
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<PushManagerServer<PushService>>()
+        .await;
+    let (reflection_v1, reflection_v1alpha) = barrage_proto::reflection_services()?;
+    let grpc_stop = CancellationToken::new();
+    let grpc = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(PushManagerServer::new(service))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listeners.grpc),
+                grpc_stop.clone().cancelled_owned(),
+            ),
+    );
+    let http_stop = CancellationToken::new();
+    let http = tokio::spawn(barrage_telemetry::serve_http(
+        listeners.http,
+        barrage_telemetry::ops_router(registry.clone(), readiness.clone()),
+        http_stop.clone().cancelled_owned(),
+    ));
+
+    let registration = match &peers.discovery {
+        Some(d) => {
+            let member = Member {
+                id: cfg.node_id.clone(),
+                role: Role::PushManager,
+                grpc_addr: grpc_addr.clone(),
+                http_addr,
+                ws_addr: None,
+            };
+            Some(d.register(member, cfg.lease_ttl).await?)
+        }
+        None => None,
+    };
+    readiness.set(true);
+    tracing::info!(node_id = %cfg.node_id, %grpc_addr, "push-manager ready");
+
+    shutdown.cancelled().await;
+    tracing::info!(node_id = %cfg.node_id, "push-manager draining");
+    readiness.set(false);
+    health
+        .set_not_serving::<PushManagerServer<PushService>>()
+        .await;
+    if let Some(r) = registration {
+        r.deregister().await;
+    }
+    grpc_stop.cancel();
+    http_stop.cancel();
+    let grpc_result = grpc.await;
+    let _ = http.await;
+    tasks.cancel();
+    match grpc_result {
+        Ok(r) => r?,
+        Err(e) => tracing::error!(error = %e, "grpc server task failed"),
+    }
+    tracing::info!(node_id = %cfg.node_id, "push-manager stopped");
+    Ok(())
+}

@@ -1,0 +1,488 @@
+//! The public `barrage.v1.PushManager` API: validate, resolve targets through
+//! their owning controllers, fan out one `PushMessageBatch` per node,
+//! concurrently, and report exactly what happened.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use barrage_proto::v1::{
+    self as pb, BatchMessage, BroadcastRequest, BroadcastResponse, DeliveryTarget,
+    GetRoomInfoRequest, GetRoomInfoResponse, GetUserNodeRequest, GetUserNodeResponse,
+    MessageBody, PushMessageBatchRequest, PushToRoomRequest, PushToRoomResponse,
+    PushToUserRequest, PushToUserResponse, ResolveRequest, ResolveTarget,
+    push_manager_server::PushManager,
+};
+use barrage_protocol::{RoomId, StreamKey, UserId};
+use futures::future::join_all;
+use tonic::{Code, Request, Response, Status};
+
+use crate::metrics::Metrics;
+use crate::pool::{ControllerRing, NodePool};
+
+/// Limits applied to API requests.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest `content` (or `binary_content`) in bytes.
+    pub max_content_bytes: usize,
+    /// Most `user_ids` in one PushToUser.
+    pub max_user_ids: usize,
+    /// Longest `event` name in bytes.
+    pub max_event_bytes: usize,
+    /// Longest `message_id` in bytes.
+    pub max_message_id_bytes: usize,
+    /// Most `exclude_user_ids` in one PushToRoom.
+    pub max_exclude_user_ids: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_content_bytes: 64 * 1024,
+            max_user_ids: 1000,
+            max_event_bytes: 64,
+            max_message_id_bytes: 128,
+            max_exclude_user_ids: 1000,
+        }
+    }
+}
+
+/// The push-manager gRPC service.
+#[derive(Clone)]
+pub struct PushService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    controllers: Arc<ControllerRing>,
+    nodes: Arc<NodePool>,
+    metrics: Metrics,
+    limits: Limits,
+    node_timeout: Duration,
+    controller_timeout: Duration,
+}
+
+/// How one push went.
+struct Outcome {
+    delivered: u32,
+    nodes: usize,
+    failed: Vec<(String, String)>,
+}
+
+impl Outcome {
+    fn success(&self) -> bool {
+        self.failed.is_empty()
+    }
+
+    fn message(&self) -> String {
+        if self.failed.is_empty() {
+            format!(
+                "delivered to {} connection(s) on {} node(s)",
+                self.delivered, self.nodes
+            )
+        } else {
+            let names: Vec<String> = self
+                .failed
+                .iter()
+                .map(|(n, e)| format!("{n} ({e})"))
+                .collect();
+            format!(
+                "partial failure: delivered to {} connection(s); failed on {} of {} node(s): {}",
+                self.delivered,
+                self.failed.len(),
+                self.nodes,
+                names.join(", ")
+            )
+        }
+    }
+}
+
+fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {reason}"))
+}
+
+fn code_label(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::NotFound => "NOT_FOUND",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::Internal => "INTERNAL",
+        _ => "OTHER",
+    }
+}
+
+impl PushService {
+    /// A service resolving through `controllers` and delivering through `nodes`.
+    pub fn new(
+        controllers: Arc<ControllerRing>,
+        nodes: Arc<NodePool>,
+        metrics: Metrics,
+        limits: Limits,
+        node_timeout: Duration,
+    ) -> Self {
+        PushService {
+            inner: Arc::new(Inner {
+                controllers,
+                nodes,
+                metrics,
+                limits,
+                node_timeout,
+                controller_timeout: node_timeout,
+            }),
+        }
+    }
+
+    async fn observed<T>(
+        &self,
+        api: &'static str,
+        f: impl Future<Output = Result<T, Status>>,
+    ) -> Result<Response<T>, Status> {
+        let start = Instant::now();
+        let r = f.await;
+        let m = &self.inner.metrics;
+        m.api_duration
+            .with_label_values(&[api])
+            .observe(start.elapsed().as_secs_f64());
+        let code = r.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+        m.api_requests
+            .with_label_values(&[api, code_label(code)])
+            .inc();
+        if let Err(s) = &r {
+            if s.code() != Code::InvalidArgument {
+                tracing::warn!(api, code = ?s.code(), message = s.message(), "push failed");
+            }
+        }
+        r.map(Response::new)
+    }
+
+    fn body(
+        &self,
+        content: String,
+        binary: Vec<u8>,
+        event: String,
+        message_id: String,
+    ) -> Result<MessageBody, Status> {
+        let l = &self.inner.limits;
+        if content.is_empty() && binary.is_empty() {
+            return Err(invalid("content", "must not be empty"));
+        }
+        let size = content.len().max(binary.len());
+        if size > l.max_content_bytes {
+            return Err(invalid(
+                if binary.len() > content.len() { "binary_content" } else { "content" },
+                format!(
+                    "{size} bytes exceeds the limit of {} bytes (push-manager --max-content-bytes)",
+                    l.max_content_bytes
+                ),
+            ));
+        }
+        if event.len() > l.max_event_bytes {
+            return Err(invalid("event", format!("must be at most {} bytes", l.max_event_bytes)));
+        }
+        if event.chars().any(char::is_control) {
+            return Err(invalid("event", "must not contain control characters"));
+        }
+        if message_id.len() > l.max_message_id_bytes {
+            return Err(invalid(
+                "message_id",
+                format!("must be at most {} bytes", l.max_message_id_bytes),
+            ));
+        }
+        if message_id.chars().any(char::is_control) {
+            return Err(invalid("message_id", "must not contain control characters"));
+        }
+        Ok(MessageBody {
+            id: if message_id.is_empty() {
+                uuid::Uuid::now_v7().to_string()
+            } else {
+                message_id
+            },
+            event: if event.is_empty() { "message".into() } else { event },
+            content,
+            binary_content: binary,
+            timestamp_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0),
+        })
+    }
+
+    /// Asks each key's owning controller for its stream position and nodes,
+    /// concurrently per controller.
+    async fn resolve(
+        &self,
+        keys: &[StreamKey],
+        message_id: &str,
+    ) -> Result<(Vec<pb::ResolvedTarget>, HashMap<String, String>), Status> {
+        let inner = &self.inner;
+        let mut by_owner: BTreeMap<String, (_, Vec<ResolveTarget>)> = BTreeMap::new();
+        for key in keys {
+            let key = key.to_string();
+            let (id, client) = inner.controllers.owner(&key).ok_or_else(|| {
+                Status::unavailable("no controller available: none is registered in discovery")
+            })?;
+            by_owner
+                .entry(id)
+                .or_insert_with(|| (client, Vec::new()))
+                .1
+                .push(ResolveTarget { key });
+        }
+        let calls = by_owner.into_iter().map(|(id, (mut client, targets))| {
+            let mut req = Request::new(ResolveRequest {
+                targets,
+                message_id: message_id.to_owned(),
+            });
+            req.set_timeout(inner.controller_timeout);
+            async move {
+                client
+                    .resolve(req)
+                    .await
+                    .map(Response::into_inner)
+                    .map_err(|s| {
+                        Status::unavailable(format!(
+                            "controller {id} unavailable, nothing was delivered: {}",
+                            s.message()
+                        ))
+                    })
+            }
+        });
+        let mut targets = Vec::with_capacity(keys.len());
+        let mut addrs = HashMap::new();
+        for r in join_all(calls).await {
+            let r = r?;
+            targets.extend(r.targets);
+            addrs.extend(r.node_addrs);
+        }
+        Ok((targets, addrs))
+    }
+
+    /// Resolves, then sends one batch per node concurrently.
+    async fn push(
+        &self,
+        keys: Vec<StreamKey>,
+        body: MessageBody,
+        exclude: Vec<String>,
+    ) -> Result<Outcome, Status> {
+        let inner = &self.inner;
+        let (targets, addrs) = match self.resolve(&keys, &body.id).await {
+            Ok(r) => r,
+            Err(s) => {
+                inner.metrics.push_failed.inc();
+                return Err(s);
+            }
+        };
+        let mut per_node: BTreeMap<String, Vec<DeliveryTarget>> = BTreeMap::new();
+        for t in targets {
+            for node in &t.node_ids {
+                per_node.entry(node.clone()).or_default().push(DeliveryTarget {
+                    stream: t.key.clone(),
+                    epoch: t.epoch,
+                    seq: t.seq,
+                    exclude_user_ids: exclude.clone(),
+                });
+            }
+        }
+        inner.metrics.fanout_nodes.observe(per_node.len() as f64);
+        let nodes = per_node.len();
+        let calls = per_node.into_iter().map(|(node, targets)| {
+            let client = inner.nodes.get(&node, addrs.get(&node).map(String::as_str));
+            let mut req = Request::new(PushMessageBatchRequest {
+                messages: vec![BatchMessage {
+                    body: Some(body.clone()),
+                    targets,
+                }],
+            });
+            req.set_timeout(inner.node_timeout);
+            let timeout = inner.node_timeout;
+            async move {
+                let start = Instant::now();
+                let Some(mut client) = client else {
+                    return (node, Err("no address known".to_owned()), start);
+                };
+                let r = match tokio::time::timeout(timeout, client.push_message_batch(req)).await {
+                    Ok(Ok(resp)) => Ok(resp
+                        .into_inner()
+                        .results
+                        .iter()
+                        .map(|r| r.delivered)
+                        .sum::<u32>()),
+                    Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
+                    Err(_) => Err(format!("timed out after {timeout:?}")),
+                };
+                (node, r, start)
+            }
+        });
+        let mut outcome = Outcome {
+            delivered: 0,
+            nodes,
+            failed: Vec::new(),
+        };
+        for (node, r, start) in join_all(calls).await {
+            inner
+                .metrics
+                .node_batch_duration
+                .with_label_values(&[&node])
+                .observe(start.elapsed().as_secs_f64());
+            match r {
+                Ok(n) => outcome.delivered += n,
+                Err(e) => {
+                    inner.metrics.node_batch_errors.with_label_values(&[&node]).inc();
+                    tracing::warn!(node = %node, error = %e, message_id = %body.id, "batch to connect-node failed");
+                    outcome.failed.push((node, e));
+                }
+            }
+        }
+        if outcome.success() {
+            inner.metrics.push_success.inc();
+        } else {
+            inner.metrics.push_failed.inc();
+        }
+        Ok(outcome)
+    }
+}
+
+#[tonic::async_trait]
+impl PushManager for PushService {
+    async fn push_to_room(
+        &self,
+        req: Request<PushToRoomRequest>,
+    ) -> Result<Response<PushToRoomResponse>, Status> {
+        let r = req.into_inner();
+        self.observed("PushToRoom", async {
+            let room = RoomId::new(r.room_id).map_err(|e| invalid("room_id", e))?;
+            if r.exclude_user_ids.len() > self.inner.limits.max_exclude_user_ids {
+                return Err(invalid(
+                    "exclude_user_ids",
+                    format!("at most {} users", self.inner.limits.max_exclude_user_ids),
+                ));
+            }
+            for u in &r.exclude_user_ids {
+                UserId::new(u.as_str()).map_err(|e| invalid("exclude_user_ids", format!("{u:?}: {e}")))?;
+            }
+            let body = self.body(r.content, r.binary_content, r.event, r.message_id)?;
+            let id = body.id.clone();
+            let o = self
+                .push(vec![StreamKey::Room(room)], body, r.exclude_user_ids)
+                .await?;
+            Ok(PushToRoomResponse {
+                success: o.success(),
+                delivered_count: o.delivered,
+                message: o.message(),
+                message_id: id,
+            })
+        })
+        .await
+    }
+
+    async fn push_to_user(
+        &self,
+        req: Request<PushToUserRequest>,
+    ) -> Result<Response<PushToUserResponse>, Status> {
+        let r = req.into_inner();
+        self.observed("PushToUser", async {
+            let mut users: Vec<UserId> = Vec::new();
+            if !r.user_id.is_empty() {
+                users.push(UserId::new(r.user_id).map_err(|e| invalid("user_id", e))?);
+            }
+            if r.user_ids.len() > self.inner.limits.max_user_ids {
+                return Err(invalid(
+                    "user_ids",
+                    format!(
+                        "at most {} users per push, got {}",
+                        self.inner.limits.max_user_ids,
+                        r.user_ids.len()
+                    ),
+                ));
+            }
+            for u in r.user_ids {
+                let id = UserId::new(u.as_str()).map_err(|e| invalid("user_ids", format!("{u:?}: {e}")))?;
+                if !users.contains(&id) {
+                    users.push(id);
+                }
+            }
+            if users.is_empty() {
+                return Err(invalid("user_id", "must not be empty (give user_id or user_ids)"));
+            }
+            let body = self.body(r.content, r.binary_content, r.event, r.message_id)?;
+            let id = body.id.clone();
+            let keys = users.into_iter().map(StreamKey::User).collect();
+            let o = self.push(keys, body, Vec::new()).await?;
+            Ok(PushToUserResponse {
+                success: o.success(),
+                delivered_count: o.delivered,
+                message: o.message(),
+                message_id: id,
+            })
+        })
+        .await
+    }
+
+    async fn broadcast(
+        &self,
+        req: Request<BroadcastRequest>,
+    ) -> Result<Response<BroadcastResponse>, Status> {
+        let r = req.into_inner();
+        self.observed("Broadcast", async {
+            let body = self.body(r.content, r.binary_content, r.event, r.message_id)?;
+            let id = body.id.clone();
+            let o = self.push(vec![StreamKey::Broadcast], body, Vec::new()).await?;
+            Ok(BroadcastResponse {
+                success: o.success(),
+                total_delivered: o.delivered,
+                message: o.message(),
+                message_id: id,
+                node_count: o.nodes as u32,
+            })
+        })
+        .await
+    }
+
+    async fn get_room_info(
+        &self,
+        req: Request<GetRoomInfoRequest>,
+    ) -> Result<Response<GetRoomInfoResponse>, Status> {
+        let r = req.into_inner();
+        self.observed("GetRoomInfo", async {
+            let room = RoomId::new(r.room_id.as_str()).map_err(|e| invalid("room_id", e))?;
+            let key = StreamKey::Room(room).to_string();
+            let (id, mut client) = self
+                .inner
+                .controllers
+                .owner(&key)
+                .ok_or_else(|| Status::unavailable("no controller available"))?;
+            let mut req = Request::new(r);
+            req.set_timeout(self.inner.controller_timeout);
+            client.get_room_info(req).await.map(Response::into_inner).map_err(|s| {
+                Status::unavailable(format!("controller {id}: {}", s.message()))
+            })
+        })
+        .await
+    }
+
+    async fn get_user_node(
+        &self,
+        req: Request<GetUserNodeRequest>,
+    ) -> Result<Response<GetUserNodeResponse>, Status> {
+        let r = req.into_inner();
+        self.observed("GetUserNode", async {
+            let user = UserId::new(r.user_id.as_str()).map_err(|e| invalid("user_id", e))?;
+            let key = StreamKey::User(user).to_string();
+            let (id, mut client) = self
+                .inner
+                .controllers
+                .owner(&key)
+                .ok_or_else(|| Status::unavailable("no controller available"))?;
+            let mut req = Request::new(r);
+            req.set_timeout(self.inner.controller_timeout);
+            client.get_user_node(req).await.map(Response::into_inner).map_err(|s| {
+                Status::unavailable(format!("controller {id}: {}", s.message()))
+            })
+        })
+        .await
+    }
+}
