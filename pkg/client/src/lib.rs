@@ -1,1 +1,268 @@
-//! placeholder
+//! Rust client for barrage WebSockets: connect, join and leave rooms, and
+//! receive messages. Used by `barrage sub`, the load tool and the tests.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), barrage_client::Error> {
+//! let url = barrage_client::connect_url("ws://127.0.0.1:8080/ws", "alice", &["r1"]);
+//! let mut client = barrage_client::Client::connect(&url).await?;
+//! while let Some(msg) = client.next_message().await? {
+//!     println!("{} #{}: {:?}", msg.stream, msg.seq, msg.data);
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::collections::VecDeque;
+
+use barrage_protocol::{ClientFrame, MessageFrame, ServerFrame};
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Errors from the client.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The server refused the upgrade with an HTTP status.
+    #[error("server refused the connection: HTTP {status}: {body}")]
+    Refused {
+        /// HTTP status code.
+        status: u16,
+        /// Response body (the reason).
+        body: String,
+    },
+    /// The server closed the connection with a close frame.
+    #[error("closed by server: {code} {reason}")]
+    Closed {
+        /// WebSocket close code (see `barrage_protocol::CloseCode`).
+        code: u16,
+        /// Reason text.
+        reason: String,
+    },
+    /// The server answered a request with an `error` frame.
+    #[error("server error {code}: {message}")]
+    Server {
+        /// Machine-readable code.
+        code: String,
+        /// Reason.
+        message: String,
+    },
+    /// Something that is not a barrage frame arrived.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// Transport failure.
+    #[error("websocket: {0}")]
+    Ws(#[from] tungstenite::Error),
+}
+
+/// Result type of the client.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Builds a `/ws` URL for the insecure development mode (`?user_id=`).
+pub fn connect_url(base: &str, user_id: &str, rooms: &[&str]) -> String {
+    let mut url = format!("{base}?user_id={}", encode(user_id));
+    if !rooms.is_empty() {
+        let rooms: Vec<String> = rooms.iter().map(|r| encode(r)).collect();
+        url.push_str("&rooms=");
+        url.push_str(&rooms.join(","));
+    }
+    url
+}
+
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// What the server said in its `connected` frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// Connection id.
+    pub conn_id: String,
+    /// The authenticated user.
+    pub user_id: String,
+    /// The connect-node serving the connection.
+    pub node_id: String,
+    /// Rooms joined at connect time.
+    pub rooms: Vec<String>,
+}
+
+/// A live connection to a connect-node.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    session: Session,
+    pending: VecDeque<ServerFrame>,
+}
+
+impl Client {
+    /// Connects and waits for `connected`: once this returns, every push
+    /// issued afterwards reaches this connection.
+    pub async fn connect(url: &str) -> Result<Client> {
+        let mut config = WebSocketConfig::default();
+        config.read_buffer_size = 8 * 1024;
+        config.write_buffer_size = 0;
+        let (mut ws, _) = match tokio_tungstenite::connect_async_with_config(url, Some(config), true).await {
+            Ok(ok) => ok,
+            Err(tungstenite::Error::Http(resp)) => {
+                let status = resp.status().as_u16();
+                let body = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).trim().to_owned())
+                    .unwrap_or_default();
+                return Err(Error::Refused { status, body });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match read_frame(&mut ws).await? {
+            ServerFrame::Connected {
+                conn_id,
+                user_id,
+                node_id,
+                rooms,
+            } => Ok(Client {
+                ws,
+                session: Session {
+                    conn_id,
+                    user_id,
+                    node_id,
+                    rooms,
+                },
+                pending: VecDeque::new(),
+            }),
+            other => Err(Error::Protocol(format!(
+                "expected a connected frame first, got {other:?}"
+            ))),
+        }
+    }
+
+    /// The session the server confirmed.
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Joins a room and waits for `joined`; frames arriving meanwhile are kept.
+    pub async fn join(&mut self, room: &str) -> Result<()> {
+        self.send(&ClientFrame::Join { room: room.into() }).await?;
+        self.await_reply(|f| matches!(f, ServerFrame::Joined { room: r } if r == room))
+            .await
+    }
+
+    /// Leaves a room and waits for `left`.
+    pub async fn leave(&mut self, room: &str) -> Result<()> {
+        self.send(&ClientFrame::Leave { room: room.into() }).await?;
+        self.await_reply(|f| matches!(f, ServerFrame::Left { room: r } if r == room))
+            .await
+    }
+
+    /// Sends a client frame.
+    pub async fn send(&mut self, frame: &ClientFrame) -> Result<()> {
+        let text = serde_json::to_string(frame).map_err(|e| Error::Protocol(e.to_string()))?;
+        self.send_raw(Message::Text(text.into())).await
+    }
+
+    /// Sends any WebSocket message as it is (for testing servers).
+    pub async fn send_raw(&mut self, msg: Message) -> Result<()> {
+        self.ws.send(msg).await?;
+        Ok(())
+    }
+
+    async fn await_reply(&mut self, want: impl Fn(&ServerFrame) -> bool) -> Result<()> {
+        let mut held = VecDeque::new();
+        let result = loop {
+            match read_frame(&mut self.ws).await {
+                Ok(f) if want(&f) => break Ok(()),
+                Ok(ServerFrame::Error { code, message }) => break Err(Error::Server { code, message }),
+                Ok(f) => held.push_back(f),
+                Err(e) => break Err(e),
+            }
+        };
+        self.pending.extend(held);
+        result
+    }
+
+    /// The next frame of any type; `None` when the server closed normally.
+    pub async fn next_frame(&mut self) -> Result<Option<ServerFrame>> {
+        if let Some(f) = self.pending.pop_front() {
+            return Ok(Some(f));
+        }
+        match read_frame(&mut self.ws).await {
+            Ok(f) => Ok(Some(f)),
+            Err(Error::Closed { code: 1000, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The next `message` frame, skipping other frames; `None` at a normal close.
+    pub async fn next_message(&mut self) -> Result<Option<MessageFrame>> {
+        loop {
+            match self.next_frame().await? {
+                Some(ServerFrame::Message(m)) => return Ok(Some(m)),
+                Some(_) => continue,
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Closes the connection normally.
+    pub async fn close(mut self) -> Result<()> {
+        self.ws
+            .close(Some(tungstenite::protocol::CloseFrame {
+                code: WsCloseCode::Normal,
+                reason: "bye".into(),
+            }))
+            .await?;
+        Ok(())
+    }
+}
+
+async fn read_frame(ws: &mut WebSocketStream<MaybeTlsStream<TcpStream>>) -> Result<ServerFrame> {
+    loop {
+        let msg = match ws.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(tungstenite::Error::ConnectionClosed)) | None => {
+                return Err(Error::Closed {
+                    code: 1006,
+                    reason: "connection dropped".into(),
+                });
+            }
+            Some(Err(e)) => return Err(e.into()),
+        };
+        match msg {
+            Message::Text(t) => {
+                return serde_json::from_str(t.as_str())
+                    .map_err(|e| Error::Protocol(format!("bad frame {t:?}: {e}")));
+            }
+            Message::Close(c) => {
+                let (code, reason) = c
+                    .map(|c| (u16::from(c.code), c.reason.to_string()))
+                    .unwrap_or((1005, String::new()));
+                return Err(Error::Closed { code, reason });
+            }
+            Message::Binary(_) => return Err(Error::Protocol("unexpected binary frame".into())),
+            _ => continue,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_encoded() {
+        assert_eq!(
+            connect_url("ws://h/ws", "a b", &["r1", "r&2"]),
+            "ws://h/ws?user_id=a%20b&rooms=r1,r%262"
+        );
+        assert_eq!(connect_url("ws://h/ws", "u", &[]), "ws://h/ws?user_id=u");
+    }
+}

@@ -361,3 +361,108 @@ impl Hub {
         self.metrics.rooms.set(st.rooms.len() as i64);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reporter::ReporterConfig;
+    use std::time::Duration;
+
+    fn hub(queue_len: usize) -> Hub {
+        let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
+        let reporter = Reporter::new(
+            ReporterConfig {
+                node_id: "n".into(),
+                incarnation: "i".into(),
+                grpc_addr: String::new(),
+                heartbeat: Duration::from_secs(1),
+                call_timeout: Duration::from_secs(1),
+                vnodes: 8,
+            },
+            metrics.clone(),
+        );
+        Hub::new(reporter, metrics, queue_len)
+    }
+
+    fn user(s: &str) -> UserId {
+        UserId::new(s).unwrap()
+    }
+
+    fn room(s: &str) -> RoomId {
+        RoomId::new(s).unwrap()
+    }
+
+    fn frame(s: &str) -> Utf8Bytes {
+        Utf8Bytes::from(s)
+    }
+
+    #[test]
+    fn room_delivery_skips_excluded_users_and_shares_the_frame() {
+        let hub = hub(8);
+        let (_a, mut rx_a, _) = hub.connect(user("a"), &[room("r")]);
+        let (_b, mut rx_b, _) = hub.connect(user("b"), &[room("r")]);
+        let (_c, mut rx_c, _) = hub.connect(user("c"), &[room("other")]);
+        let key = StreamKey::Room(room("r"));
+        let d = hub.deliver(&key, &frame("f1"), &["b"].into_iter().collect());
+        assert_eq!(d, Delivery { delivered: 1, dropped: 0 });
+        assert_eq!(rx_a.try_recv().unwrap(), "f1");
+        assert!(rx_b.try_recv().is_err());
+        assert!(rx_c.try_recv().is_err());
+        let all = hub.deliver(&StreamKey::Broadcast, &frame("f2"), &HashSet::new());
+        assert_eq!(all.delivered, 3);
+        assert_eq!(rx_c.try_recv().unwrap(), "f2");
+    }
+
+    #[test]
+    fn user_delivery_reaches_every_connection_of_the_user() {
+        let hub = hub(8);
+        let (_1, mut rx1, _) = hub.connect(user("u"), &[]);
+        let (_2, mut rx2, _) = hub.connect(user("u"), &[]);
+        let d = hub.deliver(&StreamKey::User(user("u")), &frame("x"), &HashSet::new());
+        assert_eq!(d.delivered, 2);
+        assert!(rx1.try_recv().is_ok() && rx2.try_recv().is_ok());
+        assert_eq!(hub.stats(), HubStats { connections: 2, users: 1, rooms: 0 });
+    }
+
+    #[test]
+    fn a_full_queue_closes_that_connection_only() {
+        let hub = hub(2);
+        let (slow, _rx_slow, _) = hub.connect(user("slow"), &[room("r")]);
+        let (fast, mut rx_fast, _) = hub.connect(user("fast"), &[room("r")]);
+        let key = StreamKey::Room(room("r"));
+        for i in 0..3 {
+            let d = hub.deliver(&key, &frame("m"), &HashSet::new());
+            let _ = rx_fast.try_recv();
+            if i < 2 {
+                assert_eq!(d, Delivery { delivered: 2, dropped: 0 });
+            } else {
+                assert_eq!(d, Delivery { delivered: 1, dropped: 1 });
+            }
+        }
+        assert_eq!(slow.close_code(), Some(CloseCode::SlowConsumer));
+        assert_eq!(fast.close_code(), None);
+        // Once closing, it is skipped rather than counted again.
+        let d = hub.deliver(&key, &frame("m"), &HashSet::new());
+        assert_eq!(d, Delivery { delivered: 1, dropped: 0 });
+    }
+
+    #[test]
+    fn join_leave_disconnect_keep_the_snapshot_exact() {
+        let hub = hub(8);
+        let (a1, _r1, _) = hub.connect(user("a"), &[room("r")]);
+        let (a2, _r2, _) = hub.connect(user("a"), &[]);
+        assert!(hub.join(&a2, &room("r")).is_some());
+        assert!(hub.join(&a2, &room("r")).is_none(), "second join is a no-op");
+        let snap = hub.with_snapshot(&|_| true, |keys| keys);
+        let r = snap.iter().find(|k| k.key == "room:r").unwrap();
+        assert_eq!(r.users.get("a"), Some(&2));
+        let u = snap.iter().find(|k| k.key == "user:a").unwrap();
+        assert_eq!(u.users.get("a"), Some(&2));
+        assert!(hub.leave(&a2, &room("r")));
+        assert!(!hub.leave(&a2, &room("r")));
+        hub.disconnect(&a1);
+        let snap = hub.with_snapshot(&|k| k.starts_with("room:"), |keys| keys);
+        assert!(snap.is_empty(), "{snap:?}");
+        assert_eq!(hub.stats().connections, 1);
+    }
+}

@@ -272,19 +272,17 @@ async fn handle_text(state: &WsState, conn: &Arc<ConnHandle>, text: &str) {
                     format!("at most {} rooms per connection", state.settings.max_rooms),
                 );
             }
-            match state.hub.join(conn, &room) {
-                Some(ack) => {
-                    if !ack.wait(state.settings.ack_timeout).await {
-                        state.hub.leave(conn, &room);
-                        return send_error(
-                            state,
-                            conn,
-                            "unavailable",
-                            format!("could not join {room}: no controller confirmed it, try again"),
-                        );
-                    }
-                }
-                None => {} // already a member: joining again is harmless
+            // `None`: already a member; joining again is harmless.
+            if let Some(ack) = state.hub.join(conn, &room)
+                && !ack.wait(state.settings.ack_timeout).await
+            {
+                state.hub.leave(conn, &room);
+                return send_error(
+                    state,
+                    conn,
+                    "unavailable",
+                    format!("could not join {room}: no controller confirmed it, try again"),
+                );
             }
             send_frame(conn, ServerFrame::Joined { room: room.to_string() });
         }

@@ -397,11 +397,11 @@ mod tests {
             key: "room:new".into(),
             users: [("a".to_string(), 2)].into_iter().collect(),
         };
-        m.sync("n1", "inc2", "", 7, true, &[ks], now);
+        m.sync("n1", "inc2", "127.0.0.1:2", 7, true, &[ks], now);
         assert!(m.info("room:old").nodes.is_empty());
         assert_eq!(m.info("room:new").connections, 2);
         assert_eq!(m.report("n1", "inc2", 8, &[], now), ReportOutcome::Applied);
-        assert_eq!(m.node_addr("n1"), Some("127.0.0.1:1"));
+        assert_eq!(m.node_addr("n1"), Some("127.0.0.1:2"));
         assert!(m.drop_node("n1"));
         assert!(m.info("room:new").nodes.is_empty());
         assert!(m.resolve("broadcast").node_ids.is_empty());

@@ -59,10 +59,10 @@ impl NodePool {
     /// lags, or there is no discovery) and the controller told us its
     /// address, a channel is added for it.
     pub fn get(&self, node_id: &str, addr_hint: Option<&str>) -> Option<ConnectNodeClient<Channel>> {
-        if let Some(e) = self.nodes.read().get(node_id) {
-            if addr_hint.is_none_or(|a| a == e.addr) {
-                return Some(e.client.clone());
-            }
+        if let Some(e) = self.nodes.read().get(node_id)
+            && addr_hint.is_none_or(|a| a == e.addr)
+        {
+            return Some(e.client.clone());
         }
         let addr = addr_hint?;
         let client = ConnectNodeClient::new(channel(addr, self.connect_timeout)?);
@@ -84,16 +84,16 @@ impl NodePool {
         let mut nodes = self.nodes.write();
         nodes.retain(|id, e| members.get(id).is_some_and(|m| m.grpc_addr == e.addr));
         for (id, m) in members {
-            if !nodes.contains_key(id) {
-                if let Some(ch) = channel(&m.grpc_addr, self.connect_timeout) {
-                    nodes.insert(
-                        id.clone(),
-                        Entry {
-                            addr: m.grpc_addr.clone(),
-                            client: ConnectNodeClient::new(ch),
-                        },
-                    );
-                }
+            if !nodes.contains_key(id)
+                && let Some(ch) = channel(&m.grpc_addr, self.connect_timeout)
+            {
+                nodes.insert(
+                    id.clone(),
+                    Entry {
+                        addr: m.grpc_addr.clone(),
+                        client: ConnectNodeClient::new(ch),
+                    },
+                );
             }
         }
         self.gauge.set(nodes.len() as i64);
@@ -118,9 +118,12 @@ impl NodePool {
     }
 }
 
+/// A controller's address and client, as held on the ring.
+type ControllerEntry = (String, ControllerClient<Channel>);
+
 /// Channels to controllers, on the consistent-hash ring that assigns keys.
 pub struct ControllerRing {
-    ring: RwLock<Arc<Ring<(String, ControllerClient<Channel>)>>>,
+    ring: RwLock<Arc<Ring<ControllerEntry>>>,
     vnodes: usize,
     connect_timeout: Duration,
 }

@@ -152,10 +152,10 @@ impl PushService {
         m.api_requests
             .with_label_values(&[api, code_label(code)])
             .inc();
-        if let Err(s) = &r {
-            if s.code() != Code::InvalidArgument {
-                tracing::warn!(api, code = ?s.code(), message = s.message(), "push failed");
-            }
+        if let Err(s) = &r
+            && s.code() != Code::InvalidArgument
+        {
+            tracing::warn!(api, code = ?s.code(), message = s.message(), "push failed");
         }
         r.map(Response::new)
     }

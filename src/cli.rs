@@ -1,0 +1,601 @@
+//! Command line and environment: every setting has a flag and an
+//! environment variable, parsed here into a validated [`Plan`]. Invalid
+//! values stop start-up with the setting's name (exit code 64).
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use barrage_protocol::NodeId;
+use barrage_telemetry::LogFormat;
+use clap::{Args, Parser, Subcommand};
+
+/// barrage: real-time push. Business services call gRPC; clients hold WebSockets.
+#[derive(Debug, Parser)]
+#[command(name = "barrage", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a controller: membership and message streams.
+    Controller(ControllerArgs),
+    /// Run a push-manager: the public gRPC push API.
+    PushManager(PushManagerArgs),
+    /// Run a connect-node: holds client WebSockets.
+    ConnectNode(ConnectNodeArgs),
+    /// Run all three roles in one process on an in-process registry (no etcd).
+    Dev(DevArgs),
+    /// Subscribe from the terminal and print messages as they arrive.
+    Sub(SubArgs),
+}
+
+/// Settings every server role shares.
+#[derive(Debug, Args)]
+struct Common {
+    /// etcd endpoints, comma-separated (e.g. http://etcd:2379). Empty: no etcd.
+    #[arg(long, env = "ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix in etcd; processes register under <prefix>/nodes/<role>/<id>.
+    #[arg(long, env = "ETCD_PREFIX", default_value = "/barrage")]
+    etcd_prefix: String,
+    /// Controller gRPC address (host:port), used when ETCD_ENDPOINTS is empty.
+    #[arg(long, env = "CONTROLLER_ADDRESS")]
+    controller_address: Option<String>,
+    /// Address to bind listeners on.
+    #[arg(long, env = "BIND_ADDR", default_value = "0.0.0.0")]
+    bind_addr: IpAddr,
+    /// Host or IP other processes use to reach this one (published in
+    /// discovery). Default: BIND_ADDR when specific, else 127.0.0.1.
+    #[arg(long, env = "ADVERTISE_HOST")]
+    advertise_host: Option<String>,
+    /// TTL of the discovery lease, seconds; a dead process disappears after it.
+    #[arg(long, env = "LEASE_TTL_SECS", default_value_t = 10)]
+    lease_ttl_secs: u64,
+    /// Log format: text or json. Verbosity comes from RUST_LOG.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Args)]
+struct ControllerArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Unique id of this controller. Default: controller-<hostname>.
+    #[arg(long, env = "NODE_ID")]
+    node_id: Option<String>,
+    /// gRPC port.
+    #[arg(long, env = "GRPC_PORT", default_value_t = 50051)]
+    grpc_port: u16,
+    /// HTTP port for /metrics, /healthz, /readyz.
+    #[arg(long, env = "METRICS_PORT", default_value_t = 9091)]
+    metrics_port: u16,
+    /// Drop a connect-node not heard from for this many seconds.
+    #[arg(long, env = "NODE_TIMEOUT_SECS", default_value_t = 10)]
+    node_timeout_secs: u64,
+}
+
+#[derive(Debug, Args)]
+struct PushManagerArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Unique id of this push-manager. Default: push-manager-<hostname>.
+    #[arg(long, env = "MANAGER_ID")]
+    manager_id: Option<String>,
+    /// gRPC port of the public API.
+    #[arg(long, env = "GRPC_PORT", default_value_t = 50053)]
+    grpc_port: u16,
+    /// HTTP port for /metrics, /healthz, /readyz.
+    #[arg(long, env = "METRICS_PORT", default_value_t = 9093)]
+    metrics_port: u16,
+    #[command(flatten)]
+    push: PushLimits,
+}
+
+/// Settings of the push API.
+#[derive(Debug, Args)]
+struct PushLimits {
+    /// Deadline of one PushMessageBatch to a connect-node, milliseconds.
+    #[arg(long, env = "PUSH_TIMEOUT_MS", default_value_t = 3000)]
+    push_timeout_ms: u64,
+    /// Largest message content accepted, bytes.
+    #[arg(long, env = "MAX_CONTENT_BYTES", default_value_t = 64 * 1024)]
+    max_content_bytes: usize,
+    /// Most user_ids in one PushToUser.
+    #[arg(long, env = "MAX_USER_IDS", default_value_t = 1000)]
+    max_user_ids: usize,
+}
+
+#[derive(Debug, Args)]
+struct ConnectNodeArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Unique id of this connect-node. Default: connect-node-<hostname>.
+    #[arg(long, env = "NODE_ID")]
+    node_id: Option<String>,
+    /// gRPC port (PushMessageBatch, Stats).
+    #[arg(long, env = "GRPC_PORT", default_value_t = 50052)]
+    grpc_port: u16,
+    /// HTTP port for /metrics, /healthz, /readyz.
+    #[arg(long, env = "METRICS_PORT", default_value_t = 9092)]
+    metrics_port: u16,
+    /// WebSocket port (GET /ws).
+    #[arg(long, env = "WS_PORT", default_value_t = 8080)]
+    ws_port: u16,
+    #[command(flatten)]
+    ws: WsArgs,
+}
+
+/// WebSocket settings.
+#[derive(Debug, Args)]
+struct WsArgs {
+    /// Accept ?user_id= with no token. Development only: anyone can claim any user.
+    #[arg(long, env = "INSECURE_USER_ID", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    insecure_user_id: bool,
+    /// Frames a connection's send queue holds; a full queue closes it (4100).
+    #[arg(long, env = "SEND_QUEUE", default_value_t = 256)]
+    send_queue: usize,
+    /// Largest inbound frame, bytes; bigger ones close the connection (1009).
+    #[arg(long, env = "MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    max_frame_bytes: usize,
+    /// Rooms one connection may be in at once.
+    #[arg(long, env = "MAX_ROOMS_PER_CONN", default_value_t = 64)]
+    max_rooms_per_conn: usize,
+    /// Seconds between server pings.
+    #[arg(long, env = "PING_INTERVAL_SECS", default_value_t = 25)]
+    ping_interval_secs: u64,
+    /// Close a connection silent for this many seconds (4001).
+    #[arg(long, env = "READ_TIMEOUT_SECS", default_value_t = 60)]
+    read_timeout_secs: u64,
+    /// Per-connection socket read/write buffer, bytes.
+    #[arg(long, env = "WS_BUFFER_BYTES", default_value_t = 4096)]
+    ws_buffer_bytes: usize,
+}
+
+#[derive(Debug, Args)]
+struct DevArgs {
+    /// Address to bind every listener on.
+    #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1")]
+    bind_addr: IpAddr,
+    /// WebSocket port.
+    #[arg(long, env = "WS_PORT", default_value_t = 8080)]
+    ws_port: u16,
+    /// Public gRPC API (push-manager) port.
+    #[arg(long, env = "GRPC_PORT", default_value_t = 50053)]
+    grpc_port: u16,
+    /// Controller gRPC port.
+    #[arg(long, env = "CONTROLLER_GRPC_PORT", default_value_t = 50051)]
+    controller_grpc_port: u16,
+    /// Connect-node gRPC port.
+    #[arg(long, env = "NODE_GRPC_PORT", default_value_t = 50052)]
+    node_grpc_port: u16,
+    /// push-manager metrics port; the controller uses METRICS_PORT-2 and the
+    /// connect-node METRICS_PORT-1.
+    #[arg(long, env = "METRICS_PORT", default_value_t = 9093)]
+    metrics_port: u16,
+    /// Log format: text or json.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    #[command(flatten)]
+    push: PushLimits,
+}
+
+#[derive(Debug, Args)]
+struct SubArgs {
+    /// WebSocket URL of a connect-node.
+    #[arg(long, env = "BARRAGE_WS_URL", default_value = "ws://127.0.0.1:8080/ws")]
+    url: String,
+    /// User id to connect as (insecure development mode).
+    #[arg(long, default_value = "cli")]
+    user: String,
+    /// Rooms to join (repeat or comma-separate).
+    #[arg(long = "room", value_delimiter = ',')]
+    rooms: Vec<String>,
+    /// Print each frame as raw JSON instead of a summary line.
+    #[arg(long)]
+    json: bool,
+    /// Exit after this many messages.
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+/// A configuration error: names the setting and says what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {reason}")]
+pub struct ConfigError {
+    setting: &'static str,
+    reason: String,
+}
+
+fn bad(setting: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        setting,
+        reason: reason.into(),
+    }
+}
+
+/// Where a process finds the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cluster {
+    /// etcd: register and watch.
+    Etcd {
+        /// Endpoints as URLs.
+        endpoints: Vec<String>,
+        /// Key prefix.
+        prefix: String,
+    },
+    /// No etcd: one controller at a fixed address.
+    Static {
+        /// The controller's gRPC address.
+        controller: Option<String>,
+    },
+}
+
+/// Validated settings shared by the roles.
+#[derive(Debug, Clone)]
+pub struct Base {
+    pub cluster: Cluster,
+    pub bind: IpAddr,
+    pub advertise_host: String,
+    pub lease_ttl: Duration,
+    pub log_format: LogFormat,
+}
+
+/// What to run, fully validated.
+#[derive(Debug)]
+pub enum Plan {
+    Controller {
+        base: Base,
+        cfg: barrage_controller::Config,
+        grpc_port: u16,
+        metrics_port: u16,
+    },
+    PushManager {
+        base: Base,
+        cfg: barrage_push_manager::Config,
+        grpc_port: u16,
+        metrics_port: u16,
+    },
+    ConnectNode {
+        base: Base,
+        cfg: barrage_connect_node::Config,
+        grpc_port: u16,
+        metrics_port: u16,
+        ws_port: u16,
+    },
+    Dev(DevPlan),
+    Sub(crate::sub::SubPlan),
+}
+
+/// `barrage dev` settings.
+#[derive(Debug)]
+pub struct DevPlan {
+    pub bind: IpAddr,
+    pub ws_port: u16,
+    pub grpc_port: u16,
+    pub controller_grpc_port: u16,
+    pub node_grpc_port: u16,
+    pub metrics_port: u16,
+    pub log_format: LogFormat,
+    pub push: barrage_push_manager::Config,
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("pid{}", std::process::id()))
+}
+
+fn node_id(setting: &'static str, given: Option<String>, role: &str) -> Result<String, ConfigError> {
+    let id = given.unwrap_or_else(|| format!("{role}-{}", hostname()));
+    NodeId::new(id.as_str()).map_err(|e| bad(setting, e.to_string()))?;
+    Ok(id)
+}
+
+fn host_port(setting: &'static str, s: &str) -> Result<String, ConfigError> {
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .unwrap_or(s);
+    match rest.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(s.to_owned()),
+        _ => Err(bad(setting, format!("{s:?} is not host:port"))),
+    }
+}
+
+fn secs(setting: &'static str, v: u64) -> Result<Duration, ConfigError> {
+    if v == 0 {
+        return Err(bad(setting, "must be at least 1"));
+    }
+    Ok(Duration::from_secs(v))
+}
+
+impl Common {
+    fn base(self, needs_controller: bool) -> Result<Base, ConfigError> {
+        let endpoints: Vec<String> = self
+            .etcd_endpoints
+            .iter()
+            .map(|e| e.trim())
+            .filter(|e| !e.is_empty())
+            .map(|e| host_port("ETCD_ENDPOINTS (--etcd-endpoints)", e))
+            .collect::<Result<_, _>>()?;
+        let cluster = if endpoints.is_empty() {
+            let controller = match self.controller_address {
+                Some(a) if !a.trim().is_empty() => Some(
+                    host_port("CONTROLLER_ADDRESS (--controller-address)", a.trim())?
+                        .trim_start_matches("http://")
+                        .to_owned(),
+                ),
+                _ => None,
+            };
+            if needs_controller && controller.is_none() {
+                return Err(bad(
+                    "ETCD_ENDPOINTS (--etcd-endpoints)",
+                    "no cluster configured: set ETCD_ENDPOINTS, or CONTROLLER_ADDRESS to run without etcd",
+                ));
+            }
+            Cluster::Static { controller }
+        } else {
+            if !self.etcd_prefix.starts_with('/') || self.etcd_prefix.ends_with('/') {
+                return Err(bad(
+                    "ETCD_PREFIX (--etcd-prefix)",
+                    format!("{:?} must start with '/' and not end with '/'", self.etcd_prefix),
+                ));
+            }
+            Cluster::Etcd {
+                endpoints,
+                prefix: self.etcd_prefix,
+            }
+        };
+        let advertise_host = match self.advertise_host {
+            Some(h) if !h.trim().is_empty() => h.trim().to_owned(),
+            _ if !self.bind_addr.is_unspecified() => self.bind_addr.to_string(),
+            _ => "127.0.0.1".to_owned(),
+        };
+        Ok(Base {
+            cluster,
+            bind: self.bind_addr,
+            advertise_host,
+            lease_ttl: secs("LEASE_TTL_SECS (--lease-ttl-secs)", self.lease_ttl_secs)?,
+            log_format: self.log_format,
+        })
+    }
+}
+
+impl PushLimits {
+    fn config(&self, node_id: String) -> Result<barrage_push_manager::Config, ConfigError> {
+        if self.push_timeout_ms == 0 {
+            return Err(bad("PUSH_TIMEOUT_MS (--push-timeout-ms)", "must be at least 1"));
+        }
+        if self.max_content_bytes == 0 {
+            return Err(bad("MAX_CONTENT_BYTES (--max-content-bytes)", "must be at least 1"));
+        }
+        if self.max_user_ids == 0 {
+            return Err(bad("MAX_USER_IDS (--max-user-ids)", "must be at least 1"));
+        }
+        let mut cfg = barrage_push_manager::Config {
+            node_id,
+            node_timeout: Duration::from_millis(self.push_timeout_ms),
+            ..Default::default()
+        };
+        cfg.limits.max_content_bytes = self.max_content_bytes;
+        cfg.limits.max_user_ids = self.max_user_ids;
+        Ok(cfg)
+    }
+}
+
+impl WsArgs {
+    fn apply(&self, cfg: &mut barrage_connect_node::Config) -> Result<(), ConfigError> {
+        if self.send_queue == 0 {
+            return Err(bad("SEND_QUEUE (--send-queue)", "must be at least 1"));
+        }
+        if self.max_frame_bytes < 256 {
+            return Err(bad("MAX_FRAME_BYTES (--max-frame-bytes)", "must be at least 256"));
+        }
+        if self.max_rooms_per_conn == 0 {
+            return Err(bad("MAX_ROOMS_PER_CONN (--max-rooms-per-conn)", "must be at least 1"));
+        }
+        if self.ws_buffer_bytes < 512 {
+            return Err(bad("WS_BUFFER_BYTES (--ws-buffer-bytes)", "must be at least 512"));
+        }
+        let ping = secs("PING_INTERVAL_SECS (--ping-interval-secs)", self.ping_interval_secs)?;
+        let read = secs("READ_TIMEOUT_SECS (--read-timeout-secs)", self.read_timeout_secs)?;
+        if read <= ping {
+            return Err(bad(
+                "READ_TIMEOUT_SECS (--read-timeout-secs)",
+                format!(
+                    "must be longer than PING_INTERVAL_SECS ({}s), or healthy clients are cut off",
+                    ping.as_secs()
+                ),
+            ));
+        }
+        cfg.insecure_user_id = self.insecure_user_id;
+        cfg.send_queue = self.send_queue;
+        cfg.max_frame_bytes = self.max_frame_bytes;
+        cfg.max_rooms = self.max_rooms_per_conn;
+        cfg.ping_interval = ping;
+        cfg.read_timeout = read;
+        cfg.io_buffer = self.ws_buffer_bytes;
+        Ok(())
+    }
+}
+
+impl Cli {
+    /// Validates everything and says what to run.
+    pub fn into_plan(self) -> Result<Plan, ConfigError> {
+        Ok(match self.command {
+            Command::Controller(a) => {
+                let base = a.common.base(false)?;
+                let cfg = barrage_controller::Config {
+                    node_id: node_id("NODE_ID (--node-id)", a.node_id, "controller")?,
+                    advertise_addr: format!("{}:{}", base.advertise_host, a.grpc_port),
+                    lease_ttl: base.lease_ttl,
+                    node_timeout: secs("NODE_TIMEOUT_SECS (--node-timeout-secs)", a.node_timeout_secs)?,
+                };
+                Plan::Controller {
+                    base,
+                    cfg,
+                    grpc_port: a.grpc_port,
+                    metrics_port: a.metrics_port,
+                }
+            }
+            Command::PushManager(a) => {
+                let base = a.common.base(true)?;
+                let mut cfg = a
+                    .push
+                    .config(node_id("MANAGER_ID (--manager-id)", a.manager_id, "push-manager")?)?;
+                cfg.advertise_addr = format!("{}:{}", base.advertise_host, a.grpc_port);
+                cfg.lease_ttl = base.lease_ttl;
+                Plan::PushManager {
+                    base,
+                    cfg,
+                    grpc_port: a.grpc_port,
+                    metrics_port: a.metrics_port,
+                }
+            }
+            Command::ConnectNode(a) => {
+                let base = a.common.base(true)?;
+                let mut cfg = barrage_connect_node::Config {
+                    node_id: node_id("NODE_ID (--node-id)", a.node_id, "connect-node")?,
+                    advertise_addr: format!("{}:{}", base.advertise_host, a.grpc_port),
+                    lease_ttl: base.lease_ttl,
+                    ..Default::default()
+                };
+                a.ws.apply(&mut cfg)?;
+                Plan::ConnectNode {
+                    base,
+                    cfg,
+                    grpc_port: a.grpc_port,
+                    metrics_port: a.metrics_port,
+                    ws_port: a.ws_port,
+                }
+            }
+            Command::Dev(a) => {
+                if a.metrics_port < 2 {
+                    return Err(bad("METRICS_PORT (--metrics-port)", "must be at least 2"));
+                }
+                Plan::Dev(DevPlan {
+                    bind: a.bind_addr,
+                    ws_port: a.ws_port,
+                    grpc_port: a.grpc_port,
+                    controller_grpc_port: a.controller_grpc_port,
+                    node_grpc_port: a.node_grpc_port,
+                    metrics_port: a.metrics_port,
+                    log_format: a.log_format,
+                    push: a.push.config("push-manager-dev".into())?,
+                })
+            }
+            Command::Sub(a) => Plan::Sub(crate::sub::SubPlan {
+                url: a.url,
+                user: a.user,
+                rooms: a.rooms.into_iter().filter(|r| !r.is_empty()).collect(),
+                json: a.json,
+                count: a.count,
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(args: &[&str]) -> Result<Plan, String> {
+        let mut full = vec!["barrage"];
+        full.extend_from_slice(args);
+        Cli::try_parse_from(full)
+            .map_err(|e| e.to_string())?
+            .into_plan()
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn controller_defaults() {
+        let Ok(Plan::Controller { cfg, grpc_port, metrics_port, base }) =
+            plan(&["controller", "--node-id", "c1"])
+        else {
+            panic!("not a controller plan")
+        };
+        assert_eq!((grpc_port, metrics_port), (50051, 9091));
+        assert_eq!(cfg.node_id, "c1");
+        assert_eq!(cfg.advertise_addr, "127.0.0.1:50051");
+        assert_eq!(base.cluster, Cluster::Static { controller: None });
+    }
+
+    #[test]
+    fn push_manager_needs_a_cluster() {
+        let err = plan(&["push-manager"]).unwrap_err();
+        assert!(err.contains("ETCD_ENDPOINTS"), "{err}");
+        assert!(err.contains("CONTROLLER_ADDRESS"), "{err}");
+        let ok = plan(&["push-manager", "--controller-address", "10.0.0.1:50051"]);
+        assert!(matches!(ok, Ok(Plan::PushManager { .. })));
+    }
+
+    #[test]
+    fn etcd_endpoints_are_checked() {
+        let err = plan(&["connect-node", "--etcd-endpoints", "http://a:2379,nope"]).unwrap_err();
+        assert!(err.contains("ETCD_ENDPOINTS") && err.contains("nope"), "{err}");
+        let Ok(Plan::ConnectNode { base, .. }) =
+            plan(&["connect-node", "--etcd-endpoints", "http://a:2379,b:2379"])
+        else {
+            panic!("not a connect-node plan")
+        };
+        assert_eq!(
+            base.cluster,
+            Cluster::Etcd {
+                endpoints: vec!["http://a:2379".into(), "b:2379".into()],
+                prefix: "/barrage".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let err = plan(&["controller", "--grpc-port", "99999"]).unwrap_err();
+        assert!(err.contains("--grpc-port"), "{err}");
+        let err = plan(&["controller", "--lease-ttl-secs", "0"]).unwrap_err();
+        assert!(err.contains("LEASE_TTL_SECS"), "{err}");
+        let err = plan(&["controller", "--node-id", "has space"]).unwrap_err();
+        assert!(err.contains("NODE_ID"), "{err}");
+        let err = plan(&[
+            "connect-node",
+            "--controller-address",
+            "c:1",
+            "--read-timeout-secs",
+            "5",
+            "--ping-interval-secs",
+            "10",
+        ])
+        .unwrap_err();
+        assert!(err.contains("READ_TIMEOUT_SECS"), "{err}");
+        let err = plan(&["push-manager", "--controller-address", "c:1", "--max-content-bytes", "0"])
+            .unwrap_err();
+        assert!(err.contains("MAX_CONTENT_BYTES"), "{err}");
+    }
+
+    #[test]
+    fn insecure_flag_forms() {
+        for args in [
+            vec!["connect-node", "--controller-address", "c:1", "--insecure-user-id"],
+            vec!["connect-node", "--controller-address", "c:1", "--insecure-user-id", "true"],
+        ] {
+            let Ok(Plan::ConnectNode { cfg, .. }) = plan(&args) else {
+                panic!("not a connect-node plan")
+            };
+            assert!(cfg.insecure_user_id);
+        }
+    }
+
+    #[test]
+    fn dev_defaults_match_the_readme() {
+        let Ok(Plan::Dev(d)) = plan(&["dev"]) else {
+            panic!("not a dev plan")
+        };
+        assert_eq!((d.ws_port, d.grpc_port), (8080, 50053));
+        assert_eq!(d.bind.to_string(), "127.0.0.1");
+    }
+}

@@ -1,0 +1,234 @@
+//! Starts what a [`Plan`] says: binds listeners, connects discovery, wires
+//! SIGTERM/SIGINT to a graceful drain, and runs the role(s).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::Context as _;
+use barrage_discovery::{Discovery, Member, MemberWatch, Role};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{Base, Cluster, DevPlan, Plan};
+
+/// Runs the plan to completion.
+pub async fn run(plan: Plan) -> anyhow::Result<()> {
+    match plan {
+        Plan::Controller {
+            base,
+            cfg,
+            grpc_port,
+            metrics_port,
+        } => {
+            barrage_telemetry::init_logging(base.log_format);
+            let listeners = barrage_controller::Listeners {
+                grpc: bind(base.bind, grpc_port, "GRPC_PORT").await?,
+                http: bind(base.bind, metrics_port, "METRICS_PORT").await?,
+            };
+            let discovery = discovery(&base).await?;
+            let shutdown = on_signal();
+            barrage_controller::run(cfg, listeners, discovery, barrage_telemetry::new_registry(), shutdown)
+                .await?;
+        }
+        Plan::PushManager {
+            base,
+            cfg,
+            grpc_port,
+            metrics_port,
+        } => {
+            barrage_telemetry::init_logging(base.log_format);
+            let listeners = barrage_push_manager::Listeners {
+                grpc: bind(base.bind, grpc_port, "GRPC_PORT").await?,
+                http: bind(base.bind, metrics_port, "METRICS_PORT").await?,
+            };
+            let discovery = discovery(&base).await?;
+            let peers = barrage_push_manager::Peers {
+                controllers: controllers(&base, discovery.as_ref()).await?,
+                nodes: match &discovery {
+                    Some(d) => Some(d.watch(Role::ConnectNode).await?),
+                    None => None,
+                },
+                discovery,
+            };
+            barrage_push_manager::run(cfg, listeners, peers, barrage_telemetry::new_registry(), on_signal())
+                .await?;
+        }
+        Plan::ConnectNode {
+            base,
+            cfg,
+            grpc_port,
+            metrics_port,
+            ws_port,
+        } => {
+            barrage_telemetry::init_logging(base.log_format);
+            let listeners = barrage_connect_node::Listeners {
+                ws: bind(base.bind, ws_port, "WS_PORT").await?,
+                grpc: bind(base.bind, grpc_port, "GRPC_PORT").await?,
+                http: bind(base.bind, metrics_port, "METRICS_PORT").await?,
+            };
+            let discovery = discovery(&base).await?;
+            let controllers = controllers(&base, discovery.as_ref()).await?;
+            barrage_connect_node::run(
+                cfg,
+                listeners,
+                controllers,
+                discovery,
+                barrage_telemetry::new_registry(),
+                on_signal(),
+            )
+            .await?;
+        }
+        Plan::Dev(d) => dev(d).await?,
+        Plan::Sub(s) => crate::sub::run(s).await?,
+    }
+    Ok(())
+}
+
+async fn bind(ip: IpAddr, port: u16, setting: &str) -> anyhow::Result<TcpListener> {
+    let addr = SocketAddr::new(ip, port);
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({setting})"))
+}
+
+async fn discovery(base: &Base) -> anyhow::Result<Option<Discovery>> {
+    match &base.cluster {
+        Cluster::Etcd { endpoints, prefix } => {
+            let d = Discovery::etcd(endpoints, prefix)
+                .await
+                .with_context(|| format!("cannot reach etcd at {} (ETCD_ENDPOINTS)", endpoints.join(",")))?;
+            Ok(Some(d))
+        }
+        Cluster::Static { .. } => Ok(None),
+    }
+}
+
+async fn controllers(base: &Base, discovery: Option<&Discovery>) -> anyhow::Result<MemberWatch> {
+    if let Some(d) = discovery {
+        return Ok(d.watch(Role::Controller).await?);
+    }
+    let Cluster::Static {
+        controller: Some(addr),
+    } = &base.cluster
+    else {
+        anyhow::bail!("CONTROLLER_ADDRESS: required without ETCD_ENDPOINTS");
+    };
+    tracing::info!(controller = %addr, "no etcd: using the controller at CONTROLLER_ADDRESS");
+    Ok(MemberWatch::fixed(fixed_controller(addr)))
+}
+
+fn fixed_controller(addr: &str) -> BTreeMap<String, Member> {
+    let m = Member {
+        id: "controller".into(),
+        role: Role::Controller,
+        grpc_addr: addr.to_owned(),
+        http_addr: String::new(),
+        ws_addr: None,
+    };
+    [(m.id.clone(), m)].into_iter().collect()
+}
+
+/// A token cancelled on SIGTERM or Ctrl-C.
+fn on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown signal received; draining");
+        t.cancel();
+    });
+    token
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// All three roles in one process on an in-process registry.
+async fn dev(d: DevPlan) -> anyhow::Result<()> {
+    barrage_telemetry::init_logging(d.log_format);
+    let discovery = Discovery::in_process();
+    let shutdown = on_signal();
+
+    let controller = barrage_controller::Listeners {
+        grpc: bind(d.bind, d.controller_grpc_port, "CONTROLLER_GRPC_PORT").await?,
+        http: bind(d.bind, d.metrics_port - 2, "METRICS_PORT").await?,
+    };
+    let node = barrage_connect_node::Listeners {
+        ws: bind(d.bind, d.ws_port, "WS_PORT").await?,
+        grpc: bind(d.bind, d.node_grpc_port, "NODE_GRPC_PORT").await?,
+        http: bind(d.bind, d.metrics_port - 1, "METRICS_PORT").await?,
+    };
+    let manager = barrage_push_manager::Listeners {
+        grpc: bind(d.bind, d.grpc_port, "GRPC_PORT").await?,
+        http: bind(d.bind, d.metrics_port, "METRICS_PORT").await?,
+    };
+    let ws_addr = node.ws.local_addr()?;
+    let api_addr = manager.grpc.local_addr()?;
+
+    let c = tokio::spawn(barrage_controller::run(
+        barrage_controller::Config {
+            node_id: "controller-dev".into(),
+            ..Default::default()
+        },
+        controller,
+        Some(discovery.clone()),
+        barrage_telemetry::new_registry(),
+        shutdown.clone(),
+    ));
+    let n = tokio::spawn(barrage_connect_node::run(
+        barrage_connect_node::Config {
+            node_id: "connect-node-dev".into(),
+            insecure_user_id: true,
+            ..Default::default()
+        },
+        node,
+        discovery.watch(Role::Controller).await?,
+        Some(discovery.clone()),
+        barrage_telemetry::new_registry(),
+        shutdown.clone(),
+    ));
+    let p = tokio::spawn(barrage_push_manager::run(
+        d.push,
+        manager,
+        barrage_push_manager::Peers {
+            controllers: discovery.watch(Role::Controller).await?,
+            nodes: Some(discovery.watch(Role::ConnectNode).await?),
+            discovery: Some(discovery.clone()),
+        },
+        barrage_telemetry::new_registry(),
+        shutdown.clone(),
+    ));
+    eprintln!(
+        "\nbarrage dev is running (all roles, in-process registry, INSECURE ?user_id= logins)\n\
+         \x20 WebSocket:  ws://{ws_addr}/ws?user_id=alice&rooms=r1\n\
+         \x20 gRPC API:   {api_addr}   (grpcurl -plaintext {api_addr} list)\n\
+         \x20 metrics:    http://{}:{}/metrics\n\
+         \x20 subscriber: barrage sub --room r1\n\
+         Ctrl-C to stop.\n",
+        d.bind, d.metrics_port
+    );
+    let (c, n, p) = tokio::join!(c, n, p);
+    c??;
+    n??;
+    p??;
+    Ok(())
+}

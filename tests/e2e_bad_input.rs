@@ -1,0 +1,217 @@
+//! Bad input gets a clear error and loses nothing: gRPC validation, admin
+//! lookups of unknown targets, and malformed WebSocket traffic.
+
+use std::time::Duration;
+
+use barrage_client::{Client, Error as ClientError, connect_url};
+use barrage_proto::v1::{
+    BroadcastRequest, GetRoomInfoRequest, GetUserNodeRequest, PushToRoomRequest,
+    PushToUserRequest,
+};
+use barrage_protocol::{ClientFrame, ServerFrame};
+use barrage_testkit::cluster::{TestCluster, within};
+use tokio_tungstenite::tungstenite::Message;
+use tonic::Code;
+
+const T: Duration = Duration::from_secs(10);
+
+async fn cluster() -> anyhow::Result<TestCluster> {
+    barrage_testkit::init_tracing();
+    let mut c = TestCluster::in_process();
+    c.start(1).await?;
+    Ok(c)
+}
+
+fn expect_invalid<T: std::fmt::Debug>(r: Result<T, tonic::Status>, field: &str) {
+    let s = r.expect_err("expected INVALID_ARGUMENT");
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().starts_with(field), "message {:?} should name {field}", s.message());
+}
+
+#[tokio::test]
+async fn invalid_push_requests_name_the_field() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let mut api = cluster.push_client().await?;
+    let room = |room_id: &str, content: &str| PushToRoomRequest {
+        room_id: room_id.into(),
+        content: content.into(),
+        ..Default::default()
+    };
+    expect_invalid(within(T, "push", api.push_to_room(room("", "x"))).await?, "room_id");
+    expect_invalid(within(T, "push", api.push_to_room(room(&"r".repeat(129), "x"))).await?, "room_id");
+    expect_invalid(within(T, "push", api.push_to_room(room("a b", "x"))).await?, "room_id");
+    expect_invalid(within(T, "push", api.push_to_room(room("r1", ""))).await?, "content");
+    let big = "x".repeat(64 * 1024 + 1);
+    let r = within(T, "push", api.push_to_room(room("r1", &big))).await?;
+    let s = r.expect_err("oversized content");
+    assert!(s.message().contains("65537 bytes exceeds the limit of 65536"), "{}", s.message());
+    let mut excl = room("r1", "x");
+    excl.exclude_user_ids = vec!["".into()];
+    expect_invalid(within(T, "push", api.push_to_room(excl)).await?, "exclude_user_ids");
+
+    let user = |user_id: &str, user_ids: Vec<String>| PushToUserRequest {
+        user_id: user_id.into(),
+        user_ids,
+        content: "x".into(),
+        ..Default::default()
+    };
+    expect_invalid(within(T, "push", api.push_to_user(user("", vec![]))).await?, "user_id");
+    let many: Vec<String> = (0..1001).map(|i| format!("u{i}")).collect();
+    expect_invalid(within(T, "push", api.push_to_user(user("", many))).await?, "user_ids");
+    expect_invalid(
+        within(T, "push", api.push_to_user(user("", vec!["ok".into(), "".into()]))).await?,
+        "user_ids",
+    );
+    expect_invalid(
+        within(T, "push", api.broadcast(BroadcastRequest { content: "".into(), ..Default::default() })).await?,
+        "content",
+    );
+    let mut long_event = room("r1", "x");
+    long_event.event = "e".repeat(65);
+    expect_invalid(within(T, "push", api.push_to_room(long_event)).await?, "event");
+    let mut long_id = room("r1", "x");
+    long_id.message_id = "m".repeat(129);
+    expect_invalid(within(T, "push", api.push_to_room(long_id)).await?, "message_id");
+
+    // Nothing above reached the API as a push; the metrics say so.
+    let metrics = cluster.managers[0].metrics();
+    assert!(metrics.contains(r#"push_manager_api_requests_total{api="PushToRoom",status="INVALID_ARGUMENT"} 8"#), "{metrics}");
+    assert!(metrics.contains("push_manager_push_failed_total 0"), "{metrics}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn empty_targets_are_success_or_not_found() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let mut api = cluster.push_client().await?;
+    let resp = within(
+        T,
+        "push",
+        api.push_to_room(PushToRoomRequest { room_id: "nobody-here".into(), content: "x".into(), ..Default::default() }),
+    )
+    .await??
+    .into_inner();
+    assert!(resp.success);
+    assert_eq!(resp.delivered_count, 0);
+    assert!(!resp.message_id.is_empty(), "a message id is generated");
+
+    let s = within(T, "info", api.get_room_info(GetRoomInfoRequest { room_id: "nobody-here".into() }))
+        .await?
+        .expect_err("unknown room");
+    assert_eq!(s.code(), Code::NotFound);
+    assert!(s.message().contains("nobody-here"), "{}", s.message());
+    let s = within(T, "info", api.get_user_node(GetUserNodeRequest { user_id: "ghost".into() }))
+        .await?
+        .expect_err("unknown user");
+    assert_eq!(s.code(), Code::NotFound);
+    Ok(())
+}
+
+async fn connected(cluster: &TestCluster, user: &str) -> anyhow::Result<Client> {
+    Ok(within(T, "connect", Client::connect(&connect_url(&cluster.nodes[0].ws_url(), user, &["r1"]))).await??)
+}
+
+async fn next_frame(c: &mut Client) -> anyhow::Result<ServerFrame> {
+    Ok(within(T, "frame", c.next_frame()).await??.ok_or_else(|| anyhow::anyhow!("closed"))?)
+}
+
+#[tokio::test]
+async fn malformed_frames_get_error_frames_and_the_connection_stays() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let mut c = connected(&cluster, "mallory").await?;
+    for bad in ["nonsense", "{}", r#"{"type":"fly"}"#, r#"{"type":"join"}"#] {
+        c.send_raw(Message::Text(bad.into())).await?;
+        match next_frame(&mut c).await? {
+            ServerFrame::Error { code, message } => {
+                assert_eq!(code, "invalid_frame");
+                assert!(message.contains("join | leave | ping"), "{message}");
+            }
+            other => panic!("expected an error frame for {bad:?}, got {other:?}"),
+        }
+    }
+    c.send(&ClientFrame::Join { room: "bad room".into() }).await?;
+    assert!(matches!(next_frame(&mut c).await?, ServerFrame::Error { code, .. } if code == "invalid_room"));
+    c.send(&ClientFrame::Leave { room: "never-joined".into() }).await?;
+    assert!(matches!(next_frame(&mut c).await?, ServerFrame::Error { code, .. } if code == "not_joined"));
+    c.send(&ClientFrame::Ping).await?;
+    assert_eq!(next_frame(&mut c).await?, ServerFrame::Pong);
+    Ok(())
+}
+
+async fn expect_close(c: &mut Client, code: u16) -> anyhow::Result<()> {
+    loop {
+        match within(T, "close", c.next_frame()).await? {
+            Err(ClientError::Closed { code: got, .. }) => {
+                assert_eq!(got, code);
+                return Ok(());
+            }
+            Ok(Some(_)) => continue,
+            other => panic!("expected close {code}, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn binary_and_oversized_frames_close_with_documented_codes() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let mut bin = connected(&cluster, "b1").await?;
+    bin.send_raw(Message::Binary(vec![0xde, 0xad, 0xbe, 0xef].into())).await?;
+    expect_close(&mut bin, 4400).await?;
+
+    let mut big = connected(&cluster, "b2").await?;
+    big.send_raw(Message::Text("x".repeat(64 * 1024 + 10).into())).await?;
+    expect_close(&mut big, 1009).await?;
+
+    // Others on the node are unaffected.
+    let mut ok = connected(&cluster, "fine").await?;
+    let mut api = cluster.push_client().await?;
+    let resp = within(
+        T,
+        "push",
+        api.push_to_room(PushToRoomRequest { room_id: "r1".into(), content: "still here".into(), ..Default::default() }),
+    )
+    .await??
+    .into_inner();
+    assert_eq!(resp.delivered_count, 1);
+    let m = within(T, "message", ok.next_message()).await??.expect("message");
+    assert_eq!(m.data, Some(serde_json::json!("still here")));
+    Ok(())
+}
+
+#[tokio::test]
+async fn upgrade_is_refused_with_a_reason() -> anyhow::Result<()> {
+    barrage_testkit::init_tracing();
+    let mut cluster = TestCluster::in_process();
+    cluster.start_controller("c").await?;
+    cluster.start_node_with("secure", |c| c.insecure_user_id = false).await?;
+    cluster.start_node("open").await?;
+    let secure = cluster.nodes[0].ws_url();
+    let open = cluster.nodes[1].ws_url();
+    match within(T, "connect", Client::connect(&connect_url(&secure, "u", &[]))).await? {
+        Err(ClientError::Refused { status, body }) => {
+            assert_eq!(status, 401);
+            assert!(body.contains("INSECURE_USER_ID"), "{body}");
+        }
+        other => panic!("expected 401, got {:?}", other.map(|_| ())),
+    }
+    for (url, field) in [
+        (format!("{open}?user_id="), "user_id"),
+        (format!("{open}?user_id=a%20b"), "user_id"),
+        (format!("{open}?user_id=u&rooms=ok,bad%20room"), "rooms"),
+    ] {
+        match within(T, "connect", Client::connect(&url)).await? {
+            Err(ClientError::Refused { status, body }) => {
+                assert_eq!(status, 400, "{url}");
+                assert!(body.starts_with(field), "{url}: {body}");
+            }
+            other => panic!("expected 400 for {url}, got {:?}", other.map(|_| ())),
+        }
+    }
+    let too_many: Vec<String> = (0..65).map(|i| format!("r{i}")).collect();
+    let url = format!("{open}?user_id=u&rooms={}", too_many.join(","));
+    assert!(matches!(
+        within(T, "connect", Client::connect(&url)).await?,
+        Err(ClientError::Refused { status: 400, .. })
+    ));
+    Ok(())
+}

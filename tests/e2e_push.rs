@@ -1,0 +1,300 @@
+//! End to end: a push travels gRPC → push-manager → controller →
+//! connect-node → WebSocket, with real servers on loopback over a real etcd
+//! (and the same tests over the in-process registry).
+
+use std::time::Duration;
+
+use anyhow::{Context as _, ensure};
+use barrage_client::{Client, connect_url};
+use barrage_proto::v1::{
+    BroadcastRequest, GetRoomInfoRequest, GetUserNodeRequest, PushToRoomRequest,
+    PushToUserRequest,
+};
+use barrage_protocol::MessageFrame;
+use barrage_testkit::cluster::{TestCluster, eventually, within};
+
+const T: Duration = Duration::from_secs(10);
+
+async fn connect(url: &str, user: &str, rooms: &[&str]) -> anyhow::Result<Client> {
+    within(T, "websocket connect", Client::connect(&connect_url(url, user, rooms)))
+        .await?
+        .with_context(|| format!("connect {user}"))
+}
+
+async fn next_msg(c: &mut Client) -> anyhow::Result<MessageFrame> {
+    within(T, "a message frame", c.next_message())
+        .await??
+        .context("connection closed before a message arrived")
+}
+
+fn room_push(room: &str, content: &str) -> PushToRoomRequest {
+    PushToRoomRequest {
+        room_id: room.into(),
+        content: content.into(),
+        ..Default::default()
+    }
+}
+
+/// Generates one test per registry: real etcd and in-process.
+macro_rules! on_both_registries {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn etcd() -> anyhow::Result<()> {
+                barrage_testkit::init_tracing();
+                super::$name(super::TestCluster::with_etcd().await?).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn in_process() -> anyhow::Result<()> {
+                barrage_testkit::init_tracing();
+                super::$name(super::TestCluster::in_process()).await
+            }
+        }
+    };
+}
+
+on_both_registries!(room_push_reaches_members_on_both_nodes_except_excluded);
+async fn room_push_reaches_members_on_both_nodes_except_excluded(
+    mut cluster: TestCluster,
+) -> anyhow::Result<()> {
+    cluster.start(2).await?;
+    let (n1, n2) = (cluster.nodes[0].ws_url(), cluster.nodes[1].ws_url());
+    let mut alice = connect(&n1, "alice", &["r1"]).await?;
+    let mut bob = connect(&n2, "bob", &["r1"]).await?;
+    let mut carol = connect(&n2, "carol", &["r1"]).await?;
+    let mut dave = connect(&n1, "dave", &["r2"]).await?;
+    let mut api = cluster.push_client().await?;
+
+    let mut req = room_push("r1", r#"{"text":"hello"}"#);
+    req.event = "comment".into();
+    req.message_id = "m-1".into();
+    req.exclude_user_ids = vec!["carol".into()];
+    let resp = within(T, "PushToRoom", api.push_to_room(req)).await??.into_inner();
+    ensure!(resp.success, "push failed: {}", resp.message);
+    assert_eq!(resp.delivered_count, 2, "{}", resp.message);
+    assert_eq!(resp.message_id, "m-1");
+
+    for c in [&mut alice, &mut bob] {
+        let m = next_msg(c).await?;
+        assert_eq!(m.stream, "room:r1");
+        assert_eq!(m.id, "m-1");
+        assert_eq!(m.event, "comment");
+        assert_eq!(m.data, Some(serde_json::json!({"text": "hello"})));
+        assert_eq!(m.seq, 1);
+        assert!(m.timestamp > 0);
+    }
+
+    // carol was excluded and dave is elsewhere: the first message each sees
+    // is the next one addressed to them.
+    let resp = within(T, "PushToRoom", api.push_to_room(room_push("r1", "second")))
+        .await??
+        .into_inner();
+    assert_eq!(resp.delivered_count, 3);
+    let m = next_msg(&mut carol).await?;
+    assert_eq!((m.data, m.seq), (Some(serde_json::json!("second")), 2));
+    let resp = within(T, "PushToRoom", api.push_to_room(room_push("r2", "for dave")))
+        .await??
+        .into_inner();
+    assert_eq!(resp.delivered_count, 1);
+    assert_eq!(next_msg(&mut dave).await?.stream, "room:r2");
+
+    let info = within(T, "GetRoomInfo", api.get_room_info(GetRoomInfoRequest { room_id: "r1".into() }))
+        .await??
+        .into_inner();
+    assert_eq!((info.member_count, info.connection_count), (3, 3));
+    assert_eq!(info.members, vec!["alice", "bob", "carol"]);
+    let nodes: Vec<_> = info.nodes.iter().map(|n| (n.node_id.as_str(), n.connection_count)).collect();
+    assert_eq!(nodes, vec![("node-1", 1), ("node-2", 2)]);
+    Ok(())
+}
+
+on_both_registries!(push_to_user_reaches_every_connection_on_every_node);
+async fn push_to_user_reaches_every_connection_on_every_node(
+    mut cluster: TestCluster,
+) -> anyhow::Result<()> {
+    cluster.start(2).await?;
+    let (n1, n2) = (cluster.nodes[0].ws_url(), cluster.nodes[1].ws_url());
+    let mut tabs = vec![
+        connect(&n1, "u1", &[]).await?,
+        connect(&n1, "u1", &[]).await?,
+        connect(&n2, "u1", &[]).await?,
+    ];
+    let mut other = connect(&n2, "u2", &[]).await?;
+    let mut api = cluster.push_client().await?;
+
+    let resp = within(
+        T,
+        "PushToUser",
+        api.push_to_user(PushToUserRequest {
+            user_id: "u1".into(),
+            content: "hi u1".into(),
+            ..Default::default()
+        }),
+    )
+    .await??
+    .into_inner();
+    ensure!(resp.success, "{}", resp.message);
+    assert_eq!(resp.delivered_count, 3);
+    for c in &mut tabs {
+        let m = next_msg(c).await?;
+        assert_eq!((m.stream.as_str(), m.data), ("user:u1", Some(serde_json::json!("hi u1"))));
+    }
+
+    // Several users at once, one of them offline, duplicates ignored.
+    let resp = within(
+        T,
+        "PushToUser",
+        api.push_to_user(PushToUserRequest {
+            user_ids: vec!["u1".into(), "u2".into(), "nobody".into(), "u2".into()],
+            content: "to many".into(),
+            ..Default::default()
+        }),
+    )
+    .await??
+    .into_inner();
+    ensure!(resp.success, "{}", resp.message);
+    assert_eq!(resp.delivered_count, 4);
+    assert_eq!(next_msg(&mut other).await?.stream, "user:u2");
+    for c in &mut tabs {
+        assert_eq!(next_msg(c).await?.data, Some(serde_json::json!("to many")));
+    }
+
+    let where_ = within(T, "GetUserNode", api.get_user_node(GetUserNodeRequest { user_id: "u1".into() }))
+        .await??
+        .into_inner();
+    assert!(where_.online);
+    assert_eq!(where_.connection_count, 3);
+    let nodes: Vec<_> = where_.nodes.iter().map(|n| (n.node_id.as_str(), n.connection_count)).collect();
+    assert_eq!(nodes, vec![("node-1", 2), ("node-2", 1)]);
+    Ok(())
+}
+
+on_both_registries!(broadcast_reaches_everyone_and_counts_exactly);
+async fn broadcast_reaches_everyone_and_counts_exactly(mut cluster: TestCluster) -> anyhow::Result<()> {
+    cluster.start(2).await?;
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        let url = cluster.nodes[i % 2].ws_url();
+        clients.push(connect(&url, &format!("user{i}"), &["r1"]).await?);
+    }
+    let mut api = cluster.push_client().await?;
+    let resp = within(
+        T,
+        "Broadcast",
+        api.broadcast(BroadcastRequest {
+            content: r#"{"notice":"maintenance"}"#.into(),
+            event: "notice".into(),
+            ..Default::default()
+        }),
+    )
+    .await??
+    .into_inner();
+    ensure!(resp.success, "{}", resp.message);
+    assert_eq!(resp.total_delivered, 5);
+    assert_eq!(resp.node_count, 2);
+    for c in &mut clients {
+        let m = next_msg(c).await?;
+        assert_eq!((m.stream.as_str(), m.event.as_str()), ("broadcast", "notice"));
+        assert_eq!(m.id, resp.message_id);
+    }
+    Ok(())
+}
+
+on_both_registries!(stopped_node_leaves_the_pool_and_the_controller);
+async fn stopped_node_leaves_the_pool_and_the_controller(mut cluster: TestCluster) -> anyhow::Result<()> {
+    cluster.start(2).await?;
+    let (n1, n2) = (cluster.nodes[0].ws_url(), cluster.nodes[1].ws_url());
+    let mut alice = connect(&n1, "alice", &["r1"]).await?;
+    let _bob = connect(&n2, "bob", &["r1"]).await?;
+    let manager_metrics = || cluster.managers[0].metrics();
+    eventually(T, "two pooled channels", || async {
+        manager_metrics().contains("push_manager_node_connections 2").then_some(())
+    })
+    .await?;
+
+    cluster.node("node-2")?.stop().await?;
+
+    eventually(T, "node-2 to leave the pool", || async {
+        cluster.managers[0].metrics().contains("push_manager_node_connections 1").then_some(())
+    })
+    .await?;
+    let mut api = cluster.push_client().await?;
+    let info = eventually(T, "node-2 to leave the controller", || {
+        let mut api = api.clone();
+        async move {
+            let info = api
+                .get_room_info(GetRoomInfoRequest { room_id: "r1".into() })
+                .await
+                .ok()?
+                .into_inner();
+            (info.nodes.len() == 1).then_some(info)
+        }
+    })
+    .await?;
+    assert_eq!(info.nodes[0].node_id, "node-1");
+    assert_eq!(info.members, vec!["alice"]);
+
+    let resp = within(T, "PushToRoom", api.push_to_room(room_push("r1", "after")))
+        .await??
+        .into_inner();
+    ensure!(resp.success, "{}", resp.message);
+    assert_eq!(resp.delivered_count, 1);
+    assert_eq!(next_msg(&mut alice).await?.data, Some(serde_json::json!("after")));
+    let resp = within(T, "Broadcast", api.broadcast(BroadcastRequest { content: "b".into(), ..Default::default() }))
+        .await??
+        .into_inner();
+    assert_eq!((resp.node_count, resp.total_delivered), (1, 1));
+    Ok(())
+}
+
+on_both_registries!(push_manager_started_after_the_nodes_discovers_them);
+async fn push_manager_started_after_the_nodes_discovers_them(
+    mut cluster: TestCluster,
+) -> anyhow::Result<()> {
+    cluster.start_controller("controller-1").await?;
+    cluster.start_node("node-1").await?;
+    cluster.start_node("node-2").await?;
+    let mut a = connect(&cluster.nodes[0].ws_url(), "a", &["late"]).await?;
+    let mut b = connect(&cluster.nodes[1].ws_url(), "b", &["late"]).await?;
+    cluster.start_manager("manager-1").await?;
+    eventually(T, "the late push-manager to pool both nodes", || async {
+        cluster.managers[0].metrics().contains("push_manager_node_connections 2").then_some(())
+    })
+    .await?;
+    let mut api = cluster.push_client().await?;
+    let resp = within(T, "PushToRoom", api.push_to_room(room_push("late", "x")))
+        .await??
+        .into_inner();
+    ensure!(resp.success, "{}", resp.message);
+    assert_eq!(resp.delivered_count, 2);
+    next_msg(&mut a).await?;
+    next_msg(&mut b).await?;
+    Ok(())
+}
+
+on_both_registries!(join_and_leave_frames_change_what_arrives);
+async fn join_and_leave_frames_change_what_arrives(mut cluster: TestCluster) -> anyhow::Result<()> {
+    cluster.start(1).await?;
+    let mut c = connect(&cluster.nodes[0].ws_url(), "zoe", &[]).await?;
+    let mut api = cluster.push_client().await?;
+    within(T, "join", c.join("lobby")).await??;
+    // `joined` was seen: a push issued now reaches the connection.
+    let resp = within(T, "PushToRoom", api.push_to_room(room_push("lobby", "1"))).await??.into_inner();
+    assert_eq!(resp.delivered_count, 1);
+    assert_eq!(next_msg(&mut c).await?.data, Some(serde_json::json!(1)));
+    within(T, "leave", c.leave("lobby")).await??;
+    let resp = within(T, "PushToRoom", api.push_to_room(room_push("lobby", "2"))).await??.into_inner();
+    assert_eq!(resp.delivered_count, 0);
+    assert!(resp.success, "an empty room is not an error: {}", resp.message);
+    // The next message zoe gets is the one addressed to her, not "2".
+    let resp = within(
+        T,
+        "PushToUser",
+        api.push_to_user(PushToUserRequest { user_id: "zoe".into(), content: "3".into(), ..Default::default() }),
+    )
+    .await??
+    .into_inner();
+    assert_eq!(resp.delivered_count, 1);
+    assert_eq!(next_msg(&mut c).await?.data, Some(serde_json::json!(3)));
+    Ok(())
+}
