@@ -290,7 +290,11 @@ fn hostname() -> String {
         .unwrap_or_else(|| format!("pid{}", std::process::id()))
 }
 
-fn node_id(setting: &'static str, given: Option<String>, role: &str) -> Result<String, ConfigError> {
+fn node_id(
+    setting: &'static str,
+    given: Option<String>,
+    role: &str,
+) -> Result<String, ConfigError> {
     let id = given.unwrap_or_else(|| format!("{role}-{}", hostname()));
     NodeId::new(id.as_str()).map_err(|e| bad(setting, e.to_string()))?;
     Ok(id)
@@ -343,7 +347,10 @@ impl Common {
             if !self.etcd_prefix.starts_with('/') || self.etcd_prefix.ends_with('/') {
                 return Err(bad(
                     "ETCD_PREFIX (--etcd-prefix)",
-                    format!("{:?} must start with '/' and not end with '/'", self.etcd_prefix),
+                    format!(
+                        "{:?} must start with '/' and not end with '/'",
+                        self.etcd_prefix
+                    ),
                 ));
             }
             Cluster::Etcd {
@@ -369,10 +376,16 @@ impl Common {
 impl PushLimits {
     fn config(&self, node_id: String) -> Result<barrage_push_manager::Config, ConfigError> {
         if self.push_timeout_ms == 0 {
-            return Err(bad("PUSH_TIMEOUT_MS (--push-timeout-ms)", "must be at least 1"));
+            return Err(bad(
+                "PUSH_TIMEOUT_MS (--push-timeout-ms)",
+                "must be at least 1",
+            ));
         }
         if self.max_content_bytes == 0 {
-            return Err(bad("MAX_CONTENT_BYTES (--max-content-bytes)", "must be at least 1"));
+            return Err(bad(
+                "MAX_CONTENT_BYTES (--max-content-bytes)",
+                "must be at least 1",
+            ));
         }
         if self.max_user_ids == 0 {
             return Err(bad("MAX_USER_IDS (--max-user-ids)", "must be at least 1"));
@@ -394,16 +407,31 @@ impl WsArgs {
             return Err(bad("SEND_QUEUE (--send-queue)", "must be at least 1"));
         }
         if self.max_frame_bytes < 256 {
-            return Err(bad("MAX_FRAME_BYTES (--max-frame-bytes)", "must be at least 256"));
+            return Err(bad(
+                "MAX_FRAME_BYTES (--max-frame-bytes)",
+                "must be at least 256",
+            ));
         }
         if self.max_rooms_per_conn == 0 {
-            return Err(bad("MAX_ROOMS_PER_CONN (--max-rooms-per-conn)", "must be at least 1"));
+            return Err(bad(
+                "MAX_ROOMS_PER_CONN (--max-rooms-per-conn)",
+                "must be at least 1",
+            ));
         }
         if self.ws_buffer_bytes < 512 {
-            return Err(bad("WS_BUFFER_BYTES (--ws-buffer-bytes)", "must be at least 512"));
+            return Err(bad(
+                "WS_BUFFER_BYTES (--ws-buffer-bytes)",
+                "must be at least 512",
+            ));
         }
-        let ping = secs("PING_INTERVAL_SECS (--ping-interval-secs)", self.ping_interval_secs)?;
-        let read = secs("READ_TIMEOUT_SECS (--read-timeout-secs)", self.read_timeout_secs)?;
+        let ping = secs(
+            "PING_INTERVAL_SECS (--ping-interval-secs)",
+            self.ping_interval_secs,
+        )?;
+        let read = secs(
+            "READ_TIMEOUT_SECS (--read-timeout-secs)",
+            self.read_timeout_secs,
+        )?;
         if read <= ping {
             return Err(bad(
                 "READ_TIMEOUT_SECS (--read-timeout-secs)",
@@ -434,7 +462,10 @@ impl Cli {
                     node_id: node_id("NODE_ID (--node-id)", a.node_id, "controller")?,
                     advertise_addr: format!("{}:{}", base.advertise_host, a.grpc_port),
                     lease_ttl: base.lease_ttl,
-                    node_timeout: secs("NODE_TIMEOUT_SECS (--node-timeout-secs)", a.node_timeout_secs)?,
+                    node_timeout: secs(
+                        "NODE_TIMEOUT_SECS (--node-timeout-secs)",
+                        a.node_timeout_secs,
+                    )?,
                 };
                 Plan::Controller {
                     base,
@@ -445,9 +476,11 @@ impl Cli {
             }
             Command::PushManager(a) => {
                 let base = a.common.base(true)?;
-                let mut cfg = a
-                    .push
-                    .config(node_id("MANAGER_ID (--manager-id)", a.manager_id, "push-manager")?)?;
+                let mut cfg = a.push.config(node_id(
+                    "MANAGER_ID (--manager-id)",
+                    a.manager_id,
+                    "push-manager",
+                )?)?;
                 cfg.advertise_addr = format!("{}:{}", base.advertise_host, a.grpc_port);
                 cfg.lease_ttl = base.lease_ttl;
                 Plan::PushManager {
@@ -515,8 +548,12 @@ mod tests {
 
     #[test]
     fn controller_defaults() {
-        let Ok(Plan::Controller { cfg, grpc_port, metrics_port, base }) =
-            plan(&["controller", "--node-id", "c1"])
+        let Ok(Plan::Controller {
+            cfg,
+            grpc_port,
+            metrics_port,
+            base,
+        }) = plan(&["controller", "--node-id", "c1"])
         else {
             panic!("not a controller plan")
         };
@@ -538,7 +575,10 @@ mod tests {
     #[test]
     fn etcd_endpoints_are_checked() {
         let err = plan(&["connect-node", "--etcd-endpoints", "http://a:2379,nope"]).unwrap_err();
-        assert!(err.contains("ETCD_ENDPOINTS") && err.contains("nope"), "{err}");
+        assert!(
+            err.contains("ETCD_ENDPOINTS") && err.contains("nope"),
+            "{err}"
+        );
         let Ok(Plan::ConnectNode { base, .. }) =
             plan(&["connect-node", "--etcd-endpoints", "http://a:2379,b:2379"])
         else {
@@ -572,16 +612,33 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.contains("READ_TIMEOUT_SECS"), "{err}");
-        let err = plan(&["push-manager", "--controller-address", "c:1", "--max-content-bytes", "0"])
-            .unwrap_err();
+        let err = plan(&[
+            "push-manager",
+            "--controller-address",
+            "c:1",
+            "--max-content-bytes",
+            "0",
+        ])
+        .unwrap_err();
         assert!(err.contains("MAX_CONTENT_BYTES"), "{err}");
     }
 
     #[test]
     fn insecure_flag_forms() {
         for args in [
-            vec!["connect-node", "--controller-address", "c:1", "--insecure-user-id"],
-            vec!["connect-node", "--controller-address", "c:1", "--insecure-user-id", "true"],
+            vec![
+                "connect-node",
+                "--controller-address",
+                "c:1",
+                "--insecure-user-id",
+            ],
+            vec![
+                "connect-node",
+                "--controller-address",
+                "c:1",
+                "--insecure-user-id",
+                "true",
+            ],
         ] {
             let Ok(Plan::ConnectNode { cfg, .. }) = plan(&args) else {
                 panic!("not a connect-node plan")

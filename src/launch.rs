@@ -27,8 +27,14 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
             };
             let discovery = discovery(&base).await?;
             let shutdown = on_signal();
-            barrage_controller::run(cfg, listeners, discovery, barrage_telemetry::new_registry(), shutdown)
-                .await?;
+            barrage_controller::run(
+                cfg,
+                listeners,
+                discovery,
+                barrage_telemetry::new_registry(),
+                shutdown,
+            )
+            .await?;
         }
         Plan::PushManager {
             base,
@@ -50,8 +56,14 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
                 },
                 discovery,
             };
-            barrage_push_manager::run(cfg, listeners, peers, barrage_telemetry::new_registry(), on_signal())
-                .await?;
+            barrage_push_manager::run(
+                cfg,
+                listeners,
+                peers,
+                barrage_telemetry::new_registry(),
+                on_signal(),
+            )
+            .await?;
         }
         Plan::ConnectNode {
             base,
@@ -94,9 +106,12 @@ async fn bind(ip: IpAddr, port: u16, setting: &str) -> anyhow::Result<TcpListene
 async fn discovery(base: &Base) -> anyhow::Result<Option<Discovery>> {
     match &base.cluster {
         Cluster::Etcd { endpoints, prefix } => {
-            let d = Discovery::etcd(endpoints, prefix)
-                .await
-                .with_context(|| format!("cannot reach etcd at {} (ETCD_ENDPOINTS)", endpoints.join(",")))?;
+            let d = Discovery::etcd(endpoints, prefix).await.with_context(|| {
+                format!(
+                    "cannot reach etcd at {} (ETCD_ENDPOINTS)",
+                    endpoints.join(",")
+                )
+            })?;
             Ok(Some(d))
         }
         Cluster::Static { .. } => Ok(None),

@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use barrage_client::{Client, Error as ClientError, connect_url};
 use barrage_proto::v1::{
-    BroadcastRequest, GetRoomInfoRequest, GetUserNodeRequest, PushToRoomRequest,
-    PushToUserRequest,
+    BroadcastRequest, GetRoomInfoRequest, GetUserNodeRequest, PushToRoomRequest, PushToUserRequest,
 };
 use barrage_protocol::{ClientFrame, ServerFrame};
 use barrage_testkit::cluster::{TestCluster, within};
@@ -25,7 +24,11 @@ async fn cluster() -> anyhow::Result<TestCluster> {
 fn expect_invalid<T: std::fmt::Debug>(r: Result<T, tonic::Status>, field: &str) {
     let s = r.expect_err("expected INVALID_ARGUMENT");
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
-    assert!(s.message().starts_with(field), "message {:?} should name {field}", s.message());
+    assert!(
+        s.message().starts_with(field),
+        "message {:?} should name {field}",
+        s.message()
+    );
 }
 
 #[tokio::test]
@@ -37,17 +40,37 @@ async fn invalid_push_requests_name_the_field() -> anyhow::Result<()> {
         content: content.into(),
         ..Default::default()
     };
-    expect_invalid(within(T, "push", api.push_to_room(room("", "x"))).await?, "room_id");
-    expect_invalid(within(T, "push", api.push_to_room(room(&"r".repeat(129), "x"))).await?, "room_id");
-    expect_invalid(within(T, "push", api.push_to_room(room("a b", "x"))).await?, "room_id");
-    expect_invalid(within(T, "push", api.push_to_room(room("r1", ""))).await?, "content");
+    expect_invalid(
+        within(T, "push", api.push_to_room(room("", "x"))).await?,
+        "room_id",
+    );
+    expect_invalid(
+        within(T, "push", api.push_to_room(room(&"r".repeat(129), "x"))).await?,
+        "room_id",
+    );
+    expect_invalid(
+        within(T, "push", api.push_to_room(room("a b", "x"))).await?,
+        "room_id",
+    );
+    expect_invalid(
+        within(T, "push", api.push_to_room(room("r1", ""))).await?,
+        "content",
+    );
     let big = "x".repeat(64 * 1024 + 1);
     let r = within(T, "push", api.push_to_room(room("r1", &big))).await?;
     let s = r.expect_err("oversized content");
-    assert!(s.message().contains("65537 bytes exceeds the limit of 65536"), "{}", s.message());
+    assert!(
+        s.message()
+            .contains("65537 bytes exceeds the limit of 65536"),
+        "{}",
+        s.message()
+    );
     let mut excl = room("r1", "x");
     excl.exclude_user_ids = vec!["".into()];
-    expect_invalid(within(T, "push", api.push_to_room(excl)).await?, "exclude_user_ids");
+    expect_invalid(
+        within(T, "push", api.push_to_room(excl)).await?,
+        "exclude_user_ids",
+    );
 
     let user = |user_id: &str, user_ids: Vec<String>| PushToUserRequest {
         user_id: user_id.into(),
@@ -55,28 +78,61 @@ async fn invalid_push_requests_name_the_field() -> anyhow::Result<()> {
         content: "x".into(),
         ..Default::default()
     };
-    expect_invalid(within(T, "push", api.push_to_user(user("", vec![]))).await?, "user_id");
-    let many: Vec<String> = (0..1001).map(|i| format!("u{i}")).collect();
-    expect_invalid(within(T, "push", api.push_to_user(user("", many))).await?, "user_ids");
     expect_invalid(
-        within(T, "push", api.push_to_user(user("", vec!["ok".into(), "".into()]))).await?,
+        within(T, "push", api.push_to_user(user("", vec![]))).await?,
+        "user_id",
+    );
+    let many: Vec<String> = (0..1001).map(|i| format!("u{i}")).collect();
+    expect_invalid(
+        within(T, "push", api.push_to_user(user("", many))).await?,
         "user_ids",
     );
     expect_invalid(
-        within(T, "push", api.broadcast(BroadcastRequest { content: "".into(), ..Default::default() })).await?,
+        within(
+            T,
+            "push",
+            api.push_to_user(user("", vec!["ok".into(), "".into()])),
+        )
+        .await?,
+        "user_ids",
+    );
+    expect_invalid(
+        within(
+            T,
+            "push",
+            api.broadcast(BroadcastRequest {
+                content: "".into(),
+                ..Default::default()
+            }),
+        )
+        .await?,
         "content",
     );
     let mut long_event = room("r1", "x");
     long_event.event = "e".repeat(65);
-    expect_invalid(within(T, "push", api.push_to_room(long_event)).await?, "event");
+    expect_invalid(
+        within(T, "push", api.push_to_room(long_event)).await?,
+        "event",
+    );
     let mut long_id = room("r1", "x");
     long_id.message_id = "m".repeat(129);
-    expect_invalid(within(T, "push", api.push_to_room(long_id)).await?, "message_id");
+    expect_invalid(
+        within(T, "push", api.push_to_room(long_id)).await?,
+        "message_id",
+    );
 
     // Nothing above reached the API as a push; the metrics say so.
     let metrics = cluster.managers[0].metrics();
-    assert!(metrics.contains(r#"push_manager_api_requests_total{api="PushToRoom",status="INVALID_ARGUMENT"} 8"#), "{metrics}");
-    assert!(metrics.contains("push_manager_push_failed_total 0"), "{metrics}");
+    assert!(
+        metrics.contains(
+            r#"push_manager_api_requests_total{api="PushToRoom",status="INVALID_ARGUMENT"} 8"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("push_manager_push_failed_total 0"),
+        "{metrics}"
+    );
     Ok(())
 }
 
@@ -87,7 +143,11 @@ async fn empty_targets_are_success_or_not_found() -> anyhow::Result<()> {
     let resp = within(
         T,
         "push",
-        api.push_to_room(PushToRoomRequest { room_id: "nobody-here".into(), content: "x".into(), ..Default::default() }),
+        api.push_to_room(PushToRoomRequest {
+            room_id: "nobody-here".into(),
+            content: "x".into(),
+            ..Default::default()
+        }),
     )
     .await??
     .into_inner();
@@ -95,24 +155,43 @@ async fn empty_targets_are_success_or_not_found() -> anyhow::Result<()> {
     assert_eq!(resp.delivered_count, 0);
     assert!(!resp.message_id.is_empty(), "a message id is generated");
 
-    let s = within(T, "info", api.get_room_info(GetRoomInfoRequest { room_id: "nobody-here".into() }))
-        .await?
-        .expect_err("unknown room");
+    let s = within(
+        T,
+        "info",
+        api.get_room_info(GetRoomInfoRequest {
+            room_id: "nobody-here".into(),
+        }),
+    )
+    .await?
+    .expect_err("unknown room");
     assert_eq!(s.code(), Code::NotFound);
     assert!(s.message().contains("nobody-here"), "{}", s.message());
-    let s = within(T, "info", api.get_user_node(GetUserNodeRequest { user_id: "ghost".into() }))
-        .await?
-        .expect_err("unknown user");
+    let s = within(
+        T,
+        "info",
+        api.get_user_node(GetUserNodeRequest {
+            user_id: "ghost".into(),
+        }),
+    )
+    .await?
+    .expect_err("unknown user");
     assert_eq!(s.code(), Code::NotFound);
     Ok(())
 }
 
 async fn connected(cluster: &TestCluster, user: &str) -> anyhow::Result<Client> {
-    Ok(within(T, "connect", Client::connect(&connect_url(&cluster.nodes[0].ws_url(), user, &["r1"]))).await??)
+    Ok(within(
+        T,
+        "connect",
+        Client::connect(&connect_url(&cluster.nodes[0].ws_url(), user, &["r1"])),
+    )
+    .await??)
 }
 
 async fn next_frame(c: &mut Client) -> anyhow::Result<ServerFrame> {
-    Ok(within(T, "frame", c.next_frame()).await??.ok_or_else(|| anyhow::anyhow!("closed"))?)
+    Ok(within(T, "frame", c.next_frame())
+        .await??
+        .ok_or_else(|| anyhow::anyhow!("closed"))?)
 }
 
 #[tokio::test]
@@ -129,10 +208,20 @@ async fn malformed_frames_get_error_frames_and_the_connection_stays() -> anyhow:
             other => panic!("expected an error frame for {bad:?}, got {other:?}"),
         }
     }
-    c.send(&ClientFrame::Join { room: "bad room".into() }).await?;
-    assert!(matches!(next_frame(&mut c).await?, ServerFrame::Error { code, .. } if code == "invalid_room"));
-    c.send(&ClientFrame::Leave { room: "never-joined".into() }).await?;
-    assert!(matches!(next_frame(&mut c).await?, ServerFrame::Error { code, .. } if code == "not_joined"));
+    c.send(&ClientFrame::Join {
+        room: "bad room".into(),
+    })
+    .await?;
+    assert!(
+        matches!(next_frame(&mut c).await?, ServerFrame::Error { code, .. } if code == "invalid_room")
+    );
+    c.send(&ClientFrame::Leave {
+        room: "never-joined".into(),
+    })
+    .await?;
+    assert!(
+        matches!(next_frame(&mut c).await?, ServerFrame::Error { code, .. } if code == "not_joined")
+    );
     c.send(&ClientFrame::Ping).await?;
     assert_eq!(next_frame(&mut c).await?, ServerFrame::Pong);
     Ok(())
@@ -155,11 +244,13 @@ async fn expect_close(c: &mut Client, code: u16) -> anyhow::Result<()> {
 async fn binary_and_oversized_frames_close_with_documented_codes() -> anyhow::Result<()> {
     let cluster = cluster().await?;
     let mut bin = connected(&cluster, "b1").await?;
-    bin.send_raw(Message::Binary(vec![0xde, 0xad, 0xbe, 0xef].into())).await?;
+    bin.send_raw(Message::Binary(vec![0xde, 0xad, 0xbe, 0xef].into()))
+        .await?;
     expect_close(&mut bin, 4400).await?;
 
     let mut big = connected(&cluster, "b2").await?;
-    big.send_raw(Message::Text("x".repeat(64 * 1024 + 10).into())).await?;
+    big.send_raw(Message::Text("x".repeat(64 * 1024 + 10).into()))
+        .await?;
     expect_close(&mut big, 1009).await?;
 
     // Others on the node are unaffected.
@@ -168,12 +259,18 @@ async fn binary_and_oversized_frames_close_with_documented_codes() -> anyhow::Re
     let resp = within(
         T,
         "push",
-        api.push_to_room(PushToRoomRequest { room_id: "r1".into(), content: "still here".into(), ..Default::default() }),
+        api.push_to_room(PushToRoomRequest {
+            room_id: "r1".into(),
+            content: "still here".into(),
+            ..Default::default()
+        }),
     )
     .await??
     .into_inner();
     assert_eq!(resp.delivered_count, 1);
-    let m = within(T, "message", ok.next_message()).await??.expect("message");
+    let m = within(T, "message", ok.next_message())
+        .await??
+        .expect("message");
     assert_eq!(m.data, Some(serde_json::json!("still here")));
     Ok(())
 }
@@ -183,11 +280,19 @@ async fn upgrade_is_refused_with_a_reason() -> anyhow::Result<()> {
     barrage_testkit::init_tracing();
     let mut cluster = TestCluster::in_process();
     cluster.start_controller("c").await?;
-    cluster.start_node_with("secure", |c| c.insecure_user_id = false).await?;
+    cluster
+        .start_node_with("secure", |c| c.insecure_user_id = false)
+        .await?;
     cluster.start_node("open").await?;
     let secure = cluster.nodes[0].ws_url();
     let open = cluster.nodes[1].ws_url();
-    match within(T, "connect", Client::connect(&connect_url(&secure, "u", &[]))).await? {
+    match within(
+        T,
+        "connect",
+        Client::connect(&connect_url(&secure, "u", &[])),
+    )
+    .await?
+    {
         Err(ClientError::Refused { status, body }) => {
             assert_eq!(status, 401);
             assert!(body.contains("INSECURE_USER_ID"), "{body}");

@@ -7,8 +7,7 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 use barrage_client::{Client, connect_url};
 use barrage_proto::v1::{
-    BroadcastRequest, GetRoomInfoRequest, GetUserNodeRequest, PushToRoomRequest,
-    PushToUserRequest,
+    BroadcastRequest, GetRoomInfoRequest, GetUserNodeRequest, PushToRoomRequest, PushToUserRequest,
 };
 use barrage_protocol::MessageFrame;
 use barrage_testkit::cluster::{TestCluster, eventually, within};
@@ -16,9 +15,13 @@ use barrage_testkit::cluster::{TestCluster, eventually, within};
 const T: Duration = Duration::from_secs(10);
 
 async fn connect(url: &str, user: &str, rooms: &[&str]) -> anyhow::Result<Client> {
-    within(T, "websocket connect", Client::connect(&connect_url(url, user, rooms)))
-        .await?
-        .with_context(|| format!("connect {user}"))
+    within(
+        T,
+        "websocket connect",
+        Client::connect(&connect_url(url, user, rooms)),
+    )
+    .await?
+    .with_context(|| format!("connect {user}"))
 }
 
 async fn next_msg(c: &mut Client) -> anyhow::Result<MessageFrame> {
@@ -69,7 +72,9 @@ async fn room_push_reaches_members_on_both_nodes_except_excluded(
     req.event = "comment".into();
     req.message_id = "m-1".into();
     req.exclude_user_ids = vec!["carol".into()];
-    let resp = within(T, "PushToRoom", api.push_to_room(req)).await??.into_inner();
+    let resp = within(T, "PushToRoom", api.push_to_room(req))
+        .await??
+        .into_inner();
     ensure!(resp.success, "push failed: {}", resp.message);
     assert_eq!(resp.delivered_count, 2, "{}", resp.message);
     assert_eq!(resp.message_id, "m-1");
@@ -92,18 +97,32 @@ async fn room_push_reaches_members_on_both_nodes_except_excluded(
     assert_eq!(resp.delivered_count, 3);
     let m = next_msg(&mut carol).await?;
     assert_eq!((m.data, m.seq), (Some(serde_json::json!("second")), 2));
-    let resp = within(T, "PushToRoom", api.push_to_room(room_push("r2", "for dave")))
-        .await??
-        .into_inner();
+    let resp = within(
+        T,
+        "PushToRoom",
+        api.push_to_room(room_push("r2", "for dave")),
+    )
+    .await??
+    .into_inner();
     assert_eq!(resp.delivered_count, 1);
     assert_eq!(next_msg(&mut dave).await?.stream, "room:r2");
 
-    let info = within(T, "GetRoomInfo", api.get_room_info(GetRoomInfoRequest { room_id: "r1".into() }))
-        .await??
-        .into_inner();
+    let info = within(
+        T,
+        "GetRoomInfo",
+        api.get_room_info(GetRoomInfoRequest {
+            room_id: "r1".into(),
+        }),
+    )
+    .await??
+    .into_inner();
     assert_eq!((info.member_count, info.connection_count), (3, 3));
     assert_eq!(info.members, vec!["alice", "bob", "carol"]);
-    let nodes: Vec<_> = info.nodes.iter().map(|n| (n.node_id.as_str(), n.connection_count)).collect();
+    let nodes: Vec<_> = info
+        .nodes
+        .iter()
+        .map(|n| (n.node_id.as_str(), n.connection_count))
+        .collect();
     assert_eq!(nodes, vec![("node-1", 1), ("node-2", 2)]);
     Ok(())
 }
@@ -137,7 +156,10 @@ async fn push_to_user_reaches_every_connection_on_every_node(
     assert_eq!(resp.delivered_count, 3);
     for c in &mut tabs {
         let m = next_msg(c).await?;
-        assert_eq!((m.stream.as_str(), m.data), ("user:u1", Some(serde_json::json!("hi u1"))));
+        assert_eq!(
+            (m.stream.as_str(), m.data),
+            ("user:u1", Some(serde_json::json!("hi u1")))
+        );
     }
 
     // Several users at once, one of them offline, duplicates ignored.
@@ -159,18 +181,30 @@ async fn push_to_user_reaches_every_connection_on_every_node(
         assert_eq!(next_msg(c).await?.data, Some(serde_json::json!("to many")));
     }
 
-    let where_ = within(T, "GetUserNode", api.get_user_node(GetUserNodeRequest { user_id: "u1".into() }))
-        .await??
-        .into_inner();
+    let where_ = within(
+        T,
+        "GetUserNode",
+        api.get_user_node(GetUserNodeRequest {
+            user_id: "u1".into(),
+        }),
+    )
+    .await??
+    .into_inner();
     assert!(where_.online);
     assert_eq!(where_.connection_count, 3);
-    let nodes: Vec<_> = where_.nodes.iter().map(|n| (n.node_id.as_str(), n.connection_count)).collect();
+    let nodes: Vec<_> = where_
+        .nodes
+        .iter()
+        .map(|n| (n.node_id.as_str(), n.connection_count))
+        .collect();
     assert_eq!(nodes, vec![("node-1", 2), ("node-2", 1)]);
     Ok(())
 }
 
 on_both_registries!(broadcast_reaches_everyone_and_counts_exactly);
-async fn broadcast_reaches_everyone_and_counts_exactly(mut cluster: TestCluster) -> anyhow::Result<()> {
+async fn broadcast_reaches_everyone_and_counts_exactly(
+    mut cluster: TestCluster,
+) -> anyhow::Result<()> {
     cluster.start(2).await?;
     let mut clients = Vec::new();
     for i in 0..5 {
@@ -194,28 +228,38 @@ async fn broadcast_reaches_everyone_and_counts_exactly(mut cluster: TestCluster)
     assert_eq!(resp.node_count, 2);
     for c in &mut clients {
         let m = next_msg(c).await?;
-        assert_eq!((m.stream.as_str(), m.event.as_str()), ("broadcast", "notice"));
+        assert_eq!(
+            (m.stream.as_str(), m.event.as_str()),
+            ("broadcast", "notice")
+        );
         assert_eq!(m.id, resp.message_id);
     }
     Ok(())
 }
 
 on_both_registries!(stopped_node_leaves_the_pool_and_the_controller);
-async fn stopped_node_leaves_the_pool_and_the_controller(mut cluster: TestCluster) -> anyhow::Result<()> {
+async fn stopped_node_leaves_the_pool_and_the_controller(
+    mut cluster: TestCluster,
+) -> anyhow::Result<()> {
     cluster.start(2).await?;
     let (n1, n2) = (cluster.nodes[0].ws_url(), cluster.nodes[1].ws_url());
     let mut alice = connect(&n1, "alice", &["r1"]).await?;
     let _bob = connect(&n2, "bob", &["r1"]).await?;
     let manager_metrics = || cluster.managers[0].metrics();
     eventually(T, "two pooled channels", || async {
-        manager_metrics().contains("push_manager_node_connections 2").then_some(())
+        manager_metrics()
+            .contains("push_manager_node_connections 2")
+            .then_some(())
     })
     .await?;
 
     cluster.node("node-2")?.stop().await?;
 
     eventually(T, "node-2 to leave the pool", || async {
-        cluster.managers[0].metrics().contains("push_manager_node_connections 1").then_some(())
+        cluster.managers[0]
+            .metrics()
+            .contains("push_manager_node_connections 1")
+            .then_some(())
     })
     .await?;
     let mut api = cluster.push_client().await?;
@@ -223,7 +267,9 @@ async fn stopped_node_leaves_the_pool_and_the_controller(mut cluster: TestCluste
         let mut api = api.clone();
         async move {
             let info = api
-                .get_room_info(GetRoomInfoRequest { room_id: "r1".into() })
+                .get_room_info(GetRoomInfoRequest {
+                    room_id: "r1".into(),
+                })
                 .await
                 .ok()?
                 .into_inner();
@@ -239,10 +285,20 @@ async fn stopped_node_leaves_the_pool_and_the_controller(mut cluster: TestCluste
         .into_inner();
     ensure!(resp.success, "{}", resp.message);
     assert_eq!(resp.delivered_count, 1);
-    assert_eq!(next_msg(&mut alice).await?.data, Some(serde_json::json!("after")));
-    let resp = within(T, "Broadcast", api.broadcast(BroadcastRequest { content: "b".into(), ..Default::default() }))
-        .await??
-        .into_inner();
+    assert_eq!(
+        next_msg(&mut alice).await?.data,
+        Some(serde_json::json!("after"))
+    );
+    let resp = within(
+        T,
+        "Broadcast",
+        api.broadcast(BroadcastRequest {
+            content: "b".into(),
+            ..Default::default()
+        }),
+    )
+    .await??
+    .into_inner();
     assert_eq!((resp.node_count, resp.total_delivered), (1, 1));
     Ok(())
 }
@@ -258,7 +314,10 @@ async fn push_manager_started_after_the_nodes_discovers_them(
     let mut b = connect(&cluster.nodes[1].ws_url(), "b", &["late"]).await?;
     cluster.start_manager("manager-1").await?;
     eventually(T, "the late push-manager to pool both nodes", || async {
-        cluster.managers[0].metrics().contains("push_manager_node_connections 2").then_some(())
+        cluster.managers[0]
+            .metrics()
+            .contains("push_manager_node_connections 2")
+            .then_some(())
     })
     .await?;
     let mut api = cluster.push_client().await?;
@@ -279,18 +338,30 @@ async fn join_and_leave_frames_change_what_arrives(mut cluster: TestCluster) -> 
     let mut api = cluster.push_client().await?;
     within(T, "join", c.join("lobby")).await??;
     // `joined` was seen: a push issued now reaches the connection.
-    let resp = within(T, "PushToRoom", api.push_to_room(room_push("lobby", "1"))).await??.into_inner();
+    let resp = within(T, "PushToRoom", api.push_to_room(room_push("lobby", "1")))
+        .await??
+        .into_inner();
     assert_eq!(resp.delivered_count, 1);
     assert_eq!(next_msg(&mut c).await?.data, Some(serde_json::json!(1)));
     within(T, "leave", c.leave("lobby")).await??;
-    let resp = within(T, "PushToRoom", api.push_to_room(room_push("lobby", "2"))).await??.into_inner();
+    let resp = within(T, "PushToRoom", api.push_to_room(room_push("lobby", "2")))
+        .await??
+        .into_inner();
     assert_eq!(resp.delivered_count, 0);
-    assert!(resp.success, "an empty room is not an error: {}", resp.message);
+    assert!(
+        resp.success,
+        "an empty room is not an error: {}",
+        resp.message
+    );
     // The next message zoe gets is the one addressed to her, not "2".
     let resp = within(
         T,
         "PushToUser",
-        api.push_to_user(PushToUserRequest { user_id: "zoe".into(), content: "3".into(), ..Default::default() }),
+        api.push_to_user(PushToUserRequest {
+            user_id: "zoe".into(),
+            content: "3".into(),
+            ..Default::default()
+        }),
     )
     .await??
     .into_inner();

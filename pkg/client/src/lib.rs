@@ -109,19 +109,20 @@ impl Client {
         let mut config = WebSocketConfig::default();
         config.read_buffer_size = 8 * 1024;
         config.write_buffer_size = 0;
-        let (mut ws, _) = match tokio_tungstenite::connect_async_with_config(url, Some(config), true).await {
-            Ok(ok) => ok,
-            Err(tungstenite::Error::Http(resp)) => {
-                let status = resp.status().as_u16();
-                let body = resp
-                    .body()
-                    .as_ref()
-                    .map(|b| String::from_utf8_lossy(b).trim().to_owned())
-                    .unwrap_or_default();
-                return Err(Error::Refused { status, body });
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let (mut ws, _) =
+            match tokio_tungstenite::connect_async_with_config(url, Some(config), true).await {
+                Ok(ok) => ok,
+                Err(tungstenite::Error::Http(resp)) => {
+                    let status = resp.status().as_u16();
+                    let body = resp
+                        .body()
+                        .as_ref()
+                        .map(|b| String::from_utf8_lossy(b).trim().to_owned())
+                        .unwrap_or_default();
+                    return Err(Error::Refused { status, body });
+                }
+                Err(e) => return Err(e.into()),
+            };
         match read_frame(&mut ws).await? {
             ServerFrame::Connected {
                 conn_id,
@@ -180,7 +181,9 @@ impl Client {
         let result = loop {
             match read_frame(&mut self.ws).await {
                 Ok(f) if want(&f) => break Ok(()),
-                Ok(ServerFrame::Error { code, message }) => break Err(Error::Server { code, message }),
+                Ok(ServerFrame::Error { code, message }) => {
+                    break Err(Error::Server { code, message });
+                }
                 Ok(f) => held.push_back(f),
                 Err(e) => break Err(e),
             }

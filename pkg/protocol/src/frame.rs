@@ -211,7 +211,10 @@ mod tests {
             parse_client_frame(r#"{"type":"join","room":"r"}"#).unwrap(),
             ClientFrame::Join { room: "r".into() }
         );
-        assert_eq!(parse_client_frame(r#"{"type":"ping"}"#).unwrap(), ClientFrame::Ping);
+        assert_eq!(
+            parse_client_frame(r#"{"type":"ping"}"#).unwrap(),
+            ClientFrame::Ping
+        );
         let err = parse_client_frame("nope").unwrap_err().to_string();
         assert!(err.contains("join | leave | ping"), "{err}");
         assert!(parse_client_frame(r#"{"type":"join"}"#).is_err());

@@ -97,12 +97,7 @@ pub fn ops_router(registry: Registry, readiness: Readiness) -> Router {
             "/metrics",
             get(move || {
                 let body = render(&registry);
-                async move {
-                    (
-                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                        body,
-                    )
-                }
+                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
@@ -142,7 +137,12 @@ mod tests {
     #[test]
     fn log_format_parses() {
         assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
-        assert!("xml".parse::<LogFormat>().unwrap_err().contains("text or json"));
+        assert!(
+            "xml"
+                .parse::<LogFormat>()
+                .unwrap_err()
+                .contains("text or json")
+        );
     }
 
     #[test]

@@ -20,7 +20,11 @@ use tonic::transport::Channel;
 use crate::EtcdServer;
 
 /// Awaits `fut` for at most `limit`, naming `what` on timeout.
-pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> anyhow::Result<T> {
+pub async fn within<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl Future<Output = T>,
+) -> anyhow::Result<T> {
     tokio::time::timeout(limit, fut)
         .await
         .map_err(|_| anyhow!("timed out after {limit:?} waiting for {what}"))
@@ -78,7 +82,9 @@ impl Server {
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
-            within(Duration::from_secs(20), "server to stop", task).await??.context("server run")?;
+            within(Duration::from_secs(20), "server to stop", task)
+                .await??
+                .context("server run")?;
         }
         Ok(())
     }
@@ -86,7 +92,11 @@ impl Server {
     /// The server's `/metrics` text.
     pub fn metrics(&self) -> String {
         let mut buf = Vec::new();
-        let _ = prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &self.registry.gather(), &mut buf);
+        let _ = prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &self.registry.gather(),
+            &mut buf,
+        );
         String::from_utf8(buf).unwrap_or_default()
     }
 }
@@ -191,7 +201,10 @@ impl TestCluster {
     /// Starts a controller and waits until it is registered.
     pub async fn start_controller(&mut self, id: &str) -> anyhow::Result<&Server> {
         let (grpc, http) = (loopback().await?, loopback().await?);
-        let (grpc_addr, http_addr) = (grpc.local_addr()?.to_string(), http.local_addr()?.to_string());
+        let (grpc_addr, http_addr) = (
+            grpc.local_addr()?.to_string(),
+            http.local_addr()?.to_string(),
+        );
         let discovery = self.discovery().await?;
         let registry = prometheus::Registry::new();
         let shutdown = CancellationToken::new();
@@ -203,9 +216,15 @@ impl TestCluster {
         let task = tokio::spawn({
             let (registry, shutdown) = (registry.clone(), shutdown.clone());
             async move {
-                barrage_controller::run(cfg, barrage_controller::Listeners { grpc, http }, Some(discovery), registry, shutdown)
-                    .await
-                    .map_err(Into::into)
+                barrage_controller::run(
+                    cfg,
+                    barrage_controller::Listeners { grpc, http },
+                    Some(discovery),
+                    registry,
+                    shutdown,
+                )
+                .await
+                .map_err(Into::into)
             }
         });
         self.controllers.push(Server {
@@ -236,7 +255,10 @@ impl TestCluster {
     ) -> anyhow::Result<&Server> {
         let (ws, grpc, http) = (loopback().await?, loopback().await?, loopback().await?);
         let ws_addr = ws.local_addr()?.to_string();
-        let (grpc_addr, http_addr) = (grpc.local_addr()?.to_string(), http.local_addr()?.to_string());
+        let (grpc_addr, http_addr) = (
+            grpc.local_addr()?.to_string(),
+            http.local_addr()?.to_string(),
+        );
         let discovery = self.discovery().await?;
         let controllers = discovery.watch(Role::Controller).await?;
         let registry = prometheus::Registry::new();
@@ -282,7 +304,10 @@ impl TestCluster {
     /// Starts a push-manager and waits until it is registered.
     pub async fn start_manager(&mut self, id: &str) -> anyhow::Result<&Server> {
         let (grpc, http) = (loopback().await?, loopback().await?);
-        let (grpc_addr, http_addr) = (grpc.local_addr()?.to_string(), http.local_addr()?.to_string());
+        let (grpc_addr, http_addr) = (
+            grpc.local_addr()?.to_string(),
+            http.local_addr()?.to_string(),
+        );
         let discovery = self.discovery().await?;
         let peers = barrage_push_manager::Peers {
             controllers: discovery.watch(Role::Controller).await?,
@@ -300,9 +325,15 @@ impl TestCluster {
         let task = tokio::spawn({
             let (registry, shutdown) = (registry.clone(), shutdown.clone());
             async move {
-                barrage_push_manager::run(cfg, barrage_push_manager::Listeners { grpc, http }, peers, registry, shutdown)
-                    .await
-                    .map_err(Into::into)
+                barrage_push_manager::run(
+                    cfg,
+                    barrage_push_manager::Listeners { grpc, http },
+                    peers,
+                    registry,
+                    shutdown,
+                )
+                .await
+                .map_err(Into::into)
             }
         });
         self.managers.push(Server {
@@ -342,7 +373,10 @@ impl TestCluster {
 
     /// A client of the first push-manager's public API.
     pub async fn push_client(&self) -> anyhow::Result<PushManagerClient<Channel>> {
-        let m = self.managers.first().ok_or_else(|| anyhow!("no push-manager started"))?;
+        let m = self
+            .managers
+            .first()
+            .ok_or_else(|| anyhow!("no push-manager started"))?;
         let ch = within(
             Duration::from_secs(10),
             "connect to push-manager",

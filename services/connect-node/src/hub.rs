@@ -275,7 +275,12 @@ impl Hub {
 
     /// Queues one encoded frame to every connection of `stream`, except
     /// users in `exclude`. The frame is shared, never copied per recipient.
-    pub fn deliver(&self, stream: &StreamKey, frame: &Utf8Bytes, exclude: &HashSet<&str>) -> Delivery {
+    pub fn deliver(
+        &self,
+        stream: &StreamKey,
+        frame: &Utf8Bytes,
+        exclude: &HashSet<&str>,
+    ) -> Delivery {
         let st = self.state.read();
         let mut d = Delivery::default();
         let mut send = |c: &Arc<ConnHandle>| {
@@ -289,8 +294,18 @@ impl Hub {
             }
         };
         match stream {
-            StreamKey::Room(r) => st.rooms.get(r).into_iter().flat_map(|m| m.values()).for_each(&mut send),
-            StreamKey::User(u) => st.users.get(u).into_iter().flat_map(|m| m.values()).for_each(&mut send),
+            StreamKey::Room(r) => st
+                .rooms
+                .get(r)
+                .into_iter()
+                .flat_map(|m| m.values())
+                .for_each(&mut send),
+            StreamKey::User(u) => st
+                .users
+                .get(u)
+                .into_iter()
+                .flat_map(|m| m.values())
+                .for_each(&mut send),
             StreamKey::Broadcast => st.conns.values().for_each(&mut send),
         }
         drop(st);
@@ -313,7 +328,9 @@ impl Hub {
             if owned(&key) {
                 out.push(KeyState {
                     key,
-                    users: [(user.to_string(), conns.len() as u32)].into_iter().collect(),
+                    users: [(user.to_string(), conns.len() as u32)]
+                        .into_iter()
+                        .collect(),
                 });
             }
         }
@@ -404,7 +421,13 @@ mod tests {
         let (_c, mut rx_c, _) = hub.connect(user("c"), &[room("other")]);
         let key = StreamKey::Room(room("r"));
         let d = hub.deliver(&key, &frame("f1"), &["b"].into_iter().collect());
-        assert_eq!(d, Delivery { delivered: 1, dropped: 0 });
+        assert_eq!(
+            d,
+            Delivery {
+                delivered: 1,
+                dropped: 0
+            }
+        );
         assert_eq!(rx_a.try_recv().unwrap(), "f1");
         assert!(rx_b.try_recv().is_err());
         assert!(rx_c.try_recv().is_err());
@@ -421,7 +444,14 @@ mod tests {
         let d = hub.deliver(&StreamKey::User(user("u")), &frame("x"), &HashSet::new());
         assert_eq!(d.delivered, 2);
         assert!(rx1.try_recv().is_ok() && rx2.try_recv().is_ok());
-        assert_eq!(hub.stats(), HubStats { connections: 2, users: 1, rooms: 0 });
+        assert_eq!(
+            hub.stats(),
+            HubStats {
+                connections: 2,
+                users: 1,
+                rooms: 0
+            }
+        );
     }
 
     #[test]
@@ -434,16 +464,34 @@ mod tests {
             let d = hub.deliver(&key, &frame("m"), &HashSet::new());
             let _ = rx_fast.try_recv();
             if i < 2 {
-                assert_eq!(d, Delivery { delivered: 2, dropped: 0 });
+                assert_eq!(
+                    d,
+                    Delivery {
+                        delivered: 2,
+                        dropped: 0
+                    }
+                );
             } else {
-                assert_eq!(d, Delivery { delivered: 1, dropped: 1 });
+                assert_eq!(
+                    d,
+                    Delivery {
+                        delivered: 1,
+                        dropped: 1
+                    }
+                );
             }
         }
         assert_eq!(slow.close_code(), Some(CloseCode::SlowConsumer));
         assert_eq!(fast.close_code(), None);
         // Once closing, it is skipped rather than counted again.
         let d = hub.deliver(&key, &frame("m"), &HashSet::new());
-        assert_eq!(d, Delivery { delivered: 1, dropped: 0 });
+        assert_eq!(
+            d,
+            Delivery {
+                delivered: 1,
+                dropped: 0
+            }
+        );
     }
 
     #[test]
@@ -452,7 +500,10 @@ mod tests {
         let (a1, _r1, _) = hub.connect(user("a"), &[room("r")]);
         let (a2, _r2, _) = hub.connect(user("a"), &[]);
         assert!(hub.join(&a2, &room("r")).is_some());
-        assert!(hub.join(&a2, &room("r")).is_none(), "second join is a no-op");
+        assert!(
+            hub.join(&a2, &room("r")).is_none(),
+            "second join is a no-op"
+        );
         let snap = hub.with_snapshot(&|_| true, |keys| keys);
         let r = snap.iter().find(|k| k.key == "room:r").unwrap();
         assert_eq!(r.users.get("a"), Some(&2));

@@ -139,7 +139,9 @@ pub async fn run(
     let metrics = Metrics::new(&registry)?;
     let readiness = Readiness::new();
     if cfg.insecure_user_id {
-        tracing::warn!("INSECURE: clients may connect with ?user_id= and no token; development only");
+        tracing::warn!(
+            "INSECURE: clients may connect with ?user_id= and no token; development only"
+        );
     }
 
     let reporter = Reporter::new(
@@ -153,7 +155,11 @@ pub async fn run(
         },
         metrics.clone(),
     );
-    let hub = Arc::new(hub::Hub::new(reporter.clone(), metrics.clone(), cfg.send_queue));
+    let hub = Arc::new(hub::Hub::new(
+        reporter.clone(),
+        metrics.clone(),
+        cfg.send_queue,
+    ));
     let tasks = CancellationToken::new();
     {
         let (hub, stop) = (hub.clone(), tasks.clone());
@@ -237,6 +243,9 @@ pub async fn run(
     health
         .set_not_serving::<ConnectNodeServer<ConnectNodeService>>()
         .await;
+    // Stop reporting first: once this node leaves discovery the controllers
+    // drop all of its sessions, and a late report must not bring it back.
+    tasks.cancel();
     if let Some(r) = registration {
         r.deregister().await;
     }
@@ -254,7 +263,6 @@ pub async fn run(
     }
     ws_stop.cancel();
     let _ = tokio::time::timeout(cfg.drain_timeout, ws).await;
-    tasks.cancel();
     grpc_stop.cancel();
     http_stop.cancel();
     let grpc_result = grpc.await;

@@ -35,13 +35,22 @@ impl Metrics {
         let m = Metrics {
             connections: IntGauge::new("connect_node_connections", "Open WebSocket connections")?,
             rooms: IntGauge::new("connect_node_rooms", "Rooms with at least one local member")?,
-            connects: IntCounter::new("connect_node_connects_total", "WebSocket connections accepted")?,
+            connects: IntCounter::new(
+                "connect_node_connects_total",
+                "WebSocket connections accepted",
+            )?,
             disconnects: IntCounterVec::new(
-                Opts::new("connect_node_disconnects_total", "WebSocket connections closed by close code"),
+                Opts::new(
+                    "connect_node_disconnects_total",
+                    "WebSocket connections closed by close code",
+                ),
                 &["code"],
             )?,
             rejected: IntCounterVec::new(
-                Opts::new("connect_node_rejected_total", "Upgrade requests refused by reason"),
+                Opts::new(
+                    "connect_node_rejected_total",
+                    "Upgrade requests refused by reason",
+                ),
                 &["reason"],
             )?,
             frames_delivered: IntCounter::new(
@@ -56,13 +65,19 @@ impl Metrics {
                 "connect_node_slow_consumers_total",
                 "Connections closed because their send queue was full",
             )?,
-            push_batches: IntCounter::new("connect_node_push_batches_total", "PushMessageBatch calls served")?,
+            push_batches: IntCounter::new(
+                "connect_node_push_batches_total",
+                "PushMessageBatch calls served",
+            )?,
             report_failures: IntCounter::new(
                 "connect_node_report_failures_total",
                 "Failed report or sync calls to controllers",
             )?,
             frame_errors: IntCounterVec::new(
-                Opts::new("connect_node_frame_errors_total", "Client frames refused by error code"),
+                Opts::new(
+                    "connect_node_frame_errors_total",
+                    "Client frames refused by error code",
+                ),
                 &["code"],
             )?,
         };

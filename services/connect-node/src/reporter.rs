@@ -128,13 +128,15 @@ impl Reporter {
         let mut acks = Vec::new();
         for c in changes {
             match ring.owner(&c.key) {
-                Some((id, link)) => by_link.entry(id).or_insert_with(|| (link, Vec::new())).1.push(
-                    SessionChange {
+                Some((id, link)) => by_link
+                    .entry(id)
+                    .or_insert_with(|| (link, Vec::new()))
+                    .1
+                    .push(SessionChange {
                         kind: c.kind as i32,
                         key: c.key,
                         user_id: c.user.to_string(),
-                    },
-                ),
+                    }),
                 None => {
                     // Dropping the sender fails the ack: no controller to tell.
                     let (_tx, rx) = oneshot::channel();
@@ -156,7 +158,12 @@ impl Reporter {
 
     /// Follows the live controllers until `stop`: keeps one link per
     /// controller and a full sync to each whenever the ring changes.
-    pub async fn run(self: Arc<Self>, hub: &Arc<Hub>, mut controllers: MemberWatch, stop: CancellationToken) {
+    pub async fn run(
+        self: Arc<Self>,
+        hub: &Arc<Hub>,
+        mut controllers: MemberWatch,
+        stop: CancellationToken,
+    ) {
         *self.hub.lock() = Arc::downgrade(hub);
         loop {
             self.apply_members(&controllers.current());
@@ -184,7 +191,10 @@ impl Reporter {
         }
         let new = Arc::new(Ring::new(links, self.cfg.vnodes));
         for (id, link) in old.members() {
-            if !new.members().any(|(nid, l)| nid == id && Arc::ptr_eq(l, link)) {
+            if !new
+                .members()
+                .any(|(nid, l)| nid == id && Arc::ptr_eq(l, link))
+            {
                 tracing::info!(controller = %id, "controller gone; closing its report link");
                 link.stop.cancel();
             }
@@ -227,7 +237,7 @@ impl Reporter {
             }
         };
         let mut backoff = Backoff::new();
-        loop {
+        while !link.stop.is_cancelled() {
             let sent = if link.queue.lock().full_sync {
                 self.full_sync(&link, &client).await
             } else {

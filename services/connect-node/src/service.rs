@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
 use barrage_proto::v1::{
-    MessageResult, PushMessageBatchRequest, PushMessageBatchResponse, StatsRequest,
-    StatsResponse, connect_node_server::ConnectNode,
+    MessageResult, PushMessageBatchRequest, PushMessageBatchResponse, StatsRequest, StatsResponse,
+    connect_node_server::ConnectNode,
 };
 use barrage_protocol::{StreamKey, encode_message_frame};
 use tonic::{Request, Response, Status};
@@ -45,10 +45,9 @@ impl ConnectNode for ConnectNodeService {
         // Validate the whole batch before delivering any of it.
         let mut plans = Vec::with_capacity(req.messages.len());
         for (i, m) in req.messages.iter().enumerate() {
-            let body = m
-                .body
-                .as_ref()
-                .ok_or_else(|| Status::invalid_argument(format!("messages[{i}].body is required")))?;
+            let body = m.body.as_ref().ok_or_else(|| {
+                Status::invalid_argument(format!("messages[{i}].body is required"))
+            })?;
             let mut targets = Vec::with_capacity(m.targets.len());
             for (j, t) in m.targets.iter().enumerate() {
                 let key: StreamKey = t.stream.parse().map_err(|e| {

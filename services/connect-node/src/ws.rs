@@ -76,7 +76,12 @@ pub async fn ws_handler(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     if state.draining.is_cancelled() {
-        return reject(&state, StatusCode::SERVICE_UNAVAILABLE, "draining", "node is shutting down; connect to another node\n".into());
+        return reject(
+            &state,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "node is shutting down; connect to another node\n".into(),
+        );
     }
     if !state.settings.insecure_user_id {
         return reject(
@@ -88,14 +93,34 @@ pub async fn ws_handler(
     }
     let user = match UserId::new(params.user_id.unwrap_or_default()) {
         Ok(u) => u,
-        Err(e) => return reject(&state, StatusCode::BAD_REQUEST, "bad_request", format!("user_id: {e}\n")),
+        Err(e) => {
+            return reject(
+                &state,
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("user_id: {e}\n"),
+            );
+        }
     };
     let mut rooms = Vec::new();
-    for r in params.rooms.as_deref().unwrap_or("").split(',').filter(|r| !r.is_empty()) {
+    for r in params
+        .rooms
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .filter(|r| !r.is_empty())
+    {
         match RoomId::new(r) {
             Ok(room) if !rooms.contains(&room) => rooms.push(room),
             Ok(_) => {}
-            Err(e) => return reject(&state, StatusCode::BAD_REQUEST, "bad_request", format!("rooms: {r:?}: {e}\n")),
+            Err(e) => {
+                return reject(
+                    &state,
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("rooms: {r:?}: {e}\n"),
+                );
+            }
         }
     }
     if rooms.len() > state.settings.max_rooms {
@@ -103,7 +128,11 @@ pub async fn ws_handler(
             &state,
             StatusCode::BAD_REQUEST,
             "bad_request",
-            format!("rooms: at most {} rooms per connection, got {}\n", state.settings.max_rooms, rooms.len()),
+            format!(
+                "rooms: at most {} rooms per connection, got {}\n",
+                state.settings.max_rooms,
+                rooms.len()
+            ),
         );
     }
     let s = &state.settings;
@@ -124,8 +153,17 @@ async fn serve(state: WsState, socket: WebSocket, user: UserId, rooms: Vec<RoomI
     if !ack.wait(settings.ack_timeout).await {
         tracing::warn!(user = %user, "controllers did not confirm the session in time; closing");
         hub.disconnect(&conn);
-        let _ = sink.send(close_message(CloseCode::InternalError, "no controller available, reconnect")).await;
-        state.metrics.disconnects.with_label_values(&[&CloseCode::InternalError.code().to_string()]).inc();
+        let _ = sink
+            .send(close_message(
+                CloseCode::InternalError,
+                "no controller available, reconnect",
+            ))
+            .await;
+        state
+            .metrics
+            .disconnects
+            .with_label_values(&[&CloseCode::InternalError.code().to_string()])
+            .inc();
         return;
     }
     let connected = ServerFrame::Connected {
@@ -134,7 +172,11 @@ async fn serve(state: WsState, socket: WebSocket, user: UserId, rooms: Vec<RoomI
         node_id: settings.node_id.clone(),
         rooms: rooms.iter().map(ToString::to_string).collect(),
     };
-    if sink.send(Message::Text(connected.to_json().into())).await.is_err() {
+    if sink
+        .send(Message::Text(connected.to_json().into()))
+        .await
+        .is_err()
+    {
         hub.disconnect(&conn);
         return;
     }
@@ -149,7 +191,11 @@ async fn serve(state: WsState, socket: WebSocket, user: UserId, rooms: Vec<RoomI
     hub.disconnect(&conn);
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
     let code = conn.close_code().unwrap_or(CloseCode::Normal);
-    state.metrics.disconnects.with_label_values(&[&code.code().to_string()]).inc();
+    state
+        .metrics
+        .disconnects
+        .with_label_values(&[&code.code().to_string()])
+        .inc();
     tracing::debug!(conn = conn.id, code = code.code(), "disconnected");
 }
 
@@ -284,7 +330,12 @@ async fn handle_text(state: &WsState, conn: &Arc<ConnHandle>, text: &str) {
                     format!("could not join {room}: no controller confirmed it, try again"),
                 );
             }
-            send_frame(conn, ServerFrame::Joined { room: room.to_string() });
+            send_frame(
+                conn,
+                ServerFrame::Joined {
+                    room: room.to_string(),
+                },
+            );
         }
         ClientFrame::Leave { room } => {
             let room = match RoomId::new(room) {
@@ -292,7 +343,12 @@ async fn handle_text(state: &WsState, conn: &Arc<ConnHandle>, text: &str) {
                 Err(e) => return send_error(state, conn, "invalid_room", format!("room: {e}")),
             };
             if state.hub.leave(conn, &room) {
-                send_frame(conn, ServerFrame::Left { room: room.to_string() });
+                send_frame(
+                    conn,
+                    ServerFrame::Left {
+                        room: room.to_string(),
+                    },
+                );
             } else {
                 send_error(state, conn, "not_joined", format!("not a member of {room}"));
             }

@@ -145,7 +145,10 @@ pub async fn run(
                     let alive: HashSet<String> = nodes.current().keys().cloned().collect();
                     for id in state.lock().retain_nodes(&alive) {
                         tracing::info!(node_id = %id, "connect-node left discovery; dropped its sessions");
-                        metrics.nodes_dropped.with_label_values(&["deregistered"]).inc();
+                        metrics
+                            .nodes_dropped
+                            .with_label_values(&["deregistered"])
+                            .inc();
                     }
                     tokio::select! {
                         _ = stop.cancelled() => return,

@@ -27,11 +27,17 @@ impl Metrics {
     /// Creates and registers the metrics.
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let m = Metrics {
-            keys: IntGauge::new("controller_keys", "Keys (rooms and users) with at least one session")?,
+            keys: IntGauge::new(
+                "controller_keys",
+                "Keys (rooms and users) with at least one session",
+            )?,
             nodes: IntGauge::new("controller_nodes", "Connect-nodes known to this controller")?,
             streams: IntGauge::new("controller_streams", "Message streams with a position")?,
             reports: IntCounterVec::new(
-                Opts::new("controller_reports_total", "Session reports from connect-nodes by outcome"),
+                Opts::new(
+                    "controller_reports_total",
+                    "Session reports from connect-nodes by outcome",
+                ),
                 &["outcome"],
             )?,
             syncs: IntCounterVec::new(
@@ -39,11 +45,17 @@ impl Metrics {
                 &["kind"],
             )?,
             resolves: IntCounterVec::new(
-                Opts::new("controller_resolves_total", "Targets resolved for pushes by kind"),
+                Opts::new(
+                    "controller_resolves_total",
+                    "Targets resolved for pushes by kind",
+                ),
                 &["kind"],
             )?,
             nodes_dropped: IntCounterVec::new(
-                Opts::new("controller_nodes_dropped_total", "Connect-nodes dropped by reason"),
+                Opts::new(
+                    "controller_nodes_dropped_total",
+                    "Connect-nodes dropped by reason",
+                ),
                 &["reason"],
             )?,
         };

@@ -45,7 +45,13 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         let outcome = {
             let mut s = self.state.lock();
-            let o = s.report(&r.node_id, &r.incarnation, r.seq, &r.changes, Instant::now());
+            let o = s.report(
+                &r.node_id,
+                &r.incarnation,
+                r.seq,
+                &r.changes,
+                Instant::now(),
+            );
             self.metrics.observe(&s);
             o
         };
@@ -53,6 +59,7 @@ impl Controller for ControllerService {
             ReportOutcome::Applied => "applied",
             ReportOutcome::Duplicate => "duplicate",
             ReportOutcome::ResyncRequired => "resync",
+            ReportOutcome::Departed => "departed",
         };
         self.metrics.reports.with_label_values(&[label]).inc();
         if outcome == ReportOutcome::ResyncRequired {
@@ -65,9 +72,9 @@ impl Controller for ControllerService {
 
     async fn sync(&self, req: Request<SyncRequest>) -> Result<Response<SyncResponse>, Status> {
         let r = req.into_inner();
-        {
+        let accepted = {
             let mut s = self.state.lock();
-            s.sync(
+            let accepted = s.sync(
                 &r.node_id,
                 &r.incarnation,
                 &r.grpc_addr,
@@ -77,6 +84,11 @@ impl Controller for ControllerService {
                 Instant::now(),
             );
             self.metrics.observe(&s);
+            accepted
+        };
+        if !accepted {
+            tracing::debug!(node_id = %r.node_id, "ignored a sync from a node that left discovery");
+            return Ok(Response::new(SyncResponse {}));
         }
         let kind = if r.full { "full" } else { "partial" };
         self.metrics.syncs.with_label_values(&[kind]).inc();
@@ -127,7 +139,10 @@ impl Controller for ControllerService {
         req: Request<GetRoomInfoRequest>,
     ) -> Result<Response<GetRoomInfoResponse>, Status> {
         let room = RoomId::new(req.into_inner().room_id).map_err(|e| invalid("room_id", e))?;
-        let info = self.state.lock().info(&StreamKey::Room(room.clone()).to_string());
+        let info = self
+            .state
+            .lock()
+            .info(&StreamKey::Room(room.clone()).to_string());
         if info.connections == 0 {
             return Err(Status::not_found(format!("room {room} has no members")));
         }
@@ -153,7 +168,10 @@ impl Controller for ControllerService {
         req: Request<GetUserNodeRequest>,
     ) -> Result<Response<GetUserNodeResponse>, Status> {
         let user = UserId::new(req.into_inner().user_id).map_err(|e| invalid("user_id", e))?;
-        let info = self.state.lock().info(&StreamKey::User(user.clone()).to_string());
+        let info = self
+            .state
+            .lock()
+            .info(&StreamKey::User(user.clone()).to_string());
         if info.connections == 0 {
             return Err(Status::not_found(format!("user {user} has no connection")));
         }

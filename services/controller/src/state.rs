@@ -41,6 +41,8 @@ pub enum ReportOutcome {
     Duplicate,
     /// The controller cannot apply it; the node must send a full sync.
     ResyncRequired,
+    /// The node left discovery; its late reports are ignored.
+    Departed,
 }
 
 /// A key resolved for a push.
@@ -72,6 +74,9 @@ pub struct Membership {
     keys: HashMap<String, HashMap<String, NodeUsers>>,
     nodes: HashMap<String, NodeEntry>,
     streams: HashMap<String, StreamState>,
+    /// Incarnations of nodes that left discovery: their late reports are
+    /// ignored until discovery lists the node again.
+    departed: HashMap<String, String>,
 }
 
 impl Membership {
@@ -82,7 +87,12 @@ impl Membership {
             keys: HashMap::new(),
             nodes: HashMap::new(),
             streams: HashMap::new(),
+            departed: HashMap::new(),
         }
+    }
+
+    fn has_departed(&self, node_id: &str, incarnation: &str) -> bool {
+        self.departed.get(node_id).is_some_and(|i| i == incarnation)
     }
 
     /// Applies a batch of session changes from a node.
@@ -94,6 +104,9 @@ impl Membership {
         changes: &[SessionChange],
         now: Instant,
     ) -> ReportOutcome {
+        if self.has_departed(node_id, incarnation) {
+            return ReportOutcome::Departed;
+        }
         let Some(node) = self.nodes.get_mut(node_id) else {
             return ReportOutcome::ResyncRequired;
         };
@@ -131,7 +144,10 @@ impl Membership {
         full: bool,
         keys: &[KeyState],
         now: Instant,
-    ) {
+    ) -> bool {
+        if self.has_departed(node_id, incarnation) {
+            return false;
+        }
         let fresh = self
             .nodes
             .get(node_id)
@@ -162,6 +178,7 @@ impl Membership {
                 }
             }
         }
+        true
     }
 
     fn apply(&mut self, node_id: &str, key: &str, user: &str, delta: i64) {
@@ -232,8 +249,10 @@ impl Membership {
         dead
     }
 
-    /// Drops every node not in `alive` (discovery's view); returns their ids.
+    /// Drops every node not in `alive` (discovery's view) and ignores their
+    /// current incarnation until discovery lists them again; returns their ids.
     pub fn retain_nodes(&mut self, alive: &HashSet<String>) -> Vec<String> {
+        self.departed.retain(|id, _| !alive.contains(id));
         let dead: Vec<String> = self
             .nodes
             .keys()
@@ -241,6 +260,9 @@ impl Membership {
             .cloned()
             .collect();
         for id in &dead {
+            if let Some(n) = self.nodes.get(id) {
+                self.departed.insert(id.clone(), n.incarnation.clone());
+            }
             self.drop_node(id);
         }
         dead
@@ -333,7 +355,13 @@ mod tests {
     #[test]
     fn unknown_node_must_sync_first() {
         let mut m = Membership::new(1);
-        let out = m.report("n1", "inc", 1, &[change(Kind::Connect, "user:u", "u")], Instant::now());
+        let out = m.report(
+            "n1",
+            "inc",
+            1,
+            &[change(Kind::Connect, "user:u", "u")],
+            Instant::now(),
+        );
         assert_eq!(out, ReportOutcome::ResyncRequired);
         assert!(m.resolve("user:u").node_ids.is_empty());
     }
@@ -343,14 +371,32 @@ mod tests {
         let mut m = Membership::new(1);
         let now = Instant::now();
         synced(&mut m, "n1");
-        let joins = [change(Kind::Join, "room:r", "a"), change(Kind::Join, "room:r", "b")];
-        assert_eq!(m.report("n1", "inc", 1, &joins, now), ReportOutcome::Applied);
-        assert_eq!(m.report("n1", "inc", 1, &joins, now), ReportOutcome::Duplicate);
+        let joins = [
+            change(Kind::Join, "room:r", "a"),
+            change(Kind::Join, "room:r", "b"),
+        ];
+        assert_eq!(
+            m.report("n1", "inc", 1, &joins, now),
+            ReportOutcome::Applied
+        );
+        assert_eq!(
+            m.report("n1", "inc", 1, &joins, now),
+            ReportOutcome::Duplicate
+        );
         assert_eq!(m.info("room:r").users, vec!["a", "b"]);
-        assert_eq!(m.report("n1", "inc", 3, &[], now), ReportOutcome::ResyncRequired);
-        assert_eq!(m.report("n1", "other", 2, &[], now), ReportOutcome::ResyncRequired);
+        assert_eq!(
+            m.report("n1", "inc", 3, &[], now),
+            ReportOutcome::ResyncRequired
+        );
+        assert_eq!(
+            m.report("n1", "other", 2, &[], now),
+            ReportOutcome::ResyncRequired
+        );
         let leave = [change(Kind::Leave, "room:r", "a")];
-        assert_eq!(m.report("n1", "inc", 2, &leave, now), ReportOutcome::Applied);
+        assert_eq!(
+            m.report("n1", "inc", 2, &leave, now),
+            ReportOutcome::Applied
+        );
         assert_eq!(m.info("room:r").users, vec!["b"]);
     }
 
@@ -380,9 +426,21 @@ mod tests {
         m.report("n1", "inc", 1, &[c.clone(), c.clone()], now);
         let info = m.info("user:u");
         assert_eq!(info.connections, 2);
-        m.report("n1", "inc", 2, &[change(Kind::Disconnect, "user:u", "u")], now);
+        m.report(
+            "n1",
+            "inc",
+            2,
+            &[change(Kind::Disconnect, "user:u", "u")],
+            now,
+        );
         assert_eq!(m.info("user:u").connections, 1);
-        m.report("n1", "inc", 3, &[change(Kind::Disconnect, "user:u", "u")], now);
+        m.report(
+            "n1",
+            "inc",
+            3,
+            &[change(Kind::Disconnect, "user:u", "u")],
+            now,
+        );
         assert!(m.info("user:u").nodes.is_empty());
         assert_eq!(m.key_count(), 0);
     }
@@ -418,5 +476,22 @@ mod tests {
         assert_eq!(m.node_count(), 1);
         let alive: HashSet<String> = HashSet::new();
         assert_eq!(m.retain_nodes(&alive), vec!["n2"]);
+    }
+
+    #[test]
+    fn a_departed_incarnation_cannot_come_back_until_discovery_lists_it() {
+        let mut m = Membership::new(1);
+        let now = Instant::now();
+        m.sync("n1", "i1", "a", 0, true, &[], now);
+        m.retain_nodes(&HashSet::new());
+        assert_eq!(m.report("n1", "i1", 1, &[], now), ReportOutcome::Departed);
+        assert!(!m.sync("n1", "i1", "a", 0, true, &[], now));
+        assert_eq!(m.node_count(), 0);
+        // A restarted process (new incarnation) is welcome at once.
+        assert!(m.sync("n1", "i2", "a", 0, true, &[], now));
+        m.drop_node("n1");
+        // Listed again (e.g. re-registered after an etcd outage): welcome.
+        m.retain_nodes(&["n1".to_string()].into_iter().collect());
+        assert!(m.sync("n1", "i1", "a", 0, true, &[], now));
     }
 }

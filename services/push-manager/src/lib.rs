@@ -127,9 +127,7 @@ pub async fn run(
     );
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<PushManagerServer<PushService>>()
-        .await;
+    health.set_serving::<PushManagerServer<PushService>>().await;
     let (reflection_v1, reflection_v1alpha) = barrage_proto::reflection_services()?;
     let grpc_stop = CancellationToken::new();
     let grpc = tokio::spawn(

@@ -26,8 +26,7 @@ pub struct Metrics {
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
 impl Metrics {
@@ -35,7 +34,10 @@ impl Metrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let m = Metrics {
             api_requests: IntCounterVec::new(
-                Opts::new("push_manager_api_requests_total", "API calls by method and status"),
+                Opts::new(
+                    "push_manager_api_requests_total",
+                    "API calls by method and status",
+                ),
                 &["api", "status"],
             )?,
             api_duration: HistogramVec::new(
@@ -71,8 +73,11 @@ impl Metrics {
                 &["node"],
             )?,
             fanout_nodes: Histogram::with_opts(
-                HistogramOpts::new("push_manager_fanout_nodes", "Connect-nodes one push fanned out to")
-                    .buckets(vec![0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+                HistogramOpts::new(
+                    "push_manager_fanout_nodes",
+                    "Connect-nodes one push fanned out to",
+                )
+                .buckets(vec![0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
             )?,
         };
         registry.register(Box::new(m.api_requests.clone()))?;

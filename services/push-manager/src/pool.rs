@@ -58,7 +58,11 @@ impl NodePool {
     /// The client for `node_id`. When the node is not pooled yet (discovery
     /// lags, or there is no discovery) and the controller told us its
     /// address, a channel is added for it.
-    pub fn get(&self, node_id: &str, addr_hint: Option<&str>) -> Option<ConnectNodeClient<Channel>> {
+    pub fn get(
+        &self,
+        node_id: &str,
+        addr_hint: Option<&str>,
+    ) -> Option<ConnectNodeClient<Channel>> {
         if let Some(e) = self.nodes.read().get(node_id)
             && addr_hint.is_none_or(|a| a == e.addr)
         {
@@ -141,7 +145,8 @@ impl ControllerRing {
     /// The owner of `key`: its id and client.
     pub fn owner(&self, key: &str) -> Option<(String, ControllerClient<Channel>)> {
         let ring = self.ring.read().clone();
-        ring.owner(key).map(|(id, (_, c))| (id.to_owned(), c.clone()))
+        ring.owner(key)
+            .map(|(id, (_, c))| (id.to_owned(), c.clone()))
     }
 
     /// Number of controllers on the ring.

@@ -8,10 +8,9 @@ use std::time::{Duration, Instant};
 
 use barrage_proto::v1::{
     self as pb, BatchMessage, BroadcastRequest, BroadcastResponse, DeliveryTarget,
-    GetRoomInfoRequest, GetRoomInfoResponse, GetUserNodeRequest, GetUserNodeResponse,
-    MessageBody, PushMessageBatchRequest, PushToRoomRequest, PushToRoomResponse,
-    PushToUserRequest, PushToUserResponse, ResolveRequest, ResolveTarget,
-    push_manager_server::PushManager,
+    GetRoomInfoRequest, GetRoomInfoResponse, GetUserNodeRequest, GetUserNodeResponse, MessageBody,
+    PushMessageBatchRequest, PushToRoomRequest, PushToRoomResponse, PushToUserRequest,
+    PushToUserResponse, ResolveRequest, ResolveTarget, push_manager_server::PushManager,
 };
 use barrage_protocol::{RoomId, StreamKey, UserId};
 use futures::future::join_all;
@@ -101,6 +100,15 @@ fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {reason}"))
 }
 
+/// A controller's answer passed on: its verdicts (not found, invalid) as
+/// they are, anything else as UNAVAILABLE naming the controller.
+fn controller_error(id: &str, s: Status) -> Status {
+    match s.code() {
+        Code::NotFound | Code::InvalidArgument => s,
+        _ => Status::unavailable(format!("controller {id} unavailable: {}", s.message())),
+    }
+}
+
 fn code_label(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
@@ -174,7 +182,11 @@ impl PushService {
         let size = content.len().max(binary.len());
         if size > l.max_content_bytes {
             return Err(invalid(
-                if binary.len() > content.len() { "binary_content" } else { "content" },
+                if binary.len() > content.len() {
+                    "binary_content"
+                } else {
+                    "content"
+                },
                 format!(
                     "{size} bytes exceeds the limit of {} bytes (push-manager --max-content-bytes)",
                     l.max_content_bytes
@@ -182,7 +194,10 @@ impl PushService {
             ));
         }
         if event.len() > l.max_event_bytes {
-            return Err(invalid("event", format!("must be at most {} bytes", l.max_event_bytes)));
+            return Err(invalid(
+                "event",
+                format!("must be at most {} bytes", l.max_event_bytes),
+            ));
         }
         if event.chars().any(char::is_control) {
             return Err(invalid("event", "must not contain control characters"));
@@ -202,7 +217,11 @@ impl PushService {
             } else {
                 message_id
             },
-            event: if event.is_empty() { "message".into() } else { event },
+            event: if event.is_empty() {
+                "message".into()
+            } else {
+                event
+            },
             content,
             binary_content: binary,
             timestamp_ms: std::time::SystemTime::now()
@@ -279,12 +298,15 @@ impl PushService {
         let mut per_node: BTreeMap<String, Vec<DeliveryTarget>> = BTreeMap::new();
         for t in targets {
             for node in &t.node_ids {
-                per_node.entry(node.clone()).or_default().push(DeliveryTarget {
-                    stream: t.key.clone(),
-                    epoch: t.epoch,
-                    seq: t.seq,
-                    exclude_user_ids: exclude.clone(),
-                });
+                per_node
+                    .entry(node.clone())
+                    .or_default()
+                    .push(DeliveryTarget {
+                        stream: t.key.clone(),
+                        epoch: t.epoch,
+                        seq: t.seq,
+                        exclude_user_ids: exclude.clone(),
+                    });
             }
         }
         inner.metrics.fanout_nodes.observe(per_node.len() as f64);
@@ -331,7 +353,11 @@ impl PushService {
             match r {
                 Ok(n) => outcome.delivered += n,
                 Err(e) => {
-                    inner.metrics.node_batch_errors.with_label_values(&[&node]).inc();
+                    inner
+                        .metrics
+                        .node_batch_errors
+                        .with_label_values(&[&node])
+                        .inc();
                     tracing::warn!(node = %node, error = %e, message_id = %body.id, "batch to connect-node failed");
                     outcome.failed.push((node, e));
                 }
@@ -362,7 +388,8 @@ impl PushManager for PushService {
                 ));
             }
             for u in &r.exclude_user_ids {
-                UserId::new(u.as_str()).map_err(|e| invalid("exclude_user_ids", format!("{u:?}: {e}")))?;
+                UserId::new(u.as_str())
+                    .map_err(|e| invalid("exclude_user_ids", format!("{u:?}: {e}")))?;
             }
             let body = self.body(r.content, r.binary_content, r.event, r.message_id)?;
             let id = body.id.clone();
@@ -400,13 +427,17 @@ impl PushManager for PushService {
                 ));
             }
             for u in r.user_ids {
-                let id = UserId::new(u.as_str()).map_err(|e| invalid("user_ids", format!("{u:?}: {e}")))?;
+                let id = UserId::new(u.as_str())
+                    .map_err(|e| invalid("user_ids", format!("{u:?}: {e}")))?;
                 if !users.contains(&id) {
                     users.push(id);
                 }
             }
             if users.is_empty() {
-                return Err(invalid("user_id", "must not be empty (give user_id or user_ids)"));
+                return Err(invalid(
+                    "user_id",
+                    "must not be empty (give user_id or user_ids)",
+                ));
             }
             let body = self.body(r.content, r.binary_content, r.event, r.message_id)?;
             let id = body.id.clone();
@@ -430,7 +461,9 @@ impl PushManager for PushService {
         self.observed("Broadcast", async {
             let body = self.body(r.content, r.binary_content, r.event, r.message_id)?;
             let id = body.id.clone();
-            let o = self.push(vec![StreamKey::Broadcast], body, Vec::new()).await?;
+            let o = self
+                .push(vec![StreamKey::Broadcast], body, Vec::new())
+                .await?;
             Ok(BroadcastResponse {
                 success: o.success(),
                 total_delivered: o.delivered,
@@ -457,9 +490,11 @@ impl PushManager for PushService {
                 .ok_or_else(|| Status::unavailable("no controller available"))?;
             let mut req = Request::new(r);
             req.set_timeout(self.inner.controller_timeout);
-            client.get_room_info(req).await.map(Response::into_inner).map_err(|s| {
-                Status::unavailable(format!("controller {id}: {}", s.message()))
-            })
+            client
+                .get_room_info(req)
+                .await
+                .map(Response::into_inner)
+                .map_err(|s| controller_error(&id, s))
         })
         .await
     }
@@ -479,9 +514,11 @@ impl PushManager for PushService {
                 .ok_or_else(|| Status::unavailable("no controller available"))?;
             let mut req = Request::new(r);
             req.set_timeout(self.inner.controller_timeout);
-            client.get_user_node(req).await.map(Response::into_inner).map_err(|s| {
-                Status::unavailable(format!("controller {id}: {}", s.message()))
-            })
+            client
+                .get_user_node(req)
+                .await
+                .map(Response::into_inner)
+                .map_err(|s| controller_error(&id, s))
         })
         .await
     }
