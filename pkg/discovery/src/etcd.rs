@@ -61,19 +61,24 @@ impl Backend for EtcdBackend {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+        let lease_err = |e: etcd_client::Error| {
+            if is_lease_not_found(&e) {
+                Error::LeaseNotFound(lease)
+            } else {
+                unavailable(e)
+            }
+        };
         let call = async {
             let (mut keeper, mut stream) = self
                 .client
                 .clone()
                 .lease_keep_alive(lease)
                 .await
-                .map_err(unavailable)?;
-            keeper.keep_alive().await.map_err(unavailable)?;
-            match stream.message().await {
-                Ok(Some(resp)) if resp.ttl() > 0 => Ok(()),
-                Ok(_) => Err(Error::LeaseNotFound(lease)),
-                Err(e) if is_lease_not_found(&e) => Err(Error::LeaseNotFound(lease)),
-                Err(e) => Err(unavailable(e)),
+                .map_err(lease_err)?;
+            keeper.keep_alive().await.map_err(lease_err)?;
+            match stream.message().await.map_err(lease_err)? {
+                Some(resp) if resp.ttl() > 0 => Ok(()),
+                _ => Err(Error::LeaseNotFound(lease)),
             }
         };
         tokio::time::timeout(REQUEST_TIMEOUT, call)
