@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what the tests need, then runs every test of barrage:
+#   - etcd (Debian's etcd-server) when `etcd` is missing,
+#   - a Python venv at .venv with the tools the black-box tests use
+#     (grpcio + reflection, websockets, a real grpcurl binary),
+#   - `cargo test --workspace` (unit, contract and end-to-end tests, many of
+#     them against a real etcd started on a free loopback port),
+#   - `pytest tests/python` (the built binary driven as a user would: the
+#     README's grpcurl lines, reflection-only gRPC, multi-process clusters).
+# Works unattended (CI=true, no stdin). Usage: scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v etcd >/dev/null 2>&1 && [ ! -x /usr/bin/etcd ]; then
+  step "installing etcd-server"
+  export DEBIAN_FRONTEND=noninteractive
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq etcd-server >/dev/null
+fi
+command -v etcd >/dev/null 2>&1 || export ETCD_BIN=/usr/bin/etcd
+
+step "python test tools in .venv"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+
+step "cargo test --workspace"
+cargo test --workspace --all-targets </dev/null
+
+step "pytest tests/python"
+cargo build --bin barrage </dev/null
+PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m pytest -q tests/python </dev/null
+
+step "all tests passed"

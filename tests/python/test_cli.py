@@ -1,0 +1,59 @@
+"""The binary's command line: the terminal subscriber, and configuration
+errors that exit 64 naming the setting."""
+
+import os
+import subprocess
+
+import grpc  # noqa: F401  (imported so a missing venv fails here, clearly)
+
+from conftest import grpcurl, wait_until
+import json
+
+
+def test_terminal_subscriber_prints_messages(dev, barrage_bin):
+    sub = subprocess.Popen(
+        [str(barrage_bin), "sub", "--url", dev.ws, "--user", "bob", "--room", "subroom", "--count", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        def bob_in_room():
+            p = grpcurl("-plaintext", "-d", '{"room_id":"subroom"}', dev.api, "barrage.v1.PushManager/GetRoomInfo", check=False)
+            return p.returncode == 0 and "bob" in json.loads(p.stdout).get("members", [])
+        wait_until("bob in subroom", bob_in_room)
+        grpcurl("-plaintext", "-d", '{"room_id":"subroom","event":"comment","content":"{\\"text\\":\\"hi bob\\"}"}',
+                dev.api, "barrage.v1.PushManager/PushToRoom")
+        out, err = sub.communicate(timeout=20)
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+    assert sub.returncode == 0, err
+    assert "[room:subroom] #1 comment" in out, out
+    assert '{"text":"hi bob"}' in out, out
+    assert "connected to" in err
+
+
+def run_bin(barrage_bin, *args, env=None):
+    full = {k: v for k, v in os.environ.items() if k not in ("ETCD_ENDPOINTS", "CONTROLLER_ADDRESS")}
+    full.update(env or {})
+    return subprocess.run([str(barrage_bin), *args], capture_output=True, text=True, timeout=30, env=full, stdin=subprocess.DEVNULL)
+
+
+def test_bad_configuration_exits_64_naming_the_setting(barrage_bin):
+    cases = [
+        (["controller", "--grpc-port", "99999"], {}, "--grpc-port"),
+        (["push-manager"], {}, "ETCD_ENDPOINTS"),
+        (["controller"], {"LEASE_TTL_SECS": "0"}, "LEASE_TTL_SECS"),
+        (["connect-node", "--controller-address", "nope"], {}, "CONTROLLER_ADDRESS"),
+        (["connect-node"], {"CONTROLLER_ADDRESS": "c:1", "SEND_QUEUE": "0"}, "SEND_QUEUE"),
+        (["controller"], {"GRPC_PORT": "abc"}, "GRPC_PORT"),
+    ]
+    for args, env, setting in cases:
+        p = run_bin(barrage_bin, *args, env=env)
+        assert p.returncode == 64, (args, env, p.returncode, p.stderr)
+        assert setting in p.stderr, (args, env, p.stderr)
+
+
+def test_help_exits_zero(barrage_bin):
+    p = run_bin(barrage_bin, "--help")
+    assert p.returncode == 0
+    for sub in ["controller", "push-manager", "connect-node", "dev", "sub"]:
+        assert sub in p.stdout

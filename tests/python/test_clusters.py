@@ -1,0 +1,90 @@
+"""Multi-process clusters of the real binary: over a real etcd, and
+without etcd through CONTROLLER_ADDRESS."""
+
+import json
+
+from conftest import Proc, WsClient, free_port, grpcurl, http_ok, run, wait_until
+
+
+class Cluster:
+    def __init__(self, barrage_bin):
+        self.bin = str(barrage_bin)
+        self.procs = []
+
+    def start(self, name, *args, env=None):
+        metrics = free_port()
+        p = Proc(name, [self.bin, *args, "--metrics-port", str(metrics), "--bind-addr", "127.0.0.1"], env=env)
+        self.procs.append(p)
+        try:
+            wait_until(f"{name} ready", lambda: http_ok(f"http://127.0.0.1:{metrics}/readyz"))
+        except TimeoutError:
+            raise AssertionError(f"{name} not ready:\n{p.output()}")
+        return p
+
+    def stop(self):
+        for p in reversed(self.procs):
+            p.stop()
+
+
+def push_room(api, room, content):
+    body = json.dumps({"room_id": room, "content": content})
+    return json.loads(grpcurl("-plaintext", "-d", body, api, "barrage.v1.PushManager/PushToRoom").stdout)
+
+
+def test_processes_over_etcd(barrage_bin, etcd):
+    c = Cluster(barrage_bin)
+    env = {"ETCD_ENDPOINTS": etcd}
+    try:
+        c.start("controller", "controller", "--node-id", "c1", "--grpc-port", str(free_port()), env=env)
+        ws = []
+        for i in (1, 2):
+            port = free_port()
+            ws.append(f"ws://127.0.0.1:{port}/ws")
+            c.start(f"node{i}", "connect-node", "--node-id", f"n{i}", "--insecure-user-id",
+                    "--ws-port", str(port), "--grpc-port", str(free_port()), env=env)
+        api_port = free_port()
+        c.start("manager", "push-manager", "--manager-id", "pm1", "--grpc-port", str(api_port), env=env)
+        api = f"127.0.0.1:{api_port}"
+
+        async def scenario():
+            a = await WsClient.connect(f"{ws[0]}?user_id=a&rooms=r1")
+            b = await WsClient.connect(f"{ws[1]}?user_id=b&rooms=r1")
+            reply = push_room(api, "r1", '{"n":1}')
+            assert reply["success"] and reply["deliveredCount"] == 2, reply
+            for cl in (a, b):
+                m = await cl.next_message()
+                assert m["data"] == {"n": 1}
+            info = json.loads(grpcurl("-plaintext", "-d", '{"room_id":"r1"}', api, "barrage.v1.PushManager/GetRoomInfo").stdout)
+            assert sorted(n["nodeId"] for n in info["nodes"]) == ["n1", "n2"], info
+            await a.close()
+            await b.close()
+
+        run(scenario(), timeout=60)
+    finally:
+        c.stop()
+
+
+def test_processes_without_etcd(barrage_bin):
+    c = Cluster(barrage_bin)
+    try:
+        ctl_port = free_port()
+        c.start("controller", "controller", "--node-id", "c1", "--grpc-port", str(ctl_port))
+        env = {"CONTROLLER_ADDRESS": f"127.0.0.1:{ctl_port}"}
+        ws_port = free_port()
+        c.start("node", "connect-node", "--node-id", "n1", "--insecure-user-id",
+                "--ws-port", str(ws_port), "--grpc-port", str(free_port()), env=env)
+        api_port = free_port()
+        c.start("manager", "push-manager", "--grpc-port", str(api_port), env=env)
+        api = f"127.0.0.1:{api_port}"
+
+        async def scenario():
+            a = await WsClient.connect(f"ws://127.0.0.1:{ws_port}/ws?user_id=a&rooms=static")
+            reply = push_room(api, "static", "plain text")
+            assert reply["success"] and reply["deliveredCount"] == 1, reply
+            m = await a.next_message()
+            assert m["data"] == "plain text"
+            await a.close()
+
+        run(scenario(), timeout=60)
+    finally:
+        c.stop()
