@@ -320,3 +320,30 @@ async fn upgrade_is_refused_with_a_reason() -> anyhow::Result<()> {
     ));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_silent_connection_is_closed_with_4001() -> anyhow::Result<()> {
+    barrage_testkit::init_tracing();
+    let mut cluster = TestCluster::in_process();
+    cluster.start_controller("c").await?;
+    cluster
+        .start_node_with("n", |c| {
+            c.insecure_user_id = true;
+            c.read_timeout = Duration::from_millis(500);
+            c.ping_interval = Duration::from_secs(60);
+        })
+        .await?;
+    let mut quiet = within(
+        T,
+        "connect",
+        Client::connect(&connect_url(&cluster.nodes[0].ws_url(), "quiet", &[])),
+    )
+    .await??;
+    expect_close(&mut quiet, 4001).await?;
+    let metrics = cluster.nodes[0].metrics();
+    assert!(
+        metrics.contains(r#"connect_node_disconnects_total{code="4001"} 1"#),
+        "{metrics}"
+    );
+    Ok(())
+}
