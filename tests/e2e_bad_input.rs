@@ -189,9 +189,9 @@ async fn connected(cluster: &TestCluster, user: &str) -> anyhow::Result<Client> 
 }
 
 async fn next_frame(c: &mut Client) -> anyhow::Result<ServerFrame> {
-    Ok(within(T, "frame", c.next_frame())
+    within(T, "frame", c.next_frame())
         .await??
-        .ok_or_else(|| anyhow::anyhow!("closed"))?)
+        .ok_or_else(|| anyhow::anyhow!("closed"))
 }
 
 #[tokio::test]

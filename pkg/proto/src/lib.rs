@@ -38,3 +38,22 @@ pub fn reflection_services() -> Result<
         .build_v1alpha()?;
     Ok((v1, v1alpha))
 }
+
+/// A gRPC server with what every barrage port serves besides its own
+/// service: the standard health service and server reflection (v1 and
+/// v1alpha). Returns the health reporter to flip serving status with.
+pub fn grpc_server() -> Result<
+    (
+        tonic_health::server::HealthReporter,
+        tonic::transport::server::Router,
+    ),
+    tonic_reflection::server::Error,
+> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let (v1, v1alpha) = reflection_services()?;
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(v1)
+        .add_service(v1alpha);
+    Ok((health, router))
+}

@@ -439,8 +439,8 @@ mod tests {
     #[test]
     fn user_delivery_reaches_every_connection_of_the_user() {
         let hub = hub(8);
-        let (_1, mut rx1, _) = hub.connect(user("u"), &[]);
-        let (_2, mut rx2, _) = hub.connect(user("u"), &[]);
+        let (_tab1, mut rx1, _) = hub.connect(user("u"), &[]);
+        let (_tab2, mut rx2, _) = hub.connect(user("u"), &[]);
         let d = hub.deliver(&StreamKey::User(user("u")), &frame("x"), &HashSet::new());
         assert_eq!(d.delivered, 2);
         assert!(rx1.try_recv().is_ok() && rx2.try_recv().is_ok());

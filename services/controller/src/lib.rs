@@ -103,16 +103,12 @@ pub async fn run(
     tracing::info!(node_id = %cfg.node_id, %grpc_addr, epoch, "controller starting");
 
     let service = ControllerService::new(state.clone(), metrics.clone());
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let (health, grpc) = barrage_proto::grpc_server()?;
     health
         .set_serving::<ControllerServer<ControllerService>>()
         .await;
-    let (reflection_v1, reflection_v1alpha) = barrage_proto::reflection_services()?;
     let grpc_stop = CancellationToken::new();
-    let grpc = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+    let grpc = grpc
         .add_service(ControllerServer::new(service))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listeners.grpc),

@@ -126,16 +126,11 @@ pub async fn run(
         cfg.node_timeout,
     );
 
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let (health, grpc) = barrage_proto::grpc_server()?;
     health.set_serving::<PushManagerServer<PushService>>().await;
-    let (reflection_v1, reflection_v1alpha) = barrage_proto::reflection_services()?;
     let grpc_stop = CancellationToken::new();
     let grpc = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(PushManagerServer::new(service))
+        grpc.add_service(PushManagerServer::new(service))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(listeners.grpc),
                 grpc_stop.clone().cancelled_owned(),

@@ -10,10 +10,12 @@ use barrage_proto::v1::{
     self as pb, BatchMessage, BroadcastRequest, BroadcastResponse, DeliveryTarget,
     GetRoomInfoRequest, GetRoomInfoResponse, GetUserNodeRequest, GetUserNodeResponse, MessageBody,
     PushMessageBatchRequest, PushToRoomRequest, PushToRoomResponse, PushToUserRequest,
-    PushToUserResponse, ResolveRequest, ResolveTarget, push_manager_server::PushManager,
+    PushToUserResponse, ResolveRequest, ResolveTarget, controller_client::ControllerClient,
+    push_manager_server::PushManager,
 };
 use barrage_protocol::{RoomId, StreamKey, UserId};
 use futures::future::join_all;
+use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::metrics::Metrics;
@@ -231,6 +233,20 @@ impl PushService {
         })
     }
 
+    /// The controller owning `key`, by id, with its client.
+    fn owner(&self, key: &str) -> Result<(String, ControllerClient<Channel>), Status> {
+        self.inner.controllers.owner(key).ok_or_else(|| {
+            Status::unavailable("no controller available: none is registered in discovery")
+        })
+    }
+
+    /// A request to a controller, with the controller deadline.
+    fn controller_request<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        req.set_timeout(self.inner.controller_timeout);
+        req
+    }
+
     /// Asks each key's owning controller for its stream position and nodes,
     /// concurrently per controller.
     async fn resolve(
@@ -238,13 +254,10 @@ impl PushService {
         keys: &[StreamKey],
         message_id: &str,
     ) -> Result<(Vec<pb::ResolvedTarget>, HashMap<String, String>), Status> {
-        let inner = &self.inner;
         let mut by_owner: BTreeMap<String, (_, Vec<ResolveTarget>)> = BTreeMap::new();
         for key in keys {
             let key = key.to_string();
-            let (id, client) = inner.controllers.owner(&key).ok_or_else(|| {
-                Status::unavailable("no controller available: none is registered in discovery")
-            })?;
+            let (id, client) = self.owner(&key)?;
             by_owner
                 .entry(id)
                 .or_insert_with(|| (client, Vec::new()))
@@ -252,11 +265,10 @@ impl PushService {
                 .push(ResolveTarget { key });
         }
         let calls = by_owner.into_iter().map(|(id, (mut client, targets))| {
-            let mut req = Request::new(ResolveRequest {
+            let req = self.controller_request(ResolveRequest {
                 targets,
                 message_id: message_id.to_owned(),
             });
-            req.set_timeout(inner.controller_timeout);
             async move {
                 client
                     .resolve(req)
@@ -482,16 +494,9 @@ impl PushManager for PushService {
         let r = req.into_inner();
         self.observed("GetRoomInfo", async {
             let room = RoomId::new(r.room_id.as_str()).map_err(|e| invalid("room_id", e))?;
-            let key = StreamKey::Room(room).to_string();
-            let (id, mut client) = self
-                .inner
-                .controllers
-                .owner(&key)
-                .ok_or_else(|| Status::unavailable("no controller available"))?;
-            let mut req = Request::new(r);
-            req.set_timeout(self.inner.controller_timeout);
+            let (id, mut client) = self.owner(&StreamKey::Room(room).to_string())?;
             client
-                .get_room_info(req)
+                .get_room_info(self.controller_request(r))
                 .await
                 .map(Response::into_inner)
                 .map_err(|s| controller_error(&id, s))
@@ -506,16 +511,9 @@ impl PushManager for PushService {
         let r = req.into_inner();
         self.observed("GetUserNode", async {
             let user = UserId::new(r.user_id.as_str()).map_err(|e| invalid("user_id", e))?;
-            let key = StreamKey::User(user).to_string();
-            let (id, mut client) = self
-                .inner
-                .controllers
-                .owner(&key)
-                .ok_or_else(|| Status::unavailable("no controller available"))?;
-            let mut req = Request::new(r);
-            req.set_timeout(self.inner.controller_timeout);
+            let (id, mut client) = self.owner(&StreamKey::User(user).to_string())?;
             client
-                .get_user_node(req)
+                .get_user_node(self.controller_request(r))
                 .await
                 .map(Response::into_inner)
                 .map_err(|s| controller_error(&id, s))
