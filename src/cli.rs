@@ -74,6 +74,61 @@ struct ControllerArgs {
     /// Drop a connect-node not heard from for this many seconds.
     #[arg(long, env = "NODE_TIMEOUT_SECS", default_value_t = 10)]
     node_timeout_secs: u64,
+    #[command(flatten)]
+    history: HistoryArgs,
+}
+
+/// Stream history kept for recovery.
+#[derive(Debug, Args)]
+struct HistoryArgs {
+    /// Messages kept per room (and for broadcast) for recovery.
+    #[arg(long, env = "ROOM_HISTORY_SIZE", default_value_t = 200)]
+    room_history_size: usize,
+    /// Seconds a room message stays recoverable.
+    #[arg(long, env = "ROOM_HISTORY_TTL_SECS", default_value_t = 3600)]
+    room_history_ttl_secs: u64,
+    /// Messages kept per user (also what an offline user gets on connect).
+    #[arg(long, env = "USER_HISTORY_SIZE", default_value_t = 100)]
+    user_history_size: usize,
+    /// Seconds a user message stays recoverable.
+    #[arg(long, env = "USER_HISTORY_TTL_SECS", default_value_t = 1800)]
+    user_history_ttl_secs: u64,
+    /// Messages kept over all streams of one controller; the oldest are
+    /// evicted beyond it (controller_history_evictions_total).
+    #[arg(long, env = "HISTORY_MAX_MESSAGES", default_value_t = 1_000_000)]
+    history_max_messages: usize,
+}
+
+impl HistoryArgs {
+    fn config(&self) -> Result<barrage_controller::StreamConfig, ConfigError> {
+        use barrage_controller::Retention;
+        if self.history_max_messages == 0 {
+            return Err(bad(
+                "HISTORY_MAX_MESSAGES (--history-max-messages)",
+                "must be at least 1",
+            ));
+        }
+        let room = Retention {
+            max_messages: self.room_history_size,
+            ttl: secs(
+                "ROOM_HISTORY_TTL_SECS (--room-history-ttl-secs)",
+                self.room_history_ttl_secs,
+            )?,
+        };
+        Ok(barrage_controller::StreamConfig {
+            room,
+            broadcast: room,
+            user: Retention {
+                max_messages: self.user_history_size,
+                ttl: secs(
+                    "USER_HISTORY_TTL_SECS (--user-history-ttl-secs)",
+                    self.user_history_ttl_secs,
+                )?,
+            },
+            max_total_messages: self.history_max_messages,
+            ..Default::default()
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -466,6 +521,7 @@ impl Cli {
                         "NODE_TIMEOUT_SECS (--node-timeout-secs)",
                         a.node_timeout_secs,
                     )?,
+                    streams: a.history.config()?,
                 };
                 Plan::Controller {
                     base,

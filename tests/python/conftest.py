@@ -19,7 +19,10 @@ import pytest
 import websockets
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = ROOT / "target" / "debug" / "barrage"
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
+if not TARGET.is_absolute():
+    TARGET = ROOT / TARGET
+BIN = TARGET / "debug" / "barrage"
 WAIT = 20.0
 
 

@@ -10,6 +10,7 @@
 mod metrics;
 mod service;
 pub mod state;
+pub mod streams;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -25,7 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
 pub use service::ControllerService;
-use state::Membership;
+use state::{ControllerState, Membership};
+use streams::Streams;
+pub use streams::{Retention, StreamConfig};
 
 /// Controller settings.
 #[derive(Debug, Clone)]
@@ -39,6 +42,8 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// A connect-node not heard from for this long is dropped.
     pub node_timeout: Duration,
+    /// History retention.
+    pub streams: StreamConfig,
 }
 
 impl Default for Config {
@@ -48,6 +53,7 @@ impl Default for Config {
             advertise_addr: String::new(),
             lease_ttl: Duration::from_secs(10),
             node_timeout: Duration::from_secs(10),
+            streams: StreamConfig::default(),
         }
     }
 }
@@ -97,10 +103,12 @@ pub async fn run(
     };
     let http_addr = listeners.http.local_addr()?.to_string();
     let metrics = Metrics::new(&registry)?;
-    let epoch = new_epoch();
-    let state = Arc::new(Mutex::new(Membership::new(epoch)));
+    let state = Arc::new(Mutex::new(ControllerState {
+        members: Membership::new(),
+        streams: Streams::new(cfg.streams.clone()),
+    }));
     let readiness = Readiness::new();
-    tracing::info!(node_id = %cfg.node_id, %grpc_addr, epoch, "controller starting");
+    tracing::info!(node_id = %cfg.node_id, %grpc_addr, "controller starting");
 
     let service = ControllerService::new(state.clone(), metrics.clone());
     let (health, grpc) = barrage_proto::grpc_server()?;
@@ -139,7 +147,7 @@ pub async fn run(
             tokio::spawn(async move {
                 loop {
                     let alive: HashSet<String> = nodes.current().keys().cloned().collect();
-                    for id in state.lock().retain_nodes(&alive) {
+                    for id in state.lock().members.retain_nodes(&alive) {
                         tracing::info!(node_id = %id, "connect-node left discovery; dropped its sessions");
                         metrics
                             .nodes_dropped
@@ -189,7 +197,7 @@ pub async fn run(
 }
 
 async fn expire_loop(
-    state: Arc<Mutex<Membership>>,
+    state: Arc<Mutex<ControllerState>>,
     metrics: Metrics,
     timeout: Duration,
     stop: CancellationToken,
@@ -202,7 +210,8 @@ async fn expire_loop(
         }
         let dead = {
             let mut s = state.lock();
-            let dead = s.expire(Instant::now(), timeout);
+            let dead = s.members.expire(Instant::now(), timeout);
+            s.streams.sweep(tokio::time::Instant::now());
             metrics.observe(&s);
             dead
         };
@@ -211,15 +220,4 @@ async fn expire_loop(
             metrics.nodes_dropped.with_label_values(&["silent"]).inc();
         }
     }
-}
-
-/// A stream epoch for this process: distinct across restarts, and below
-/// 2^53 so JavaScript clients hold it exactly.
-fn new_epoch() -> u64 {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    let salt: u64 = rand::random::<u64>() & 0x3ff;
-    ((ms << 10) | salt) & ((1 << 53) - 1)
 }

@@ -1,8 +1,8 @@
 //! Controller metrics, registered on the registry the role is given.
 
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
-use crate::state::Membership;
+use crate::state::ControllerState;
 
 /// The controller's Prometheus metrics.
 #[derive(Clone)]
@@ -13,6 +13,14 @@ pub struct Metrics {
     pub nodes: IntGauge,
     /// Streams with a position.
     pub streams: IntGauge,
+    /// Messages kept in stream histories.
+    pub history_messages: IntGauge,
+    /// Messages evicted from history by the global cap.
+    pub history_evictions: IntCounter,
+    /// Pushes recognised as repeats of an earlier message id.
+    pub duplicates: IntCounter,
+    /// Recovery queries by outcome (recovered, not_recovered, fresh).
+    pub recoveries: IntCounterVec,
     /// Reports by outcome (applied, duplicate, resync).
     pub reports: IntCounterVec,
     /// Full and partial syncs received.
@@ -33,6 +41,22 @@ impl Metrics {
             )?,
             nodes: IntGauge::new("controller_nodes", "Connect-nodes known to this controller")?,
             streams: IntGauge::new("controller_streams", "Message streams with a position")?,
+            history_messages: IntGauge::new(
+                "controller_history_messages",
+                "Messages kept in stream histories for recovery",
+            )?,
+            history_evictions: IntCounter::new(
+                "controller_history_evictions_total",
+                "Messages evicted from history by the global cap",
+            )?,
+            duplicates: IntCounter::new(
+                "controller_duplicate_pushes_total",
+                "Pushes recognised as repeats of an earlier message id",
+            )?,
+            recoveries: IntCounterVec::new(
+                Opts::new("controller_recoveries_total", "Recovery queries by outcome"),
+                &["outcome"],
+            )?,
             reports: IntCounterVec::new(
                 Opts::new(
                     "controller_reports_total",
@@ -62,6 +86,10 @@ impl Metrics {
         registry.register(Box::new(m.keys.clone()))?;
         registry.register(Box::new(m.nodes.clone()))?;
         registry.register(Box::new(m.streams.clone()))?;
+        registry.register(Box::new(m.history_messages.clone()))?;
+        registry.register(Box::new(m.history_evictions.clone()))?;
+        registry.register(Box::new(m.duplicates.clone()))?;
+        registry.register(Box::new(m.recoveries.clone()))?;
         registry.register(Box::new(m.reports.clone()))?;
         registry.register(Box::new(m.syncs.clone()))?;
         registry.register(Box::new(m.resolves.clone()))?;
@@ -70,9 +98,15 @@ impl Metrics {
     }
 
     /// Refreshes the gauges from the state.
-    pub fn observe(&self, s: &Membership) {
-        self.keys.set(s.key_count() as i64);
-        self.nodes.set(s.node_count() as i64);
-        self.streams.set(s.stream_count() as i64);
+    pub fn observe(&self, s: &ControllerState) {
+        self.keys.set(s.members.key_count() as i64);
+        self.nodes.set(s.members.node_count() as i64);
+        self.streams.set(s.streams.len() as i64);
+        self.history_messages.set(s.streams.total_messages() as i64);
+        let evicted = s.streams.evicted();
+        let seen = self.history_evictions.get();
+        if evicted > seen {
+            self.history_evictions.inc_by(evicted - seen);
+        }
     }
 }

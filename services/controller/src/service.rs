@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use barrage_proto::v1::{
-    self as pb, GetRoomInfoRequest, GetRoomInfoResponse, GetUserNodeRequest, GetUserNodeResponse,
+    self as pb, CompleteRequest, CompleteResponse, GetRoomInfoRequest, GetRoomInfoResponse,
+    GetUserNodeRequest, GetUserNodeResponse, HistoryRequest, HistoryResponse, MessageBody,
     ReportRequest, ReportResponse, ResolveRequest, ResolveResponse, SyncRequest, SyncResponse,
     controller_server::Controller,
 };
@@ -13,7 +14,7 @@ use parking_lot::Mutex;
 use tonic::{Request, Response, Status};
 
 use crate::metrics::Metrics;
-use crate::state::{Membership, ReportOutcome};
+use crate::state::{ControllerState, ReportOutcome};
 
 /// Members listed by GetRoomInfo at most.
 const MAX_LISTED_MEMBERS: usize = 1000;
@@ -21,13 +22,13 @@ const MAX_LISTED_MEMBERS: usize = 1000;
 /// gRPC front of the controller state.
 #[derive(Clone)]
 pub struct ControllerService {
-    state: Arc<Mutex<Membership>>,
+    state: Arc<Mutex<ControllerState>>,
     metrics: Metrics,
 }
 
 impl ControllerService {
     /// Serves `state`, counting into `metrics`.
-    pub fn new(state: Arc<Mutex<Membership>>, metrics: Metrics) -> Self {
+    pub fn new(state: Arc<Mutex<ControllerState>>, metrics: Metrics) -> Self {
         ControllerService { state, metrics }
     }
 }
@@ -45,7 +46,7 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         let outcome = {
             let mut s = self.state.lock();
-            let o = s.report(
+            let o = s.members.report(
                 &r.node_id,
                 &r.incarnation,
                 r.seq,
@@ -74,7 +75,7 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         let accepted = {
             let mut s = self.state.lock();
-            let accepted = s.sync(
+            let accepted = s.members.sync(
                 &r.node_id,
                 &r.incarnation,
                 &r.grpc_addr,
@@ -106,7 +107,12 @@ impl Controller for ControllerService {
             let key: StreamKey = t.key.parse().map_err(|e| invalid("targets.key", e))?;
             keys.push(key);
         }
+        let body = r.body.unwrap_or_else(|| MessageBody {
+            id: r.message_id.clone(),
+            ..Default::default()
+        });
         let mut out = ResolveResponse::default();
+        let now = tokio::time::Instant::now();
         let mut s = self.state.lock();
         for key in keys {
             let kind = match key {
@@ -116,22 +122,73 @@ impl Controller for ControllerService {
             };
             self.metrics.resolves.with_label_values(&[kind]).inc();
             let key = key.to_string();
-            let resolved = s.resolve(&key);
-            for n in &resolved.node_ids {
-                if let Some(addr) = s.node_addr(n) {
+            let node_ids = s.members.nodes_for(&key);
+            // A user with no connection keeps the message for the next connect.
+            let stored = kind == "user" && node_ids.is_empty();
+            let appended = s.streams.append(&key, &body, stored, now);
+            if appended.duplicate {
+                self.metrics.duplicates.inc();
+            }
+            for n in &node_ids {
+                if let Some(addr) = s.members.node_addr(n) {
                     out.node_addrs.insert(n.clone(), addr.to_owned());
                 }
             }
             out.targets.push(pb::ResolvedTarget {
                 key,
-                epoch: resolved.epoch,
-                seq: resolved.seq,
-                node_ids: resolved.node_ids,
+                epoch: appended.epoch,
+                seq: appended.seq,
+                node_ids,
                 not_owner: false,
+                duplicate: appended.duplicate,
+                first_delivered: appended.first_delivered.unwrap_or(0),
+                first_completed: appended.first_delivered.is_some(),
+                stored: stored && !appended.duplicate,
             });
         }
         self.metrics.observe(&s);
         Ok(Response::new(out))
+    }
+
+    async fn complete(
+        &self,
+        req: Request<CompleteRequest>,
+    ) -> Result<Response<CompleteResponse>, Status> {
+        let r = req.into_inner();
+        self.state
+            .lock()
+            .streams
+            .complete(&r.key, &r.message_id, r.delivered);
+        Ok(Response::new(CompleteResponse {}))
+    }
+
+    async fn history(
+        &self,
+        req: Request<HistoryRequest>,
+    ) -> Result<Response<HistoryResponse>, Status> {
+        let r = req.into_inner();
+        for q in &r.queries {
+            q.key
+                .parse::<StreamKey>()
+                .map_err(|e| invalid("queries.key", e))?;
+        }
+        let now = tokio::time::Instant::now();
+        let mut s = self.state.lock();
+        let results: Vec<_> = r
+            .queries
+            .iter()
+            .map(|q| {
+                let res = s.streams.history(q, now);
+                let outcome = match (q.has_position, res.recovered) {
+                    (false, _) => "fresh",
+                    (true, true) => "recovered",
+                    (true, false) => "not_recovered",
+                };
+                self.metrics.recoveries.with_label_values(&[outcome]).inc();
+                res
+            })
+            .collect();
+        Ok(Response::new(HistoryResponse { results }))
     }
 
     async fn get_room_info(
@@ -142,6 +199,7 @@ impl Controller for ControllerService {
         let info = self
             .state
             .lock()
+            .members
             .info(&StreamKey::Room(room.clone()).to_string());
         if info.connections == 0 {
             return Err(Status::not_found(format!("room {room} has no members")));
@@ -171,6 +229,7 @@ impl Controller for ControllerService {
         let info = self
             .state
             .lock()
+            .members
             .info(&StreamKey::User(user.clone()).to_string());
         if info.connections == 0 {
             return Err(Status::not_found(format!("user {user} has no connection")));

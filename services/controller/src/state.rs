@@ -1,5 +1,5 @@
-//! The controller's soft state: which connect-nodes host which keys, and the
-//! position of every message stream it owns.
+//! The controller's soft state: which connect-nodes host which keys (here),
+//! and the message streams of the keys it owns ([`crate::streams`]).
 //!
 //! Nothing here is persisted. Connect-nodes are the source of truth for
 //! sessions and report them in batches ([`Membership::report`]) numbered per
@@ -11,6 +11,15 @@ use std::time::{Duration, Instant};
 
 use barrage_proto::v1::{KeyState, SessionChange, session_change::Kind};
 
+/// Everything a controller holds, behind one lock.
+#[derive(Debug)]
+pub struct ControllerState {
+    /// Who is connected where.
+    pub members: Membership,
+    /// Stream positions and history.
+    pub streams: crate::streams::Streams,
+}
+
 /// Users (with their connection counts) of one key on one node.
 type NodeUsers = HashMap<String, u32>;
 
@@ -21,15 +30,6 @@ struct NodeEntry {
     grpc_addr: String,
     keys: HashSet<String>,
     last_seen: Instant,
-}
-
-/// Where a stream stands: its epoch and the last sequence number assigned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StreamState {
-    /// Epoch of the stream; a new controller process starts new epochs.
-    pub epoch: u64,
-    /// Last sequence number handed out (0 before the first message).
-    pub seq: u64,
 }
 
 /// What happened to a report.
@@ -45,17 +45,6 @@ pub enum ReportOutcome {
     Departed,
 }
 
-/// A key resolved for a push.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Resolved {
-    /// Position assigned to the message.
-    pub epoch: u64,
-    /// Sequence number assigned to the message.
-    pub seq: u64,
-    /// Nodes hosting the key, sorted.
-    pub node_ids: Vec<String>,
-}
-
 /// Per-node breakdown of a key.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyInfo {
@@ -67,28 +56,20 @@ pub struct KeyInfo {
     pub connections: u32,
 }
 
-/// Membership and streams of the keys one controller owns.
-#[derive(Debug)]
+/// Membership of the keys one controller owns.
+#[derive(Debug, Default)]
 pub struct Membership {
-    epoch: u64,
     keys: HashMap<String, HashMap<String, NodeUsers>>,
     nodes: HashMap<String, NodeEntry>,
-    streams: HashMap<String, StreamState>,
     /// Incarnations of nodes that left discovery: their late reports are
     /// ignored until discovery lists the node again.
     departed: HashMap<String, String>,
 }
 
 impl Membership {
-    /// Empty state; streams created by this process use `epoch`.
-    pub fn new(epoch: u64) -> Self {
-        Membership {
-            epoch,
-            keys: HashMap::new(),
-            nodes: HashMap::new(),
-            streams: HashMap::new(),
-            departed: HashMap::new(),
-        }
+    /// Empty state.
+    pub fn new() -> Self {
+        Self::default()
     }
 
     fn has_departed(&self, node_id: &str, incarnation: &str) -> bool {
@@ -268,16 +249,8 @@ impl Membership {
         dead
     }
 
-    /// Assigns the next position in `key`'s stream and lists the nodes that
-    /// host it (every known node for `broadcast`).
-    pub fn resolve(&mut self, key: &str) -> Resolved {
-        let epoch = self.epoch;
-        let stream = self
-            .streams
-            .entry(key.to_owned())
-            .or_insert(StreamState { epoch, seq: 0 });
-        stream.seq += 1;
-        let (epoch, seq) = (stream.epoch, stream.seq);
+    /// The nodes hosting `key` (every known node for `broadcast`), sorted.
+    pub fn nodes_for(&self, key: &str) -> Vec<String> {
         let mut node_ids: Vec<String> = if key == "broadcast" {
             self.nodes.keys().cloned().collect()
         } else {
@@ -287,11 +260,7 @@ impl Membership {
                 .unwrap_or_default()
         };
         node_ids.sort();
-        Resolved {
-            epoch,
-            seq,
-            node_ids,
-        }
+        node_ids
     }
 
     /// gRPC address a node reported, if known.
@@ -329,11 +298,6 @@ impl Membership {
     pub fn node_count(&self) -> usize {
         self.nodes.len()
     }
-
-    /// Number of streams with a position.
-    pub fn stream_count(&self) -> usize {
-        self.streams.len()
-    }
 }
 
 #[cfg(test)]
@@ -354,7 +318,7 @@ mod tests {
 
     #[test]
     fn unknown_node_must_sync_first() {
-        let mut m = Membership::new(1);
+        let mut m = Membership::new();
         let out = m.report(
             "n1",
             "inc",
@@ -363,12 +327,12 @@ mod tests {
             Instant::now(),
         );
         assert_eq!(out, ReportOutcome::ResyncRequired);
-        assert!(m.resolve("user:u").node_ids.is_empty());
+        assert!(m.nodes_for("user:u").is_empty());
     }
 
     #[test]
     fn reports_apply_in_order_and_gaps_ask_for_resync() {
-        let mut m = Membership::new(1);
+        let mut m = Membership::new();
         let now = Instant::now();
         synced(&mut m, "n1");
         let joins = [
@@ -401,25 +365,22 @@ mod tests {
     }
 
     #[test]
-    fn resolve_lists_hosting_nodes_and_counts_seq() {
-        let mut m = Membership::new(9);
+    fn hosting_nodes_are_listed() {
+        let mut m = Membership::new();
         let now = Instant::now();
         for n in ["n1", "n2", "n3"] {
             synced(&mut m, n);
         }
         m.report("n1", "inc", 1, &[change(Kind::Join, "room:r", "a")], now);
         m.report("n2", "inc", 1, &[change(Kind::Join, "room:r", "b")], now);
-        let r1 = m.resolve("room:r");
-        assert_eq!(r1.node_ids, vec!["n1", "n2"]);
-        assert_eq!((r1.epoch, r1.seq), (9, 1));
-        assert_eq!(m.resolve("room:r").seq, 2);
-        assert_eq!(m.resolve("room:empty").node_ids, Vec::<String>::new());
-        assert_eq!(m.resolve("broadcast").node_ids, vec!["n1", "n2", "n3"]);
+        assert_eq!(m.nodes_for("room:r"), vec!["n1", "n2"]);
+        assert_eq!(m.nodes_for("room:empty"), Vec::<String>::new());
+        assert_eq!(m.nodes_for("broadcast"), vec!["n1", "n2", "n3"]);
     }
 
     #[test]
     fn several_connections_of_one_user_are_counted() {
-        let mut m = Membership::new(1);
+        let mut m = Membership::new();
         let now = Instant::now();
         synced(&mut m, "n1");
         let c = change(Kind::Connect, "user:u", "u");
@@ -447,7 +408,7 @@ mod tests {
 
     #[test]
     fn full_sync_replaces_and_drop_forgets() {
-        let mut m = Membership::new(1);
+        let mut m = Membership::new();
         let now = Instant::now();
         synced(&mut m, "n1");
         m.report("n1", "inc", 1, &[change(Kind::Join, "room:old", "a")], now);
@@ -462,12 +423,12 @@ mod tests {
         assert_eq!(m.node_addr("n1"), Some("127.0.0.1:2"));
         assert!(m.drop_node("n1"));
         assert!(m.info("room:new").nodes.is_empty());
-        assert!(m.resolve("broadcast").node_ids.is_empty());
+        assert!(m.nodes_for("broadcast").is_empty());
     }
 
     #[test]
     fn silent_nodes_expire() {
-        let mut m = Membership::new(1);
+        let mut m = Membership::new();
         let t0 = Instant::now();
         m.sync("n1", "i", "", 0, true, &[], t0);
         m.sync("n2", "i", "", 0, true, &[], t0 + Duration::from_secs(5));
@@ -480,7 +441,7 @@ mod tests {
 
     #[test]
     fn a_departed_incarnation_cannot_come_back_until_discovery_lists_it() {
-        let mut m = Membership::new(1);
+        let mut m = Membership::new();
         let now = Instant::now();
         m.sync("n1", "i1", "a", 0, true, &[], now);
         m.retain_nodes(&HashSet::new());

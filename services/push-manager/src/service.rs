@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use barrage_proto::v1::{
-    self as pb, BatchMessage, BroadcastRequest, BroadcastResponse, DeliveryTarget,
+    self as pb, BatchMessage, BroadcastRequest, BroadcastResponse, CompleteRequest, DeliveryTarget,
     GetRoomInfoRequest, GetRoomInfoResponse, GetUserNodeRequest, GetUserNodeResponse, MessageBody,
     PushMessageBatchRequest, PushToRoomRequest, PushToRoomResponse, PushToUserRequest,
     PushToUserResponse, ResolveRequest, ResolveTarget, controller_client::ControllerClient,
@@ -68,6 +68,10 @@ struct Outcome {
     delivered: u32,
     nodes: usize,
     failed: Vec<(String, String)>,
+    /// Targets (users) with no connection whose stream kept the message.
+    stored: u32,
+    /// Every target had seen this message id before: nothing was sent.
+    duplicate: bool,
 }
 
 impl Outcome {
@@ -76,9 +80,23 @@ impl Outcome {
     }
 
     fn message(&self) -> String {
+        if self.duplicate {
+            return format!(
+                "duplicate: message_id was pushed before (delivered to {} connection(s)); not delivered again",
+                self.delivered
+            );
+        }
+        let stored = if self.stored > 0 {
+            format!(
+                "; stored for {} offline user(s), delivered on their next connect",
+                self.stored
+            )
+        } else {
+            String::new()
+        };
         if self.failed.is_empty() {
             format!(
-                "delivered to {} connection(s) on {} node(s)",
+                "delivered to {} connection(s) on {} node(s){stored}",
                 self.delivered, self.nodes
             )
         } else {
@@ -88,7 +106,7 @@ impl Outcome {
                 .map(|(n, e)| format!("{n} ({e})"))
                 .collect();
             format!(
-                "partial failure: delivered to {} connection(s); failed on {} of {} node(s): {}",
+                "partial failure: delivered to {} connection(s); failed on {} of {} node(s): {}{stored}",
                 self.delivered,
                 self.failed.len(),
                 self.nodes,
@@ -252,7 +270,7 @@ impl PushService {
     async fn resolve(
         &self,
         keys: &[StreamKey],
-        message_id: &str,
+        body: &MessageBody,
     ) -> Result<(Vec<pb::ResolvedTarget>, HashMap<String, String>), Status> {
         let mut by_owner: BTreeMap<String, (_, Vec<ResolveTarget>)> = BTreeMap::new();
         for key in keys {
@@ -267,7 +285,8 @@ impl PushService {
         let calls = by_owner.into_iter().map(|(id, (mut client, targets))| {
             let req = self.controller_request(ResolveRequest {
                 targets,
-                message_id: message_id.to_owned(),
+                message_id: body.id.clone(),
+                body: Some(body.clone()),
             });
             async move {
                 client
@@ -292,15 +311,36 @@ impl PushService {
         Ok((targets, addrs))
     }
 
+    /// Tells the owning controllers how the push went, so a retry with the
+    /// same id is answered with this result. Best effort, off the reply path.
+    fn record_completion(&self, keys: Vec<String>, message_id: &str, delivered: u32) {
+        for key in keys {
+            let Ok((_, mut client)) = self.owner(&key) else {
+                continue;
+            };
+            let req = self.controller_request(CompleteRequest {
+                key,
+                message_id: message_id.to_owned(),
+                delivered,
+            });
+            tokio::spawn(async move {
+                if let Err(e) = client.complete(req).await {
+                    tracing::debug!(error = %e, "could not record a push result");
+                }
+            });
+        }
+    }
+
     /// Resolves, then sends one batch per node concurrently.
     async fn push(
         &self,
         keys: Vec<StreamKey>,
         body: MessageBody,
         exclude: Vec<String>,
+        idempotent: bool,
     ) -> Result<Outcome, Status> {
         let inner = &self.inner;
-        let (targets, addrs) = match self.resolve(&keys, &body.id).await {
+        let (targets, addrs) = match self.resolve(&keys, &body).await {
             Ok(r) => r,
             Err(s) => {
                 inner.metrics.push_failed.inc();
@@ -308,7 +348,21 @@ impl PushService {
             }
         };
         let mut per_node: BTreeMap<String, Vec<DeliveryTarget>> = BTreeMap::new();
+        let mut first_delivered = 0;
+        let mut duplicates = 0;
+        let mut stored = 0;
+        let mut fresh_keys = Vec::new();
         for t in targets {
+            if t.duplicate {
+                // Already pushed under this id: never delivered twice.
+                duplicates += 1;
+                first_delivered = first_delivered.max(t.first_delivered);
+                continue;
+            }
+            if t.stored {
+                stored += 1;
+            }
+            fresh_keys.push(t.key.clone());
             for node in &t.node_ids {
                 per_node
                     .entry(node.clone())
@@ -355,7 +409,13 @@ impl PushService {
             delivered: 0,
             nodes,
             failed: Vec::new(),
+            stored,
+            duplicate: fresh_keys.is_empty() && duplicates > 0,
         };
+        if outcome.duplicate {
+            outcome.delivered = first_delivered;
+            return Ok(outcome);
+        }
         for (node, r, start) in join_all(calls).await {
             inner
                 .metrics
@@ -380,6 +440,9 @@ impl PushService {
         } else {
             inner.metrics.push_failed.inc();
         }
+        if idempotent {
+            self.record_completion(fresh_keys, &body.id, outcome.delivered);
+        }
         Ok(outcome)
     }
 }
@@ -403,16 +466,23 @@ impl PushManager for PushService {
                 UserId::new(u.as_str())
                     .map_err(|e| invalid("exclude_user_ids", format!("{u:?}: {e}")))?;
             }
+            let idempotent = !r.message_id.is_empty();
             let body = self.body(r.content, r.binary_content, r.event, r.message_id)?;
             let id = body.id.clone();
             let o = self
-                .push(vec![StreamKey::Room(room)], body, r.exclude_user_ids)
+                .push(
+                    vec![StreamKey::Room(room)],
+                    body,
+                    r.exclude_user_ids,
+                    idempotent,
+                )
                 .await?;
             Ok(PushToRoomResponse {
                 success: o.success(),
                 delivered_count: o.delivered,
                 message: o.message(),
                 message_id: id,
+                duplicate: o.duplicate,
             })
         })
         .await
@@ -451,15 +521,18 @@ impl PushManager for PushService {
                     "must not be empty (give user_id or user_ids)",
                 ));
             }
+            let idempotent = !r.message_id.is_empty();
             let body = self.body(r.content, r.binary_content, r.event, r.message_id)?;
             let id = body.id.clone();
             let keys = users.into_iter().map(StreamKey::User).collect();
-            let o = self.push(keys, body, Vec::new()).await?;
+            let o = self.push(keys, body, Vec::new(), idempotent).await?;
             Ok(PushToUserResponse {
                 success: o.success(),
                 delivered_count: o.delivered,
                 message: o.message(),
                 message_id: id,
+                stored_count: o.stored,
+                duplicate: o.duplicate,
             })
         })
         .await
@@ -471,10 +544,11 @@ impl PushManager for PushService {
     ) -> Result<Response<BroadcastResponse>, Status> {
         let r = req.into_inner();
         self.observed("Broadcast", async {
+            let idempotent = !r.message_id.is_empty();
             let body = self.body(r.content, r.binary_content, r.event, r.message_id)?;
             let id = body.id.clone();
             let o = self
-                .push(vec![StreamKey::Broadcast], body, Vec::new())
+                .push(vec![StreamKey::Broadcast], body, Vec::new(), idempotent)
                 .await?;
             Ok(BroadcastResponse {
                 success: o.success(),
@@ -482,6 +556,7 @@ impl PushManager for PushService {
                 message: o.message(),
                 message_id: id,
                 node_count: o.nodes as u32,
+                duplicate: o.duplicate,
             })
         })
         .await

@@ -1,0 +1,540 @@
+//! Message streams: each key's epoch, sequence numbers and bounded
+//! history, which is what makes recovery after a reconnect possible.
+//!
+//! History is bounded per stream (count and age, by stream kind) and
+//! overall (a global cap that evicts the oldest messages first, counted).
+//! Message ids are remembered as long as their message is retained, so a
+//! retried push is recognised and not delivered twice.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use barrage_proto::v1::{HistoryQuery, HistoryResult, MessageBody, StoredMessage};
+use tokio::time::Instant;
+
+/// How much history one kind of stream keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Messages kept at most.
+    pub max_messages: usize,
+    /// Age after which a message is dropped.
+    pub ttl: Duration,
+}
+
+/// Retention settings of a controller.
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    /// `room:<id>` streams (default: last 200 messages, 1 hour).
+    pub room: Retention,
+    /// `user:<id>` streams (default: last 100 messages, 30 minutes).
+    pub user: Retention,
+    /// The `broadcast` stream (default: last 200 messages, 1 hour).
+    pub broadcast: Retention,
+    /// Messages kept over all streams; beyond it the oldest are evicted.
+    pub max_total_messages: usize,
+    /// A stream with no message for this long forgets its position too
+    /// (its next message starts a new epoch).
+    pub idle_ttl: Duration,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            room: Retention {
+                max_messages: 200,
+                ttl: Duration::from_secs(3600),
+            },
+            user: Retention {
+                max_messages: 100,
+                ttl: Duration::from_secs(1800),
+            },
+            broadcast: Retention {
+                max_messages: 200,
+                ttl: Duration::from_secs(3600),
+            },
+            max_total_messages: 1_000_000,
+            idle_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl StreamConfig {
+    fn retention(&self, key: &str) -> Retention {
+        if key.starts_with("user:") {
+            self.user
+        } else if key == "broadcast" {
+            self.broadcast
+        } else {
+            self.room
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Stored {
+    seq: u64,
+    body: MessageBody,
+    at: Instant,
+    /// Pushed to a user with no connection: handed out on the next connect.
+    offline: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct IdEntry {
+    seq: u64,
+    delivered: Option<u32>,
+}
+
+#[derive(Debug)]
+struct Stream {
+    epoch: u64,
+    seq: u64,
+    history: VecDeque<Stored>,
+    ids: HashMap<String, IdEntry>,
+    last_push: Instant,
+}
+
+/// Where a pushed message landed in its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Stream epoch.
+    pub epoch: u64,
+    /// The message's sequence number.
+    pub seq: u64,
+    /// The id was seen before: not appended again.
+    pub duplicate: bool,
+    /// For a duplicate: connections the first attempt reached, once known.
+    pub first_delivered: Option<u32>,
+}
+
+/// Every stream a controller owns.
+#[derive(Debug)]
+pub struct Streams {
+    cfg: StreamConfig,
+    streams: HashMap<String, Stream>,
+    /// (key, seq) of every retained message, oldest first, for the global cap.
+    order: VecDeque<(String, u64)>,
+    total: usize,
+    evicted: u64,
+    last_epoch: u64,
+}
+
+impl Streams {
+    /// No streams yet.
+    pub fn new(cfg: StreamConfig) -> Self {
+        Streams {
+            cfg,
+            streams: HashMap::new(),
+            order: VecDeque::new(),
+            total: 0,
+            evicted: 0,
+            last_epoch: 0,
+        }
+    }
+
+    /// A new epoch: distinct from every earlier one of this process and
+    /// (being time-based) of earlier processes; below 2^53 for JavaScript.
+    fn next_epoch(&mut self) -> u64 {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let candidate = (ms << 8) & ((1 << 53) - 1);
+        self.last_epoch = candidate.max(self.last_epoch + 1);
+        self.last_epoch
+    }
+
+    /// Appends `body` to `key`'s stream, or recognises a repeated id.
+    /// `offline` marks a user message kept for the user's next connect.
+    pub fn append(
+        &mut self,
+        key: &str,
+        body: &MessageBody,
+        offline: bool,
+        now: Instant,
+    ) -> Appended {
+        self.trim(key, now);
+        if !self.streams.contains_key(key) {
+            let epoch = self.next_epoch();
+            self.streams.insert(
+                key.to_owned(),
+                Stream {
+                    epoch,
+                    seq: 0,
+                    history: VecDeque::new(),
+                    ids: HashMap::new(),
+                    last_push: now,
+                },
+            );
+        }
+        let retention = self.cfg.retention(key);
+        let stream = self.streams.get_mut(key).expect("inserted above");
+        if !body.id.is_empty()
+            && let Some(first) = stream.ids.get(&body.id)
+        {
+            return Appended {
+                epoch: stream.epoch,
+                seq: first.seq,
+                duplicate: true,
+                first_delivered: first.delivered,
+            };
+        }
+        stream.seq += 1;
+        stream.last_push = now;
+        let seq = stream.seq;
+        if retention.max_messages > 0 {
+            stream.ids.insert(
+                body.id.clone(),
+                IdEntry {
+                    seq,
+                    delivered: None,
+                },
+            );
+            stream.history.push_back(Stored {
+                seq,
+                body: body.clone(),
+                at: now,
+                offline,
+            });
+            self.order.push_back((key.to_owned(), seq));
+            self.total += 1;
+        }
+        let epoch = stream.epoch;
+        self.trim(key, now);
+        self.enforce_global_cap();
+        Appended {
+            epoch,
+            seq,
+            duplicate: false,
+            first_delivered: None,
+        }
+    }
+
+    /// Records how many connections a message reached.
+    pub fn complete(&mut self, key: &str, message_id: &str, delivered: u32) {
+        if let Some(e) = self
+            .streams
+            .get_mut(key)
+            .and_then(|s| s.ids.get_mut(message_id))
+        {
+            e.delivered = Some(delivered);
+        }
+    }
+
+    fn drop_front(stream: &mut Stream, total: &mut usize) {
+        if let Some(old) = stream.history.pop_front() {
+            stream.ids.remove(&old.body.id);
+            *total -= 1;
+        }
+    }
+
+    /// Applies the per-stream bounds to `key`.
+    fn trim(&mut self, key: &str, now: Instant) {
+        let retention = self.cfg.retention(key);
+        let Some(stream) = self.streams.get_mut(key) else {
+            return;
+        };
+        while stream.history.len() > retention.max_messages {
+            Self::drop_front(stream, &mut self.total);
+        }
+        while stream
+            .history
+            .front()
+            .is_some_and(|m| now.saturating_duration_since(m.at) > retention.ttl)
+        {
+            Self::drop_front(stream, &mut self.total);
+        }
+        if stream.history.is_empty()
+            && now.saturating_duration_since(stream.last_push) > self.cfg.idle_ttl
+        {
+            self.streams.remove(key);
+        }
+    }
+
+    fn enforce_global_cap(&mut self) {
+        while self.total > self.cfg.max_total_messages {
+            let Some((key, seq)) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(stream) = self.streams.get_mut(&key)
+                && stream.history.front().is_some_and(|m| m.seq == seq)
+            {
+                Self::drop_front(stream, &mut self.total);
+                self.evicted += 1;
+            }
+        }
+        // Entries for messages already trimmed per stream are skipped above;
+        // drop them eagerly so `order` stays proportional to what is kept.
+        while self.order.len() > 2 * self.total + 1024 {
+            let Some((key, seq)) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(stream) = self.streams.get(&key)
+                && stream.history.iter().any(|m| m.seq == seq)
+            {
+                self.order.push_back((key, seq));
+                break;
+            }
+        }
+    }
+
+    /// Trims every stream (age limits apply even to quiet streams).
+    pub fn sweep(&mut self, now: Instant) {
+        let keys: Vec<String> = self.streams.keys().cloned().collect();
+        for k in keys {
+            self.trim(&k, now);
+        }
+        let streams = &self.streams;
+        self.order.retain(|(k, seq)| {
+            streams
+                .get(k)
+                .is_some_and(|s| s.history.front().is_some_and(|m| m.seq <= *seq))
+        });
+    }
+
+    /// Answers one recovery query.
+    pub fn history(&mut self, q: &HistoryQuery, now: Instant) -> HistoryResult {
+        self.trim(&q.key, now);
+        let mut out = HistoryResult {
+            key: q.key.clone(),
+            recovered: true,
+            ..Default::default()
+        };
+        let Some(stream) = self.streams.get_mut(&q.key) else {
+            // Nothing was ever pushed here (or it was forgotten): a client
+            // with a position has lost whatever that position referred to.
+            out.recovered = !q.has_position || q.seq == 0;
+            return out;
+        };
+        out.epoch = stream.epoch;
+        out.seq = stream.seq;
+        if !q.has_position {
+            if q.key.starts_with("user:") {
+                for m in stream.history.iter_mut().filter(|m| m.offline) {
+                    m.offline = false;
+                    out.messages.push(StoredMessage {
+                        body: Some(m.body.clone()),
+                        seq: m.seq,
+                    });
+                }
+            }
+            return out;
+        }
+        if q.epoch != stream.epoch {
+            out.recovered = false;
+            return out;
+        }
+        if q.seq >= stream.seq {
+            return out;
+        }
+        let first = stream.history.front().map_or(stream.seq + 1, |m| m.seq);
+        if q.seq + 1 < first {
+            out.recovered = false;
+            return out;
+        }
+        out.messages = stream
+            .history
+            .iter()
+            .filter(|m| m.seq > q.seq)
+            .map(|m| StoredMessage {
+                body: Some(m.body.clone()),
+                seq: m.seq,
+            })
+            .collect();
+        out
+    }
+
+    /// Messages retained over all streams.
+    pub fn total_messages(&self) -> usize {
+        self.total
+    }
+
+    /// Messages evicted by the global cap so far.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// Streams with a position.
+    pub fn len(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Whether no stream has a position.
+    pub fn is_empty(&self) -> bool {
+        self.streams.is_empty()
+    }
+
+    /// Forgets the streams `keep` rejects (keys this controller no longer owns).
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        let total = &mut self.total;
+        self.streams.retain(|k, s| {
+            let kept = keep(k);
+            if !kept {
+                *total -= s.history.len();
+            }
+            kept
+        });
+        let streams = &self.streams;
+        self.order.retain(|(k, _)| streams.contains_key(k));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(id: &str) -> MessageBody {
+        MessageBody {
+            id: id.into(),
+            event: "e".into(),
+            content: format!("c-{id}"),
+            ..Default::default()
+        }
+    }
+
+    fn q(key: &str, pos: Option<(u64, u64)>) -> HistoryQuery {
+        HistoryQuery {
+            key: key.into(),
+            has_position: pos.is_some(),
+            epoch: pos.map_or(0, |p| p.0),
+            seq: pos.map_or(0, |p| p.1),
+        }
+    }
+
+    fn seqs(r: &HistoryResult) -> Vec<u64> {
+        r.messages.iter().map(|m| m.seq).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn seq_increases_and_recovery_returns_what_was_missed() {
+        let mut s = Streams::new(StreamConfig::default());
+        let now = Instant::now();
+        let a = s.append("room:r", &body("m1"), false, now);
+        let b = s.append("room:r", &body("m2"), false, now);
+        let c = s.append("room:r", &body("m3"), false, now);
+        assert_eq!((a.seq, b.seq, c.seq), (1, 2, 3));
+        assert_eq!(a.epoch, c.epoch);
+        let other = s.append("room:other", &body("x"), false, now);
+        assert_eq!(other.seq, 1);
+        assert_ne!(other.epoch, a.epoch, "every stream gets its own epoch");
+
+        let r = s.history(&q("room:r", Some((a.epoch, 1))), now);
+        assert!(r.recovered);
+        assert_eq!(seqs(&r), vec![2, 3]);
+        assert_eq!((r.epoch, r.seq), (a.epoch, 3));
+        let up_to_date = s.history(&q("room:r", Some((a.epoch, 3))), now);
+        assert!(up_to_date.recovered && up_to_date.messages.is_empty());
+        let wrong_epoch = s.history(&q("room:r", Some((a.epoch + 1, 1))), now);
+        assert!(!wrong_epoch.recovered && wrong_epoch.messages.is_empty());
+        let fresh = s.history(&q("room:r", None), now);
+        assert!(fresh.recovered && fresh.messages.is_empty());
+        assert_eq!(fresh.seq, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gap_beyond_retention_is_not_recovered() {
+        let mut cfg = StreamConfig::default();
+        cfg.room.max_messages = 3;
+        let mut s = Streams::new(cfg);
+        let now = Instant::now();
+        let mut epoch = 0;
+        for i in 1..=5 {
+            epoch = s
+                .append("room:r", &body(&format!("m{i}")), false, now)
+                .epoch;
+        }
+        assert_eq!(s.total_messages(), 3);
+        assert!(!s.history(&q("room:r", Some((epoch, 1))), now).recovered);
+        let r = s.history(&q("room:r", Some((epoch, 2))), now);
+        assert!(r.recovered);
+        assert_eq!(seqs(&r), vec![3, 4, 5]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn messages_expire_with_their_ttl() {
+        let mut s = Streams::new(StreamConfig::default());
+        let t0 = Instant::now();
+        let a = s.append("user:u", &body("old"), false, t0);
+        tokio::time::advance(Duration::from_secs(20 * 60)).await;
+        s.append("user:u", &body("new"), false, Instant::now());
+        tokio::time::advance(Duration::from_secs(11 * 60)).await;
+        // 31 minutes for "old" (user TTL is 30), 11 for "new".
+        s.sweep(Instant::now());
+        assert_eq!(s.total_messages(), 1);
+        let r = s.history(&q("user:u", Some((a.epoch, 1))), Instant::now());
+        assert!(r.recovered, "seq 2 is still there");
+        assert_eq!(seqs(&r), vec![2]);
+        assert!(
+            !s.history(&q("user:u", Some((a.epoch, 0))), Instant::now())
+                .recovered
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_global_cap_evicts_the_oldest_and_counts_it() {
+        let cfg = StreamConfig {
+            max_total_messages: 4,
+            ..StreamConfig::default()
+        };
+        let mut s = Streams::new(cfg);
+        let now = Instant::now();
+        let ra = s.append("room:a", &body("a1"), false, now);
+        s.append("room:b", &body("b1"), false, now);
+        s.append("room:a", &body("a2"), false, now);
+        s.append("room:b", &body("b2"), false, now);
+        s.append("room:c", &body("c1"), false, now);
+        assert_eq!(s.total_messages(), 4);
+        assert_eq!(s.evicted(), 1);
+        // a1 was the oldest: recovering from before it fails, after it works.
+        assert!(!s.history(&q("room:a", Some((ra.epoch, 0))), now).recovered);
+        assert_eq!(
+            seqs(&s.history(&q("room:a", Some((ra.epoch, 1))), now)),
+            vec![2]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn repeated_ids_are_recognised_with_the_first_result() {
+        let mut s = Streams::new(StreamConfig::default());
+        let now = Instant::now();
+        let first = s.append("room:r", &body("same"), false, now);
+        let again = s.append("room:r", &body("same"), false, now);
+        assert!(again.duplicate);
+        assert_eq!(
+            (again.epoch, again.seq, again.first_delivered),
+            (first.epoch, first.seq, None)
+        );
+        s.complete("room:r", "same", 7);
+        assert_eq!(
+            s.append("room:r", &body("same"), false, now)
+                .first_delivered,
+            Some(7)
+        );
+        assert_eq!(s.append("room:r", &body("other"), false, now).seq, 2);
+        assert_eq!(s.total_messages(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn offline_user_messages_are_handed_out_once() {
+        let mut s = Streams::new(StreamConfig::default());
+        let now = Instant::now();
+        s.append("user:u", &body("while-away-1"), true, now);
+        s.append("user:u", &body("seen"), false, now);
+        s.append("user:u", &body("while-away-2"), true, now);
+        let r = s.history(&q("user:u", None), now);
+        assert_eq!(seqs(&r), vec![1, 3]);
+        assert!(s.history(&q("user:u", None), now).messages.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retain_forgets_streams_and_their_messages() {
+        let mut s = Streams::new(StreamConfig::default());
+        let now = Instant::now();
+        s.append("room:a", &body("1"), false, now);
+        s.append("room:b", &body("2"), false, now);
+        s.retain(|k| k == "room:b");
+        assert_eq!((s.len(), s.total_messages()), (1, 1));
+        let r = s.history(&q("room:a", Some((1, 1))), now);
+        assert!(!r.recovered);
+    }
+}
