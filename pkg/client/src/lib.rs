@@ -11,10 +11,13 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::VecDeque;
+mod subscriber;
 
-use barrage_protocol::{ClientFrame, MessageFrame, ServerFrame};
+use std::collections::{BTreeMap, VecDeque};
+
+use barrage_protocol::{ClientFrame, MessageFrame, ServerFrame, StreamState};
 use futures::{SinkExt, StreamExt};
+pub use subscriber::{Event, Subscriber, SubscriberOptions};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
@@ -93,6 +96,9 @@ pub struct Session {
     pub node_id: String,
     /// Rooms joined at connect time.
     pub rooms: Vec<String>,
+    /// Where each stream stood at connect, and whether recovery worked for
+    /// the streams a position was given for.
+    pub streams: BTreeMap<String, StreamState>,
 }
 
 /// A live connection to a connect-node.
@@ -129,6 +135,7 @@ impl Client {
                 user_id,
                 node_id,
                 rooms,
+                streams,
             } => Ok(Client {
                 ws,
                 session: Session {
@@ -136,6 +143,7 @@ impl Client {
                     user_id,
                     node_id,
                     rooms,
+                    streams,
                 },
                 pending: VecDeque::new(),
             }),

@@ -5,8 +5,12 @@
 //! `error` and `pong`. A `message` frame for a fan-out is encoded once by
 //! [`encode_message_frame`] and the same bytes go to every recipient.
 
+use std::collections::BTreeMap;
+
 use base64::Engine as _;
 use bytes::Bytes;
+
+use crate::{StreamKey, StreamPos};
 use serde::{Deserialize, Serialize};
 
 /// A frame a client sends.
@@ -50,6 +54,48 @@ pub struct MessageFrame {
     pub timestamp: i64,
 }
 
+/// A stream's position as the server reports it at connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamState {
+    /// Current epoch of the stream.
+    pub epoch: u64,
+    /// Last sequence number in the stream.
+    pub seq: u64,
+    /// Present when the client asked to recover this stream: `true` when
+    /// every message after its position follows (in order, before any new
+    /// one), `false` when they cannot be (epoch changed or the gap is
+    /// beyond retention) and the app should refetch its state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<bool>,
+}
+
+/// Parses the `positions` query parameter: comma-separated
+/// `<stream>@<epoch>:<seq>`, e.g. `room:r1@1838642512266569:42,user:alice@77:3`.
+pub fn parse_positions(s: &str) -> Result<BTreeMap<String, StreamPos>, String> {
+    let mut out = BTreeMap::new();
+    for item in s.split(',').filter(|i| !i.is_empty()) {
+        let bad = || format!("{item:?}: expected <stream>@<epoch>:<seq>");
+        let (stream, pos) = item.rsplit_once('@').ok_or_else(bad)?;
+        let (epoch, seq) = pos.split_once(':').ok_or_else(bad)?;
+        let key: StreamKey = stream.parse().map_err(|e| format!("{item:?}: {e}"))?;
+        let pos = StreamPos {
+            epoch: epoch.parse().map_err(|_| bad())?,
+            seq: seq.parse().map_err(|_| bad())?,
+        };
+        out.insert(key.to_string(), pos);
+    }
+    Ok(out)
+}
+
+/// Formats positions for the `positions` query parameter.
+pub fn format_positions(positions: &BTreeMap<String, StreamPos>) -> String {
+    positions
+        .iter()
+        .map(|(k, p)| format!("{k}@{}:{}", p.epoch, p.seq))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A frame the server sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -65,6 +111,11 @@ pub enum ServerFrame {
         node_id: String,
         /// Rooms joined at connect time.
         rooms: Vec<String>,
+        /// Position of every stream the connection receives (`user:<id>`,
+        /// `broadcast`, each `room:<id>`), and for streams the client gave a
+        /// position for, whether every message after it follows.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        streams: BTreeMap<String, StreamState>,
     },
     /// A pushed message.
     Message(MessageFrame),
@@ -203,6 +254,22 @@ mod tests {
         let m = decode(&b);
         assert_eq!(m.data, None);
         assert_eq!(m.data_b64.as_deref(), Some("AP8="));
+    }
+
+    #[test]
+    fn positions_round_trip_and_errors_name_the_item() {
+        let p = parse_positions("room:r1@18:42,user:a@b@7:3,broadcast@1:0").unwrap();
+        assert_eq!(p["room:r1"], StreamPos { epoch: 18, seq: 42 });
+        assert_eq!(p["user:a@b"], StreamPos { epoch: 7, seq: 3 });
+        assert_eq!(parse_positions(&format_positions(&p)).unwrap(), p);
+        assert!(
+            parse_positions("room:r1@x:1")
+                .unwrap_err()
+                .contains("room:r1@x:1")
+        );
+        assert!(parse_positions("rooms:r1@1:1").is_err());
+        assert!(parse_positions("room:r1").is_err());
+        assert!(parse_positions("").unwrap().is_empty());
     }
 
     #[test]

@@ -22,6 +22,27 @@ use crate::reporter::{Ack, Change, Reporter};
 /// Id of a connection, unique within one connect-node process.
 pub type ConnId = u64;
 
+/// A frame in a connection's send queue. Message frames carry their stream
+/// position so a connection recovering history can drop live copies of
+/// messages it already sent.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// The encoded frame, shared by every recipient.
+    pub frame: Utf8Bytes,
+    /// `(stream, epoch, seq)` of a message frame; `None` for other frames.
+    pub position: Option<(Arc<str>, u64, u64)>,
+}
+
+impl Outbound {
+    /// A frame that is not a stream message (replies, errors).
+    pub fn control(frame: impl Into<Utf8Bytes>) -> Self {
+        Outbound {
+            frame: frame.into(),
+            position: None,
+        }
+    }
+}
+
 /// The hub's side of one WebSocket: its identity and bounded send queue.
 #[derive(Debug)]
 pub struct ConnHandle {
@@ -29,7 +50,7 @@ pub struct ConnHandle {
     pub id: ConnId,
     /// The user holding the connection.
     pub user: UserId,
-    tx: mpsc::Sender<Utf8Bytes>,
+    tx: mpsc::Sender<Outbound>,
     close: CancellationToken,
     close_code: Mutex<Option<CloseCode>>,
 }
@@ -48,7 +69,7 @@ pub enum Queued {
 impl ConnHandle {
     /// Queues a frame without waiting. A full queue closes the connection
     /// with [`CloseCode::SlowConsumer`] instead of slowing the fan-out.
-    pub fn queue(&self, frame: Utf8Bytes) -> Queued {
+    pub fn queue(&self, frame: Outbound) -> Queued {
         match self.tx.try_send(frame) {
             Ok(()) => Queued::Yes,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -141,7 +162,7 @@ impl Hub {
         &self,
         user: UserId,
         rooms: &[RoomId],
-    ) -> (Arc<ConnHandle>, mpsc::Receiver<Utf8Bytes>, Ack) {
+    ) -> (Arc<ConnHandle>, mpsc::Receiver<Outbound>, Ack) {
         let (tx, rx) = mpsc::channel(self.queue_len);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(ConnHandle {
@@ -226,6 +247,11 @@ impl Hub {
         removed
     }
 
+    /// The reporter, for history queries to the controllers.
+    pub(crate) fn reporter(&self) -> &Arc<Reporter> {
+        &self.reporter
+    }
+
     /// Number of rooms a connection is in.
     pub fn room_count(&self, conn: ConnId) -> usize {
         self.state
@@ -278,7 +304,7 @@ impl Hub {
     pub fn deliver(
         &self,
         stream: &StreamKey,
-        frame: &Utf8Bytes,
+        frame: &Outbound,
         exclude: &HashSet<&str>,
     ) -> Delivery {
         let st = self.state.read();
@@ -312,7 +338,7 @@ impl Hub {
         self.metrics.frames_delivered.inc_by(u64::from(d.delivered));
         self.metrics
             .bytes_delivered
-            .inc_by(u64::from(d.delivered) * frame.len() as u64);
+            .inc_by(u64::from(d.delivered) * frame.frame.len() as u64);
         if d.dropped > 0 {
             self.metrics.slow_consumers.inc_by(u64::from(d.dropped));
         }
@@ -409,8 +435,8 @@ mod tests {
         RoomId::new(s).unwrap()
     }
 
-    fn frame(s: &str) -> Utf8Bytes {
-        Utf8Bytes::from(s)
+    fn frame(s: &str) -> Outbound {
+        Outbound::control(s)
     }
 
     #[test]
@@ -428,12 +454,12 @@ mod tests {
                 dropped: 0
             }
         );
-        assert_eq!(rx_a.try_recv().unwrap(), "f1");
+        assert_eq!(rx_a.try_recv().unwrap().frame, "f1");
         assert!(rx_b.try_recv().is_err());
         assert!(rx_c.try_recv().is_err());
         let all = hub.deliver(&StreamKey::Broadcast, &frame("f2"), &HashSet::new());
         assert_eq!(all.delivered, 3);
-        assert_eq!(rx_c.try_recv().unwrap(), "f2");
+        assert_eq!(rx_c.try_recv().unwrap().frame, "f2");
     }
 
     #[test]

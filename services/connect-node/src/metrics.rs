@@ -27,6 +27,8 @@ pub struct Metrics {
     pub report_failures: IntCounter,
     /// Client frames refused with an `error` frame, by code.
     pub frame_errors: IntCounterVec,
+    /// Missed messages sent to reconnecting clients (and offline users).
+    pub recovered_messages: IntCounter,
 }
 
 impl Metrics {
@@ -80,7 +82,12 @@ impl Metrics {
                 ),
                 &["code"],
             )?,
+            recovered_messages: IntCounter::new(
+                "connect_node_recovered_messages_total",
+                "Missed messages sent to reconnecting clients and offline users",
+            )?,
         };
+        registry.register(Box::new(m.recovered_messages.clone()))?;
         registry.register(Box::new(m.connections.clone()))?;
         registry.register(Box::new(m.rooms.clone()))?;
         registry.register(Box::new(m.connects.clone()))?;

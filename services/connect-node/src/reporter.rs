@@ -15,8 +15,8 @@ use std::time::Duration;
 use barrage_discovery::MemberWatch;
 use barrage_discovery::ring::Ring;
 use barrage_proto::v1::{
-    ReportRequest, SessionChange, SyncRequest, controller_client::ControllerClient,
-    session_change::Kind,
+    HistoryQuery, HistoryRequest, HistoryResult, ReportRequest, SessionChange, SyncRequest,
+    controller_client::ControllerClient, session_change::Kind,
 };
 use barrage_protocol::UserId;
 use parking_lot::{Mutex, RwLock};
@@ -79,6 +79,7 @@ struct Queue {
 struct Link {
     id: String,
     addr: String,
+    client: Option<ControllerClient<Channel>>,
     queue: Mutex<Queue>,
     notify: Notify,
     stop: CancellationToken,
@@ -156,6 +157,60 @@ impl Reporter {
         Ack(acks)
     }
 
+    /// Asks the owning controllers for stream positions and missed
+    /// messages, one call per controller, concurrently. Results come back
+    /// in query order.
+    pub async fn history(
+        &self,
+        queries: Vec<HistoryQuery>,
+    ) -> Result<Vec<HistoryResult>, tonic::Status> {
+        let ring = self.ring.read().clone();
+        let mut by_owner: BTreeMap<
+            &str,
+            (ControllerClient<Channel>, Vec<usize>, Vec<HistoryQuery>),
+        > = BTreeMap::new();
+        for (i, q) in queries.into_iter().enumerate() {
+            let (id, link) = ring
+                .owner(&q.key)
+                .ok_or_else(|| tonic::Status::unavailable("no controller available"))?;
+            let client = link.client.clone().ok_or_else(|| {
+                tonic::Status::unavailable(format!("controller {id} has a bad address"))
+            })?;
+            let e = by_owner
+                .entry(id)
+                .or_insert_with(|| (client, Vec::new(), Vec::new()));
+            e.1.push(i);
+            e.2.push(q);
+        }
+        let calls = by_owner.into_values().map(|(mut client, idx, queries)| {
+            let mut req = tonic::Request::new(HistoryRequest { queries });
+            req.set_timeout(self.cfg.call_timeout);
+            async move {
+                client
+                    .history(req)
+                    .await
+                    .map(|r| (idx, r.into_inner().results))
+            }
+        });
+        let mut out: Vec<Option<HistoryResult>> = Vec::new();
+        for r in futures::future::join_all(calls).await {
+            let (idx, results) = r?;
+            for (i, res) in idx.into_iter().zip(results) {
+                if out.len() <= i {
+                    out.resize(i + 1, None);
+                }
+                out[i] = Some(res);
+            }
+        }
+        out.into_iter()
+            .map(|r| {
+                r.ok_or_else(|| {
+                    tonic::Status::internal("controller answered fewer results than asked")
+                })
+            })
+            .collect()
+    }
+
     /// Follows the live controllers until `stop`: keeps one link per
     /// controller and a full sync to each whenever the ring changes.
     pub async fn run(
@@ -210,9 +265,21 @@ impl Reporter {
     }
 
     fn spawn_link(self: &Arc<Self>, id: &str, addr: &str) -> Arc<Link> {
+        let client = match Endpoint::from_shared(format!("http://{addr}")) {
+            Ok(e) => Some(ControllerClient::new(
+                e.connect_timeout(self.cfg.call_timeout)
+                    .tcp_nodelay(true)
+                    .connect_lazy(),
+            )),
+            Err(e) => {
+                tracing::error!(controller = %id, %addr, error = %e, "bad controller address");
+                None
+            }
+        };
         let link = Arc::new(Link {
             id: id.to_owned(),
             addr: addr.to_owned(),
+            client,
             queue: Mutex::new(Queue {
                 full_sync: true,
                 ..Queue::default()
@@ -225,16 +292,8 @@ impl Reporter {
     }
 
     async fn link_task(self: Arc<Self>, link: Arc<Link>) {
-        let client = match Endpoint::from_shared(format!("http://{}", link.addr)) {
-            Ok(e) => ControllerClient::new(
-                e.connect_timeout(self.cfg.call_timeout)
-                    .tcp_nodelay(true)
-                    .connect_lazy(),
-            ),
-            Err(e) => {
-                tracing::error!(controller = %link.id, addr = %link.addr, error = %e, "bad controller address");
-                return;
-            }
+        let Some(client) = link.client.clone() else {
+            return;
         };
         let mut backoff = Backoff::new();
         while !link.stop.is_cancelled() {

@@ -12,7 +12,7 @@ use barrage_proto::v1::{
 use barrage_protocol::{StreamKey, encode_message_frame};
 use tonic::{Request, Response, Status};
 
-use crate::hub::Hub;
+use crate::hub::{Hub, Outbound};
 use crate::metrics::Metrics;
 
 /// gRPC front of the hub.
@@ -75,8 +75,11 @@ impl ConnectNode for ConnectNodeService {
                     &body.binary_content,
                     body.timestamp_ms,
                 );
-                let frame = Utf8Bytes::try_from(frame)
-                    .map_err(|_| Status::internal("encoded frame is not UTF-8"))?;
+                let frame = Outbound {
+                    frame: Utf8Bytes::try_from(frame)
+                        .map_err(|_| Status::internal("encoded frame is not UTF-8"))?,
+                    position: Some((Arc::from(t.stream.as_str()), t.epoch, t.seq)),
+                };
                 let exclude: HashSet<&str> =
                     t.exclude_user_ids.iter().map(String::as_str).collect();
                 let d = self.hub.deliver(&key, &frame, &exclude);

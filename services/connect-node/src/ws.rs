@@ -7,6 +7,7 @@
 //! bounded queue drained by one writer task, which writes whatever is queued
 //! and flushes once.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,13 +15,17 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use barrage_protocol::{ClientFrame, CloseCode, RoomId, ServerFrame, UserId, parse_client_frame};
+use barrage_proto::v1::HistoryQuery;
+use barrage_protocol::{
+    ClientFrame, CloseCode, RoomId, ServerFrame, StreamKey, StreamPos, StreamState, UserId,
+    encode_message_frame, parse_client_frame, parse_positions,
+};
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::{ConnHandle, Hub};
+use crate::hub::{ConnHandle, Hub, Outbound};
 use crate::metrics::Metrics;
 
 /// Settings of the WebSocket endpoint.
@@ -62,6 +67,7 @@ pub struct WsState {
 pub struct ConnectParams {
     user_id: Option<String>,
     rooms: Option<String>,
+    positions: Option<String>,
 }
 
 fn reject(state: &WsState, status: StatusCode, reason: &'static str, msg: String) -> Response {
@@ -135,6 +141,17 @@ pub async fn ws_handler(
             ),
         );
     }
+    let positions = match parse_positions(params.positions.as_deref().unwrap_or("")) {
+        Ok(p) => p,
+        Err(e) => {
+            return reject(
+                &state,
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("positions: {e}\n"),
+            );
+        }
+    };
     let s = &state.settings;
     upgrade
         .read_buffer_size(s.io_buffer)
@@ -142,46 +159,78 @@ pub async fn ws_handler(
         .max_write_buffer_size(s.io_buffer.max(s.max_frame_bytes) * 4)
         .max_message_size(s.max_frame_bytes)
         .max_frame_size(s.max_frame_bytes)
-        .on_upgrade(move |socket| serve(state, socket, user, rooms))
+        .on_upgrade(move |socket| serve(state, socket, user, rooms, positions))
 }
 
-async fn serve(state: WsState, socket: WebSocket, user: UserId, rooms: Vec<RoomId>) {
+async fn serve(
+    state: WsState,
+    socket: WebSocket,
+    user: UserId,
+    rooms: Vec<RoomId>,
+    positions: BTreeMap<String, StreamPos>,
+) {
     let hub = state.hub.clone();
     let settings = state.settings.clone();
     let (conn, rx, ack) = hub.connect(user.clone(), &rooms);
     let (mut sink, stream) = socket.split();
-    if !ack.wait(settings.ack_timeout).await {
-        tracing::warn!(user = %user, "controllers did not confirm the session in time; closing");
-        hub.disconnect(&conn);
-        let _ = sink
-            .send(close_message(
-                CloseCode::InternalError,
-                "no controller available, reconnect",
-            ))
-            .await;
-        state
-            .metrics
-            .disconnects
-            .with_label_values(&[&CloseCode::InternalError.code().to_string()])
-            .inc();
-        return;
-    }
+    // Registered first, then announced, then history fetched: every message
+    // is either in the history answer or queued live (or both: deduplicated).
+    let recovery = if ack.wait(settings.ack_timeout).await {
+        recover(&hub, &user, &rooms, &positions, settings.ack_timeout).await
+    } else {
+        Err("no controller confirmed the session".to_owned())
+    };
+    let recovery = match recovery {
+        Ok(r) => r,
+        Err(why) => {
+            tracing::warn!(user = %user, reason = %why, "cannot establish the session; closing");
+            hub.disconnect(&conn);
+            let _ = sink
+                .send(close_message(
+                    CloseCode::InternalError,
+                    "no controller available, reconnect",
+                ))
+                .await;
+            state
+                .metrics
+                .disconnects
+                .with_label_values(&[&CloseCode::InternalError.code().to_string()])
+                .inc();
+            return;
+        }
+    };
     let connected = ServerFrame::Connected {
         conn_id: format!("{}-{}", settings.node_id, conn.id),
         user_id: user.to_string(),
         node_id: settings.node_id.clone(),
         rooms: rooms.iter().map(ToString::to_string).collect(),
+        streams: recovery.streams,
     };
-    if sink
-        .send(Message::Text(connected.to_json().into()))
+    let mut sent = sink
+        .feed(Message::Text(connected.to_json().into()))
         .await
-        .is_err()
-    {
+        .is_ok();
+    for frame in recovery.missed {
+        sent = sent && sink.feed(Message::Text(frame)).await.is_ok();
+    }
+    if !sent || sink.flush().await.is_err() {
         hub.disconnect(&conn);
         return;
     }
+    if recovery.recovered_messages > 0 {
+        state
+            .metrics
+            .recovered_messages
+            .inc_by(recovery.recovered_messages);
+    }
     tracing::debug!(conn = conn.id, user = %user, rooms = rooms.len(), "connected");
-    let writer = tokio::spawn(write_loop(sink, rx, conn.clone(), settings.ping_interval));
+    let writer = tokio::spawn(write_loop(
+        sink,
+        rx,
+        conn.clone(),
+        settings.ping_interval,
+        recovery.skip,
+    ));
     let code = read_loop(&state, stream, &conn).await;
     if let Some(code) = code {
         conn.close_with(code);
@@ -210,9 +259,10 @@ fn close_message(code: CloseCode, reason: &str) -> Message {
 /// pings, and sends the close frame once the connection is asked to close.
 async fn write_loop(
     mut sink: futures::stream::SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Utf8Bytes>,
+    mut rx: mpsc::Receiver<Outbound>,
     conn: Arc<ConnHandle>,
     ping_interval: Duration,
+    mut skip: Skip,
 ) {
     let mut ping = tokio::time::interval(ping_interval);
     ping.reset();
@@ -222,15 +272,13 @@ async fn write_loop(
             _ = conn.closing() => break,
             frame = rx.recv() => {
                 let Some(frame) = frame else { break };
-                if sink.feed(Message::Text(frame)).await.is_err() {
-                    conn.close_with(CloseCode::Normal);
-                    return;
-                }
                 let mut ok = true;
-                while let Ok(frame) = rx.try_recv() {
-                    if sink.feed(Message::Text(frame)).await.is_err() {
-                        ok = false;
-                        break;
+                if !skip.already_sent(&frame) {
+                    ok = sink.feed(Message::Text(frame.frame)).await.is_ok();
+                }
+                while ok && let Ok(frame) = rx.try_recv() {
+                    if !skip.already_sent(&frame) {
+                        ok = sink.feed(Message::Text(frame.frame)).await.is_ok();
                     }
                 }
                 if !ok || sink.flush().await.is_err() {
@@ -290,7 +338,124 @@ async fn read_loop(
 }
 
 fn send_frame(conn: &ConnHandle, frame: ServerFrame) {
-    conn.queue(Utf8Bytes::from(frame.to_json()));
+    conn.queue(Outbound::control(frame.to_json()));
+}
+
+/// What recovery at connect produced.
+struct Recovery {
+    streams: BTreeMap<String, StreamState>,
+    /// Missed messages, in stream order, to send right after `connected`.
+    missed: Vec<Utf8Bytes>,
+    recovered_messages: u64,
+    skip: Skip,
+}
+
+/// Live frames the writer must drop because recovery already sent them.
+#[derive(Default)]
+struct Skip(HashMap<String, (u64, SkipRule)>);
+
+enum SkipRule {
+    /// Everything up to this seq was recovered.
+    UpTo(u64),
+    /// These seqs were handed out from the offline store.
+    Seqs(HashSet<u64>),
+}
+
+impl Skip {
+    fn already_sent(&mut self, out: &Outbound) -> bool {
+        if self.0.is_empty() {
+            return false;
+        }
+        let Some((stream, epoch, seq)) = &out.position else {
+            return false;
+        };
+        match self.0.get(&**stream) {
+            Some((e, SkipRule::UpTo(max))) if e == epoch => {
+                if seq > max {
+                    // Past the recovered range: later frames are all new.
+                    self.0.remove(&**stream);
+                    false
+                } else {
+                    true
+                }
+            }
+            Some((e, SkipRule::Seqs(seqs))) if e == epoch => seqs.contains(seq),
+            _ => false,
+        }
+    }
+}
+
+/// Asks the owning controllers where each of the connection's streams
+/// stands and, for streams the client gave a position for (and the user's
+/// offline store), which messages it missed.
+async fn recover(
+    hub: &Hub,
+    user: &UserId,
+    rooms: &[RoomId],
+    positions: &BTreeMap<String, StreamPos>,
+    timeout: Duration,
+) -> Result<Recovery, String> {
+    let user_key = StreamKey::User(user.clone()).to_string();
+    let mut keys = vec![user_key.clone(), StreamKey::Broadcast.to_string()];
+    keys.extend(rooms.iter().map(|r| StreamKey::Room(r.clone()).to_string()));
+    let queries: Vec<HistoryQuery> = keys
+        .iter()
+        .map(|k| {
+            let pos = positions.get(k);
+            HistoryQuery {
+                key: k.clone(),
+                has_position: pos.is_some(),
+                epoch: pos.map_or(0, |p| p.epoch),
+                seq: pos.map_or(0, |p| p.seq),
+            }
+        })
+        .collect();
+    let results = tokio::time::timeout(timeout, hub.reporter().history(queries))
+        .await
+        .map_err(|_| "history request timed out".to_owned())?
+        .map_err(|e| e.message().to_owned())?;
+    let mut out = Recovery {
+        streams: BTreeMap::new(),
+        missed: Vec::new(),
+        recovered_messages: 0,
+        skip: Skip::default(),
+    };
+    for r in results {
+        let asked = positions.contains_key(&r.key);
+        out.streams.insert(
+            r.key.clone(),
+            StreamState {
+                epoch: r.epoch,
+                seq: r.seq,
+                recovered: asked.then_some(r.recovered),
+            },
+        );
+        let mut seqs = HashSet::new();
+        for m in &r.messages {
+            let Some(body) = &m.body else { continue };
+            let frame = encode_message_frame(
+                &r.key,
+                &body.id,
+                r.epoch,
+                m.seq,
+                &body.event,
+                &body.content,
+                &body.binary_content,
+                body.timestamp_ms,
+            );
+            let frame =
+                Utf8Bytes::try_from(frame).map_err(|_| "history frame is not UTF-8".to_owned())?;
+            out.missed.push(frame);
+            seqs.insert(m.seq);
+        }
+        out.recovered_messages += r.messages.len() as u64;
+        if asked && r.recovered {
+            out.skip.0.insert(r.key, (r.epoch, SkipRule::UpTo(r.seq)));
+        } else if !seqs.is_empty() {
+            out.skip.0.insert(r.key, (r.epoch, SkipRule::Seqs(seqs)));
+        }
+    }
+    Ok(out)
 }
 
 fn send_error(state: &WsState, conn: &ConnHandle, code: &str, message: String) {

@@ -1,0 +1,255 @@
+//! A subscriber that stays connected: it reconnects with exponential
+//! backoff and jitter, resumes every stream from the last position it saw,
+//! tells the caller whether recovery worked, and drops duplicate messages.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use barrage_protocol::{CloseCode, MessageFrame, StreamPos, format_positions};
+
+use crate::{Client, Error, Result, Session, connect_url};
+
+/// How a [`Subscriber`] connects and reconnects.
+#[derive(Debug, Clone)]
+pub struct SubscriberOptions {
+    /// `ws://host:port/ws` of a connect-node; several to fail over between.
+    pub urls: Vec<String>,
+    /// User id (insecure development mode).
+    pub user_id: String,
+    /// Rooms to join at connect.
+    pub rooms: Vec<String>,
+    /// First reconnect delay; doubles per failed attempt.
+    pub min_backoff: Duration,
+    /// Longest reconnect delay.
+    pub max_backoff: Duration,
+    /// Reconnect attempts before giving up (`None`: forever).
+    pub max_attempts: Option<u32>,
+}
+
+impl SubscriberOptions {
+    /// Options for one node, a user and some rooms, with default backoff.
+    pub fn new(url: &str, user_id: &str, rooms: &[&str]) -> Self {
+        SubscriberOptions {
+            urls: vec![url.to_owned()],
+            user_id: user_id.to_owned(),
+            rooms: rooms.iter().map(|r| (*r).to_owned()).collect(),
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            max_attempts: None,
+        }
+    }
+}
+
+/// What a [`Subscriber`] reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A (re)connection was established. `recovered` lists, for every
+    /// stream a position was sent for, whether every missed message follows
+    /// (`true`) or the app must refetch its state (`false`).
+    Connected {
+        /// The session the server confirmed.
+        session: Session,
+        /// Recovery outcome per stream (empty on the first connect).
+        recovered: BTreeMap<String, bool>,
+    },
+    /// A message, in stream order, never twice.
+    Message(MessageFrame),
+    /// The connection dropped; a reconnect follows.
+    Disconnected {
+        /// Close code (1006 when the connection just dropped).
+        code: u16,
+        /// Reason given by the server.
+        reason: String,
+    },
+}
+
+/// Ids remembered per stream for de-duplication.
+const SEEN_IDS: usize = 1024;
+
+/// A self-healing subscription.
+pub struct Subscriber {
+    opts: SubscriberOptions,
+    client: Option<Client>,
+    positions: BTreeMap<String, StreamPos>,
+    seen: BTreeMap<String, (HashSet<String>, VecDeque<String>)>,
+    attempt: u32,
+    next_url: usize,
+    pending: VecDeque<Event>,
+}
+
+impl Subscriber {
+    /// Connects (retrying as configured) and returns once connected; the
+    /// first event is [`Event::Connected`].
+    pub async fn connect(opts: SubscriberOptions) -> Result<Self> {
+        let mut s = Subscriber {
+            opts,
+            client: None,
+            positions: BTreeMap::new(),
+            seen: BTreeMap::new(),
+            attempt: 0,
+            next_url: 0,
+            pending: VecDeque::new(),
+        };
+        s.reconnect().await?;
+        Ok(s)
+    }
+
+    /// The last position seen per stream.
+    pub fn positions(&self) -> &BTreeMap<String, StreamPos> {
+        &self.positions
+    }
+
+    fn url(&mut self) -> String {
+        let base = &self.opts.urls[self.next_url % self.opts.urls.len()];
+        self.next_url += 1;
+        let rooms: Vec<&str> = self.opts.rooms.iter().map(String::as_str).collect();
+        let mut url = connect_url(base, &self.opts.user_id, &rooms);
+        if !self.positions.is_empty() {
+            url.push_str("&positions=");
+            url.push_str(&format_positions(&self.positions));
+        }
+        url
+    }
+
+    fn backoff(&self) -> Duration {
+        let exp = self
+            .opts
+            .min_backoff
+            .saturating_mul(1 << self.attempt.min(16));
+        let capped = exp.min(self.opts.max_backoff);
+        // Full jitter in [capped/2, capped]: reconnect storms spread out.
+        let half = capped / 2;
+        half + half.mul_f64(rand_unit())
+    }
+
+    async fn reconnect(&mut self) -> Result<()> {
+        loop {
+            let url = self.url();
+            match Client::connect(&url).await {
+                Ok(client) => {
+                    self.attempt = 0;
+                    let session = client.session().clone();
+                    let mut recovered = BTreeMap::new();
+                    for (stream, st) in &session.streams {
+                        if let Some(ok) = st.recovered {
+                            recovered.insert(stream.clone(), ok);
+                        }
+                        // Streams never seen, or not recoverable: start from
+                        // where the server is now.
+                        if st.recovered != Some(true) {
+                            self.positions.insert(
+                                stream.clone(),
+                                StreamPos {
+                                    epoch: st.epoch,
+                                    seq: st.seq,
+                                },
+                            );
+                        }
+                    }
+                    self.client = Some(client);
+                    self.pending
+                        .push_back(Event::Connected { session, recovered });
+                    return Ok(());
+                }
+                Err(Error::Refused { status, body })
+                    if (400..500).contains(&status) && status != 429 =>
+                {
+                    return Err(Error::Refused { status, body });
+                }
+                Err(e) => {
+                    self.attempt += 1;
+                    if self.opts.max_attempts.is_some_and(|m| self.attempt > m) {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(self.backoff()).await;
+                }
+            }
+        }
+    }
+
+    fn is_new(&mut self, m: &MessageFrame) -> bool {
+        if let Some(p) = self.positions.get(&m.stream)
+            && p.epoch == m.epoch
+            && m.seq <= p.seq
+        {
+            return false;
+        }
+        let (set, order) = self.seen.entry(m.stream.clone()).or_default();
+        if !set.insert(m.id.clone()) {
+            return false;
+        }
+        order.push_back(m.id.clone());
+        if order.len() > SEEN_IDS
+            && let Some(old) = order.pop_front()
+        {
+            set.remove(&old);
+        }
+        true
+    }
+
+    /// The next event. Reconnects by itself after a drop; fails only when
+    /// the server says not to reconnect (4400–4499, or an HTTP 4xx at the
+    /// upgrade) or the attempts run out.
+    pub async fn next_event(&mut self) -> Result<Event> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Ok(e);
+            }
+            let Some(client) = self.client.as_mut() else {
+                self.reconnect().await?;
+                continue;
+            };
+            match client.next_message().await {
+                Ok(Some(m)) => {
+                    if self.is_new(&m) {
+                        self.positions.insert(
+                            m.stream.clone(),
+                            StreamPos {
+                                epoch: m.epoch,
+                                seq: m.seq,
+                            },
+                        );
+                        return Ok(Event::Message(m));
+                    }
+                }
+                Ok(None) => {
+                    self.client = None;
+                    return Ok(Event::Disconnected {
+                        code: 1000,
+                        reason: "closed".into(),
+                    });
+                }
+                Err(Error::Closed { code, reason }) => {
+                    self.client = None;
+                    if !CloseCode::should_reconnect(code) && code != 1000 {
+                        return Err(Error::Closed { code, reason });
+                    }
+                    return Ok(Event::Disconnected { code, reason });
+                }
+                Err(Error::Ws(e)) => {
+                    self.client = None;
+                    return Ok(Event::Disconnected {
+                        code: 1006,
+                        reason: e.to_string(),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A uniform value in [0, 1) from the system's randomness, cheap and
+/// good enough for jitter.
+fn rand_unit() -> f64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
