@@ -200,6 +200,15 @@ impl TestCluster {
 
     /// Starts a controller and waits until it is registered.
     pub async fn start_controller(&mut self, id: &str) -> anyhow::Result<&Server> {
+        self.start_controller_with(id, |_| {}).await
+    }
+
+    /// Starts a controller with settings adjusted by `tweak`.
+    pub async fn start_controller_with(
+        &mut self,
+        id: &str,
+        tweak: impl FnOnce(&mut barrage_controller::Config),
+    ) -> anyhow::Result<&Server> {
         let (grpc, http) = (loopback().await?, loopback().await?);
         let (grpc_addr, http_addr) = (
             grpc.local_addr()?.to_string(),
@@ -208,11 +217,12 @@ impl TestCluster {
         let discovery = self.discovery().await?;
         let registry = prometheus::Registry::new();
         let shutdown = CancellationToken::new();
-        let cfg = barrage_controller::Config {
+        let mut cfg = barrage_controller::Config {
             node_id: id.to_owned(),
             lease_ttl: self.options.lease_ttl,
             ..Default::default()
         };
+        tweak(&mut cfg);
         let task = tokio::spawn({
             let (registry, shutdown) = (registry.clone(), shutdown.clone());
             async move {

@@ -85,6 +85,10 @@ struct Link {
     stop: CancellationToken,
 }
 
+/// History queries bound for one controller: its client, the queries'
+/// positions in the caller's list, and the queries.
+type OwnerQueries = (ControllerClient<Channel>, Vec<usize>, Vec<HistoryQuery>);
+
 /// Settings of the reporter.
 #[derive(Debug, Clone)]
 pub struct ReporterConfig {
@@ -165,10 +169,7 @@ impl Reporter {
         queries: Vec<HistoryQuery>,
     ) -> Result<Vec<HistoryResult>, tonic::Status> {
         let ring = self.ring.read().clone();
-        let mut by_owner: BTreeMap<
-            &str,
-            (ControllerClient<Channel>, Vec<usize>, Vec<HistoryQuery>),
-        > = BTreeMap::new();
+        let mut by_owner: BTreeMap<&str, OwnerQueries> = BTreeMap::new();
         for (i, q) in queries.into_iter().enumerate() {
             let (id, link) = ring
                 .owner(&q.key)

@@ -1,0 +1,355 @@
+//! Delivery guarantees: a client that reconnects with its positions gets
+//! every message it missed, in order, exactly once, or is told
+//! `recovered: false`; offline users get their messages on connect; a
+//! repeated message id is not delivered twice.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context as _, ensure};
+use barrage_client::{Client, Event, Subscriber, SubscriberOptions, connect_url};
+use barrage_proto::v1::{PushToRoomRequest, PushToUserRequest};
+use barrage_protocol::{MessageFrame, StreamPos, format_positions};
+use barrage_testkit::cluster::{TestCluster, within};
+
+const T: Duration = Duration::from_secs(10);
+
+async fn connect(url: &str) -> anyhow::Result<Client> {
+    within(T, "websocket connect", Client::connect(url))
+        .await?
+        .context("connect")
+}
+
+async fn next_msg(c: &mut Client) -> anyhow::Result<MessageFrame> {
+    within(T, "a message frame", c.next_message())
+        .await??
+        .context("connection closed before a message arrived")
+}
+
+fn room_push(room: &str, content: &str) -> PushToRoomRequest {
+    PushToRoomRequest {
+        room_id: room.into(),
+        content: content.into(),
+        ..Default::default()
+    }
+}
+
+fn with_positions(url: &str, positions: &BTreeMap<String, StreamPos>) -> String {
+    format!("{url}&positions={}", format_positions(positions))
+}
+
+async fn cluster(nodes: usize) -> anyhow::Result<TestCluster> {
+    barrage_testkit::init_tracing();
+    let mut c = TestCluster::in_process();
+    c.start(nodes).await?;
+    Ok(c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnecting_with_positions_recovers_what_was_missed_in_order() -> anyhow::Result<()> {
+    let cluster = cluster(2).await?;
+    let mut api = cluster.push_client().await?;
+    let n1 = connect_url(&cluster.nodes[0].ws_url(), "ann", &["news"]);
+    let mut ann = connect(&n1).await?;
+    let first_seen = ann.session().streams["room:news"];
+    assert_eq!(first_seen.seq, 0, "a fresh room starts at 0");
+    assert_eq!(first_seen.recovered, None, "no position was given");
+
+    within(T, "push", api.push_to_room(room_push("news", "m1"))).await??;
+    let m1 = next_msg(&mut ann).await?;
+    assert_eq!(m1.seq, 1);
+    within(T, "close", ann.close()).await??;
+
+    for i in 2..=4 {
+        within(
+            T,
+            "push",
+            api.push_to_room(room_push("news", &format!("m{i}"))),
+        )
+        .await??;
+    }
+    // Reconnect to the *other* node with the last position.
+    let positions: BTreeMap<_, _> = [(
+        "room:news".to_string(),
+        StreamPos {
+            epoch: m1.epoch,
+            seq: m1.seq,
+        },
+    )]
+    .into();
+    let n2 = connect_url(&cluster.nodes[1].ws_url(), "ann", &["news"]);
+    let mut ann = connect(&with_positions(&n2, &positions)).await?;
+    let st = ann.session().streams["room:news"];
+    assert_eq!(st.recovered, Some(true));
+    assert_eq!((st.epoch, st.seq), (m1.epoch, 4));
+    within(T, "push", api.push_to_room(room_push("news", "m5"))).await??;
+    let got: Vec<(u64, serde_json::Value)> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            let m = next_msg(&mut ann).await?;
+            v.push((m.seq, m.data.unwrap_or_default()));
+        }
+        v
+    };
+    assert_eq!(
+        got,
+        vec![
+            (2, "m2".into()),
+            (3, "m3".into()),
+            (4, "m4".into()),
+            (5, "m5".into())
+        ]
+    );
+    let metrics = cluster.nodes[1].metrics();
+    assert!(
+        metrics.contains("connect_node_recovered_messages_total 3"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_epochs_and_gaps_beyond_retention_are_not_recovered() -> anyhow::Result<()> {
+    barrage_testkit::init_tracing();
+    let mut cluster = TestCluster::in_process();
+    cluster
+        .start_controller_with("c", |c| c.streams.room.max_messages = 3)
+        .await?;
+    cluster.start_node("n").await?;
+    cluster.start_manager("m").await?;
+    let mut api = cluster.push_client().await?;
+    let url = connect_url(&cluster.nodes[0].ws_url(), "bo", &["small"]);
+    let mut epoch = 0;
+    for i in 1..=6 {
+        let c = connect(&url).await?;
+        epoch = c.session().streams["room:small"].epoch.max(epoch);
+        drop(c);
+        within(
+            T,
+            "push",
+            api.push_to_room(room_push("small", &format!("{i}"))),
+        )
+        .await??;
+    }
+    let probe = connect(&url).await?;
+    let epoch = probe.session().streams["room:small"].epoch;
+    drop(probe);
+
+    let at = |seq| BTreeMap::from([("room:small".to_string(), StreamPos { epoch, seq })]);
+    // Retained: 4, 5, 6. From 3 on is recoverable, from 2 is not.
+    let mut ok = connect(&with_positions(&url, &at(3))).await?;
+    assert_eq!(ok.session().streams["room:small"].recovered, Some(true));
+    assert_eq!(next_msg(&mut ok).await?.seq, 4);
+    let gap = connect(&with_positions(&url, &at(2))).await?;
+    assert_eq!(gap.session().streams["room:small"].recovered, Some(false));
+    let other_epoch = BTreeMap::from([(
+        "room:small".to_string(),
+        StreamPos {
+            epoch: epoch + 1,
+            seq: 6,
+        },
+    )]);
+    let moved = connect(&with_positions(&url, &other_epoch)).await?;
+    let st = moved.session().streams["room:small"];
+    assert_eq!((st.recovered, st.epoch, st.seq), (Some(false), epoch, 6));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_during_a_stream_of_pushes_loses_and_repeats_nothing() -> anyhow::Result<()> {
+    let cluster = cluster(2).await?;
+    let api = cluster.push_client().await?;
+    let urls = [cluster.nodes[0].ws_url(), cluster.nodes[1].ws_url()];
+    const TOTAL: u64 = 150;
+    // Subscribed before the first push, so every message is owed to it.
+    let mut c = connect(&connect_url(&urls[0], "hopper", &["live"])).await?;
+    let producer = tokio::spawn(async move {
+        let mut api = api;
+        for i in 1..=TOTAL {
+            let r = within(
+                T,
+                "push",
+                api.push_to_room(room_push("live", &i.to_string())),
+            )
+            .await??;
+            ensure!(r.into_inner().success);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        anyhow::Ok(())
+    });
+    // The client hops between the two nodes every 20 messages, resuming
+    // from its last position each time.
+    let mut seen = Vec::new();
+    let mut positions = BTreeMap::new();
+    let mut hop = 0;
+    loop {
+        for _ in 0..20 {
+            if seen.len() as u64 == TOTAL {
+                break;
+            }
+            let m = next_msg(&mut c)
+                .await
+                .with_context(|| format!("after {seen:?}, hop {hop}"))?;
+            seen.push(m.seq);
+            positions.insert(
+                m.stream.clone(),
+                StreamPos {
+                    epoch: m.epoch,
+                    seq: m.seq,
+                },
+            );
+        }
+        if seen.len() as u64 == TOTAL {
+            break;
+        }
+        hop += 1;
+        drop(c);
+        let base = connect_url(&urls[hop % 2], "hopper", &["live"]);
+        c = connect(&with_positions(&base, &positions)).await?;
+        assert_eq!(
+            c.session().streams["room:live"].recovered,
+            Some(true),
+            "recovery must succeed within retention"
+        );
+    }
+    within(Duration::from_secs(30), "producer", producer).await???;
+    let expected: Vec<u64> = (1..=TOTAL).collect();
+    assert_eq!(
+        seen, expected,
+        "every message once, in order, across {hop} reconnects"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_for_an_offline_user_arrive_on_connect() -> anyhow::Result<()> {
+    let cluster = cluster(1).await?;
+    let mut api = cluster.push_client().await?;
+    let resp = within(
+        T,
+        "push",
+        api.push_to_user(PushToUserRequest {
+            user_id: "sleeper".into(),
+            content: "while you were away".into(),
+            ..Default::default()
+        }),
+    )
+    .await??
+    .into_inner();
+    assert!(resp.success);
+    assert_eq!((resp.delivered_count, resp.stored_count), (0, 1));
+    assert!(
+        resp.message.contains("stored for 1 offline user"),
+        "{}",
+        resp.message
+    );
+
+    let url = connect_url(&cluster.nodes[0].ws_url(), "sleeper", &[]);
+    let mut c = connect(&url).await?;
+    let m = next_msg(&mut c).await?;
+    assert_eq!(
+        (m.stream.as_str(), m.data),
+        ("user:sleeper", Some("while you were away".into()))
+    );
+    // Handed out once: a second device connecting later does not get it again.
+    let mut second = connect(&url).await?;
+    let resp = within(
+        T,
+        "push",
+        api.push_to_user(PushToUserRequest {
+            user_id: "sleeper".into(),
+            content: "now".into(),
+            ..Default::default()
+        }),
+    )
+    .await??
+    .into_inner();
+    assert_eq!((resp.delivered_count, resp.stored_count), (2, 0));
+    assert_eq!(next_msg(&mut second).await?.data, Some("now".into()));
+    assert_eq!(next_msg(&mut c).await?.data, Some("now".into()));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_message_id_is_not_delivered_twice() -> anyhow::Result<()> {
+    let cluster = cluster(1).await?;
+    let mut api = cluster.push_client().await?;
+    let mut c = connect(&connect_url(&cluster.nodes[0].ws_url(), "u", &["dedup"])).await?;
+    let mut req = room_push("dedup", "once");
+    req.message_id = "order-42".into();
+    let first = within(T, "push", api.push_to_room(req.clone()))
+        .await??
+        .into_inner();
+    assert_eq!((first.delivered_count, first.duplicate), (1, false));
+    assert_eq!(next_msg(&mut c).await?.id, "order-42");
+    // The first attempt's result is recorded asynchronously; a retry gets it.
+    let retry = barrage_testkit::cluster::eventually(T, "the recorded first result", || {
+        let (mut api, req) = (api.clone(), req.clone());
+        async move {
+            let r = api.push_to_room(req).await.ok()?.into_inner();
+            (r.delivered_count == 1).then_some(r)
+        }
+    })
+    .await?;
+    assert!(retry.duplicate && retry.success, "{retry:?}");
+    assert_eq!(retry.message_id, "order-42");
+    assert!(
+        retry.message.contains("not delivered again"),
+        "{}",
+        retry.message
+    );
+    within(T, "push", api.push_to_room(room_push("dedup", "next"))).await??;
+    let m = next_msg(&mut c).await?;
+    assert_eq!(
+        (m.seq, m.data),
+        (2, Some("next".into())),
+        "the repeat was not delivered"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscriber_fails_over_to_another_node_and_recovers() -> anyhow::Result<()> {
+    let mut cluster = cluster(2).await?;
+    let mut api = cluster.push_client().await?;
+    let mut opts = SubscriberOptions::new(&cluster.nodes[0].ws_url(), "sam", &["ops"]);
+    opts.urls.push(cluster.nodes[1].ws_url());
+    opts.min_backoff = Duration::from_millis(20);
+    let mut sub = within(T, "subscribe", Subscriber::connect(opts)).await??;
+    assert!(matches!(
+        within(T, "event", sub.next_event()).await??,
+        Event::Connected { .. }
+    ));
+    within(T, "push", api.push_to_room(room_push("ops", "before"))).await??;
+    assert!(
+        matches!(within(T, "event", sub.next_event()).await??, Event::Message(m) if m.seq == 1)
+    );
+
+    // node-1 drains (close 4000): the subscriber moves to node-2.
+    cluster.node("node-1")?.stop().await?;
+    within(T, "push", api.push_to_room(room_push("ops", "during"))).await??;
+    let mut events = Vec::new();
+    while !events.iter().any(|e| matches!(e, Event::Message(_))) {
+        events.push(within(T, "event", sub.next_event()).await??);
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Disconnected { code: 4000, .. })),
+        "{events:?}"
+    );
+    let recovered = events.iter().find_map(|e| match e {
+        Event::Connected { session, recovered } => {
+            Some((session.node_id.clone(), recovered.clone()))
+        }
+        _ => None,
+    });
+    let (node, recovered) = recovered.context("reconnected")?;
+    assert_eq!(node, "node-2");
+    assert_eq!(recovered.get("room:ops"), Some(&true));
+    match events.last() {
+        Some(Event::Message(m)) => assert_eq!((m.seq, m.data.clone()), (2, Some("during".into()))),
+        other => panic!("expected the missed message, got {other:?}"),
+    }
+    Ok(())
+}
