@@ -522,6 +522,7 @@ impl Cli {
                         a.node_timeout_secs,
                     )?,
                     streams: a.history.config()?,
+                    ..Default::default()
                 };
                 Plan::Controller {
                     base,

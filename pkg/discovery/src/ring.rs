@@ -56,10 +56,24 @@ impl<T> Ring<T> {
         self.members.is_empty()
     }
 
+    /// Identity of the membership this ring was built from: equal on every
+    /// process that sees the same controllers.
+    pub fn id(&self) -> u64 {
+        ring_id(self.members.iter().map(|(id, _)| id.as_str()))
+    }
+
     /// Member ids with their payloads, sorted by id.
     pub fn members(&self) -> impl Iterator<Item = (&str, &T)> {
         self.members.iter().map(|(id, t)| (id.as_str(), t))
     }
+}
+
+/// Identity of a set of member ids (order does not matter).
+pub fn ring_id<'a>(ids: impl IntoIterator<Item = &'a str>) -> u64 {
+    let mut ids: Vec<&str> = ids.into_iter().collect();
+    ids.sort_unstable();
+    ids.dedup();
+    hash(ids.join("\n").as_bytes())
 }
 
 /// FNV-1a followed by a SplitMix64 finalizer: stable across processes and
@@ -88,6 +102,13 @@ mod tests {
         (0..n)
             .map(|i| r.owner(&format!("room:{i}")).unwrap().0.to_owned())
             .collect()
+    }
+
+    #[test]
+    fn ring_ids_depend_on_members_only() {
+        assert_eq!(ring(&["a", "b"]).id(), ring(&["b", "a"]).id());
+        assert_ne!(ring(&["a", "b"]).id(), ring(&["a", "b", "c"]).id());
+        assert_eq!(ring(&["a", "b"]).id(), ring_id(["b", "a"]));
     }
 
     #[test]

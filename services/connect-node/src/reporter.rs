@@ -402,6 +402,7 @@ impl Reporter {
                 full: true,
                 keys,
                 grpc_addr: self.cfg.grpc_addr.clone(),
+                ring_id: ring.id(),
             };
             (req, waiters)
         });

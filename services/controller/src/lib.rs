@@ -8,6 +8,7 @@
 //! registration disappears (or that falls silent) is dropped.
 
 mod metrics;
+pub mod ownership;
 mod service;
 pub mod state;
 pub mod streams;
@@ -16,7 +17,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use barrage_discovery::{Discovery, Member, Role};
+use barrage_discovery::{Discovery, Member, MemberWatch, Role};
 use barrage_proto::v1::controller_server::ControllerServer;
 use barrage_telemetry::Readiness;
 use parking_lot::Mutex;
@@ -25,6 +26,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
+use ownership::Ownership;
 pub use service::ControllerService;
 use state::{ControllerState, Membership};
 use streams::Streams;
@@ -44,6 +46,11 @@ pub struct Config {
     pub node_timeout: Duration,
     /// History retention.
     pub streams: StreamConfig,
+    /// Virtual nodes per controller on the hash ring.
+    pub ring_vnodes: usize,
+    /// After the controller ring changes, pushes wait at most this long for
+    /// connect-nodes to re-send their state (UNAVAILABLE meanwhile).
+    pub warmup: Duration,
 }
 
 impl Default for Config {
@@ -54,6 +61,8 @@ impl Default for Config {
             lease_ttl: Duration::from_secs(10),
             node_timeout: Duration::from_secs(10),
             streams: StreamConfig::default(),
+            ring_vnodes: barrage_discovery::ring::DEFAULT_VNODES,
+            warmup: Duration::from_secs(5),
         }
     }
 }
@@ -103,9 +112,14 @@ pub async fn run(
     };
     let http_addr = listeners.http.local_addr()?.to_string();
     let metrics = Metrics::new(&registry)?;
+    let ownership = match &discovery {
+        Some(_) => Ownership::on_ring(&cfg.node_id, cfg.warmup),
+        None => Ownership::standalone(&cfg.node_id),
+    };
     let state = Arc::new(Mutex::new(ControllerState {
         members: Membership::new(),
         streams: Streams::new(cfg.streams.clone()),
+        ownership,
     }));
     let readiness = Readiness::new();
     tracing::info!(node_id = %cfg.node_id, %grpc_addr, "controller starting");
@@ -142,24 +156,19 @@ pub async fn run(
     ));
     let registration = match &discovery {
         Some(d) => {
-            let mut nodes = d.watch(Role::ConnectNode).await?;
-            let (state, metrics, stop) = (state.clone(), metrics.clone(), tasks.clone());
-            tokio::spawn(async move {
-                loop {
-                    let alive: HashSet<String> = nodes.current().keys().cloned().collect();
-                    for id in state.lock().members.retain_nodes(&alive) {
-                        tracing::info!(node_id = %id, "connect-node left discovery; dropped its sessions");
-                        metrics
-                            .nodes_dropped
-                            .with_label_values(&["deregistered"])
-                            .inc();
-                    }
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        r = nodes.changed() => if r.is_err() { return },
-                    }
-                }
-            });
+            tokio::spawn(follow_nodes(
+                state.clone(),
+                metrics.clone(),
+                d.watch(Role::ConnectNode).await?,
+                tasks.clone(),
+            ));
+            tokio::spawn(follow_controllers(
+                state.clone(),
+                metrics.clone(),
+                d.watch(Role::Controller).await?,
+                cfg.ring_vnodes,
+                tasks.clone(),
+            ));
             let member = Member {
                 id: cfg.node_id.clone(),
                 role: Role::Controller,
@@ -218,6 +227,69 @@ async fn expire_loop(
         for id in dead {
             tracing::warn!(node_id = %id, "connect-node silent past its timeout; dropped its sessions");
             metrics.nodes_dropped.with_label_values(&["silent"]).inc();
+        }
+    }
+}
+
+/// Drops connect-nodes whose registration disappears.
+async fn follow_nodes(
+    state: Arc<Mutex<ControllerState>>,
+    metrics: Metrics,
+    mut nodes: MemberWatch,
+    stop: CancellationToken,
+) {
+    loop {
+        let alive: HashSet<String> = nodes.current().keys().cloned().collect();
+        let dropped = {
+            let mut s = state.lock();
+            s.ownership.set_alive(alive.clone());
+            s.members.retain_nodes(&alive)
+        };
+        for id in dropped {
+            tracing::info!(node_id = %id, "connect-node left discovery; dropped its sessions");
+            metrics
+                .nodes_dropped
+                .with_label_values(&["deregistered"])
+                .inc();
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = nodes.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Follows the controller ring: forgets keys that moved to another
+/// controller and waits for connect-nodes to re-sync before serving pushes.
+async fn follow_controllers(
+    state: Arc<Mutex<ControllerState>>,
+    metrics: Metrics,
+    mut controllers: MemberWatch,
+    vnodes: usize,
+    stop: CancellationToken,
+) {
+    loop {
+        let ids: Vec<String> = controllers.current().keys().cloned().collect();
+        if !ids.is_empty() {
+            let mut s = state.lock();
+            if s.ownership.set_controllers(ids.clone(), vnodes) {
+                let ControllerState {
+                    members,
+                    streams,
+                    ownership,
+                } = &mut *s;
+                members.retain_keys(|k| ownership.owns(k));
+                streams.retain(|k| ownership.owns(k));
+                metrics.ring_changes.inc();
+                tracing::info!(
+                    controllers = ids.len(),
+                    "controller ring changed; waiting for connect-nodes to re-sync"
+                );
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = controllers.changed() => if r.is_err() { return },
         }
     }
 }

@@ -29,6 +29,10 @@ pub struct Metrics {
     pub resolves: IntCounterVec,
     /// Connect-nodes dropped, by reason (deregistered, silent).
     pub nodes_dropped: IntCounterVec,
+    /// Changes of the controller ring seen.
+    pub ring_changes: IntCounter,
+    /// Pushes refused while the ring was settling or for keys owned elsewhere.
+    pub refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -82,7 +86,20 @@ impl Metrics {
                 ),
                 &["reason"],
             )?,
+            ring_changes: IntCounter::new(
+                "controller_ring_changes_total",
+                "Changes of the controller ring seen by this controller",
+            )?,
+            refused: IntCounterVec::new(
+                Opts::new(
+                    "controller_refused_total",
+                    "Resolve calls refused with UNAVAILABLE, by reason",
+                ),
+                &["reason"],
+            )?,
         };
+        registry.register(Box::new(m.ring_changes.clone()))?;
+        registry.register(Box::new(m.refused.clone()))?;
         registry.register(Box::new(m.keys.clone()))?;
         registry.register(Box::new(m.nodes.clone()))?;
         registry.register(Box::new(m.streams.clone()))?;

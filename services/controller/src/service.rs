@@ -75,6 +75,9 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         let accepted = {
             let mut s = self.state.lock();
+            if r.full {
+                s.ownership.synced(&r.node_id, r.ring_id);
+            }
             let accepted = s.members.sync(
                 &r.node_id,
                 &r.incarnation,
@@ -114,6 +117,22 @@ impl Controller for ControllerService {
         let mut out = ResolveResponse::default();
         let now = tokio::time::Instant::now();
         let mut s = self.state.lock();
+        if !s.ownership.is_ready(now) {
+            self.metrics.refused.with_label_values(&["settling"]).inc();
+            return Err(Status::unavailable(
+                "controller membership is changing and connect-nodes are re-syncing; nothing was delivered, retry shortly",
+            ));
+        }
+        if let Some(key) = keys
+            .iter()
+            .map(ToString::to_string)
+            .find(|k| !s.ownership.owns(k))
+        {
+            self.metrics.refused.with_label_values(&["not_owner"]).inc();
+            return Err(Status::unavailable(format!(
+                "{key} is owned by another controller (membership changing); nothing was delivered, retry shortly"
+            )));
+        }
         for key in keys {
             let kind = match key {
                 StreamKey::Room(_) => "room",

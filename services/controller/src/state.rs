@@ -18,6 +18,8 @@ pub struct ControllerState {
     pub members: Membership,
     /// Stream positions and history.
     pub streams: crate::streams::Streams,
+    /// Which keys are ours, and whether we may serve pushes.
+    pub ownership: crate::ownership::Ownership,
 }
 
 /// Users (with their connection counts) of one key on one node.
@@ -261,6 +263,14 @@ impl Membership {
         };
         node_ids.sort();
         node_ids
+    }
+
+    /// Forgets every key `keep` rejects (keys another controller owns now).
+    pub fn retain_keys(&mut self, keep: impl Fn(&str) -> bool) {
+        self.keys.retain(|k, _| keep(k));
+        for n in self.nodes.values_mut() {
+            n.keys.retain(|k| keep(k));
+        }
     }
 
     /// gRPC address a node reported, if known.

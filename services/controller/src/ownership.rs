@@ -1,0 +1,163 @@
+//! Which keys this controller owns, and whether it is ready to serve them.
+//!
+//! Keys map to controllers through the consistent-hash ring of the live
+//! controllers. When the ring changes, a controller forgets the keys it no
+//! longer owns and, until every live connect-node has re-sent its state on
+//! the new ring (or a warm-up deadline passes), it answers pushes with
+//! UNAVAILABLE rather than resolving them against incomplete membership:
+//! a push is then either delivered or refused, never acknowledged and lost.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use barrage_discovery::ring::Ring;
+use tokio::time::Instant;
+
+/// Ownership and readiness of one controller.
+#[derive(Debug)]
+pub struct Ownership {
+    self_id: String,
+    /// `None` without discovery: this controller owns every key.
+    ring: Option<Ring<()>>,
+    since: Instant,
+    synced: HashSet<String>,
+    alive: HashSet<String>,
+    warm: bool,
+    warmup: Duration,
+}
+
+impl Ownership {
+    /// A controller that owns everything (no discovery) and is ready.
+    pub fn standalone(self_id: &str) -> Self {
+        Ownership {
+            self_id: self_id.to_owned(),
+            ring: None,
+            since: Instant::now(),
+            synced: HashSet::new(),
+            alive: HashSet::new(),
+            warm: true,
+            warmup: Duration::ZERO,
+        }
+    }
+
+    /// A controller on a ring; not ready until nodes sync or `warmup` passes.
+    pub fn on_ring(self_id: &str, warmup: Duration) -> Self {
+        Ownership {
+            self_id: self_id.to_owned(),
+            ring: Some(Ring::new([(self_id.to_owned(), ())], 1)),
+            since: Instant::now(),
+            synced: HashSet::new(),
+            alive: HashSet::new(),
+            warm: false,
+            warmup,
+        }
+    }
+
+    /// Whether `key` is this controller's.
+    pub fn owns(&self, key: &str) -> bool {
+        match &self.ring {
+            None => true,
+            Some(r) => r.owner(key).is_none_or(|(id, _)| id == self.self_id),
+        }
+    }
+
+    /// The ring id nodes must sync on.
+    pub fn ring_id(&self) -> Option<u64> {
+        self.ring.as_ref().map(Ring::id)
+    }
+
+    /// Installs a new controller membership. Returns true when the ring changed.
+    pub fn set_controllers(
+        &mut self,
+        ids: impl IntoIterator<Item = String>,
+        vnodes: usize,
+    ) -> bool {
+        let Some(old) = &self.ring else {
+            return false;
+        };
+        let ring = Ring::new(ids.into_iter().map(|id| (id, ())), vnodes);
+        if ring.id() == old.id() && ring.len() == old.len() {
+            return false;
+        }
+        self.ring = Some(ring);
+        self.since = Instant::now();
+        self.synced.clear();
+        self.warm = false;
+        true
+    }
+
+    /// The connect-nodes discovery lists.
+    pub fn set_alive(&mut self, alive: HashSet<String>) {
+        self.alive = alive;
+    }
+
+    /// A node sent its full state computed on ring `ring_id`.
+    pub fn synced(&mut self, node: &str, ring_id: u64) {
+        if self.ring_id() == Some(ring_id) {
+            self.synced.insert(node.to_owned());
+        }
+    }
+
+    /// Whether pushes may be resolved now.
+    pub fn is_ready(&mut self, now: Instant) -> bool {
+        if !self.warm
+            && (self.alive.is_subset(&self.synced) || now.duration_since(self.since) >= self.warmup)
+        {
+            self.warm = true;
+        }
+        self.warm
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ready_once_every_live_node_synced_on_the_new_ring() {
+        let mut o = Ownership::on_ring("c1", Duration::from_secs(5));
+        assert!(o.set_controllers(ids(&["c1", "c2"]), 16));
+        o.set_alive(["n1".to_string(), "n2".to_string()].into());
+        let now = Instant::now();
+        assert!(!o.is_ready(now));
+        let ring = o.ring_id().unwrap();
+        o.synced("n1", ring);
+        o.synced("n2", ring ^ 1); // a sync on a stale ring does not count
+        assert!(!o.is_ready(now));
+        o.synced("n2", ring);
+        assert!(o.is_ready(now));
+        assert!(
+            !o.set_controllers(ids(&["c2", "c1"]), 16),
+            "same members, same ring"
+        );
+        assert!(o.is_ready(now));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ready_after_the_warmup_even_if_a_node_never_syncs() {
+        let mut o = Ownership::on_ring("c1", Duration::from_secs(5));
+        o.set_controllers(ids(&["c1"]), 16);
+        o.set_alive(["stuck".to_string()].into());
+        assert!(!o.is_ready(Instant::now()));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(o.is_ready(Instant::now()));
+    }
+
+    #[test]
+    fn keys_split_between_controllers() {
+        let mut a = Ownership::on_ring("a", Duration::ZERO);
+        let mut b = Ownership::on_ring("b", Duration::ZERO);
+        a.set_controllers(ids(&["a", "b"]), 64);
+        b.set_controllers(ids(&["a", "b"]), 64);
+        let keys: Vec<String> = (0..200).map(|i| format!("room:{i}")).collect();
+        let mine_a = keys.iter().filter(|k| a.owns(k)).count();
+        let mine_b = keys.iter().filter(|k| b.owns(k)).count();
+        assert_eq!(mine_a + mine_b, 200, "each key has exactly one owner");
+        assert!(mine_a > 50 && mine_b > 50);
+        assert!(Ownership::standalone("x").owns("room:anything"));
+    }
+}
