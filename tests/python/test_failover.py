@@ -306,3 +306,55 @@ def test_rolling_restart_of_every_connect_node_loses_nothing(barrage_bin, etcd):
         api.close()
     finally:
         c.stop()
+
+
+def test_adding_a_controller_under_load_moves_keys_and_loses_nothing(barrage_bin, etcd):
+    env = {"ETCD_ENDPOINTS": etcd, "LEASE_TTL_SECS": "3"}
+    c = Cluster(barrage_bin)
+    try:
+        c.start("c1", "controller", "--node-id", "c1", "--grpc-port", str(free_port()), env=env)
+        urls = []
+        for i in range(2):
+            port = free_port()
+            urls.append(f"ws://127.0.0.1:{port}/ws")
+            start_node(c, f"node{i}", f"n{i}", port, free_port(), env)
+        api_port = free_port()
+        c.start("manager", "push-manager", "--grpc-port", str(api_port), env=env)
+        api = PushApi(f"127.0.0.1:{api_port}")
+        rooms = [f"g{i}" for i in range(8)]
+        moving = [r for r in rooms if ring_owner({"c1", "c2"}, f"room:{r}") == "c2"]
+        assert moving and len(moving) < len(rooms), "some rooms move to c2, some stay"
+        subs = [ReconnectingSub([urls[i % 2]], f"x{i}", [r]) for i, r in enumerate(rooms)]
+        acked = {r: [] for r in rooms}
+        refused = {r: 0 for r in rooms}
+
+        async def scenario():
+            tasks = start_subs(subs)
+            await wait_connected(subs)
+            for k in range(160):
+                r = rooms[k % len(rooms)]
+                reply = await asyncio.to_thread(api.try_push, "PushToRoom", room_id=r, content=json.dumps({"k": k}))
+                if isinstance(reply, grpc.StatusCode):
+                    assert reply == grpc.StatusCode.UNAVAILABLE, reply
+                    refused[r] += 1
+                else:
+                    assert reply.success, reply.message
+                    acked[r].append({"k": k})
+                if k == 40:
+                    await asyncio.to_thread(
+                        c.start, "c2", "controller", "--node-id", "c2", "--grpc-port", str(free_port()), env=env)
+                await asyncio.sleep(0.02)
+            await wait_received(subs, lambda s: {f"room:{s.rooms[0]}": acked[s.rooms[0]]})
+            await stop_subs(subs, tasks)
+
+        asyncio.run(asyncio.wait_for(scenario(), 120))
+        print(f"moved rooms {moving}; acknowledged {sum(map(len, acked.values()))}; refused {refused}")
+        for s in subs:
+            r = s.rooms[0]
+            s.assert_in_order_once(f"room:{r}")
+            assert s.datas(f"room:{r}") == acked[r]
+            epochs = {e for e, _, _ in s.received[f"room:{r}"]}
+            assert len(epochs) == (2 if r in moving else 1), (r, epochs)
+        api.close()
+    finally:
+        c.stop()
