@@ -33,6 +33,6 @@ cargo test --workspace --all-targets </dev/null
 
 step "pytest tests/python"
 cargo build --bin barrage </dev/null
-PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m pytest -q tests/python </dev/null
+PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m pytest -q -s tests/python </dev/null
 
 step "all tests passed"
