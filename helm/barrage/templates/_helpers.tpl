@@ -1,0 +1,93 @@
+{{/* Name of the release's objects. */}}
+{{- define "barrage.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "barrage.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* Selector labels of one component: call with (dict "ctx" $ "component" "controller"). */}}
+{{- define "barrage.selector" -}}
+app.kubernetes.io/name: {{ .ctx.Chart.Name }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "barrage.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{- define "barrage.etcdEndpoints" -}}
+{{- if .Values.etcd.endpoints -}}
+{{ .Values.etcd.endpoints }}
+{{- else -}}
+http://{{ include "barrage.fullname" . }}-etcd:2379
+{{- end -}}
+{{- end -}}
+
+{{/* Environment every role shares. */}}
+{{- define "barrage.commonEnv" -}}
+- name: ETCD_ENDPOINTS
+  value: {{ include "barrage.etcdEndpoints" . | quote }}
+- name: ETCD_PREFIX
+  value: {{ .Values.etcd.prefix | quote }}
+- name: LEASE_TTL_SECS
+  value: {{ .Values.leaseTtlSecs | quote }}
+- name: LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
+- name: RUST_LOG
+  value: {{ .Values.logLevel | quote }}
+- name: BIND_ADDR
+  value: "0.0.0.0"
+- name: ADVERTISE_HOST
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+{{- end -}}
+
+{{/* Probes on the role's HTTP port. */}}
+{{- define "barrage.probes" -}}
+livenessProbe:
+  httpGet: {path: /healthz, port: metrics}
+  periodSeconds: 10
+  failureThreshold: 3
+readinessProbe:
+  httpGet: {path: /readyz, port: metrics}
+  periodSeconds: 5
+  failureThreshold: 2
+startupProbe:
+  httpGet: {path: /healthz, port: metrics}
+  periodSeconds: 2
+  failureThreshold: 30
+{{- end -}}
+
+{{- define "barrage.podSpecCommon" -}}
+{{- with .ctx.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .ctx.Values.podSecurityContext | nindent 2 }}
+terminationGracePeriodSeconds: {{ .role.terminationGracePeriodSeconds }}
+{{- with .role.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .role.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .role.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
