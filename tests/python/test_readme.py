@@ -9,8 +9,8 @@ import shlex
 from conftest import ROOT, WsClient, grpcurl, grpcurl_bin, run
 
 
-def readme_grpcurl_lines():
-    text = (ROOT / "README.md").read_text()
+def readme_grpcurl_lines(doc="README.md"):
+    text = (ROOT / doc).read_text()
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         lines += [l.strip() for l in block.splitlines() if l.strip().startswith("grpcurl ")]
@@ -79,3 +79,38 @@ def test_invalid_argument_names_the_field(dev):
     assert "content: must not be empty" in p.stderr + p.stdout
     p = grpcurl("-plaintext", "-d", '{"room_id":"nobody"}', dev.api, "barrage.v1.PushManager/GetRoomInfo", check=False)
     assert "NotFound" in p.stderr + p.stdout
+
+
+def test_every_grpcurl_line_of_the_guide_works(dev):
+    """docs/grpcurl.md, line by line, against barrage dev."""
+    ports = {"localhost:50053": dev.api, "localhost:50052": f"127.0.0.1:{dev.node_port}",
+             "localhost:50051": f"127.0.0.1:{dev.controller_port}"}
+
+    async def scenario():
+        alice = await WsClient.connect(f"{dev.ws}?user_id=alice&rooms=r1")
+        bob = await WsClient.connect(f"{dev.ws}?user_id=bob&rooms=r1")
+        outputs = []
+        lines = readme_grpcurl_lines("docs/grpcurl.md")
+        assert len(lines) >= 14
+        for line in lines:
+            for k, v in ports.items():
+                line = line.replace(k, v)
+            args = shlex.split(line)
+            proc = await asyncio.create_subprocess_exec(
+                grpcurl_bin(), *args[1:], stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == 0, f"{line}\n{err.decode()}{out.decode()}"
+            outputs.append((line, out.decode()))
+        first = await alice.next_message()
+        assert first["data"] == {"user": "bob", "text": "hi"} and first["event"] == "comment"
+        once = await alice.next_message()
+        assert once["id"] == "order-42"
+        await alice.close()
+        await bob.close()
+        return outputs
+
+    outputs = run(scenario(), timeout=120)
+    text = "\n".join(o for _, o in outputs)
+    assert '"nodeId": "connect-node-dev"' in text
+    assert '"connections": 2' in text, "Stats on the connect-node"
+    assert text.count("SERVING") >= 3
