@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need, then runs every test of barrage:
-#   - etcd (Debian's etcd-server) when `etcd` is missing,
+#   - etcd (Debian's etcd-server) and Prometheus (promtool and a real
+#     server, for the alert-rule and scrape tests) when missing,
 #   - a Python venv at .venv with the tools the black-box tests use
 #     (grpcio + reflection, websockets, a real grpcurl binary),
 #   - `cargo test --workspace` (unit, contract and end-to-end tests, many of
@@ -14,11 +15,14 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v etcd >/dev/null 2>&1 && [ ! -x /usr/bin/etcd ]; then
-  step "installing etcd-server"
+missing=()
+command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || missing+=(etcd-server)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
+  step "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   as_root apt-get update -qq
-  as_root apt-get install -y -qq etcd-server >/dev/null
+  as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 command -v etcd >/dev/null 2>&1 || export ETCD_BIN=/usr/bin/etcd
 

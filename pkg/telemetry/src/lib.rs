@@ -116,6 +116,19 @@ pub fn ops_router(registry: Registry, readiness: Readiness) -> Router {
         )
 }
 
+/// Routes `/stats`: a JSON snapshot of what the role holds, for operators.
+pub fn stats_route(
+    stats: impl Fn() -> serde_json::Value + Clone + Send + Sync + 'static,
+) -> Router {
+    Router::new().route(
+        "/stats",
+        get(move || {
+            let body = stats();
+            async move { axum::Json(body) }
+        }),
+    )
+}
+
 /// Serves `router` on `listener` until `shutdown` completes.
 pub async fn serve_http(
     listener: TcpListener,

@@ -95,6 +95,11 @@ impl ConnHandle {
         true
     }
 
+    /// Frames waiting in the connection's send queue.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     /// The code the connection is closing with, once asked to close.
     pub fn close_code(&self) -> Option<CloseCode> {
         *self.close_code.lock()
@@ -123,6 +128,10 @@ pub struct HubStats {
     pub users: usize,
     /// Rooms with at least one member.
     pub rooms: usize,
+    /// Frames waiting in send queues, over all connections.
+    pub queued_frames: usize,
+    /// The longest send queue.
+    pub max_queue_depth: usize,
 }
 
 /// Result of a local fan-out.
@@ -392,10 +401,15 @@ impl Hub {
     /// Counts of connections, users and rooms.
     pub fn stats(&self) -> HubStats {
         let st = self.state.read();
+        let depths = st.conns.values().map(|c| c.queued());
+        let (queued_frames, max_queue_depth) =
+            depths.fold((0, 0), |(sum, max), d| (sum + d, max.max(d)));
         HubStats {
             connections: st.conns.len(),
             users: st.users.len(),
             rooms: st.rooms.len(),
+            queued_frames,
+            max_queue_depth,
         }
     }
 
@@ -475,7 +489,9 @@ mod tests {
             HubStats {
                 connections: 2,
                 users: 1,
-                rooms: 0
+                rooms: 0,
+                queued_frames: 0,
+                max_queue_depth: 0
             }
         );
     }

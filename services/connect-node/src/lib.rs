@@ -214,9 +214,25 @@ pub async fn run(
         ws_stop.clone().cancelled_owned(),
     ));
     let http_stop = CancellationToken::new();
+    let stats = {
+        let (hub, node_id) = (hub.clone(), cfg.node_id.clone());
+        move || {
+            let s = hub.stats();
+            serde_json::json!({
+                "role": "connect-node",
+                "node_id": node_id,
+                "connections": s.connections,
+                "users": s.users,
+                "rooms": s.rooms,
+                "queued_frames": s.queued_frames,
+                "max_queue_depth": s.max_queue_depth,
+            })
+        }
+    };
     let http = tokio::spawn(barrage_telemetry::serve_http(
         listeners.http,
-        barrage_telemetry::ops_router(registry.clone(), readiness.clone()),
+        barrage_telemetry::ops_router(registry.clone(), readiness.clone())
+            .merge(barrage_telemetry::stats_route(stats)),
         http_stop.clone().cancelled_owned(),
     ));
 

@@ -87,6 +87,12 @@ impl Metrics {
                 "Missed messages sent to reconnecting clients and offline users",
             )?,
         };
+        for reason in ["draining", "unauthorized", "bad_request"] {
+            m.rejected.with_label_values(&[reason]);
+        }
+        for code in ["1000", "1009", "4000", "4001", "4002", "4100", "4400"] {
+            m.disconnects.with_label_values(&[code]);
+        }
         registry.register(Box::new(m.recovered_messages.clone()))?;
         registry.register(Box::new(m.connections.clone()))?;
         registry.register(Box::new(m.rooms.clone()))?;

@@ -139,9 +139,27 @@ pub async fn run(
     let grpc = tokio::spawn(grpc);
 
     let http_stop = CancellationToken::new();
+    let stats = {
+        let (state, node_id) = (state.clone(), cfg.node_id.clone());
+        move || {
+            let mut s = state.lock();
+            let ready = s.ownership.is_ready(tokio::time::Instant::now());
+            serde_json::json!({
+                "role": "controller",
+                "node_id": node_id,
+                "ready": ready,
+                "connect_nodes": s.members.node_count(),
+                "keys": s.members.key_count(),
+                "streams": s.streams.len(),
+                "history_messages": s.streams.total_messages(),
+                "history_evictions": s.streams.evicted(),
+            })
+        }
+    };
     let http = tokio::spawn(barrage_telemetry::serve_http(
         listeners.http,
-        barrage_telemetry::ops_router(registry.clone(), readiness.clone()),
+        barrage_telemetry::ops_router(registry.clone(), readiness.clone())
+            .merge(barrage_telemetry::stats_route(stats)),
         http_stop.clone().cancelled_owned(),
     ));
 

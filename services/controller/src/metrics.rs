@@ -98,6 +98,24 @@ impl Metrics {
                 &["reason"],
             )?,
         };
+        for outcome in ["applied", "duplicate", "resync", "departed"] {
+            m.reports.with_label_values(&[outcome]);
+        }
+        for kind in ["full", "partial"] {
+            m.syncs.with_label_values(&[kind]);
+        }
+        for kind in ["room", "user", "broadcast"] {
+            m.resolves.with_label_values(&[kind]);
+        }
+        for reason in ["deregistered", "silent"] {
+            m.nodes_dropped.with_label_values(&[reason]);
+        }
+        for reason in ["settling", "not_owner"] {
+            m.refused.with_label_values(&[reason]);
+        }
+        for outcome in ["recovered", "not_recovered", "fresh"] {
+            m.recoveries.with_label_values(&[outcome]);
+        }
         registry.register(Box::new(m.ring_changes.clone()))?;
         registry.register(Box::new(m.refused.clone()))?;
         registry.register(Box::new(m.keys.clone()))?;

@@ -118,6 +118,18 @@ pub async fn run(
     if let Some(w) = peers.nodes {
         tokio::spawn(nodes.clone().follow(w, tasks.clone()));
     }
+    let stats = {
+        let (nodes, controllers, node_id) =
+            (nodes.clone(), controllers.clone(), cfg.node_id.clone());
+        move || {
+            serde_json::json!({
+                "role": "push-manager",
+                "node_id": node_id,
+                "controllers": controllers.len(),
+                "pooled_connect_nodes": nodes.node_ids(),
+            })
+        }
+    };
     let service = PushService::new(
         controllers,
         nodes,
@@ -139,7 +151,8 @@ pub async fn run(
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(barrage_telemetry::serve_http(
         listeners.http,
-        barrage_telemetry::ops_router(registry.clone(), readiness.clone()),
+        barrage_telemetry::ops_router(registry.clone(), readiness.clone())
+            .merge(barrage_telemetry::stats_route(stats)),
         http_stop.clone().cancelled_owned(),
     ));
 

@@ -422,14 +422,12 @@ impl PushService {
                 .node_batch_duration
                 .with_label_values(&[&node])
                 .observe(start.elapsed().as_secs_f64());
+            // Exported from the first batch on, so a node's error rate is 0, not absent.
+            let errors = inner.metrics.node_batch_errors.with_label_values(&[&node]);
             match r {
                 Ok(n) => outcome.delivered += n,
                 Err(e) => {
-                    inner
-                        .metrics
-                        .node_batch_errors
-                        .with_label_values(&[&node])
-                        .inc();
+                    errors.inc();
                     tracing::warn!(node = %node, error = %e, message_id = %body.id, "batch to connect-node failed");
                     outcome.failed.push((node, e));
                 }
