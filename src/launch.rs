@@ -20,7 +20,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
             grpc_port,
             metrics_port,
         } => {
-            barrage_telemetry::init_logging(base.log_format);
+            let _telemetry = telemetry(base.log_format, "barrage-controller")?;
             let listeners = barrage_controller::Listeners {
                 grpc: bind(base.bind, grpc_port, "GRPC_PORT").await?,
                 http: bind(base.bind, metrics_port, "METRICS_PORT").await?,
@@ -42,7 +42,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
             grpc_port,
             metrics_port,
         } => {
-            barrage_telemetry::init_logging(base.log_format);
+            let _telemetry = telemetry(base.log_format, "barrage-push-manager")?;
             let listeners = barrage_push_manager::Listeners {
                 grpc: bind(base.bind, grpc_port, "GRPC_PORT").await?,
                 http: bind(base.bind, metrics_port, "METRICS_PORT").await?,
@@ -72,7 +72,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
             metrics_port,
             ws_port,
         } => {
-            barrage_telemetry::init_logging(base.log_format);
+            let _telemetry = telemetry(base.log_format, "barrage-connect-node")?;
             let listeners = barrage_connect_node::Listeners {
                 ws: bind(base.bind, ws_port, "WS_PORT").await?,
                 grpc: bind(base.bind, grpc_port, "GRPC_PORT").await?,
@@ -94,6 +94,14 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
         Plan::Sub(s) => crate::sub::run(s).await?,
     }
     Ok(())
+}
+
+/// Logging, and trace export when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+fn telemetry(
+    format: barrage_telemetry::LogFormat,
+    service: &str,
+) -> anyhow::Result<barrage_telemetry::TelemetryGuard> {
+    barrage_telemetry::init_telemetry(format, service).map_err(anyhow::Error::msg)
 }
 
 async fn bind(ip: IpAddr, port: u16, setting: &str) -> anyhow::Result<TcpListener> {
@@ -179,7 +187,7 @@ async fn wait_for_signal() {
 
 /// All three roles in one process on an in-process registry.
 async fn dev(d: DevPlan) -> anyhow::Result<()> {
-    barrage_telemetry::init_logging(d.log_format);
+    let _telemetry = telemetry(d.log_format, "barrage-dev")?;
     let discovery = Discovery::in_process();
     let shutdown = on_signal();
 

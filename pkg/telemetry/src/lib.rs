@@ -16,6 +16,9 @@ use axum::routing::get;
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
 
+pub mod trace;
+pub use trace::{inject, server_span};
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
@@ -39,8 +42,58 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
+/// Keeps trace export running; flushes pending spans when dropped.
+#[must_use = "traces stop being exported when the guard is dropped"]
+pub struct TelemetryGuard(Option<opentelemetry_sdk::trace::SdkTracerProvider>);
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = p.force_flush();
+            let _ = p.shutdown();
+        }
+    }
+}
+
 /// Installs the global `tracing` subscriber: `RUST_LOG` filter (default
-/// `info`), text or JSON lines on stderr. Safe to call more than once.
+/// `info`), text or JSON lines on stderr, and OTLP trace export when
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set (`service` names the process unless
+/// `OTEL_SERVICE_NAME` does). Must run inside the Tokio runtime.
+pub fn init_telemetry(format: LogFormat, service: &str) -> Result<TelemetryGuard, String> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
+
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    let provider = if trace::otlp_configured() {
+        Some(trace::provider(service)?)
+    } else {
+        None
+    };
+    // RUST_LOG governs log lines only; traces always carry barrage's own
+    // spans (sampling decides what is kept).
+    let spans =
+        tracing_subscriber::filter::Targets::new().with_target("barrage", tracing::Level::INFO);
+    let otel = provider
+        .as_ref()
+        .map(|p| trace::layer(p).with_filter(spans));
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .try_init();
+    Ok(TelemetryGuard(provider))
+}
+
+/// Installs logging only (no trace export). Safe to call more than once.
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));

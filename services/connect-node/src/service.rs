@@ -40,6 +40,8 @@ impl ConnectNode for ConnectNodeService {
         &self,
         req: Request<PushMessageBatchRequest>,
     ) -> Result<Response<PushMessageBatchResponse>, Status> {
+        let span = barrage_telemetry::server_span("PushMessageBatch", req.metadata());
+        let _entered = span.enter();
         let req = req.into_inner();
         self.metrics.push_batches.inc();
         // Validate the whole batch before delivering any of it.

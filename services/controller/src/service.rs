@@ -104,6 +104,8 @@ impl Controller for ControllerService {
         &self,
         req: Request<ResolveRequest>,
     ) -> Result<Response<ResolveResponse>, Status> {
+        let span = barrage_telemetry::server_span("Resolve", req.metadata());
+        let _entered = span.enter();
         let r = req.into_inner();
         let mut keys = Vec::with_capacity(r.targets.len());
         for t in &r.targets {
@@ -185,6 +187,8 @@ impl Controller for ControllerService {
         &self,
         req: Request<HistoryRequest>,
     ) -> Result<Response<HistoryResponse>, Status> {
+        let span = barrage_telemetry::server_span("History", req.metadata());
+        let _entered = span.enter();
         let r = req.into_inner();
         for q in &r.queries {
             q.key

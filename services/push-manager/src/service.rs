@@ -17,6 +17,7 @@ use barrage_protocol::{RoomId, StreamKey, UserId};
 use futures::future::join_all;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::metrics::Metrics;
 use crate::pool::{ControllerRing, NodePool};
@@ -262,6 +263,7 @@ impl PushService {
     fn controller_request<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
         req.set_timeout(self.inner.controller_timeout);
+        barrage_telemetry::inject(&mut req);
         req
     }
 
@@ -386,6 +388,7 @@ impl PushService {
                 }],
             });
             req.set_timeout(inner.node_timeout);
+            barrage_telemetry::inject(&mut req);
             let timeout = inner.node_timeout;
             async move {
                 let start = Instant::now();
@@ -451,6 +454,7 @@ impl PushManager for PushService {
         &self,
         req: Request<PushToRoomRequest>,
     ) -> Result<Response<PushToRoomResponse>, Status> {
+        let span = barrage_telemetry::server_span("PushToRoom", req.metadata());
         let r = req.into_inner();
         self.observed("PushToRoom", async {
             let room = RoomId::new(r.room_id).map_err(|e| invalid("room_id", e))?;
@@ -483,6 +487,7 @@ impl PushManager for PushService {
                 duplicate: o.duplicate,
             })
         })
+        .instrument(span)
         .await
     }
 
@@ -490,6 +495,7 @@ impl PushManager for PushService {
         &self,
         req: Request<PushToUserRequest>,
     ) -> Result<Response<PushToUserResponse>, Status> {
+        let span = barrage_telemetry::server_span("PushToUser", req.metadata());
         let r = req.into_inner();
         self.observed("PushToUser", async {
             let mut users: Vec<UserId> = Vec::new();
@@ -533,6 +539,7 @@ impl PushManager for PushService {
                 duplicate: o.duplicate,
             })
         })
+        .instrument(span)
         .await
     }
 
@@ -540,6 +547,7 @@ impl PushManager for PushService {
         &self,
         req: Request<BroadcastRequest>,
     ) -> Result<Response<BroadcastResponse>, Status> {
+        let span = barrage_telemetry::server_span("Broadcast", req.metadata());
         let r = req.into_inner();
         self.observed("Broadcast", async {
             let idempotent = !r.message_id.is_empty();
@@ -557,6 +565,7 @@ impl PushManager for PushService {
                 duplicate: o.duplicate,
             })
         })
+        .instrument(span)
         .await
     }
 
@@ -564,6 +573,7 @@ impl PushManager for PushService {
         &self,
         req: Request<GetRoomInfoRequest>,
     ) -> Result<Response<GetRoomInfoResponse>, Status> {
+        let span = barrage_telemetry::server_span("GetRoomInfo", req.metadata());
         let r = req.into_inner();
         self.observed("GetRoomInfo", async {
             let room = RoomId::new(r.room_id.as_str()).map_err(|e| invalid("room_id", e))?;
@@ -574,6 +584,7 @@ impl PushManager for PushService {
                 .map(Response::into_inner)
                 .map_err(|s| controller_error(&id, s))
         })
+        .instrument(span)
         .await
     }
 
@@ -581,6 +592,7 @@ impl PushManager for PushService {
         &self,
         req: Request<GetUserNodeRequest>,
     ) -> Result<Response<GetUserNodeResponse>, Status> {
+        let span = barrage_telemetry::server_span("GetUserNode", req.metadata());
         let r = req.into_inner();
         self.observed("GetUserNode", async {
             let user = UserId::new(r.user_id.as_str()).map_err(|e| invalid("user_id", e))?;
@@ -591,6 +603,7 @@ impl PushManager for PushService {
                 .map(Response::into_inner)
                 .map_err(|s| controller_error(&id, s))
         })
+        .instrument(span)
         .await
     }
 }

@@ -1,0 +1,243 @@
+//! One PushToRoom is one trace: the three roles run as separate processes
+//! exporting OTLP to a collector in this test, and the caller's trace id
+//! (W3C `traceparent`) ends up on spans from push-manager, controller and
+//! connect-node.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use barrage_client::{Client, connect_url};
+use barrage_proto::v1::PushToRoomRequest;
+use barrage_proto::v1::push_manager_client::PushManagerClient;
+use barrage_testkit::cluster::{eventually, within};
+use barrage_testkit::free_port;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const T: Duration = Duration::from_secs(20);
+
+/// (service name, trace id, span name) of every span received.
+type Spans = Arc<Mutex<Vec<(String, Vec<u8>, String)>>>;
+
+#[derive(Clone, Default)]
+struct Collector(Spans);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut out = self.0.lock();
+        for rs in req.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| r.attributes.iter())
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.as_ref())
+                .map(|v| format!("{:?}", v.value))
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    out.push((service.clone(), span.trace_id, span.name));
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_barrage"));
+    cmd.args(args)
+        .env_remove("ETCD_ENDPOINTS")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Ok(Proc(cmd.spawn()?))
+}
+
+async fn ready(port: u16) -> bool {
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    if s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    buf.starts_with(b"HTTP/1.1 200") || buf.starts_with(b"HTTP/1.0 200")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_push_is_one_trace_across_all_three_roles() -> anyhow::Result<()> {
+    barrage_testkit::init_tracing();
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let otlp = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_string()),
+    ];
+    let p = |n: u16| n.to_string();
+    let (c_grpc, c_http) = (free_port()?, free_port()?);
+    let (n_ws, n_grpc, n_http) = (free_port()?, free_port()?, free_port()?);
+    let (m_grpc, m_http) = (free_port()?, free_port()?);
+    let mut with_controller = env.clone();
+    with_controller.push(("CONTROLLER_ADDRESS", format!("127.0.0.1:{c_grpc}")));
+    let _controller = spawn(
+        &[
+            "controller",
+            "--bind-addr",
+            "127.0.0.1",
+            "--grpc-port",
+            &p(c_grpc),
+            "--metrics-port",
+            &p(c_http),
+        ],
+        &env,
+    )?;
+    let _node = spawn(
+        &[
+            "connect-node",
+            "--bind-addr",
+            "127.0.0.1",
+            "--insecure-user-id",
+            "--node-id",
+            "n1",
+            "--ws-port",
+            &p(n_ws),
+            "--grpc-port",
+            &p(n_grpc),
+            "--metrics-port",
+            &p(n_http),
+        ],
+        &with_controller,
+    )?;
+    let _manager = spawn(
+        &[
+            "push-manager",
+            "--bind-addr",
+            "127.0.0.1",
+            "--grpc-port",
+            &p(m_grpc),
+            "--metrics-port",
+            &p(m_http),
+        ],
+        &with_controller,
+    )?;
+    for port in [c_http, n_http, m_http] {
+        eventually(T, "a role to be ready", || async move {
+            ready(port).await.then_some(())
+        })
+        .await?;
+    }
+
+    let url = connect_url(&format!("ws://127.0.0.1:{n_ws}/ws"), "t", &["traced"]);
+    let mut client = within(T, "connect", Client::connect(&url)).await??;
+    let mut api = PushManagerClient::connect(format!("http://127.0.0.1:{m_grpc}")).await?;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut req = tonic::Request::new(PushToRoomRequest {
+        room_id: "traced".into(),
+        content: "x".into(),
+        ..Default::default()
+    });
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01").parse()?,
+    );
+    let resp = within(T, "push", api.push_to_room(req))
+        .await??
+        .into_inner();
+    assert_eq!(resp.delivered_count, 1, "{}", resp.message);
+    within(T, "message", client.next_message())
+        .await??
+        .context("message")?;
+
+    let want: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16))
+        .collect::<Result<_, _>>()?;
+    let services = eventually(T, "spans of all three roles in the caller's trace", || {
+        let spans = collector.0.clone();
+        let want = want.clone();
+        async move {
+            let spans = spans.lock();
+            let mut by_service: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            for (svc, tid, name) in spans.iter().filter(|(_, t, _)| *t == want) {
+                let _ = tid;
+                by_service
+                    .entry(svc.clone())
+                    .or_default()
+                    .insert(name.clone());
+            }
+            (by_service.len() == 3).then_some(by_service)
+        }
+    })
+    .await
+    .with_context(|| {
+        let spans = collector.0.lock();
+        let summary: BTreeSet<(String, String, String)> = spans
+            .iter()
+            .map(|(s, t, n)| {
+                (
+                    s.clone(),
+                    t.iter().map(|b| format!("{b:02x}")).collect(),
+                    n.clone(),
+                )
+            })
+            .collect();
+        format!("spans received: {summary:?}")
+    })?;
+    let names: Vec<&String> = services.keys().collect();
+    assert!(
+        names.iter().any(|s| s.contains("barrage-push-manager")),
+        "{services:?}"
+    );
+    assert!(
+        names.iter().any(|s| s.contains("barrage-controller")),
+        "{services:?}"
+    );
+    assert!(
+        names.iter().any(|s| s.contains("barrage-connect-node")),
+        "{services:?}"
+    );
+    let all: BTreeSet<&String> = services.values().flatten().collect();
+    for span in ["PushToRoom", "Resolve", "PushMessageBatch"] {
+        assert!(
+            all.iter().any(|n| n.as_str() == span),
+            "no {span} span in {services:?}"
+        );
+    }
+    Ok(())
+}
