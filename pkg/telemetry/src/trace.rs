@@ -92,11 +92,17 @@ pub fn inject<T>(req: &mut tonic::Request<T>) {
 }
 
 /// A server span for an incoming call, child of the caller's trace context
-/// when the call carries one.
+/// when the call carries one. Handlers record `message_id` on it, so log
+/// lines and spans of one push carry its id.
 pub fn server_span(method: &'static str, metadata: &MetadataMap) -> tracing::Span {
     let parent =
         opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
-    let span = tracing::info_span!("rpc", otel.name = method, rpc.method = method);
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = method,
+        rpc.method = method,
+        message_id = tracing::field::Empty
+    );
     let _ = span.set_parent(parent);
     span
 }

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub frame_errors: IntCounterVec,
     /// Missed messages sent to reconnecting clients (and offline users).
     pub recovered_messages: IntCounter,
+    /// Time for a session report to be applied by its controller (report lag).
+    pub report_duration: prometheus::Histogram,
 }
 
 impl Metrics {
@@ -86,7 +88,17 @@ impl Metrics {
                 "connect_node_recovered_messages_total",
                 "Missed messages sent to reconnecting clients and offline users",
             )?,
+            report_duration: prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new(
+                    "connect_node_report_duration_seconds",
+                    "Time for a session report or sync to be applied by its controller",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+                ]),
+            )?,
         };
+        registry.register(Box::new(m.report_duration.clone()))?;
         for reason in ["draining", "unauthorized", "bad_request"] {
             m.rejected.with_label_values(&[reason]);
         }

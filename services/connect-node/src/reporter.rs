@@ -362,7 +362,11 @@ impl Reporter {
         r.set_timeout(self.cfg.call_timeout);
         // On error the batch stays in flight and is resent as it is, with
         // the same seq, so a controller that did apply it sees a duplicate.
+        let started = std::time::Instant::now();
         let resp = client.clone().report(r).await?.into_inner();
+        self.metrics
+            .report_duration
+            .observe(started.elapsed().as_secs_f64());
         let mut q = link.queue.lock();
         if resp.resync_required {
             q.full_sync = true;

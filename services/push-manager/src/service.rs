@@ -471,6 +471,7 @@ impl PushManager for PushService {
             let idempotent = !r.message_id.is_empty();
             let body = self.body(r.content, r.binary_content, r.event, r.message_id)?;
             let id = body.id.clone();
+            tracing::Span::current().record("message_id", id.as_str());
             let o = self
                 .push(
                     vec![StreamKey::Room(room)],
@@ -528,6 +529,7 @@ impl PushManager for PushService {
             let idempotent = !r.message_id.is_empty();
             let body = self.body(r.content, r.binary_content, r.event, r.message_id)?;
             let id = body.id.clone();
+            tracing::Span::current().record("message_id", id.as_str());
             let keys = users.into_iter().map(StreamKey::User).collect();
             let o = self.push(keys, body, Vec::new(), idempotent).await?;
             Ok(PushToUserResponse {
@@ -553,6 +555,7 @@ impl PushManager for PushService {
             let idempotent = !r.message_id.is_empty();
             let body = self.body(r.content, r.binary_content, r.event, r.message_id)?;
             let id = body.id.clone();
+            tracing::Span::current().record("message_id", id.as_str());
             let o = self
                 .push(vec![StreamKey::Broadcast], body, Vec::new(), idempotent)
                 .await?;
