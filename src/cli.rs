@@ -29,6 +29,70 @@ enum Command {
     Dev(DevArgs),
     /// Subscribe from the terminal and print messages as they arrive.
     Sub(SubArgs),
+    /// Mint a connection token (HS256) for development and tests.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+struct TokenArgs {
+    /// Shared secret the connect-nodes verify with.
+    #[arg(long, env = "JWT_HS256_SECRET", hide_env_values = true)]
+    secret: String,
+    /// The user the token is for (its `sub`).
+    #[arg(long)]
+    user: String,
+    /// Rooms the token allows (repeat or comma-separate; `prefix*` for a
+    /// prefix). None: any room.
+    #[arg(long = "room", value_delimiter = ',')]
+    rooms: Vec<String>,
+    /// Lifetime, seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl_secs: u64,
+}
+
+/// How connections authenticate.
+#[derive(Debug, Args)]
+struct JwtArgs {
+    /// HS256 shared secret for connection tokens (at least 16 bytes).
+    #[arg(long, env = "JWT_HS256_SECRET", hide_env_values = true)]
+    jwt_hs256_secret: Option<String>,
+    /// PEM public key (RSA for RS256, EC P-256 for ES256) for connection tokens.
+    #[arg(long, env = "JWT_PUBLIC_KEY_FILE")]
+    jwt_public_key_file: Option<std::path::PathBuf>,
+    /// JWKS file with RS256/ES256 public keys for connection tokens.
+    #[arg(long, env = "JWT_JWKS_FILE")]
+    jwt_jwks_file: Option<std::path::PathBuf>,
+    /// Clock skew allowed on `exp`, seconds.
+    #[arg(long, env = "JWT_LEEWAY_SECS", default_value_t = 5)]
+    jwt_leeway_secs: u64,
+}
+
+impl JwtArgs {
+    fn auth(&self) -> Result<barrage_auth::ConnectAuth, ConfigError> {
+        let mut auth = barrage_auth::ConnectAuth::new(Duration::from_secs(self.jwt_leeway_secs));
+        if let Some(s) = self.jwt_hs256_secret.as_deref().filter(|s| !s.is_empty()) {
+            auth = auth
+                .with_hs256_secret(s.as_bytes())
+                .map_err(|e| bad("JWT_HS256_SECRET (--jwt-hs256-secret)", e.to_string()))?;
+        }
+        if let Some(p) = &self.jwt_public_key_file {
+            let setting = "JWT_PUBLIC_KEY_FILE (--jwt-public-key-file)";
+            let pem =
+                std::fs::read(p).map_err(|e| bad(setting, format!("{}: {e}", p.display())))?;
+            auth = auth
+                .with_public_key_pem(&pem)
+                .map_err(|e| bad(setting, format!("{}: {e}", p.display())))?;
+        }
+        if let Some(p) = &self.jwt_jwks_file {
+            let setting = "JWT_JWKS_FILE (--jwt-jwks-file)";
+            let json = std::fs::read_to_string(p)
+                .map_err(|e| bad(setting, format!("{}: {e}", p.display())))?;
+            auth = auth
+                .with_jwks(&json)
+                .map_err(|e| bad(setting, format!("{}: {e}", p.display())))?;
+        }
+        Ok(auth)
+    }
 }
 
 /// Settings every server role shares.
@@ -164,6 +228,10 @@ struct PushLimits {
     /// Most user_ids in one PushToUser.
     #[arg(long, env = "MAX_USER_IDS", default_value_t = 1000)]
     max_user_ids: usize,
+    /// API tokens and scopes: `token=push:room|push:user;token2=*` (scopes:
+    /// push:room, push:user, broadcast, admin, * for all). Empty: open API.
+    #[arg(long, env = "API_TOKENS", default_value = "", hide_env_values = true)]
+    api_tokens: String,
 }
 
 #[derive(Debug, Args)]
@@ -184,6 +252,8 @@ struct ConnectNodeArgs {
     ws_port: u16,
     #[command(flatten)]
     ws: WsArgs,
+    #[command(flatten)]
+    jwt: JwtArgs,
 }
 
 /// WebSocket settings.
@@ -238,6 +308,8 @@ struct DevArgs {
     log_format: LogFormat,
     #[command(flatten)]
     push: PushLimits,
+    #[command(flatten)]
+    jwt: JwtArgs,
 }
 
 #[derive(Debug, Args)]
@@ -325,6 +397,8 @@ pub enum Plan {
     },
     Dev(DevPlan),
     Sub(crate::sub::SubPlan),
+    /// Print a token.
+    Token(String),
 }
 
 /// `barrage dev` settings.
@@ -338,6 +412,7 @@ pub struct DevPlan {
     pub metrics_port: u16,
     pub log_format: LogFormat,
     pub push: barrage_push_manager::Config,
+    pub auth: barrage_auth::ConnectAuth,
 }
 
 fn hostname() -> String {
@@ -454,6 +529,8 @@ impl PushLimits {
             node_timeout: Duration::from_millis(self.push_timeout_ms),
             ..Default::default()
         };
+        cfg.api_auth = barrage_auth::ApiAuth::parse(&self.api_tokens)
+            .map_err(|e| bad("API_TOKENS (--api-tokens)", e.to_string()))?;
         cfg.limits.max_content_bytes = self.max_content_bytes;
         cfg.limits.max_user_ids = self.max_user_ids;
         Ok(cfg)
@@ -561,6 +638,7 @@ impl Cli {
                     ..Default::default()
                 };
                 a.ws.apply(&mut cfg)?;
+                cfg.auth = a.jwt.auth()?;
                 Plan::ConnectNode {
                     base,
                     cfg,
@@ -582,7 +660,28 @@ impl Cli {
                     metrics_port: a.metrics_port,
                     log_format: a.log_format,
                     push: a.push.config("push-manager-dev".into())?,
+                    auth: a.jwt.auth()?,
                 })
+            }
+            Command::Token(a) => {
+                let rooms: Vec<String> = a.rooms.into_iter().filter(|r| !r.is_empty()).collect();
+                let token = barrage_auth::mint(
+                    a.secret.as_bytes(),
+                    &a.user,
+                    (!rooms.is_empty()).then_some(rooms),
+                    Duration::from_secs(a.ttl_secs),
+                )
+                .map_err(|e| bad("JWT_HS256_SECRET (--secret)", e.to_string()))?;
+                if a.secret.len() < 16 {
+                    return Err(bad(
+                        "JWT_HS256_SECRET (--secret)",
+                        "must be at least 16 bytes",
+                    ));
+                }
+                if barrage_protocol::UserId::new(a.user.as_str()).is_err() {
+                    return Err(bad("--user", "must be 1-128 bytes without whitespace"));
+                }
+                Plan::Token(token)
             }
             Command::Sub(a) => Plan::Sub(crate::sub::SubPlan {
                 url: a.url,

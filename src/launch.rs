@@ -92,6 +92,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
         }
         Plan::Dev(d) => dev(d).await?,
         Plan::Sub(s) => crate::sub::run(s).await?,
+        Plan::Token(t) => println!("{t}"),
     }
     Ok(())
 }
@@ -221,6 +222,7 @@ async fn dev(d: DevPlan) -> anyhow::Result<()> {
         barrage_connect_node::Config {
             node_id: "connect-node-dev".into(),
             insecure_user_id: true,
+            auth: d.auth,
             ..Default::default()
         },
         node,

@@ -30,6 +30,8 @@ pub enum CloseCode {
     Unauthorized = 4401,
     /// 4403: not allowed.
     Forbidden = 4403,
+    /// 4405: the connection's token expired and was not refreshed.
+    TokenExpired = 4405,
     /// 4409: kicked by an operator.
     Kicked = 4409,
 }
@@ -53,6 +55,7 @@ impl CloseCode {
             InvalidFrame,
             Unauthorized,
             Forbidden,
+            TokenExpired,
             Kicked,
         ]
         .into_iter()
@@ -81,6 +84,7 @@ impl CloseCode {
             CloseCode::InvalidFrame => "invalid frame",
             CloseCode::Unauthorized => "unauthorized",
             CloseCode::Forbidden => "forbidden",
+            CloseCode::TokenExpired => "token expired",
             CloseCode::Kicked => "kicked",
         }
     }

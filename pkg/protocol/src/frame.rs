@@ -29,6 +29,12 @@ pub enum ClientFrame {
     },
     /// Application-level ping; answered with `pong`.
     Ping,
+    /// Replace the connection's token before it expires; answered with
+    /// `refreshed` (or `error`). The new token must name the same user.
+    Refresh {
+        /// The new JWT.
+        token: String,
+    },
 }
 
 /// A `message` frame as a client decodes it.
@@ -138,6 +144,11 @@ pub enum ServerFrame {
     },
     /// Answer to a client `ping`.
     Pong,
+    /// The connection's token was replaced.
+    Refreshed {
+        /// When the new token expires, seconds since the Unix epoch.
+        expires_at: u64,
+    },
 }
 
 impl ServerFrame {
@@ -165,7 +176,7 @@ pub struct FrameError(String);
 pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
     serde_json::from_str(text).map_err(|e| {
         FrameError(format!(
-            "expected a JSON object with \"type\": join | leave | ping ({e})"
+            "expected a JSON object with \"type\": join | leave | ping | refresh ({e})"
         ))
     })
 }

@@ -313,6 +313,15 @@ impl TestCluster {
 
     /// Starts a push-manager and waits until it is registered.
     pub async fn start_manager(&mut self, id: &str) -> anyhow::Result<&Server> {
+        self.start_manager_with(id, |_| {}).await
+    }
+
+    /// Starts a push-manager with settings adjusted by `tweak`.
+    pub async fn start_manager_with(
+        &mut self,
+        id: &str,
+        tweak: impl FnOnce(&mut barrage_push_manager::Config),
+    ) -> anyhow::Result<&Server> {
         let (grpc, http) = (loopback().await?, loopback().await?);
         let (grpc_addr, http_addr) = (
             grpc.local_addr()?.to_string(),
@@ -326,12 +335,13 @@ impl TestCluster {
         };
         let registry = prometheus::Registry::new();
         let shutdown = CancellationToken::new();
-        let cfg = barrage_push_manager::Config {
+        let mut cfg = barrage_push_manager::Config {
             node_id: id.to_owned(),
             lease_ttl: self.options.lease_ttl,
             node_timeout: self.options.push_timeout,
             ..Default::default()
         };
+        tweak(&mut cfg);
         let task = tokio::spawn({
             let (registry, shutdown) = (registry.clone(), shutdown.clone());
             async move {

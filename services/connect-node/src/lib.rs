@@ -41,6 +41,8 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// Accept `?user_id=` without a token (development only).
     pub insecure_user_id: bool,
+    /// Verifies connection tokens (no keys: only insecure logins, if enabled).
+    pub auth: barrage_auth::ConnectAuth,
     /// Frames one connection's send queue holds before it is closed as slow.
     pub send_queue: usize,
     /// Largest inbound WebSocket frame, bytes.
@@ -70,6 +72,7 @@ impl Default for Config {
             advertise_addr: String::new(),
             lease_ttl: Duration::from_secs(10),
             insecure_user_id: false,
+            auth: barrage_auth::ConnectAuth::new(Duration::from_secs(5)),
             send_queue: 256,
             max_frame_bytes: 64 * 1024,
             max_rooms: 64,
@@ -138,6 +141,11 @@ pub async fn run(
     let http_addr = listeners.http.local_addr()?.to_string();
     let metrics = Metrics::new(&registry)?;
     let readiness = Readiness::new();
+    if !cfg.insecure_user_id && !cfg.auth.is_enabled() {
+        tracing::warn!(
+            "no JWT key configured and insecure logins are off: every connection will be refused"
+        );
+    }
     if cfg.insecure_user_id {
         tracing::warn!(
             "INSECURE: clients may connect with ?user_id= and no token; development only"
@@ -194,6 +202,8 @@ pub async fn run(
         settings: Arc::new(WsSettings {
             node_id: cfg.node_id.clone(),
             insecure_user_id: cfg.insecure_user_id,
+            auth: cfg.auth.clone(),
+            token_leeway: Duration::from_secs(5),
             max_frame_bytes: cfg.max_frame_bytes,
             max_rooms: cfg.max_rooms,
             ping_interval: cfg.ping_interval,

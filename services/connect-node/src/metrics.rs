@@ -99,10 +99,12 @@ impl Metrics {
             )?,
         };
         registry.register(Box::new(m.report_duration.clone()))?;
-        for reason in ["draining", "unauthorized", "bad_request"] {
+        for reason in ["draining", "unauthorized", "forbidden", "bad_request"] {
             m.rejected.with_label_values(&[reason]);
         }
-        for code in ["1000", "1009", "4000", "4001", "4002", "4100", "4400"] {
+        for code in [
+            "1000", "1009", "4000", "4001", "4002", "4100", "4400", "4405",
+        ] {
             m.disconnects.with_label_values(&[code]);
         }
         registry.register(Box::new(m.recovered_messages.clone()))?;

@@ -13,14 +13,16 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use barrage_auth::{AuthError, Claims};
 use barrage_proto::v1::HistoryQuery;
 use barrage_protocol::{
     ClientFrame, CloseCode, RoomId, ServerFrame, StreamKey, StreamPos, StreamState, UserId,
     encode_message_frame, parse_client_frame, parse_positions,
 };
 use futures::{SinkExt, StreamExt};
+use parking_lot::Mutex;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +37,10 @@ pub struct WsSettings {
     pub node_id: String,
     /// Accept `?user_id=` without a token (development only).
     pub insecure_user_id: bool,
+    /// Verifies connection tokens.
+    pub auth: barrage_auth::ConnectAuth,
+    /// Grace after a token's expiry before the connection is closed (4401).
+    pub token_leeway: Duration,
     /// Largest inbound frame in bytes; bigger ones close the connection with 1009.
     pub max_frame_bytes: usize,
     /// Rooms one connection may be in at once.
@@ -65,6 +71,7 @@ pub struct WsState {
 /// Query string of `GET /ws`.
 #[derive(Debug, Deserialize)]
 pub struct ConnectParams {
+    token: Option<String>,
     user_id: Option<String>,
     rooms: Option<String>,
     positions: Option<String>,
@@ -75,10 +82,34 @@ fn reject(state: &WsState, status: StatusCode, reason: &'static str, msg: String
     (status, msg).into_response()
 }
 
-/// `GET /ws?user_id=<id>&rooms=a,b`
+/// The token a client presented: `?token=`, `Authorization: Bearer`, or a
+/// `bearer.<JWT>` WebSocket subprotocol (what browsers can send).
+fn presented_token(params: &ConnectParams, headers: &HeaderMap) -> Option<String> {
+    if let Some(t) = params.token.as_deref().filter(|t| !t.is_empty()) {
+        return Some(t.to_owned());
+    }
+    if let Some(h) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        && let Some(t) = h
+            .strip_prefix("Bearer ")
+            .or_else(|| h.strip_prefix("bearer "))
+    {
+        return Some(t.trim().to_owned());
+    }
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix("bearer.").map(str::to_owned))
+}
+
+/// `GET /ws?token=<JWT>&rooms=a,b` (or `?user_id=` in insecure mode)
 pub async fn ws_handler(
     State(state): State<WsState>,
     Query(params): Query<ConnectParams>,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     if state.draining.is_cancelled() {
@@ -89,15 +120,38 @@ pub async fn ws_handler(
             "node is shutting down; connect to another node\n".into(),
         );
     }
-    if !state.settings.insecure_user_id {
-        return reject(
-            &state,
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "no authentication accepted: this node does not allow ?user_id= (enable the insecure development mode with --insecure-user-id / INSECURE_USER_ID=true)\n".into(),
-        );
-    }
-    let user = match UserId::new(params.user_id.unwrap_or_default()) {
+    let claims = match presented_token(&params, &headers) {
+        Some(token) => match state.settings.auth.verify(&token) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                return reject(
+                    &state,
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    format!("{e}\n"),
+                );
+            }
+        },
+        None if state.settings.insecure_user_id => None,
+        None => {
+            let hint = if state.settings.auth.is_enabled() {
+                AuthError::Missing.to_string()
+            } else {
+                "this node accepts no logins: configure JWT_HS256_SECRET, JWT_PUBLIC_KEY_FILE or JWT_JWKS_FILE (or INSECURE_USER_ID=true for development)".to_owned()
+            };
+            return reject(
+                &state,
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                format!("{hint}\n"),
+            );
+        }
+    };
+    let user_id = match &claims {
+        Some(c) => c.sub.clone(),
+        None => params.user_id.unwrap_or_default(),
+    };
+    let user = match UserId::new(user_id) {
         Ok(u) => u,
         Err(e) => {
             return reject(
@@ -129,6 +183,16 @@ pub async fn ws_handler(
             }
         }
     }
+    if let Some(c) = &claims
+        && let Some(room) = rooms.iter().find(|r| !c.allows_room(r.as_str()))
+    {
+        return reject(
+            &state,
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("rooms: the token does not allow joining {room}\n"),
+        );
+    }
     if rooms.len() > state.settings.max_rooms {
         return reject(
             &state,
@@ -153,13 +217,16 @@ pub async fn ws_handler(
         }
     };
     let s = &state.settings;
+    // Browsers pass the token as a `bearer.<JWT>` subprotocol next to
+    // `barrage`; the handshake must then select `barrage`.
     upgrade
+        .protocols(["barrage"])
         .read_buffer_size(s.io_buffer)
         .write_buffer_size(s.io_buffer)
         .max_write_buffer_size(s.io_buffer.max(s.max_frame_bytes) * 4)
         .max_message_size(s.max_frame_bytes)
         .max_frame_size(s.max_frame_bytes)
-        .on_upgrade(move |socket| serve(state, socket, user, rooms, positions))
+        .on_upgrade(move |socket| serve(state, socket, user, rooms, positions, claims))
 }
 
 async fn serve(
@@ -168,6 +235,7 @@ async fn serve(
     user: UserId,
     rooms: Vec<RoomId>,
     positions: BTreeMap<String, StreamPos>,
+    claims: Option<Claims>,
 ) {
     let hub = state.hub.clone();
     let settings = state.settings.clone();
@@ -231,7 +299,10 @@ async fn serve(
         settings.ping_interval,
         recovery.skip,
     ));
-    let code = read_loop(&state, stream, &conn).await;
+    let session = Session {
+        claims: Mutex::new(claims),
+    };
+    let code = read_loop(&state, stream, &conn, &session).await;
     if let Some(code) = code {
         conn.close_with(code);
     } else {
@@ -308,11 +379,14 @@ async fn read_loop(
     state: &WsState,
     mut stream: futures::stream::SplitStream<WebSocket>,
     conn: &Arc<ConnHandle>,
+    session: &Session,
 ) -> Option<CloseCode> {
     let settings = &state.settings;
     loop {
+        let expires = session.deadline(settings.token_leeway);
         let next = tokio::select! {
             _ = conn.closing() => return conn.close_code(),
+            _ = sleep_until_opt(expires) => return Some(CloseCode::TokenExpired),
             n = tokio::time::timeout(settings.read_timeout, stream.next()) => n,
         };
         let msg = match next {
@@ -329,7 +403,7 @@ async fn read_loop(
             Ok(Some(Ok(m))) => m,
         };
         match msg {
-            Message::Text(text) => handle_text(state, conn, text.as_str()).await,
+            Message::Text(text) => handle_text(state, conn, session, text.as_str()).await,
             Message::Binary(_) => return Some(CloseCode::InvalidFrame),
             Message::Close(_) => return None,
             Message::Ping(_) | Message::Pong(_) => {}
@@ -463,18 +537,71 @@ fn send_error(state: &WsState, conn: &ConnHandle, code: &str, message: String) {
     send_frame(conn, ServerFrame::error(code, message));
 }
 
-async fn handle_text(state: &WsState, conn: &Arc<ConnHandle>, text: &str) {
+/// What a connection proved about itself.
+struct Session {
+    claims: Mutex<Option<Claims>>,
+}
+
+impl Session {
+    /// When the connection must close unless its token is refreshed.
+    fn deadline(&self, leeway: Duration) -> Option<tokio::time::Instant> {
+        let exp = self.claims.lock().as_ref()?.exp;
+        let left = exp.saturating_sub(barrage_auth::now_secs());
+        Some(tokio::time::Instant::now() + Duration::from_secs(left) + leeway)
+    }
+
+    fn allows_room(&self, room: &str) -> bool {
+        self.claims
+            .lock()
+            .as_ref()
+            .is_none_or(|c| c.allows_room(room))
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn handle_text(state: &WsState, conn: &Arc<ConnHandle>, session: &Session, text: &str) {
     let frame = match parse_client_frame(text) {
         Ok(f) => f,
         Err(e) => return send_error(state, conn, "invalid_frame", e.to_string()),
     };
     match frame {
         ClientFrame::Ping => send_frame(conn, ServerFrame::Pong),
+        ClientFrame::Refresh { token } => match state.settings.auth.verify(&token) {
+            Ok(c) if c.sub == conn.user.as_str() => {
+                let expires_at = c.exp;
+                *session.claims.lock() = Some(c);
+                send_frame(conn, ServerFrame::Refreshed { expires_at });
+            }
+            Ok(c) => send_error(
+                state,
+                conn,
+                "forbidden",
+                format!(
+                    "the new token is for {}, this connection is {}",
+                    c.sub, conn.user
+                ),
+            ),
+            Err(e) => send_error(state, conn, "unauthorized", e.to_string()),
+        },
         ClientFrame::Join { room } => {
             let room = match RoomId::new(room) {
                 Ok(r) => r,
                 Err(e) => return send_error(state, conn, "invalid_room", format!("room: {e}")),
             };
+            if !session.allows_room(room.as_str()) {
+                return send_error(
+                    state,
+                    conn,
+                    "forbidden",
+                    format!("the token does not allow joining {room}"),
+                );
+            }
             if state.hub.room_count(conn.id) >= state.settings.max_rooms {
                 return send_error(
                     state,

@@ -37,6 +37,8 @@ pub struct Config {
     pub limits: Limits,
     /// Virtual nodes per controller on the hash ring.
     pub ring_vnodes: usize,
+    /// API tokens and their scopes (none: the API is open).
+    pub api_auth: barrage_auth::ApiAuth,
 }
 
 impl Default for Config {
@@ -48,6 +50,7 @@ impl Default for Config {
             node_timeout: Duration::from_secs(3),
             limits: Limits::default(),
             ring_vnodes: barrage_discovery::ring::DEFAULT_VNODES,
+            api_auth: barrage_auth::ApiAuth::default(),
         }
     }
 }
@@ -136,6 +139,7 @@ pub async fn run(
         metrics.clone(),
         cfg.limits.clone(),
         cfg.node_timeout,
+        cfg.api_auth.clone(),
     );
 
     let (health, grpc) = barrage_proto::grpc_server()?;
@@ -169,6 +173,9 @@ pub async fn run(
         }
         None => None,
     };
+    if !cfg.api_auth.is_enabled() {
+        tracing::warn!("no API_TOKENS configured: anyone who reaches the gRPC port can push");
+    }
     readiness.set(true);
     tracing::info!(node_id = %cfg.node_id, %grpc_addr, "push-manager ready");
 

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use barrage_auth::{AuthError, Scope};
 use barrage_proto::v1::{
     self as pb, BatchMessage, BroadcastRequest, BroadcastResponse, CompleteRequest, DeliveryTarget,
     GetRoomInfoRequest, GetRoomInfoResponse, GetUserNodeRequest, GetUserNodeResponse, MessageBody,
@@ -56,6 +57,7 @@ pub struct PushService {
 }
 
 struct Inner {
+    api_auth: barrage_auth::ApiAuth,
     controllers: Arc<ControllerRing>,
     nodes: Arc<NodePool>,
     metrics: Metrics,
@@ -153,9 +155,11 @@ impl PushService {
         metrics: Metrics,
         limits: Limits,
         node_timeout: Duration,
+        api_auth: barrage_auth::ApiAuth,
     ) -> Self {
         PushService {
             inner: Arc::new(Inner {
+                api_auth,
                 controllers,
                 nodes,
                 metrics,
@@ -250,6 +254,23 @@ impl PushService {
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(0),
         })
+    }
+
+    /// Checks the caller's API token for `scope`.
+    fn authorize<T>(&self, req: &Request<T>, scope: Scope) -> Result<(), Status> {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        self.inner
+            .api_auth
+            .check(header, scope)
+            .map_err(|e| match e {
+                AuthError::Forbidden(_) => Status::permission_denied(e.to_string()),
+                _ => Status::unauthenticated(format!(
+                    "{e} (send 'authorization: Bearer <API token>')"
+                )),
+            })
     }
 
     /// The controller owning `key`, by id, with its client.
@@ -455,8 +476,10 @@ impl PushManager for PushService {
         req: Request<PushToRoomRequest>,
     ) -> Result<Response<PushToRoomResponse>, Status> {
         let span = barrage_telemetry::server_span("PushToRoom", req.metadata());
+        let allowed = self.authorize(&req, Scope::PushRoom);
         let r = req.into_inner();
         self.observed("PushToRoom", async {
+            allowed?;
             let room = RoomId::new(r.room_id).map_err(|e| invalid("room_id", e))?;
             if r.exclude_user_ids.len() > self.inner.limits.max_exclude_user_ids {
                 return Err(invalid(
@@ -497,8 +520,10 @@ impl PushManager for PushService {
         req: Request<PushToUserRequest>,
     ) -> Result<Response<PushToUserResponse>, Status> {
         let span = barrage_telemetry::server_span("PushToUser", req.metadata());
+        let allowed = self.authorize(&req, Scope::PushUser);
         let r = req.into_inner();
         self.observed("PushToUser", async {
+            allowed?;
             let mut users: Vec<UserId> = Vec::new();
             if !r.user_id.is_empty() {
                 users.push(UserId::new(r.user_id).map_err(|e| invalid("user_id", e))?);
@@ -550,8 +575,10 @@ impl PushManager for PushService {
         req: Request<BroadcastRequest>,
     ) -> Result<Response<BroadcastResponse>, Status> {
         let span = barrage_telemetry::server_span("Broadcast", req.metadata());
+        let allowed = self.authorize(&req, Scope::Broadcast);
         let r = req.into_inner();
         self.observed("Broadcast", async {
+            allowed?;
             let idempotent = !r.message_id.is_empty();
             let body = self.body(r.content, r.binary_content, r.event, r.message_id)?;
             let id = body.id.clone();
@@ -577,8 +604,10 @@ impl PushManager for PushService {
         req: Request<GetRoomInfoRequest>,
     ) -> Result<Response<GetRoomInfoResponse>, Status> {
         let span = barrage_telemetry::server_span("GetRoomInfo", req.metadata());
+        let allowed = self.authorize(&req, Scope::Admin);
         let r = req.into_inner();
         self.observed("GetRoomInfo", async {
+            allowed?;
             let room = RoomId::new(r.room_id.as_str()).map_err(|e| invalid("room_id", e))?;
             let (id, mut client) = self.owner(&StreamKey::Room(room).to_string())?;
             client
@@ -596,8 +625,10 @@ impl PushManager for PushService {
         req: Request<GetUserNodeRequest>,
     ) -> Result<Response<GetUserNodeResponse>, Status> {
         let span = barrage_telemetry::server_span("GetUserNode", req.metadata());
+        let allowed = self.authorize(&req, Scope::Admin);
         let r = req.into_inner();
         self.observed("GetUserNode", async {
+            allowed?;
             let user = UserId::new(r.user_id.as_str()).map_err(|e| invalid("user_id", e))?;
             let (id, mut client) = self.owner(&StreamKey::User(user).to_string())?;
             client
