@@ -3,6 +3,7 @@
 //! values stop start-up with the setting's name (exit code 64).
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use barrage_protocol::NodeId;
@@ -120,6 +121,20 @@ struct Common {
     /// Log format: text or json. Verbosity comes from RUST_LOG.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
+    /// PEM certificate served on this process's gRPC port and presented as
+    /// its client certificate to other roles; with GRPC_TLS_KEY_FILE.
+    #[arg(long, env = "GRPC_TLS_CERT_FILE")]
+    grpc_tls_cert_file: Option<PathBuf>,
+    /// PEM private key of GRPC_TLS_CERT_FILE.
+    #[arg(long, env = "GRPC_TLS_KEY_FILE")]
+    grpc_tls_key_file: Option<PathBuf>,
+    /// PEM CA bundle. Set: calls to other roles use TLS verified against it,
+    /// and this gRPC port requires client certificates it signed (mutual TLS).
+    #[arg(long, env = "GRPC_TLS_CA_FILE")]
+    grpc_tls_ca_file: Option<PathBuf>,
+    /// DNS name other roles' certificates must carry (internal hops dial IPs).
+    #[arg(long, env = "GRPC_TLS_SERVER_NAME", default_value = barrage_proto::tls::DEFAULT_SERVER_NAME)]
+    grpc_tls_server_name: String,
 }
 
 #[derive(Debug, Args)]
@@ -280,6 +295,34 @@ struct WsArgs {
     /// Per-connection socket read/write buffer, bytes.
     #[arg(long, env = "WS_BUFFER_BYTES", default_value_t = 4096)]
     ws_buffer_bytes: usize,
+    /// Connections this node accepts; beyond it upgrades get 503.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 100_000)]
+    max_connections: usize,
+    /// Connections one user may hold on one node; beyond it upgrades get 429.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 16)]
+    max_connections_per_user: usize,
+    /// New connections per second from one client IP (429 beyond); 0: unlimited.
+    #[arg(long, env = "NEW_CONNECTIONS_PER_IP_PER_SEC", default_value_t = 0)]
+    new_connections_per_ip_per_sec: u32,
+    /// Frames a client may send per second (bursts of twice that); excess
+    /// frames get a `rate_limited` error frame and are dropped.
+    #[arg(long, env = "CLIENT_MESSAGES_PER_SEC", default_value_t = 20)]
+    client_messages_per_sec: u32,
+    /// Browser origins allowed to open WebSockets (comma-separated, e.g.
+    /// https://app.example.com); empty: any. Requests without Origin pass.
+    #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
+    /// Seconds a client has from TCP accept until its upgrade request is
+    /// read, TLS handshake included; slower clients are dropped.
+    #[arg(long, env = "HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
+    handshake_timeout_secs: u64,
+    /// PEM certificate chain for WebSockets over TLS (wss://); with TLS_KEY_FILE.
+    /// Re-read on SIGHUP and when the file changes.
+    #[arg(long, env = "TLS_CERT_FILE")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key of TLS_CERT_FILE.
+    #[arg(long, env = "TLS_KEY_FILE")]
+    tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -371,6 +414,7 @@ pub struct Base {
     pub advertise_host: String,
     pub lease_ttl: Duration,
     pub log_format: LogFormat,
+    pub grpc_tls: barrage_proto::GrpcTls,
 }
 
 /// What to run, fully validated.
@@ -497,7 +541,22 @@ impl Common {
             _ if !self.bind_addr.is_unspecified() => self.bind_addr.to_string(),
             _ => "127.0.0.1".to_owned(),
         };
+        let grpc_tls = barrage_proto::GrpcTls::load(&barrage_proto::GrpcTlsFiles {
+            cert: self.grpc_tls_cert_file,
+            key: self.grpc_tls_key_file,
+            ca: self.grpc_tls_ca_file,
+            server_name: self.grpc_tls_server_name,
+        })
+        .map_err(|e| {
+            let setting = match e.which {
+                "cert" => "GRPC_TLS_CERT_FILE (--grpc-tls-cert-file)",
+                "key" => "GRPC_TLS_KEY_FILE (--grpc-tls-key-file)",
+                _ => "GRPC_TLS_CA_FILE (--grpc-tls-ca-file)",
+            };
+            bad(setting, e.to_string())
+        })?;
         Ok(Base {
+            grpc_tls,
             cluster,
             bind: self.bind_addr,
             advertise_host,
@@ -584,6 +643,71 @@ impl WsArgs {
         cfg.ping_interval = ping;
         cfg.read_timeout = read;
         cfg.io_buffer = self.ws_buffer_bytes;
+        if self.max_connections == 0 {
+            return Err(bad(
+                "MAX_CONNECTIONS (--max-connections)",
+                "must be at least 1",
+            ));
+        }
+        if self.max_connections_per_user == 0 {
+            return Err(bad(
+                "MAX_CONNECTIONS_PER_USER (--max-connections-per-user)",
+                "must be at least 1",
+            ));
+        }
+        if self.client_messages_per_sec == 0 {
+            return Err(bad(
+                "CLIENT_MESSAGES_PER_SEC (--client-messages-per-sec)",
+                "must be at least 1",
+            ));
+        }
+        for origin in &self.allowed_origins {
+            if !(origin.starts_with("http://") || origin.starts_with("https://"))
+                || origin.ends_with('/')
+            {
+                return Err(bad(
+                    "ALLOWED_ORIGINS (--allowed-origins)",
+                    format!("{origin:?} is not an origin like https://app.example.com"),
+                ));
+            }
+        }
+        cfg.max_connections = self.max_connections;
+        cfg.max_connections_per_user = self.max_connections_per_user;
+        cfg.new_connections_per_ip = self.new_connections_per_ip_per_sec;
+        cfg.messages_per_sec = self.client_messages_per_sec;
+        cfg.allowed_origins = self.allowed_origins.clone();
+        cfg.handshake_timeout = secs(
+            "HANDSHAKE_TIMEOUT_SECS (--handshake-timeout-secs)",
+            self.handshake_timeout_secs,
+        )?;
+        cfg.tls = match (&self.tls_cert_file, &self.tls_key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                let files = barrage_connect_node::listener::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                };
+                match barrage_connect_node::listener::CertStore::load(files.clone()) {
+                    Ok(_) => Some(files),
+                    Err(e @ barrage_connect_node::listener::TlsError::Cert { .. }) => {
+                        return Err(bad("TLS_CERT_FILE (--tls-cert-file)", e.to_string()));
+                    }
+                    Err(e) => return Err(bad("TLS_KEY_FILE (--tls-key-file)", e.to_string())),
+                }
+            }
+            (Some(_), None) => {
+                return Err(bad(
+                    "TLS_KEY_FILE (--tls-key-file)",
+                    "is required with TLS_CERT_FILE",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(bad(
+                    "TLS_CERT_FILE (--tls-cert-file)",
+                    "is required with TLS_KEY_FILE",
+                ));
+            }
+        };
         Ok(())
     }
 }
@@ -604,6 +728,7 @@ impl Cli {
                     )?,
                     streams: a.history.config()?,
                     warmup: Duration::from_secs(a.warmup_secs),
+                    grpc_tls: base.grpc_tls.clone(),
                     ..Default::default()
                 };
                 Plan::Controller {
@@ -622,6 +747,7 @@ impl Cli {
                 )?)?;
                 cfg.advertise_addr = format!("{}:{}", base.advertise_host, a.grpc_port);
                 cfg.lease_ttl = base.lease_ttl;
+                cfg.grpc_tls = base.grpc_tls.clone();
                 Plan::PushManager {
                     base,
                     cfg,
@@ -635,6 +761,7 @@ impl Cli {
                     node_id: node_id("NODE_ID (--node-id)", a.node_id, "connect-node")?,
                     advertise_addr: format!("{}:{}", base.advertise_host, a.grpc_port),
                     lease_ttl: base.lease_ttl,
+                    grpc_tls: base.grpc_tls.clone(),
                     ..Default::default()
                 };
                 a.ws.apply(&mut cfg)?;
@@ -782,6 +909,65 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.contains("MAX_CONTENT_BYTES"), "{err}");
+    }
+
+    #[test]
+    fn limit_and_tls_settings_are_checked() {
+        let node = |extra: &[&str]| {
+            let mut args = vec!["connect-node", "--controller-address", "c:1"];
+            args.extend_from_slice(extra);
+            plan(&args)
+        };
+        for (args, setting) in [
+            (&["--max-connections", "0"][..], "MAX_CONNECTIONS"),
+            (
+                &["--max-connections-per-user", "0"][..],
+                "MAX_CONNECTIONS_PER_USER",
+            ),
+            (
+                &["--client-messages-per-sec", "0"][..],
+                "CLIENT_MESSAGES_PER_SEC",
+            ),
+            (
+                &["--allowed-origins", "app.example.com"][..],
+                "ALLOWED_ORIGINS",
+            ),
+            (
+                &["--allowed-origins", "https://a.example/"][..],
+                "ALLOWED_ORIGINS",
+            ),
+            (
+                &["--handshake-timeout-secs", "0"][..],
+                "HANDSHAKE_TIMEOUT_SECS",
+            ),
+            (
+                &["--tls-cert-file", "/nonexistent/cert.pem"][..],
+                "TLS_KEY_FILE",
+            ),
+            (
+                &["--tls-key-file", "/nonexistent/key.pem"][..],
+                "TLS_CERT_FILE",
+            ),
+            (
+                &[
+                    "--tls-cert-file",
+                    "/nonexistent/cert.pem",
+                    "--tls-key-file",
+                    "/nonexistent/key.pem",
+                ][..],
+                "TLS_CERT_FILE",
+            ),
+        ] {
+            let err = node(args).unwrap_err();
+            assert!(err.contains(setting), "{args:?}: {err}");
+        }
+        assert!(
+            node(&[
+                "--allowed-origins",
+                "https://a.example,http://localhost:3000"
+            ])
+            .is_ok()
+        );
     }
 
     #[test]

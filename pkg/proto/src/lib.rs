@@ -11,6 +11,9 @@ pub mod v1 {
     tonic::include_proto!("barrage.v1");
 }
 
+pub mod tls;
+pub use tls::{GrpcTls, GrpcTlsError, GrpcTlsFiles};
+
 /// Encoded `FileDescriptorSet` of every barrage proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/barrage_descriptor.bin"));
@@ -41,19 +44,34 @@ pub fn reflection_services() -> Result<
 
 /// A gRPC server with what every barrage port serves besides its own
 /// service: the standard health service and server reflection (v1 and
-/// v1alpha). Returns the health reporter to flip serving status with.
-pub fn grpc_server() -> Result<
+/// v1alpha), over TLS when `tls` says so. Returns the health reporter to
+/// flip serving status with.
+pub fn grpc_server(
+    tls: &GrpcTls,
+) -> Result<
     (
         tonic_health::server::HealthReporter,
         tonic::transport::server::Router,
     ),
-    tonic_reflection::server::Error,
+    ServerSetupError,
 > {
     let (health, health_service) = tonic_health::server::health_reporter();
     let (v1, v1alpha) = reflection_services()?;
-    let router = tonic::transport::Server::builder()
+    let router = tls
+        .server()?
         .add_service(health_service)
         .add_service(v1)
         .add_service(v1alpha);
     Ok((health, router))
+}
+
+/// Why a gRPC server could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerSetupError {
+    /// Reflection descriptors did not load.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The TLS configuration was refused.
+    #[error("tls: {0}")]
+    Tls(#[from] tonic::transport::Error),
 }

@@ -89,6 +89,21 @@ impl Server {
         Ok(())
     }
 
+    /// The value of one series, e.g. `connect_node_rejected_total{reason="tls"}`;
+    /// 0 when the series is absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    }
+
     /// The server's `/metrics` text.
     pub fn metrics(&self) -> String {
         let mut buf = Vec::new();

@@ -4,6 +4,7 @@
 //! starts is stopped when its guard is dropped.
 
 pub mod cluster;
+pub mod pki;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

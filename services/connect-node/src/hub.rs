@@ -261,6 +261,16 @@ impl Hub {
         &self.reporter
     }
 
+    /// Open connections on this node.
+    pub fn connection_count(&self) -> usize {
+        self.state.read().conns.len()
+    }
+
+    /// Open connections of one user on this node.
+    pub fn user_connection_count(&self, user: &UserId) -> usize {
+        self.state.read().users.get(user).map_or(0, HashMap::len)
+    }
+
     /// Number of rooms a connection is in.
     pub fn room_count(&self, conn: ConnId) -> usize {
         self.state
@@ -435,6 +445,7 @@ mod tests {
                 heartbeat: Duration::from_secs(1),
                 call_timeout: Duration::from_secs(1),
                 vnodes: 8,
+                tls: barrage_proto::GrpcTls::plaintext(),
             },
             metrics.clone(),
         );

@@ -7,6 +7,7 @@
 //! encoding the frame once.
 
 pub mod hub;
+pub mod listener;
 mod metrics;
 mod reporter;
 mod service;
@@ -63,6 +64,22 @@ pub struct Config {
     pub ring_vnodes: usize,
     /// Time given to connections to close on shutdown.
     pub drain_timeout: Duration,
+    /// Connections this node accepts at most (503 beyond).
+    pub max_connections: usize,
+    /// Connections one user may hold on this node (429 beyond).
+    pub max_connections_per_user: usize,
+    /// New connections per second per client IP; 0: unlimited.
+    pub new_connections_per_ip: u32,
+    /// Frames a client may send per second (burst twice that).
+    pub messages_per_sec: u32,
+    /// Browser origins allowed to connect; empty: any.
+    pub allowed_origins: Vec<String>,
+    /// Time from accept until the upgrade request is read (TLS included).
+    pub handshake_timeout: Duration,
+    /// Serve WebSockets over TLS with these files.
+    pub tls: Option<listener::TlsFiles>,
+    /// TLS of the gRPC port and of calls to other roles.
+    pub grpc_tls: barrage_proto::GrpcTls,
 }
 
 impl Default for Config {
@@ -83,6 +100,14 @@ impl Default for Config {
             ack_timeout: Duration::from_secs(10),
             ring_vnodes: barrage_discovery::ring::DEFAULT_VNODES,
             drain_timeout: Duration::from_secs(5),
+            max_connections: 100_000,
+            max_connections_per_user: 16,
+            new_connections_per_ip: 0,
+            messages_per_sec: 20,
+            allowed_origins: Vec::new(),
+            handshake_timeout: Duration::from_secs(10),
+            tls: None,
+            grpc_tls: barrage_proto::GrpcTls::plaintext(),
         }
     }
 }
@@ -110,12 +135,15 @@ pub enum Error {
     /// Registration failed at start-up.
     #[error("discovery: {0}")]
     Discovery(#[from] barrage_discovery::Error),
-    /// Reflection could not be set up.
-    #[error("reflection: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
+    /// The gRPC server could not be set up (reflection or TLS).
+    #[error("grpc setup: {0}")]
+    Setup(#[from] barrage_proto::ServerSetupError),
     /// Metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The TLS certificate or key did not load.
+    #[error("tls: {0}")]
+    Tls(#[from] listener::TlsError),
 }
 
 /// Runs a connect-node until `shutdown`, then drains: readiness goes false,
@@ -160,6 +188,7 @@ pub async fn run(
             heartbeat: cfg.heartbeat,
             call_timeout: Duration::from_secs(5),
             vnodes: cfg.ring_vnodes,
+            tls: cfg.grpc_tls.clone(),
         },
         metrics.clone(),
     );
@@ -174,17 +203,13 @@ pub async fn run(
         tokio::spawn(async move { reporter.run(&hub, controllers, stop).await });
     }
 
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let (health, grpc_server) = barrage_proto::grpc_server(&cfg.grpc_tls)?;
     health
         .set_serving::<ConnectNodeServer<ConnectNodeService>>()
         .await;
-    let (reflection_v1, reflection_v1alpha) = barrage_proto::reflection_services()?;
     let grpc_stop = CancellationToken::new();
     let grpc = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
+        grpc_server
             .add_service(ConnectNodeServer::new(ConnectNodeService::new(
                 cfg.node_id.clone(),
                 hub.clone(),
@@ -210,18 +235,37 @@ pub async fn run(
             read_timeout: cfg.read_timeout,
             io_buffer: cfg.io_buffer,
             ack_timeout: cfg.ack_timeout,
+            max_connections: cfg.max_connections,
+            max_connections_per_user: cfg.max_connections_per_user,
+            messages_per_sec: cfg.messages_per_sec,
+            allowed_origins: cfg.allowed_origins.clone(),
         }),
         metrics: metrics.clone(),
         draining: draining.clone(),
+        per_ip: std::num::NonZeroU32::new(cfg.new_connections_per_ip)
+            .map(|n| Arc::new(governor::RateLimiter::keyed(governor::Quota::per_second(n)))),
     };
     let ws_router = Router::new()
         .route("/ws", get(ws::ws_handler))
         .with_state(ws_state);
     let ws_stop = CancellationToken::new();
-    let ws = tokio::spawn(barrage_telemetry::serve_http(
+    let tls = match &cfg.tls {
+        Some(files) => {
+            let store = listener::CertStore::load(files.clone())?;
+            tokio::spawn(store.clone().watch(metrics.clone(), ws_stop.clone()));
+            Some(store)
+        }
+        None => None,
+    };
+    let ws = tokio::spawn(listener::serve(
         listeners.ws,
         ws_router,
-        ws_stop.clone().cancelled_owned(),
+        listener::ListenOptions {
+            handshake_timeout: cfg.handshake_timeout,
+            tls,
+        },
+        metrics.clone(),
+        ws_stop.clone(),
     ));
     let http_stop = CancellationToken::new();
     let stats = {

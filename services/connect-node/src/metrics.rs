@@ -31,6 +31,8 @@ pub struct Metrics {
     pub recovered_messages: IntCounter,
     /// Time for a session report to be applied by its controller (report lag).
     pub report_duration: prometheus::Histogram,
+    /// TLS certificate reloads, by result (`ok`, `error`).
+    pub tls_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -97,9 +99,29 @@ impl Metrics {
                     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
                 ]),
             )?,
+            tls_reloads: IntCounterVec::new(
+                Opts::new(
+                    "connect_node_tls_reloads_total",
+                    "TLS certificate reloads by result",
+                ),
+                &["result"],
+            )?,
         };
         registry.register(Box::new(m.report_duration.clone()))?;
-        for reason in ["draining", "unauthorized", "forbidden", "bad_request"] {
+        registry.register(Box::new(m.tls_reloads.clone()))?;
+        for result in ["ok", "error"] {
+            m.tls_reloads.with_label_values(&[result]);
+        }
+        for reason in [
+            "draining",
+            "unauthorized",
+            "forbidden",
+            "bad_request",
+            "origin",
+            "rate_limited",
+            "node_full",
+            "user_limit",
+        ] {
             m.rejected.with_label_values(&[reason]);
         }
         for code in [

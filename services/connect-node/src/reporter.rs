@@ -22,7 +22,7 @@ use barrage_protocol::UserId;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -104,6 +104,8 @@ pub struct ReporterConfig {
     pub call_timeout: Duration,
     /// Virtual nodes per controller on the ring.
     pub vnodes: usize,
+    /// TLS of the calls to controllers.
+    pub tls: barrage_proto::GrpcTls,
 }
 
 /// Routes session changes to their controllers.
@@ -266,7 +268,7 @@ impl Reporter {
     }
 
     fn spawn_link(self: &Arc<Self>, id: &str, addr: &str) -> Arc<Link> {
-        let client = match Endpoint::from_shared(format!("http://{addr}")) {
+        let client = match self.cfg.tls.endpoint(addr) {
             Ok(e) => Some(ControllerClient::new(
                 e.connect_timeout(self.cfg.call_timeout)
                     .tcp_nodelay(true)

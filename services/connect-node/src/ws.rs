@@ -8,11 +8,12 @@
 //! and flushes once.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use barrage_auth::{AuthError, Claims};
@@ -53,6 +54,15 @@ pub struct WsSettings {
     pub io_buffer: usize,
     /// How long a connect or join may wait for the controllers.
     pub ack_timeout: Duration,
+    /// Connections this node accepts at most (503 beyond).
+    pub max_connections: usize,
+    /// Connections one user may hold on this node (429 beyond).
+    pub max_connections_per_user: usize,
+    /// Frames a client may send per second (burst twice that); excess frames
+    /// are answered with a `rate_limited` error and dropped.
+    pub messages_per_sec: u32,
+    /// Browser origins allowed to connect; empty: any.
+    pub allowed_origins: Vec<String>,
 }
 
 /// What the WebSocket handler needs.
@@ -66,6 +76,8 @@ pub struct WsState {
     pub metrics: Metrics,
     /// Cancelled when the node drains: new upgrades are refused.
     pub draining: CancellationToken,
+    /// New connections per second per client IP (429 beyond).
+    pub per_ip: Option<Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>>,
 }
 
 /// Query string of `GET /ws`.
@@ -109,6 +121,7 @@ fn presented_token(params: &ConnectParams, headers: &HeaderMap) -> Option<String
 pub async fn ws_handler(
     State(state): State<WsState>,
     Query(params): Query<ConnectParams>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
@@ -118,6 +131,36 @@ pub async fn ws_handler(
             StatusCode::SERVICE_UNAVAILABLE,
             "draining",
             "node is shutting down; connect to another node\n".into(),
+        );
+    }
+    let settings = &state.settings;
+    if !settings.allowed_origins.is_empty()
+        && let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())
+        && !settings.allowed_origins.iter().any(|o| o == origin)
+    {
+        return reject(
+            &state,
+            StatusCode::FORBIDDEN,
+            "origin",
+            format!("origin {origin} is not allowed\n"),
+        );
+    }
+    if let Some(limiter) = &state.per_ip
+        && limiter.check_key(&peer.ip()).is_err()
+    {
+        return reject(
+            &state,
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many new connections from this address; retry with backoff\n".into(),
+        );
+    }
+    if state.hub.connection_count() >= settings.max_connections {
+        return reject(
+            &state,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node_full",
+            "this node is full; connect to another node\n".into(),
         );
     }
     let claims = match presented_token(&params, &headers) {
@@ -162,6 +205,17 @@ pub async fn ws_handler(
             );
         }
     };
+    if state.hub.user_connection_count(&user) >= settings.max_connections_per_user {
+        return reject(
+            &state,
+            StatusCode::TOO_MANY_REQUESTS,
+            "user_limit",
+            format!(
+                "user {user} already holds {} connections on this node (the limit)\n",
+                settings.max_connections_per_user
+            ),
+        );
+    }
     let mut rooms = Vec::new();
     for r in params
         .rooms
@@ -309,7 +363,14 @@ async fn serve(
         conn.close_with(CloseCode::Normal);
     }
     hub.disconnect(&conn);
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    let mut writer = writer;
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+        .await
+        .is_err()
+    {
+        // The client never took the close frame: drop the socket.
+        writer.abort();
+    }
     let code = conn.close_code().unwrap_or(CloseCode::Normal);
     state
         .metrics
@@ -343,16 +404,14 @@ async fn write_loop(
             _ = conn.closing() => break,
             frame = rx.recv() => {
                 let Some(frame) = frame else { break };
-                let mut ok = true;
-                if !skip.already_sent(&frame) {
-                    ok = sink.feed(Message::Text(frame.frame)).await.is_ok();
-                }
-                while ok && let Ok(frame) = rx.try_recv() {
-                    if !skip.already_sent(&frame) {
-                        ok = sink.feed(Message::Text(frame.frame)).await.is_ok();
-                    }
-                }
-                if !ok || sink.flush().await.is_err() {
+                // A client that stops reading blocks this write; closing
+                // (e.g. as a slow consumer) must still win.
+                let written = tokio::select! {
+                    biased;
+                    _ = conn.closing() => break,
+                    ok = write_ready(&mut sink, &mut rx, &mut skip, frame) => ok,
+                };
+                if !written {
                     conn.close_with(CloseCode::Normal);
                     return;
                 }
@@ -373,6 +432,23 @@ async fn write_loop(
     .await;
 }
 
+/// Feeds `first` and every frame already queued behind it, then flushes once.
+async fn write_ready(
+    sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+    rx: &mut mpsc::Receiver<Outbound>,
+    skip: &mut Skip,
+    first: Outbound,
+) -> bool {
+    let mut next = Some(first);
+    while let Some(frame) = next {
+        if !skip.already_sent(&frame) && sink.feed(Message::Text(frame.frame)).await.is_err() {
+            return false;
+        }
+        next = rx.try_recv().ok();
+    }
+    sink.flush().await.is_ok()
+}
+
 /// Reads client frames until the connection ends. Returns the close code
 /// the server chose, or None when the client went away.
 async fn read_loop(
@@ -382,6 +458,11 @@ async fn read_loop(
     session: &Session,
 ) -> Option<CloseCode> {
     let settings = &state.settings;
+    let rate = NonZeroU32::new(settings.messages_per_sec).unwrap_or(NonZeroU32::MIN);
+    let limiter = governor::RateLimiter::direct(
+        governor::Quota::per_second(rate)
+            .allow_burst(rate.saturating_mul(NonZeroU32::MIN.saturating_add(1))),
+    );
     loop {
         let expires = session.deadline(settings.token_leeway);
         let next = tokio::select! {
@@ -403,6 +484,15 @@ async fn read_loop(
             Ok(Some(Ok(m))) => m,
         };
         match msg {
+            Message::Text(_) if limiter.check().is_err() => send_error(
+                state,
+                conn,
+                "rate_limited",
+                format!(
+                    "more than {} frames per second; this frame was dropped",
+                    settings.messages_per_sec
+                ),
+            ),
             Message::Text(text) => handle_text(state, conn, session, text.as_str()).await,
             Message::Binary(_) => return Some(CloseCode::InvalidFrame),
             Message::Close(_) => return None,

@@ -51,6 +51,8 @@ pub struct Config {
     /// After the controller ring changes, pushes wait at most this long for
     /// connect-nodes to re-send their state (UNAVAILABLE meanwhile).
     pub warmup: Duration,
+    /// TLS of the gRPC port and of calls to other roles.
+    pub grpc_tls: barrage_proto::GrpcTls,
 }
 
 impl Default for Config {
@@ -63,6 +65,7 @@ impl Default for Config {
             streams: StreamConfig::default(),
             ring_vnodes: barrage_discovery::ring::DEFAULT_VNODES,
             warmup: Duration::from_secs(5),
+            grpc_tls: barrage_proto::GrpcTls::plaintext(),
         }
     }
 }
@@ -88,9 +91,9 @@ pub enum Error {
     /// Registration or watching failed at start-up.
     #[error("discovery: {0}")]
     Discovery(#[from] barrage_discovery::Error),
-    /// Reflection could not be set up.
-    #[error("reflection: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
+    /// The gRPC server could not be set up (reflection or TLS).
+    #[error("grpc setup: {0}")]
+    Setup(#[from] barrage_proto::ServerSetupError),
     /// Metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -125,7 +128,7 @@ pub async fn run(
     tracing::info!(node_id = %cfg.node_id, %grpc_addr, "controller starting");
 
     let service = ControllerService::new(state.clone(), metrics.clone());
-    let (health, grpc) = barrage_proto::grpc_server()?;
+    let (health, grpc) = barrage_proto::grpc_server(&cfg.grpc_tls)?;
     health
         .set_serving::<ControllerServer<ControllerService>>()
         .await;

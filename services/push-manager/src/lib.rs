@@ -39,6 +39,8 @@ pub struct Config {
     pub ring_vnodes: usize,
     /// API tokens and their scopes (none: the API is open).
     pub api_auth: barrage_auth::ApiAuth,
+    /// TLS of the gRPC port and of calls to other roles.
+    pub grpc_tls: barrage_proto::GrpcTls,
 }
 
 impl Default for Config {
@@ -51,6 +53,7 @@ impl Default for Config {
             limits: Limits::default(),
             ring_vnodes: barrage_discovery::ring::DEFAULT_VNODES,
             api_auth: barrage_auth::ApiAuth::default(),
+            grpc_tls: barrage_proto::GrpcTls::plaintext(),
         }
     }
 }
@@ -87,9 +90,9 @@ pub enum Error {
     /// Registration failed at start-up.
     #[error("discovery: {0}")]
     Discovery(#[from] barrage_discovery::Error),
-    /// Reflection could not be set up.
-    #[error("reflection: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
+    /// The gRPC server could not be set up (reflection or TLS).
+    #[error("grpc setup: {0}")]
+    Setup(#[from] barrage_proto::ServerSetupError),
     /// Metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -114,10 +117,13 @@ pub async fn run(
     let readiness = Readiness::new();
     let tasks = CancellationToken::new();
 
-    let connect_timeout = Duration::from_secs(2);
-    let controllers = pool::ControllerRing::new(cfg.ring_vnodes, connect_timeout);
+    let dialer = pool::Dialer {
+        connect_timeout: Duration::from_secs(2),
+        tls: cfg.grpc_tls.clone(),
+    };
+    let controllers = pool::ControllerRing::new(cfg.ring_vnodes, dialer.clone());
     tokio::spawn(controllers.clone().follow(peers.controllers, tasks.clone()));
-    let nodes = pool::NodePool::new(metrics.node_connections.clone(), connect_timeout);
+    let nodes = pool::NodePool::new(metrics.node_connections.clone(), dialer);
     if let Some(w) = peers.nodes {
         tokio::spawn(nodes.clone().follow(w, tasks.clone()));
     }
@@ -142,7 +148,7 @@ pub async fn run(
         cfg.api_auth.clone(),
     );
 
-    let (health, grpc) = barrage_proto::grpc_server()?;
+    let (health, grpc) = barrage_proto::grpc_server(&cfg.grpc_tls)?;
     health.set_serving::<PushManagerServer<PushService>>().await;
     let grpc_stop = CancellationToken::new();
     let grpc = tokio::spawn(

@@ -13,11 +13,27 @@ use barrage_proto::v1::controller_client::ControllerClient;
 use parking_lot::RwLock;
 use prometheus::IntGauge;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-/// A lazily connected channel to `addr` (`host:port`).
-pub fn channel(addr: &str, connect_timeout: Duration) -> Option<Channel> {
-    match Endpoint::from_shared(format!("http://{addr}")) {
+/// How channels are dialled: deadline and TLS.
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    /// Deadline of establishing a connection.
+    pub connect_timeout: Duration,
+    /// TLS of the calls.
+    pub tls: barrage_proto::GrpcTls,
+}
+
+impl Dialer {
+    /// A lazily connected channel to `addr` (`host:port`).
+    pub fn channel(&self, addr: &str) -> Option<Channel> {
+        channel(addr, self)
+    }
+}
+
+fn channel(addr: &str, dialer: &Dialer) -> Option<Channel> {
+    let connect_timeout = dialer.connect_timeout;
+    match dialer.tls.endpoint(addr) {
         Ok(e) => Some(
             e.connect_timeout(connect_timeout)
                 .tcp_nodelay(true)
@@ -42,16 +58,16 @@ struct Entry {
 pub struct NodePool {
     nodes: RwLock<HashMap<String, Entry>>,
     gauge: IntGauge,
-    connect_timeout: Duration,
+    dialer: Dialer,
 }
 
 impl NodePool {
     /// An empty pool; its size is exported on `gauge`.
-    pub fn new(gauge: IntGauge, connect_timeout: Duration) -> Arc<Self> {
+    pub fn new(gauge: IntGauge, dialer: Dialer) -> Arc<Self> {
         Arc::new(NodePool {
             nodes: RwLock::new(HashMap::new()),
             gauge,
-            connect_timeout,
+            dialer,
         })
     }
 
@@ -69,7 +85,7 @@ impl NodePool {
             return Some(e.client.clone());
         }
         let addr = addr_hint?;
-        let client = ConnectNodeClient::new(channel(addr, self.connect_timeout)?);
+        let client = ConnectNodeClient::new(self.dialer.channel(addr)?);
         let mut nodes = self.nodes.write();
         nodes.insert(
             node_id.to_owned(),
@@ -89,7 +105,7 @@ impl NodePool {
         nodes.retain(|id, e| members.get(id).is_some_and(|m| m.grpc_addr == e.addr));
         for (id, m) in members {
             if !nodes.contains_key(id)
-                && let Some(ch) = channel(&m.grpc_addr, self.connect_timeout)
+                && let Some(ch) = self.dialer.channel(&m.grpc_addr)
             {
                 nodes.insert(
                     id.clone(),
@@ -129,16 +145,16 @@ type ControllerEntry = (String, ControllerClient<Channel>);
 pub struct ControllerRing {
     ring: RwLock<Arc<Ring<ControllerEntry>>>,
     vnodes: usize,
-    connect_timeout: Duration,
+    dialer: Dialer,
 }
 
 impl ControllerRing {
     /// An empty ring with `vnodes` points per controller.
-    pub fn new(vnodes: usize, connect_timeout: Duration) -> Arc<Self> {
+    pub fn new(vnodes: usize, dialer: Dialer) -> Arc<Self> {
         Arc::new(ControllerRing {
             ring: RwLock::new(Arc::new(Ring::new(Vec::new(), vnodes))),
             vnodes,
-            connect_timeout,
+            dialer,
         })
     }
 
@@ -169,7 +185,7 @@ impl ControllerRing {
                 .map(|(_, e)| e.clone());
             let entry = match reuse {
                 Some(e) => e,
-                None => match channel(&m.grpc_addr, self.connect_timeout) {
+                None => match self.dialer.channel(&m.grpc_addr) {
                     Some(ch) => (m.grpc_addr.clone(), ControllerClient::new(ch)),
                     None => continue,
                 },
