@@ -251,7 +251,7 @@ async fn silent_and_slow_handshakes_are_dropped() -> anyhow::Result<()> {
     for s in [&mut silent, &mut partial] {
         let mut buf = [0u8; 256];
         // The server closes the socket (EOF or reset), possibly after a 408.
-        let _ = within(T, "the server to drop the socket", async {
+        within(T, "the server to drop the socket", async {
             loop {
                 match s.read(&mut buf).await {
                     Ok(0) | Err(_) => return,
