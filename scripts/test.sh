@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need, then runs every test of barrage:
-#   - etcd (Debian's etcd-server) and Prometheus (promtool and a real
-#     server, for the alert-rule and scrape tests) when missing,
+#   - etcd (Debian's etcd-server), Prometheus (promtool and a real
+#     server, for the alert-rule and scrape tests) and openssl (test
+#     certificates for the TLS tests) when missing,
 #   - a Python venv at .venv with the tools the black-box tests use
 #     (grpcio + reflection, websockets, a real grpcurl binary),
 #   - `cargo test --workspace` (unit, contract and end-to-end tests, many of
@@ -18,6 +19,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
 command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || missing+=(etcd-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
