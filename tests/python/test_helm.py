@@ -46,7 +46,36 @@ VARIANTS = {
     "daemonset": {"connectNode": {"kind": "DaemonSet", "autoscaling": {"enabled": True}}},
     "monitoring": {"metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}},
     "dev": {"connectNode": {"insecureUserId": True, "service": {"type": "ClusterIP"}}, "logFormat": "text"},
+    "tls-and-auth": {
+        "tls": {"websocket": {"secretName": "barrage-ws-tls"}, "grpc": {"secretName": "barrage-grpc-tls"}},
+        "auth": {"jwt": {"hs256Secret": "a-long-enough-secret-for-hs256", "jwks": '{"keys":[]}'},
+                 "apiTokens": "svc-chat-7Rk2pW9xQ4mZ8vT1=push:room|push:user"},
+        "otlpEndpoint": "http://otel-collector.observability:4317",
+        "connectNode": {"allowedOrigins": ["https://app.example.com", "https://admin.example.com"],
+                        "newConnectionsPerIpPerSec": 5},
+    },
+    "existing-secrets": {
+        "auth": {"jwt": {"existingSecret": "my-jwt", "existingSecretKeys": ["public-key.pem"]},
+                 "apiTokensExistingSecret": "my-api-tokens"},
+    },
 }
+
+
+def env_of(c):
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+def file_is_mounted(workload, c, path):
+    """The file at `path` comes from a Secret volume mounted in `c`."""
+    volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"].get("volumes", [])}
+    for m in c.get("volumeMounts", []):
+        prefix = m["mountPath"].rstrip("/") + "/"
+        if path.startswith(prefix):
+            secret = volumes[m["name"]]["secret"]
+            key = path[len(prefix):]
+            items = secret.get("items")
+            return secret["secretName"], (items is None or any(i["path"] == key for i in items))
+    return None, False
 
 
 def test_lint_is_clean():
@@ -103,6 +132,50 @@ def test_variants_change_what_they_should():
     assert by_kind(mon, "ServiceMonitor")[0]["spec"]["endpoints"][0]["port"] == "metrics"
 
 
+def test_tls_and_auth_come_from_secrets():
+    docs, out = render(VARIANTS["tls-and-auth"])
+    [secret] = by_kind(docs, "Secret")
+    assert secret["metadata"]["name"] == "demo-barrage-auth"
+    assert set(secret["stringData"]) == {"hs256-secret", "jwks.json", "api-tokens"}
+    for workload, c in containers(docs):
+        if c["name"] == "etcd":
+            continue
+        env = env_of(c)
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == "http://otel-collector.observability:4317"
+        assert env["GRPC_TLS_SERVER_NAME"]["value"] == "barrage"
+        files = {k: v["value"] for k, v in env.items() if k.endswith("_FILE")}
+        assert {"GRPC_TLS_CERT_FILE", "GRPC_TLS_KEY_FILE", "GRPC_TLS_CA_FILE"} <= set(files)
+        for name, path in files.items():
+            secret_name, has_key = file_is_mounted(workload, c, path)
+            assert secret_name and has_key, f"{c['name']}: {name}={path} is not mounted from a Secret"
+            if name.startswith("GRPC_TLS"):
+                assert secret_name == "barrage-grpc-tls"
+        if c["name"] == "connect-node":
+            assert env["JWT_HS256_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "demo-barrage-auth", "key": "hs256-secret"}
+            assert file_is_mounted(workload, c, files["TLS_CERT_FILE"])[0] == "barrage-ws-tls"
+            assert file_is_mounted(workload, c, files["JWT_JWKS_FILE"])[0] == "demo-barrage-auth"
+            assert "JWT_PUBLIC_KEY_FILE" not in env
+            assert env["ALLOWED_ORIGINS"]["value"] == "https://app.example.com,https://admin.example.com"
+        if c["name"] == "push-manager":
+            assert env["API_TOKENS"]["valueFrom"]["secretKeyRef"] == {"name": "demo-barrage-auth", "key": "api-tokens"}
+    notes = out["barrage/templates/NOTES.txt"]
+    assert "grpcurl -cacert ca.crt -cert client.crt -key client.key -servername barrage localhost:50053 list" in notes
+    assert "-H 'authorization: Bearer <API token>'" in notes
+
+    docs, _ = render(VARIANTS["existing-secrets"])
+    assert not by_kind(docs, "Secret"), "nothing to create when the Secrets are the operator's"
+    for workload, c in containers(docs):
+        env = env_of(c)
+        if c["name"] == "connect-node":
+            assert "JWT_HS256_SECRET" not in env and "JWT_JWKS_FILE" not in env
+            assert file_is_mounted(workload, c, env["JWT_PUBLIC_KEY_FILE"]["value"]) == ("my-jwt", True)
+        if c["name"] == "push-manager":
+            assert env["API_TOKENS"]["valueFrom"]["secretKeyRef"]["name"] == "my-api-tokens"
+    default, out = render()
+    assert not by_kind(default, "Secret")
+    assert "no client can connect yet" in out["barrage/templates/NOTES.txt"]
+
+
 def test_the_chart_ships_the_same_alert_rules():
     assert (CHART / "files" / "alerts.yml").read_text() == (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()
 
@@ -116,10 +189,28 @@ def test_schema_rejects_bad_values():
 
 def binary_env(barrage_bin, role):
     out = subprocess.run([str(barrage_bin), role, "--help"], capture_output=True, text=True, timeout=30).stdout
-    return set(re.findall(r"\[env: ([A-Z_]+)=", out))
+    # Settings with hidden values print as [env: NAME] rather than [env: NAME=value].
+    return set(re.findall(r"\[env: ([A-Z0-9_]+)[=\]]", out))
+
+
+# Read by the binary but meaningless under the chart: the chart always uses etcd.
+NOT_FOR_THE_CHART = {"CONTROLLER_ADDRESS"}
 
 
 def test_chart_env_matches_what_the_binary_reads(barrage_bin):
+    chart_sets = {}
+    for variant in ("default", "tls-and-auth", "existing-secrets"):
+        docs, _ = render(VARIANTS[variant])
+        for _, c in containers(docs):
+            if c["name"] != "etcd":
+                chart_sets.setdefault(c["args"][0], set()).update(e["name"] for e in c["env"])
+    for role, chart_env in chart_sets.items():
+        reads = binary_env(barrage_bin, role)
+        assert "JWT_HS256_SECRET" in reads or role != "connect-node", "hidden-value settings are seen"
+        extra = chart_env - reads - {"RUST_LOG", "OTEL_EXPORTER_OTLP_ENDPOINT"}
+        assert not extra, f"{role}: the chart sets settings the binary does not read: {extra}"
+        unexposed = reads - chart_env - NOT_FOR_THE_CHART
+        assert not unexposed, f"{role}: settings the chart cannot set: {unexposed}"
     docs, _ = render(VARIANTS["default"])
     seen_roles = set()
     for _, c in containers(docs):
@@ -128,8 +219,6 @@ def test_chart_env_matches_what_the_binary_reads(barrage_bin):
         role = c["args"][0]
         seen_roles.add(role)
         chart_env = {e["name"] for e in c["env"]}
-        reads = binary_env(barrage_bin, role) | {"RUST_LOG"}
-        assert chart_env <= reads, f"{role}: the chart sets settings the binary does not read: {chart_env - reads}"
         must = {"ETCD_ENDPOINTS", "ADVERTISE_HOST", "GRPC_PORT", "METRICS_PORT",
                 "MANAGER_ID" if role == "push-manager" else "NODE_ID"}
         assert must <= chart_env, f"{role}: required settings missing: {must - chart_env}"

@@ -23,7 +23,7 @@ ROLES = ["controller", "push-manager", "connect-node"]
 
 def help_env(barrage_bin, role):
     out = subprocess.run([str(barrage_bin), role, "--help"], capture_output=True, text=True, timeout=30).stdout
-    return set(re.findall(r"\[env: ([A-Z_]+)=", out))
+    return set(re.findall(r"\[env: ([A-Z0-9_]+)[=\]]", out))
 
 
 def test_every_setting_is_documented_in_the_readme(barrage_bin):

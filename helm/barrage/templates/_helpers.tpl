@@ -52,6 +52,48 @@ http://{{ include "barrage.fullname" . }}-etcd:2379
   valueFrom:
     fieldRef:
       fieldPath: status.podIP
+{{- with .Values.otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+{{- if .Values.tls.grpc.secretName }}
+- name: GRPC_TLS_CERT_FILE
+  value: /etc/barrage/grpc-tls/tls.crt
+- name: GRPC_TLS_KEY_FILE
+  value: /etc/barrage/grpc-tls/tls.key
+- name: GRPC_TLS_CA_FILE
+  value: /etc/barrage/grpc-tls/ca.crt
+- name: GRPC_TLS_SERVER_NAME
+  value: {{ .Values.tls.grpc.serverName | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* Secret holding the chart-managed auth material. */}}
+{{- define "barrage.authSecretName" -}}
+{{ include "barrage.fullname" . }}-auth
+{{- end -}}
+
+{{/* Which JWT keys exist: a dict of hs256/publicKey/jwks to bool, and the Secret name. */}}
+{{- define "barrage.jwtKeys" -}}
+{{- $j := .Values.auth.jwt -}}
+{{- if $j.existingSecret -}}
+{{- toJson (dict "secret" $j.existingSecret "hs256" (has "hs256-secret" $j.existingSecretKeys) "publicKey" (has "public-key.pem" $j.existingSecretKeys) "jwks" (has "jwks.json" $j.existingSecretKeys)) -}}
+{{- else -}}
+{{- toJson (dict "secret" (include "barrage.authSecretName" .) "hs256" (ne $j.hs256Secret "") "publicKey" (ne $j.publicKeyPem "") "jwks" (ne $j.jwks "")) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Volume and mount of the gRPC TLS Secret (call with the root context). */}}
+{{- define "barrage.grpcTlsMount" -}}
+{{- if .Values.tls.grpc.secretName }}
+- {name: grpc-tls, mountPath: /etc/barrage/grpc-tls, readOnly: true}
+{{- end }}
+{{- end -}}
+{{- define "barrage.grpcTlsVolume" -}}
+{{- if .Values.tls.grpc.secretName }}
+- name: grpc-tls
+  secret: {secretName: {{ .Values.tls.grpc.secretName | quote }}}
+{{- end }}
 {{- end -}}
 
 {{/* Probes on the role's HTTP port. */}}
