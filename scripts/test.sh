@@ -8,7 +8,9 @@
 #   - `cargo test --workspace` (unit, contract and end-to-end tests, many of
 #     them against a real etcd started on a free loopback port),
 #   - `pytest tests/python` (the built binary driven as a user would: the
-#     README's grpcurl lines, reflection-only gRPC, multi-process clusters).
+#     README's grpcurl lines, reflection-only gRPC, multi-process clusters),
+#   - the JavaScript client's tests (`npm test` in clients/js: unit tests
+#     and the demo page driven in headless Chromium, Debian's `chromium`).
 # Works unattended (CI=true, no stdin). Usage: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +22,7 @@ missing=()
 command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || missing+=(etcd-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+[ -n "${CHROMIUM:-}" ] || command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -40,5 +43,8 @@ cargo test --workspace --all-targets </dev/null
 step "pytest tests/python"
 cargo build --bin barrage </dev/null
 PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m pytest -q -s tests/python </dev/null
+
+step "JavaScript client: unit tests and the demo page in headless Chromium"
+(cd clients/js && npm ci --no-audit --no-fund --loglevel=error </dev/null && PATH="$PWD/../../.venv/bin:$PATH" npm test </dev/null)
 
 step "all tests passed"

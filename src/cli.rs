@@ -323,6 +323,13 @@ struct WsArgs {
     /// PEM private key of TLS_CERT_FILE.
     #[arg(long, env = "TLS_KEY_FILE")]
     tls_key_file: Option<PathBuf>,
+    /// Serve the live-comments demo page on / and /demo of the WebSocket port.
+    #[arg(long, env = "DEMO_PAGE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    demo_page: bool,
+    /// Push API (host:port of a push-manager) the demo page's comment box
+    /// sends through. Development only: anyone reaching the page can push.
+    #[arg(long, env = "DEMO_PUBLISH_API")]
+    demo_publish_api: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -676,6 +683,27 @@ impl WsArgs {
         cfg.new_connections_per_ip = self.new_connections_per_ip_per_sec;
         cfg.messages_per_sec = self.client_messages_per_sec;
         cfg.allowed_origins = self.allowed_origins.clone();
+        if self.demo_publish_api.is_some() && !self.demo_page {
+            return Err(bad(
+                "DEMO_PUBLISH_API (--demo-publish-api)",
+                "needs DEMO_PAGE=true",
+            ));
+        }
+        if self.demo_page {
+            let publish_api = match self.demo_publish_api.as_deref().map(str::trim) {
+                Some(a) if !a.is_empty() => Some(
+                    host_port("DEMO_PUBLISH_API (--demo-publish-api)", a)?
+                        .trim_start_matches("http://")
+                        .trim_start_matches("https://")
+                        .to_owned(),
+                ),
+                _ => None,
+            };
+            cfg.demo = Some(barrage_connect_node::demo::DemoSettings {
+                publish_api,
+                tls: cfg.grpc_tls.clone(),
+            });
+        }
         cfg.handshake_timeout = secs(
             "HANDSHAKE_TIMEOUT_SECS (--handshake-timeout-secs)",
             self.handshake_timeout_secs,

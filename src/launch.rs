@@ -223,6 +223,10 @@ async fn dev(d: DevPlan) -> anyhow::Result<()> {
             node_id: "connect-node-dev".into(),
             insecure_user_id: true,
             auth: d.auth,
+            demo: Some(barrage_connect_node::demo::DemoSettings {
+                publish_api: Some(api_addr.to_string()),
+                tls: barrage_proto::GrpcTls::plaintext(),
+            }),
             ..Default::default()
         },
         node,

@@ -109,6 +109,19 @@ async fn connection_tokens_are_verified_before_upgrade() -> anyhow::Result<()> {
         "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhbGljZSIsImV4cCI6NDEwMjQ0NDgwMH0.";
     assert_eq!(refused(&format!("{ws}?token={none_alg}")).await.0, 401);
     assert_eq!(refused(&format!("{ws}?token=garbage")).await.0, 401);
+    // The right secret under an algorithm the node was not configured for.
+    let wrong_alg = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS384),
+        &Claims {
+            sub: "alice".into(),
+            exp: now_secs() + 60,
+            rooms: None,
+        },
+        &EncodingKey::from_secret(SECRET),
+    )?;
+    let (status, body) = refused(&format!("{ws}?token={wrong_alg}")).await;
+    assert_eq!(status, 401);
+    assert!(body.contains("HS384"), "{body}");
     let (status, body) = refused(&format!(
         "{ws}?token={}&rooms=vip",
         token("bob", Some(vec!["lobby", "live:*"]), 60)
@@ -119,7 +132,7 @@ async fn connection_tokens_are_verified_before_upgrade() -> anyhow::Result<()> {
 
     let metrics = cluster.nodes[0].metrics();
     assert!(
-        metrics.contains(r#"connect_node_rejected_total{reason="unauthorized"} 5"#),
+        metrics.contains(r#"connect_node_rejected_total{reason="unauthorized"} 6"#),
         "{metrics}"
     );
     assert!(

@@ -45,7 +45,8 @@ VARIANTS = {
     "autoscaling": {"pushManager": {"autoscaling": {"enabled": True}}, "connectNode": {"autoscaling": {"enabled": True}}},
     "daemonset": {"connectNode": {"kind": "DaemonSet", "autoscaling": {"enabled": True}}},
     "monitoring": {"metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}},
-    "dev": {"connectNode": {"insecureUserId": True, "service": {"type": "ClusterIP"}}, "logFormat": "text"},
+    "dev": {"connectNode": {"insecureUserId": True, "service": {"type": "ClusterIP"}, "demo": {"enabled": True}},
+            "logFormat": "text"},
     "tls-and-auth": {
         "tls": {"websocket": {"secretName": "barrage-ws-tls"}, "grpc": {"secretName": "barrage-grpc-tls"}},
         "auth": {"jwt": {"hs256Secret": "a-long-enough-secret-for-hs256", "jwks": '{"keys":[]}'},
@@ -199,7 +200,7 @@ NOT_FOR_THE_CHART = {"CONTROLLER_ADDRESS"}
 
 def test_chart_env_matches_what_the_binary_reads(barrage_bin):
     chart_sets = {}
-    for variant in ("default", "tls-and-auth", "existing-secrets"):
+    for variant in ("default", "tls-and-auth", "existing-secrets", "dev"):
         docs, _ = render(VARIANTS[variant])
         for _, c in containers(docs):
             if c["name"] != "etcd":

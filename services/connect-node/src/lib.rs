@@ -6,6 +6,7 @@
 //! service hands each pushed message to the local connections of its target,
 //! encoding the frame once.
 
+pub mod demo;
 pub mod hub;
 pub mod listener;
 mod metrics;
@@ -80,6 +81,8 @@ pub struct Config {
     pub tls: Option<listener::TlsFiles>,
     /// TLS of the gRPC port and of calls to other roles.
     pub grpc_tls: barrage_proto::GrpcTls,
+    /// Serve the demo page (and its publish endpoint) on the WebSocket port.
+    pub demo: Option<demo::DemoSettings>,
 }
 
 impl Default for Config {
@@ -108,6 +111,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             tls: None,
             grpc_tls: barrage_proto::GrpcTls::plaintext(),
+            demo: None,
         }
     }
 }
@@ -245,9 +249,13 @@ pub async fn run(
         per_ip: std::num::NonZeroU32::new(cfg.new_connections_per_ip)
             .map(|n| Arc::new(governor::RateLimiter::keyed(governor::Quota::per_second(n)))),
     };
-    let ws_router = Router::new()
+    let mut ws_router = Router::new()
         .route("/ws", get(ws::ws_handler))
         .with_state(ws_state);
+    if let Some(d) = &cfg.demo {
+        ws_router = ws_router.merge(demo::router(d));
+        tracing::info!("demo page on / and /demo");
+    }
     let ws_stop = CancellationToken::new();
     let tls = match &cfg.tls {
         Some(files) => {

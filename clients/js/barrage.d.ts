@@ -1,0 +1,114 @@
+// Types of the barrage JavaScript client (barrage.js).
+
+export declare const States: Readonly<{
+  IDLE: "idle";
+  CONNECTING: "connecting";
+  CONNECTED: "connected";
+  RECONNECTING: "reconnecting";
+  CLOSED: "closed";
+}>;
+export type State = (typeof States)[keyof typeof States];
+
+export interface Position {
+  epoch: number;
+  seq: number;
+}
+
+export interface StreamState extends Position {
+  /** Present for streams a position was sent for. */
+  recovered?: boolean;
+}
+
+export interface MessageFrame {
+  type: "message";
+  /** `room:<id>`, `user:<id>` or `broadcast`. */
+  stream: string;
+  id: string;
+  epoch: number;
+  seq: number;
+  event: string;
+  /** The pushed content: parsed JSON when it was JSON, else a string. */
+  data?: unknown;
+  /** Binary payloads, base64. */
+  data_b64?: string;
+  /** Milliseconds since the Unix epoch, when the push was accepted. */
+  timestamp: number;
+}
+
+export interface Session {
+  userId: string;
+  nodeId: string;
+  connId: string;
+  rooms: string[];
+  streams: Record<string, StreamState>;
+  /** False when some stream could not be resumed: refetch what you show. */
+  recovered: boolean;
+}
+
+export interface StateChange {
+  state: State;
+  previous: State;
+  closeCode?: number;
+  closeReason?: string;
+  retryInMs?: number;
+}
+
+export interface ErrorEvent {
+  code: string;
+  message: string;
+}
+
+export interface Events {
+  message: MessageFrame;
+  connected: Session;
+  joined: { room: string };
+  left: { room: string };
+  error: ErrorEvent;
+  refreshed: { expiresAt: number };
+  state: StateChange;
+}
+
+export interface ClientOptions {
+  /** WebSocket URL of a connect-node, e.g. wss://push.example.com/ws */
+  url: string;
+  token?: string;
+  /** Called before every connect attempt; wins over `token`. */
+  getToken?: () => string | Promise<string>;
+  /** `?user_id=` for nodes in insecure development mode. */
+  userId?: string;
+  rooms?: string[];
+  backoff?: { initialMs?: number; maxMs?: number };
+  /** Ping when idle this long; 0 turns it off. Default 20000. */
+  heartbeatMs?: number;
+  /** Message ids remembered for deduplication. Default 1000. */
+  dedupWindow?: number;
+  /** Positions to resume from (e.g. saved from a previous page load). */
+  positions?: Record<string, Position>;
+  /** WebSocket implementation; default the global one. */
+  WebSocket?: unknown;
+}
+
+export declare class BarrageClient {
+  constructor(options: ClientOptions);
+  readonly state: State;
+  readonly session: Session | null;
+  /** Last delivered position of every stream. */
+  readonly positions: Record<string, Position>;
+  readonly rooms: Set<string>;
+  on<E extends keyof Events>(event: E, fn: (payload: Events[E]) => void): () => void;
+  off<E extends keyof Events>(event: E, fn: (payload: Events[E]) => void): void;
+  connect(): void;
+  join(room: string): void;
+  leave(room: string): void;
+  refresh(token: string): boolean;
+  close(): void;
+}
+
+export declare function closeAction(code: number): "reconnect" | "recover" | "refresh" | "stop";
+export declare function backoffDelay(
+  attempt: number,
+  backoff?: { initialMs?: number; maxMs?: number },
+  random?: () => number,
+): number;
+export declare function formatPositions(positions: Record<string, Position>): string;
+export declare function parsePositions(text: string): Record<string, Position>;

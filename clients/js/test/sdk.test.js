@@ -1,0 +1,238 @@
+// Unit tests of the client's own logic: close-code decisions, backoff,
+// positions, deduplication, resume URLs, joins. The WebSocket here is a
+// scripted stand-in so each case controls exactly what the server "says";
+// the end-to-end test (browser.test.js) uses a real cluster and browser.
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+
+import {
+  BarrageClient,
+  States,
+  backoffDelay,
+  closeAction,
+  formatPositions,
+  parsePositions,
+} from "../barrage.js";
+
+class ScriptedSocket {
+  static all = [];
+  constructor(url, protocols) {
+    this.url = new URL(url);
+    this.protocols = protocols;
+    this.sent = [];
+    this.closed = null;
+    ScriptedSocket.all.push(this);
+  }
+  send(text) {
+    this.sent.push(JSON.parse(text));
+  }
+  close(code, reason) {
+    this.closed = { code, reason };
+  }
+  // Server side of the script.
+  frame(obj) {
+    this.onmessage?.({ data: JSON.stringify(obj) });
+  }
+  serverClose(code, reason = "") {
+    this.onclose?.({ code, reason });
+  }
+}
+
+const tick = () => new Promise((r) => setTimeout(r, 0));
+
+/** Resolves once `cond()` holds; fails after `ms`. */
+async function until(what, cond, ms = 3000) {
+  const deadline = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > deadline) assert.fail(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+async function client(options = {}) {
+  ScriptedSocket.all = [];
+  const c = new BarrageClient({
+    url: "ws://node.test/ws",
+    WebSocket: ScriptedSocket,
+    backoff: { initialMs: 1, maxMs: 4 },
+    heartbeatMs: 0,
+    ...options,
+  });
+  c.connect();
+  await tick();
+  return c;
+}
+
+function connected(ws, extra = {}) {
+  ws.frame({ type: "connected", conn_id: "n-1", user_id: "alice", node_id: "n", rooms: [], streams: {}, ...extra });
+}
+
+function message(stream, seq, id = `m${seq}`, epoch = 7) {
+  return { type: "message", stream, id, epoch, seq, event: "message", data: `#${seq}`, timestamp: 0 };
+}
+
+test("close codes map to the documented actions", () => {
+  assert.equal(closeAction(4000), "reconnect");
+  assert.equal(closeAction(4001), "reconnect");
+  assert.equal(closeAction(4100), "recover");
+  assert.equal(closeAction(4405), "refresh");
+  for (const code of [4400, 4401, 4403, 4409, 1009]) assert.equal(closeAction(code), "stop", String(code));
+  for (const code of [1000, 1001, 1006, 1011]) assert.equal(closeAction(code), "reconnect", String(code));
+});
+
+test("backoff grows exponentially to its cap, with full jitter", () => {
+  const opts = { initialMs: 100, maxMs: 1000 };
+  assert.equal(backoffDelay(0, opts, () => 0.999999), 99);
+  assert.equal(backoffDelay(3, opts, () => 0.999999), 799);
+  assert.equal(backoffDelay(10, opts, () => 0.999999), 999);
+  assert.equal(backoffDelay(50, opts, () => 0), 0);
+  for (let i = 0; i < 100; i++) {
+    const d = backoffDelay(4, opts);
+    assert.ok(d >= 0 && d < 1000, String(d));
+  }
+});
+
+test("positions round-trip and reject malformed input", () => {
+  const p = { "room:r1": { epoch: 1838642512266569, seq: 42 }, "user:alice": { epoch: 77, seq: 3 } };
+  const text = formatPositions(p);
+  assert.equal(text, "room:r1@1838642512266569:42,user:alice@77:3");
+  assert.deepEqual(parsePositions(text), p);
+  assert.deepEqual(parsePositions(""), {});
+  for (const bad of ["room:r1", "room:r1@1", "@1:2", "room:r1@x:2"]) {
+    assert.throws(() => parsePositions(bad), /expected <stream>@<epoch>:<seq>/, bad);
+  }
+});
+
+test("messages are delivered once, in order, and positions follow them", async () => {
+  const c = await client({ userId: "alice", rooms: ["r1"] });
+  const got = [];
+  c.on("message", (m) => got.push(m.seq));
+  const [ws] = ScriptedSocket.all;
+  assert.equal(ws.url.searchParams.get("user_id"), "alice");
+  assert.equal(ws.url.searchParams.get("rooms"), "r1");
+  assert.deepEqual(ws.protocols, ["barrage"]);
+  connected(ws, { rooms: ["r1"] });
+  assert.equal(c.state, States.CONNECTED);
+  for (const seq of [1, 2, 2, 3, 1]) ws.frame(message("room:r1", seq));
+  // Same id on a new seq (a retried push) is dropped too.
+  ws.frame(message("room:r1", 4, "m3"));
+  assert.deepEqual(got, [1, 2, 3]);
+  assert.deepEqual(c.positions["room:r1"], { epoch: 7, seq: 4 });
+  c.close();
+});
+
+test("after a drop it reconnects with positions and reports recovery", async () => {
+  const c = await client({ token: "jwt-1", rooms: ["r1"] });
+  const states = [];
+  const sessions = [];
+  c.on("state", (s) => states.push(s.state));
+  c.on("connected", (s) => sessions.push(s.recovered));
+  const [first] = ScriptedSocket.all;
+  assert.deepEqual(first.protocols, ["barrage", "bearer.jwt-1"]);
+  assert.equal(first.url.searchParams.get("token"), null, "the token is not put in the URL");
+  connected(first, { rooms: ["r1"], streams: { "room:r1": { epoch: 7, seq: 0 } } });
+  first.frame(message("room:r1", 1));
+  first.frame(message("room:r1", 2));
+  first.serverClose(4000, "server shutting down, reconnect");
+  await new Promise((r) => setTimeout(r, 20));
+  const second = ScriptedSocket.all[1];
+  assert.ok(second, "reconnected");
+  assert.equal(second.url.searchParams.get("positions"), "room:r1@7:2");
+  assert.equal(second.url.searchParams.get("rooms"), "r1");
+  connected(second, { rooms: ["r1"], streams: { "room:r1": { epoch: 7, seq: 3, recovered: true } } });
+  assert.deepEqual(states, [States.CONNECTED, States.RECONNECTING, States.CONNECTED]);
+  assert.deepEqual(sessions, [true, true]);
+
+  // A stream that cannot be resumed: reported, and positions restart.
+  second.serverClose(1006, "");
+  await new Promise((r) => setTimeout(r, 20));
+  const third = ScriptedSocket.all[2];
+  connected(third, { rooms: ["r1"], streams: { "room:r1": { epoch: 9, seq: 40, recovered: false } } });
+  assert.deepEqual(sessions, [true, true, false]);
+  assert.deepEqual(c.positions["room:r1"], { epoch: 9, seq: 40 });
+  c.close();
+});
+
+test("auth failures and kicks stop reconnecting", async () => {
+  for (const code of [4401, 4403, 4409, 4400]) {
+    const c = await client({ token: "bad" });
+    const errors = [];
+    c.on("error", (e) => errors.push(e.code));
+    ScriptedSocket.all[0].serverClose(code, "nope");
+    await new Promise((r) => setTimeout(r, 20));
+    assert.equal(ScriptedSocket.all.length, 1, `no reconnect after ${code}`);
+    assert.equal(c.state, States.CLOSED);
+    assert.deepEqual(errors, [String(code)]);
+  }
+});
+
+test("an expired token is renewed through getToken before reconnecting", async () => {
+  let n = 0;
+  const c = await client({ getToken: async () => `jwt-${++n}` });
+  connected(ScriptedSocket.all[0]);
+  ScriptedSocket.all[0].serverClose(4405, "token expired");
+  await new Promise((r) => setTimeout(r, 20));
+  assert.deepEqual(ScriptedSocket.all[1].protocols, ["barrage", "bearer.jwt-2"]);
+  c.close();
+
+  const fixed = await client({ token: "jwt" });
+  connected(ScriptedSocket.all[0]);
+  ScriptedSocket.all[0].serverClose(4405, "token expired");
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(ScriptedSocket.all.length, 1, "a fixed token cannot be renewed");
+  assert.equal(fixed.state, States.CLOSED);
+});
+
+test("joins made while connecting are sent once connected; leave forgets the room", async () => {
+  const c = await client({ userId: "alice" });
+  c.join("r2");
+  const [ws] = ScriptedSocket.all;
+  assert.deepEqual(ws.sent, []);
+  connected(ws);
+  assert.deepEqual(ws.sent, [{ type: "join", room: "r2" }]);
+  ws.frame({ type: "joined", room: "r2" });
+  ws.frame(message("room:r2", 1));
+  c.leave("r2");
+  assert.deepEqual(ws.sent.at(-1), { type: "leave", room: "r2" });
+  assert.equal(c.positions["room:r2"], undefined);
+  assert.ok(!c.rooms.has("r2"));
+  c.close();
+  assert.deepEqual(ws.closed, { code: 1000, reason: "bye" });
+});
+
+test("a silent connection is detected by the heartbeat and replaced", async () => {
+  const c = await client({ userId: "alice", heartbeatMs: 300 });
+  const [ws] = ScriptedSocket.all;
+  connected(ws);
+  await until("a ping when idle", () => ws.sent.some((f) => f.type === "ping"));
+  assert.equal(ws.closed, null, "a ping alone does not close");
+  await until("the silent socket to be closed", () => ws.closed !== null);
+  assert.equal(ws.closed.code, 4001);
+  await until("a new socket", () => ScriptedSocket.all.length >= 2);
+  c.close();
+});
+
+test("a failing handler does not break delivery", async () => {
+  const c = await client({ userId: "alice" });
+  const got = [];
+  c.on("message", () => {
+    throw new Error("app bug");
+  });
+  c.on("message", (m) => got.push(m.seq));
+  const [ws] = ScriptedSocket.all;
+  connected(ws);
+  const reported = [];
+  const original = console.error;
+  console.error = (...args) => reported.push(args.join(" "));
+  try {
+    ws.frame(message("user:alice", 1));
+    ws.frame(message("user:alice", 2));
+  } finally {
+    console.error = original;
+  }
+  assert.deepEqual(got, [1, 2]);
+  assert.equal(reported.length, 2);
+  assert.match(reported[0], /"message" handler failed.*app bug/);
+  c.close();
+});
