@@ -18,6 +18,8 @@ pub struct Cli {
     command: Command,
 }
 
+// One value per process, parsed once: the size difference is irrelevant.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a controller: membership and message streams.
@@ -425,6 +427,7 @@ pub struct Base {
 }
 
 /// What to run, fully validated.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Plan {
     Controller {

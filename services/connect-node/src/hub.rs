@@ -256,6 +256,33 @@ impl Hub {
         removed
     }
 
+    /// Removes every local member from `room`, telling each with a `left`
+    /// frame. Returns how many connections were removed.
+    pub fn close_room(&self, room: &RoomId) -> usize {
+        let members: Vec<Arc<ConnHandle>> = self
+            .state
+            .read()
+            .rooms
+            .get(room)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        let left = barrage_protocol::ServerFrame::Left {
+            room: room.to_string(),
+        }
+        .to_json();
+        let mut removed = 0;
+        for conn in members {
+            if self.leave(&conn, room) {
+                removed += 1;
+                conn.queue(Outbound {
+                    frame: left.clone().into(),
+                    position: None,
+                });
+            }
+        }
+        removed
+    }
+
     /// The reporter, for history queries to the controllers.
     pub(crate) fn reporter(&self) -> &Arc<Reporter> {
         &self.reporter

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
 use barrage_proto::v1::{
-    MessageResult, PushMessageBatchRequest, PushMessageBatchResponse, StatsRequest, StatsResponse,
-    connect_node_server::ConnectNode,
+    CloseRoomRequest, CloseRoomResponse, MessageResult, PushMessageBatchRequest,
+    PushMessageBatchResponse, StatsRequest, StatsResponse, connect_node_server::ConnectNode,
 };
 use barrage_protocol::{StreamKey, encode_message_frame};
 use tonic::{Request, Response, Status};
@@ -91,6 +91,22 @@ impl ConnectNode for ConnectNodeService {
             results.push(result);
         }
         Ok(Response::new(PushMessageBatchResponse { results }))
+    }
+
+    async fn close_room(
+        &self,
+        req: Request<CloseRoomRequest>,
+    ) -> Result<Response<CloseRoomResponse>, Status> {
+        let r = req.into_inner();
+        let room = barrage_protocol::RoomId::new(r.room_id.as_str())
+            .map_err(|e| Status::invalid_argument(format!("room_id: {e}")))?;
+        let removed = self.hub.close_room(&room);
+        Ok(Response::new(CloseRoomResponse {
+            room_id: r.room_id,
+            removed_connections: removed as u32,
+            node_count: u32::from(removed > 0),
+            message: String::new(),
+        }))
     }
 
     async fn stats(&self, _req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {

@@ -8,6 +8,7 @@
 
 mod metrics;
 pub mod pool;
+pub mod rest;
 mod service;
 
 use std::time::Duration;
@@ -148,6 +149,7 @@ pub async fn run(
         cfg.api_auth.clone(),
     );
 
+    let rest = rest::router(service.clone(), cfg.limits.max_content_bytes);
     let (health, grpc) = barrage_proto::grpc_server(&cfg.grpc_tls)?;
     health.set_serving::<PushManagerServer<PushService>>().await;
     let grpc_stop = CancellationToken::new();
@@ -162,7 +164,8 @@ pub async fn run(
     let http = tokio::spawn(barrage_telemetry::serve_http(
         listeners.http,
         barrage_telemetry::ops_router(registry.clone(), readiness.clone())
-            .merge(barrage_telemetry::stats_route(stats)),
+            .merge(barrage_telemetry::stats_route(stats))
+            .merge(rest),
         http_stop.clone().cancelled_owned(),
     ));
 

@@ -640,4 +640,119 @@ impl PushManager for PushService {
         .instrument(span)
         .await
     }
+
+    async fn close_room(
+        &self,
+        req: Request<pb::CloseRoomRequest>,
+    ) -> Result<Response<pb::CloseRoomResponse>, Status> {
+        let span = barrage_telemetry::server_span("CloseRoom", req.metadata());
+        let allowed = self.authorize(&req, Scope::Admin);
+        let r = req.into_inner();
+        self.observed("CloseRoom", async {
+            allowed?;
+            let room = RoomId::new(r.room_id.as_str()).map_err(|e| invalid("room_id", e))?;
+            let (id, mut controller) = self.owner(&StreamKey::Room(room).to_string())?;
+            let info = match controller
+                .get_room_info(self.controller_request(GetRoomInfoRequest {
+                    room_id: r.room_id.clone(),
+                }))
+                .await
+            {
+                Ok(info) => info.into_inner(),
+                // Nobody in it: closing is already done.
+                Err(s) if s.code() == Code::NotFound => GetRoomInfoResponse::default(),
+                Err(s) => return Err(controller_error(&id, s)),
+            };
+            let calls = info.nodes.iter().map(|n| {
+                let client = self.inner.nodes.get(&n.node_id, None);
+                let mut req = Request::new(pb::CloseRoomRequest {
+                    room_id: r.room_id.clone(),
+                });
+                req.set_timeout(self.inner.node_timeout);
+                let node = n.node_id.clone();
+                async move {
+                    match client {
+                        Some(mut c) => c
+                            .close_room(req)
+                            .await
+                            .map(|r| r.into_inner().removed_connections)
+                            .map_err(|s| (node, s.message().to_owned())),
+                        None => Err((node, "no channel to this node".to_owned())),
+                    }
+                }
+            });
+            let (mut removed, mut nodes, mut failed) = (0, 0, Vec::new());
+            for r in join_all(calls).await {
+                match r {
+                    Ok(n) => {
+                        removed += n;
+                        nodes += u32::from(n > 0);
+                    }
+                    Err(f) => failed.push(f),
+                }
+            }
+            let message = if failed.is_empty() {
+                format!("{removed} connections left the room")
+            } else {
+                let list: Vec<String> = failed.iter().map(|(n, e)| format!("{n}: {e}")).collect();
+                format!(
+                    "{removed} connections left the room; nodes not reached: {}",
+                    list.join("; ")
+                )
+            };
+            Ok(pb::CloseRoomResponse {
+                room_id: r.room_id,
+                removed_connections: removed,
+                node_count: nodes,
+                message,
+            })
+        })
+        .instrument(span)
+        .await
+    }
+
+    async fn get_status(
+        &self,
+        req: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let span = barrage_telemetry::server_span("GetStatus", req.metadata());
+        let allowed = self.authorize(&req, Scope::Admin);
+        self.observed("GetStatus", async {
+            allowed?;
+            let ids = self.inner.nodes.node_ids();
+            let calls = ids.into_iter().map(|node_id| {
+                let client = self.inner.nodes.get(&node_id, None);
+                let mut req = Request::new(pb::StatsRequest {});
+                req.set_timeout(self.inner.node_timeout);
+                async move {
+                    let stats = match client {
+                        Some(mut c) => c.stats(req).await.ok().map(Response::into_inner),
+                        None => None,
+                    };
+                    match stats {
+                        Some(s) => pb::NodeStatus {
+                            node_id,
+                            connections: s.connections,
+                            users: s.users,
+                            rooms: s.rooms,
+                            reachable: true,
+                        },
+                        None => pb::NodeStatus {
+                            node_id,
+                            reachable: false,
+                            ..Default::default()
+                        },
+                    }
+                }
+            });
+            let nodes = join_all(calls).await;
+            Ok(pb::GetStatusResponse {
+                controllers: self.inner.controllers.len() as u32,
+                connections: nodes.iter().map(|n| u64::from(n.connections)).sum(),
+                nodes,
+            })
+        })
+        .instrument(span)
+        .await
+    }
 }

@@ -1,0 +1,448 @@
+//! The HTTP/JSON API, served on the push-manager's HTTP port next to
+//! `/metrics`. Every endpoint calls the gRPC service in process, so
+//! validation, API-token auth, metrics and traces are the gRPC ones.
+//!
+//! Errors are JSON: `{"error": {"code", "field"?, "message"}}` with 400
+//! (invalid argument, naming the field), 401/403 (API token), 404 (unknown
+//! room or user in admin reads), 413 (body too large), 503 (cluster not
+//! reachable).
+
+use axum::Router;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use barrage_proto::v1::push_manager_server::PushManager;
+use barrage_proto::v1::{
+    BroadcastRequest, CloseRoomRequest, GetRoomInfoRequest, GetRoomInfoResponse, GetStatusRequest,
+    GetUserNodeRequest, PushToRoomRequest, PushToUserRequest,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tonic::{Code, Status};
+
+use crate::PushService;
+
+/// The OpenAPI 3 description of this API (also checked in at
+/// `services/push-manager/openapi.json`).
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// The routes, with request bodies capped so that a `content` at the
+/// configured limit still fits (JSON escaping included).
+pub fn router(service: PushService, max_content_bytes: usize) -> Router {
+    let body_limit = max_content_bytes
+        .saturating_mul(6)
+        .saturating_add(16 * 1024);
+    Router::new()
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/push/room/{room_id}", post(push_room))
+        .route("/api/v1/push/user/{user_id}", post(push_user))
+        .route("/api/v1/push/broadcast", post(broadcast))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/rooms/{room_id}", get(room).delete(close_room))
+        .route("/api/v1/users/{user_id}", get(user))
+        // The endpoints of the Java server barrage replaces.
+        .route("/api/push/status", get(status))
+        .route("/api/push/broadcast/{room_id}", post(push_room))
+        .route("/api/push/check/{room_id}", get(check_room))
+        .route("/api/push/room/{room_id}", get(room).delete(close_room))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(service)
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+fn error(status: StatusCode, code: &str, field: Option<&str>, message: &str) -> Response {
+    let mut e = json!({ "code": code, "message": message });
+    if let Some(f) = field {
+        e["field"] = json!(f);
+    }
+    (status, axum::Json(json!({ "error": e }))).into_response()
+}
+
+/// A gRPC status as the HTTP answer a caller can act on.
+fn from_status(s: &Status) -> Response {
+    let (http, code) = match s.code() {
+        Code::InvalidArgument => (StatusCode::BAD_REQUEST, "INVALID_ARGUMENT"),
+        Code::Unauthenticated => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
+        Code::PermissionDenied => (StatusCode::FORBIDDEN, "PERMISSION_DENIED"),
+        Code::NotFound => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+        Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "RESOURCE_EXHAUSTED"),
+        Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "DEADLINE_EXCEEDED"),
+        Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
+    };
+    // Validation messages start with the field: "room_id: must not be empty".
+    let field = (s.code() == Code::InvalidArgument)
+        .then(|| s.message().split_once(':').map(|(f, _)| f.trim()))
+        .flatten()
+        .or_else(|| {
+            // "room r1 has no members", "user u1 ...": the path parameter.
+            (s.code() == Code::NotFound)
+                .then(|| match s.message().split_whitespace().next() {
+                    Some("room") => Some("room_id"),
+                    Some("user") => Some("user_id"),
+                    _ => None,
+                })
+                .flatten()
+        })
+        .filter(|f| !f.is_empty() && f.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+    error(http, code, field, s.message())
+}
+
+fn bad_body(rejection: &JsonRejection) -> Response {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            None,
+            "request body too large (see MAX_CONTENT_BYTES)",
+        );
+    }
+    let text = rejection.body_text();
+    // serde names the offending field: "unknown field `contnet`", "missing field `content`".
+    let field = text
+        .split('`')
+        .nth(1)
+        .filter(|f| f.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+    error(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", field, &text)
+}
+
+/// A gRPC request carrying the caller's `Authorization` header.
+fn request<T>(headers: &HeaderMap, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(v) = headers.get(header::AUTHORIZATION)
+        && let Ok(v) = v.to_str()
+        && let Ok(v) = v.parse()
+    {
+        req.metadata_mut().insert("authorization", v);
+    }
+    req
+}
+
+/// `content` may be a string (sent as is) or any JSON value (sent as its
+/// JSON text).
+fn content_text(v: Option<Value>) -> String {
+    match v {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s,
+        Some(other) => other.to_string(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoomPush {
+    content: Option<Value>,
+    #[serde(default)]
+    event: String,
+    #[serde(default)]
+    message_id: String,
+    #[serde(default)]
+    exclude_user_ids: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserPush {
+    content: Option<Value>,
+    #[serde(default)]
+    event: String,
+    #[serde(default)]
+    message_id: String,
+    /// More users besides the one in the path.
+    #[serde(default)]
+    user_ids: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BroadcastPush {
+    content: Option<Value>,
+    #[serde(default)]
+    event: String,
+    #[serde(default)]
+    message_id: String,
+}
+
+async fn push_room(
+    State(svc): State<PushService>,
+    Path(room_id): Path<String>,
+    headers: HeaderMap,
+    body: Result<axum::Json<RoomPush>, JsonRejection>,
+) -> Response {
+    let b = match body {
+        Ok(axum::Json(b)) => b,
+        Err(e) => return bad_body(&e),
+    };
+    let req = request(
+        &headers,
+        PushToRoomRequest {
+            room_id,
+            content: content_text(b.content),
+            event: b.event,
+            message_id: b.message_id,
+            exclude_user_ids: b.exclude_user_ids,
+            binary_content: Vec::new(),
+        },
+    );
+    match svc.push_to_room(req).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            axum::Json(json!({
+                "success": r.success,
+                "delivered_count": r.delivered_count,
+                "message_id": r.message_id,
+                "message": r.message,
+                "duplicate": r.duplicate,
+            }))
+            .into_response()
+        }
+        Err(s) => from_status(&s),
+    }
+}
+
+async fn push_user(
+    State(svc): State<PushService>,
+    Path(user_id): Path<String>,
+    headers: HeaderMap,
+    body: Result<axum::Json<UserPush>, JsonRejection>,
+) -> Response {
+    let b = match body {
+        Ok(axum::Json(b)) => b,
+        Err(e) => return bad_body(&e),
+    };
+    let req = request(
+        &headers,
+        PushToUserRequest {
+            user_id,
+            content: content_text(b.content),
+            event: b.event,
+            message_id: b.message_id,
+            user_ids: b.user_ids,
+            binary_content: Vec::new(),
+        },
+    );
+    match svc.push_to_user(req).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            axum::Json(json!({
+                "success": r.success,
+                "delivered_count": r.delivered_count,
+                "stored_count": r.stored_count,
+                "message_id": r.message_id,
+                "message": r.message,
+                "duplicate": r.duplicate,
+            }))
+            .into_response()
+        }
+        Err(s) => from_status(&s),
+    }
+}
+
+async fn broadcast(
+    State(svc): State<PushService>,
+    headers: HeaderMap,
+    body: Result<axum::Json<BroadcastPush>, JsonRejection>,
+) -> Response {
+    let b = match body {
+        Ok(axum::Json(b)) => b,
+        Err(e) => return bad_body(&e),
+    };
+    let req = request(
+        &headers,
+        BroadcastRequest {
+            content: content_text(b.content),
+            event: b.event,
+            message_id: b.message_id,
+            binary_content: Vec::new(),
+        },
+    );
+    match svc.broadcast(req).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            axum::Json(json!({
+                "success": r.success,
+                "total_delivered": r.total_delivered,
+                "node_count": r.node_count,
+                "message_id": r.message_id,
+                "message": r.message,
+                "duplicate": r.duplicate,
+            }))
+            .into_response()
+        }
+        Err(s) => from_status(&s),
+    }
+}
+
+async fn status(State(svc): State<PushService>, headers: HeaderMap) -> Response {
+    match svc.get_status(request(&headers, GetStatusRequest {})).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            let nodes: Vec<Value> = r
+                .nodes
+                .iter()
+                .map(|n| {
+                    json!({
+                        "node_id": n.node_id,
+                        "reachable": n.reachable,
+                        "connections": n.connections,
+                        "users": n.users,
+                        "rooms": n.rooms,
+                    })
+                })
+                .collect();
+            axum::Json(json!({
+                "controllers": r.controllers,
+                "connections": r.connections,
+                "nodes": nodes,
+            }))
+            .into_response()
+        }
+        Err(s) => from_status(&s),
+    }
+}
+
+async fn room_info(
+    svc: &PushService,
+    headers: &HeaderMap,
+    room_id: String,
+) -> Result<GetRoomInfoResponse, Response> {
+    svc.get_room_info(request(headers, GetRoomInfoRequest { room_id }))
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| from_status(&s))
+}
+
+async fn room(
+    State(svc): State<PushService>,
+    Path(room_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let r = match room_info(&svc, &headers, room_id.clone()).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    if r.member_count == 0 && r.connection_count == 0 {
+        return error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            Some("room_id"),
+            &format!("room {room_id} has no members"),
+        );
+    }
+    let nodes: Vec<Value> = r
+        .nodes
+        .iter()
+        .map(|n| {
+            json!({
+                "node_id": n.node_id,
+                "member_count": n.member_count,
+                "connection_count": n.connection_count,
+            })
+        })
+        .collect();
+    axum::Json(json!({
+        "room_id": r.room_id,
+        "member_count": r.member_count,
+        "connection_count": r.connection_count,
+        "members": r.members,
+        "nodes": nodes,
+    }))
+    .into_response()
+}
+
+async fn check_room(
+    State(svc): State<PushService>,
+    Path(room_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let r = match svc
+        .get_room_info(request(
+            &headers,
+            GetRoomInfoRequest {
+                room_id: room_id.clone(),
+            },
+        ))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == Code::NotFound => GetRoomInfoResponse {
+            room_id,
+            ..Default::default()
+        },
+        Err(s) => return from_status(&s),
+    };
+    axum::Json(json!({
+        "room_id": r.room_id,
+        "exists": r.member_count > 0 || r.connection_count > 0,
+        "member_count": r.member_count,
+        "connection_count": r.connection_count,
+    }))
+    .into_response()
+}
+
+async fn close_room(
+    State(svc): State<PushService>,
+    Path(room_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    match svc
+        .close_room(request(&headers, CloseRoomRequest { room_id }))
+        .await
+    {
+        Ok(r) => {
+            let r = r.into_inner();
+            axum::Json(json!({
+                "room_id": r.room_id,
+                "removed_connections": r.removed_connections,
+                "node_count": r.node_count,
+                "message": r.message,
+            }))
+            .into_response()
+        }
+        Err(s) => from_status(&s),
+    }
+}
+
+async fn user(
+    State(svc): State<PushService>,
+    Path(user_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let r = match svc
+        .get_user_node(request(
+            &headers,
+            GetUserNodeRequest {
+                user_id: user_id.clone(),
+            },
+        ))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) => return from_status(&s),
+    };
+    if !r.online {
+        return error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            Some("user_id"),
+            &format!("user {user_id} has no connection"),
+        );
+    }
+    let nodes: Vec<Value> = r
+        .nodes
+        .iter()
+        .map(|n| json!({ "node_id": n.node_id, "connection_count": n.connection_count }))
+        .collect();
+    axum::Json(json!({
+        "user_id": r.user_id,
+        "online": r.online,
+        "connection_count": r.connection_count,
+        "nodes": nodes,
+    }))
+    .into_response()
+}
