@@ -7,6 +7,7 @@
 //! encoding the frame once.
 
 pub mod demo;
+pub mod fallback;
 pub mod hub;
 pub mod listener;
 mod metrics;
@@ -251,6 +252,8 @@ pub async fn run(
     };
     let mut ws_router = Router::new()
         .route("/ws", get(ws::ws_handler))
+        .route("/sse", get(fallback::sse_handler))
+        .route("/poll", get(fallback::poll_handler))
         .with_state(ws_state);
     if let Some(d) = &cfg.demo {
         ws_router = ws_router.merge(demo::router(d));

@@ -86,7 +86,11 @@ pub struct ConnectParams {
     token: Option<String>,
     user_id: Option<String>,
     rooms: Option<String>,
-    positions: Option<String>,
+    /// Where to resume (`/poll` also takes it as `since`).
+    #[serde(alias = "since")]
+    pub(crate) positions: Option<String>,
+    /// `/poll` only: seconds to hold the request when nothing is pending.
+    pub(crate) timeout_secs: Option<u64>,
 }
 
 fn reject(state: &WsState, status: StatusCode, reason: &'static str, msg: String) -> Response {
@@ -117,14 +121,28 @@ fn presented_token(params: &ConnectParams, headers: &HeaderMap) -> Option<String
         .find_map(|p| p.trim().strip_prefix("bearer.").map(str::to_owned))
 }
 
-/// `GET /ws?token=<JWT>&rooms=a,b` (or `?user_id=` in insecure mode)
-pub async fn ws_handler(
-    State(state): State<WsState>,
-    Query(params): Query<ConnectParams>,
-    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
-    headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
-) -> Response {
+/// Who is connecting, with what: the outcome of admission.
+pub(crate) struct Admission {
+    pub(crate) user: UserId,
+    pub(crate) rooms: Vec<RoomId>,
+    pub(crate) positions: BTreeMap<String, StreamPos>,
+    pub(crate) claims: Option<Claims>,
+}
+
+/// Checks a connection request (WebSocket, SSE or long-poll): draining,
+/// origin, rate and connection limits, token, user, rooms and positions.
+/// A refusal is the HTTP answer, already counted.
+pub(crate) fn admit(
+    state: &WsState,
+    params: ConnectParams,
+    headers: &HeaderMap,
+    peer: std::net::SocketAddr,
+) -> Result<Admission, Response> {
+    let reject = |_: &&WsState,
+                  status: StatusCode,
+                  reason: &'static str,
+                  msg: String|
+     -> Result<Admission, Response> { Err(reject(state, status, reason, msg)) };
     if state.draining.is_cancelled() {
         return reject(
             &state,
@@ -163,7 +181,7 @@ pub async fn ws_handler(
             "this node is full; connect to another node\n".into(),
         );
     }
-    let claims = match presented_token(&params, &headers) {
+    let claims = match presented_token(&params, headers) {
         Some(token) => match state.settings.auth.verify(&token) {
             Ok(c) => Some(c),
             Err(e) => {
@@ -270,6 +288,31 @@ pub async fn ws_handler(
             );
         }
     };
+    Ok(Admission {
+        user,
+        rooms,
+        positions,
+        claims,
+    })
+}
+
+/// `GET /ws?token=<JWT>&rooms=a,b` (or `?user_id=` in insecure mode)
+pub async fn ws_handler(
+    State(state): State<WsState>,
+    Query(params): Query<ConnectParams>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let Admission {
+        user,
+        rooms,
+        positions,
+        claims,
+    } = match admit(&state, params, &headers, peer) {
+        Ok(a) => a,
+        Err(refused) => return refused,
+    };
     let s = &state.settings;
     // Browsers pass the token as a `bearer.<JWT>` subprotocol next to
     // `barrage`; the handshake must then select `barrage`.
@@ -332,8 +375,8 @@ async fn serve(
         .feed(Message::Text(connected.to_json().into()))
         .await
         .is_ok();
-    for frame in recovery.missed {
-        sent = sent && sink.feed(Message::Text(frame)).await.is_ok();
+    for out in recovery.missed {
+        sent = sent && sink.feed(Message::Text(out.frame)).await.is_ok();
     }
     if !sent || sink.flush().await.is_err() {
         hub.disconnect(&conn);
@@ -506,17 +549,17 @@ fn send_frame(conn: &ConnHandle, frame: ServerFrame) {
 }
 
 /// What recovery at connect produced.
-struct Recovery {
-    streams: BTreeMap<String, StreamState>,
+pub(crate) struct Recovery {
+    pub(crate) streams: BTreeMap<String, StreamState>,
     /// Missed messages, in stream order, to send right after `connected`.
-    missed: Vec<Utf8Bytes>,
-    recovered_messages: u64,
-    skip: Skip,
+    pub(crate) missed: Vec<Outbound>,
+    pub(crate) recovered_messages: u64,
+    pub(crate) skip: Skip,
 }
 
 /// Live frames the writer must drop because recovery already sent them.
 #[derive(Default)]
-struct Skip(HashMap<String, (u64, SkipRule)>);
+pub(crate) struct Skip(HashMap<String, (u64, SkipRule)>);
 
 enum SkipRule {
     /// Everything up to this seq was recovered.
@@ -526,7 +569,7 @@ enum SkipRule {
 }
 
 impl Skip {
-    fn already_sent(&mut self, out: &Outbound) -> bool {
+    pub(crate) fn already_sent(&mut self, out: &Outbound) -> bool {
         if self.0.is_empty() {
             return false;
         }
@@ -552,7 +595,7 @@ impl Skip {
 /// Asks the owning controllers where each of the connection's streams
 /// stands and, for streams the client gave a position for (and the user's
 /// offline store), which messages it missed.
-async fn recover(
+pub(crate) async fn recover(
     hub: &Hub,
     user: &UserId,
     rooms: &[RoomId],
@@ -609,7 +652,10 @@ async fn recover(
             );
             let frame =
                 Utf8Bytes::try_from(frame).map_err(|_| "history frame is not UTF-8".to_owned())?;
-            out.missed.push(frame);
+            out.missed.push(Outbound {
+                frame,
+                position: Some((Arc::from(r.key.as_str()), r.epoch, m.seq)),
+            });
             seqs.insert(m.seq);
         }
         out.recovered_messages += r.messages.len() as u64;

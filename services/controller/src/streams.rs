@@ -320,7 +320,11 @@ impl Streams {
             }
             return out;
         }
-        if q.epoch != stream.epoch {
+        // `0:0` is what a client holds for a stream that had no message when
+        // it looked: everything since the stream's first message follows,
+        // while the history still starts there.
+        let from_the_start = q.epoch == 0 && q.seq == 0;
+        if q.epoch != stream.epoch && !from_the_start {
             out.recovered = false;
             return out;
         }
@@ -536,5 +540,27 @@ mod tests {
         assert_eq!((s.len(), s.total_messages()), (1, 1));
         let r = s.history(&q("room:a", Some((1, 1))), now);
         assert!(!r.recovered);
+    }
+
+    #[test]
+    fn a_position_taken_before_the_first_message_recovers_from_the_start() {
+        let mut s = Streams::new(StreamConfig::default());
+        let now = Instant::now();
+        let empty = s.history(&q("room:new", Some((0, 0))), now);
+        assert!(empty.recovered && empty.messages.is_empty());
+        for i in 0..3 {
+            s.append("room:new", &body(&format!("m{i}")), false, now);
+        }
+        let r = s.history(&q("room:new", Some((0, 0))), now);
+        assert!(r.recovered);
+        assert_eq!(
+            r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        // Another epoch than 0 still has to match.
+        assert!(
+            !s.history(&q("room:new", Some((r.epoch + 1, 0))), now)
+                .recovered
+        );
     }
 }
