@@ -43,7 +43,10 @@ export interface Session {
   streams: Record<string, StreamState>;
   /** False when some stream could not be resumed: refetch what you show. */
   recovered: boolean;
+  transport: Transport;
 }
+
+export type Transport = "websocket" | "sse" | "poll";
 
 export interface StateChange {
   state: State;
@@ -66,6 +69,8 @@ export interface Events {
   error: ErrorEvent;
   refreshed: { expiresAt: number };
   state: StateChange;
+  /** Moved to the next transport after repeated failures. */
+  transport: { transport: Transport };
 }
 
 export interface ClientOptions {
@@ -86,6 +91,16 @@ export interface ClientOptions {
   positions?: Record<string, Position>;
   /** WebSocket implementation; default the global one. */
   WebSocket?: unknown;
+  /** Tried in order; default ["websocket", "sse", "poll"] (those available). */
+  transports?: Transport[];
+  /** Failed attempts in a row before moving to the next transport. Default 2. */
+  fallbackAfter?: number;
+  /** EventSource implementation for `sse`; default the global one. */
+  EventSource?: unknown;
+  /** fetch implementation for `poll`; default the global one. */
+  fetch?: unknown;
+  /** How long the server may hold a poll, seconds. Default 25. */
+  pollTimeoutSecs?: number;
 }
 
 export declare class BarrageClient {
@@ -95,6 +110,8 @@ export declare class BarrageClient {
   /** Last delivered position of every stream. */
   readonly positions: Record<string, Position>;
   readonly rooms: Set<string>;
+  /** The transport in use. */
+  readonly transport: Transport;
   on<E extends keyof Events>(event: E, fn: (payload: Events[E]) => void): () => void;
   off<E extends keyof Events>(event: E, fn: (payload: Events[E]) => void): void;
   connect(): void;

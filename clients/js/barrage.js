@@ -110,18 +110,31 @@ export class BarrageClient {
    * @param {number} [options.dedupWindow] message ids remembered for deduplication (default 1000)
    * @param {Record<string,{epoch:number,seq:number}>} [options.positions] positions to resume from
    * @param {typeof WebSocket} [options.WebSocket] WebSocket implementation (default: the global one)
+   * @param {Array<"websocket"|"sse"|"poll">} [options.transports] tried in order; a transport that fails
+   *   `fallbackAfter` times in a row without connecting gives way to the next (default all three)
+   * @param {number} [options.fallbackAfter] default 2
+   * @param {typeof EventSource} [options.EventSource] for the `sse` transport (default: the global one)
+   * @param {typeof fetch} [options.fetch] for the `poll` transport (default: the global one)
+   * @param {number} [options.pollTimeoutSecs] how long a poll may be held (default 25)
    */
   constructor(options) {
     if (!options || typeof options.url !== "string") throw new TypeError("options.url is required");
-    this.options = { heartbeatMs: 20000, dedupWindow: 1000, backoff: {}, ...options };
+    this.options = { heartbeatMs: 20000, dedupWindow: 1000, backoff: {}, fallbackAfter: 2, pollTimeoutSecs: 25, ...options };
     this.WebSocketImpl = options.WebSocket ?? globalThis.WebSocket;
-    if (!this.WebSocketImpl) throw new TypeError("no WebSocket implementation: pass options.WebSocket");
+    this.EventSourceImpl = options.EventSource ?? globalThis.EventSource;
+    this.fetchImpl = options.fetch ?? globalThis.fetch?.bind(globalThis);
+    const available = { websocket: !!this.WebSocketImpl, sse: !!this.EventSourceImpl, poll: !!this.fetchImpl };
+    this.transports = (options.transports ?? ["websocket", "sse", "poll"]).filter((t) => available[t]);
+    if (!this.transports.length) throw new TypeError("no usable transport: pass options.WebSocket, EventSource or fetch");
+    this.transportIndex = 0;
+    this.failures = 0;
     this.rooms = new Set(options.rooms ?? []);
     this.positions = { ...(options.positions ?? {}) };
     this.seen = new RecentIds(this.options.dedupWindow);
     this.handlers = new Map();
     this.state = States.IDLE;
-    this.ws = null;
+    this.ws = null; // the live connection of whichever transport
+    this.connected = false;
     this.attempt = 0;
     this.timer = null;
     this.heartbeat = null;
@@ -166,9 +179,18 @@ export class BarrageClient {
     this.open();
   }
 
-  /** The URL and subprotocols of the next attempt. */
-  async target() {
+  /** The transport in use (`websocket`, `sse` or `poll`). */
+  get transport() {
+    return this.transports[this.transportIndex];
+  }
+
+  /** URL (for `path`: /ws, /sse or /poll), token and subprotocols of the next attempt. */
+  async target(path = "/ws") {
     const url = new URL(this.options.url);
+    if (path !== "/ws") {
+      url.protocol = url.protocol === "wss:" ? "https:" : "http:";
+      url.pathname = url.pathname.replace(/\/ws$/, "") + path;
+    }
     if (this.options.userId) url.searchParams.set("user_id", this.options.userId);
     if (this.rooms.size) url.searchParams.set("rooms", [...this.rooms].join(","));
     const positions = formatPositions(this.positions);
@@ -177,32 +199,106 @@ export class BarrageClient {
     // Browsers cannot set headers on a WebSocket: the token rides in a
     // `bearer.<JWT>` subprotocol next to `barrage`, which the server selects.
     const protocols = token ? ["barrage", `bearer.${token}`] : ["barrage"];
-    return { url: url.toString(), protocols };
+    return { url: url.toString(), protocols, token };
   }
 
   async open() {
     this.setState(this.attempt === 0 ? States.CONNECTING : States.RECONNECTING);
+    const transport = this.transport;
     let target;
     try {
-      target = await this.target();
+      target = await this.target({ websocket: "/ws", sse: "/sse", poll: "/poll" }[transport]);
     } catch (e) {
       this.emit("error", { code: "token", message: `getToken failed: ${e?.message ?? e}` });
       this.scheduleReconnect();
       return;
     }
     if (this.stopped) return;
-    let ws;
+    this.connected = false;
     try {
-      ws = new this.WebSocketImpl(target.url, target.protocols);
+      if (transport === "websocket") this.openWebSocket(target);
+      else if (transport === "sse") this.openSse(target);
+      else this.openPoll(target);
     } catch (e) {
       this.emit("error", { code: "connect", message: String(e?.message ?? e) });
+      this.ws = null;
+      this.countFailure();
       this.scheduleReconnect();
-      return;
     }
+  }
+
+  openWebSocket(target) {
+    const ws = new this.WebSocketImpl(target.url, target.protocols);
     this.ws = ws;
     ws.onmessage = (ev) => this.onFrame(ws, ev.data);
     ws.onclose = (ev) => this.onClose(ws, ev.code, ev.reason);
     ws.onerror = () => {}; // a close event follows with the details
+  }
+
+  openSse(target) {
+    const url = new URL(target.url);
+    // EventSource cannot send headers: the token goes in the query string.
+    if (target.token) url.searchParams.set("token", target.token);
+    const es = new this.EventSourceImpl(url.toString());
+    const conn = {
+      close: () => es.close(),
+      send: null,
+    };
+    this.ws = conn;
+    for (const type of ["connected", "message", "joined", "left", "error"]) {
+      es.addEventListener(type, (ev) => this.onFrame(conn, ev.data));
+    }
+    es.addEventListener("close", (ev) => {
+      es.close();
+      let c = {};
+      try {
+        c = JSON.parse(ev.data);
+      } catch {}
+      this.onClose(conn, c.code ?? 1006, c.reason ?? "");
+    });
+    // EventSource would reconnect by itself; this client does it with
+    // backoff and its own positions instead.
+    es.onerror = () => {
+      es.close();
+      this.onClose(conn, 1006, "event stream failed");
+    };
+  }
+
+  openPoll(target) {
+    const abort = new AbortController();
+    const conn = { close: () => abort.abort(), send: null };
+    this.ws = conn;
+    const headers = target.token ? { authorization: `Bearer ${target.token}` } : {};
+    const loop = async () => {
+      let first = true;
+      while (this.ws === conn) {
+        const url = new URL(target.url);
+        url.searchParams.delete("positions");
+        const since = formatPositions(this.positions);
+        if (since) url.searchParams.set("since", since);
+        url.searchParams.set("timeout_secs", String(this.options.pollTimeoutSecs));
+        let body;
+        try {
+          const r = await this.fetchImpl(url.toString(), { headers, signal: abort.signal, cache: "no-store" });
+          if (!r.ok) {
+            const reason = (await r.text()).trim();
+            const code = { 400: 4400, 401: 4401, 403: 4403 }[r.status] ?? (r.status === 429 || r.status >= 500 ? 1013 : 1006);
+            return this.onClose(conn, code, reason);
+          }
+          body = await r.json();
+        } catch (e) {
+          return this.onClose(conn, 1006, String(e?.message ?? e));
+        }
+        if (this.ws !== conn) return;
+        this.lastFrameAt = Date.now();
+        if (first || body.recovered === false) {
+          this.onConnected({ type: "connected", conn_id: "poll", user_id: body.user_id, node_id: body.node_id, rooms: body.rooms, streams: body.streams });
+          first = false;
+        }
+        for (const m of body.messages) this.dispatch(m);
+      }
+    };
+    loop();
   }
 
   onFrame(ws, data) {
@@ -215,6 +311,10 @@ export class BarrageClient {
       this.emit("error", { code: "protocol", message: "the server sent a frame that is not JSON" });
       return;
     }
+    this.dispatch(frame);
+  }
+
+  dispatch(frame) {
     switch (frame.type) {
       case "connected":
         this.onConnected(frame);
@@ -244,6 +344,8 @@ export class BarrageClient {
 
   onConnected(frame) {
     this.attempt = 0;
+    this.failures = 0;
+    this.connected = true;
     let recovered = true;
     for (const [stream, s] of Object.entries(frame.streams ?? {})) {
       if (s.recovered === false) recovered = false;
@@ -259,9 +361,11 @@ export class BarrageClient {
       rooms: frame.rooms,
       streams: frame.streams ?? {},
       recovered,
+      transport: this.transport,
     };
     this.setState(States.CONNECTED);
     this.emit("connected", this.session);
+    if (this.transport !== "websocket") return;
     // Rooms asked for while the connection was being made.
     for (const room of this.rooms) {
       if (!frame.rooms.includes(room)) this.send({ type: "join", room });
@@ -293,6 +397,7 @@ export class BarrageClient {
       this.emit("error", { code: String(code), message: reason || "closed by the server" });
       return;
     }
+    if (!this.connected) this.countFailure();
     if (action === "refresh" && !this.options.getToken) {
       this.stopped = true;
       this.setState(States.CLOSED, { closeCode: code, closeReason: reason });
@@ -300,6 +405,27 @@ export class BarrageClient {
       return;
     }
     this.scheduleReconnect({ closeCode: code, closeReason: reason });
+  }
+
+  /** A connect attempt that never got to `connected`; enough of them in a row move to the next transport. */
+  countFailure() {
+    this.failures += 1;
+    if (this.failures >= this.options.fallbackAfter && this.transportIndex < this.transports.length - 1) {
+      this.transportIndex += 1;
+      this.failures = 0;
+      this.attempt = 0;
+      this.emit("transport", { transport: this.transport });
+    }
+  }
+
+  /** Reconnects at once (SSE and long-poll take their rooms at connect). */
+  reconnectNow() {
+    const conn = this.ws;
+    this.ws = null;
+    this.stopHeartbeat();
+    conn?.close(1000, "rooms changed");
+    clearTimeout(this.timer);
+    this.open();
   }
 
   scheduleReconnect(extra = {}) {
@@ -333,7 +459,7 @@ export class BarrageClient {
   }
 
   send(frame) {
-    if (this.ws && this.state === States.CONNECTED) {
+    if (this.ws?.send && this.state === States.CONNECTED) {
       this.ws.send(JSON.stringify(frame));
       return true;
     }
@@ -342,15 +468,18 @@ export class BarrageClient {
 
   /** Joins `room` now (or at the next connect). */
   join(room) {
+    if (this.rooms.has(room)) return;
     this.rooms.add(room);
-    this.send({ type: "join", room });
+    if (this.transport === "websocket") this.send({ type: "join", room });
+    else if (this.state === States.CONNECTED) this.reconnectNow();
   }
 
   /** Leaves `room`. */
   leave(room) {
-    this.rooms.delete(room);
+    if (!this.rooms.delete(room)) return;
     delete this.positions[`room:${room}`];
-    this.send({ type: "leave", room });
+    if (this.transport === "websocket") this.send({ type: "leave", room });
+    else if (this.state === States.CONNECTED) this.reconnectNow();
   }
 
   /** Replaces the token of the live connection before it expires. */
@@ -365,9 +494,11 @@ export class BarrageClient {
     clearTimeout(this.timer);
     this.stopHeartbeat();
     const ws = this.ws;
-    if (ws) {
-      ws.close(1000, "bye");
+    if (ws && this.transport === "websocket") {
+      ws.close(1000, "bye"); // the close event finishes the job
     } else {
+      ws?.close();
+      this.ws = null;
       this.setState(States.CLOSED);
     }
   }

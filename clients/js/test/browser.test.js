@@ -74,3 +74,23 @@ test("killing the node: the page reconnects and misses nothing", async () => {
   await page.screenshot({ path: shot });
   assert.ok(statSync(shot).size > 10000, "a real screenshot");
 });
+
+for (const transport of ["sse", "poll"]) {
+  test(`the page works over ${transport === "sse" ? "Server-Sent Events" : "long-polling"} too`, async () => {
+    const p = await browser.newPage();
+    p.setDefaultTimeout(T);
+    try {
+      await p.goto(`${cluster.page}demo?room=fallback-${transport}&user=viewer-${transport}&transports=${transport}`);
+      await p.waitForSelector('#state[data-state="connected"]');
+      await p.waitForSelector(`#node[data-transport="${transport}"]`);
+      for (const n of [1, 2]) {
+        await pushToRoom(cluster.api, `fallback-${transport}`, { text: `${transport} ${n}`, user: "grpc" });
+      }
+      await p.waitForSelector(`#chat li[data-seq="2"]:has-text("${transport} 2")`);
+      const texts = await p.$$eval("#chat li[data-seq]", (lis) => lis.map((li) => li.lastChild.textContent));
+      assert.deepEqual(texts, [`${transport} 1`, `${transport} 2`]);
+    } finally {
+      await p.close();
+    }
+  });
+}

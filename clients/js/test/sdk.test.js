@@ -236,3 +236,86 @@ test("a failing handler does not break delivery", async () => {
   assert.match(reported[0], /"message" handler failed.*app bug/);
   c.close();
 });
+
+class ScriptedEventSource {
+  static all = [];
+  constructor(url) {
+    this.url = new URL(url);
+    this.listeners = {};
+    this.closed = false;
+    ScriptedEventSource.all.push(this);
+  }
+  addEventListener(type, fn) {
+    (this.listeners[type] ??= []).push(fn);
+  }
+  close() {
+    this.closed = true;
+  }
+  // Server side of the script.
+  event(type, obj) {
+    for (const fn of this.listeners[type] ?? []) fn({ data: JSON.stringify(obj) });
+  }
+}
+
+test("two failed WebSocket attempts fall back to Server-Sent Events", async () => {
+  ScriptedEventSource.all = [];
+  const c = await client({ userId: "alice", rooms: ["r1"], EventSource: ScriptedEventSource, fetch: async () => { throw new Error("unused"); } });
+  const moves = [];
+  c.on("transport", (t) => moves.push(t.transport));
+  ScriptedSocket.all[0].serverClose(1006);
+  await until("a second WebSocket", () => ScriptedSocket.all.length === 2);
+  ScriptedSocket.all[1].serverClose(1006);
+  await until("an event source", () => ScriptedEventSource.all.length === 1);
+  assert.deepEqual(moves, ["sse"]);
+  const es = ScriptedEventSource.all[0];
+  assert.equal(es.url.pathname, "/sse");
+  assert.equal(es.url.protocol, "http:");
+  assert.equal(es.url.searchParams.get("rooms"), "r1");
+  const sessions = [];
+  c.on("connected", (s) => sessions.push(s.transport));
+  es.event("connected", { type: "connected", conn_id: "n-2", user_id: "alice", node_id: "n", rooms: ["r1"], streams: {} });
+  assert.deepEqual(sessions, ["sse"]);
+  const got = [];
+  c.on("message", (m) => got.push(m.seq));
+  es.event("message", message("room:r1", 1));
+  es.event("message", message("room:r1", 1));
+  assert.deepEqual(got, [1]);
+  // A server close asking to recover reconnects on the same transport, with positions.
+  es.event("close", { code: 4100, reason: "slow consumer" });
+  await until("a new event source", () => ScriptedEventSource.all.length === 2);
+  assert.equal(ScriptedEventSource.all[1].url.searchParams.get("positions"), "room:r1@7:1");
+  c.close();
+  assert.equal(c.state, States.CLOSED);
+  assert.ok(ScriptedEventSource.all[1].closed);
+});
+
+test("long-polling carries positions from poll to poll and honours auth failures", async () => {
+  const calls = [];
+  const answers = [
+    { status: 200, body: { messages: [], user_id: "bob", node_id: "n", rooms: ["r1"], streams: { "room:r1": { epoch: 7, seq: 0 } }, recovered: true, positions: "room:r1@7:0" } },
+    { status: 200, body: { messages: [message("room:r1", 1), message("room:r1", 2)], user_id: "bob", node_id: "n", rooms: ["r1"], streams: { "room:r1": { epoch: 7, seq: 2, recovered: true } }, recovered: true, positions: "room:r1@7:2" } },
+    { status: 401, text: "token expired" },
+  ];
+  const fakeFetch = async (url, init) => {
+    calls.push({ url: new URL(url), init });
+    const a = answers.shift();
+    if (!a) return new Promise(() => {});
+    return { ok: a.status === 200, status: a.status, json: async () => a.body, text: async () => a.text ?? "" };
+  };
+  ScriptedSocket.all = [];
+  const c = new BarrageClient({ url: "wss://node.test/ws", token: "jwt", rooms: ["r1"], transports: ["poll"], fetch: fakeFetch, backoff: { initialMs: 1, maxMs: 2 } });
+  const got = [];
+  const errors = [];
+  c.on("message", (m) => got.push(m.seq));
+  c.on("error", (e) => errors.push(e.code));
+  c.connect();
+  await until("three polls", () => calls.length === 3);
+  assert.equal(calls[0].url.toString().startsWith("https://node.test/poll?"), true, calls[0].url.toString());
+  assert.equal(calls[0].url.searchParams.get("since"), null, "the first poll asks where to start");
+  assert.equal(calls[0].init.headers.authorization, "Bearer jwt");
+  assert.equal(calls[1].url.searchParams.get("since"), "room:r1@7:0");
+  assert.equal(calls[2].url.searchParams.get("since"), "room:r1@7:2");
+  assert.deepEqual(got, [1, 2]);
+  await until("the client to stop", () => c.state === States.CLOSED);
+  assert.deepEqual(errors, ["4401"]);
+});

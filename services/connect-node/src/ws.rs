@@ -132,6 +132,7 @@ pub(crate) struct Admission {
 /// Checks a connection request (WebSocket, SSE or long-poll): draining,
 /// origin, rate and connection limits, token, user, rooms and positions.
 /// A refusal is the HTTP answer, already counted.
+#[allow(clippy::result_large_err)] // the refusal is the response itself, built once
 pub(crate) fn admit(
     state: &WsState,
     params: ConnectParams,
