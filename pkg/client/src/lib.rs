@@ -11,13 +11,14 @@
 //! # Ok(()) }
 //! ```
 
+mod fallback;
 mod subscriber;
 
 use std::collections::{BTreeMap, VecDeque};
 
 use barrage_protocol::{ClientFrame, MessageFrame, ServerFrame, StreamState};
 use futures::{SinkExt, StreamExt};
-pub use subscriber::{Event, Subscriber, SubscriberOptions};
+pub use subscriber::{Event, Subscriber, SubscriberOptions, Transport};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
@@ -57,6 +58,9 @@ pub enum Error {
     /// Transport failure.
     #[error("websocket: {0}")]
     Ws(#[from] tungstenite::Error),
+    /// HTTP transport failure (Server-Sent Events, long-polling).
+    #[error("http: {0}")]
+    Http(String),
 }
 
 /// Result type of the client.

@@ -1,13 +1,34 @@
 //! A subscriber that stays connected: it reconnects with exponential
 //! backoff and jitter, resumes every stream from the last position it saw,
 //! tells the caller whether recovery worked, and drops duplicate messages.
+//! When WebSockets do not get through it falls back to Server-Sent Events,
+//! then to long-polling, which resume the same way.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use barrage_protocol::{CloseCode, MessageFrame, StreamPos, format_positions};
+use barrage_protocol::{CloseCode, MessageFrame, ServerFrame, StreamPos, format_positions};
 
+use crate::fallback::{PollConn, SseConn, http_url};
 use crate::{Client, Error, Result, Session, connect_url};
+
+/// How a [`Subscriber`] reaches a connect-node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// `GET /ws`.
+    WebSocket,
+    /// Server-Sent Events, `GET /sse`.
+    Sse,
+    /// Long-polling, `GET /poll`.
+    LongPoll,
+}
+
+#[allow(clippy::large_enum_variant)] // one per subscriber
+enum Conn {
+    Ws(Client),
+    Sse(SseConn),
+    Poll(PollConn),
+}
 
 /// How a [`Subscriber`] connects and reconnects.
 #[derive(Debug, Clone)]
@@ -24,6 +45,12 @@ pub struct SubscriberOptions {
     pub max_backoff: Duration,
     /// Reconnect attempts before giving up (`None`: forever).
     pub max_attempts: Option<u32>,
+    /// Transports in the order they are tried.
+    pub transports: Vec<Transport>,
+    /// Failed attempts in a row before moving to the next transport.
+    pub fallback_after: u32,
+    /// How long the server may hold one long-poll, seconds.
+    pub poll_timeout_secs: u64,
 }
 
 impl SubscriberOptions {
@@ -36,6 +63,9 @@ impl SubscriberOptions {
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
             max_attempts: None,
+            transports: vec![Transport::WebSocket, Transport::Sse, Transport::LongPoll],
+            fallback_after: 2,
+            poll_timeout_secs: 25,
         }
     }
 }
@@ -69,7 +99,9 @@ const SEEN_IDS: usize = 1024;
 /// A self-healing subscription.
 pub struct Subscriber {
     opts: SubscriberOptions,
-    client: Option<Client>,
+    client: Option<Conn>,
+    transport: usize,
+    failures: u32,
     positions: BTreeMap<String, StreamPos>,
     seen: BTreeMap<String, (HashSet<String>, VecDeque<String>)>,
     attempt: u32,
@@ -84,6 +116,8 @@ impl Subscriber {
         let mut s = Subscriber {
             opts,
             client: None,
+            transport: 0,
+            failures: 0,
             positions: BTreeMap::new(),
             seen: BTreeMap::new(),
             attempt: 0,
@@ -92,6 +126,15 @@ impl Subscriber {
         };
         s.reconnect().await?;
         Ok(s)
+    }
+
+    /// The transport in use.
+    pub fn transport(&self) -> Transport {
+        self.opts
+            .transports
+            .get(self.transport)
+            .copied()
+            .unwrap_or(Transport::WebSocket)
     }
 
     /// The last position seen per stream.
@@ -122,33 +165,61 @@ impl Subscriber {
         half + half.mul_f64(rand_unit())
     }
 
+    /// Takes a confirmed session: streams that could not be resumed (or
+    /// were never seen) start from where the server is now.
+    fn on_session(&mut self, session: Session) -> Event {
+        let mut recovered = BTreeMap::new();
+        for (stream, st) in &session.streams {
+            if let Some(ok) = st.recovered {
+                recovered.insert(stream.clone(), ok);
+            }
+            if st.recovered != Some(true) {
+                self.positions.insert(
+                    stream.clone(),
+                    StreamPos {
+                        epoch: st.epoch,
+                        seq: st.seq,
+                    },
+                );
+            }
+        }
+        Event::Connected { session, recovered }
+    }
+
+    async fn open(&mut self, url: &str) -> Result<(Conn, Session)> {
+        match self.transport() {
+            Transport::WebSocket => {
+                let client = Client::connect(url).await?;
+                let session = client.session().clone();
+                Ok((Conn::Ws(client), session))
+            }
+            Transport::Sse => {
+                let (conn, session) = SseConn::connect(&http_url(url, "/sse")?).await?;
+                Ok((Conn::Sse(conn), session))
+            }
+            Transport::LongPoll => {
+                let since = format_positions(&self.positions);
+                let (conn, session) = PollConn::connect(
+                    &http_url(url, "/poll")?,
+                    &since,
+                    self.opts.poll_timeout_secs,
+                )
+                .await?;
+                Ok((Conn::Poll(conn), session))
+            }
+        }
+    }
+
     async fn reconnect(&mut self) -> Result<()> {
         loop {
             let url = self.url();
-            match Client::connect(&url).await {
-                Ok(client) => {
+            match self.open(&url).await {
+                Ok((conn, session)) => {
                     self.attempt = 0;
-                    let session = client.session().clone();
-                    let mut recovered = BTreeMap::new();
-                    for (stream, st) in &session.streams {
-                        if let Some(ok) = st.recovered {
-                            recovered.insert(stream.clone(), ok);
-                        }
-                        // Streams never seen, or not recoverable: start from
-                        // where the server is now.
-                        if st.recovered != Some(true) {
-                            self.positions.insert(
-                                stream.clone(),
-                                StreamPos {
-                                    epoch: st.epoch,
-                                    seq: st.seq,
-                                },
-                            );
-                        }
-                    }
-                    self.client = Some(client);
-                    self.pending
-                        .push_back(Event::Connected { session, recovered });
+                    self.failures = 0;
+                    let event = self.on_session(session);
+                    self.client = Some(conn);
+                    self.pending.push_back(event);
                     return Ok(());
                 }
                 Err(Error::Refused { status, body })
@@ -158,6 +229,14 @@ impl Subscriber {
                 }
                 Err(e) => {
                     self.attempt += 1;
+                    self.failures += 1;
+                    if self.failures >= self.opts.fallback_after
+                        && self.transport + 1 < self.opts.transports.len()
+                    {
+                        self.transport += 1;
+                        self.failures = 0;
+                        tracing::info!(transport = ?self.transport(), error = %e, "falling back");
+                    }
                     if self.opts.max_attempts.is_some_and(|m| self.attempt > m) {
                         return Err(e);
                     }
@@ -195,12 +274,21 @@ impl Subscriber {
             if let Some(e) = self.pending.pop_front() {
                 return Ok(e);
             }
-            let Some(client) = self.client.as_mut() else {
+            let since = format_positions(&self.positions);
+            let Some(conn) = self.client.as_mut() else {
                 self.reconnect().await?;
                 continue;
             };
-            match client.next_message().await {
-                Ok(Some(m)) => {
+            let next = match conn {
+                Conn::Ws(client) => client
+                    .next_message()
+                    .await
+                    .map(|m| m.map(ServerFrame::Message)),
+                Conn::Sse(sse) => sse.next_frame().await.map(Some),
+                Conn::Poll(poll) => poll.next_frame(&since).await.map(Some),
+            };
+            match next {
+                Ok(Some(ServerFrame::Message(m))) => {
                     if self.is_new(&m) {
                         self.positions.insert(
                             m.stream.clone(),
@@ -212,6 +300,23 @@ impl Subscriber {
                         return Ok(Event::Message(m));
                     }
                 }
+                // A long-poll that could not resume a stream starts over.
+                Ok(Some(ServerFrame::Connected {
+                    conn_id,
+                    user_id,
+                    node_id,
+                    rooms,
+                    streams,
+                })) => {
+                    return Ok(self.on_session(Session {
+                        conn_id,
+                        user_id,
+                        node_id,
+                        rooms,
+                        streams,
+                    }));
+                }
+                Ok(Some(_)) => {}
                 Ok(None) => {
                     self.client = None;
                     return Ok(Event::Disconnected {
@@ -231,6 +336,13 @@ impl Subscriber {
                     return Ok(Event::Disconnected {
                         code: 1006,
                         reason: e.to_string(),
+                    });
+                }
+                Err(Error::Http(e)) => {
+                    self.client = None;
+                    return Ok(Event::Disconnected {
+                        code: 1006,
+                        reason: e,
                     });
                 }
                 Err(e) => return Err(e),
