@@ -34,6 +34,38 @@ enum Command {
     Sub(SubArgs),
     /// Mint a connection token (HS256) for development and tests.
     Token(TokenArgs),
+    /// Load test on this machine: start `barrage dev`, open many WebSockets
+    /// over loopback, push through the gRPC API, print a JSON summary.
+    Bench(BenchArgs),
+}
+
+/// `barrage bench` (room fan-out): bounded in count and time, loopback only.
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// WebSocket subscribers in the room (1–100000; mind the open-file limit).
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    /// Pushes per second; 0 pushes as fast as --in-flight allows.
+    #[arg(long, default_value_t = 20)]
+    rate: u32,
+    /// Pushes in flight at once when --rate is 0.
+    #[arg(long, default_value_t = 32)]
+    in_flight: usize,
+    /// Seconds to push (1–300).
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+    /// Most pushes in one run (1–1000000).
+    #[arg(long, default_value_t = 10_000)]
+    max_pushes: u64,
+    /// Loopback source addresses (127.0.0.2…) to spread connections over (1–200).
+    #[arg(long, default_value_t = 8)]
+    sources: u8,
+    /// Filler bytes in each payload.
+    #[arg(long, default_value_t = 64)]
+    payload_bytes: usize,
+    /// Progress on stderr.
+    #[arg(long)]
+    verbose: bool,
 }
 
 #[derive(Debug, Args)]
@@ -451,6 +483,7 @@ pub enum Plan {
     },
     Dev(DevPlan),
     Sub(crate::sub::SubPlan),
+    Bench(crate::bench::BenchPlan),
     /// Print a token.
     Token(String),
 }
@@ -840,6 +873,36 @@ impl Cli {
                     return Err(bad("--user", "must be 1-128 bytes without whitespace"));
                 }
                 Plan::Token(token)
+            }
+            Command::Bench(a) => {
+                if !(1..=100_000).contains(&a.subscribers) {
+                    return Err(bad("--subscribers", "must be 1 to 100000"));
+                }
+                if !(1..=300).contains(&a.duration_secs) {
+                    return Err(bad("--duration-secs", "must be 1 to 300"));
+                }
+                if !(1..=1_000_000).contains(&a.max_pushes) {
+                    return Err(bad("--max-pushes", "must be 1 to 1000000"));
+                }
+                if !(1..=200).contains(&a.sources) {
+                    return Err(bad("--sources", "must be 1 to 200"));
+                }
+                if a.in_flight == 0 || a.in_flight > 10_000 {
+                    return Err(bad("--in-flight", "must be 1 to 10000"));
+                }
+                if a.payload_bytes > 60_000 {
+                    return Err(bad("--payload-bytes", "must be at most 60000"));
+                }
+                Plan::Bench(crate::bench::BenchPlan {
+                    subscribers: a.subscribers,
+                    rate: a.rate,
+                    in_flight: a.in_flight,
+                    duration: Duration::from_secs(a.duration_secs),
+                    max_pushes: a.max_pushes,
+                    sources: a.sources,
+                    payload_bytes: a.payload_bytes,
+                    verbose: a.verbose,
+                })
             }
             Command::Sub(a) => Plan::Sub(crate::sub::SubPlan {
                 url: a.url,

@@ -92,6 +92,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
         }
         Plan::Dev(d) => dev(d).await?,
         Plan::Sub(s) => crate::sub::run(s).await?,
+        Plan::Bench(b) => crate::bench::run(b).await?,
         Plan::Token(t) => println!("{t}"),
     }
     Ok(())

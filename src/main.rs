@@ -1,8 +1,9 @@
 //! `barrage`: one binary, a subcommand per role (`controller`,
 //! `push-manager`, `connect-node`), `dev` (all roles in one process), and
-//! `sub` (a terminal subscriber). Parses the command line and environment,
+//! `sub` (a terminal subscriber), `token` and `bench` (a load test). Parses the command line and environment,
 //! builds the configuration, runs.
 
+mod bench;
 mod cli;
 mod launch;
 mod sub;

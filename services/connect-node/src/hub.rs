@@ -288,6 +288,25 @@ impl Hub {
         &self.reporter
     }
 
+    /// A hub that reports to no controller: for benchmarks and tools that
+    /// measure local delivery alone.
+    pub fn detached(queue_len: usize, registry: &prometheus::Registry) -> prometheus::Result<Hub> {
+        let metrics = Metrics::new(registry)?;
+        let reporter = Reporter::new(
+            crate::reporter::ReporterConfig {
+                node_id: "detached".into(),
+                incarnation: "0".into(),
+                grpc_addr: String::new(),
+                heartbeat: std::time::Duration::from_secs(3600),
+                call_timeout: std::time::Duration::from_secs(1),
+                vnodes: 1,
+                tls: barrage_proto::GrpcTls::plaintext(),
+            },
+            metrics.clone(),
+        );
+        Ok(Hub::new(reporter, metrics, queue_len))
+    }
+
     /// Open connections on this node.
     pub fn connection_count(&self) -> usize {
         self.state.read().conns.len()

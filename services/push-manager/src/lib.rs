@@ -21,7 +21,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
-pub use service::{Limits, PushService};
+pub use service::{Batches, Limits, PushService, assemble_batches};
 
 /// push-manager settings.
 #[derive(Debug, Clone)]

@@ -66,6 +66,51 @@ struct Inner {
     controller_timeout: Duration,
 }
 
+/// Resolved targets grouped into one batch per connect-node.
+#[derive(Debug, Default)]
+pub struct Batches {
+    /// Delivery targets per node id.
+    pub per_node: BTreeMap<String, Vec<DeliveryTarget>>,
+    /// For repeated message ids: the connections the first attempt reached.
+    pub first_delivered: u32,
+    /// Targets that were repeats of an earlier push.
+    pub duplicates: u32,
+    /// User targets with no connection whose stream kept the message.
+    pub stored: u32,
+    /// Keys that take this push for the first time.
+    pub fresh_keys: Vec<String>,
+}
+
+/// Groups resolved targets by the connect-nodes hosting them, skipping
+/// repeats of an earlier push.
+pub fn assemble_batches(targets: Vec<pb::ResolvedTarget>, exclude: &[String]) -> Batches {
+    let mut b = Batches::default();
+    for t in targets {
+        if t.duplicate {
+            // Already pushed under this id: never delivered twice.
+            b.duplicates += 1;
+            b.first_delivered = b.first_delivered.max(t.first_delivered);
+            continue;
+        }
+        if t.stored {
+            b.stored += 1;
+        }
+        for node in &t.node_ids {
+            b.per_node
+                .entry(node.clone())
+                .or_default()
+                .push(DeliveryTarget {
+                    stream: t.key.clone(),
+                    epoch: t.epoch,
+                    seq: t.seq,
+                    exclude_user_ids: exclude.to_vec(),
+                });
+        }
+        b.fresh_keys.push(t.key);
+    }
+    b
+}
+
 /// How one push went.
 struct Outcome {
     delivered: u32,
@@ -370,34 +415,13 @@ impl PushService {
                 return Err(s);
             }
         };
-        let mut per_node: BTreeMap<String, Vec<DeliveryTarget>> = BTreeMap::new();
-        let mut first_delivered = 0;
-        let mut duplicates = 0;
-        let mut stored = 0;
-        let mut fresh_keys = Vec::new();
-        for t in targets {
-            if t.duplicate {
-                // Already pushed under this id: never delivered twice.
-                duplicates += 1;
-                first_delivered = first_delivered.max(t.first_delivered);
-                continue;
-            }
-            if t.stored {
-                stored += 1;
-            }
-            fresh_keys.push(t.key.clone());
-            for node in &t.node_ids {
-                per_node
-                    .entry(node.clone())
-                    .or_default()
-                    .push(DeliveryTarget {
-                        stream: t.key.clone(),
-                        epoch: t.epoch,
-                        seq: t.seq,
-                        exclude_user_ids: exclude.clone(),
-                    });
-            }
-        }
+        let Batches {
+            per_node,
+            first_delivered,
+            duplicates,
+            stored,
+            fresh_keys,
+        } = assemble_batches(targets, &exclude);
         inner.metrics.fanout_nodes.observe(per_node.len() as f64);
         let nodes = per_node.len();
         let calls = per_node.into_iter().map(|(node, targets)| {

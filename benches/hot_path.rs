@@ -1,0 +1,171 @@
+#![allow(missing_docs)] // criterion_group! generates undocumented items
+//! Micro-benchmarks of the push hot path: frame encoding, ring lookup,
+//! membership resolution, per-node batch assembly and local fan-out.
+//! `cargo bench --bench hot_path`; results are recorded in BENCHMARKS.md.
+
+use std::collections::HashSet;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use barrage_connect_node::hub::{Hub, Outbound};
+use barrage_controller::state::Membership;
+use barrage_discovery::ring::Ring;
+use barrage_proto::v1::session_change::Kind;
+use barrage_proto::v1::{ResolvedTarget, SessionChange};
+use barrage_protocol::{RoomId, StreamKey, UserId, encode_message_frame};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+
+fn frame_encoding(c: &mut Criterion) {
+    let mut g = c.benchmark_group("encode_message_frame");
+    for size in [64usize, 1024, 16 * 1024] {
+        let content = format!("{{\"text\":\"{}\"}}", "x".repeat(size));
+        g.throughput(Throughput::Bytes(content.len() as u64));
+        g.bench_with_input(BenchmarkId::new("json", size), &content, |b, content| {
+            b.iter(|| {
+                encode_message_frame(
+                    black_box("room:live-42"),
+                    "0193a1c4-7d1e-7b9a-a0b1-3c9f7a2d4e5f",
+                    1_838_642_512_266_569,
+                    42,
+                    "comment",
+                    content,
+                    &[],
+                    1_764_000_000_123,
+                )
+            })
+        });
+    }
+    g.finish();
+}
+
+fn ring_lookup(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ring_owner");
+    for controllers in [3usize, 16] {
+        let ring = Ring::new(
+            (0..controllers).map(|i| (format!("controller-{i}"), i)),
+            128,
+        );
+        let keys: Vec<String> = (0..1024).map(|i| format!("room:r{i}")).collect();
+        g.bench_function(BenchmarkId::from_parameter(controllers), |b| {
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) & 1023;
+                black_box(ring.owner(&keys[i]))
+            })
+        });
+    }
+    g.finish();
+}
+
+fn membership(c: &mut Criterion) {
+    // 50 nodes, 10k rooms, each room on 5 nodes.
+    let mut m = Membership::new();
+    let now = Instant::now();
+    for n in 0..50 {
+        let node = format!("node-{n}");
+        m.sync(&node, "i", &format!("10.0.0.{n}:50052"), 0, true, &[], now);
+        let changes: Vec<SessionChange> = (0..10_000)
+            .filter(|r| r % 10 < 5 && (r + n) % 2 == 0)
+            .map(|r| SessionChange {
+                kind: Kind::Join as i32,
+                key: format!("room:r{r}"),
+                user_id: format!("u{n}-{r}"),
+            })
+            .collect();
+        m.report(&node, "i", 1, &changes, now);
+    }
+    let keys: Vec<String> = (0..10_000).map(|r| format!("room:r{r}")).collect();
+    c.bench_function("membership_nodes_for", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 7) % keys.len();
+            black_box(m.nodes_for(&keys[i]))
+        })
+    });
+}
+
+fn batch_assembly(c: &mut Criterion) {
+    let mut g = c.benchmark_group("assemble_batches");
+    for (targets, nodes) in [(1usize, 10usize), (100, 10), (1000, 50)] {
+        let resolved: Vec<ResolvedTarget> = (0..targets)
+            .map(|t| ResolvedTarget {
+                key: format!("user:u{t}"),
+                epoch: 7,
+                seq: t as u64,
+                node_ids: (0..3)
+                    .map(|k| format!("node-{}", (t + k) % nodes))
+                    .collect(),
+                ..Default::default()
+            })
+            .collect();
+        g.throughput(Throughput::Elements(targets as u64));
+        g.bench_with_input(
+            BenchmarkId::new("targets", targets),
+            &resolved,
+            |b, resolved| b.iter(|| barrage_push_manager::assemble_batches(resolved.clone(), &[])),
+        );
+    }
+    g.finish();
+}
+
+fn local_fanout(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _guard = rt.enter();
+    let mut g = c.benchmark_group("hub_deliver_room");
+    g.measurement_time(Duration::from_secs(3));
+    for members in [1_000usize, 10_000] {
+        let hub = Hub::detached(1 << 20, &prometheus::Registry::new()).expect("hub");
+        let room = RoomId::new("stage").expect("room");
+        let mut queues = Vec::with_capacity(members);
+        for i in 0..members {
+            let (_conn, rx, _ack) =
+                hub.connect(UserId::new(format!("u{i}")).expect("user"), &[room.clone()]);
+            queues.push(rx);
+        }
+        let frame = Outbound {
+            frame: encode_message_frame(
+                "room:stage",
+                "id",
+                1,
+                1,
+                "comment",
+                "{\"text\":\"hi\"}",
+                &[],
+                0,
+            )
+            .try_into()
+            .expect("utf-8"),
+            position: None,
+        };
+        let key = StreamKey::Room(room);
+        let exclude = HashSet::new();
+        g.throughput(Throughput::Elements(members as u64));
+        g.bench_function(BenchmarkId::from_parameter(members), |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    black_box(hub.deliver(&key, &frame, &exclude));
+                }
+                let took = start.elapsed();
+                for q in &mut queues {
+                    while q.try_recv().is_ok() {}
+                }
+                took
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    frame_encoding,
+    ring_lookup,
+    membership,
+    batch_assembly,
+    local_fanout
+);
+criterion_main!(benches);
