@@ -121,8 +121,10 @@ fn local_fanout(c: &mut Criterion) {
         let room = RoomId::new("stage").expect("room");
         let mut queues = Vec::with_capacity(members);
         for i in 0..members {
-            let (_conn, rx, _ack) =
-                hub.connect(UserId::new(format!("u{i}")).expect("user"), &[room.clone()]);
+            let (_conn, rx, _ack) = hub.connect(
+                UserId::new(format!("u{i}")).expect("user"),
+                std::slice::from_ref(&room),
+            );
             queues.push(rx);
         }
         let frame = Outbound {
