@@ -72,27 +72,6 @@ async fn refused(status: u16, body: Incoming) -> Error {
     }
 }
 
-fn session_of(frame: ServerFrame) -> Result<Session> {
-    match frame {
-        ServerFrame::Connected {
-            conn_id,
-            user_id,
-            node_id,
-            rooms,
-            streams,
-        } => Ok(Session {
-            conn_id,
-            user_id,
-            node_id,
-            rooms,
-            streams,
-        }),
-        other => Err(Error::Protocol(format!(
-            "expected a connected event first, got {other:?}"
-        ))),
-    }
-}
-
 /// A Server-Sent Events session.
 pub(crate) struct SseConn {
     body: Incoming,
@@ -111,7 +90,7 @@ impl SseConn {
             buf: Vec::new(),
         };
         let first = conn.next_frame().await?;
-        Ok((conn, session_of(first)?))
+        Ok((conn, Session::from_connected(first)?))
     }
 
     /// The next event as a frame; a server `close` event becomes

@@ -105,6 +105,30 @@ pub struct Session {
     pub streams: BTreeMap<String, StreamState>,
 }
 
+impl Session {
+    /// The session a `connected` frame describes.
+    pub(crate) fn from_connected(frame: ServerFrame) -> Result<Session> {
+        match frame {
+            ServerFrame::Connected {
+                conn_id,
+                user_id,
+                node_id,
+                rooms,
+                streams,
+            } => Ok(Session {
+                conn_id,
+                user_id,
+                node_id,
+                rooms,
+                streams,
+            }),
+            other => Err(Error::Protocol(format!(
+                "expected a connected frame first, got {other:?}"
+            ))),
+        }
+    }
+}
+
 /// A live connection to a connect-node.
 pub struct Client {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
@@ -133,28 +157,12 @@ impl Client {
                 }
                 Err(e) => return Err(e.into()),
             };
-        match read_frame(&mut ws).await? {
-            ServerFrame::Connected {
-                conn_id,
-                user_id,
-                node_id,
-                rooms,
-                streams,
-            } => Ok(Client {
-                ws,
-                session: Session {
-                    conn_id,
-                    user_id,
-                    node_id,
-                    rooms,
-                    streams,
-                },
-                pending: VecDeque::new(),
-            }),
-            other => Err(Error::Protocol(format!(
-                "expected a connected frame first, got {other:?}"
-            ))),
-        }
+        let session = Session::from_connected(read_frame(&mut ws).await?)?;
+        Ok(Client {
+            ws,
+            session,
+            pending: VecDeque::new(),
+        })
     }
 
     /// The session the server confirmed.

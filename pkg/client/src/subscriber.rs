@@ -301,20 +301,8 @@ impl Subscriber {
                     }
                 }
                 // A long-poll that could not resume a stream starts over.
-                Ok(Some(ServerFrame::Connected {
-                    conn_id,
-                    user_id,
-                    node_id,
-                    rooms,
-                    streams,
-                })) => {
-                    return Ok(self.on_session(Session {
-                        conn_id,
-                        user_id,
-                        node_id,
-                        rooms,
-                        streams,
-                    }));
+                Ok(Some(frame @ ServerFrame::Connected { .. })) => {
+                    return Ok(self.on_session(Session::from_connected(frame)?));
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => {

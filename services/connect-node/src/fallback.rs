@@ -77,6 +77,18 @@ async fn open(
     }
 }
 
+/// Admission, then [`open`]: everything the two transports do first.
+async fn admit_and_open(
+    state: &WsState,
+    params: ConnectParams,
+    headers: &HeaderMap,
+    peer: std::net::SocketAddr,
+) -> Result<(Admission, Registered, mpsc::Receiver<Outbound>, Recovery), Response> {
+    let a = admit(state, params, headers, peer)?;
+    let (registered, rx, recovery) = open(state, &a).await?;
+    Ok((a, registered, rx, recovery))
+}
+
 /// Positions to report before any message: the client's own where the
 /// stream resumed, the stream's current one elsewhere.
 fn initial_positions(a: &Admission, r: &Recovery) -> BTreeMap<String, StreamPos> {
@@ -140,14 +152,11 @@ pub async fn sse_handler(
     {
         params.positions = Some(last.to_owned());
     }
-    let a = match admit(&state, params, &headers, peer) {
-        Ok(a) => a,
-        Err(refused) => return refused,
-    };
-    let (registered, mut rx, recovery) = match open(&state, &a).await {
-        Ok(s) => s,
-        Err(refused) => return refused,
-    };
+    let (a, registered, mut rx, recovery) =
+        match admit_and_open(&state, params, &headers, peer).await {
+            Ok(s) => s,
+            Err(refused) => return refused,
+        };
     let connected = connected_frame(&state, &a, &registered.conn, &recovery);
     let mut positions = initial_positions(&a, &recovery);
     let (tx, events) = mpsc::channel::<Result<Event, Infallible>>(16);
@@ -225,14 +234,11 @@ pub async fn poll_handler(
         )
             .into_response();
     }
-    let a = match admit(&state, params, &headers, peer) {
-        Ok(a) => a,
-        Err(refused) => return refused,
-    };
-    let (registered, mut rx, recovery) = match open(&state, &a).await {
-        Ok(s) => s,
-        Err(refused) => return refused,
-    };
+    let (a, registered, mut rx, recovery) =
+        match admit_and_open(&state, params, &headers, peer).await {
+            Ok(s) => s,
+            Err(refused) => return refused,
+        };
     let connected = connected_frame(&state, &a, &registered.conn, &recovery);
     let mut positions = initial_positions(&a, &recovery);
     let Recovery {

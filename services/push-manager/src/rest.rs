@@ -123,6 +123,15 @@ fn request<T>(headers: &HeaderMap, msg: T) -> tonic::Request<T> {
     req
 }
 
+/// The JSON answer of a call: `ok` shapes a success, a status maps to its
+/// HTTP error.
+fn reply<T>(r: Result<tonic::Response<T>, Status>, ok: impl FnOnce(T) -> Value) -> Response {
+    match r {
+        Ok(r) => axum::Json(ok(r.into_inner())).into_response(),
+        Err(s) => from_status(&s),
+    }
+}
+
 /// `content` may be a string (sent as is) or any JSON value (sent as its
 /// JSON text).
 fn content_text(v: Option<Value>) -> String {
@@ -189,20 +198,15 @@ async fn push_room(
             binary_content: Vec::new(),
         },
     );
-    match svc.push_to_room(req).await {
-        Ok(r) => {
-            let r = r.into_inner();
-            axum::Json(json!({
-                "success": r.success,
-                "delivered_count": r.delivered_count,
-                "message_id": r.message_id,
-                "message": r.message,
-                "duplicate": r.duplicate,
-            }))
-            .into_response()
-        }
-        Err(s) => from_status(&s),
-    }
+    reply(svc.push_to_room(req).await, |r| {
+        json!({
+            "success": r.success,
+            "delivered_count": r.delivered_count,
+            "message_id": r.message_id,
+            "message": r.message,
+            "duplicate": r.duplicate,
+        })
+    })
 }
 
 async fn push_user(
@@ -226,21 +230,16 @@ async fn push_user(
             binary_content: Vec::new(),
         },
     );
-    match svc.push_to_user(req).await {
-        Ok(r) => {
-            let r = r.into_inner();
-            axum::Json(json!({
-                "success": r.success,
-                "delivered_count": r.delivered_count,
-                "stored_count": r.stored_count,
-                "message_id": r.message_id,
-                "message": r.message,
-                "duplicate": r.duplicate,
-            }))
-            .into_response()
-        }
-        Err(s) => from_status(&s),
-    }
+    reply(svc.push_to_user(req).await, |r| {
+        json!({
+            "success": r.success,
+            "delivered_count": r.delivered_count,
+            "stored_count": r.stored_count,
+            "message_id": r.message_id,
+            "message": r.message,
+            "duplicate": r.duplicate,
+        })
+    })
 }
 
 async fn broadcast(
@@ -261,49 +260,40 @@ async fn broadcast(
             binary_content: Vec::new(),
         },
     );
-    match svc.broadcast(req).await {
-        Ok(r) => {
-            let r = r.into_inner();
-            axum::Json(json!({
-                "success": r.success,
-                "total_delivered": r.total_delivered,
-                "node_count": r.node_count,
-                "message_id": r.message_id,
-                "message": r.message,
-                "duplicate": r.duplicate,
-            }))
-            .into_response()
-        }
-        Err(s) => from_status(&s),
-    }
+    reply(svc.broadcast(req).await, |r| {
+        json!({
+            "success": r.success,
+            "total_delivered": r.total_delivered,
+            "node_count": r.node_count,
+            "message_id": r.message_id,
+            "message": r.message,
+            "duplicate": r.duplicate,
+        })
+    })
 }
 
 async fn status(State(svc): State<PushService>, headers: HeaderMap) -> Response {
-    match svc.get_status(request(&headers, GetStatusRequest {})).await {
-        Ok(r) => {
-            let r = r.into_inner();
-            let nodes: Vec<Value> = r
-                .nodes
-                .iter()
-                .map(|n| {
-                    json!({
-                        "node_id": n.node_id,
-                        "reachable": n.reachable,
-                        "connections": n.connections,
-                        "users": n.users,
-                        "rooms": n.rooms,
-                    })
+    let r = svc.get_status(request(&headers, GetStatusRequest {})).await;
+    reply(r, |r| {
+        let nodes: Vec<Value> = r
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "node_id": n.node_id,
+                    "reachable": n.reachable,
+                    "connections": n.connections,
+                    "users": n.users,
+                    "rooms": n.rooms,
                 })
-                .collect();
-            axum::Json(json!({
-                "controllers": r.controllers,
-                "connections": r.connections,
-                "nodes": nodes,
-            }))
-            .into_response()
-        }
-        Err(s) => from_status(&s),
-    }
+            })
+            .collect();
+        json!({
+            "controllers": r.controllers,
+            "connections": r.connections,
+            "nodes": nodes,
+        })
+    })
 }
 
 async fn room_info(
@@ -390,22 +380,17 @@ async fn close_room(
     Path(room_id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    match svc
+    let r = svc
         .close_room(request(&headers, CloseRoomRequest { room_id }))
-        .await
-    {
-        Ok(r) => {
-            let r = r.into_inner();
-            axum::Json(json!({
-                "room_id": r.room_id,
-                "removed_connections": r.removed_connections,
-                "node_count": r.node_count,
-                "message": r.message,
-            }))
-            .into_response()
-        }
-        Err(s) => from_status(&s),
-    }
+        .await;
+    reply(r, |r| {
+        json!({
+            "room_id": r.room_id,
+            "removed_connections": r.removed_connections,
+            "node_count": r.node_count,
+            "message": r.message,
+        })
+    })
 }
 
 async fn user(
