@@ -33,6 +33,8 @@ pub struct Metrics {
     pub ring_changes: IntCounter,
     /// Pushes refused while the ring was settling or for keys owned elsewhere.
     pub refused: IntCounterVec,
+    /// Memberships over all owned keys (refreshed periodically).
+    pub members: IntGauge,
 }
 
 impl Metrics {
@@ -44,6 +46,10 @@ impl Metrics {
                 "Keys (rooms and users) with at least one session",
             )?,
             nodes: IntGauge::new("controller_nodes", "Connect-nodes known to this controller")?,
+            members: IntGauge::new(
+                "controller_members",
+                "Memberships (user in a room or user stream, per node), refreshed every 10 s",
+            )?,
             streams: IntGauge::new("controller_streams", "Message streams with a position")?,
             history_messages: IntGauge::new(
                 "controller_history_messages",
@@ -129,6 +135,7 @@ impl Metrics {
         registry.register(Box::new(m.syncs.clone()))?;
         registry.register(Box::new(m.resolves.clone()))?;
         registry.register(Box::new(m.nodes_dropped.clone()))?;
+        registry.register(Box::new(m.members.clone()))?;
         Ok(m)
     }
 

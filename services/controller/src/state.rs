@@ -304,6 +304,16 @@ impl Membership {
         self.keys.len()
     }
 
+    /// Memberships: (key, user) pairs summed over the nodes holding them.
+    /// Walks every key; call it now and then, not per request.
+    pub fn member_count(&self) -> usize {
+        self.keys
+            .values()
+            .flat_map(HashMap::values)
+            .map(HashMap::len)
+            .sum()
+    }
+
     /// Number of known connect-nodes.
     pub fn node_count(&self) -> usize {
         self.nodes.len()
@@ -386,6 +396,11 @@ mod tests {
         assert_eq!(m.nodes_for("room:r"), vec!["n1", "n2"]);
         assert_eq!(m.nodes_for("room:empty"), Vec::<String>::new());
         assert_eq!(m.nodes_for("broadcast"), vec!["n1", "n2", "n3"]);
+        // a in r on n1, b in r on n2; a second connection of a adds nothing.
+        assert_eq!(m.member_count(), 2);
+        m.report("n1", "inc", 2, &[change(Kind::Join, "room:r", "a")], now);
+        m.report("n1", "inc", 3, &[change(Kind::Join, "room:s", "a")], now);
+        assert_eq!(m.member_count(), 3);
     }
 
     #[test]
