@@ -364,6 +364,37 @@ struct WsArgs {
     /// sends through. Development only: anyone reaching the page can push.
     #[arg(long, env = "DEMO_PUBLISH_API")]
     demo_publish_api: Option<String>,
+    /// Rooms where members may publish comments (`publish` frames), comma-
+    /// separated names or `prefix*`; empty: publishing is off.
+    #[arg(long, env = "PUBLISH_ROOMS", value_delimiter = ',')]
+    publish_rooms: Vec<String>,
+    /// Of those, rooms where the token's `publish` claim must allow it too.
+    #[arg(long, env = "PUBLISH_CLAIM_ROOMS", value_delimiter = ',')]
+    publish_claim_rooms: Vec<String>,
+    /// Push API (host:port of a push-manager) published comments go through.
+    #[arg(long, env = "PUBLISH_API")]
+    publish_api: Option<String>,
+    /// Longest comment, characters.
+    #[arg(long, env = "PUBLISH_MAX_CHARS", default_value_t = 200)]
+    publish_max_chars: usize,
+    /// Comments per second per user.
+    #[arg(long, env = "PUBLISH_USER_PER_SEC", default_value_t = 10)]
+    publish_user_per_sec: u32,
+    /// Burst of the per-user comment rate.
+    #[arg(long, env = "PUBLISH_USER_BURST", default_value_t = 20)]
+    publish_user_burst: u32,
+    /// Comments per second per room over all publishers; 0: no limit.
+    #[arg(long, env = "PUBLISH_ROOM_PER_SEC", default_value_t = 0)]
+    publish_room_per_sec: u32,
+    /// The same comment from the same user within this many seconds is dropped.
+    #[arg(long, env = "PUBLISH_DEDUP_SECS", default_value_t = 5)]
+    publish_dedup_secs: u64,
+    /// Sensitive words, one per line (`#` comments); re-read when it changes.
+    #[arg(long, env = "SENSITIVE_WORDS_FILE")]
+    sensitive_words_file: Option<PathBuf>,
+    /// What a sensitive word does: reject the comment, or mask it with `*`.
+    #[arg(long, env = "SENSITIVE_WORDS_MODE", default_value = "reject")]
+    sensitive_words_mode: String,
 }
 
 #[derive(Debug, Args)]
@@ -640,6 +671,83 @@ impl PushLimits {
 }
 
 impl WsArgs {
+    fn publish_settings(
+        &self,
+        tls: &barrage_proto::GrpcTls,
+    ) -> Result<Option<barrage_connect_node::publish::PublishSettings>, ConfigError> {
+        use barrage_connect_node::publish::{PublishSettings, WordsMode, check_words_file};
+        let rooms: Vec<String> = self
+            .publish_rooms
+            .iter()
+            .map(|r| r.trim().to_owned())
+            .filter(|r| !r.is_empty())
+            .collect();
+        if rooms.is_empty() {
+            return Ok(None);
+        }
+        let api = match self.publish_api.as_deref().map(str::trim) {
+            Some(a) if !a.is_empty() => host_port("PUBLISH_API (--publish-api)", a)?
+                .trim_start_matches("http://")
+                .trim_start_matches("https://")
+                .to_owned(),
+            _ => {
+                return Err(bad(
+                    "PUBLISH_API (--publish-api)",
+                    "is required with PUBLISH_ROOMS: the push-manager comments go through",
+                ));
+            }
+        };
+        if self.publish_max_chars == 0 {
+            return Err(bad(
+                "PUBLISH_MAX_CHARS (--publish-max-chars)",
+                "must be at least 1",
+            ));
+        }
+        if self.publish_user_per_sec == 0 {
+            return Err(bad(
+                "PUBLISH_USER_PER_SEC (--publish-user-per-sec)",
+                "must be at least 1",
+            ));
+        }
+        if self.publish_user_burst < self.publish_user_per_sec {
+            return Err(bad(
+                "PUBLISH_USER_BURST (--publish-user-burst)",
+                "must be at least PUBLISH_USER_PER_SEC",
+            ));
+        }
+        let words_mode = match self.sensitive_words_mode.as_str() {
+            "reject" => WordsMode::Reject,
+            "mask" => WordsMode::Mask,
+            other => {
+                return Err(bad(
+                    "SENSITIVE_WORDS_MODE (--sensitive-words-mode)",
+                    format!("{other:?}: expected reject or mask"),
+                ));
+            }
+        };
+        if let Some(f) = &self.sensitive_words_file {
+            check_words_file(f).map_err(|e| {
+                bad(
+                    "SENSITIVE_WORDS_FILE (--sensitive-words-file)",
+                    e.to_string(),
+                )
+            })?;
+        }
+        Ok(Some(PublishSettings {
+            api,
+            tls: tls.clone(),
+            rooms,
+            claim_rooms: self.publish_claim_rooms.clone(),
+            max_chars: self.publish_max_chars,
+            user_per_sec: self.publish_user_per_sec,
+            user_burst: self.publish_user_burst,
+            room_per_sec: self.publish_room_per_sec,
+            dedup_window: Duration::from_secs(self.publish_dedup_secs),
+            words_file: self.sensitive_words_file.clone(),
+            words_mode,
+        }))
+    }
+
     fn apply(&self, cfg: &mut barrage_connect_node::Config) -> Result<(), ConfigError> {
         if self.send_queue == 0 {
             return Err(bad("SEND_QUEUE (--send-queue)", "must be at least 1"));
@@ -740,6 +848,7 @@ impl WsArgs {
                 tls: cfg.grpc_tls.clone(),
             });
         }
+        cfg.publish = self.publish_settings(&cfg.grpc_tls)?;
         cfg.handshake_timeout = secs(
             "HANDSHAKE_TIMEOUT_SECS (--handshake-timeout-secs)",
             self.handshake_timeout_secs,

@@ -100,6 +100,7 @@ async fn connection_tokens_are_verified_before_upgrade() -> anyhow::Result<()> {
             sub: "alice".into(),
             exp: now_secs() - 30,
             rooms: None,
+            publish: None,
         },
         &EncodingKey::from_secret(SECRET),
     )?;
@@ -116,6 +117,7 @@ async fn connection_tokens_are_verified_before_upgrade() -> anyhow::Result<()> {
             sub: "alice".into(),
             exp: now_secs() + 60,
             rooms: None,
+            publish: None,
         },
         &EncodingKey::from_secret(SECRET),
     )?;

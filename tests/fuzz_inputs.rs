@@ -149,6 +149,7 @@ const FIELDS: &[&str] = &[
     "binary_content",
     "event",
     "message_id",
+    "sender",
 ];
 
 proptest! {
@@ -173,6 +174,7 @@ proptest! {
                 message_id: message_id.clone(),
                 exclude_user_ids: user_ids.clone(),
                 binary_content: binary.clone(),
+                sender: event.clone(),
             })).await.expect("answered in time");
             let user = within(T, "PushToUser", api.push_to_user(PushToUserRequest {
                 user_id: room_id,

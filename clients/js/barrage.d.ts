@@ -27,12 +27,26 @@ export interface MessageFrame {
   epoch: number;
   seq: number;
   event: string;
+  /** The publishing user, for comments published by clients. */
+  from?: string;
   /** The pushed content: parsed JSON when it was JSON, else a string. */
   data?: unknown;
   /** Binary payloads, base64. */
   data_b64?: string;
   /** Milliseconds since the Unix epoch, when the push was accepted. */
   timestamp: number;
+}
+
+export interface PublishAnswer {
+  type: "ack" | "rejected";
+  ref?: string;
+  room: string;
+  /** ack: the message id and its position in the room's stream. */
+  id?: string;
+  seq?: number;
+  /** rejected: why (not_allowed, not_joined, invalid, too_long, rate_limited, room_rate_limited, sensitive, duplicate, unavailable). */
+  reason?: string;
+  message?: string;
 }
 
 export interface Session {
@@ -69,6 +83,8 @@ export interface Events {
   error: ErrorEvent;
   refreshed: { expiresAt: number };
   state: StateChange;
+  ack: PublishAnswer;
+  rejected: PublishAnswer;
   /** Moved to the next transport after repeated failures. */
   transport: { transport: Transport };
 }
@@ -118,6 +134,8 @@ export declare class BarrageClient {
   join(room: string): void;
   leave(room: string): void;
   refresh(token: string): boolean;
+  /** Publishes a comment to a room this connection is in (WebSocket transport). */
+  publish(room: string, data: unknown, options?: { timeoutMs?: number }): Promise<PublishAnswer>;
   close(): void;
 }
 

@@ -332,6 +332,17 @@ export class BarrageClient {
       case "error":
         this.emit("error", { code: frame.code, message: frame.message });
         break;
+      case "ack":
+      case "rejected": {
+        const pending = this.pendingPublishes?.get(frame.ref);
+        if (pending) {
+          this.pendingPublishes.delete(frame.ref);
+          clearTimeout(pending.timer);
+          pending.resolve(frame);
+        }
+        this.emit(frame.type, frame);
+        break;
+      }
       case "refreshed":
         this.emit("refreshed", { expiresAt: frame.expires_at });
         break;
@@ -480,6 +491,27 @@ export class BarrageClient {
     delete this.positions[`room:${room}`];
     if (this.transport === "websocket") this.send({ type: "leave", room });
     else if (this.state === States.CONNECTED) this.reconnectNow();
+  }
+
+  /**
+   * Publishes a comment to a room this connection is in (WebSocket only).
+   * Resolves with the server's `ack` or `rejected` frame.
+   */
+  publish(room, data, { timeoutMs = 10000 } = {}) {
+    if (this.transport !== "websocket" || this.state !== States.CONNECTED) {
+      return Promise.reject(new Error("publish needs a connected WebSocket"));
+    }
+    this.pendingPublishes ??= new Map();
+    this.publishSeq = (this.publishSeq ?? 0) + 1;
+    const ref = `p${this.publishSeq}`;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pendingPublishes.delete(ref);
+        reject(new Error("no answer to publish"));
+      }, timeoutMs);
+      this.pendingPublishes.set(ref, { resolve, timer });
+      this.send({ type: "publish", room, data, ref });
+    });
   }
 
   /** Replaces the token of the live connection before it expires. */

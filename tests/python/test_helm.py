@@ -53,7 +53,8 @@ VARIANTS = {
                  "apiTokens": "svc-chat-7Rk2pW9xQ4mZ8vT1=push:room|push:user"},
         "otlpEndpoint": "http://otel-collector.observability:4317",
         "connectNode": {"allowedOrigins": ["https://app.example.com", "https://admin.example.com"],
-                        "newConnectionsPerIpPerSec": 5},
+                        "newConnectionsPerIpPerSec": 5,
+                        "publish": {"rooms": ["live-*"], "sensitiveWords": {"list": "badword\n", "mode": "mask"}}},
     },
     "existing-secrets": {
         "auth": {"jwt": {"existingSecret": "my-jwt", "existingSecretKeys": ["public-key.pem"]},
@@ -72,10 +73,12 @@ def file_is_mounted(workload, c, path):
     for m in c.get("volumeMounts", []):
         prefix = m["mountPath"].rstrip("/") + "/"
         if path.startswith(prefix):
-            secret = volumes[m["name"]]["secret"]
+            vol = volumes[m["name"]]
+            source = vol.get("secret") or vol.get("configMap")
+            name = source.get("secretName") or source.get("name")
             key = path[len(prefix):]
-            items = secret.get("items")
-            return secret["secretName"], (items is None or any(i["path"] == key for i in items))
+            items = source.get("items")
+            return name, (items is None or any(i["path"] == key for i in items))
     return None, False
 
 
@@ -135,6 +138,8 @@ def test_variants_change_what_they_should():
 
 def test_tls_and_auth_come_from_secrets():
     docs, out = render(VARIANTS["tls-and-auth"])
+    [words] = by_kind(docs, "ConfigMap")
+    assert words["data"]["words.txt"] == "badword\n"
     [secret] = by_kind(docs, "Secret")
     assert secret["metadata"]["name"] == "demo-barrage-auth"
     assert set(secret["stringData"]) == {"hs256-secret", "jwks.json", "api-tokens"}
@@ -157,6 +162,8 @@ def test_tls_and_auth_come_from_secrets():
             assert file_is_mounted(workload, c, files["JWT_JWKS_FILE"])[0] == "demo-barrage-auth"
             assert "JWT_PUBLIC_KEY_FILE" not in env
             assert env["ALLOWED_ORIGINS"]["value"] == "https://app.example.com,https://admin.example.com"
+            assert env["PUBLISH_ROOMS"]["value"] == "live-*" and env["SENSITIVE_WORDS_MODE"]["value"] == "mask"
+            assert file_is_mounted(workload, c, files["SENSITIVE_WORDS_FILE"]) == ("demo-barrage-words", True)
         if c["name"] == "push-manager":
             assert env["API_TOKENS"]["valueFrom"]["secretKeyRef"] == {"name": "demo-barrage-auth", "key": "api-tokens"}
     notes = out["barrage/templates/NOTES.txt"]

@@ -121,6 +121,7 @@ export async function startCluster() {
   const node = new Role("connect-node", ["connect-node"], {
     ...base, GRPC_PORT: `${p.nGrpc}`, METRICS_PORT: `${p.nHttp}`, WS_PORT: `${p.ws}`, CONTROLLER_ADDRESS: controllerAddr,
     INSECURE_USER_ID: "true", DEMO_PAGE: "true", DEMO_PUBLISH_API: `127.0.0.1:${p.mGrpc}`, NODE_ID: "node-a",
+    PUBLISH_ROOMS: "*", PUBLISH_API: `127.0.0.1:${p.mGrpc}`,
   }, p.nHttp);
   await controller.start();
   await manager.start();

@@ -319,3 +319,18 @@ test("long-polling carries positions from poll to poll and honours auth failures
   await until("the client to stop", () => c.state === States.CLOSED);
   assert.deepEqual(errors, ["4401"]);
 });
+
+test("publish resolves with the server's ack or rejection", async () => {
+  const c = await client({ userId: "alice", rooms: ["live-1"] });
+  const [ws] = ScriptedSocket.all;
+  await assert.rejects(c.publish("live-1", { text: "too early" }), /connected WebSocket/);
+  connected(ws, { rooms: ["live-1"] });
+  const first = c.publish("live-1", { text: "hi" });
+  const second = c.publish("live-1", { text: "hi" });
+  assert.deepEqual(ws.sent.slice(-2).map((f) => [f.type, f.room, f.data.text, f.ref]), [["publish", "live-1", "hi", "p1"], ["publish", "live-1", "hi", "p2"]]);
+  ws.frame({ type: "rejected", ref: "p2", room: "live-1", reason: "duplicate", message: "the same comment was just sent" });
+  ws.frame({ type: "ack", ref: "p1", room: "live-1", id: "m1", seq: 7 });
+  assert.equal((await first).seq, 7);
+  assert.equal((await second).reason, "duplicate");
+  c.close();
+});

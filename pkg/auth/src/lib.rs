@@ -51,17 +51,33 @@ pub struct Claims {
     /// Absent: any room.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rooms: Option<Vec<String>>,
+    /// Rooms the connection may publish comments to where the node requires
+    /// this claim (`PUBLISH_CLAIM_ROOMS`): exact names or `prefix*`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<Vec<String>>,
+}
+
+/// Whether `room` matches one of `patterns` (exact names or `prefix*`).
+pub fn room_matches(patterns: &[String], room: &str) -> bool {
+    patterns.iter().any(|g| match g.strip_suffix('*') {
+        Some(prefix) => room.starts_with(prefix),
+        None => g == room,
+    })
 }
 
 impl Claims {
+    /// Whether the token's `publish` claim covers `room`.
+    pub fn allows_publish(&self, room: &str) -> bool {
+        self.publish
+            .as_deref()
+            .is_some_and(|p| room_matches(p, room))
+    }
+
     /// Whether the token allows joining `room`.
     pub fn allows_room(&self, room: &str) -> bool {
         match &self.rooms {
             None => true,
-            Some(grants) => grants.iter().any(|g| match g.strip_suffix('*') {
-                Some(prefix) => room.starts_with(prefix),
-                None => g == room,
-            }),
+            Some(grants) => room_matches(grants, room),
         }
     }
 }
@@ -195,6 +211,7 @@ pub fn mint(
         sub: user.to_owned(),
         exp: now_secs() + ttl.as_secs(),
         rooms,
+        publish: None,
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -366,6 +383,7 @@ mod tests {
             sub: "old".into(),
             exp: now_secs() - 60,
             rooms: None,
+            publish: None,
         };
         let expired = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),

@@ -14,7 +14,7 @@ use crate::{StreamKey, StreamPos};
 use serde::{Deserialize, Serialize};
 
 /// A frame a client sends.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientFrame {
     /// Join a room; answered with `joined` (or `error`).
@@ -35,6 +35,17 @@ pub enum ClientFrame {
         /// The new JWT.
         token: String,
     },
+    /// Publish to a room the connection is in (live comments); answered
+    /// with `ack` or `rejected`.
+    Publish {
+        /// The room.
+        room: String,
+        /// The comment, usually `{"text": "..."}`.
+        data: serde_json::Value,
+        /// Echoed in the answer so the client can match it.
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+    },
 }
 
 /// A `message` frame as a client decodes it.
@@ -50,6 +61,9 @@ pub struct MessageFrame {
     pub seq: u64,
     /// Application event name.
     pub event: String,
+    /// The user who published it (client publish); absent for service pushes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
     /// The content: parsed JSON when the pushed content was JSON, a string otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<serde_json::Value>,
@@ -144,6 +158,32 @@ pub enum ServerFrame {
     },
     /// Answer to a client `ping`.
     Pong,
+    /// A `publish` was accepted and pushed to the room.
+    Ack {
+        /// The client's `ref`.
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        /// The room.
+        room: String,
+        /// Message id.
+        id: String,
+        /// Position of the message in the room's stream.
+        seq: u64,
+    },
+    /// A `publish` was refused; nothing was sent to the room.
+    Rejected {
+        /// The client's `ref`.
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        /// The room.
+        room: String,
+        /// Machine-readable reason: `not_allowed`, `not_joined`, `invalid`,
+        /// `too_long`, `sensitive`, `duplicate`, `rate_limited`,
+        /// `room_rate_limited`, `unavailable`.
+        reason: String,
+        /// Human-readable detail.
+        message: String,
+    },
     /// The connection's token was replaced.
     Refreshed {
         /// When the new token expires, seconds since the Unix epoch.
@@ -176,7 +216,7 @@ pub struct FrameError(String);
 pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
     serde_json::from_str(text).map_err(|e| {
         FrameError(format!(
-            "expected a JSON object with \"type\": join | leave | ping | refresh ({e})"
+            "expected a JSON object with \"type\": join | leave | ping | refresh | publish ({e})"
         ))
     })
 }
@@ -197,6 +237,55 @@ pub fn encode_message_frame(
     binary: &[u8],
     timestamp_ms: i64,
 ) -> Bytes {
+    encode_message(&MessageParts {
+        stream,
+        id,
+        epoch,
+        seq,
+        event,
+        content,
+        binary,
+        timestamp_ms,
+        from: "",
+    })
+}
+
+/// Everything a `message` frame carries.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageParts<'a> {
+    /// `room:<id>`, `user:<id>` or `broadcast`.
+    pub stream: &'a str,
+    /// Message id.
+    pub id: &'a str,
+    /// Stream epoch.
+    pub epoch: u64,
+    /// Position in the stream.
+    pub seq: u64,
+    /// Event name.
+    pub event: &'a str,
+    /// Text content (embedded as JSON when it is JSON).
+    pub content: &'a str,
+    /// Binary content; sent as `data_b64` when non-empty.
+    pub binary: &'a [u8],
+    /// Acceptance time, ms since the Unix epoch.
+    pub timestamp_ms: i64,
+    /// Publishing user for client-published messages; empty otherwise.
+    pub from: &'a str,
+}
+
+/// Encodes a `message` frame once, to be shared by every recipient.
+pub fn encode_message(p: &MessageParts<'_>) -> Bytes {
+    let MessageParts {
+        stream,
+        id,
+        epoch,
+        seq,
+        event,
+        content,
+        binary,
+        timestamp_ms,
+        from,
+    } = *p;
     let mut out = Vec::with_capacity(96 + stream.len() + id.len() + content.len());
     out.extend_from_slice(br#"{"type":"message","stream":"#);
     push_json_str(&mut out, stream);
@@ -204,6 +293,10 @@ pub fn encode_message_frame(
     push_json_str(&mut out, id);
     out.extend_from_slice(format!(r#","epoch":{epoch},"seq":{seq},"event":"#).as_bytes());
     push_json_str(&mut out, event);
+    if !from.is_empty() {
+        out.extend_from_slice(br#","from":"#);
+        push_json_str(&mut out, from);
+    }
     if binary.is_empty() {
         out.extend_from_slice(br#","data":"#);
         if serde_json::from_str::<serde::de::IgnoredAny>(content).is_ok() {

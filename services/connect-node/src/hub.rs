@@ -317,6 +317,15 @@ impl Hub {
         self.state.read().users.get(user).map_or(0, HashMap::len)
     }
 
+    /// Whether a connection is in `room`.
+    pub fn in_room(&self, conn: ConnId, room: &RoomId) -> bool {
+        self.state
+            .read()
+            .conn_rooms
+            .get(&conn)
+            .is_some_and(|r| r.contains(room))
+    }
+
     /// Number of rooms a connection is in.
     pub fn room_count(&self, conn: ConnId) -> usize {
         self.state

@@ -11,6 +11,7 @@ pub mod fallback;
 pub mod hub;
 pub mod listener;
 mod metrics;
+pub mod publish;
 mod reporter;
 mod service;
 pub mod ws;
@@ -84,6 +85,8 @@ pub struct Config {
     pub grpc_tls: barrage_proto::GrpcTls,
     /// Serve the demo page (and its publish endpoint) on the WebSocket port.
     pub demo: Option<demo::DemoSettings>,
+    /// Let clients publish comments to rooms (`publish` frames).
+    pub publish: Option<publish::PublishSettings>,
 }
 
 impl Default for Config {
@@ -113,6 +116,7 @@ impl Default for Config {
             tls: None,
             grpc_tls: barrage_proto::GrpcTls::plaintext(),
             demo: None,
+            publish: None,
         }
     }
 }
@@ -149,6 +153,9 @@ pub enum Error {
     /// The TLS certificate or key did not load.
     #[error("tls: {0}")]
     Tls(#[from] listener::TlsError),
+    /// The publish settings did not load (word list, API address).
+    #[error("publish: {0}")]
+    Publish(#[from] publish::WordsError),
 }
 
 /// Runs a connect-node until `shutdown`, then drains: readiness goes false,
@@ -227,6 +234,14 @@ pub async fn run(
     );
 
     let draining = CancellationToken::new();
+    let publisher = match &cfg.publish {
+        Some(p) => {
+            let publisher = publish::Publisher::new(p.clone(), metrics.publish.clone())?;
+            tokio::spawn(publisher.clone().maintain(tasks.clone()));
+            Some(publisher)
+        }
+        None => None,
+    };
     let ws_state = WsState {
         hub: hub.clone(),
         settings: Arc::new(WsSettings {
@@ -247,6 +262,7 @@ pub async fn run(
         }),
         metrics: metrics.clone(),
         draining: draining.clone(),
+        publisher,
         per_ip: std::num::NonZeroU32::new(cfg.new_connections_per_ip)
             .map(|n| Arc::new(governor::RateLimiter::keyed(governor::Quota::per_second(n)))),
     };

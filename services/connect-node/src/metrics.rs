@@ -33,6 +33,8 @@ pub struct Metrics {
     pub report_duration: prometheus::Histogram,
     /// TLS certificate reloads, by result (`ok`, `error`).
     pub tls_reloads: IntCounterVec,
+    /// Client publishes by pipeline stage and outcome.
+    pub publish: IntCounterVec,
 }
 
 impl Metrics {
@@ -106,7 +108,15 @@ impl Metrics {
                 ),
                 &["result"],
             )?,
+            publish: IntCounterVec::new(
+                Opts::new(
+                    "connect_node_publish_total",
+                    "Client publishes by pipeline stage and outcome",
+                ),
+                &["stage", "outcome"],
+            )?,
         };
+        registry.register(Box::new(m.publish.clone()))?;
         registry.register(Box::new(m.report_duration.clone()))?;
         registry.register(Box::new(m.tls_reloads.clone()))?;
         for result in ["ok", "error"] {

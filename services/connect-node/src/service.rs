@@ -9,7 +9,7 @@ use barrage_proto::v1::{
     CloseRoomRequest, CloseRoomResponse, MessageResult, PushMessageBatchRequest,
     PushMessageBatchResponse, StatsRequest, StatsResponse, connect_node_server::ConnectNode,
 };
-use barrage_protocol::{StreamKey, encode_message_frame};
+use barrage_protocol::{MessageParts, StreamKey, encode_message};
 use tonic::{Request, Response, Status};
 
 use crate::hub::{Hub, Outbound};
@@ -67,16 +67,17 @@ impl ConnectNode for ConnectNodeService {
             };
             for (key, t) in targets {
                 // Encoded once per target stream; every recipient shares it.
-                let frame = encode_message_frame(
-                    &t.stream,
-                    &body.id,
-                    t.epoch,
-                    t.seq,
-                    &body.event,
-                    &body.content,
-                    &body.binary_content,
-                    body.timestamp_ms,
-                );
+                let frame = encode_message(&MessageParts {
+                    stream: &t.stream,
+                    id: &body.id,
+                    epoch: t.epoch,
+                    seq: t.seq,
+                    event: &body.event,
+                    content: &body.content,
+                    binary: &body.binary_content,
+                    timestamp_ms: body.timestamp_ms,
+                    from: &body.sender,
+                });
                 let frame = Outbound {
                     frame: Utf8Bytes::try_from(frame)
                         .map_err(|_| Status::internal("encoded frame is not UTF-8"))?,

@@ -19,8 +19,8 @@ use axum::response::{IntoResponse, Response};
 use barrage_auth::{AuthError, Claims};
 use barrage_proto::v1::HistoryQuery;
 use barrage_protocol::{
-    ClientFrame, CloseCode, RoomId, ServerFrame, StreamKey, StreamPos, StreamState, UserId,
-    encode_message_frame, parse_client_frame, parse_positions,
+    ClientFrame, CloseCode, MessageParts, RoomId, ServerFrame, StreamKey, StreamPos, StreamState,
+    UserId, encode_message, parse_client_frame, parse_positions,
 };
 use futures::{SinkExt, StreamExt};
 use parking_lot::Mutex;
@@ -78,6 +78,8 @@ pub struct WsState {
     pub draining: CancellationToken,
     /// New connections per second per client IP (429 beyond).
     pub per_ip: Option<Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>>,
+    /// Client publishing (`publish` frames); `None`: refused.
+    pub publisher: Option<Arc<crate::publish::Publisher>>,
 }
 
 /// Query string of `GET /ws`.
@@ -641,16 +643,17 @@ pub(crate) async fn recover(
         let mut seqs = HashSet::new();
         for m in &r.messages {
             let Some(body) = &m.body else { continue };
-            let frame = encode_message_frame(
-                &r.key,
-                &body.id,
-                r.epoch,
-                m.seq,
-                &body.event,
-                &body.content,
-                &body.binary_content,
-                body.timestamp_ms,
-            );
+            let frame = encode_message(&MessageParts {
+                stream: &r.key,
+                id: &body.id,
+                epoch: r.epoch,
+                seq: m.seq,
+                event: &body.event,
+                content: &body.content,
+                binary: &body.binary_content,
+                timestamp_ms: body.timestamp_ms,
+                from: &body.sender,
+            });
             let frame =
                 Utf8Bytes::try_from(frame).map_err(|_| "history frame is not UTF-8".to_owned())?;
             out.missed.push(Outbound {
@@ -765,6 +768,33 @@ async fn handle_text(state: &WsState, conn: &Arc<ConnHandle>, session: &Session,
                     room: room.to_string(),
                 },
             );
+        }
+        ClientFrame::Publish {
+            room,
+            data,
+            reference,
+        } => {
+            let answer = match &state.publisher {
+                Some(p) => {
+                    let claims = session.claims.lock().clone();
+                    p.publish(
+                        &conn.user,
+                        claims.as_ref(),
+                        |r| state.hub.in_room(conn.id, r),
+                        room,
+                        data,
+                        reference,
+                    )
+                    .await
+                }
+                None => ServerFrame::Rejected {
+                    reference,
+                    room,
+                    reason: "not_allowed".into(),
+                    message: "publishing is off on this node (PUBLISH_ROOMS)".into(),
+                },
+            };
+            send_frame(conn, answer);
         }
         ClientFrame::Leave { room } => {
             let room = match RoomId::new(room) {

@@ -196,6 +196,7 @@ async fn push_room(
             message_id: b.message_id,
             exclude_user_ids: b.exclude_user_ids,
             binary_content: Vec::new(),
+            sender: String::new(),
         },
     );
     reply(svc.push_to_room(req).await, |r| {

@@ -120,6 +120,8 @@ struct Outcome {
     stored: u32,
     /// Every target had seen this message id before: nothing was sent.
     duplicate: bool,
+    /// Position of the message in the first target's stream.
+    position: (u64, u64),
 }
 
 impl Outcome {
@@ -298,6 +300,7 @@ impl PushService {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(0),
+            sender: String::new(),
         })
     }
 
@@ -415,6 +418,7 @@ impl PushService {
                 return Err(s);
             }
         };
+        let position = targets.first().map_or((0, 0), |t| (t.epoch, t.seq));
         let Batches {
             per_node,
             first_delivered,
@@ -459,6 +463,7 @@ impl PushService {
             failed: Vec::new(),
             stored,
             duplicate: fresh_keys.is_empty() && duplicates > 0,
+            position,
         };
         if outcome.duplicate {
             outcome.delivered = first_delivered;
@@ -516,7 +521,12 @@ impl PushManager for PushService {
                     .map_err(|e| invalid("exclude_user_ids", format!("{u:?}: {e}")))?;
             }
             let idempotent = !r.message_id.is_empty();
-            let body = self.body(r.content, r.binary_content, r.event, r.message_id)?;
+            let mut body = self.body(r.content, r.binary_content, r.event, r.message_id)?;
+            if !r.sender.is_empty() {
+                body.sender = UserId::new(r.sender.as_str())
+                    .map_err(|e| invalid("sender", e))?
+                    .to_string();
+            }
             let id = body.id.clone();
             tracing::Span::current().record("message_id", id.as_str());
             let o = self
@@ -533,6 +543,8 @@ impl PushManager for PushService {
                 message: o.message(),
                 message_id: id,
                 duplicate: o.duplicate,
+                epoch: o.position.0,
+                seq: o.position.1,
             })
         })
         .instrument(span)

@@ -1,0 +1,417 @@
+//! Client publish (live comments): a connection sends
+//! `{"type":"publish","room":"r","data":{"text":"…"}}` to a room it is in;
+//! the comment passes a filter pipeline and then travels the normal push
+//! path (the room's stream, seq, history, fan-out to every member), tagged
+//! with the sender as `from`. The sender gets `ack` (message id, seq) or
+//! `rejected` with the reason.
+//!
+//! Stages, in order, each counted in
+//! `connect_node_publish_total{stage,outcome}`:
+//! policy (room allowed, token claim where required, sender is a member) →
+//! validation (text, length, control characters) → per-user rate →
+//! per-room rate → sensitive words (reject or mask with `*`) → duplicate
+//! (same text from the same user within the window) → push.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use barrage_auth::{Claims, room_matches};
+use barrage_proto::v1::PushToRoomRequest;
+use barrage_proto::v1::push_manager_client::PushManagerClient;
+use barrage_protocol::{RoomId, ServerFrame, UserId};
+use parking_lot::{Mutex, RwLock};
+use prometheus::IntCounterVec;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// What to do with a comment that contains a listed word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WordsMode {
+    /// Refuse the comment (`rejected`, reason `sensitive`).
+    Reject,
+    /// Replace each matched character with `*` and publish.
+    Mask,
+}
+
+/// Settings of client publishing.
+#[derive(Debug, Clone)]
+pub struct PublishSettings {
+    /// Push API (`host:port` of a push-manager) accepted comments go through.
+    pub api: String,
+    /// TLS of that call.
+    pub tls: barrage_proto::GrpcTls,
+    /// Rooms where members may publish (exact names or `prefix*`).
+    pub rooms: Vec<String>,
+    /// Of those, rooms where the token's `publish` claim must also allow it.
+    pub claim_rooms: Vec<String>,
+    /// Longest comment text, in characters.
+    pub max_chars: usize,
+    /// Comments per second per user (bursts of `user_burst`).
+    pub user_per_sec: u32,
+    /// Burst of the per-user limit.
+    pub user_burst: u32,
+    /// Comments per second per room over all its publishers; 0: off.
+    pub room_per_sec: u32,
+    /// The same text from the same user within this window is dropped.
+    pub dedup_window: Duration,
+    /// Sensitive words, one per line (`#` starts a comment); re-read when it changes.
+    pub words_file: Option<PathBuf>,
+    /// What a match does.
+    pub words_mode: WordsMode,
+}
+
+type Keyed<K> = governor::DefaultKeyedRateLimiter<K>;
+
+/// A loaded word list.
+struct Words {
+    matcher: AhoCorasick,
+    stamp: Option<SystemTime>,
+}
+
+/// The pipeline and the client of the push API.
+pub struct Publisher {
+    s: PublishSettings,
+    api: PushManagerClient<Channel>,
+    per_user: Keyed<String>,
+    per_room: Option<Keyed<String>>,
+    recent: Mutex<HashMap<(String, u64), Instant>>,
+    words: RwLock<Option<Words>>,
+    counter: IntCounterVec,
+}
+
+/// Why the word list did not load.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {why}")]
+pub struct WordsError {
+    path: String,
+    why: String,
+}
+
+fn load_words(path: &PathBuf) -> Result<Words, WordsError> {
+    let err = |why: String| WordsError {
+        path: path.display().to_string(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let words: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let matcher = AhoCorasickBuilder::new()
+        .ascii_case_insensitive(true)
+        .match_kind(MatchKind::LeftmostLongest)
+        .build(&words)
+        .map_err(|e| err(e.to_string()))?;
+    Ok(Words {
+        matcher,
+        stamp: std::fs::metadata(path).and_then(|m| m.modified()).ok(),
+    })
+}
+
+/// Checks a word-list file loads (for configuration checks).
+pub fn check_words_file(path: &PathBuf) -> Result<(), WordsError> {
+    load_words(path).map(|_| ())
+}
+
+fn hash(s: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
+}
+
+/// The text of a comment: `{"text": "…"}` or a bare string.
+fn text_of(data: &Value) -> Option<&str> {
+    match data {
+        Value::String(s) => Some(s),
+        Value::Object(o) => o.get("text").and_then(Value::as_str),
+        _ => None,
+    }
+}
+
+impl Publisher {
+    /// Builds the pipeline; `counter` is `connect_node_publish_total`.
+    pub fn new(s: PublishSettings, counter: IntCounterVec) -> Result<Arc<Publisher>, WordsError> {
+        let words = match &s.words_file {
+            Some(p) => Some(load_words(p)?),
+            None => None,
+        };
+        let endpoint = s.tls.endpoint(&s.api).map_err(|e| WordsError {
+            path: s.api.clone(),
+            why: e.to_string(),
+        })?;
+        let api = PushManagerClient::new(
+            endpoint
+                .connect_timeout(Duration::from_secs(2))
+                .connect_lazy(),
+        );
+        let rate = NonZeroU32::new(s.user_per_sec).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(s.user_burst).unwrap_or(rate);
+        let per_user =
+            governor::RateLimiter::keyed(governor::Quota::per_second(rate).allow_burst(burst));
+        let per_room = NonZeroU32::new(s.room_per_sec)
+            .map(|r| governor::RateLimiter::keyed(governor::Quota::per_second(r)));
+        Ok(Arc::new(Publisher {
+            s,
+            api,
+            per_user,
+            per_room,
+            recent: Mutex::new(HashMap::new()),
+            words: RwLock::new(words),
+            counter,
+        }))
+    }
+
+    /// Re-reads the word list when the file changes, and forgets old
+    /// duplicate records, until `stop`.
+    pub async fn maintain(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+            let window = self.s.dedup_window;
+            self.recent.lock().retain(|_, at| at.elapsed() < window);
+            self.per_user.retain_recent();
+            if let Some(r) = &self.per_room {
+                r.retain_recent();
+            }
+            let Some(path) = &self.s.words_file else {
+                continue;
+            };
+            let now = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+            let changed = self.words.read().as_ref().is_none_or(|w| w.stamp != now);
+            if changed {
+                match load_words(path) {
+                    Ok(w) => {
+                        *self.words.write() = Some(w);
+                        tracing::info!(path = %path.display(), "sensitive word list reloaded");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "sensitive word list not reloaded; the previous one stays")
+                    }
+                }
+            }
+        }
+    }
+
+    fn count(&self, stage: &str, outcome: &str) {
+        self.counter.with_label_values(&[stage, outcome]).inc();
+    }
+
+    fn reject(
+        &self,
+        stage: &str,
+        reference: Option<String>,
+        room: &str,
+        reason: &str,
+        message: impl Into<String>,
+    ) -> ServerFrame {
+        self.count(stage, reason);
+        ServerFrame::Rejected {
+            reference,
+            room: room.to_owned(),
+            reason: reason.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// Runs the pipeline for one comment and answers `ack` or `rejected`.
+    pub async fn publish(
+        &self,
+        user: &UserId,
+        claims: Option<&Claims>,
+        member_of: impl Fn(&RoomId) -> bool,
+        room: String,
+        data: Value,
+        reference: Option<String>,
+    ) -> ServerFrame {
+        // Policy.
+        let room_id = match RoomId::new(room.as_str()) {
+            Ok(r) => r,
+            Err(e) => {
+                return self.reject("policy", reference, &room, "invalid", format!("room: {e}"));
+            }
+        };
+        if !room_matches(&self.s.rooms, &room) {
+            return self.reject(
+                "policy",
+                reference,
+                &room,
+                "not_allowed",
+                format!("publishing to {room} is not allowed"),
+            );
+        }
+        if room_matches(&self.s.claim_rooms, &room)
+            && !claims.is_some_and(|c| c.allows_publish(&room))
+        {
+            return self.reject(
+                "policy",
+                reference,
+                &room,
+                "not_allowed",
+                format!("publishing to {room} needs a token whose publish claim allows it"),
+            );
+        }
+        if !member_of(&room_id) {
+            return self.reject(
+                "policy",
+                reference,
+                &room,
+                "not_joined",
+                format!("join {room} before publishing to it"),
+            );
+        }
+        self.count("policy", "pass");
+        // Validation.
+        let Some(text) = text_of(&data) else {
+            return self.reject(
+                "validate",
+                reference,
+                &room,
+                "invalid",
+                r#"data must be a string or {"text": "..."}"#,
+            );
+        };
+        let text = text.trim();
+        let chars = text.chars().count();
+        if chars == 0 {
+            return self.reject("validate", reference, &room, "invalid", "text is empty");
+        }
+        if chars > self.s.max_chars {
+            return self.reject(
+                "validate",
+                reference,
+                &room,
+                "too_long",
+                format!("{chars} characters, at most {}", self.s.max_chars),
+            );
+        }
+        if text.chars().any(char::is_control) {
+            return self.reject(
+                "validate",
+                reference,
+                &room,
+                "invalid",
+                "text contains control characters",
+            );
+        }
+        self.count("validate", "pass");
+        // Rates.
+        if self.per_user.check_key(&user.to_string()).is_err() {
+            return self.reject(
+                "user_rate",
+                reference,
+                &room,
+                "rate_limited",
+                format!("more than {} comments per second", self.s.user_per_sec),
+            );
+        }
+        self.count("user_rate", "pass");
+        if let Some(r) = &self.per_room
+            && r.check_key(&room).is_err()
+        {
+            return self.reject(
+                "room_rate",
+                reference,
+                &room,
+                "room_rate_limited",
+                format!("{room} is too busy, try again"),
+            );
+        }
+        self.count("room_rate", "pass");
+        // Sensitive words.
+        let mut text = text.to_owned();
+        if let Some(w) = self.words.read().as_ref()
+            && w.matcher.is_match(&text)
+        {
+            match self.s.words_mode {
+                WordsMode::Reject => {
+                    return self.reject(
+                        "words",
+                        reference,
+                        &room,
+                        "sensitive",
+                        "the comment contains a blocked word",
+                    );
+                }
+                WordsMode::Mask => {
+                    let mut masked = String::with_capacity(text.len());
+                    let mut last = 0;
+                    for m in w.matcher.find_iter(&text) {
+                        masked.push_str(&text[last..m.start()]);
+                        masked.extend(text[m.start()..m.end()].chars().map(|_| '*'));
+                        last = m.end();
+                    }
+                    masked.push_str(&text[last..]);
+                    text = masked;
+                    self.count("words", "masked");
+                }
+            }
+        } else {
+            self.count("words", "pass");
+        }
+        // Duplicates.
+        {
+            let key = (user.to_string(), hash(&text));
+            let mut recent = self.recent.lock();
+            if recent
+                .get(&key)
+                .is_some_and(|at| at.elapsed() < self.s.dedup_window)
+            {
+                drop(recent);
+                return self.reject(
+                    "duplicate",
+                    reference,
+                    &room,
+                    "duplicate",
+                    "the same comment was just sent",
+                );
+            }
+            recent.insert(key, Instant::now());
+        }
+        self.count("duplicate", "pass");
+        // Push.
+        let mut content = match data {
+            Value::Object(o) => Value::Object(o),
+            _ => serde_json::json!({}),
+        };
+        content["text"] = Value::String(text);
+        let mut req = tonic::Request::new(PushToRoomRequest {
+            room_id: room.clone(),
+            content: content.to_string(),
+            event: "comment".into(),
+            sender: user.to_string(),
+            ..Default::default()
+        });
+        req.set_timeout(Duration::from_secs(3));
+        match self.api.clone().push_to_room(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                self.count("push", "ok");
+                ServerFrame::Ack {
+                    reference,
+                    room,
+                    id: r.message_id,
+                    seq: r.seq,
+                }
+            }
+            Err(s) => {
+                tracing::warn!(code = ?s.code(), message = s.message(), "publish could not be pushed");
+                self.reject(
+                    "push",
+                    reference,
+                    &room,
+                    "unavailable",
+                    format!("not published: {}", s.message()),
+                )
+            }
+        }
+    }
+}
