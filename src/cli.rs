@@ -395,6 +395,13 @@ struct WsArgs {
     /// What a sensitive word does: reject the comment, or mask it with `*`.
     #[arg(long, env = "SENSITIVE_WORDS_MODE", default_value = "reject")]
     sensitive_words_mode: String,
+    /// Milliseconds a connection waits to coalesce messages into one `batch`
+    /// frame (hot rooms); 0: every message in its own frame.
+    #[arg(long, env = "BATCH_WINDOW_MS", default_value_t = 0)]
+    batch_window_ms: u64,
+    /// Most messages in one `batch` frame.
+    #[arg(long, env = "BATCH_MAX_MESSAGES", default_value_t = 50)]
+    batch_max_messages: usize,
 }
 
 #[derive(Debug, Args)]
@@ -849,6 +856,20 @@ impl WsArgs {
             });
         }
         cfg.publish = self.publish_settings(&cfg.grpc_tls)?;
+        if self.batch_window_ms > 1000 {
+            return Err(bad(
+                "BATCH_WINDOW_MS (--batch-window-ms)",
+                "at most 1000: a longer wait delays every message",
+            ));
+        }
+        if self.batch_max_messages < 2 {
+            return Err(bad(
+                "BATCH_MAX_MESSAGES (--batch-max-messages)",
+                "must be at least 2",
+            ));
+        }
+        cfg.batch_window = Duration::from_millis(self.batch_window_ms);
+        cfg.batch_max = self.batch_max_messages;
         cfg.handshake_timeout = secs(
             "HANDSHAKE_TIMEOUT_SECS (--handshake-timeout-secs)",
             self.handshake_timeout_secs,

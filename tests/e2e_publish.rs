@@ -209,3 +209,81 @@ async fn comments_are_filtered_published_and_acknowledged() -> anyhow::Result<()
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_rooms_are_batched_in_order_and_clients_see_plain_messages() -> anyhow::Result<()> {
+    barrage_testkit::init_tracing();
+    let mut c = TestCluster::in_process();
+    c.start_controller("c").await?;
+    c.start_node_with("n", |cfg| {
+        cfg.batch_window = Duration::from_millis(100);
+        cfg.batch_max = 8;
+    })
+    .await?;
+    c.start_manager("m").await?;
+    let ws = c.nodes[0].ws_url();
+    // A raw socket sees the frames as sent; the client library sees messages.
+    let (mut raw, _) = within(
+        T,
+        "raw",
+        tokio_tungstenite::connect_async(connect_url(&ws, "raw", &["hot"])),
+    )
+    .await??;
+    let first = within(T, "connected", futures::StreamExt::next(&mut raw))
+        .await?
+        .expect("frame")?;
+    assert!(first.to_text()?.contains("connected"));
+    let mut viewer = within(
+        T,
+        "viewer",
+        Client::connect(&connect_url(&ws, "viewer", &["hot"])),
+    )
+    .await??;
+    let mut api = c.push_client().await?;
+    const N: u64 = 20;
+    for i in 1..=N {
+        within(
+            T,
+            "push",
+            api.push_to_room(barrage_proto::v1::PushToRoomRequest {
+                room_id: "hot".into(),
+                content: format!("c{i}"),
+                ..Default::default()
+            }),
+        )
+        .await??;
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < N as usize {
+        let m = within(T, "message", viewer.next_message())
+            .await??
+            .expect("message");
+        seqs.push(m.seq);
+    }
+    assert_eq!(seqs, (1..=N).collect::<Vec<_>>());
+    let (mut frames, mut raw_seqs) = (0, Vec::new());
+    while raw_seqs.len() < N as usize {
+        let msg = within(T, "raw frame", futures::StreamExt::next(&mut raw))
+            .await?
+            .expect("frame")?;
+        let Ok(text) = msg.to_text() else { continue };
+        let v: serde_json::Value = serde_json::from_str(text)?;
+        frames += 1;
+        match v["type"].as_str() {
+            Some("batch") => {
+                let ms = v["messages"].as_array().expect("messages");
+                assert!(ms.len() <= 8, "batch of {}", ms.len());
+                raw_seqs.extend(ms.iter().map(|m| m["seq"].as_u64().unwrap_or(0)));
+            }
+            Some("message") => raw_seqs.push(v["seq"].as_u64().unwrap_or(0)),
+            _ => {}
+        }
+    }
+    assert_eq!(raw_seqs, (1..=N).collect::<Vec<_>>(), "order and seq kept");
+    assert!(
+        frames < N,
+        "{frames} frames for {N} messages: nothing was batched"
+    );
+    assert!(c.nodes[0].metric("connect_node_batch_frames_total") >= 1.0);
+    Ok(())
+}

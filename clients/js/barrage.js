@@ -322,6 +322,9 @@ export class BarrageClient {
       case "message":
         this.onMessage(frame);
         break;
+      case "batch":
+        for (const m of frame.messages ?? []) this.onMessage(m);
+        break;
       case "joined":
         this.emit("joined", { room: frame.room });
         break;

@@ -334,3 +334,16 @@ test("publish resolves with the server's ack or rejection", async () => {
   assert.equal((await second).reason, "duplicate");
   c.close();
 });
+
+test("batch frames are delivered as their messages, in order, once", async () => {
+  const c = await client({ userId: "alice", rooms: ["hot"] });
+  const got = [];
+  c.on("message", (m) => got.push(m.seq));
+  const [ws] = ScriptedSocket.all;
+  connected(ws, { rooms: ["hot"] });
+  ws.frame(message("room:hot", 1));
+  ws.frame({ type: "batch", messages: [message("room:hot", 1), message("room:hot", 2), message("room:hot", 3)] });
+  ws.frame({ type: "batch", messages: [message("room:hot", 4)] });
+  assert.deepEqual(got, [1, 2, 3, 4]);
+  c.close();
+});

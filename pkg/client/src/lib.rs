@@ -214,13 +214,19 @@ impl Client {
 
     /// The next frame of any type; `None` when the server closed normally.
     pub async fn next_frame(&mut self) -> Result<Option<ServerFrame>> {
-        if let Some(f) = self.pending.pop_front() {
-            return Ok(Some(f));
-        }
-        match read_frame(&mut self.ws).await {
-            Ok(f) => Ok(Some(f)),
-            Err(Error::Closed { code: 1000, .. }) => Ok(None),
-            Err(e) => Err(e),
+        loop {
+            if let Some(f) = self.pending.pop_front() {
+                return Ok(Some(f));
+            }
+            match read_frame(&mut self.ws).await {
+                // A batch is its messages, one after the other.
+                Ok(ServerFrame::Batch { messages }) => self
+                    .pending
+                    .extend(messages.into_iter().map(ServerFrame::Message)),
+                Ok(f) => return Ok(Some(f)),
+                Err(Error::Closed { code: 1000, .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            }
         }
     }
 

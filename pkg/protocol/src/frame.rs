@@ -139,6 +139,12 @@ pub enum ServerFrame {
     },
     /// A pushed message.
     Message(MessageFrame),
+    /// Several messages in one frame (hot rooms, when the node batches), in
+    /// stream order; handle each as if it had come alone.
+    Batch {
+        /// The messages.
+        messages: Vec<MessageFrame>,
+    },
     /// A `join` succeeded; pushes to the room issued from now on arrive.
     Joined {
         /// The room joined.

@@ -87,6 +87,10 @@ pub struct Config {
     pub demo: Option<demo::DemoSettings>,
     /// Let clients publish comments to rooms (`publish` frames).
     pub publish: Option<publish::PublishSettings>,
+    /// Wait this long to coalesce messages into `batch` frames; zero: off.
+    pub batch_window: Duration,
+    /// Most messages in one `batch` frame.
+    pub batch_max: usize,
 }
 
 impl Default for Config {
@@ -117,6 +121,8 @@ impl Default for Config {
             grpc_tls: barrage_proto::GrpcTls::plaintext(),
             demo: None,
             publish: None,
+            batch_window: Duration::ZERO,
+            batch_max: 50,
         }
     }
 }
@@ -259,6 +265,10 @@ pub async fn run(
             max_connections_per_user: cfg.max_connections_per_user,
             messages_per_sec: cfg.messages_per_sec,
             allowed_origins: cfg.allowed_origins.clone(),
+            batching: (!cfg.batch_window.is_zero() && cfg.batch_max > 1).then_some(ws::Batching {
+                window: cfg.batch_window,
+                max: cfg.batch_max,
+            }),
         }),
         metrics: metrics.clone(),
         draining: draining.clone(),

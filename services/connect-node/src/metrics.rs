@@ -35,6 +35,10 @@ pub struct Metrics {
     pub tls_reloads: IntCounterVec,
     /// Client publishes by pipeline stage and outcome.
     pub publish: IntCounterVec,
+    /// `batch` frames sent.
+    pub batch_frames: IntCounter,
+    /// Messages sent inside `batch` frames.
+    pub batched_messages: IntCounter,
 }
 
 impl Metrics {
@@ -115,8 +119,18 @@ impl Metrics {
                 ),
                 &["stage", "outcome"],
             )?,
+            batch_frames: IntCounter::new(
+                "connect_node_batch_frames_total",
+                "Batch frames sent (several messages in one frame)",
+            )?,
+            batched_messages: IntCounter::new(
+                "connect_node_batched_messages_total",
+                "Messages sent inside batch frames",
+            )?,
         };
         registry.register(Box::new(m.publish.clone()))?;
+        registry.register(Box::new(m.batch_frames.clone()))?;
+        registry.register(Box::new(m.batched_messages.clone()))?;
         registry.register(Box::new(m.report_duration.clone()))?;
         registry.register(Box::new(m.tls_reloads.clone()))?;
         for result in ["ok", "error"] {

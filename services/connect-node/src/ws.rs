@@ -63,6 +63,8 @@ pub struct WsSettings {
     pub messages_per_sec: u32,
     /// Browser origins allowed to connect; empty: any.
     pub allowed_origins: Vec<String>,
+    /// Coalesce messages into `batch` frames; `None`: one frame per message.
+    pub batching: Option<Batching>,
 }
 
 /// What the WebSocket handler needs.
@@ -398,6 +400,7 @@ async fn serve(
         conn.clone(),
         settings.ping_interval,
         recovery.skip,
+        settings.batching.map(|b| (b, state.metrics.clone())),
     ));
     let session = Session {
         claims: Mutex::new(claims),
@@ -441,6 +444,7 @@ async fn write_loop(
     conn: Arc<ConnHandle>,
     ping_interval: Duration,
     mut skip: Skip,
+    batching: Option<(Batching, Metrics)>,
 ) {
     let mut ping = tokio::time::interval(ping_interval);
     ping.reset();
@@ -455,7 +459,14 @@ async fn write_loop(
                 let written = tokio::select! {
                     biased;
                     _ = conn.closing() => break,
-                    ok = write_ready(&mut sink, &mut rx, &mut skip, frame) => ok,
+                    ok = async {
+                        match &batching {
+                            Some((b, m)) if frame.position.is_some() => {
+                                write_batch(&mut sink, &mut rx, &mut skip, frame, *b, m).await
+                            }
+                            _ => write_ready(&mut sink, &mut rx, &mut skip, frame).await,
+                        }
+                    } => ok,
                 };
                 if !written {
                     conn.close_with(CloseCode::Normal);
@@ -491,6 +502,74 @@ async fn write_ready(
             return false;
         }
         next = rx.try_recv().ok();
+    }
+    sink.flush().await.is_ok()
+}
+
+/// Coalescing of message frames into `batch` frames.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// How long to wait for more messages after the first.
+    pub window: Duration,
+    /// Most messages in one batch.
+    pub max: usize,
+}
+
+/// Gathers message frames for up to the batching window and sends them as
+/// one `{"type":"batch","messages":[…]}` frame (one message goes alone).
+/// A non-message frame ends the batch and follows it, so order is kept.
+async fn write_batch(
+    sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+    rx: &mut mpsc::Receiver<Outbound>,
+    skip: &mut Skip,
+    first: Outbound,
+    b: Batching,
+    metrics: &Metrics,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + b.window;
+    let mut frames = vec![first];
+    let mut after = None;
+    while frames.len() < b.max {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(f)) if f.position.is_some() => frames.push(f),
+            Ok(Some(f)) => {
+                after = Some(f);
+                break;
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    frames.retain(|f| !skip.already_sent(f));
+    let ok = match frames.len() {
+        0 => true,
+        1 => sink
+            .feed(Message::Text(frames.swap_remove(0).frame))
+            .await
+            .is_ok(),
+        n => {
+            let mut text =
+                String::with_capacity(32 + frames.iter().map(|f| f.frame.len() + 1).sum::<usize>());
+            text.push_str(r#"{"type":"batch","messages":["#);
+            for (i, f) in frames.iter().enumerate() {
+                if i > 0 {
+                    text.push(',');
+                }
+                text.push_str(f.frame.as_str());
+            }
+            text.push_str("]}");
+            metrics.batch_frames.inc();
+            metrics.batched_messages.inc_by(n as u64);
+            sink.feed(Message::Text(text.into())).await.is_ok()
+        }
+    };
+    if !ok {
+        return false;
+    }
+    if let Some(f) = after
+        && !skip.already_sent(&f)
+        && sink.feed(Message::Text(f.frame)).await.is_err()
+    {
+        return false;
     }
     sink.flush().await.is_ok()
 }
