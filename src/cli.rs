@@ -395,6 +395,23 @@ struct WsArgs {
     /// What a sensitive word does: reject the comment, or mask it with `*`.
     #[arg(long, env = "SENSITIVE_WORDS_MODE", default_value = "reject")]
     sensitive_words_mode: String,
+    /// Users who may not publish, one id per line; re-read when it changes.
+    #[arg(long, env = "PUBLISH_BLOCKLIST_FILE")]
+    publish_blocklist_file: Option<PathBuf>,
+    /// Per-room mutes, lines `<room> <user> <until unix seconds>`; re-read
+    /// when it changes.
+    #[arg(long, env = "PUBLISH_MUTES_FILE")]
+    publish_mutes_file: Option<PathBuf>,
+    /// A barrage.v1.Moderation service (host:port) that approves, denies or
+    /// rewrites each comment.
+    #[arg(long, env = "MODERATION_HOOK")]
+    moderation_hook: Option<String>,
+    /// Deadline of one moderation review, milliseconds.
+    #[arg(long, env = "MODERATION_TIMEOUT_MS", default_value_t = 200)]
+    moderation_timeout_ms: u64,
+    /// Publish anyway when moderation fails or is late (fail-open); false refuses.
+    #[arg(long, env = "MODERATION_FAIL_OPEN", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    moderation_fail_open: bool,
     /// Milliseconds a connection waits to coalesce messages into one `batch`
     /// frame (hot rooms); 0: every message in its own frame.
     #[arg(long, env = "BATCH_WINDOW_MS", default_value_t = 0)]
@@ -740,7 +757,34 @@ impl WsArgs {
                 )
             })?;
         }
+        barrage_connect_node::publish::check_list_files(
+            self.publish_blocklist_file.as_ref(),
+            self.publish_mutes_file.as_ref(),
+        )
+        .map_err(|e| bad("PUBLISH_BLOCKLIST_FILE / PUBLISH_MUTES_FILE", e.to_string()))?;
+        let moderation = match self.moderation_hook.as_deref().map(str::trim) {
+            Some(a) if !a.is_empty() => {
+                if self.moderation_timeout_ms == 0 {
+                    return Err(bad(
+                        "MODERATION_TIMEOUT_MS (--moderation-timeout-ms)",
+                        "must be at least 1",
+                    ));
+                }
+                Some(barrage_connect_node::publish::ModerationHook {
+                    addr: host_port("MODERATION_HOOK (--moderation-hook)", a)?
+                        .trim_start_matches("http://")
+                        .trim_start_matches("https://")
+                        .to_owned(),
+                    timeout: Duration::from_millis(self.moderation_timeout_ms),
+                    fail_open: self.moderation_fail_open,
+                })
+            }
+            _ => None,
+        };
         Ok(Some(PublishSettings {
+            blocklist_file: self.publish_blocklist_file.clone(),
+            mutes_file: self.publish_mutes_file.clone(),
+            moderation,
             api,
             tls: tls.clone(),
             rooms,

@@ -241,6 +241,9 @@ async fn dev(d: DevPlan) -> anyhow::Result<()> {
                 dedup_window: std::time::Duration::from_secs(5),
                 words_file: None,
                 words_mode: barrage_connect_node::publish::WordsMode::Reject,
+                blocklist_file: None,
+                mutes_file: None,
+                moderation: None,
             }),
             ..Default::default()
         },

@@ -33,6 +33,9 @@ async fn cluster(words: &std::path::Path) -> anyhow::Result<TestCluster> {
             dedup_window: Duration::from_secs(5),
             words_file: Some(words),
             words_mode: WordsMode::Mask,
+            blocklist_file: None,
+            mutes_file: None,
+            moderation: None,
         });
     })
     .await?;
@@ -285,5 +288,144 @@ async fn hot_rooms_are_batched_in_order_and_clients_see_plain_messages() -> anyh
         "{frames} frames for {N} messages: nothing was batched"
     );
     assert!(c.nodes[0].metric("connect_node_batch_frames_total") >= 1.0);
+    Ok(())
+}
+
+/// A moderation service: denies "spam", rewrites "shout" to upper case,
+/// and takes too long on "slow".
+struct Moderator;
+
+#[tonic::async_trait]
+impl barrage_proto::v1::moderation_server::Moderation for Moderator {
+    async fn review(
+        &self,
+        req: tonic::Request<barrage_proto::v1::ReviewRequest>,
+    ) -> Result<tonic::Response<barrage_proto::v1::ReviewResponse>, tonic::Status> {
+        use barrage_proto::v1::review_response::Verdict;
+        let text = req.into_inner().text;
+        let mut r = barrage_proto::v1::ReviewResponse {
+            verdict: Verdict::Approve as i32,
+            ..Default::default()
+        };
+        if text.contains("spam") {
+            r.verdict = Verdict::Deny as i32;
+            r.reason = "no advertising".into();
+        } else if text.contains("shout") {
+            r.verdict = Verdict::Rewrite as i32;
+            r.text = text.to_uppercase();
+        } else if text.contains("slow") {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Ok(tonic::Response::new(r))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocklist_mutes_and_a_moderation_service() -> anyhow::Result<()> {
+    barrage_testkit::init_tracing();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let hook = listener.local_addr()?.to_string();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(barrage_proto::v1::moderation_server::ModerationServer::new(
+                Moderator,
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let dir = tempfile::tempdir()?;
+    let (blocked, mutes) = (dir.path().join("blocked.txt"), dir.path().join("mutes.txt"));
+    std::fs::write(&blocked, "troll\n")?;
+    let until = barrage_auth::now_secs() + 3600;
+    std::fs::write(&mutes, format!("live-1 loud {until}\nlive-1 past 1\n"))?;
+    let mut c = TestCluster::in_process();
+    c.start_controller("c").await?;
+    c.start_manager("m").await?;
+    let api = c.managers[0].grpc_addr.clone();
+    let (b, m) = (blocked.clone(), mutes.clone());
+    c.start_node_with("n", move |cfg| {
+        cfg.publish = Some(PublishSettings {
+            api,
+            tls: barrage_proto::GrpcTls::plaintext(),
+            rooms: vec!["live-*".into()],
+            claim_rooms: Vec::new(),
+            max_chars: 200,
+            user_per_sec: 50,
+            user_burst: 50,
+            room_per_sec: 0,
+            dedup_window: Duration::from_secs(5),
+            words_file: None,
+            words_mode: WordsMode::Reject,
+            blocklist_file: Some(b),
+            mutes_file: Some(m),
+            moderation: Some(barrage_connect_node::publish::ModerationHook {
+                addr: hook,
+                timeout: Duration::from_millis(150),
+                fail_open: false,
+            }),
+        });
+    })
+    .await?;
+    let ws = c.nodes[0].ws_url();
+    let mut watcher = within(
+        T,
+        "watcher",
+        Client::connect(&connect_url(&ws, "watcher", &["live-1"])),
+    )
+    .await??;
+    let say = |user: &'static str| {
+        let ws = ws.clone();
+        async move {
+            anyhow::Ok(
+                within(
+                    T,
+                    user,
+                    Client::connect(&connect_url(&ws, user, &["live-1"])),
+                )
+                .await??,
+            )
+        }
+    };
+    let mut troll = say("troll").await?;
+    let mut loud = say("loud").await?;
+    let mut past = say("past").await?;
+    let mut fan = say("fan").await?;
+    let f = publish(&mut troll, "live-1", json!("hi"), "t").await?;
+    assert_eq!(rejected(&f).0, "blocked");
+    let f = publish(&mut loud, "live-1", json!("hi"), "l").await?;
+    assert_eq!(rejected(&f).0, "muted");
+    // An expired mute no longer applies.
+    assert!(matches!(
+        publish(&mut past, "live-1", json!("back"), "p").await?,
+        ServerFrame::Ack { .. }
+    ));
+    let f = publish(&mut fan, "live-1", json!("buy spam now"), "s").await?;
+    assert_eq!(rejected(&f).0, "denied");
+    assert!(matches!(f, ServerFrame::Rejected { ref message, .. } if message == "no advertising"));
+    assert!(matches!(
+        publish(&mut fan, "live-1", json!("shout it"), "r").await?,
+        ServerFrame::Ack { .. }
+    ));
+    // Late verdict, fail-closed: refused, nothing published.
+    let f = publish(&mut fan, "live-1", json!("slow one"), "w").await?;
+    assert_eq!(rejected(&f).0, "unavailable");
+    let mut texts = Vec::new();
+    for _ in 0..2 {
+        let m = within(T, "watched", watcher.next_message())
+            .await??
+            .expect("message");
+        texts.push(m.data.unwrap_or_default());
+    }
+    assert_eq!(
+        texts,
+        vec![json!({"text": "back"}), json!({"text": "SHOUT IT"})]
+    );
+
+    // Lifting the block takes effect without a restart.
+    std::fs::write(&blocked, "")?;
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    assert!(matches!(
+        publish(&mut troll, "live-1", json!("sorry"), "t2").await?,
+        ServerFrame::Ack { .. }
+    ));
     Ok(())
 }

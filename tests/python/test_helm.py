@@ -54,7 +54,9 @@ VARIANTS = {
         "otlpEndpoint": "http://otel-collector.observability:4317",
         "connectNode": {"allowedOrigins": ["https://app.example.com", "https://admin.example.com"],
                         "newConnectionsPerIpPerSec": 5,
-                        "publish": {"rooms": ["live-*"], "sensitiveWords": {"list": "badword\n", "mode": "mask"}}},
+                        "publish": {"rooms": ["live-*"], "sensitiveWords": {"list": "badword\n", "mode": "mask"},
+                                    "blocklist": "troll\n", "mutes": "live-1 loud 4102444800\n",
+                                    "moderation": {"hook": "moderator.biz:7000"}}},
     },
     "existing-secrets": {
         "auth": {"jwt": {"existingSecret": "my-jwt", "existingSecretKeys": ["public-key.pem"]},
@@ -138,8 +140,8 @@ def test_variants_change_what_they_should():
 
 def test_tls_and_auth_come_from_secrets():
     docs, out = render(VARIANTS["tls-and-auth"])
-    [words] = by_kind(docs, "ConfigMap")
-    assert words["data"]["words.txt"] == "badword\n"
+    [lists] = by_kind(docs, "ConfigMap")
+    assert set(lists["data"]) == {"words.txt", "blocked.txt", "mutes.txt"}
     [secret] = by_kind(docs, "Secret")
     assert secret["metadata"]["name"] == "demo-barrage-auth"
     assert set(secret["stringData"]) == {"hs256-secret", "jwks.json", "api-tokens"}
@@ -163,7 +165,9 @@ def test_tls_and_auth_come_from_secrets():
             assert "JWT_PUBLIC_KEY_FILE" not in env
             assert env["ALLOWED_ORIGINS"]["value"] == "https://app.example.com,https://admin.example.com"
             assert env["PUBLISH_ROOMS"]["value"] == "live-*" and env["SENSITIVE_WORDS_MODE"]["value"] == "mask"
-            assert file_is_mounted(workload, c, files["SENSITIVE_WORDS_FILE"]) == ("demo-barrage-words", True)
+            for f in ("SENSITIVE_WORDS_FILE", "PUBLISH_BLOCKLIST_FILE", "PUBLISH_MUTES_FILE"):
+                assert file_is_mounted(workload, c, files[f]) == ("demo-barrage-publish", True), f
+            assert env["MODERATION_HOOK"]["value"] == "moderator.biz:7000"
         if c["name"] == "push-manager":
             assert env["API_TOKENS"]["valueFrom"]["secretKeyRef"] == {"name": "demo-barrage-auth", "key": "api-tokens"}
     notes = out["barrage/templates/NOTES.txt"]

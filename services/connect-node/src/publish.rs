@@ -10,9 +10,13 @@
 //! policy (room allowed, token claim where required, sender is a member) →
 //! validation (text, length, control characters) → per-user rate →
 //! per-room rate → sensitive words (reject or mask with `*`) → duplicate
-//! (same text from the same user within the window) → push.
+//! (same text from the same user within the window) → push. Blocked users
+//! and room mutes (files, re-read on change) are refused right after the
+//! policy; an optional moderation service (`barrage.v1.Moderation`)
+//! approves, denies or rewrites each comment within a deadline, failing
+//! open or closed as configured, right before the push.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,8 +24,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use barrage_auth::{Claims, room_matches};
-use barrage_proto::v1::PushToRoomRequest;
+use barrage_proto::v1::moderation_client::ModerationClient;
 use barrage_proto::v1::push_manager_client::PushManagerClient;
+use barrage_proto::v1::review_response::Verdict;
+use barrage_proto::v1::{PushToRoomRequest, ReviewRequest};
 use barrage_protocol::{RoomId, ServerFrame, UserId};
 use parking_lot::{Mutex, RwLock};
 use prometheus::IntCounterVec;
@@ -63,6 +69,25 @@ pub struct PublishSettings {
     pub words_file: Option<PathBuf>,
     /// What a match does.
     pub words_mode: WordsMode,
+    /// Users who may not publish, one id per line; re-read when it changes.
+    pub blocklist_file: Option<PathBuf>,
+    /// Per-room mutes, lines `<room> <user> <until, unix seconds>`; re-read
+    /// when it changes; a mute ends at its time.
+    pub mutes_file: Option<PathBuf>,
+    /// A `barrage.v1.Moderation` service (`host:port`) that reviews comments.
+    pub moderation: Option<ModerationHook>,
+}
+
+/// A moderation service and how to treat it when it does not answer.
+#[derive(Debug, Clone)]
+pub struct ModerationHook {
+    /// `host:port` of the service.
+    pub addr: String,
+    /// Deadline of one review.
+    pub timeout: Duration,
+    /// Publish without a verdict when the service fails or is late
+    /// (fail-open); otherwise refuse (fail-closed).
+    pub fail_open: bool,
 }
 
 type Keyed<K> = governor::DefaultKeyedRateLimiter<K>;
@@ -73,10 +98,75 @@ struct Words {
     stamp: Option<SystemTime>,
 }
 
+/// A user-list file as last read, with its modification time.
+#[derive(Default)]
+struct Listed {
+    blocked: HashSet<String>,
+    /// (room, user) → muted until (unix seconds).
+    mutes: HashMap<(String, String), u64>,
+    stamps: [Option<SystemTime>; 2],
+}
+
+fn read_lists(blocklist: Option<&PathBuf>, mutes: Option<&PathBuf>) -> Result<Listed, WordsError> {
+    let mut out = Listed::default();
+    if let Some(p) = blocklist {
+        let text = std::fs::read_to_string(p).map_err(|e| WordsError {
+            path: p.display().to_string(),
+            why: e.to_string(),
+        })?;
+        out.blocked = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect();
+        out.stamps[0] = std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    }
+    if let Some(p) = mutes {
+        let text = std::fs::read_to_string(p).map_err(|e| WordsError {
+            path: p.display().to_string(),
+            why: e.to_string(),
+        })?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let until = match f.as_slice() {
+                [_, _, until] => until.parse::<u64>().ok(),
+                _ => None,
+            };
+            let Some(until) = until else {
+                return Err(WordsError {
+                    path: p.display().to_string(),
+                    why: format!(
+                        "line {}: expected <room> <user> <until unix seconds>",
+                        n + 1
+                    ),
+                });
+            };
+            out.mutes.insert((f[0].to_owned(), f[1].to_owned()), until);
+        }
+        out.stamps[1] = std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    }
+    Ok(out)
+}
+
+/// Checks the blocklist and mutes files load (for configuration checks).
+pub fn check_list_files(
+    blocklist: Option<&PathBuf>,
+    mutes: Option<&PathBuf>,
+) -> Result<(), WordsError> {
+    read_lists(blocklist, mutes).map(|_| ())
+}
+
 /// The pipeline and the client of the push API.
 pub struct Publisher {
     s: PublishSettings,
     api: PushManagerClient<Channel>,
+    moderation: Option<ModerationClient<Channel>>,
+    lists: RwLock<Listed>,
     per_user: Keyed<String>,
     per_room: Option<Keyed<String>>,
     recent: Mutex<HashMap<(String, u64), Instant>>,
@@ -151,6 +241,20 @@ impl Publisher {
                 .connect_timeout(Duration::from_secs(2))
                 .connect_lazy(),
         );
+        let lists = read_lists(s.blocklist_file.as_ref(), s.mutes_file.as_ref())?;
+        let moderation = match &s.moderation {
+            Some(h) => Some(ModerationClient::new(
+                s.tls
+                    .endpoint(&h.addr)
+                    .map_err(|e| WordsError {
+                        path: h.addr.clone(),
+                        why: e.to_string(),
+                    })?
+                    .connect_timeout(h.timeout.max(Duration::from_millis(200)))
+                    .connect_lazy(),
+            )),
+            None => None,
+        };
         let rate = NonZeroU32::new(s.user_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(s.user_burst).unwrap_or(rate);
         let per_user =
@@ -160,6 +264,8 @@ impl Publisher {
         Ok(Arc::new(Publisher {
             s,
             api,
+            moderation,
+            lists: RwLock::new(lists),
             per_user,
             per_room,
             recent: Mutex::new(HashMap::new()),
@@ -182,6 +288,7 @@ impl Publisher {
             if let Some(r) = &self.per_room {
                 r.retain_recent();
             }
+            self.reload_lists();
             let Some(path) = &self.s.words_file else {
                 continue;
             };
@@ -197,6 +304,28 @@ impl Publisher {
                         tracing::error!(error = %e, "sensitive word list not reloaded; the previous one stays")
                     }
                 }
+            }
+        }
+    }
+
+    fn reload_lists(&self) {
+        let (b, m) = (self.s.blocklist_file.as_ref(), self.s.mutes_file.as_ref());
+        if b.is_none() && m.is_none() {
+            return;
+        }
+        let stamp = |p: Option<&PathBuf>| {
+            p.and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        };
+        if self.lists.read().stamps == [stamp(b), stamp(m)] {
+            return;
+        }
+        match read_lists(b, m) {
+            Ok(l) => {
+                *self.lists.write() = l;
+                tracing::info!("blocklist and mutes reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "blocklist or mutes not reloaded; the previous ones stay")
             }
         }
     }
@@ -269,6 +398,34 @@ impl Publisher {
             );
         }
         self.count("policy", "pass");
+        // Blocked users and room mutes.
+        {
+            let lists = self.lists.read();
+            if lists.blocked.contains(user.as_str()) {
+                drop(lists);
+                return self.reject(
+                    "blocklist",
+                    reference,
+                    &room,
+                    "blocked",
+                    "you may not publish",
+                );
+            }
+            if let Some(until) = lists.mutes.get(&(room.clone(), user.to_string()))
+                && *until > barrage_auth::now_secs()
+            {
+                let until = *until;
+                drop(lists);
+                return self.reject(
+                    "mute",
+                    reference,
+                    &room,
+                    "muted",
+                    format!("muted in {room} until {until} (unix time)"),
+                );
+            }
+        }
+        self.count("blocklist", "pass");
         // Validation.
         let Some(text) = text_of(&data) else {
             return self.reject(
@@ -377,6 +534,46 @@ impl Publisher {
             recent.insert(key, Instant::now());
         }
         self.count("duplicate", "pass");
+        // Moderation hook.
+        if let (Some(client), Some(hook)) = (&self.moderation, &self.s.moderation) {
+            let mut req = tonic::Request::new(ReviewRequest {
+                room_id: room.clone(),
+                user_id: user.to_string(),
+                text: text.clone(),
+            });
+            req.set_timeout(hook.timeout);
+            let verdict = tokio::time::timeout(hook.timeout, client.clone().review(req)).await;
+            match verdict {
+                Ok(Ok(r)) => {
+                    let r = r.into_inner();
+                    match Verdict::try_from(r.verdict).unwrap_or(Verdict::Unspecified) {
+                        Verdict::Approve => self.count("moderation", "approved"),
+                        Verdict::Rewrite => {
+                            self.count("moderation", "rewritten");
+                            text = r.text;
+                        }
+                        Verdict::Deny | Verdict::Unspecified => {
+                            let why = if r.reason.is_empty() {
+                                "refused by moderation".to_owned()
+                            } else {
+                                r.reason
+                            };
+                            return self.reject("moderation", reference, &room, "denied", why);
+                        }
+                    }
+                }
+                _ if hook.fail_open => self.count("moderation", "failed_open"),
+                _ => {
+                    return self.reject(
+                        "moderation",
+                        reference,
+                        &room,
+                        "unavailable",
+                        "moderation did not answer in time; try again",
+                    );
+                }
+            }
+        }
         // Push.
         let mut content = match data {
             Value::Object(o) => Value::Object(o),
