@@ -389,10 +389,12 @@ export class BarrageClient {
 
   onMessage(m) {
     const pos = this.positions[m.stream];
-    // Same epoch and not newer: already delivered (e.g. replayed on recovery).
-    if (pos && pos.epoch === m.epoch && m.seq <= pos.seq) return;
-    this.positions[m.stream] = { epoch: m.epoch, seq: m.seq };
-    if (m.id && !this.seen.add(`${m.stream}/${m.id}`)) return;
+    const older = pos && pos.epoch === m.epoch && m.seq <= pos.seq;
+    // A message id seen before is a repeat; without an id, an older seq is.
+    // (Two pushes in flight at once may arrive in either order: an older
+    // seq with a new id is a message, not a repeat.)
+    if (m.id ? !this.seen.add(`${m.stream}/${m.id}`) : older) return;
+    if (!older) this.positions[m.stream] = { epoch: m.epoch, seq: m.seq };
     this.emit("message", m);
   }
 

@@ -246,12 +246,16 @@ impl Subscriber {
         }
     }
 
+    /// Whether `m` is new: by id when it has one (two pushes in flight at
+    /// once may arrive in either order, so an older seq can still be new),
+    /// else by position.
     fn is_new(&mut self, m: &MessageFrame) -> bool {
-        if let Some(p) = self.positions.get(&m.stream)
-            && p.epoch == m.epoch
-            && m.seq <= p.seq
-        {
-            return false;
+        let older = self
+            .positions
+            .get(&m.stream)
+            .is_some_and(|p| p.epoch == m.epoch && m.seq <= p.seq);
+        if m.id.is_empty() {
+            return !older;
         }
         let (set, order) = self.seen.entry(m.stream.clone()).or_default();
         if !set.insert(m.id.clone()) {
@@ -290,13 +294,19 @@ impl Subscriber {
             match next {
                 Ok(Some(ServerFrame::Message(m))) => {
                     if self.is_new(&m) {
-                        self.positions.insert(
-                            m.stream.clone(),
-                            StreamPos {
-                                epoch: m.epoch,
-                                seq: m.seq,
-                            },
-                        );
+                        let newer = self
+                            .positions
+                            .get(&m.stream)
+                            .is_none_or(|p| p.epoch != m.epoch || m.seq > p.seq);
+                        if newer {
+                            self.positions.insert(
+                                m.stream.clone(),
+                                StreamPos {
+                                    epoch: m.epoch,
+                                    seq: m.seq,
+                                },
+                            );
+                        }
                         return Ok(Event::Message(m));
                     }
                 }
