@@ -429,3 +429,94 @@ async fn blocklist_mutes_and_a_moderation_service() -> anyhow::Result<()> {
     ));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_where_a_few_publish_and_everyone_sees_the_same_comments_once() -> anyhow::Result<()>
+{
+    barrage_testkit::init_tracing();
+    let mut c = TestCluster::in_process();
+    c.start_controller("c").await?;
+    c.start_manager("m").await?;
+    let api = c.managers[0].grpc_addr.clone();
+    for node in ["n1", "n2"] {
+        let api = api.clone();
+        c.start_node_with(node, move |cfg| {
+            cfg.publish = Some(PublishSettings {
+                api,
+                tls: barrage_proto::GrpcTls::plaintext(),
+                rooms: vec!["arena".into()],
+                claim_rooms: Vec::new(),
+                max_chars: 200,
+                user_per_sec: 100,
+                user_burst: 100,
+                room_per_sec: 0,
+                dedup_window: Duration::from_secs(5),
+                words_file: None,
+                words_mode: WordsMode::Reject,
+                blocklist_file: None,
+                mutes_file: None,
+                moderation: None,
+            });
+        })
+        .await?;
+    }
+    const MEMBERS: usize = 24;
+    const PUBLISHERS: usize = 4;
+    const EACH: usize = 10;
+    let mut members = Vec::new();
+    for i in 0..MEMBERS {
+        let ws = c.nodes[i % 2].ws_url();
+        members.push(
+            within(
+                T,
+                "member",
+                Client::connect(&connect_url(&ws, &format!("m{i}"), &["arena"])),
+            )
+            .await??,
+        );
+    }
+    let publishers: Vec<Client> = members.drain(..PUBLISHERS).collect();
+    let sends = publishers
+        .into_iter()
+        .enumerate()
+        .map(|(p, mut client)| async move {
+            let mut acks = 0;
+            for k in 0..EACH {
+                if let ServerFrame::Ack { .. } =
+                    publish(&mut client, "arena", json!(format!("p{p} #{k}")), "x").await?
+                {
+                    acks += 1;
+                }
+            }
+            anyhow::Ok(acks)
+        });
+    let acks = futures::future::try_join_all(sends).await?;
+    assert!(
+        acks.iter().all(|a| *a == EACH),
+        "every comment accepted: {acks:?}"
+    );
+    let total = PUBLISHERS * EACH;
+    // (The publishers' own copies were read past while waiting for acks.)
+    let mut orders = Vec::new();
+    for (i, mut m) in members.into_iter().enumerate() {
+        let mut seen = Vec::new();
+        while seen.len() < total {
+            let msg = match within(T, "comment", m.next_message()).await {
+                Ok(r) => r?.expect("message"),
+                Err(e) => anyhow::bail!("member {i} got {} of {total}: {seen:?}: {e}", seen.len()),
+            };
+            seen.push(msg.seq);
+        }
+        assert_eq!(
+            seen,
+            (1..=total as u64).collect::<Vec<_>>(),
+            "member {i}: once each, in seq order"
+        );
+        orders.push(seen);
+    }
+    assert!(
+        orders.windows(2).all(|w| w[0] == w[1]),
+        "every member saw the same order"
+    );
+    Ok(())
+}

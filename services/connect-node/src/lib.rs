@@ -13,6 +13,7 @@ pub mod listener;
 mod metrics;
 pub mod publish;
 mod reporter;
+pub mod sequencer;
 mod service;
 pub mod ws;
 
@@ -221,6 +222,8 @@ pub async fn run(
         tokio::spawn(async move { reporter.run(&hub, controllers, stop).await });
     }
 
+    let sequencer = Arc::new(sequencer::Sequencer::default());
+    tokio::spawn(sequencer.clone().run(hub.clone(), tasks.clone()));
     let (health, grpc_server) = barrage_proto::grpc_server(&cfg.grpc_tls)?;
     health
         .set_serving::<ConnectNodeServer<ConnectNodeService>>()
@@ -232,6 +235,7 @@ pub async fn run(
                 cfg.node_id.clone(),
                 hub.clone(),
                 metrics.clone(),
+                sequencer.clone(),
             )))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(listeners.grpc),

@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::hub::{Hub, Outbound};
 use crate::metrics::Metrics;
+use crate::sequencer::{Ready, Sequencer};
 
 /// gRPC front of the hub.
 #[derive(Clone)]
@@ -21,15 +22,22 @@ pub struct ConnectNodeService {
     node_id: String,
     hub: Arc<Hub>,
     metrics: Metrics,
+    sequencer: Arc<Sequencer>,
 }
 
 impl ConnectNodeService {
     /// Serves deliveries into `hub`.
-    pub fn new(node_id: String, hub: Arc<Hub>, metrics: Metrics) -> Self {
+    pub fn new(
+        node_id: String,
+        hub: Arc<Hub>,
+        metrics: Metrics,
+        sequencer: Arc<Sequencer>,
+    ) -> Self {
         ConnectNodeService {
             node_id,
             hub,
             metrics,
+            sequencer,
         }
     }
 }
@@ -83,11 +91,21 @@ impl ConnectNode for ConnectNodeService {
                         .map_err(|_| Status::internal("encoded frame is not UTF-8"))?,
                     position: Some((Arc::from(t.stream.as_str()), t.epoch, t.seq)),
                 };
-                let exclude: HashSet<&str> =
-                    t.exclude_user_ids.iter().map(String::as_str).collect();
-                let d = self.hub.deliver(&key, &frame, &exclude);
-                result.delivered += d.delivered;
-                result.dropped += d.dropped;
+                let ready = Ready {
+                    key,
+                    seq: t.seq,
+                    frame,
+                    exclude: t
+                        .exclude_user_ids
+                        .iter()
+                        .cloned()
+                        .collect::<HashSet<String>>(),
+                };
+                // In stream order: a message whose predecessor has not
+                // arrived yet waits for it (briefly).
+                result.delivered += self
+                    .sequencer
+                    .deliver_in_order(&self.hub, &t.stream, t.epoch, t.prev_seq, ready);
             }
             results.push(result);
         }

@@ -155,10 +155,16 @@ impl Controller for ControllerService {
                     out.node_addrs.insert(n.clone(), addr.to_owned());
                 }
             }
+            let prev_seqs = if appended.duplicate {
+                Vec::new()
+            } else {
+                s.streams.route(&key, appended.seq, &node_ids)
+            };
             out.targets.push(pb::ResolvedTarget {
                 key,
                 epoch: appended.epoch,
                 seq: appended.seq,
+                prev_seqs,
                 node_ids,
                 not_owner: false,
                 duplicate: appended.duplicate,

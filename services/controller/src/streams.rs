@@ -89,6 +89,8 @@ struct IdEntry {
 struct Stream {
     epoch: u64,
     seq: u64,
+    /// Last seq routed to each connect-node, for in-order delivery there.
+    routed: HashMap<String, u64>,
     history: VecDeque<Stored>,
     ids: HashMap<String, IdEntry>,
     last_push: Instant,
@@ -161,6 +163,7 @@ impl Streams {
                 Stream {
                     epoch,
                     seq: 0,
+                    routed: HashMap::new(),
                     history: VecDeque::new(),
                     ids: HashMap::new(),
                     last_push: now,
@@ -346,6 +349,23 @@ impl Streams {
             })
             .collect();
         out
+    }
+
+    /// Records that message `seq` of `key` goes to `nodes`; returns, per
+    /// node, the seq of the previous message routed there (0: none).
+    pub fn route(&mut self, key: &str, seq: u64, nodes: &[String]) -> Vec<u64> {
+        let Some(stream) = self.streams.get_mut(key) else {
+            return vec![0; nodes.len()];
+        };
+        nodes
+            .iter()
+            .map(|n| {
+                let last = stream.routed.entry(n.clone()).or_insert(0);
+                let prev = *last;
+                *last = prev.max(seq);
+                prev
+            })
+            .collect()
     }
 
     /// Messages retained over all streams.

@@ -95,7 +95,7 @@ pub fn assemble_batches(targets: Vec<pb::ResolvedTarget>, exclude: &[String]) ->
         if t.stored {
             b.stored += 1;
         }
-        for node in &t.node_ids {
+        for (i, node) in t.node_ids.iter().enumerate() {
             b.per_node
                 .entry(node.clone())
                 .or_default()
@@ -104,6 +104,7 @@ pub fn assemble_batches(targets: Vec<pb::ResolvedTarget>, exclude: &[String]) ->
                     epoch: t.epoch,
                     seq: t.seq,
                     exclude_user_ids: exclude.to_vec(),
+                    prev_seq: t.prev_seqs.get(i).copied().unwrap_or(0),
                 });
         }
         b.fresh_keys.push(t.key);

@@ -1,0 +1,262 @@
+//! In-order delivery per stream on this node. Pushes to one stream can be
+//! in flight at once (several push-managers, concurrent calls), so their
+//! batches may arrive here in any order. The controller tells, with each
+//! message, the seq of the previous message of the stream it routed to this
+//! node; a message whose predecessor has not been delivered yet waits for
+//! it, at most [`MAX_WAIT`] (a predecessor whose batch failed never comes).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use barrage_protocol::StreamKey;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::{Hub, Outbound};
+
+/// Longest a message waits for its predecessor.
+pub const MAX_WAIT: Duration = Duration::from_secs(2);
+/// Streams idle this long are forgotten.
+const IDLE: Duration = Duration::from_secs(600);
+
+/// A message ready to go to the stream's local connections.
+pub struct Ready {
+    /// The stream.
+    pub key: StreamKey,
+    /// Position in it.
+    pub seq: u64,
+    /// The encoded frame.
+    pub frame: Outbound,
+    /// Users not to deliver to.
+    pub exclude: HashSet<String>,
+}
+
+struct Waiting {
+    ready: Ready,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Order {
+    epoch: u64,
+    last: u64,
+    seen: bool,
+    /// Messages waiting, by the seq they follow.
+    waiting: BTreeMap<u64, Waiting>,
+    touched: Option<Instant>,
+}
+
+impl Order {
+    /// Delivers everything now in order behind `last`.
+    fn drain(&mut self, out: &mut Vec<Ready>) {
+        while let Some(w) = self.waiting.remove(&self.last) {
+            self.last = self.last.max(w.ready.seq);
+            out.push(w.ready);
+        }
+    }
+}
+
+/// Per-stream delivery order of this node. A stream's admission and its
+/// delivery to the hub happen under the stream's own lock, so two batches
+/// of one stream cannot overtake each other between the two.
+#[derive(Default)]
+pub struct Sequencer {
+    streams: Mutex<HashMap<String, Arc<Mutex<Order>>>>,
+}
+
+impl Sequencer {
+    fn order(&self, stream: &str) -> Arc<Mutex<Order>> {
+        self.streams
+            .lock()
+            .entry(stream.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Admits message `ready` (at `epoch`, after `prev`) and delivers what
+    /// is now in order; returns how many connections it was queued to.
+    pub fn deliver_in_order(
+        &self,
+        hub: &Hub,
+        stream: &str,
+        epoch: u64,
+        prev: u64,
+        ready: Ready,
+    ) -> u32 {
+        let order = self.order(stream);
+        let mut o = order.lock();
+        Self::admit_locked(&mut o, epoch, prev, ready)
+            .iter()
+            .map(|r| deliver(hub, r))
+            .sum()
+    }
+
+    /// Takes message `ready` (at `epoch`, after `prev`) and returns what can
+    /// be delivered now, in order: nothing when it must wait for `prev`.
+    pub fn admit(&self, stream: &str, epoch: u64, prev: u64, ready: Ready) -> Vec<Ready> {
+        let order = self.order(stream);
+        let mut o = order.lock();
+        Self::admit_locked(&mut o, epoch, prev, ready)
+    }
+
+    fn admit_locked(o: &mut Order, epoch: u64, prev: u64, ready: Ready) -> Vec<Ready> {
+        o.touched = Some(Instant::now());
+        if o.seen && o.epoch != epoch {
+            // A new epoch: what waited belongs to the old one.
+            let mut out: Vec<Ready> = std::mem::take(&mut o.waiting)
+                .into_values()
+                .map(|w| w.ready)
+                .collect();
+            o.epoch = epoch;
+            o.last = 0;
+            o.seen = prev == 0;
+            if prev != 0 {
+                o.waiting.insert(
+                    prev,
+                    Waiting {
+                        ready,
+                        since: Instant::now(),
+                    },
+                );
+                return out;
+            }
+            o.last = ready.seq;
+            out.push(ready);
+            o.drain(&mut out);
+            return out;
+        }
+        let seq = ready.seq;
+        let in_order = prev == 0 || (o.seen && (o.last == prev || seq <= o.last));
+        if !in_order {
+            o.epoch = epoch;
+            o.waiting.insert(
+                prev,
+                Waiting {
+                    ready,
+                    since: Instant::now(),
+                },
+            );
+            return Vec::new();
+        }
+        o.epoch = epoch;
+        o.seen = true;
+        o.last = o.last.max(seq);
+        let mut out = vec![ready];
+        o.drain(&mut out);
+        out
+    }
+
+    /// Releases messages that waited too long for a predecessor, in order.
+    pub fn expire(&self, now: Instant) -> Vec<Ready> {
+        let mut out = Vec::new();
+        for order in self.all() {
+            out.extend(Self::expire_locked(&mut order.lock(), now));
+        }
+        self.forget_idle(now);
+        out
+    }
+
+    fn all(&self) -> Vec<Arc<Mutex<Order>>> {
+        self.streams.lock().values().cloned().collect()
+    }
+
+    fn forget_idle(&self, now: Instant) {
+        self.streams.lock().retain(|_, o| {
+            let o = o.lock();
+            !o.waiting.is_empty() || o.touched.is_some_and(|t| now.duration_since(t) < IDLE)
+        });
+    }
+
+    fn expire_locked(o: &mut Order, now: Instant) -> Vec<Ready> {
+        let mut out = Vec::new();
+        while let Some(entry) = o.waiting.first_entry() {
+            if now.duration_since(entry.get().since) < MAX_WAIT {
+                break;
+            }
+            let w = entry.remove();
+            o.seen = true;
+            o.last = o.last.max(w.ready.seq);
+            out.push(w.ready);
+            o.drain(&mut out);
+        }
+        out
+    }
+
+    /// Delivers released messages until `stop`.
+    pub async fn run(self: Arc<Self>, hub: Arc<Hub>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            let now = Instant::now();
+            for order in self.all() {
+                let mut o = order.lock();
+                for r in Self::expire_locked(&mut o, now) {
+                    deliver(&hub, &r);
+                }
+            }
+            self.forget_idle(now);
+        }
+    }
+}
+
+/// Queues a ready message to its local connections; returns how many.
+pub fn deliver(hub: &Hub, r: &Ready) -> u32 {
+    let exclude: HashSet<&str> = r.exclude.iter().map(String::as_str).collect();
+    hub.deliver(&r.key, &r.frame, &exclude).delivered
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready(seq: u64) -> Ready {
+        Ready {
+            key: StreamKey::Broadcast,
+            seq,
+            frame: Outbound {
+                frame: format!("{seq}").into(),
+                position: None,
+            },
+            exclude: HashSet::new(),
+        }
+    }
+
+    fn seqs(v: &[Ready]) -> Vec<u64> {
+        v.iter().map(|r| r.seq).collect()
+    }
+
+    #[test]
+    fn out_of_order_arrivals_leave_in_order() {
+        let s = Sequencer::default();
+        assert_eq!(seqs(&s.admit("room:r", 7, 0, ready(1))), vec![1]);
+        assert!(s.admit("room:r", 7, 3, ready(4)).is_empty());
+        assert!(s.admit("room:r", 7, 2, ready(3)).is_empty());
+        assert_eq!(seqs(&s.admit("room:r", 7, 1, ready(2))), vec![2, 3, 4]);
+        // A replay of an old one goes through (clients drop it by id).
+        assert_eq!(seqs(&s.admit("room:r", 7, 1, ready(2))), vec![2]);
+        // A new epoch starts over.
+        assert_eq!(seqs(&s.admit("room:r", 9, 0, ready(1))), vec![1]);
+    }
+
+    #[test]
+    fn the_first_message_of_a_stream_can_arrive_second() {
+        let s = Sequencer::default();
+        assert!(s.admit("room:r", 7, 1, ready(2)).is_empty());
+        assert_eq!(seqs(&s.admit("room:r", 7, 0, ready(1))), vec![1, 2]);
+    }
+
+    #[test]
+    fn a_missing_predecessor_is_waited_for_only_so_long() {
+        let s = Sequencer::default();
+        assert_eq!(seqs(&s.admit("room:r", 7, 0, ready(1))), vec![1]);
+        assert!(s.admit("room:r", 7, 2, ready(3)).is_empty());
+        assert!(s.admit("room:r", 7, 3, ready(4)).is_empty());
+        assert!(s.expire(Instant::now()).is_empty());
+        let later = Instant::now() + MAX_WAIT + Duration::from_millis(1);
+        assert_eq!(seqs(&s.expire(later)), vec![3, 4]);
+        assert_eq!(seqs(&s.admit("room:r", 7, 4, ready(5))), vec![5]);
+    }
+}
