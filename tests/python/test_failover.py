@@ -27,6 +27,23 @@ def start_node(c, name, node_id, ws_port, grpc_port, env):
                    "--ws-port", str(ws_port), "--grpc-port", str(grpc_port), env=env)
 
 
+def start_nodes(c, count, env):
+    """`count` connect-nodes on free ports: their WebSocket URLs and processes."""
+    urls, nodes = [], []
+    for i in range(count):
+        port = free_port()
+        urls.append(f"ws://127.0.0.1:{port}/ws")
+        nodes.append(start_node(c, f"node{i}", f"n{i}", port, free_port(), env))
+    return urls, nodes
+
+
+def start_manager(c, env, *args):
+    """A push-manager on a free port, and a client of its API."""
+    api_port = free_port()
+    c.start("manager", "push-manager", "--grpc-port", str(api_port), *args, env=env)
+    return PushApi(f"127.0.0.1:{api_port}")
+
+
 async def wait_connected(subs, timeout=20):
     deadline = time.monotonic() + timeout
     while any(s.connects == 0 for s in subs):
@@ -62,14 +79,8 @@ def test_sigkill_of_a_connect_node_loses_nothing(barrage_bin, etcd):
     c = Cluster(barrage_bin)
     try:
         c.start("controller", "controller", "--node-id", "c1", "--grpc-port", str(free_port()), env=env)
-        urls, nodes = [], []
-        for i in range(3):
-            port = free_port()
-            urls.append(f"ws://127.0.0.1:{port}/ws")
-            nodes.append(start_node(c, f"node{i}", f"n{i}", port, free_port(), env))
-        api_port = free_port()
-        c.start("manager", "push-manager", "--grpc-port", str(api_port), "--push-timeout-ms", "1000", env=env)
-        api = PushApi(f"127.0.0.1:{api_port}")
+        urls, nodes = start_nodes(c, 3, env)
+        api = start_manager(c, env, "--push-timeout-ms", "1000")
         subs = [ReconnectingSub(urls[i % 3:] + urls[:i % 3], f"u{i}", [f"r{i % 2}"]) for i in range(6)]
         expected = {}  # stream -> [data]
 
@@ -117,14 +128,8 @@ def test_sigkill_of_the_controller_owning_a_busy_room(barrage_bin, etcd):
     try:
         ctl = {cid: c.start(cid, "controller", "--node-id", cid, "--grpc-port", str(free_port()), env=env)
                for cid in ("c1", "c2")}
-        urls = []
-        for i in range(2):
-            port = free_port()
-            urls.append(f"ws://127.0.0.1:{port}/ws")
-            start_node(c, f"node{i}", f"n{i}", port, free_port(), env)
-        api_port = free_port()
-        c.start("manager", "push-manager", "--grpc-port", str(api_port), "--push-timeout-ms", "1000", env=env)
-        api = PushApi(f"127.0.0.1:{api_port}")
+        urls, _ = start_nodes(c, 2, env)
+        api = start_manager(c, env, "--push-timeout-ms", "1000")
         room = next(f"busy{i}" for i in range(100) if ring_owner({"c1", "c2"}, f"room:busy{i}") == "c1")
         subs = [ReconnectingSub([urls[i % 2]], f"v{i}", [room]) for i in range(4)]
         acked, refused, after_kill = [], 0, 0
@@ -209,14 +214,8 @@ def test_etcd_restart_under_load_drops_no_connection(barrage_bin):
     c = Cluster(barrage_bin)
     try:
         c.start("controller", "controller", "--node-id", "c1", "--grpc-port", str(free_port()), env=env)
-        urls = []
-        for i in range(2):
-            port = free_port()
-            urls.append(f"ws://127.0.0.1:{port}/ws")
-            start_node(c, f"node{i}", f"n{i}", port, free_port(), env)
-        api_port = free_port()
-        c.start("manager", "push-manager", "--grpc-port", str(api_port), env=env)
-        api = PushApi(f"127.0.0.1:{api_port}")
+        urls, _ = start_nodes(c, 2, env)
+        api = start_manager(c, env)
         assert etcd.count("/barrage/nodes/") == 4
         subs = [ReconnectingSub([urls[i]], f"e{i}", ["calm"]) for i in range(2)]
         acked, during_outage = [], 0
@@ -264,9 +263,7 @@ def test_rolling_restart_of_every_connect_node_loses_nothing(barrage_bin, etcd):
         ports = [(free_port(), free_port()) for _ in range(2)]
         urls = [f"ws://127.0.0.1:{ws}/ws" for ws, _ in ports]
         nodes = [start_node(c, f"node{i}", f"n{i}", ws, g, env) for i, (ws, g) in enumerate(ports)]
-        api_port = free_port()
-        c.start("manager", "push-manager", "--grpc-port", str(api_port), "--push-timeout-ms", "1000", env=env)
-        api = PushApi(f"127.0.0.1:{api_port}")
+        api = start_manager(c, env, "--push-timeout-ms", "1000")
         subs = [ReconnectingSub(urls[i % 2:] + urls[:i % 2], f"w{i}", ["roll"]) for i in range(4)]
         expected = {}
 
@@ -313,14 +310,8 @@ def test_adding_a_controller_under_load_moves_keys_and_loses_nothing(barrage_bin
     c = Cluster(barrage_bin)
     try:
         c.start("c1", "controller", "--node-id", "c1", "--grpc-port", str(free_port()), env=env)
-        urls = []
-        for i in range(2):
-            port = free_port()
-            urls.append(f"ws://127.0.0.1:{port}/ws")
-            start_node(c, f"node{i}", f"n{i}", port, free_port(), env)
-        api_port = free_port()
-        c.start("manager", "push-manager", "--grpc-port", str(api_port), env=env)
-        api = PushApi(f"127.0.0.1:{api_port}")
+        urls, _ = start_nodes(c, 2, env)
+        api = start_manager(c, env)
         rooms = [f"g{i}" for i in range(8)]
         moving = [r for r in rooms if ring_owner({"c1", "c2"}, f"room:{r}") == "c2"]
         assert moving and len(moving) < len(rooms), "some rooms move to c2, some stay"

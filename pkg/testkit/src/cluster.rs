@@ -230,17 +230,18 @@ impl TestCluster {
             http.local_addr()?.to_string(),
         );
         let discovery = self.discovery().await?;
-        let registry = prometheus::Registry::new();
-        let shutdown = CancellationToken::new();
         let mut cfg = barrage_controller::Config {
             node_id: id.to_owned(),
             lease_ttl: self.options.lease_ttl,
             ..Default::default()
         };
         tweak(&mut cfg);
-        let task = tokio::spawn({
-            let (registry, shutdown) = (registry.clone(), shutdown.clone());
-            async move {
+        let addrs = (grpc_addr, http_addr, None);
+        self.launch(
+            Role::Controller,
+            id,
+            addrs,
+            |registry, shutdown| async move {
                 barrage_controller::run(
                     cfg,
                     barrage_controller::Listeners { grpc, http },
@@ -250,20 +251,9 @@ impl TestCluster {
                 )
                 .await
                 .map_err(Into::into)
-            }
-        });
-        self.controllers.push(Server {
-            id: id.to_owned(),
-            role: Role::Controller,
-            grpc_addr,
-            http_addr,
-            ws_addr: None,
-            registry,
-            shutdown,
-            task: Some(task),
-        });
-        self.await_registered(Role::Controller, id).await?;
-        Ok(self.controllers.last().expect("just pushed"))
+            },
+        )
+        .await
     }
 
     /// Starts a connect-node (insecure `?user_id=` mode) and waits until
@@ -286,8 +276,6 @@ impl TestCluster {
         );
         let discovery = self.discovery().await?;
         let controllers = discovery.watch(Role::Controller).await?;
-        let registry = prometheus::Registry::new();
-        let shutdown = CancellationToken::new();
         let mut cfg = barrage_connect_node::Config {
             node_id: id.to_owned(),
             lease_ttl: self.options.lease_ttl,
@@ -297,9 +285,12 @@ impl TestCluster {
             ..Default::default()
         };
         tweak(&mut cfg);
-        let task = tokio::spawn({
-            let (registry, shutdown) = (registry.clone(), shutdown.clone());
-            async move {
+        let addrs = (grpc_addr, http_addr, Some(ws_addr));
+        self.launch(
+            Role::ConnectNode,
+            id,
+            addrs,
+            |registry, shutdown| async move {
                 barrage_connect_node::run(
                     cfg,
                     barrage_connect_node::Listeners { ws, grpc, http },
@@ -310,20 +301,9 @@ impl TestCluster {
                 )
                 .await
                 .map_err(Into::into)
-            }
-        });
-        self.nodes.push(Server {
-            id: id.to_owned(),
-            role: Role::ConnectNode,
-            grpc_addr,
-            http_addr,
-            ws_addr: Some(ws_addr),
-            registry,
-            shutdown,
-            task: Some(task),
-        });
-        self.await_registered(Role::ConnectNode, id).await?;
-        Ok(self.nodes.last().expect("just pushed"))
+            },
+        )
+        .await
     }
 
     /// Starts a push-manager and waits until it is registered.
@@ -348,8 +328,6 @@ impl TestCluster {
             nodes: Some(discovery.watch(Role::ConnectNode).await?),
             discovery: Some(discovery),
         };
-        let registry = prometheus::Registry::new();
-        let shutdown = CancellationToken::new();
         let mut cfg = barrage_push_manager::Config {
             node_id: id.to_owned(),
             lease_ttl: self.options.lease_ttl,
@@ -357,9 +335,12 @@ impl TestCluster {
             ..Default::default()
         };
         tweak(&mut cfg);
-        let task = tokio::spawn({
-            let (registry, shutdown) = (registry.clone(), shutdown.clone());
-            async move {
+        let addrs = (grpc_addr, http_addr, None);
+        self.launch(
+            Role::PushManager,
+            id,
+            addrs,
+            |registry, shutdown| async move {
                 barrage_push_manager::run(
                     cfg,
                     barrage_push_manager::Listeners { grpc, http },
@@ -369,20 +350,46 @@ impl TestCluster {
                 )
                 .await
                 .map_err(Into::into)
-            }
-        });
-        self.managers.push(Server {
+            },
+        )
+        .await
+    }
+
+    /// Runs a role's server task with its own registry and shutdown token,
+    /// keeps it in the cluster, and waits until it is registered.
+    async fn launch<F>(
+        &mut self,
+        role: Role,
+        id: &str,
+        (grpc_addr, http_addr, ws_addr): (String, String, Option<String>),
+        run: impl FnOnce(prometheus::Registry, CancellationToken) -> F,
+    ) -> anyhow::Result<&Server>
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let registry = prometheus::Registry::new();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(registry.clone(), shutdown.clone()));
+        self.servers_mut(role).push(Server {
             id: id.to_owned(),
-            role: Role::PushManager,
+            role,
             grpc_addr,
             http_addr,
-            ws_addr: None,
+            ws_addr,
             registry,
             shutdown,
             task: Some(task),
         });
-        self.await_registered(Role::PushManager, id).await?;
-        Ok(self.managers.last().expect("just pushed"))
+        self.await_registered(role, id).await?;
+        Ok(self.servers_mut(role).last().expect("just pushed"))
+    }
+
+    fn servers_mut(&mut self, role: Role) -> &mut Vec<Server> {
+        match role {
+            Role::Controller => &mut self.controllers,
+            Role::ConnectNode => &mut self.nodes,
+            Role::PushManager => &mut self.managers,
+        }
     }
 
     async fn await_registered(&self, role: Role, id: &str) -> anyhow::Result<()> {
