@@ -29,7 +29,7 @@ pub struct Ready {
     /// The encoded frame.
     pub frame: Outbound,
     /// Users not to deliver to.
-    pub exclude: HashSet<String>,
+    pub exclude: Vec<String>,
 }
 
 struct Waiting {
@@ -220,7 +220,7 @@ mod tests {
                 frame: format!("{seq}").into(),
                 position: None,
             },
-            exclude: HashSet::new(),
+            exclude: Vec::new(),
         }
     }
 

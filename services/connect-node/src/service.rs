@@ -1,7 +1,6 @@
 //! The `barrage.v1.ConnectNode` gRPC service: local delivery of pushed
 //! messages and node statistics.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
@@ -95,11 +94,7 @@ impl ConnectNode for ConnectNodeService {
                     key,
                     seq: t.seq,
                     frame,
-                    exclude: t
-                        .exclude_user_ids
-                        .iter()
-                        .cloned()
-                        .collect::<HashSet<String>>(),
+                    exclude: t.exclude_user_ids.clone(),
                 };
                 // In stream order: a message whose predecessor has not
                 // arrived yet waits for it (briefly).

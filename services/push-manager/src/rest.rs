@@ -111,6 +111,21 @@ fn bad_body(rejection: &JsonRejection) -> Response {
     error(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", field, &text)
 }
 
+/// A JSON request body; a body that does not parse is answered by
+/// [`bad_body`] before the handler runs.
+struct JsonBody<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for JsonBody<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        axum::Json::<T>::from_request(req, state)
+            .await
+            .map(|axum::Json(t)| JsonBody(t))
+            .map_err(|e| bad_body(&e))
+    }
+}
+
 /// A gRPC request carrying the caller's `Authorization` header.
 fn request<T>(headers: &HeaderMap, msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
@@ -181,12 +196,8 @@ async fn push_room(
     State(svc): State<PushService>,
     Path(room_id): Path<String>,
     headers: HeaderMap,
-    body: Result<axum::Json<RoomPush>, JsonRejection>,
+    JsonBody(b): JsonBody<RoomPush>,
 ) -> Response {
-    let b = match body {
-        Ok(axum::Json(b)) => b,
-        Err(e) => return bad_body(&e),
-    };
     let req = request(
         &headers,
         PushToRoomRequest {
@@ -214,12 +225,8 @@ async fn push_user(
     State(svc): State<PushService>,
     Path(user_id): Path<String>,
     headers: HeaderMap,
-    body: Result<axum::Json<UserPush>, JsonRejection>,
+    JsonBody(b): JsonBody<UserPush>,
 ) -> Response {
-    let b = match body {
-        Ok(axum::Json(b)) => b,
-        Err(e) => return bad_body(&e),
-    };
     let req = request(
         &headers,
         PushToUserRequest {
@@ -246,12 +253,8 @@ async fn push_user(
 async fn broadcast(
     State(svc): State<PushService>,
     headers: HeaderMap,
-    body: Result<axum::Json<BroadcastPush>, JsonRejection>,
+    JsonBody(b): JsonBody<BroadcastPush>,
 ) -> Response {
-    let b = match body {
-        Ok(axum::Json(b)) => b,
-        Err(e) => return bad_body(&e),
-    };
     let req = request(
         &headers,
         BroadcastRequest {
