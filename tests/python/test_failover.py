@@ -322,7 +322,14 @@ def test_adding_a_controller_under_load_moves_keys_and_loses_nothing(barrage_bin
         async def scenario():
             tasks = start_subs(subs)
             await wait_connected(subs)
-            for k in range(160):
+            # Push round-robin until every room, moved or not, has had pushes
+            # acknowledged after c2 joined (the move takes as long as the
+            # connect-nodes need to re-send their state, up to the warm-up).
+            after_join = {r: 0 for r in rooms}
+            deadline = time.monotonic() + 60
+            k = 0
+            while k < 160 or min(after_join.values()) < 3:
+                assert time.monotonic() < deadline, f"pushes did not resume after c2 joined: {after_join}"
                 r = rooms[k % len(rooms)]
                 reply = await asyncio.to_thread(api.try_push, "PushToRoom", room_id=r, content=json.dumps({"k": k}))
                 if isinstance(reply, grpc.StatusCode):
@@ -331,9 +338,11 @@ def test_adding_a_controller_under_load_moves_keys_and_loses_nothing(barrage_bin
                 else:
                     assert reply.success, reply.message
                     acked[r].append({"k": k})
+                    after_join[r] += k > 40
                 if k == 40:
                     await asyncio.to_thread(
                         c.start, "c2", "controller", "--node-id", "c2", "--grpc-port", str(free_port()), env=env)
+                k += 1
                 await asyncio.sleep(0.02)
             await wait_received(subs, lambda s: {f"room:{s.rooms[0]}": acked[s.rooms[0]]})
             await stop_subs(subs, tasks)
