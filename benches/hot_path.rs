@@ -7,13 +7,28 @@ use std::collections::HashSet;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use barrage_connect_node::hub::{Hub, Outbound};
+use barrage_connect_node::hub::{Hub, Outbound, Wire};
 use barrage_controller::state::Membership;
 use barrage_discovery::ring::Ring;
 use barrage_proto::v1::session_change::Kind;
 use barrage_proto::v1::{ResolvedTarget, SessionChange};
-use barrage_protocol::{RoomId, StreamKey, UserId, encode_message_frame};
+use barrage_protocol::binary::{self, Compression, FrameType};
+use barrage_protocol::{MessageParts, RoomId, StreamKey, UserId, encode_message};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+
+fn parts(content: &str) -> MessageParts<'_> {
+    MessageParts {
+        stream: "room:live-42",
+        id: "0193a1c4-7d1e-7b9a-a0b1-3c9f7a2d4e5f",
+        epoch: 1_838_642_512_266_569,
+        seq: 42,
+        event: "comment",
+        content,
+        binary: &[],
+        timestamp_ms: 1_764_000_000_123,
+        from: "",
+    }
+}
 
 fn frame_encoding(c: &mut Criterion) {
     let mut g = c.benchmark_group("encode_message_frame");
@@ -21,19 +36,24 @@ fn frame_encoding(c: &mut Criterion) {
         let content = format!("{{\"text\":\"{}\"}}", "x".repeat(size));
         g.throughput(Throughput::Bytes(content.len() as u64));
         g.bench_with_input(BenchmarkId::new("json", size), &content, |b, content| {
+            b.iter(|| encode_message(black_box(&parts(content))))
+        });
+        g.bench_with_input(BenchmarkId::new("binary", size), &content, |b, content| {
             b.iter(|| {
-                encode_message_frame(
-                    black_box("room:live-42"),
-                    "0193a1c4-7d1e-7b9a-a0b1-3c9f7a2d4e5f",
-                    1_838_642_512_266_569,
-                    42,
-                    "comment",
-                    content,
-                    &[],
-                    1_764_000_000_123,
-                )
+                let body = binary::message_body(black_box(&parts(content)));
+                binary::frame(FrameType::Message, &body, Compression::OFF)
             })
         });
+        g.bench_with_input(
+            BenchmarkId::new("binary_deflate", size),
+            &content,
+            |b, content| {
+                b.iter(|| {
+                    let body = binary::message_body(black_box(&parts(content)));
+                    binary::frame(FrameType::Message, &body, Compression::above(64))
+                })
+            },
+        );
     }
     g.finish();
 }
@@ -124,24 +144,11 @@ fn local_fanout(c: &mut Criterion) {
             let (_conn, rx, _ack) = hub.connect(
                 UserId::new(format!("u{i}")).expect("user"),
                 std::slice::from_ref(&room),
+                Wire::Json,
             );
             queues.push(rx);
         }
-        let frame = Outbound {
-            frame: encode_message_frame(
-                "room:stage",
-                "id",
-                1,
-                1,
-                "comment",
-                "{\"text\":\"hi\"}",
-                &[],
-                0,
-            )
-            .try_into()
-            .expect("utf-8"),
-            position: None,
-        };
+        let frame = Outbound::message(&parts("{\"text\":\"hi\"}"), Compression::OFF);
         let key = StreamKey::Room(room);
         let exclude = HashSet::new();
         g.throughput(Throughput::Elements(members as u64));

@@ -70,13 +70,14 @@ fn free_block3() -> anyhow::Result<u16> {
     bail!("no three consecutive free ports")
 }
 
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    ws: SocketAddr,
-    api: SocketAddr,
+    pub(crate) ws: SocketAddr,
+    pub(crate) api: SocketAddr,
 }
 
-async fn start_server() -> anyhow::Result<Server> {
+/// Starts `barrage dev` with `env` added, and waits until it is ready.
+pub(crate) async fn start_server(env: &[(&str, String)]) -> anyhow::Result<Server> {
     let p = free_ports(4)?;
     // `dev` serves HTTP on METRICS_PORT and the two ports below it.
     let metrics = free_block3()? + 2;
@@ -94,6 +95,7 @@ async fn start_server() -> anyhow::Result<Server> {
         .args(["--metrics-port", &metrics.to_string()])
         .env("RUST_LOG", "warn")
         .env("MAX_CONNECTIONS_PER_USER", "1000000")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -249,7 +251,7 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 
 /// Runs the room fan-out scenario and prints its JSON summary.
 pub async fn run(plan: BenchPlan) -> anyhow::Result<()> {
-    let server = start_server().await?;
+    let server = start_server(&[]).await?;
     let pid = server.child.id().unwrap_or(0);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_idle = rss_bytes(pid).unwrap_or(0);
@@ -413,6 +415,6 @@ pub async fn run(plan: BenchPlan) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn round(v: f64) -> f64 {
+pub(crate) fn round(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
 }

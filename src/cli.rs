@@ -39,13 +39,26 @@ enum Command {
     Bench(BenchArgs),
 }
 
-/// `barrage bench` (room fan-out): bounded in count and time, loopback only.
+/// What `barrage bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    /// One room, many subscribers: deliveries/s, end-to-end latency, loss.
+    Room,
+    /// Bytes per delivered comment: JSON vs binary frames, compression, batching.
+    Bandwidth,
+}
+
+/// `barrage bench`: bounded in count and time, loopback only.
 #[derive(Debug, Args)]
 struct BenchArgs {
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = Scenario::Room)]
+    scenario: Scenario,
     /// WebSocket subscribers in the room (1–100000; mind the open-file limit).
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
-    /// Pushes per second; 0 pushes as fast as --in-flight allows.
+    /// Pushes per second; 0 pushes as fast as --in-flight allows
+    /// (bandwidth: comments per second, default 1000).
     #[arg(long, default_value_t = 20)]
     rate: u32,
     /// Pushes in flight at once when --rate is 0.
@@ -63,6 +76,15 @@ struct BenchArgs {
     /// Filler bytes in each payload.
     #[arg(long, default_value_t = 64)]
     payload_bytes: usize,
+    /// Bandwidth: comments pushed per server configuration (1–100000).
+    #[arg(long, default_value_t = 3000)]
+    comments: u64,
+    /// Bandwidth: batching window of the batched configurations, ms.
+    #[arg(long, default_value_t = 10)]
+    batch_window_ms: u64,
+    /// Bandwidth: compression threshold of the compressed configurations, bytes.
+    #[arg(long, default_value_t = 128)]
+    compress_bytes: usize,
     /// Progress on stderr.
     #[arg(long)]
     verbose: bool,
@@ -412,6 +434,14 @@ struct WsArgs {
     /// Publish anyway when moderation fails or is late (fail-open); false refuses.
     #[arg(long, env = "MODERATION_FAIL_OPEN", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     moderation_fail_open: bool,
+    #[command(flatten)]
+    frames: FrameArgs,
+}
+
+/// How a connect-node writes frames: batching and binary compression
+/// (shared by `connect-node` and `dev`).
+#[derive(Debug, Args)]
+struct FrameArgs {
     /// Milliseconds a connection waits to coalesce messages into one `batch`
     /// frame (hot rooms); 0: every message in its own frame.
     #[arg(long, env = "BATCH_WINDOW_MS", default_value_t = 0)]
@@ -419,6 +449,40 @@ struct WsArgs {
     /// Most messages in one `batch` frame.
     #[arg(long, env = "BATCH_MAX_MESSAGES", default_value_t = 50)]
     batch_max_messages: usize,
+    /// Binary frames (`barrage.v1.bin`) whose body is at least this many
+    /// bytes are sent DEFLATE-compressed; 0: never.
+    #[arg(long, env = "BINARY_COMPRESS_BYTES", default_value_t = 0)]
+    binary_compress_bytes: usize,
+}
+
+impl FrameArgs {
+    fn apply(&self, cfg: &mut barrage_connect_node::Config) -> Result<(), ConfigError> {
+        if self.batch_window_ms > 1000 {
+            return Err(bad(
+                "BATCH_WINDOW_MS (--batch-window-ms)",
+                "at most 1000: a longer wait delays every message",
+            ));
+        }
+        if self.batch_max_messages < 2 {
+            return Err(bad(
+                "BATCH_MAX_MESSAGES (--batch-max-messages)",
+                "must be at least 2",
+            ));
+        }
+        cfg.batch_window = Duration::from_millis(self.batch_window_ms);
+        cfg.batch_max = self.batch_max_messages;
+        if self.binary_compress_bytes > 0 && self.binary_compress_bytes < 64 {
+            return Err(bad(
+                "BINARY_COMPRESS_BYTES (--binary-compress-bytes)",
+                "0 (off) or at least 64: smaller bodies do not shrink",
+            ));
+        }
+        cfg.binary_compression = match self.binary_compress_bytes {
+            0 => barrage_protocol::binary::Compression::OFF,
+            n => barrage_protocol::binary::Compression::above(n),
+        };
+        Ok(())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -449,6 +513,8 @@ struct DevArgs {
     push: PushLimits,
     #[command(flatten)]
     jwt: JwtArgs,
+    #[command(flatten)]
+    frames: FrameArgs,
 }
 
 #[derive(Debug, Args)]
@@ -539,6 +605,7 @@ pub enum Plan {
     Dev(DevPlan),
     Sub(crate::sub::SubPlan),
     Bench(crate::bench::BenchPlan),
+    Bandwidth(crate::bandwidth::BandwidthPlan),
     /// Print a token.
     Token(String),
 }
@@ -555,6 +622,8 @@ pub struct DevPlan {
     pub log_format: LogFormat,
     pub push: barrage_push_manager::Config,
     pub auth: barrage_auth::ConnectAuth,
+    /// Batching and binary compression of the connect-node.
+    pub node: barrage_connect_node::Config,
 }
 
 fn hostname() -> String {
@@ -900,20 +969,7 @@ impl WsArgs {
             });
         }
         cfg.publish = self.publish_settings(&cfg.grpc_tls)?;
-        if self.batch_window_ms > 1000 {
-            return Err(bad(
-                "BATCH_WINDOW_MS (--batch-window-ms)",
-                "at most 1000: a longer wait delays every message",
-            ));
-        }
-        if self.batch_max_messages < 2 {
-            return Err(bad(
-                "BATCH_MAX_MESSAGES (--batch-max-messages)",
-                "must be at least 2",
-            ));
-        }
-        cfg.batch_window = Duration::from_millis(self.batch_window_ms);
-        cfg.batch_max = self.batch_max_messages;
+        self.frames.apply(cfg)?;
         cfg.handshake_timeout = secs(
             "HANDSHAKE_TIMEOUT_SECS (--handshake-timeout-secs)",
             self.handshake_timeout_secs,
@@ -1026,6 +1082,11 @@ impl Cli {
                     log_format: a.log_format,
                     push: a.push.config("push-manager-dev".into())?,
                     auth: a.jwt.auth()?,
+                    node: {
+                        let mut cfg = barrage_connect_node::Config::default();
+                        a.frames.apply(&mut cfg)?;
+                        cfg
+                    },
                 })
             }
             Command::Token(a) => {
@@ -1047,6 +1108,30 @@ impl Cli {
                     return Err(bad("--user", "must be 1-128 bytes without whitespace"));
                 }
                 Plan::Token(token)
+            }
+            Command::Bench(a) if a.scenario == Scenario::Bandwidth => {
+                if !(1..=100_000).contains(&a.comments) {
+                    return Err(bad("--comments", "must be 1 to 100000"));
+                }
+                let rate = if a.rate == 20 { 1000 } else { a.rate };
+                if !(1..=20_000).contains(&rate) {
+                    return Err(bad(
+                        "--rate",
+                        "bandwidth: must be 1 to 20000 comments per second",
+                    ));
+                }
+                if !(1..=1000).contains(&a.batch_window_ms) {
+                    return Err(bad("--batch-window-ms", "must be 1 to 1000"));
+                }
+                if a.compress_bytes < 64 {
+                    return Err(bad("--compress-bytes", "must be at least 64"));
+                }
+                Plan::Bandwidth(crate::bandwidth::BandwidthPlan {
+                    comments: a.comments,
+                    rate,
+                    batch_window_ms: a.batch_window_ms,
+                    compress_bytes: a.compress_bytes,
+                })
             }
             Command::Bench(a) => {
                 if !(1..=100_000).contains(&a.subscribers) {

@@ -93,6 +93,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
         Plan::Dev(d) => dev(d).await?,
         Plan::Sub(s) => crate::sub::run(s).await?,
         Plan::Bench(b) => crate::bench::run(b).await?,
+        Plan::Bandwidth(b) => crate::bandwidth::run(b).await?,
         Plan::Token(t) => println!("{t}"),
     }
     Ok(())
@@ -245,7 +246,7 @@ async fn dev(d: DevPlan) -> anyhow::Result<()> {
                 mutes_file: None,
                 moderation: None,
             }),
-            ..Default::default()
+            ..d.node
         },
         node,
         discovery.watch(Role::Controller).await?,

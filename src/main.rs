@@ -3,6 +3,7 @@
 //! `sub` (a terminal subscriber), `token` and `bench` (a load test). Parses the command line and environment,
 //! builds the configuration, runs.
 
+mod bandwidth;
 mod bench;
 mod cli;
 mod launch;

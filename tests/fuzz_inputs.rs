@@ -1,5 +1,5 @@
 //! Property-based fuzzing of everything that parses untrusted input: the
-//! client frame decoder, the positions parser, connection-token
+//! client frame decoders (JSON text and binary), the positions parser, connection-token
 //! verification, and the push API's request validation (through a real
 //! gRPC server) and frame handling (through a real WebSocket). No input may
 //! panic; every refusal names what is wrong.
@@ -12,10 +12,11 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use barrage_auth::{ConnectAuth, mint};
-use barrage_client::{Client, connect_url};
+use barrage_client::{Client, Format, connect_url};
 use barrage_proto::v1::{PushToRoomRequest, PushToUserRequest};
 use barrage_protocol::{
-    ClientFrame, ServerFrame, StreamPos, format_positions, parse_client_frame, parse_positions,
+    ClientFrame, ServerFrame, StreamPos, binary, format_positions, parse_client_frame,
+    parse_positions,
 };
 use barrage_testkit::cluster::{TestCluster, within};
 use base64::Engine;
@@ -36,8 +37,58 @@ fn frame_like() -> impl Strategy<Value = String> {
     ]
 }
 
+/// Byte strings that look like binary frames more often than random bytes
+/// do: valid frames with bytes flipped, cut or appended, and valid headers
+/// in front of random bodies.
+fn binary_like() -> impl Strategy<Value = Vec<u8>> {
+    let valid = prop_oneof![
+        "[a-z0-9]{0,12}".prop_map(|room| binary::encode_client_frame(&ClientFrame::Join { room })),
+        "[a-z0-9]{0,12}".prop_map(|room| binary::encode_client_frame(&ClientFrame::Leave { room })),
+        Just(binary::encode_client_frame(&ClientFrame::Ping)),
+        ("[a-z0-9]{0,12}", ".{0,40}").prop_map(|(room, text)| {
+            binary::encode_client_frame(&ClientFrame::Publish {
+                room,
+                data: serde_json::json!({ "text": text }),
+                reference: Some("r".into()),
+            })
+        }),
+    ];
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..64),
+        (valid.clone(), any::<usize>(), any::<u8>()).prop_map(|(f, at, b)| {
+            let mut f = f.to_vec();
+            let i = at % f.len();
+            f[i] ^= b;
+            f
+        }),
+        (valid, any::<usize>()).prop_map(|(f, cut)| f[..cut % (f.len() + 1)].to_vec()),
+        (
+            0u8..32,
+            0u8..4,
+            proptest::collection::vec(any::<u8>(), 0..64)
+        )
+            .prop_map(|(kind, flags, body)| {
+                let mut f = vec![0xBA, 0x7A, 1, kind, flags];
+                f.extend_from_slice(&(body.len() as u32).to_be_bytes());
+                f.extend_from_slice(&body);
+                f
+            }),
+    ]
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn the_binary_frame_decoder_never_panics(buf in binary_like()) {
+        match binary::decode_client_frame(&buf, 64 * 1024) {
+            Ok(frame) => {
+                let again = binary::encode_client_frame(&frame);
+                prop_assert_eq!(binary::decode_client_frame(&again, 64 * 1024).expect("round trip"), frame);
+            }
+            Err(e) => prop_assert!(e.to_string().starts_with("bad"), "{}", e),
+        }
+    }
 
     #[test]
     fn the_frame_decoder_never_panics(text in frame_like()) {
@@ -191,6 +242,35 @@ proptest! {
                     prop_assert!(FIELDS.contains(&field), "names no field: {}", s.message());
                 }
             }
+            Ok(())
+        })?;
+    }
+
+    #[test]
+    fn any_binary_frame_leaves_a_binary_connection_serving(frames in proptest::collection::vec(binary_like(), 1..8)) {
+        let (rt, cluster) = cluster();
+        rt.block_on(async {
+            let url = connect_url(&cluster.nodes[0].ws_url(), "fuzzer", &[]);
+            let mut c = within(T, "connect", Client::connect_with(&url, Format::Binary))
+                .await
+                .expect("in time")
+                .expect("connects");
+            prop_assert_eq!(c.format(), Format::Binary);
+            for f in &frames {
+                if matches!(binary::decode_client_frame(f, 64 * 1024), Ok(ClientFrame::Refresh { .. })) {
+                    continue;
+                }
+                c.send_raw(Message::Binary(f.clone().into())).await.expect("sent");
+            }
+            c.send(&ClientFrame::Ping).await.expect("ping sent");
+            loop {
+                match within(T, "answers", c.next_frame()).await.expect("in time") {
+                    Ok(Some(ServerFrame::Pong)) => break,
+                    Ok(Some(_)) => continue,
+                    other => prop_assert!(false, "connection ended: {other:?}"),
+                }
+            }
+            let _ = c.close().await;
             Ok(())
         })?;
     }

@@ -58,6 +58,8 @@ export interface Session {
   /** False when some stream could not be resumed: refetch what you show. */
   recovered: boolean;
   transport: Transport;
+  /** The frame format the server agreed to. */
+  format: "json" | "binary";
 }
 
 export type Transport = "websocket" | "sse" | "poll";
@@ -117,6 +119,8 @@ export interface ClientOptions {
   fetch?: unknown;
   /** How long the server may hold a poll, seconds. Default 25. */
   pollTimeoutSecs?: number;
+  /** WebSocket frames: "binary" asks for compact `barrage.v1.bin` frames; default "json". */
+  format?: "json" | "binary";
 }
 
 export declare class BarrageClient {
@@ -147,3 +151,10 @@ export declare function backoffDelay(
 ): number;
 export declare function formatPositions(positions: Record<string, Position>): string;
 export declare function parsePositions(text: string): Record<string, Position>;
+
+/** The WebSocket subprotocol that selects binary frames: "barrage.v1.bin". */
+export declare const BINARY_SUBPROTOCOL: string;
+/** Encodes a client frame (join, leave, ping, refresh, publish) as a binary frame. */
+export declare function encodeBinaryFrame(frame: { type: string; [field: string]: unknown }): Uint8Array;
+/** Decodes a binary server frame into the object its JSON frame would parse to. */
+export declare function decodeBinaryFrame(data: ArrayBuffer | Uint8Array): Promise<{ type: string; [field: string]: unknown }>;

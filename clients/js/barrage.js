@@ -69,6 +69,203 @@ export function parsePositions(text) {
   return out;
 }
 
+// ---- binary frames (subprotocol barrage.v1.bin) ----
+//
+// A 9-byte header (magic 0xBA 0x7A, version 1, frame type, flags, body
+// length as big-endian u32) and a protobuf body from
+// proto/barrage/v1/frames.proto; flag bit 0 marks a raw-DEFLATE body.
+
+/** The WebSocket subprotocol that selects binary frames. */
+export const BINARY_SUBPROTOCOL = "barrage.v1.bin";
+
+const CLIENT_TYPES = { join: 1, leave: 2, ping: 3, refresh: 4, publish: 5 };
+const SERVER_TYPES = { 16: "connected", 17: "message", 18: "batch", 19: "joined", 20: "left", 21: "error", 22: "pong", 23: "ack", 24: "rejected", 25: "refreshed" };
+const utf8 = new TextEncoder();
+const fromUtf8 = new TextDecoder();
+
+/** Reads protobuf fields; numbers are exact up to 2^53. */
+class PbReader {
+  constructor(bytes) {
+    this.b = bytes;
+    this.i = 0;
+  }
+  varint() {
+    let v = 0;
+    for (let shift = 0; shift < 70; shift += 7) {
+      if (this.i >= this.b.length) throw new Error("truncated varint");
+      const byte = this.b[this.i++];
+      v += (byte & 0x7f) * 2 ** shift;
+      if (byte < 0x80) return v;
+    }
+    throw new Error("varint too long");
+  }
+  bytes() {
+    const n = this.varint();
+    if (this.i + n > this.b.length) throw new Error("truncated field");
+    const out = this.b.subarray(this.i, this.i + n);
+    this.i += n;
+    return out;
+  }
+  /** Calls `fn(fieldNumber, wireType)` for every field; `fn` reads the value or returns false to skip it. */
+  fields(fn) {
+    while (this.i < this.b.length) {
+      const key = this.varint();
+      const field = Math.floor(key / 8);
+      const wire = key & 7;
+      if (fn(field, wire) !== false) continue;
+      if (wire === 0) this.varint();
+      else if (wire === 2) this.bytes();
+      else if (wire === 1) this.i += 8;
+      else if (wire === 5) this.i += 4;
+      else throw new Error(`unsupported wire type ${wire}`);
+    }
+  }
+}
+
+/** Decodes a message of string / integer / bool fields by field number. */
+function pbFields(bytes, names, nested = {}) {
+  const out = {};
+  const r = new PbReader(bytes);
+  r.fields((field, wire) => {
+    const name = names[field];
+    if (!name) return false;
+    if (wire === 0) out[name] = r.varint();
+    else if (wire === 2) {
+      const raw = r.bytes();
+      if (nested[name]) (out[name] ??= []).push(nested[name](raw));
+      else out[name] = raw;
+    } else return false;
+  });
+  return out;
+}
+
+function str(b) {
+  return b ? fromUtf8.decode(b) : "";
+}
+
+function base64(bytes) {
+  let bin = "";
+  for (const x of bytes) bin += String.fromCharCode(x);
+  return btoa(bin);
+}
+
+function decodeMessage(bytes) {
+  const f = pbFields(bytes, { 1: "stream", 2: "id", 3: "epoch", 4: "seq", 5: "event", 6: "from", 7: "content", 8: "binary", 9: "timestamp" });
+  const m = { type: "message", stream: str(f.stream), id: str(f.id), epoch: f.epoch ?? 0, seq: f.seq ?? 0, event: str(f.event) };
+  if (f.from?.length) m.from = str(f.from);
+  if (f.binary?.length) m.data_b64 = base64(f.binary);
+  else {
+    const content = str(f.content);
+    try {
+      m.data = JSON.parse(content);
+    } catch {
+      m.data = content;
+    }
+  }
+  m.timestamp = f.timestamp ?? 0;
+  return m;
+}
+
+function decodeBody(type, body) {
+  switch (type) {
+    case "message":
+      return decodeMessage(body);
+    case "batch":
+      return { type, messages: pbFields(body, { 1: "messages" }, { messages: decodeMessage }).messages ?? [] };
+    case "connected": {
+      const entry = (b) => {
+        const e = pbFields(b, { 1: "key", 2: "value" });
+        const v = e.value ? pbFields(e.value, { 1: "epoch", 2: "seq", 3: "recovered" }) : {};
+        const state = { epoch: v.epoch ?? 0, seq: v.seq ?? 0 };
+        if (v.recovered !== undefined) state.recovered = v.recovered !== 0;
+        return [str(e.key), state];
+      };
+      const c = pbFields(body, { 1: "conn_id", 2: "user_id", 3: "node_id", 4: "rooms", 5: "streams" }, { rooms: str, streams: entry });
+      return { type, conn_id: str(c.conn_id), user_id: str(c.user_id), node_id: str(c.node_id), rooms: c.rooms ?? [], streams: Object.fromEntries(c.streams ?? []) };
+    }
+    case "joined":
+    case "left":
+      return { type, room: str(pbFields(body, { 1: "room" }).room) };
+    case "error": {
+      const e = pbFields(body, { 1: "code", 2: "message" });
+      return { type, code: str(e.code), message: str(e.message) };
+    }
+    case "ack":
+    case "rejected": {
+      const a = pbFields(body, type === "ack" ? { 1: "ref", 2: "room", 3: "id", 4: "seq" } : { 1: "ref", 2: "room", 3: "reason", 4: "message" });
+      const out = { type, room: str(a.room) };
+      if (a.ref?.length) out.ref = str(a.ref);
+      if (type === "ack") Object.assign(out, { id: str(a.id), seq: a.seq ?? 0 });
+      else Object.assign(out, { reason: str(a.reason), message: str(a.message) });
+      return out;
+    }
+    case "refreshed":
+      return { type, expires_at: pbFields(body, { 1: "expires_at" }).expires_at ?? 0 };
+    default:
+      return { type };
+  }
+}
+
+async function inflateRaw(bytes) {
+  const ds = new DecompressionStream("deflate-raw");
+  const writer = ds.writable.getWriter();
+  writer.write(bytes);
+  writer.close();
+  return new Uint8Array(await new Response(ds.readable).arrayBuffer());
+}
+
+/**
+ * Decodes a binary frame from the server into the same object its JSON
+ * frame would parse to. Async because compressed bodies are inflated with
+ * the platform's DecompressionStream.
+ */
+export async function decodeBinaryFrame(data) {
+  const b = data instanceof Uint8Array ? data : new Uint8Array(data);
+  if (b.length < 9 || b[0] !== 0xba || b[1] !== 0x7a) throw new Error("not a barrage binary frame");
+  if (b[2] !== 1) throw new Error(`binary frame version ${b[2]}, this client speaks 1`);
+  const type = SERVER_TYPES[b[3]];
+  if (!type) throw new Error(`unknown binary frame type ${b[3]}`);
+  const len = ((b[5] << 24) >>> 0) + (b[6] << 16) + (b[7] << 8) + b[8];
+  if (len !== b.length - 9) throw new Error(`binary frame says ${len} body bytes, has ${b.length - 9}`);
+  let body = b.subarray(9);
+  if (b[4] & 1) body = await inflateRaw(body);
+  return decodeBody(type, body);
+}
+
+function pbVarint(out, v) {
+  while (v >= 0x80) {
+    out.push((v % 0x80) | 0x80);
+    v = Math.floor(v / 0x80);
+  }
+  out.push(v);
+}
+
+function pbString(out, field, s) {
+  if (s === undefined || s === null || s === "") return;
+  const bytes = utf8.encode(String(s));
+  pbVarint(out, field * 8 + 2);
+  pbVarint(out, bytes.length);
+  for (const x of bytes) out.push(x);
+}
+
+/** Encodes a client frame (`join`, `leave`, `ping`, `refresh`, `publish`) as a binary frame. */
+export function encodeBinaryFrame(frame) {
+  const type = CLIENT_TYPES[frame.type];
+  if (!type) throw new Error(`cannot send a ${frame.type} frame`);
+  const body = [];
+  if (frame.type === "join" || frame.type === "leave") pbString(body, 1, frame.room);
+  else if (frame.type === "refresh") pbString(body, 1, frame.token);
+  else if (frame.type === "publish") {
+    pbString(body, 1, frame.room);
+    pbString(body, 2, JSON.stringify(frame.data ?? null));
+    pbString(body, 3, frame.ref);
+  }
+  const out = new Uint8Array(9 + body.length);
+  out.set([0xba, 0x7a, 1, type, 0, (body.length >>> 24) & 255, (body.length >>> 16) & 255, (body.length >>> 8) & 255, body.length & 255]);
+  out.set(body, 9);
+  return out;
+}
+
 /** A set that remembers the last `limit` keys it was given. */
 class RecentIds {
   constructor(limit) {
@@ -116,6 +313,8 @@ export class BarrageClient {
    * @param {typeof EventSource} [options.EventSource] for the `sse` transport (default: the global one)
    * @param {typeof fetch} [options.fetch] for the `poll` transport (default: the global one)
    * @param {number} [options.pollTimeoutSecs] how long a poll may be held (default 25)
+   * @param {"json"|"binary"} [options.format] WebSocket frame format: "binary" asks for the compact
+   *   `barrage.v1.bin` frames (smaller; compressed frames need DecompressionStream), "json" (default) for text
    */
   constructor(options) {
     if (!options || typeof options.url !== "string") throw new TypeError("options.url is required");
@@ -197,8 +396,10 @@ export class BarrageClient {
     if (positions) url.searchParams.set("positions", positions);
     const token = this.options.getToken ? await this.options.getToken() : this.options.token;
     // Browsers cannot set headers on a WebSocket: the token rides in a
-    // `bearer.<JWT>` subprotocol next to `barrage`, which the server selects.
-    const protocols = token ? ["barrage", `bearer.${token}`] : ["barrage"];
+    // `bearer.<JWT>` subprotocol next to `barrage`, which the server selects
+    // (or `barrage.v1.bin`, when offered, for binary frames).
+    const protocols = this.options.format === "binary" ? [BINARY_SUBPROTOCOL, "barrage"] : ["barrage"];
+    if (token) protocols.push(`bearer.${token}`);
     return { url: url.toString(), protocols, token };
   }
 
@@ -229,7 +430,9 @@ export class BarrageClient {
 
   openWebSocket(target) {
     const ws = new this.WebSocketImpl(target.url, target.protocols);
+    ws.binaryType = "arraybuffer";
     this.ws = ws;
+    this.inbox = Promise.resolve();
     ws.onmessage = (ev) => this.onFrame(ws, ev.data);
     ws.onclose = (ev) => this.onClose(ws, ev.code, ev.reason);
     ws.onerror = () => {}; // a close event follows with the details
@@ -301,9 +504,30 @@ export class BarrageClient {
     loop();
   }
 
+  /** Whether the live WebSocket agreed to binary frames. */
+  get binary() {
+    return this.ws?.protocol === BINARY_SUBPROTOCOL;
+  }
+
   onFrame(ws, data) {
     if (ws !== this.ws) return;
     this.lastFrameAt = Date.now();
+    if (this.binary) {
+      // Frames are decoded one after the other (inflating is async), so
+      // they are dispatched in the order they arrived.
+      const bytes = typeof data === "string" ? null : data instanceof Uint8Array ? data : new Uint8Array(data);
+      this.inbox = this.inbox.then(async () => {
+        let frame;
+        try {
+          frame = bytes ? await decodeBinaryFrame(bytes) : JSON.parse(data);
+        } catch (e) {
+          this.emit("error", { code: "protocol", message: `the server sent a frame this client cannot decode: ${e?.message ?? e}` });
+          return;
+        }
+        if (ws === this.ws) this.dispatch(frame);
+      });
+      return;
+    }
     let frame;
     try {
       frame = JSON.parse(typeof data === "string" ? data : new TextDecoder().decode(data));
@@ -376,6 +600,7 @@ export class BarrageClient {
       streams: frame.streams ?? {},
       recovered,
       transport: this.transport,
+      format: this.transport === "websocket" && this.binary ? "binary" : "json",
     };
     this.setState(States.CONNECTED);
     this.emit("connected", this.session);
@@ -476,7 +701,7 @@ export class BarrageClient {
 
   send(frame) {
     if (this.ws?.send && this.state === States.CONNECTED) {
-      this.ws.send(JSON.stringify(frame));
+      this.ws.send(this.binary ? encodeBinaryFrame(frame) : JSON.stringify(frame));
       return true;
     }
     return false;

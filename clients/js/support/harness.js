@@ -108,9 +108,10 @@ export class Role {
 
 /**
  * A three-process cluster without etcd: controller, push-manager and one
- * connect-node serving the demo page, each its own process.
+ * connect-node serving the demo page, each its own process. `nodeEnv`
+ * adds settings of the connect-node.
  */
-export async function startCluster() {
+export async function startCluster({ nodeEnv = {} } = {}) {
   const p = {};
   for (const k of ["cGrpc", "cHttp", "mGrpc", "mHttp", "nGrpc", "nHttp", "ws"]) p[k] = await freePort();
   const base = { BIND_ADDR: "127.0.0.1", LOG_FORMAT: "text" };
@@ -121,7 +122,7 @@ export async function startCluster() {
   const node = new Role("connect-node", ["connect-node"], {
     ...base, GRPC_PORT: `${p.nGrpc}`, METRICS_PORT: `${p.nHttp}`, WS_PORT: `${p.ws}`, CONTROLLER_ADDRESS: controllerAddr,
     INSECURE_USER_ID: "true", DEMO_PAGE: "true", DEMO_PUBLISH_API: `127.0.0.1:${p.mGrpc}`, NODE_ID: "node-a",
-    PUBLISH_ROOMS: "*", PUBLISH_API: `127.0.0.1:${p.mGrpc}`,
+    PUBLISH_ROOMS: "*", PUBLISH_API: `127.0.0.1:${p.mGrpc}`, ...nodeEnv,
   }, p.nHttp);
   await controller.start();
   await manager.start();

@@ -21,7 +21,8 @@ let page;
 
 before(async () => {
   assert.ok(CHROMIUM, "Chromium is required (apt-get install chromium, or set CHROMIUM)");
-  cluster = await startCluster();
+  // Binary frames with bodies of 64 bytes or more arrive compressed.
+  cluster = await startCluster({ nodeEnv: { BINARY_COMPRESS_BYTES: "64" } });
   browser = await within(T, "chromium", chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] }));
   page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
   page.setDefaultTimeout(T);
@@ -94,3 +95,24 @@ for (const transport of ["sse", "poll"]) {
     }
   });
 }
+
+test("the page speaks binary frames, compressed ones included", async () => {
+  const p = await browser.newPage();
+  p.setDefaultTimeout(T);
+  try {
+    await p.goto(`${cluster.page}demo?room=binary&user=viewer-bin&format=binary`);
+    await p.waitForSelector('#state[data-state="connected"]');
+    assert.equal(await p.evaluate(() => window.barrage.session.format), "binary");
+    const long = `a long comment ${"that compresses well ".repeat(8)}`.trim();
+    await pushToRoom(cluster.api, "binary", { text: "short one", user: "grpc" });
+    await pushToRoom(cluster.api, "binary", { text: long, user: "grpc" });
+    await p.waitForSelector('#chat li[data-seq="2"]');
+    const texts = await p.$$eval("#chat li[data-seq]", (lis) => lis.map((li) => li.lastChild.textContent));
+    assert.deepEqual(texts, ["short one", long]);
+    await p.fill("#comment", "typed in binary");
+    await p.press("#comment", "Enter");
+    await p.waitForSelector('#danmaku .bullet.mine:text("typed in binary")');
+  } finally {
+    await p.close();
+  }
+});

@@ -16,7 +16,7 @@ mod subscriber;
 
 use std::collections::{BTreeMap, VecDeque};
 
-use barrage_protocol::{ClientFrame, MessageFrame, ServerFrame, StreamState};
+use barrage_protocol::{ClientFrame, MessageFrame, ServerFrame, StreamState, binary};
 use futures::{SinkExt, StreamExt};
 pub use subscriber::{Event, Subscriber, SubscriberOptions, Transport};
 use tokio::net::TcpStream;
@@ -129,22 +129,50 @@ impl Session {
     }
 }
 
+/// The frame format a client asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// JSON text frames (the default).
+    #[default]
+    Json,
+    /// Compact binary frames: subprotocol `barrage.v1.bin`.
+    Binary,
+}
+
+/// Largest frame body the client accepts (after decompression).
+const MAX_FRAME_BODY: usize = 64 << 20;
+
 /// A live connection to a connect-node.
 pub struct Client {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     session: Session,
     pending: VecDeque<ServerFrame>,
+    format: Format,
 }
 
 impl Client {
-    /// Connects and waits for `connected`: once this returns, every push
-    /// issued afterwards reaches this connection.
+    /// Connects with JSON frames and waits for `connected`: once this
+    /// returns, every push issued afterwards reaches this connection.
     pub async fn connect(url: &str) -> Result<Client> {
+        Self::connect_with(url, Format::Json).await
+    }
+
+    /// Connects asking for `format`. A server that does not offer binary
+    /// frames answers in JSON; [`Client::format`] tells which was agreed.
+    pub async fn connect_with(url: &str, format: Format) -> Result<Client> {
+        use tungstenite::client::IntoClientRequest as _;
         let mut config = WebSocketConfig::default();
         config.read_buffer_size = 8 * 1024;
         config.write_buffer_size = 0;
-        let (mut ws, _) =
-            match tokio_tungstenite::connect_async_with_config(url, Some(config), true).await {
+        let mut request = url.into_client_request()?;
+        if format == Format::Binary {
+            request.headers_mut().insert(
+                http::header::SEC_WEBSOCKET_PROTOCOL,
+                http::HeaderValue::from_static(binary::SUBPROTOCOL),
+            );
+        }
+        let (mut ws, response) =
+            match tokio_tungstenite::connect_async_with_config(request, Some(config), true).await {
                 Ok(ok) => ok,
                 Err(tungstenite::Error::Http(resp)) => {
                     let status = resp.status().as_u16();
@@ -157,12 +185,22 @@ impl Client {
                 }
                 Err(e) => return Err(e.into()),
             };
+        let agreed = response
+            .headers()
+            .get(http::header::SEC_WEBSOCKET_PROTOCOL)
+            .is_some_and(|p| p == binary::SUBPROTOCOL);
         let session = Session::from_connected(read_frame(&mut ws).await?)?;
         Ok(Client {
             ws,
             session,
             pending: VecDeque::new(),
+            format: if agreed { Format::Binary } else { Format::Json },
         })
+    }
+
+    /// The frame format the server agreed to.
+    pub fn format(&self) -> Format {
+        self.format
     }
 
     /// The session the server confirmed.
@@ -184,10 +222,17 @@ impl Client {
             .await
     }
 
-    /// Sends a client frame.
+    /// Sends a client frame in the connection's format.
     pub async fn send(&mut self, frame: &ClientFrame) -> Result<()> {
-        let text = serde_json::to_string(frame).map_err(|e| Error::Protocol(e.to_string()))?;
-        self.send_raw(Message::Text(text.into())).await
+        let msg = match self.format {
+            Format::Json => Message::Text(
+                serde_json::to_string(frame)
+                    .map_err(|e| Error::Protocol(e.to_string()))?
+                    .into(),
+            ),
+            Format::Binary => Message::Binary(binary::encode_client_frame(frame)),
+        };
+        self.send_raw(msg).await
     }
 
     /// Sends any WebSocket message as it is (for testing servers).
@@ -276,7 +321,10 @@ async fn read_frame(ws: &mut WebSocketStream<MaybeTlsStream<TcpStream>>) -> Resu
                     .unwrap_or((1005, String::new()));
                 return Err(Error::Closed { code, reason });
             }
-            Message::Binary(_) => return Err(Error::Protocol("unexpected binary frame".into())),
+            Message::Binary(b) => {
+                return binary::decode_server_frame(&b, MAX_FRAME_BODY)
+                    .map_err(|e| Error::Protocol(e.to_string()));
+            }
             _ => continue,
         }
     }

@@ -51,6 +51,8 @@ pub struct SubscriberOptions {
     pub fallback_after: u32,
     /// How long the server may hold one long-poll, seconds.
     pub poll_timeout_secs: u64,
+    /// Frame format on WebSockets (the HTTP transports always carry JSON).
+    pub format: crate::Format,
 }
 
 impl SubscriberOptions {
@@ -66,6 +68,7 @@ impl SubscriberOptions {
             transports: vec![Transport::WebSocket, Transport::Sse, Transport::LongPoll],
             fallback_after: 2,
             poll_timeout_secs: 25,
+            format: crate::Format::Json,
         }
     }
 }
@@ -189,7 +192,7 @@ impl Subscriber {
     async fn open(&mut self, url: &str) -> Result<(Conn, Session)> {
         match self.transport() {
             Transport::WebSocket => {
-                let client = Client::connect(url).await?;
+                let client = Client::connect_with(url, self.opts.format).await?;
                 let session = client.session().clone();
                 Ok((Conn::Ws(client), session))
             }

@@ -218,6 +218,12 @@ impl ServerFrame {
 #[error("{0}")]
 pub struct FrameError(String);
 
+impl FrameError {
+    pub(crate) fn new(why: impl Into<String>) -> Self {
+        FrameError(why.into())
+    }
+}
+
 /// Parses a client text frame, with an error message fit for an `error` frame.
 pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
     serde_json::from_str(text).map_err(|e| {

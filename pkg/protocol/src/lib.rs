@@ -3,8 +3,11 @@
 //!
 //! Everything a client and a server must agree on lives here, so the
 //! connect-node, the Rust client and the tests share one definition. The
+//! JSON text frames are the default; [`binary`] has the compact binary
+//! frames of the `barrage.v1.bin` subprotocol. The
 //! wire format is documented for other languages in `docs/protocol.md`.
 
+pub mod binary;
 mod close;
 mod frame;
 mod ids;

@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use barrage_protocol::{CloseCode, ServerFrame, StreamPos, format_positions};
 use tokio::sync::mpsc;
 
-use crate::hub::{ConnHandle, Hub, Outbound};
+use crate::hub::{ConnHandle, Hub, Outbound, Wire};
 use crate::ws::{Admission, ConnectParams, Recovery, WsState, admit, recover};
 
 /// Longest hold of a long-poll request.
@@ -54,7 +54,7 @@ async fn open(
 ) -> Result<(Registered, mpsc::Receiver<Outbound>, Recovery), Response> {
     let hub = state.hub.clone();
     let timeout = state.settings.ack_timeout;
-    let (conn, rx, ack) = hub.connect(a.user.clone(), &a.rooms);
+    let (conn, rx, ack) = hub.connect(a.user.clone(), &a.rooms, Wire::Json);
     let registered = Registered {
         hub: hub.clone(),
         conn,

@@ -11,7 +11,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::ws::Utf8Bytes;
 use barrage_proto::v1::{KeyState, session_change::Kind};
-use barrage_protocol::{CloseCode, RoomId, StreamKey, UserId};
+use barrage_protocol::binary::{self, Compression, FrameType};
+use barrage_protocol::{
+    CloseCode, MessageParts, RoomId, ServerFrame, StreamKey, UserId, encode_message,
+};
+use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -27,20 +31,60 @@ pub type ConnId = u64;
 /// messages it already sent.
 #[derive(Debug, Clone)]
 pub struct Outbound {
-    /// The encoded frame, shared by every recipient.
+    /// The JSON text frame, shared by every recipient (empty for a control
+    /// frame queued to a binary connection).
     pub frame: Utf8Bytes,
+    /// The `barrage.v1.bin` frame: encoded once for message frames, for the
+    /// connection's format for control frames (empty for JSON connections).
+    pub binary: Bytes,
+    /// For message frames, the uncompressed protobuf body that binary
+    /// batches are assembled from; empty otherwise.
+    pub body: Bytes,
     /// `(stream, epoch, seq)` of a message frame; `None` for other frames.
     pub position: Option<(Arc<str>, u64, u64)>,
 }
 
 impl Outbound {
-    /// A frame that is not a stream message (replies, errors).
+    /// A JSON frame that is not a stream message (replies, errors).
     pub fn control(frame: impl Into<Utf8Bytes>) -> Self {
         Outbound {
             frame: frame.into(),
+            binary: Bytes::new(),
+            body: Bytes::new(),
             position: None,
         }
     }
+
+    /// A stream message in both formats, encoded once for every recipient.
+    pub fn message(p: &MessageParts<'_>, compression: Compression) -> Self {
+        let json = encode_message(p);
+        let body = Bytes::from(binary::message_body(p));
+        Outbound {
+            // The encoder writes JSON text only: always UTF-8.
+            frame: Utf8Bytes::try_from(json).unwrap_or_default(),
+            binary: binary::frame(FrameType::Message, &body, compression),
+            body,
+            position: Some((Arc::from(p.stream), p.epoch, p.seq)),
+        }
+    }
+
+    /// Bytes this frame takes on the wire in `wire` format.
+    pub fn wire_len(&self, wire: Wire) -> usize {
+        match wire {
+            Wire::Json => self.frame.len(),
+            Wire::Binary(_) => self.binary.len(),
+        }
+    }
+}
+
+/// The frame format of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// JSON text frames (the default).
+    Json,
+    /// Binary frames (subprotocol `barrage.v1.bin`), control frames
+    /// compressed as given.
+    Binary(Compression),
 }
 
 /// The hub's side of one WebSocket: its identity and bounded send queue.
@@ -50,6 +94,8 @@ pub struct ConnHandle {
     pub id: ConnId,
     /// The user holding the connection.
     pub user: UserId,
+    /// The connection's frame format.
+    pub wire: Wire,
     tx: mpsc::Sender<Outbound>,
     close: CancellationToken,
     close_code: Mutex<Option<CloseCode>>,
@@ -67,6 +113,17 @@ pub enum Queued {
 }
 
 impl ConnHandle {
+    /// Queues a reply, error or notice in the connection's format.
+    pub fn send(&self, frame: &ServerFrame) -> Queued {
+        self.queue(match self.wire {
+            Wire::Json => Outbound::control(frame.to_json()),
+            Wire::Binary(c) => Outbound {
+                binary: binary::encode_server_frame(frame, c),
+                ..Outbound::control("")
+            },
+        })
+    }
+
     /// Queues a frame without waiting. A full queue closes the connection
     /// with [`CloseCode::SlowConsumer`] instead of slowing the fan-out.
     pub fn queue(&self, frame: Outbound) -> Queued {
@@ -150,6 +207,7 @@ pub struct Hub {
     reporter: Arc<Reporter>,
     metrics: Metrics,
     queue_len: usize,
+    compression: Compression,
 }
 
 impl Hub {
@@ -161,7 +219,24 @@ impl Hub {
             reporter,
             metrics,
             queue_len: queue_len.max(1),
+            compression: Compression::OFF,
         }
+    }
+
+    /// Binary frames of at least `c` body bytes are compressed.
+    pub fn with_compression(mut self, c: Compression) -> Self {
+        self.compression = c;
+        self
+    }
+
+    /// How this node compresses binary frames.
+    pub fn compression(&self) -> Compression {
+        self.compression
+    }
+
+    /// Encodes a stream message once, in every format, for all recipients.
+    pub fn message(&self, p: &MessageParts<'_>) -> Outbound {
+        Outbound::message(p, self.compression)
     }
 
     /// Adds a connection of `user` in `rooms`. Returns its handle, the
@@ -171,12 +246,14 @@ impl Hub {
         &self,
         user: UserId,
         rooms: &[RoomId],
+        wire: Wire,
     ) -> (Arc<ConnHandle>, mpsc::Receiver<Outbound>, Ack) {
         let (tx, rx) = mpsc::channel(self.queue_len);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(ConnHandle {
             id,
             user: user.clone(),
+            wire,
             tx,
             close: CancellationToken::new(),
             close_code: Mutex::new(None),
@@ -266,18 +343,14 @@ impl Hub {
             .get(room)
             .map(|m| m.values().cloned().collect())
             .unwrap_or_default();
-        let left = barrage_protocol::ServerFrame::Left {
+        let left = ServerFrame::Left {
             room: room.to_string(),
-        }
-        .to_json();
+        };
         let mut removed = 0;
         for conn in members {
             if self.leave(&conn, room) {
                 removed += 1;
-                conn.queue(Outbound {
-                    frame: left.clone().into(),
-                    position: None,
-                });
+                conn.send(&left);
             }
         }
         removed
@@ -383,12 +456,16 @@ impl Hub {
     ) -> Delivery {
         let st = self.state.read();
         let mut d = Delivery::default();
+        let mut bytes = 0;
         let mut send = |c: &Arc<ConnHandle>| {
             if !exclude.is_empty() && exclude.contains(c.user.as_str()) {
                 return;
             }
             match c.queue(frame.clone()) {
-                Queued::Yes => d.delivered += 1,
+                Queued::Yes => {
+                    d.delivered += 1;
+                    bytes += frame.wire_len(c.wire) as u64;
+                }
                 Queued::SlowConsumer => d.dropped += 1,
                 Queued::Closed => {}
             }
@@ -410,9 +487,7 @@ impl Hub {
         }
         drop(st);
         self.metrics.frames_delivered.inc_by(u64::from(d.delivered));
-        self.metrics
-            .bytes_delivered
-            .inc_by(u64::from(d.delivered) * frame.frame.len() as u64);
+        self.metrics.bytes_delivered.inc_by(bytes);
         if d.dropped > 0 {
             self.metrics.slow_consumers.inc_by(u64::from(d.dropped));
         }
@@ -522,9 +597,9 @@ mod tests {
     #[test]
     fn room_delivery_skips_excluded_users_and_shares_the_frame() {
         let hub = hub(8);
-        let (_a, mut rx_a, _) = hub.connect(user("a"), &[room("r")]);
-        let (_b, mut rx_b, _) = hub.connect(user("b"), &[room("r")]);
-        let (_c, mut rx_c, _) = hub.connect(user("c"), &[room("other")]);
+        let (_a, mut rx_a, _) = hub.connect(user("a"), &[room("r")], Wire::Json);
+        let (_b, mut rx_b, _) = hub.connect(user("b"), &[room("r")], Wire::Json);
+        let (_c, mut rx_c, _) = hub.connect(user("c"), &[room("other")], Wire::Json);
         let key = StreamKey::Room(room("r"));
         let d = hub.deliver(&key, &frame("f1"), &["b"].into_iter().collect());
         assert_eq!(
@@ -545,8 +620,8 @@ mod tests {
     #[test]
     fn user_delivery_reaches_every_connection_of_the_user() {
         let hub = hub(8);
-        let (_tab1, mut rx1, _) = hub.connect(user("u"), &[]);
-        let (_tab2, mut rx2, _) = hub.connect(user("u"), &[]);
+        let (_tab1, mut rx1, _) = hub.connect(user("u"), &[], Wire::Json);
+        let (_tab2, mut rx2, _) = hub.connect(user("u"), &[], Wire::Json);
         let d = hub.deliver(&StreamKey::User(user("u")), &frame("x"), &HashSet::new());
         assert_eq!(d.delivered, 2);
         assert!(rx1.try_recv().is_ok() && rx2.try_recv().is_ok());
@@ -565,8 +640,8 @@ mod tests {
     #[test]
     fn a_full_queue_closes_that_connection_only() {
         let hub = hub(2);
-        let (slow, _rx_slow, _) = hub.connect(user("slow"), &[room("r")]);
-        let (fast, mut rx_fast, _) = hub.connect(user("fast"), &[room("r")]);
+        let (slow, _rx_slow, _) = hub.connect(user("slow"), &[room("r")], Wire::Json);
+        let (fast, mut rx_fast, _) = hub.connect(user("fast"), &[room("r")], Wire::Json);
         let key = StreamKey::Room(room("r"));
         for i in 0..3 {
             let d = hub.deliver(&key, &frame("m"), &HashSet::new());
@@ -605,8 +680,8 @@ mod tests {
     #[test]
     fn join_leave_disconnect_keep_the_snapshot_exact() {
         let hub = hub(8);
-        let (a1, _r1, _) = hub.connect(user("a"), &[room("r")]);
-        let (a2, _r2, _) = hub.connect(user("a"), &[]);
+        let (a1, _r1, _) = hub.connect(user("a"), &[room("r")], Wire::Json);
+        let (a2, _r2, _) = hub.connect(user("a"), &[], Wire::Json);
         assert!(hub.join(&a2, &room("r")).is_some());
         assert!(
             hub.join(&a2, &room("r")).is_none(),

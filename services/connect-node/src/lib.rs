@@ -92,6 +92,8 @@ pub struct Config {
     pub batch_window: Duration,
     /// Most messages in one `batch` frame.
     pub batch_max: usize,
+    /// Compression of binary frames (`barrage.v1.bin` connections).
+    pub binary_compression: barrage_protocol::binary::Compression,
 }
 
 impl Default for Config {
@@ -124,6 +126,7 @@ impl Default for Config {
             publish: None,
             batch_window: Duration::ZERO,
             batch_max: 50,
+            binary_compression: barrage_protocol::binary::Compression::OFF,
         }
     }
 }
@@ -211,11 +214,10 @@ pub async fn run(
         },
         metrics.clone(),
     );
-    let hub = Arc::new(hub::Hub::new(
-        reporter.clone(),
-        metrics.clone(),
-        cfg.send_queue,
-    ));
+    let hub = Arc::new(
+        hub::Hub::new(reporter.clone(), metrics.clone(), cfg.send_queue)
+            .with_compression(cfg.binary_compression),
+    );
     let tasks = CancellationToken::new();
     {
         let (hub, stop) = (hub.clone(), tasks.clone());

@@ -216,10 +216,7 @@ mod tests {
         Ready {
             key: StreamKey::Broadcast,
             seq,
-            frame: Outbound {
-                frame: format!("{seq}").into(),
-                position: None,
-            },
+            frame: Outbound::control(format!("{seq}")),
             exclude: Vec::new(),
         }
     }

@@ -3,15 +3,14 @@
 
 use std::sync::Arc;
 
-use axum::extract::ws::Utf8Bytes;
 use barrage_proto::v1::{
     CloseRoomRequest, CloseRoomResponse, MessageResult, PushMessageBatchRequest,
     PushMessageBatchResponse, StatsRequest, StatsResponse, connect_node_server::ConnectNode,
 };
-use barrage_protocol::{MessageParts, StreamKey, encode_message};
+use barrage_protocol::{MessageParts, StreamKey};
 use tonic::{Request, Response, Status};
 
-use crate::hub::{Hub, Outbound};
+use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::sequencer::{Ready, Sequencer};
 
@@ -74,7 +73,7 @@ impl ConnectNode for ConnectNodeService {
             };
             for (key, t) in targets {
                 // Encoded once per target stream; every recipient shares it.
-                let frame = encode_message(&MessageParts {
+                let frame = self.hub.message(&MessageParts {
                     stream: &t.stream,
                     id: &body.id,
                     epoch: t.epoch,
@@ -85,11 +84,6 @@ impl ConnectNode for ConnectNodeService {
                     timestamp_ms: body.timestamp_ms,
                     from: &body.sender,
                 });
-                let frame = Outbound {
-                    frame: Utf8Bytes::try_from(frame)
-                        .map_err(|_| Status::internal("encoded frame is not UTF-8"))?,
-                    position: Some((Arc::from(t.stream.as_str()), t.epoch, t.seq)),
-                };
                 let ready = Ready {
                     key,
                     seq: t.seq,

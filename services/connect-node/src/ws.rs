@@ -20,7 +20,7 @@ use barrage_auth::{AuthError, Claims};
 use barrage_proto::v1::HistoryQuery;
 use barrage_protocol::{
     ClientFrame, CloseCode, MessageParts, RoomId, ServerFrame, StreamKey, StreamPos, StreamState,
-    UserId, encode_message, parse_client_frame, parse_positions,
+    UserId, binary, parse_client_frame, parse_positions,
 };
 use futures::{SinkExt, StreamExt};
 use parking_lot::Mutex;
@@ -28,7 +28,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::{ConnHandle, Hub, Outbound};
+use crate::hub::{ConnHandle, Hub, Outbound, Wire};
 use crate::metrics::Metrics;
 
 /// Settings of the WebSocket endpoint.
@@ -320,20 +320,26 @@ pub async fn ws_handler(
     };
     let s = &state.settings;
     // Browsers pass the token as a `bearer.<JWT>` subprotocol next to
-    // `barrage`; the handshake must then select `barrage`.
+    // `barrage`; the handshake must then select `barrage`. A client that
+    // offers `barrage.v1.bin` gets binary frames.
+    let upgrade = upgrade.protocols([binary::SUBPROTOCOL, "barrage"]);
+    let wire = match upgrade.selected_protocol() {
+        Some(p) if p == binary::SUBPROTOCOL => Wire::Binary(state.hub.compression()),
+        _ => Wire::Json,
+    };
     upgrade
-        .protocols(["barrage"])
         .read_buffer_size(s.io_buffer)
         .write_buffer_size(s.io_buffer)
         .max_write_buffer_size(s.io_buffer.max(s.max_frame_bytes) * 4)
         .max_message_size(s.max_frame_bytes)
         .max_frame_size(s.max_frame_bytes)
-        .on_upgrade(move |socket| serve(state, socket, user, rooms, positions, claims))
+        .on_upgrade(move |socket| serve(state, socket, wire, user, rooms, positions, claims))
 }
 
 async fn serve(
     state: WsState,
     socket: WebSocket,
+    wire: Wire,
     user: UserId,
     rooms: Vec<RoomId>,
     positions: BTreeMap<String, StreamPos>,
@@ -341,7 +347,7 @@ async fn serve(
 ) {
     let hub = state.hub.clone();
     let settings = state.settings.clone();
-    let (conn, rx, ack) = hub.connect(user.clone(), &rooms);
+    let (conn, rx, ack) = hub.connect(user.clone(), &rooms, wire);
     let (mut sink, stream) = socket.split();
     // Registered first, then announced, then history fetched: every message
     // is either in the history answer or queued live (or both: deduplicated).
@@ -376,12 +382,13 @@ async fn serve(
         rooms: rooms.iter().map(ToString::to_string).collect(),
         streams: recovery.streams,
     };
-    let mut sent = sink
-        .feed(Message::Text(connected.to_json().into()))
-        .await
-        .is_ok();
+    let connected = match wire {
+        Wire::Json => Message::Text(connected.to_json().into()),
+        Wire::Binary(c) => Message::Binary(binary::encode_server_frame(&connected, c)),
+    };
+    let mut sent = sink.feed(connected).await.is_ok();
     for out in recovery.missed {
-        sent = sent && sink.feed(Message::Text(out.frame)).await.is_ok();
+        sent = sent && sink.feed(to_wire(out, wire)).await.is_ok();
     }
     if !sent || sink.flush().await.is_err() {
         hub.disconnect(&conn);
@@ -429,6 +436,14 @@ async fn serve(
     tracing::debug!(conn = conn.id, code = code.code(), "disconnected");
 }
 
+/// The WebSocket message for a queued frame in the connection's format.
+fn to_wire(out: Outbound, wire: Wire) -> Message {
+    match wire {
+        Wire::Json => Message::Text(out.frame),
+        Wire::Binary(_) => Message::Binary(out.binary),
+    }
+}
+
 fn close_message(code: CloseCode, reason: &str) -> Message {
     Message::Close(Some(CloseFrame {
         code: code.code(),
@@ -462,9 +477,9 @@ async fn write_loop(
                     ok = async {
                         match &batching {
                             Some((b, m)) if frame.position.is_some() => {
-                                write_batch(&mut sink, &mut rx, &mut skip, frame, *b, m).await
+                                write_batch(&mut sink, &mut rx, &mut skip, frame, *b, m, conn.wire).await
                             }
-                            _ => write_ready(&mut sink, &mut rx, &mut skip, frame).await,
+                            _ => write_ready(&mut sink, &mut rx, &mut skip, frame, conn.wire).await,
                         }
                     } => ok,
                 };
@@ -495,10 +510,11 @@ async fn write_ready(
     rx: &mut mpsc::Receiver<Outbound>,
     skip: &mut Skip,
     first: Outbound,
+    wire: Wire,
 ) -> bool {
     let mut next = Some(first);
     while let Some(frame) = next {
-        if !skip.already_sent(&frame) && sink.feed(Message::Text(frame.frame)).await.is_err() {
+        if !skip.already_sent(&frame) && sink.feed(to_wire(frame, wire)).await.is_err() {
             return false;
         }
         next = rx.try_recv().ok();
@@ -525,6 +541,7 @@ async fn write_batch(
     first: Outbound,
     b: Batching,
     metrics: &Metrics,
+    wire: Wire,
 ) -> bool {
     let deadline = tokio::time::Instant::now() + b.window;
     let mut frames = vec![first];
@@ -543,10 +560,35 @@ async fn write_batch(
     let ok = match frames.len() {
         0 => true,
         1 => sink
-            .feed(Message::Text(frames.swap_remove(0).frame))
+            .feed(to_wire(frames.swap_remove(0), wire))
             .await
             .is_ok(),
         n => {
+            metrics.batch_frames.inc();
+            metrics.batched_messages.inc_by(n as u64);
+            sink.feed(batch_message(&frames, wire)).await.is_ok()
+        }
+    };
+    if !ok {
+        return false;
+    }
+    if let Some(f) = after
+        && !skip.already_sent(&f)
+        && sink.feed(to_wire(f, wire)).await.is_err()
+    {
+        return false;
+    }
+    sink.flush().await.is_ok()
+}
+
+/// One `batch` frame holding `frames` (message frames), in order.
+fn batch_message(frames: &[Outbound], wire: Wire) -> Message {
+    match wire {
+        Wire::Binary(c) => Message::Binary(binary::batch_frame(
+            frames.iter().map(|f| f.body.as_ref()),
+            c,
+        )),
+        Wire::Json => {
             let mut text =
                 String::with_capacity(32 + frames.iter().map(|f| f.frame.len() + 1).sum::<usize>());
             text.push_str(r#"{"type":"batch","messages":["#);
@@ -557,21 +599,9 @@ async fn write_batch(
                 text.push_str(f.frame.as_str());
             }
             text.push_str("]}");
-            metrics.batch_frames.inc();
-            metrics.batched_messages.inc_by(n as u64);
-            sink.feed(Message::Text(text.into())).await.is_ok()
+            Message::Text(text.into())
         }
-    };
-    if !ok {
-        return false;
     }
-    if let Some(f) = after
-        && !skip.already_sent(&f)
-        && sink.feed(Message::Text(f.frame)).await.is_err()
-    {
-        return false;
-    }
-    sink.flush().await.is_ok()
 }
 
 /// Reads client frames until the connection ends. Returns the close code
@@ -609,7 +639,8 @@ async fn read_loop(
             Ok(Some(Ok(m))) => m,
         };
         match msg {
-            Message::Text(_) if limiter.check().is_err() => send_error(
+            Message::Binary(_) if conn.wire == Wire::Json => return Some(CloseCode::InvalidFrame),
+            Message::Text(_) | Message::Binary(_) if limiter.check().is_err() => send_error(
                 state,
                 conn,
                 "rate_limited",
@@ -618,8 +649,14 @@ async fn read_loop(
                     settings.messages_per_sec
                 ),
             ),
-            Message::Text(text) => handle_text(state, conn, session, text.as_str()).await,
-            Message::Binary(_) => return Some(CloseCode::InvalidFrame),
+            Message::Text(text) => match parse_client_frame(text.as_str()) {
+                Ok(f) => handle_frame(state, conn, session, f).await,
+                Err(e) => send_error(state, conn, "invalid_frame", e.to_string()),
+            },
+            Message::Binary(b) => match binary::decode_client_frame(&b, settings.max_frame_bytes) {
+                Ok(f) => handle_frame(state, conn, session, f).await,
+                Err(e) => send_error(state, conn, "invalid_frame", e.to_string()),
+            },
             Message::Close(_) => return None,
             Message::Ping(_) | Message::Pong(_) => {}
         }
@@ -627,7 +664,7 @@ async fn read_loop(
 }
 
 fn send_frame(conn: &ConnHandle, frame: ServerFrame) {
-    conn.queue(Outbound::control(frame.to_json()));
+    conn.send(&frame);
 }
 
 /// What recovery at connect produced.
@@ -722,7 +759,7 @@ pub(crate) async fn recover(
         let mut seqs = HashSet::new();
         for m in &r.messages {
             let Some(body) = &m.body else { continue };
-            let frame = encode_message(&MessageParts {
+            out.missed.push(hub.message(&MessageParts {
                 stream: &r.key,
                 id: &body.id,
                 epoch: r.epoch,
@@ -732,13 +769,7 @@ pub(crate) async fn recover(
                 binary: &body.binary_content,
                 timestamp_ms: body.timestamp_ms,
                 from: &body.sender,
-            });
-            let frame =
-                Utf8Bytes::try_from(frame).map_err(|_| "history frame is not UTF-8".to_owned())?;
-            out.missed.push(Outbound {
-                frame,
-                position: Some((Arc::from(r.key.as_str()), r.epoch, m.seq)),
-            });
+            }));
             seqs.insert(m.seq);
         }
         out.recovered_messages += r.messages.len() as u64;
@@ -784,11 +815,12 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     }
 }
 
-async fn handle_text(state: &WsState, conn: &Arc<ConnHandle>, session: &Session, text: &str) {
-    let frame = match parse_client_frame(text) {
-        Ok(f) => f,
-        Err(e) => return send_error(state, conn, "invalid_frame", e.to_string()),
-    };
+async fn handle_frame(
+    state: &WsState,
+    conn: &Arc<ConnHandle>,
+    session: &Session,
+    frame: ClientFrame,
+) {
     match frame {
         ClientFrame::Ping => send_frame(conn, ServerFrame::Pong),
         ClientFrame::Refresh { token } => match state.settings.auth.verify(&token) {

@@ -1,0 +1,12 @@
+//! Generates the bodies of the binary WebSocket frames from
+//! `proto/barrage/v1/frames.proto` with protox (pure Rust, no system protoc).
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let file = "barrage/v1/frames.proto";
+    println!("cargo:rerun-if-changed={}", root.join(file).display());
+    let fds = protox::compile([file], [&root])?;
+    prost_build::Config::new().compile_fds(fds)?;
+    Ok(())
+}
