@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the tests need, then runs every test of barrage:
 #   - etcd (Debian's etcd-server), Prometheus (promtool and a real
-#     server, for the alert-rule and scrape tests) and openssl (test
-#     certificates for the TLS tests) when missing,
+#     server, for the alert-rule and scrape tests), openssl (test
+#     certificates for the TLS tests) and nginx-light + libnginx-mod-nchan
+#     (the side-by-side bench smoke test) when missing,
 #   - a Python venv at .venv with the tools the black-box tests use
 #     (grpcio + reflection, websockets, a real grpcurl binary),
 #   - `cargo test --workspace` (unit, contract and end-to-end tests, many of
@@ -24,6 +25,8 @@ command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 [ -n "${CHROMIUM:-}" ] || command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+[ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+[ -e /usr/lib/nginx/modules/ngx_nchan_module.so ] || missing+=(libnginx-mod-nchan)
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -99,7 +99,7 @@ impl Mix {
         let text = PHRASES[(self.next() % PHRASES.len() as u64) as usize];
         let color = COLORS[(self.next() % COLORS.len() as u64) as usize];
         // Mostly scrolling comments; one in twenty pinned to the top.
-        let mode = if self.next() % 20 == 0 { 5 } else { 1 };
+        let mode = if self.next().is_multiple_of(20) { 5 } else { 1 };
         let sender = format!("u{}", 10_000_000 + self.next() % 90_000_000);
         let content = serde_json::json!({"text": text, "color": color, "mode": mode, "size": 25});
         (sender, content.to_string())

@@ -40,6 +40,8 @@ pub struct BenchPlan {
     pub payload_bytes: usize,
     /// Print progress to stderr.
     pub verbose: bool,
+    /// Run the same scenario against Nchan too and print the ratios.
+    pub compare_nchan: bool,
 }
 
 /// Free loopback ports for the server.
@@ -128,6 +130,26 @@ pub(crate) async fn start_server(env: &[(&str, String)]) -> anyhow::Result<Serve
     })
 }
 
+/// A process and its children (nginx's workers), Linux.
+fn family(pid: u32) -> Vec<u32> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    std::iter::once(pid)
+        .chain(children.split_whitespace().filter_map(|c| c.parse().ok()))
+        .collect()
+}
+
+/// CPU seconds of a process and its children.
+fn family_cpu_secs(pid: u32) -> f64 {
+    family(pid).into_iter().map(cpu_secs).sum()
+}
+
+/// Resident memory of a process and its children, bytes.
+fn family_rss_bytes(pid: u32) -> Option<u64> {
+    let rss: Vec<u64> = family(pid).into_iter().filter_map(rss_bytes).collect();
+    (!rss.is_empty()).then(|| rss.iter().sum())
+}
+
 /// CPU seconds (user + system) a process has used so far (Linux).
 fn cpu_secs(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -173,12 +195,13 @@ struct Seen {
 }
 
 async fn subscriber(
-    ws_addr: SocketAddr,
+    target: &Target,
     source: IpAddr,
     user: usize,
     max_pushes: usize,
     stop: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<Seen>> {
+    let ws_addr = target.ws_addr();
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(source, 0))?;
     let tcp = socket.connect(ws_addr).await?;
@@ -186,11 +209,13 @@ async fn subscriber(
     let mut cfg = WebSocketConfig::default();
     cfg.read_buffer_size = 4096;
     cfg.write_buffer_size = 0;
-    let url = format!("ws://{ws_addr}/ws?user_id=bench-{user}&rooms=bench");
+    let url = target.subscribe_url(user);
     let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, tcp, Some(cfg)).await?;
-    match ws.next().await {
-        Some(Ok(Message::Text(t))) if t.as_str().contains("\"connected\"") => {}
-        other => bail!("expected connected, got {other:?}"),
+    if let Target::Barrage(_) = target {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if t.as_str().contains("\"connected\"") => {}
+            other => bail!("expected connected, got {other:?}"),
+        }
     }
     let task = tokio::spawn(async move {
         let mut s = Seen {
@@ -209,21 +234,22 @@ async fn subscriber(
                 break;
             };
             let now = now_nanos();
-            // The payload is {"t":<send nanos>,"i":<push index>,...}.
+            // The payload is {"t":<send nanos>,"i":<push index>,...}: the
+            // `data` of a barrage message frame, the whole of an Nchan one.
             #[derive(serde::Deserialize)]
             struct Probe {
                 t: u64,
                 i: u64,
             }
             #[derive(serde::Deserialize)]
-            struct Frame {
-                data: Probe,
+            #[serde(untagged)]
+            enum Frame {
+                Barrage { data: Probe },
+                Raw(Probe),
             }
-            let Ok(Frame {
-                data: Probe { t: sent, i },
-            }) = serde_json::from_str::<Frame>(t.as_str())
-            else {
-                continue;
+            let (sent, i) = match serde_json::from_str::<Frame>(t.as_str()) {
+                Ok(Frame::Barrage { data } | Frame::Raw(data)) => (data.t, data.i),
+                Err(_) => continue,
             };
             let i = i as usize;
             if i < s.seen.len() {
@@ -249,12 +275,204 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[idx.min(sorted.len() - 1)]) / 1000.0
 }
 
-/// Runs the room fan-out scenario and prints its JSON summary.
+/// Runs the room fan-out scenario (against barrage, and Nchan when asked)
+/// and prints its JSON summary.
 pub async fn run(plan: BenchPlan) -> anyhow::Result<()> {
-    let server = start_server(&[]).await?;
-    let pid = server.child.id().unwrap_or(0);
+    let barrage = {
+        let target = Target::Barrage(start_server(&[]).await?);
+        run_target(&plan, &target).await?
+    };
+    if !plan.compare_nchan {
+        println!("{}", serde_json::to_string_pretty(&barrage)?);
+        return Ok(());
+    }
+    let nchan = {
+        let target = Target::Nchan(start_nchan().await?);
+        run_target(&plan, &target).await?
+    };
+    let ratio = |path: &[&str]| {
+        let get = |v: &serde_json::Value| {
+            path.iter()
+                .fold(v, |v, k| &v[*k])
+                .as_f64()
+                .unwrap_or(f64::NAN)
+        };
+        round(get(&barrage) / get(&nchan))
+    };
+    let summary = serde_json::json!({
+        "scenario": "room-fanout",
+        "barrage": barrage,
+        "nchan": nchan,
+        "barrage_over_nchan": {
+            "deliveries_per_sec": ratio(&["deliveries_per_sec"]),
+            "latency_p50": ratio(&["latency_ms", "p50"]),
+            "latency_p99": ratio(&["latency_ms", "p99"]),
+            "server_cpu_cores": ratio(&["cpu_cores_used", "server"]),
+            "server_rss_per_connection": ratio(&["server_rss_per_connection_bytes"]),
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+/// Where the pushes go and the subscribers listen.
+enum Target {
+    Barrage(Server),
+    Nchan(Nginx),
+}
+
+impl Target {
+    fn pid(&self) -> u32 {
+        match self {
+            Target::Barrage(s) => s.child.id().unwrap_or(0),
+            Target::Nchan(n) => n.child.id().unwrap_or(0),
+        }
+    }
+
+    fn ws_addr(&self) -> SocketAddr {
+        match self {
+            Target::Barrage(s) => s.ws,
+            Target::Nchan(n) => n.addr,
+        }
+    }
+
+    fn subscribe_url(&self, user: usize) -> String {
+        match self {
+            Target::Barrage(s) => format!("ws://{}/ws?user_id=bench-{user}&rooms=bench", s.ws),
+            Target::Nchan(n) => format!("ws://{}/sub/bench", n.addr),
+        }
+    }
+
+    async fn pusher(&self) -> anyhow::Result<Pusher> {
+        Ok(match self {
+            Target::Barrage(s) => Pusher::Grpc(PushManagerClient::new(
+                tonic::transport::Endpoint::from_shared(format!("http://{}", s.api))?
+                    .connect()
+                    .await?,
+            )),
+            Target::Nchan(n) => Pusher::Http {
+                client: hyper_util::client::legacy::Client::builder(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .build_http(),
+                uri: format!("http://{}/pub/bench", n.addr).parse()?,
+            },
+        })
+    }
+}
+
+/// Publishes one payload to the bench room.
+#[derive(Clone)]
+enum Pusher {
+    Grpc(PushManagerClient<tonic::transport::Channel>),
+    Http {
+        client: hyper_util::client::legacy::Client<
+            hyper_util::client::legacy::connect::HttpConnector,
+            http_body_util::Full<bytes::Bytes>,
+        >,
+        uri: hyper::Uri,
+    },
+}
+
+impl Pusher {
+    async fn push(&mut self, content: String) -> anyhow::Result<()> {
+        match self {
+            Pusher::Grpc(api) => {
+                api.push_to_room(PushToRoomRequest {
+                    room_id: "bench".into(),
+                    content,
+                    ..Default::default()
+                })
+                .await?;
+            }
+            Pusher::Http { client, uri } => {
+                let req = hyper::Request::post(uri.clone())
+                    .header("content-type", "application/json")
+                    .body(http_body_util::Full::new(bytes::Bytes::from(content)))?;
+                let status = client.request(req).await?.status();
+                if !status.is_success() {
+                    bail!("nchan publish answered {status}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An nginx with the Nchan module, configured from bench/nchan/nginx.conf.
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_nchan() -> anyhow::Result<Nginx> {
+    const CONF: &str = include_str!("../bench/nchan/nginx.conf");
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .context(
+            "nginx not found: bench/nchan/run.sh installs nginx-light and libnginx-mod-nchan",
+        )?;
+    if !std::path::Path::new("/usr/lib/nginx/modules/ngx_nchan_module.so").exists() {
+        bail!("the Nchan module is missing: apt-get install libnginx-mod-nchan");
+    }
+    let dir = tempfile::tempdir()?;
+    let port = free_ports(1)?[0];
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let conf = CONF
+        .replace("@PREFIX@", &dir.path().display().to_string())
+        .replace("@PORT@", &port.to_string())
+        .replace("@WORKERS@", &workers.to_string());
+    let conf_path = dir.path().join("nginx.conf");
+    std::fs::write(&conf_path, conf)?;
+    let child = Command::new(nginx)
+        .arg("-p")
+        .arg(dir.path())
+        .arg("-c")
+        .arg(&conf_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting nginx")?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !http_ok(addr, "/healthz").await {
+        if Instant::now() > deadline {
+            bail!(
+                "nginx did not answer on {addr}: {}",
+                std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(Nginx {
+        child,
+        addr,
+        _dir: dir,
+    })
+}
+
+/// Whether `GET path` on `addr` answers 200.
+async fn http_ok(addr: SocketAddr, path: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    buf.starts_with(b"HTTP/1.1 200")
+}
+
+/// The room fan-out scenario against one target; its JSON summary.
+async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_json::Value> {
+    let pid = target.pid();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_idle = rss_bytes(pid).unwrap_or(0);
+    let rss_idle = family_rss_bytes(pid).unwrap_or(0);
     let max_pushes = plan.max_pushes as usize;
     let stop = tokio_util::sync::CancellationToken::new();
 
@@ -266,8 +484,8 @@ pub async fn run(plan: BenchPlan) -> anyhow::Result<()> {
     let mut connect_errors = 0usize;
     let mut conns = stream::iter(0..plan.subscribers)
         .map(|i| {
-            let (ws, source, stop) = (server.ws, sources[i % sources.len()], stop.clone());
-            async move { subscriber(ws, source, i, max_pushes, stop).await }
+            let (source, stop) = (sources[i % sources.len()], stop.clone());
+            async move { subscriber(target, source, i, max_pushes, stop).await }
         })
         .buffer_unordered(256);
     while let Some(r) = conns.next().await {
@@ -288,19 +506,15 @@ pub async fn run(plan: BenchPlan) -> anyhow::Result<()> {
     let connect_secs = connect_start.elapsed().as_secs_f64();
     let connected = tasks.len();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_connected = rss_bytes(pid).unwrap_or(0);
+    let rss_connected = family_rss_bytes(pid).unwrap_or(0);
 
-    let api = PushManagerClient::new(
-        tonic::transport::Endpoint::from_shared(format!("http://{}", server.api))?
-            .connect()
-            .await?,
-    );
+    let api = target.pusher().await?;
     let filler = "x".repeat(plan.payload_bytes);
     let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let push_lat = Arc::new(Mutex::new(Vec::<u32>::new()));
     let me = std::process::id();
-    let (server_cpu0, client_cpu0) = (cpu_secs(pid), cpu_secs(me));
+    let (server_cpu0, client_cpu0) = (family_cpu_secs(pid), cpu_secs(me));
     let push_start = Instant::now();
     let one = |i: u64| {
         let (mut api, filler, failed, push_lat) = (
@@ -312,13 +526,7 @@ pub async fn run(plan: BenchPlan) -> anyhow::Result<()> {
         async move {
             let t = now_nanos();
             let content = format!("{{\"t\":{t},\"i\":{i},\"f\":\"{filler}\"}}");
-            let r = api
-                .push_to_room(PushToRoomRequest {
-                    room_id: "bench".into(),
-                    content,
-                    ..Default::default()
-                })
-                .await;
+            let r = api.push(content).await;
             match r {
                 Ok(_) => push_lat
                     .lock()
@@ -353,13 +561,13 @@ pub async fn run(plan: BenchPlan) -> anyhow::Result<()> {
         while inflight.join_next().await.is_some() {}
     }
     let push_secs = push_start.elapsed().as_secs_f64();
-    let server_cpu = cpu_secs(pid) - server_cpu0;
+    let server_cpu = family_cpu_secs(pid) - server_cpu0;
     let client_cpu = cpu_secs(me) - client_cpu0;
     let pushes = sent.load(std::sync::atomic::Ordering::Relaxed);
     let failed = failed.load(std::sync::atomic::Ordering::Relaxed);
     // Let the last frames arrive.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_after = rss_bytes(pid).unwrap_or(0);
+    let rss_after = family_rss_bytes(pid).unwrap_or(0);
     stop.cancel();
 
     let mut latencies: Vec<u32> = Vec::new();
@@ -374,8 +582,12 @@ pub async fn run(plan: BenchPlan) -> anyhow::Result<()> {
     let mut push_lat = std::mem::take(&mut *push_lat.lock());
     push_lat.sort_unstable();
     let expected = (pushes - failed) * connected as u64;
-    let summary = serde_json::json!({
+    Ok(serde_json::json!({
         "scenario": "room-fanout",
+        "server": match target {
+            Target::Barrage(_) => "barrage",
+            Target::Nchan(_) => "nchan",
+        },
         "subscribers": connected,
         "connect_errors": connect_errors,
         "connect_secs": round(connect_secs),
@@ -409,10 +621,7 @@ pub async fn run(plan: BenchPlan) -> anyhow::Result<()> {
             "bench_client": round(client_cpu / push_secs),
             "machine": std::thread::available_parallelism().map_or(0, |n| n.get()),
         },
-    });
-    println!("{}", serde_json::to_string_pretty(&summary)?);
-    drop(server);
-    Ok(())
+    }))
 }
 
 pub(crate) fn round(v: f64) -> f64 {

@@ -48,6 +48,13 @@ enum Scenario {
     Bandwidth,
 }
 
+/// A push server to compare barrage with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Peer {
+    /// Nchan (nginx module): HTTP publish, WebSocket subscribers.
+    Nchan,
+}
+
 /// `barrage bench`: bounded in count and time, loopback only.
 #[derive(Debug, Args)]
 struct BenchArgs {
@@ -85,6 +92,10 @@ struct BenchArgs {
     /// Bandwidth: compression threshold of the compressed configurations, bytes.
     #[arg(long, default_value_t = 128)]
     compress_bytes: usize,
+    /// Room scenario: run it against this peer too, in the same run, and
+    /// print barrage/peer ratios (Nchan: nginx-light + libnginx-mod-nchan).
+    #[arg(long, value_enum)]
+    compare: Option<Peer>,
     /// Progress on stderr.
     #[arg(long)]
     verbose: bool,
@@ -1161,6 +1172,7 @@ impl Cli {
                     sources: a.sources,
                     payload_bytes: a.payload_bytes,
                     verbose: a.verbose,
+                    compare_nchan: a.compare == Some(Peer::Nchan),
                 })
             }
             Command::Sub(a) => Plan::Sub(crate::sub::SubPlan {

@@ -27,3 +27,43 @@ def test_bench_refuses_unbounded_runs(barrage_bin):
                           (["--max-pushes", "0"], "--max-pushes")]:
         p = subprocess.run([str(barrage_bin), "bench", *args], capture_output=True, text=True, timeout=30)
         assert p.returncode == 64 and setting in p.stderr, (args, p.stderr)
+
+
+def test_bench_side_by_side_with_nchan(barrage_bin):
+    """The same small room fan-out against barrage and Nchan in one run;
+    both deliver everything and the summary carries the ratios."""
+    p = subprocess.run(
+        [str(barrage_bin), "bench", "--subscribers", "30", "--rate", "20", "--duration-secs", "2", "--sources", "2",
+         "--compare", "nchan"],
+        capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
+    )
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    for server in ("barrage", "nchan"):
+        r = s[server]
+        assert r["server"] == server
+        assert r["subscribers"] == 30 and r["connect_errors"] == 0, r
+        assert r["push_failures"] == 0 and r["pushes"] >= 1, r
+        assert r["deliveries"] == r["deliveries_expected"] == r["pushes"] * 30, r
+        assert r["lost"] == 0 and r["duplicated"] == 0, r
+    ratios = s["barrage_over_nchan"]
+    assert set(ratios) == {"deliveries_per_sec", "latency_p50", "latency_p99", "server_cpu_cores",
+                           "server_rss_per_connection"}
+    assert ratios["deliveries_per_sec"] > 0
+
+
+def test_bench_bandwidth_counts_every_comment(barrage_bin):
+    """Bytes per comment for every format; binary is smaller than JSON
+    (byte counts of fixed inputs, not timings)."""
+    p = subprocess.run(
+        [str(barrage_bin), "bench", "--scenario", "bandwidth", "--comments", "200", "--rate", "400"],
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    rows = {(r["format"], r["batching"], r["compression"]): r for r in s["results"]}
+    assert len(rows) == 6
+    assert all(r["comments_received"] == 200 for r in rows.values())
+    json_single = rows[("json", False, False)]["bytes_per_comment"]
+    assert rows[("binary", False, False)]["bytes_per_comment"] < json_single
+    assert rows[("binary", True, True)]["bytes_per_comment"] < rows[("binary", True, False)]["bytes_per_comment"]

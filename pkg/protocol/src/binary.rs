@@ -17,7 +17,7 @@
 //! rest of a client or server does not care which format a connection uses.
 
 use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
+use std::io::Read as _;
 
 use base64::Engine as _;
 use bytes::{BufMut as _, Bytes, BytesMut};
@@ -113,20 +113,34 @@ impl Compression {
 /// Wraps a protobuf body in a header, compressing it when `compression`
 /// says so and it pays off.
 pub fn frame(kind: FrameType, body: &[u8], compression: Compression) -> Bytes {
-    if compression.min_bytes.is_some_and(|min| body.len() >= min) {
-        let mut z = flate2::write::DeflateEncoder::new(
-            Vec::with_capacity(body.len() / 2),
-            flate2::Compression::fast(),
-        );
-        // Writing into a Vec cannot fail.
-        if z.write_all(body).is_ok()
-            && let Ok(deflated) = z.finish()
-            && deflated.len() < body.len()
-        {
-            return with_header(kind, FLAG_DEFLATE, &deflated);
-        }
+    if compression.min_bytes.is_some_and(|min| body.len() >= min)
+        && let Some(deflated) = deflate(body)
+    {
+        return with_header(kind, FLAG_DEFLATE, &deflated);
     }
     with_header(kind, 0, body)
+}
+
+thread_local! {
+    /// One compressor per thread, reset per frame: setting up a DEFLATE
+    /// state costs far more than compressing a small frame.
+    static DEFLATE: std::cell::RefCell<flate2::Compress> =
+        std::cell::RefCell::new(flate2::Compress::new(flate2::Compression::fast(), false));
+}
+
+/// Raw DEFLATE of `body`, when that is smaller than `body`.
+fn deflate(body: &[u8]) -> Option<Vec<u8>> {
+    DEFLATE.with(|z| {
+        let mut z = z.borrow_mut();
+        z.reset();
+        // Room for less than the input only: output that does not fit
+        // is output that does not pay off.
+        let mut out = Vec::with_capacity(body.len().saturating_sub(1));
+        match z.compress_vec(body, &mut out, flate2::FlushCompress::Finish) {
+            Ok(flate2::Status::StreamEnd) => Some(out),
+            _ => None,
+        }
+    })
 }
 
 fn with_header(kind: FrameType, flags: u8, body: &[u8]) -> Bytes {
