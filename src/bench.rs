@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use barrage_proto::v1::PushToRoomRequest;
 use barrage_proto::v1::push_manager_client::PushManagerClient;
+use barrage_proto::v1::{PushToRoomRequest, PushToUserRequest};
 use futures::{StreamExt, stream};
 use parking_lot::Mutex;
 use tokio::process::{Child, Command};
@@ -42,6 +42,9 @@ pub struct BenchPlan {
     pub verbose: bool,
     /// Run the same scenario against Nchan too and print the ratios.
     pub compare_nchan: bool,
+    /// PushToUser instead of PushToRoom: push `i` goes to subscriber
+    /// `i % subscribers`, each subscriber its own user.
+    pub to_users: bool,
 }
 
 /// Free loopback ports for the server.
@@ -199,6 +202,7 @@ async fn subscriber(
     source: IpAddr,
     user: usize,
     max_pushes: usize,
+    stride: usize,
     stop: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<Seen>> {
     let ws_addr = target.ws_addr();
@@ -219,7 +223,8 @@ async fn subscriber(
     }
     let task = tokio::spawn(async move {
         let mut s = Seen {
-            seen: vec![0; max_pushes],
+            // Push `i` is this subscriber's `i / stride`-th.
+            seen: vec![0; max_pushes / stride + 1],
             ..Seen::default()
         };
         loop {
@@ -251,7 +256,7 @@ async fn subscriber(
                 Ok(Frame::Barrage { data } | Frame::Raw(data)) => (data.t, data.i),
                 Err(_) => continue,
             };
-            let i = i as usize;
+            let i = i as usize / stride;
             if i < s.seen.len() {
                 if s.seen[i] == 0 {
                     s.seen[i] = 1;
@@ -343,13 +348,17 @@ impl Target {
         }
     }
 
-    async fn pusher(&self) -> anyhow::Result<Pusher> {
+    /// Pushes to the room, or with `users`, push `i` to user `i % users`.
+    async fn pusher(&self, users: Option<usize>) -> anyhow::Result<Pusher> {
         Ok(match self {
-            Target::Barrage(s) => Pusher::Grpc(PushManagerClient::new(
-                tonic::transport::Endpoint::from_shared(format!("http://{}", s.api))?
-                    .connect()
-                    .await?,
-            )),
+            Target::Barrage(s) => Pusher::Grpc {
+                api: PushManagerClient::new(
+                    tonic::transport::Endpoint::from_shared(format!("http://{}", s.api))?
+                        .connect()
+                        .await?,
+                ),
+                users,
+            },
             Target::Nchan(n) => Pusher::Http {
                 client: hyper_util::client::legacy::Client::builder(
                     hyper_util::rt::TokioExecutor::new(),
@@ -361,10 +370,14 @@ impl Target {
     }
 }
 
-/// Publishes one payload to the bench room.
+/// Publishes one payload to the bench room. One per run, cloned per push.
 #[derive(Clone)]
+#[allow(clippy::large_enum_variant)]
 enum Pusher {
-    Grpc(PushManagerClient<tonic::transport::Channel>),
+    Grpc {
+        api: PushManagerClient<tonic::transport::Channel>,
+        users: Option<usize>,
+    },
     Http {
         client: hyper_util::client::legacy::Client<
             hyper_util::client::legacy::connect::HttpConnector,
@@ -375,9 +388,20 @@ enum Pusher {
 }
 
 impl Pusher {
-    async fn push(&mut self, content: String) -> anyhow::Result<()> {
+    async fn push(&mut self, i: u64, content: String) -> anyhow::Result<()> {
         match self {
-            Pusher::Grpc(api) => {
+            Pusher::Grpc {
+                api,
+                users: Some(n),
+            } => {
+                api.push_to_user(PushToUserRequest {
+                    user_id: format!("bench-{}", i % *n as u64),
+                    content,
+                    ..Default::default()
+                })
+                .await?;
+            }
+            Pusher::Grpc { api, users: None } => {
                 api.push_to_room(PushToRoomRequest {
                     room_id: "bench".into(),
                     content,
@@ -474,6 +498,7 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_idle = family_rss_bytes(pid).unwrap_or(0);
     let max_pushes = plan.max_pushes as usize;
+    let stride = if plan.to_users { plan.subscribers } else { 1 };
     let stop = tokio_util::sync::CancellationToken::new();
 
     let connect_start = Instant::now();
@@ -485,7 +510,7 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
     let mut conns = stream::iter(0..plan.subscribers)
         .map(|i| {
             let (source, stop) = (sources[i % sources.len()], stop.clone());
-            async move { subscriber(target, source, i, max_pushes, stop).await }
+            async move { subscriber(target, source, i, max_pushes, stride, stop).await }
         })
         .buffer_unordered(256);
     while let Some(r) = conns.next().await {
@@ -508,7 +533,9 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_connected = family_rss_bytes(pid).unwrap_or(0);
 
-    let api = target.pusher().await?;
+    let api = target
+        .pusher(plan.to_users.then_some(plan.subscribers))
+        .await?;
     let filler = "x".repeat(plan.payload_bytes);
     let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -526,7 +553,7 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
         async move {
             let t = now_nanos();
             let content = format!("{{\"t\":{t},\"i\":{i},\"f\":\"{filler}\"}}");
-            let r = api.push(content).await;
+            let r = api.push(i, content).await;
             match r {
                 Ok(_) => push_lat
                     .lock()
@@ -581,9 +608,14 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
     latencies.sort_unstable();
     let mut push_lat = std::mem::take(&mut *push_lat.lock());
     push_lat.sort_unstable();
-    let expected = (pushes - failed) * connected as u64;
+    // A push to a user reaches that user's one connection.
+    let expected = if plan.to_users {
+        (pushes - failed) * connected as u64 / plan.subscribers.max(1) as u64
+    } else {
+        (pushes - failed) * connected as u64
+    };
     Ok(serde_json::json!({
-        "scenario": "room-fanout",
+        "scenario": if plan.to_users { "push-to-user" } else { "room-fanout" },
         "server": match target {
             Target::Barrage(_) => "barrage",
             Target::Nchan(_) => "nchan",

@@ -44,6 +44,8 @@ enum Command {
 enum Scenario {
     /// One room, many subscribers: deliveries/s, end-to-end latency, loss.
     Room,
+    /// PushToUser: every subscriber its own user, pushes spread over them.
+    User,
     /// Bytes per delivered comment: JSON vs binary frames, compression, batching.
     Bandwidth,
 }
@@ -1145,6 +1147,12 @@ impl Cli {
                 })
             }
             Command::Bench(a) => {
+                if a.compare.is_some() && a.scenario != Scenario::Room {
+                    return Err(bad(
+                        "--compare",
+                        "only the room scenario runs against a peer",
+                    ));
+                }
                 if !(1..=100_000).contains(&a.subscribers) {
                     return Err(bad("--subscribers", "must be 1 to 100000"));
                 }
@@ -1173,6 +1181,7 @@ impl Cli {
                     payload_bytes: a.payload_bytes,
                     verbose: a.verbose,
                     compare_nchan: a.compare == Some(Peer::Nchan),
+                    to_users: a.scenario == Scenario::User,
                 })
             }
             Command::Sub(a) => Plan::Sub(crate::sub::SubPlan {
