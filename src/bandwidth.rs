@@ -207,7 +207,7 @@ async fn run_config(
         let user = if bin { "bin" } else { "json" };
         subs.push((
             bin,
-            subscriber(server.ws, user, bin, plan.comments, deadline).await?,
+            subscriber(server.ws[0], user, bin, plan.comments, deadline).await?,
         ));
     }
     let api = PushManagerClient::new(

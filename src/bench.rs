@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use barrage_proto::v1::push_manager_client::PushManagerClient;
-use barrage_proto::v1::{PushToRoomRequest, PushToUserRequest};
+use barrage_proto::v1::{BroadcastRequest, PushToRoomRequest, PushToUserRequest};
 use futures::{StreamExt, stream};
 use parking_lot::Mutex;
 use tokio::process::{Child, Command};
@@ -42,9 +42,24 @@ pub struct BenchPlan {
     pub verbose: bool,
     /// Run the same scenario against Nchan too and print the ratios.
     pub compare_nchan: bool,
-    /// PushToUser instead of PushToRoom: push `i` goes to subscriber
-    /// `i % subscribers`, each subscriber its own user.
-    pub to_users: bool,
+    /// What each push targets.
+    pub mode: Mode,
+    /// Connect-node processes: 0 runs `barrage dev` (all roles in one
+    /// process); N runs a controller, a push-manager and N connect-nodes,
+    /// each its own process, with the subscribers spread over the nodes.
+    pub nodes: usize,
+}
+
+/// What each push targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `PushToRoom` to the one room every subscriber is in.
+    Room,
+    /// `PushToUser`: push `i` goes to subscriber `i % subscribers`, each
+    /// subscriber its own user.
+    User,
+    /// `Broadcast`: every connection on every node.
+    Broadcast,
 }
 
 /// Free loopback ports for the server.
@@ -76,9 +91,91 @@ fn free_block3() -> anyhow::Result<u16> {
 }
 
 pub(crate) struct Server {
-    child: Child,
-    pub(crate) ws: SocketAddr,
+    children: Vec<Child>,
+    /// WebSocket address of every connect-node.
+    pub(crate) ws: Vec<SocketAddr>,
     pub(crate) api: SocketAddr,
+}
+
+/// Waits until `GET /readyz` on `addr` answers 200.
+async fn wait_ready(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http_ok(addr, "/readyz").await {
+        if Instant::now() > deadline {
+            bail!("{what} did not become ready on {addr}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Starts one `barrage <role>` process with `env`.
+fn spawn_role(role: &str, env: &[(&str, String)]) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("locating the barrage binary")?;
+    Command::new(exe)
+        .arg(role)
+        .env_remove("ETCD_ENDPOINTS")
+        .env("RUST_LOG", "warn")
+        .env("LOG_FORMAT", "text")
+        .env("BIND_ADDR", "127.0.0.1")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting barrage {role}"))
+}
+
+/// Starts a controller, a push-manager and `nodes` connect-nodes, each its
+/// own process (no etcd: the push-manager learns the nodes from the
+/// controller), and waits until all are ready.
+pub(crate) async fn start_cluster(nodes: usize) -> anyhow::Result<Server> {
+    let p = free_ports(4 + 3 * nodes)?;
+    let localhost = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let controller = format!("127.0.0.1:{}", p[0]);
+    let mut children = vec![spawn_role(
+        "controller",
+        &[
+            ("GRPC_PORT", p[0].to_string()),
+            ("METRICS_PORT", p[1].to_string()),
+        ],
+    )?];
+    wait_ready(localhost(p[1]), "the controller").await?;
+    children.push(spawn_role(
+        "push-manager",
+        &[
+            ("GRPC_PORT", p[2].to_string()),
+            ("METRICS_PORT", p[3].to_string()),
+            ("CONTROLLER_ADDRESS", controller.clone()),
+        ],
+    )?);
+    let mut ws = Vec::with_capacity(nodes);
+    let mut ready = vec![localhost(p[3])];
+    for n in 0..nodes {
+        let (grpc, metrics, wsp) = (p[4 + 3 * n], p[5 + 3 * n], p[6 + 3 * n]);
+        children.push(spawn_role(
+            "connect-node",
+            &[
+                ("GRPC_PORT", grpc.to_string()),
+                ("METRICS_PORT", metrics.to_string()),
+                ("WS_PORT", wsp.to_string()),
+                ("CONTROLLER_ADDRESS", controller.clone()),
+                ("NODE_ID", format!("bench-node-{n}")),
+                ("INSECURE_USER_ID", "true".into()),
+            ],
+        )?);
+        ws.push(localhost(wsp));
+        ready.push(localhost(metrics));
+    }
+    for addr in ready {
+        wait_ready(addr, "a barrage process").await?;
+    }
+    Ok(Server {
+        children,
+        ws,
+        api: localhost(p[2]),
+    })
 }
 
 /// Starts `barrage dev` with `env` added, and waits until it is ready.
@@ -89,6 +186,7 @@ pub(crate) async fn start_server(env: &[(&str, String)]) -> anyhow::Result<Serve
     let exe = std::env::current_exe().context("locating the barrage binary")?;
     let child = Command::new(exe)
         .args(["dev", "--log-format", "text"])
+        .env_remove("ETCD_ENDPOINTS")
         .args([
             "--ws-port",
             &p[0].to_string(),
@@ -107,28 +205,10 @@ pub(crate) async fn start_server(env: &[(&str, String)]) -> anyhow::Result<Serve
         .kill_on_drop(true)
         .spawn()
         .context("starting barrage dev")?;
-    let ready = format!("127.0.0.1:{metrics}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(mut s) = tokio::net::TcpStream::connect(&ready).await {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let _ = s
-                .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .await;
-            let mut buf = Vec::new();
-            let _ = s.read_to_end(&mut buf).await;
-            if buf.starts_with(b"HTTP/1.1 200") {
-                break;
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("barrage dev did not become ready on {ready}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ready(SocketAddr::from(([127, 0, 0, 1], metrics)), "barrage dev").await?;
     Ok(Server {
-        child,
-        ws: SocketAddr::from(([127, 0, 0, 1], p[0])),
+        children: vec![child],
+        ws: vec![SocketAddr::from(([127, 0, 0, 1], p[0]))],
         api: SocketAddr::from(([127, 0, 0, 1], p[1])),
     })
 }
@@ -142,14 +222,18 @@ fn family(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// CPU seconds of a process and its children.
-fn family_cpu_secs(pid: u32) -> f64 {
-    family(pid).into_iter().map(cpu_secs).sum()
+/// CPU seconds of processes and their children.
+fn family_cpu_secs(pids: &[u32]) -> f64 {
+    pids.iter().flat_map(|p| family(*p)).map(cpu_secs).sum()
 }
 
-/// Resident memory of a process and its children, bytes.
-fn family_rss_bytes(pid: u32) -> Option<u64> {
-    let rss: Vec<u64> = family(pid).into_iter().filter_map(rss_bytes).collect();
+/// Resident memory of processes and their children, bytes.
+fn family_rss_bytes(pids: &[u32]) -> Option<u64> {
+    let rss: Vec<u64> = pids
+        .iter()
+        .flat_map(|p| family(*p))
+        .filter_map(rss_bytes)
+        .collect();
     (!rss.is_empty()).then(|| rss.iter().sum())
 }
 
@@ -205,7 +289,7 @@ async fn subscriber(
     stride: usize,
     stop: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<Seen>> {
-    let ws_addr = target.ws_addr();
+    let ws_addr = target.ws_addr(user);
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(source, 0))?;
     let tcp = socket.connect(ws_addr).await?;
@@ -284,7 +368,12 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 /// and prints its JSON summary.
 pub async fn run(plan: BenchPlan) -> anyhow::Result<()> {
     let barrage = {
-        let target = Target::Barrage(start_server(&[]).await?);
+        let server = if plan.nodes == 0 {
+            start_server(&[]).await?
+        } else {
+            start_cluster(plan.nodes).await?
+        };
+        let target = Target::Barrage(server);
         run_target(&plan, &target).await?
     };
     if !plan.compare_nchan {
@@ -327,29 +416,33 @@ enum Target {
 }
 
 impl Target {
-    fn pid(&self) -> u32 {
+    fn pids(&self) -> Vec<u32> {
         match self {
-            Target::Barrage(s) => s.child.id().unwrap_or(0),
-            Target::Nchan(n) => n.child.id().unwrap_or(0),
+            Target::Barrage(s) => s.children.iter().filter_map(Child::id).collect(),
+            Target::Nchan(n) => n.child.id().into_iter().collect(),
         }
     }
 
-    fn ws_addr(&self) -> SocketAddr {
+    /// The node subscriber `user` connects to (spread round-robin).
+    fn ws_addr(&self, user: usize) -> SocketAddr {
         match self {
-            Target::Barrage(s) => s.ws,
+            Target::Barrage(s) => s.ws[user % s.ws.len()],
             Target::Nchan(n) => n.addr,
         }
     }
 
     fn subscribe_url(&self, user: usize) -> String {
         match self {
-            Target::Barrage(s) => format!("ws://{}/ws?user_id=bench-{user}&rooms=bench", s.ws),
+            Target::Barrage(_) => format!(
+                "ws://{}/ws?user_id=bench-{user}&rooms=bench",
+                self.ws_addr(user)
+            ),
             Target::Nchan(n) => format!("ws://{}/sub/bench", n.addr),
         }
     }
 
-    /// Pushes to the room, or with `users`, push `i` to user `i % users`.
-    async fn pusher(&self, users: Option<usize>) -> anyhow::Result<Pusher> {
+    /// Pushes as `mode` says; push `i` of `Mode::User` goes to user `i % users`.
+    async fn pusher(&self, mode: Mode, users: usize) -> anyhow::Result<Pusher> {
         Ok(match self {
             Target::Barrage(s) => Pusher::Grpc {
                 api: PushManagerClient::new(
@@ -357,6 +450,7 @@ impl Target {
                         .connect()
                         .await?,
                 ),
+                mode,
                 users,
             },
             Target::Nchan(n) => Pusher::Http {
@@ -376,7 +470,8 @@ impl Target {
 enum Pusher {
     Grpc {
         api: PushManagerClient<tonic::transport::Channel>,
-        users: Option<usize>,
+        mode: Mode,
+        users: usize,
     },
     Http {
         client: hyper_util::client::legacy::Client<
@@ -392,16 +487,32 @@ impl Pusher {
         match self {
             Pusher::Grpc {
                 api,
-                users: Some(n),
+                mode: Mode::User,
+                users,
             } => {
                 api.push_to_user(PushToUserRequest {
-                    user_id: format!("bench-{}", i % *n as u64),
+                    user_id: format!("bench-{}", i % (*users).max(1) as u64),
                     content,
                     ..Default::default()
                 })
                 .await?;
             }
-            Pusher::Grpc { api, users: None } => {
+            Pusher::Grpc {
+                api,
+                mode: Mode::Broadcast,
+                ..
+            } => {
+                api.broadcast(BroadcastRequest {
+                    content,
+                    ..Default::default()
+                })
+                .await?;
+            }
+            Pusher::Grpc {
+                api,
+                mode: Mode::Room,
+                ..
+            } => {
                 api.push_to_room(PushToRoomRequest {
                     room_id: "bench".into(),
                     content,
@@ -494,11 +605,16 @@ async fn http_ok(addr: SocketAddr, path: &str) -> bool {
 
 /// The room fan-out scenario against one target; its JSON summary.
 async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_json::Value> {
-    let pid = target.pid();
+    let pid = target.pids();
+    let pid = pid.as_slice();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_idle = family_rss_bytes(pid).unwrap_or(0);
     let max_pushes = plan.max_pushes as usize;
-    let stride = if plan.to_users { plan.subscribers } else { 1 };
+    let stride = if plan.mode == Mode::User {
+        plan.subscribers
+    } else {
+        1
+    };
     let stop = tokio_util::sync::CancellationToken::new();
 
     let connect_start = Instant::now();
@@ -533,9 +649,7 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_connected = family_rss_bytes(pid).unwrap_or(0);
 
-    let api = target
-        .pusher(plan.to_users.then_some(plan.subscribers))
-        .await?;
+    let api = target.pusher(plan.mode, plan.subscribers).await?;
     let filler = "x".repeat(plan.payload_bytes);
     let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -609,13 +723,21 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
     let mut push_lat = std::mem::take(&mut *push_lat.lock());
     push_lat.sort_unstable();
     // A push to a user reaches that user's one connection.
-    let expected = if plan.to_users {
+    let expected = if plan.mode == Mode::User {
         (pushes - failed) * connected as u64 / plan.subscribers.max(1) as u64
     } else {
         (pushes - failed) * connected as u64
     };
     Ok(serde_json::json!({
-        "scenario": if plan.to_users { "push-to-user" } else { "room-fanout" },
+        "scenario": match plan.mode {
+            Mode::Room => "room-fanout",
+            Mode::User => "push-to-user",
+            Mode::Broadcast => "broadcast",
+        },
+        "connect_nodes": match target {
+            Target::Barrage(s) => s.ws.len(),
+            Target::Nchan(_) => 1,
+        },
         "server": match target {
             Target::Barrage(_) => "barrage",
             Target::Nchan(_) => "nchan",

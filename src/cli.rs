@@ -46,6 +46,8 @@ enum Scenario {
     Room,
     /// PushToUser: every subscriber its own user, pushes spread over them.
     User,
+    /// Broadcast to every connection on several connect-node processes.
+    Broadcast,
     /// Bytes per delivered comment: JSON vs binary frames, compression, batching.
     Bandwidth,
 }
@@ -94,6 +96,11 @@ struct BenchArgs {
     /// Bandwidth: compression threshold of the compressed configurations, bytes.
     #[arg(long, default_value_t = 128)]
     compress_bytes: usize,
+    /// Connect-node processes (1–20) in a multi-process cluster (a
+    /// controller, a push-manager, N nodes; subscribers spread over the
+    /// nodes). Default: `barrage dev` in one process; broadcast: 10.
+    #[arg(long)]
+    nodes: Option<usize>,
     /// Room scenario: run it against this peer too, in the same run, and
     /// print barrage/peer ratios (Nchan: nginx-light + libnginx-mod-nchan).
     #[arg(long, value_enum)]
@@ -1156,6 +1163,19 @@ impl Cli {
                 if !(1..=100_000).contains(&a.subscribers) {
                     return Err(bad("--subscribers", "must be 1 to 100000"));
                 }
+                // Broadcast spans several nodes by default; the others run
+                // on `barrage dev` unless --nodes asks for a cluster.
+                let nodes = match (a.nodes, a.scenario) {
+                    (Some(n), _) if !(1..=20).contains(&n) => {
+                        return Err(bad("--nodes", "must be 1 to 20"));
+                    }
+                    (Some(_), _) if a.compare.is_some() => {
+                        return Err(bad("--nodes", "the peer comparison runs on one node"));
+                    }
+                    (Some(n), _) => n,
+                    (None, Scenario::Broadcast) => 10,
+                    (None, _) => 0,
+                };
                 if !(1..=300).contains(&a.duration_secs) {
                     return Err(bad("--duration-secs", "must be 1 to 300"));
                 }
@@ -1181,7 +1201,12 @@ impl Cli {
                     payload_bytes: a.payload_bytes,
                     verbose: a.verbose,
                     compare_nchan: a.compare == Some(Peer::Nchan),
-                    to_users: a.scenario == Scenario::User,
+                    mode: match a.scenario {
+                        Scenario::User => crate::bench::Mode::User,
+                        Scenario::Broadcast => crate::bench::Mode::Broadcast,
+                        _ => crate::bench::Mode::Room,
+                    },
+                    nodes,
                 })
             }
             Command::Sub(a) => Plan::Sub(crate::sub::SubPlan {

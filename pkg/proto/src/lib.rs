@@ -65,6 +65,13 @@ pub fn grpc_server(
     Ok((health, router))
 }
 
+/// The connections a gRPC server accepts on `listener`, with Nagle's
+/// algorithm off: replies are small writes that must not wait for the
+/// peer's delayed ACK (tens of milliseconds on every call otherwise).
+pub fn grpc_incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// Why a gRPC server could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerSetupError {

@@ -27,7 +27,6 @@ use barrage_proto::v1::connect_node_server::ConnectNodeServer;
 use barrage_protocol::CloseCode;
 use barrage_telemetry::Readiness;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
@@ -240,7 +239,7 @@ pub async fn run(
                 sequencer.clone(),
             )))
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listeners.grpc),
+                barrage_proto::grpc_incoming(listeners.grpc),
                 grpc_stop.clone().cancelled_owned(),
             ),
     );

@@ -22,7 +22,6 @@ use barrage_proto::v1::controller_server::ControllerServer;
 use barrage_telemetry::Readiness;
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
@@ -136,7 +135,7 @@ pub async fn run(
     let grpc = grpc
         .add_service(ControllerServer::new(service))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.grpc),
+            barrage_proto::grpc_incoming(listeners.grpc),
             grpc_stop.clone().cancelled_owned(),
         );
     let grpc = tokio::spawn(grpc);

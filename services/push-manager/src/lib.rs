@@ -17,7 +17,6 @@ use barrage_discovery::{Discovery, Member, MemberWatch, Role};
 use barrage_proto::v1::push_manager_server::PushManagerServer;
 use barrage_telemetry::Readiness;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
@@ -156,7 +155,7 @@ pub async fn run(
     let grpc = tokio::spawn(
         grpc.add_service(PushManagerServer::new(service))
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listeners.grpc),
+                barrage_proto::grpc_incoming(listeners.grpc),
                 grpc_stop.clone().cancelled_owned(),
             ),
     );
