@@ -67,3 +67,37 @@ def test_bench_bandwidth_counts_every_comment(barrage_bin):
     json_single = rows[("json", False, False)]["bytes_per_comment"]
     assert rows[("binary", False, False)]["bytes_per_comment"] < json_single
     assert rows[("binary", True, True)]["bytes_per_comment"] < rows[("binary", True, False)]["bytes_per_comment"]
+
+
+def run_bench(barrage_bin, *args, timeout=180):
+    p = subprocess.run([str(barrage_bin), "bench", *args], capture_output=True, text=True, timeout=timeout,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def test_bench_push_to_user_reaches_each_user_once(barrage_bin):
+    s = run_bench(barrage_bin, "--scenario", "user", "--subscribers", "25", "--rate", "100", "--duration-secs", "2",
+                  "--sources", "2")
+    assert s["scenario"] == "push-to-user" and s["connect_nodes"] == 1
+    assert s["pushes"] >= 1 and s["push_failures"] == 0
+    # Each push goes to one user with one connection.
+    assert s["deliveries"] == s["deliveries_expected"] == s["pushes"]
+    assert s["lost"] == 0 and s["duplicated"] == 0
+
+
+def test_bench_broadcast_spans_several_node_processes(barrage_bin):
+    s = run_bench(barrage_bin, "--scenario", "broadcast", "--nodes", "3", "--subscribers", "30", "--rate", "20",
+                  "--duration-secs", "2", "--sources", "2")
+    assert s["scenario"] == "broadcast" and s["connect_nodes"] == 3
+    assert s["subscribers"] == 30 and s["connect_errors"] == 0
+    assert s["deliveries"] == s["deliveries_expected"] == s["pushes"] * 30
+    assert s["lost"] == 0 and s["duplicated"] == 0
+
+
+def test_bench_refuses_a_peer_for_other_scenarios(barrage_bin):
+    p = subprocess.run([str(barrage_bin), "bench", "--scenario", "user", "--compare", "nchan"], capture_output=True,
+                       text=True, timeout=30)
+    assert p.returncode == 64 and "--compare" in p.stderr, p.stderr
+    p = subprocess.run([str(barrage_bin), "bench", "--nodes", "50"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 64 and "--nodes" in p.stderr, p.stderr
