@@ -97,6 +97,13 @@ pub(crate) struct Server {
     pub(crate) api: SocketAddr,
 }
 
+impl Server {
+    /// Every server process.
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.children.iter().filter_map(Child::id).collect()
+    }
+}
+
 /// Waits until `GET /readyz` on `addr` answers 200.
 async fn wait_ready(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -228,7 +235,7 @@ fn family_cpu_secs(pids: &[u32]) -> f64 {
 }
 
 /// Resident memory of processes and their children, bytes.
-fn family_rss_bytes(pids: &[u32]) -> Option<u64> {
+pub(crate) fn family_rss_bytes(pids: &[u32]) -> Option<u64> {
     let rss: Vec<u64> = pids
         .iter()
         .flat_map(|p| family(*p))
@@ -418,7 +425,7 @@ enum Target {
 impl Target {
     fn pids(&self) -> Vec<u32> {
         match self {
-            Target::Barrage(s) => s.children.iter().filter_map(Child::id).collect(),
+            Target::Barrage(s) => s.pids(),
             Target::Nchan(n) => n.child.id().into_iter().collect(),
         }
     }

@@ -37,6 +37,25 @@ enum Command {
     /// Load test on this machine: start `barrage dev`, open many WebSockets
     /// over loopback, push through the gRPC API, print a JSON summary.
     Bench(BenchArgs),
+    /// Helper of `bench --scenario idle`: opens and holds connections.
+    #[command(hide = true)]
+    BenchHold(HoldArgs),
+}
+
+#[derive(Debug, Args)]
+struct HoldArgs {
+    #[arg(long, value_delimiter = ',')]
+    nodes: Vec<std::net::SocketAddr>,
+    #[arg(long)]
+    count: usize,
+    #[arg(long, default_value_t = 0)]
+    first_user: usize,
+    #[arg(long, default_value_t = 10)]
+    source_base: u8,
+    #[arg(long, default_value_t = 4)]
+    sources: u8,
+    #[arg(long, default_value_t = 600)]
+    hold_secs: u64,
 }
 
 /// What `barrage bench` measures.
@@ -50,6 +69,9 @@ enum Scenario {
     Broadcast,
     /// Bytes per delivered comment: JSON vs binary frames, compression, batching.
     Bandwidth,
+    /// Idle connections (--subscribers, up to 200000) held by --nodes
+    /// connect-nodes, opened by helper processes: server memory per connection.
+    Idle,
 }
 
 /// A push server to compare barrage with.
@@ -626,6 +648,8 @@ pub enum Plan {
     Sub(crate::sub::SubPlan),
     Bench(crate::bench::BenchPlan),
     Bandwidth(crate::bandwidth::BandwidthPlan),
+    Idle(crate::idle::IdlePlan),
+    Hold(crate::idle::HoldPlan),
     /// Print a token.
     Token(String),
 }
@@ -1128,6 +1152,48 @@ impl Cli {
                     return Err(bad("--user", "must be 1-128 bytes without whitespace"));
                 }
                 Plan::Token(token)
+            }
+            Command::BenchHold(a) => {
+                if a.nodes.is_empty() || a.count == 0 || a.count > crate::idle::PER_HELPER {
+                    return Err(bad(
+                        "--count",
+                        "1 to 15000 connections to at least one node",
+                    ));
+                }
+                Plan::Hold(crate::idle::HoldPlan {
+                    nodes: a.nodes,
+                    count: a.count,
+                    first_user: a.first_user,
+                    source_base: a.source_base,
+                    sources: a.sources,
+                    hold: Duration::from_secs(a.hold_secs),
+                })
+            }
+            Command::Bench(a) if a.scenario == Scenario::Idle => {
+                if !(1..=200_000).contains(&a.subscribers) {
+                    return Err(bad("--subscribers", "idle: must be 1 to 200000"));
+                }
+                // One node process holds at most ~18,000 (20,000 open files).
+                let least = a.subscribers.div_ceil(16_000);
+                let nodes = a.nodes.unwrap_or(least.max(1));
+                if nodes < least || nodes > 20 {
+                    return Err(bad(
+                        "--nodes",
+                        format!(
+                            "idle: {least} to 20 for {} connections (16,000 per node at most)",
+                            a.subscribers
+                        ),
+                    ));
+                }
+                if !(1..=200).contains(&a.sources) {
+                    return Err(bad("--sources", "must be 1 to 200"));
+                }
+                Plan::Idle(crate::idle::IdlePlan {
+                    connections: a.subscribers,
+                    nodes,
+                    sources: a.sources,
+                    verbose: a.verbose,
+                })
             }
             Command::Bench(a) if a.scenario == Scenario::Bandwidth => {
                 if !(1..=100_000).contains(&a.comments) {

@@ -94,6 +94,8 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
         Plan::Sub(s) => crate::sub::run(s).await?,
         Plan::Bench(b) => crate::bench::run(b).await?,
         Plan::Bandwidth(b) => crate::bandwidth::run(b).await?,
+        Plan::Idle(b) => crate::idle::run(b).await?,
+        Plan::Hold(h) => crate::idle::hold(h).await?,
         Plan::Token(t) => println!("{t}"),
     }
     Ok(())

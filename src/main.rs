@@ -6,6 +6,7 @@
 mod bandwidth;
 mod bench;
 mod cli;
+mod idle;
 mod launch;
 mod sub;
 

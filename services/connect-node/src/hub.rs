@@ -26,11 +26,24 @@ use crate::reporter::{Ack, Change, Reporter};
 /// Id of a connection, unique within one connect-node process.
 pub type ConnId = u64;
 
-/// A frame in a connection's send queue. Message frames carry their stream
-/// position so a connection recovering history can drop live copies of
-/// messages it already sent.
+/// A frame in a connection's send queue: a pointer to the encoded frame,
+/// which every recipient of a message shares (one reference count per
+/// recipient, and a small queue slot per connection).
 #[derive(Debug, Clone)]
-pub struct Outbound {
+pub struct Outbound(Arc<Frame>);
+
+impl std::ops::Deref for Outbound {
+    type Target = Frame;
+    fn deref(&self) -> &Frame {
+        &self.0
+    }
+}
+
+/// An encoded frame. Message frames carry their stream position so a
+/// connection recovering history can drop live copies of messages it
+/// already sent.
+#[derive(Debug)]
+pub struct Frame {
     /// The JSON text frame, shared by every recipient (empty for a control
     /// frame queued to a binary connection).
     pub frame: Utf8Bytes,
@@ -47,27 +60,39 @@ pub struct Outbound {
 impl Outbound {
     /// A JSON frame that is not a stream message (replies, errors).
     pub fn control(frame: impl Into<Utf8Bytes>) -> Self {
-        Outbound {
+        Outbound(Arc::new(Frame {
             frame: frame.into(),
             binary: Bytes::new(),
             body: Bytes::new(),
             position: None,
-        }
+        }))
+    }
+
+    /// A binary frame that is not a stream message.
+    pub fn control_binary(frame: Bytes) -> Self {
+        Outbound(Arc::new(Frame {
+            frame: Utf8Bytes::default(),
+            binary: frame,
+            body: Bytes::new(),
+            position: None,
+        }))
     }
 
     /// A stream message in both formats, encoded once for every recipient.
     pub fn message(p: &MessageParts<'_>, compression: Compression) -> Self {
         let json = encode_message(p);
         let body = Bytes::from(binary::message_body(p));
-        Outbound {
+        Outbound(Arc::new(Frame {
             // The encoder writes JSON text only: always UTF-8.
             frame: Utf8Bytes::try_from(json).unwrap_or_default(),
             binary: binary::frame(FrameType::Message, &body, compression),
             body,
             position: Some((Arc::from(p.stream), p.epoch, p.seq)),
-        }
+        }))
     }
+}
 
+impl Frame {
     /// Bytes this frame takes on the wire in `wire` format.
     pub fn wire_len(&self, wire: Wire) -> usize {
         match wire {
@@ -117,10 +142,7 @@ impl ConnHandle {
     pub fn send(&self, frame: &ServerFrame) -> Queued {
         self.queue(match self.wire {
             Wire::Json => Outbound::control(frame.to_json()),
-            Wire::Binary(c) => Outbound {
-                binary: binary::encode_server_frame(frame, c),
-                ..Outbound::control("")
-            },
+            Wire::Binary(c) => Outbound::control_binary(binary::encode_server_frame(frame, c)),
         })
     }
 

@@ -439,8 +439,8 @@ async fn serve(
 /// The WebSocket message for a queued frame in the connection's format.
 fn to_wire(out: Outbound, wire: Wire) -> Message {
     match wire {
-        Wire::Json => Message::Text(out.frame),
-        Wire::Binary(_) => Message::Binary(out.binary),
+        Wire::Json => Message::Text(out.frame.clone()),
+        Wire::Binary(_) => Message::Binary(out.binary.clone()),
     }
 }
 

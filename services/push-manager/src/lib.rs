@@ -121,10 +121,14 @@ pub async fn run(
         connect_timeout: Duration::from_secs(2),
         tls: cfg.grpc_tls.clone(),
     };
+    // The peers known now are in place before the API serves its first
+    // call; the tasks keep them in step afterwards.
     let controllers = pool::ControllerRing::new(cfg.ring_vnodes, dialer.clone());
+    controllers.rebuild(&peers.controllers.current());
     tokio::spawn(controllers.clone().follow(peers.controllers, tasks.clone()));
     let nodes = pool::NodePool::new(metrics.node_connections.clone(), dialer);
     if let Some(w) = peers.nodes {
+        nodes.sync(&w.current());
         tokio::spawn(nodes.clone().follow(w, tasks.clone()));
     }
     let stats = {

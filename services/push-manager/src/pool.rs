@@ -175,7 +175,8 @@ impl ControllerRing {
         self.len() == 0
     }
 
-    fn rebuild(&self, members: &Members) {
+    /// Puts `members` on the ring, keeping the channels of controllers that stay.
+    pub fn rebuild(&self, members: &Members) {
         let old = self.ring.read().clone();
         let mut entries = Vec::with_capacity(members.len());
         for (id, m) in members {
