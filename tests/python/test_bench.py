@@ -101,3 +101,13 @@ def test_bench_refuses_a_peer_for_other_scenarios(barrage_bin):
     assert p.returncode == 64 and "--compare" in p.stderr, p.stderr
     p = subprocess.run([str(barrage_bin), "bench", "--nodes", "50"], capture_output=True, text=True, timeout=30)
     assert p.returncode == 64 and "--nodes" in p.stderr, p.stderr
+
+
+def test_bench_idle_holds_connections_over_helper_processes(barrage_bin):
+    """Idle connections opened by helper processes over two node processes;
+    each is a confirmed session and the memory figures are filled in."""
+    s = run_bench(barrage_bin, "--scenario", "idle", "--subscribers", "400", "--nodes", "2", "--sources", "2")
+    assert s["scenario"] == "idle" and s["connect_nodes"] == 2
+    assert s["connections"] == 400 and s["connect_errors"] == 0, s
+    assert len(s["server_rss_bytes"]["per_process"]) >= 4  # controller, push-manager, two nodes
+    assert s["server_rss_bytes"]["connected"] > s["server_rss_bytes"]["idle"] > 0
