@@ -90,7 +90,7 @@ fn free_block3() -> anyhow::Result<u16> {
     bail!("no three consecutive free ports")
 }
 
-pub(crate) struct Server {
+pub struct Server {
     children: Vec<Child>,
     /// WebSocket address of every connect-node.
     pub(crate) ws: Vec<SocketAddr>,

@@ -72,6 +72,9 @@ enum Scenario {
     /// Idle connections (--subscribers, up to 200000) held by --nodes
     /// connect-nodes, opened by helper processes: server memory per connection.
     Idle,
+    /// Reconnect storm: --subscribers clients drop at once, --storm-missed
+    /// messages are pushed, all reconnect at once with their positions.
+    Storm,
 }
 
 /// A push server to compare barrage with.
@@ -123,6 +126,9 @@ struct BenchArgs {
     /// nodes). Default: `barrage dev` in one process; broadcast: 10.
     #[arg(long)]
     nodes: Option<usize>,
+    /// Storm: messages pushed to the room while every client is away (1–1000).
+    #[arg(long, default_value_t = 20)]
+    storm_missed: u64,
     /// Room scenario: run it against this peer too, in the same run, and
     /// print barrage/peer ratios (Nchan: nginx-light + libnginx-mod-nchan).
     #[arg(long, value_enum)]
@@ -1169,7 +1175,7 @@ impl Cli {
                     hold: Duration::from_secs(a.hold_secs),
                 })
             }
-            Command::Bench(a) if a.scenario == Scenario::Idle => {
+            Command::Bench(a) if matches!(a.scenario, Scenario::Idle | Scenario::Storm) => {
                 if !(1..=200_000).contains(&a.subscribers) {
                     return Err(bad("--subscribers", "idle: must be 1 to 200000"));
                 }
@@ -1188,11 +1194,15 @@ impl Cli {
                 if !(1..=200).contains(&a.sources) {
                     return Err(bad("--sources", "must be 1 to 200"));
                 }
+                if !(1..=1000).contains(&a.storm_missed) {
+                    return Err(bad("--storm-missed", "must be 1 to 1000"));
+                }
                 Plan::Idle(crate::idle::IdlePlan {
                     connections: a.subscribers,
                     nodes,
                     sources: a.sources,
                     verbose: a.verbose,
+                    storm: (a.scenario == Scenario::Storm).then_some(a.storm_missed),
                 })
             }
             Command::Bench(a) if a.scenario == Scenario::Bandwidth => {

@@ -111,3 +111,15 @@ def test_bench_idle_holds_connections_over_helper_processes(barrage_bin):
     assert s["connections"] == 400 and s["connect_errors"] == 0, s
     assert len(s["server_rss_bytes"]["per_process"]) >= 4  # controller, push-manager, two nodes
     assert s["server_rss_bytes"]["connected"] > s["server_rss_bytes"]["idle"] > 0
+
+
+def test_bench_storm_recovers_every_client(barrage_bin):
+    """Everyone drops, the room moves on, everyone reconnects at once with
+    positions: every client recovers every missed message."""
+    s = run_bench(barrage_bin, "--scenario", "storm", "--subscribers", "300", "--nodes", "2", "--sources", "2",
+                  "--storm-missed", "5")
+    assert s["scenario"] == "storm" and s["connections"] == 300
+    storm = s["storm"]
+    assert storm["dropped"] == 300 and storm["missed_messages_each"] == 5
+    assert storm["recovered"] == 300 and storm["failed"] == 0, storm
+    assert storm["all_recovered_secs"] > 0
