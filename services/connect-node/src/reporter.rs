@@ -214,6 +214,14 @@ impl Reporter {
             .collect()
     }
 
+    /// Attaches the hub and puts the controllers known now on the ring, so
+    /// that sessions opened before [`Reporter::run`] first looks at the
+    /// watch already have owners to report to.
+    pub fn attach(self: &Arc<Self>, hub: &Arc<Hub>, members: &barrage_discovery::Members) {
+        *self.hub.lock() = Arc::downgrade(hub);
+        self.apply_members(members);
+    }
+
     /// Follows the live controllers until `stop`: keeps one link per
     /// controller and a full sync to each whenever the ring changes.
     pub async fn run(
