@@ -344,6 +344,29 @@ impl MemberWatch {
         self.rx.borrow().clone()
     }
 
+    /// Keeps `apply` in step with the members: applies the members known
+    /// now before returning (so a role that installs its peers this way
+    /// has them before it serves), then returns the task that applies
+    /// every later change until `stop` fires or the watch ends.
+    pub fn follow(
+        mut self,
+        stop: CancellationToken,
+        mut apply: impl FnMut(&Members) + Send + 'static,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let now = self.rx.borrow_and_update().clone();
+        apply(&now);
+        async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = self.rx.changed() => if r.is_err() { return },
+                }
+                let now = self.rx.borrow_and_update().clone();
+                apply(&now);
+            }
+        }
+    }
+
     /// Waits for the next change; Err when the watch has ended.
     pub async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
         self.rx.changed().await
@@ -369,5 +392,59 @@ impl MemberWatch {
         tokio::time::timeout(timeout, wait)
             .await
             .unwrap_or(Err("timed out"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: &str) -> Member {
+        Member {
+            id: id.into(),
+            role: Role::Controller,
+            grpc_addr: format!("{id}:1"),
+            http_addr: String::new(),
+            ws_addr: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn follow_applies_the_current_members_at_once_then_every_change() {
+        let d = Discovery::in_process();
+        let _a = d
+            .register(member("a"), Duration::from_secs(10))
+            .await
+            .unwrap();
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::<Vec<String>>::new()));
+        let stop = CancellationToken::new();
+        let follow = d
+            .watch(Role::Controller)
+            .await
+            .unwrap()
+            .follow(stop.clone(), {
+                let seen = seen.clone();
+                move |m| seen.lock().push(m.keys().cloned().collect())
+            });
+        // Applied before the task ever runs.
+        assert_eq!(*seen.lock(), vec![vec!["a".to_owned()]]);
+        let task = tokio::spawn(follow);
+        let _b = d
+            .register(member("b"), Duration::from_secs(10))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while seen.lock().last().map(Vec::len) != Some(2) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the change is applied");
+        assert_eq!(seen.lock()[0], vec!["a".to_owned()], "the first state once");
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("stops")
+            .unwrap();
     }
 }

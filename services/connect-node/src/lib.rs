@@ -218,11 +218,7 @@ pub async fn run(
             .with_compression(cfg.binary_compression),
     );
     let tasks = CancellationToken::new();
-    reporter.attach(&hub, &controllers.current());
-    {
-        let (hub, stop) = (hub.clone(), tasks.clone());
-        tokio::spawn(async move { reporter.run(&hub, controllers, stop).await });
-    }
+    tokio::spawn(reporter.follow(&hub, controllers, tasks.clone()));
 
     let sequencer = Arc::new(sequencer::Sequencer::default());
     tokio::spawn(sequencer.clone().run(hub.clone(), tasks.clone()));

@@ -214,33 +214,27 @@ impl Reporter {
             .collect()
     }
 
-    /// Attaches the hub and puts the controllers known now on the ring, so
-    /// that sessions opened before [`Reporter::run`] first looks at the
-    /// watch already have owners to report to.
-    pub fn attach(self: &Arc<Self>, hub: &Arc<Hub>, members: &barrage_discovery::Members) {
-        *self.hub.lock() = Arc::downgrade(hub);
-        self.apply_members(members);
-    }
-
     /// Follows the live controllers until `stop`: keeps one link per
-    /// controller and a full sync to each whenever the ring changes.
-    pub async fn run(
-        self: Arc<Self>,
+    /// controller and a full sync to each whenever the ring changes. The
+    /// controllers known now are on the ring when this returns, so sessions
+    /// opened from then on have owners to report to; the returned task
+    /// follows later changes and closes the links at the end.
+    pub fn follow(
+        self: &Arc<Self>,
         hub: &Arc<Hub>,
-        mut controllers: MemberWatch,
+        controllers: MemberWatch,
         stop: CancellationToken,
-    ) {
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         *self.hub.lock() = Arc::downgrade(hub);
-        loop {
-            self.apply_members(&controllers.current());
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                r = controllers.changed() => if r.is_err() { break },
+        let me = self.clone();
+        let follow = controllers.follow(stop, move |m| me.apply_members(m));
+        let me = self.clone();
+        async move {
+            follow.await;
+            let ring = me.ring.read().clone();
+            for (_, link) in ring.members() {
+                link.stop.cancel();
             }
-        }
-        let ring = self.ring.read().clone();
-        for (_, link) in ring.members() {
-            link.stop.cancel();
         }
     }
 

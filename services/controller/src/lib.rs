@@ -257,14 +257,14 @@ async fn expire_loop(
 }
 
 /// Drops connect-nodes whose registration disappears.
-async fn follow_nodes(
+fn follow_nodes(
     state: Arc<Mutex<ControllerState>>,
     metrics: Metrics,
-    mut nodes: MemberWatch,
+    nodes: MemberWatch,
     stop: CancellationToken,
-) {
-    loop {
-        let alive: HashSet<String> = nodes.current().keys().cloned().collect();
+) -> impl Future<Output = ()> + Send + 'static {
+    nodes.follow(stop, move |now| {
+        let alive: HashSet<String> = now.keys().cloned().collect();
         let dropped = {
             let mut s = state.lock();
             s.ownership.set_alive(alive.clone());
@@ -277,44 +277,37 @@ async fn follow_nodes(
                 .with_label_values(&["deregistered"])
                 .inc();
         }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            r = nodes.changed() => if r.is_err() { return },
-        }
-    }
+    })
 }
 
 /// Follows the controller ring: forgets keys that moved to another
 /// controller and waits for connect-nodes to re-sync before serving pushes.
-async fn follow_controllers(
+fn follow_controllers(
     state: Arc<Mutex<ControllerState>>,
     metrics: Metrics,
-    mut controllers: MemberWatch,
+    controllers: MemberWatch,
     vnodes: usize,
     stop: CancellationToken,
-) {
-    loop {
-        let ids: Vec<String> = controllers.current().keys().cloned().collect();
-        if !ids.is_empty() {
-            let mut s = state.lock();
-            if s.ownership.set_controllers(ids.clone(), vnodes) {
-                let ControllerState {
-                    members,
-                    streams,
-                    ownership,
-                } = &mut *s;
-                members.retain_keys(|k| ownership.owns(k));
-                streams.retain(|k| ownership.owns(k));
-                metrics.ring_changes.inc();
-                tracing::info!(
-                    controllers = ids.len(),
-                    "controller ring changed; waiting for connect-nodes to re-sync"
-                );
-            }
+) -> impl Future<Output = ()> + Send + 'static {
+    controllers.follow(stop, move |now| {
+        let ids: Vec<String> = now.keys().cloned().collect();
+        if ids.is_empty() {
+            return;
         }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            r = controllers.changed() => if r.is_err() { return },
+        let mut s = state.lock();
+        if s.ownership.set_controllers(ids.clone(), vnodes) {
+            let ControllerState {
+                members,
+                streams,
+                ownership,
+            } = &mut *s;
+            members.retain_keys(|k| ownership.owns(k));
+            streams.retain(|k| ownership.owns(k));
+            metrics.ring_changes.inc();
+            tracing::info!(
+                controllers = ids.len(),
+                "controller ring changed; waiting for connect-nodes to re-sync"
+            );
         }
-    }
+    })
 }

@@ -121,15 +121,17 @@ pub async fn run(
         connect_timeout: Duration::from_secs(2),
         tls: cfg.grpc_tls.clone(),
     };
-    // The peers known now are in place before the API serves its first
-    // call; the tasks keep them in step afterwards.
+    // `follow` installs the peers known now before the API serves its
+    // first call; the tasks keep them in step afterwards.
     let controllers = pool::ControllerRing::new(cfg.ring_vnodes, dialer.clone());
-    controllers.rebuild(&peers.controllers.current());
-    tokio::spawn(controllers.clone().follow(peers.controllers, tasks.clone()));
+    tokio::spawn(peers.controllers.follow(tasks.clone(), {
+        let ring = controllers.clone();
+        move |m| ring.rebuild(m)
+    }));
     let nodes = pool::NodePool::new(metrics.node_connections.clone(), dialer);
     if let Some(w) = peers.nodes {
-        nodes.sync(&w.current());
-        tokio::spawn(nodes.clone().follow(w, tasks.clone()));
+        let pool = nodes.clone();
+        tokio::spawn(w.follow(tasks.clone(), move |m| pool.sync(m)));
     }
     let stats = {
         let (nodes, controllers, node_id) =

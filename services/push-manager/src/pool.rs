@@ -6,13 +6,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use barrage_discovery::Members;
 use barrage_discovery::ring::Ring;
-use barrage_discovery::{MemberWatch, Members};
 use barrage_proto::v1::connect_node_client::ConnectNodeClient;
 use barrage_proto::v1::controller_client::ControllerClient;
 use parking_lot::RwLock;
 use prometheus::IntGauge;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 /// How channels are dialled: deadline and TLS.
@@ -125,17 +124,6 @@ impl NodePool {
         ids.sort();
         ids
     }
-
-    /// Keeps the pool in step with `watch` until `stop`.
-    pub async fn follow(self: Arc<Self>, mut watch: MemberWatch, stop: CancellationToken) {
-        loop {
-            self.sync(&watch.current());
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                r = watch.changed() => if r.is_err() { return },
-            }
-        }
-    }
 }
 
 /// A controller's address and client, as held on the ring.
@@ -194,16 +182,5 @@ impl ControllerRing {
             entries.push((id.clone(), entry));
         }
         *self.ring.write() = Arc::new(Ring::new(entries, self.vnodes));
-    }
-
-    /// Keeps the ring in step with `watch` until `stop`.
-    pub async fn follow(self: Arc<Self>, mut watch: MemberWatch, stop: CancellationToken) {
-        loop {
-            self.rebuild(&watch.current());
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                r = watch.changed() => if r.is_err() { return },
-            }
-        }
     }
 }
