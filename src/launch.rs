@@ -232,22 +232,10 @@ async fn dev(d: DevPlan) -> anyhow::Result<()> {
                 tls: barrage_proto::GrpcTls::plaintext(),
             }),
             // Every room takes comments from its members in dev.
-            publish: Some(barrage_connect_node::publish::PublishSettings {
-                api: api_addr.to_string(),
-                tls: barrage_proto::GrpcTls::plaintext(),
-                rooms: vec!["*".into()],
-                claim_rooms: Vec::new(),
-                max_chars: 200,
-                user_per_sec: 10,
-                user_burst: 20,
-                room_per_sec: 0,
-                dedup_window: std::time::Duration::from_secs(5),
-                words_file: None,
-                words_mode: barrage_connect_node::publish::WordsMode::Reject,
-                blocklist_file: None,
-                mutes_file: None,
-                moderation: None,
-            }),
+            publish: Some(barrage_connect_node::publish::PublishSettings::open(
+                api_addr.to_string(),
+                vec!["*".into()],
+            )),
             ..d.node
         },
         node,

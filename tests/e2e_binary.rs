@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use barrage_client::{Client, Format, connect_url};
-use barrage_connect_node::publish::{PublishSettings, WordsMode};
+use barrage_connect_node::publish::PublishSettings;
 use barrage_protocol::binary::{self, Compression, FLAG_DEFLATE, FrameType, MAGIC};
 use barrage_protocol::{ClientFrame, MessageFrame, ServerFrame};
 use barrage_testkit::cluster::{TestCluster, within};
@@ -28,20 +28,9 @@ async fn cluster() -> anyhow::Result<TestCluster> {
         cfg.batch_max = 8;
         cfg.binary_compression = Compression::above(200);
         cfg.publish = Some(PublishSettings {
-            api,
-            tls: barrage_proto::GrpcTls::plaintext(),
-            rooms: vec!["live-*".into()],
-            claim_rooms: vec![],
-            max_chars: 200,
             user_per_sec: 50,
             user_burst: 50,
-            room_per_sec: 0,
-            dedup_window: Duration::from_secs(5),
-            words_file: None,
-            words_mode: WordsMode::Reject,
-            blocklist_file: None,
-            mutes_file: None,
-            moderation: None,
+            ..PublishSettings::open(api, vec!["live-*".into()])
         });
     })
     .await?;

@@ -22,20 +22,13 @@ async fn cluster(words: &std::path::Path) -> anyhow::Result<TestCluster> {
     let words = words.to_path_buf();
     c.start_node_with("n", move |cfg| {
         cfg.publish = Some(PublishSettings {
-            api,
-            tls: barrage_proto::GrpcTls::plaintext(),
-            rooms: vec!["live-*".into(), "vip-*".into()],
             claim_rooms: vec!["vip-*".into()],
             max_chars: 20,
             user_per_sec: 3,
             user_burst: 3,
-            room_per_sec: 0,
-            dedup_window: Duration::from_secs(5),
             words_file: Some(words),
             words_mode: WordsMode::Mask,
-            blocklist_file: None,
-            mutes_file: None,
-            moderation: None,
+            ..PublishSettings::open(api, vec!["live-*".into(), "vip-*".into()])
         });
     })
     .await?;
@@ -344,17 +337,8 @@ async fn blocklist_mutes_and_a_moderation_service() -> anyhow::Result<()> {
     let (b, m) = (blocked.clone(), mutes.clone());
     c.start_node_with("n", move |cfg| {
         cfg.publish = Some(PublishSettings {
-            api,
-            tls: barrage_proto::GrpcTls::plaintext(),
-            rooms: vec!["live-*".into()],
-            claim_rooms: Vec::new(),
-            max_chars: 200,
             user_per_sec: 50,
             user_burst: 50,
-            room_per_sec: 0,
-            dedup_window: Duration::from_secs(5),
-            words_file: None,
-            words_mode: WordsMode::Reject,
             blocklist_file: Some(b),
             mutes_file: Some(m),
             moderation: Some(barrage_connect_node::publish::ModerationHook {
@@ -362,6 +346,7 @@ async fn blocklist_mutes_and_a_moderation_service() -> anyhow::Result<()> {
                 timeout: Duration::from_millis(150),
                 fail_open: false,
             }),
+            ..PublishSettings::open(api, vec!["live-*".into()])
         });
     })
     .await?;
@@ -442,20 +427,9 @@ async fn a_room_where_a_few_publish_and_everyone_sees_the_same_comments_once() -
         let api = api.clone();
         c.start_node_with(node, move |cfg| {
             cfg.publish = Some(PublishSettings {
-                api,
-                tls: barrage_proto::GrpcTls::plaintext(),
-                rooms: vec!["arena".into()],
-                claim_rooms: Vec::new(),
-                max_chars: 200,
                 user_per_sec: 100,
                 user_burst: 100,
-                room_per_sec: 0,
-                dedup_window: Duration::from_secs(5),
-                words_file: None,
-                words_mode: WordsMode::Reject,
-                blocklist_file: None,
-                mutes_file: None,
-                moderation: None,
+                ..PublishSettings::open(api, vec!["arena".into()])
             });
         })
         .await?;

@@ -78,6 +78,32 @@ pub struct PublishSettings {
     pub moderation: Option<ModerationHook>,
 }
 
+impl PublishSettings {
+    /// Members of `rooms` may publish, through the push-manager at `api`
+    /// (plaintext), with the defaults of `barrage connect-node`: comments
+    /// of up to 200 characters, 10 per second per user (bursts of 20), no
+    /// room limit, duplicates dropped within 5 s, no word list, blocklist,
+    /// mutes or moderation.
+    pub fn open(api: impl Into<String>, rooms: Vec<String>) -> Self {
+        PublishSettings {
+            api: api.into(),
+            tls: barrage_proto::GrpcTls::plaintext(),
+            rooms,
+            claim_rooms: Vec::new(),
+            max_chars: 200,
+            user_per_sec: 10,
+            user_burst: 20,
+            room_per_sec: 0,
+            dedup_window: Duration::from_secs(5),
+            words_file: None,
+            words_mode: WordsMode::Reject,
+            blocklist_file: None,
+            mutes_file: None,
+            moderation: None,
+        }
+    }
+}
+
 /// A moderation service and how to treat it when it does not answer.
 #[derive(Debug, Clone)]
 pub struct ModerationHook {
