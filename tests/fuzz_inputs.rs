@@ -37,6 +37,25 @@ fn frame_like() -> impl Strategy<Value = String> {
     ]
 }
 
+/// Sends `frames`, then a ping: the connection must still be serving and
+/// answer it with `pong`.
+async fn answers_ping_after(
+    c: &mut Client,
+    frames: impl Iterator<Item = Message>,
+) -> Result<(), TestCaseError> {
+    for f in frames {
+        c.send_raw(f).await.expect("sent");
+    }
+    c.send(&ClientFrame::Ping).await.expect("ping sent");
+    loop {
+        match within(T, "answers", c.next_frame()).await.expect("in time") {
+            Ok(Some(ServerFrame::Pong)) => return Ok(()),
+            Ok(Some(_)) => continue,
+            other => prop_assert!(false, "connection ended: {other:?}"),
+        }
+    }
+}
+
 /// Byte strings that look like binary frames more often than random bytes
 /// do: valid frames with bytes flipped, cut or appended, and valid headers
 /// in front of random bodies.
@@ -256,22 +275,14 @@ proptest! {
                 .expect("in time")
                 .expect("connects");
             prop_assert_eq!(c.format(), Format::Binary);
-            for f in &frames {
-                if matches!(binary::decode_client_frame(f, 64 * 1024), Ok(ClientFrame::Refresh { .. })) {
-                    continue;
-                }
-                c.send_raw(Message::Binary(f.clone().into())).await.expect("sent");
-            }
-            c.send(&ClientFrame::Ping).await.expect("ping sent");
-            loop {
-                match within(T, "answers", c.next_frame()).await.expect("in time") {
-                    Ok(Some(ServerFrame::Pong)) => break,
-                    Ok(Some(_)) => continue,
-                    other => prop_assert!(false, "connection ended: {other:?}"),
-                }
-            }
+            // Refresh needs a token-authenticated connection; skip it here.
+            let sent = frames
+                .iter()
+                .filter(|f| !matches!(binary::decode_client_frame(f, 64 * 1024), Ok(ClientFrame::Refresh { .. })))
+                .map(|f| Message::Binary(f.clone().into()));
+            answers_ping_after(&mut c, sent).await?;
             let _ = c.close().await;
-            Ok(())
+            Ok::<(), TestCaseError>(())
         })?;
     }
 
@@ -281,23 +292,14 @@ proptest! {
         rt.block_on(async {
             let url = connect_url(&cluster.nodes[0].ws_url(), "fuzzer", &[]);
             let mut c = within(T, "connect", Client::connect(&url)).await.expect("in time").expect("connects");
-            for f in &frames {
-                // Refresh needs a token-authenticated connection; skip it here.
-                if matches!(parse_client_frame(f), Ok(ClientFrame::Refresh { .. })) {
-                    continue;
-                }
-                c.send_raw(Message::Text(f.as_str().into())).await.expect("sent");
-            }
-            c.send(&ClientFrame::Ping).await.expect("ping sent");
-            loop {
-                match within(T, "answers", c.next_frame()).await.expect("in time") {
-                    Ok(Some(ServerFrame::Pong)) => break,
-                    Ok(Some(_)) => continue,
-                    other => prop_assert!(false, "connection ended: {other:?}"),
-                }
-            }
+            // Refresh needs a token-authenticated connection; skip it here.
+            let sent = frames
+                .iter()
+                .filter(|f| !matches!(parse_client_frame(f), Ok(ClientFrame::Refresh { .. })))
+                .map(|f| Message::Text(f.as_str().into()));
+            answers_ping_after(&mut c, sent).await?;
             let _ = c.close().await;
-            Ok(())
+            Ok::<(), TestCaseError>(())
         })?;
     }
 }

@@ -5,13 +5,16 @@ import json
 import subprocess
 
 
-def test_bench_smoke(barrage_bin):
-    p = subprocess.run(
-        [str(barrage_bin), "bench", "--subscribers", "40", "--rate", "20", "--duration-secs", "2", "--sources", "3"],
-        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-    )
+def run_bench(barrage_bin, *args, timeout=180):
+    p = subprocess.run([str(barrage_bin), "bench", *args], capture_output=True, text=True, timeout=timeout,
+                       stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stderr
-    s = json.loads(p.stdout)
+    return json.loads(p.stdout)
+
+
+def test_bench_smoke(barrage_bin):
+    s = run_bench(barrage_bin, "--subscribers", "40", "--rate", "20", "--duration-secs", "2", "--sources", "3",
+                  timeout=120)
     assert s["scenario"] == "room-fanout"
     assert s["subscribers"] == 40 and s["connect_errors"] == 0
     assert s["pushes"] >= 1 and s["push_failures"] == 0
@@ -32,13 +35,8 @@ def test_bench_refuses_unbounded_runs(barrage_bin):
 def test_bench_side_by_side_with_nchan(barrage_bin):
     """The same small room fan-out against barrage and Nchan in one run;
     both deliver everything and the summary carries the ratios."""
-    p = subprocess.run(
-        [str(barrage_bin), "bench", "--subscribers", "30", "--rate", "20", "--duration-secs", "2", "--sources", "2",
-         "--compare", "nchan"],
-        capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
-    )
-    assert p.returncode == 0, p.stderr
-    s = json.loads(p.stdout)
+    s = run_bench(barrage_bin, "--subscribers", "30", "--rate", "20", "--duration-secs", "2", "--sources", "2",
+                  "--compare", "nchan")
     for server in ("barrage", "nchan"):
         r = s[server]
         assert r["server"] == server
@@ -55,25 +53,13 @@ def test_bench_side_by_side_with_nchan(barrage_bin):
 def test_bench_bandwidth_counts_every_comment(barrage_bin):
     """Bytes per comment for every format; binary is smaller than JSON
     (byte counts of fixed inputs, not timings)."""
-    p = subprocess.run(
-        [str(barrage_bin), "bench", "--scenario", "bandwidth", "--comments", "200", "--rate", "400"],
-        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
-    )
-    assert p.returncode == 0, p.stderr
-    s = json.loads(p.stdout)
+    s = run_bench(barrage_bin, "--scenario", "bandwidth", "--comments", "200", "--rate", "400", timeout=300)
     rows = {(r["format"], r["batching"], r["compression"]): r for r in s["results"]}
     assert len(rows) == 6
     assert all(r["comments_received"] == 200 for r in rows.values())
     json_single = rows[("json", False, False)]["bytes_per_comment"]
     assert rows[("binary", False, False)]["bytes_per_comment"] < json_single
     assert rows[("binary", True, True)]["bytes_per_comment"] < rows[("binary", True, False)]["bytes_per_comment"]
-
-
-def run_bench(barrage_bin, *args, timeout=180):
-    p = subprocess.run([str(barrage_bin), "bench", *args], capture_output=True, text=True, timeout=timeout,
-                       stdin=subprocess.DEVNULL)
-    assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout)
 
 
 def test_bench_push_to_user_reaches_each_user_once(barrage_bin):
