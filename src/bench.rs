@@ -104,10 +104,10 @@ impl Server {
     }
 }
 
-/// Waits until `GET /readyz` on `addr` answers 200.
-async fn wait_ready(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
+/// Waits until `GET path` on `addr` answers 200 (at most 30 s).
+async fn wait_ready(addr: SocketAddr, path: &str, what: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !http_ok(addr, "/readyz").await {
+    while !http_ok(addr, path).await {
         if Instant::now() > deadline {
             bail!("{what} did not become ready on {addr}");
         }
@@ -148,7 +148,7 @@ pub(crate) async fn start_cluster(nodes: usize) -> anyhow::Result<Server> {
             ("METRICS_PORT", p[1].to_string()),
         ],
     )?];
-    wait_ready(localhost(p[1]), "the controller").await?;
+    wait_ready(localhost(p[1]), "/readyz", "the controller").await?;
     children.push(spawn_role(
         "push-manager",
         &[
@@ -176,7 +176,7 @@ pub(crate) async fn start_cluster(nodes: usize) -> anyhow::Result<Server> {
         ready.push(localhost(metrics));
     }
     for addr in ready {
-        wait_ready(addr, "a barrage process").await?;
+        wait_ready(addr, "/readyz", "a barrage process").await?;
     }
     Ok(Server {
         children,
@@ -212,7 +212,12 @@ pub(crate) async fn start_server(env: &[(&str, String)]) -> anyhow::Result<Serve
         .kill_on_drop(true)
         .spawn()
         .context("starting barrage dev")?;
-    wait_ready(SocketAddr::from(([127, 0, 0, 1], metrics)), "barrage dev").await?;
+    wait_ready(
+        SocketAddr::from(([127, 0, 0, 1], metrics)),
+        "/readyz",
+        "barrage dev",
+    )
+    .await?;
     Ok(Server {
         children: vec![child],
         ws: vec![SocketAddr::from(([127, 0, 0, 1], p[0]))],
@@ -580,15 +585,11 @@ async fn start_nchan() -> anyhow::Result<Nginx> {
         .spawn()
         .context("starting nginx")?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !http_ok(addr, "/healthz").await {
-        if Instant::now() > deadline {
-            bail!(
-                "nginx did not answer on {addr}: {}",
-                std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if let Err(e) = wait_ready(addr, "/healthz", "nginx").await {
+        bail!(
+            "{e}: {}",
+            std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+        );
     }
     Ok(Nginx {
         child,

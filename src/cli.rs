@@ -93,10 +93,10 @@ struct BenchArgs {
     /// WebSocket subscribers in the room (1–100000; mind the open-file limit).
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
-    /// Pushes per second; 0 pushes as fast as --in-flight allows
-    /// (bandwidth: comments per second, default 1000).
-    #[arg(long, default_value_t = 20)]
-    rate: u32,
+    /// Pushes per second, default 20; 0 pushes as fast as --in-flight
+    /// allows (bandwidth: comments per second, default 1000).
+    #[arg(long)]
+    rate: Option<u32>,
     /// Pushes in flight at once when --rate is 0.
     #[arg(long, default_value_t = 32)]
     in_flight: usize,
@@ -1209,7 +1209,7 @@ impl Cli {
                 if !(1..=100_000).contains(&a.comments) {
                     return Err(bad("--comments", "must be 1 to 100000"));
                 }
-                let rate = if a.rate == 20 { 1000 } else { a.rate };
+                let rate = a.rate.unwrap_or(1000);
                 if !(1..=20_000).contains(&rate) {
                     return Err(bad(
                         "--rate",
@@ -1269,7 +1269,7 @@ impl Cli {
                 }
                 Plan::Bench(crate::bench::BenchPlan {
                     subscribers: a.subscribers,
-                    rate: a.rate,
+                    rate: a.rate.unwrap_or(20),
                     in_flight: a.in_flight,
                     duration: Duration::from_secs(a.duration_secs),
                     max_pushes: a.max_pushes,
