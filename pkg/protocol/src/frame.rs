@@ -3,7 +3,7 @@
 //! Every frame is an object with a `type`. Clients send `join`, `leave` and
 //! `ping`; the server sends `connected`, `message`, `joined`, `left`,
 //! `error` and `pong`. A `message` frame for a fan-out is encoded once by
-//! [`encode_message_frame`] and the same bytes go to every recipient.
+//! [`encode_message`] and the same bytes go to every recipient.
 
 use std::collections::BTreeMap;
 
@@ -233,35 +233,6 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
     })
 }
 
-/// Encodes a `message` frame once, ready to be shared by every recipient.
-///
-/// `content` is embedded as JSON when it parses as JSON, as a JSON string
-/// otherwise; a non-empty `binary` payload is sent base64-encoded as
-/// `data_b64` instead.
-#[allow(clippy::too_many_arguments)]
-pub fn encode_message_frame(
-    stream: &str,
-    id: &str,
-    epoch: u64,
-    seq: u64,
-    event: &str,
-    content: &str,
-    binary: &[u8],
-    timestamp_ms: i64,
-) -> Bytes {
-    encode_message(&MessageParts {
-        stream,
-        id,
-        epoch,
-        seq,
-        event,
-        content,
-        binary,
-        timestamp_ms,
-        from: "",
-    })
-}
-
 /// Everything a `message` frame carries.
 #[derive(Debug, Clone, Copy)]
 pub struct MessageParts<'a> {
@@ -286,6 +257,10 @@ pub struct MessageParts<'a> {
 }
 
 /// Encodes a `message` frame once, to be shared by every recipient.
+///
+/// `content` is embedded as JSON when it parses as JSON, as a JSON string
+/// otherwise; a non-empty `binary` payload is sent base64-encoded as
+/// `data_b64` instead.
 pub fn encode_message(p: &MessageParts<'_>) -> Bytes {
     let MessageParts {
         stream,
@@ -337,6 +312,30 @@ fn push_json_str(out: &mut Vec<u8>, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[allow(clippy::too_many_arguments)]
+    fn encode_message_frame(
+        stream: &str,
+        id: &str,
+        epoch: u64,
+        seq: u64,
+        event: &str,
+        content: &str,
+        binary: &[u8],
+        timestamp_ms: i64,
+    ) -> Bytes {
+        encode_message(&MessageParts {
+            stream,
+            id,
+            epoch,
+            seq,
+            event,
+            content,
+            binary,
+            timestamp_ms,
+            from: "",
+        })
+    }
 
     fn decode(b: &Bytes) -> MessageFrame {
         match serde_json::from_slice::<ServerFrame>(b).unwrap() {

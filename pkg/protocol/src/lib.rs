@@ -15,6 +15,6 @@ mod ids;
 pub use close::CloseCode;
 pub use frame::{
     ClientFrame, FrameError, MessageFrame, MessageParts, ServerFrame, StreamState, encode_message,
-    encode_message_frame, format_positions, parse_client_frame, parse_positions,
+    format_positions, parse_client_frame, parse_positions,
 };
 pub use ids::{IdError, MAX_ID_LEN, NodeId, RoomId, StreamKey, StreamPos, UserId};
