@@ -353,18 +353,23 @@ impl MemberWatch {
         stop: CancellationToken,
         mut apply: impl FnMut(&Members) + Send + 'static,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let now = self.rx.borrow_and_update().clone();
-        apply(&now);
+        apply(&self.seen());
+        // The task owns the whole watch (methods, not fields): a fixed
+        // watch's sender must live as long as the task, or `changed` ends.
         async move {
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    r = self.rx.changed() => if r.is_err() { return },
+                    r = self.changed() => if r.is_err() { return },
                 }
-                let now = self.rx.borrow_and_update().clone();
-                apply(&now);
+                apply(&self.seen());
             }
         }
+    }
+
+    /// Current members, marked as seen.
+    fn seen(&mut self) -> Arc<Members> {
+        self.rx.borrow_and_update().clone()
     }
 
     /// Waits for the next change; Err when the watch has ended.
@@ -441,6 +446,32 @@ mod tests {
         .await
         .expect("the change is applied");
         assert_eq!(seen.lock()[0], vec!["a".to_owned()], "the first state once");
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("stops")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn following_a_fixed_watch_lasts_until_stopped() {
+        let mut members = Members::new();
+        members.insert("c".into(), member("c"));
+        let applied = Arc::new(AtomicI64::new(0));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(MemberWatch::fixed(members).follow(stop.clone(), {
+            let applied = applied.clone();
+            move |m| {
+                applied.fetch_add(m.len() as i64, Ordering::SeqCst);
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!task.is_finished(), "a fixed watch never ends by itself");
+        assert_eq!(
+            applied.load(Ordering::SeqCst),
+            1,
+            "applied once, at the start"
+        );
         stop.cancel();
         tokio::time::timeout(Duration::from_secs(5), task)
             .await
