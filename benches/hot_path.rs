@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use barrage_connect_node::hub::{Hub, Outbound, Wire};
+use barrage_connect_node::hub::{DEFAULT_SHARDS, Hub, Outbound, Wire};
 use barrage_controller::state::Membership;
 use barrage_discovery::ring::Ring;
 use barrage_proto::v1::session_change::Kind;
@@ -136,8 +136,16 @@ fn local_fanout(c: &mut Criterion) {
     let _guard = rt.enter();
     let mut g = c.benchmark_group("hub_deliver_room");
     g.measurement_time(Duration::from_secs(3));
-    for members in [1_000usize, 10_000] {
-        let hub = Hub::detached(1 << 20, &prometheus::Registry::new()).expect("hub");
+    // The default sharding against one shard: what a room fan-out pays for
+    // reading the shards one after another.
+    for (members, shards) in [
+        (1_000usize, DEFAULT_SHARDS),
+        (10_000, DEFAULT_SHARDS),
+        (10_000, 1),
+    ] {
+        let hub = Hub::detached(1 << 20, &prometheus::Registry::new())
+            .expect("hub")
+            .with_shards(shards);
         let room = RoomId::new("stage").expect("room");
         let mut queues = Vec::with_capacity(members);
         for i in 0..members {
@@ -152,7 +160,7 @@ fn local_fanout(c: &mut Criterion) {
         let key = StreamKey::Room(room);
         let exclude = HashSet::new();
         g.throughput(Throughput::Elements(members as u64));
-        g.bench_function(BenchmarkId::from_parameter(members), |b| {
+        g.bench_function(BenchmarkId::new(format!("shards-{shards}"), members), |b| {
             b.iter_custom(|iters| {
                 let start = Instant::now();
                 for _ in 0..iters {

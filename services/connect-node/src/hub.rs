@@ -1,13 +1,16 @@
 //! The connections a connect-node holds, indexed by room and user, and the
 //! local half of a fan-out: one encoded frame handed to many send queues.
 //!
-//! Every change to who is connected where is reported to the owning
-//! controller *while the hub lock is held*, so a full state snapshot taken
-//! under the same lock never misses or double-counts a change in flight.
+//! The state is sharded by user. Every change to who is connected where is
+//! reported to the owning controller *while its shard is write-locked*, and
+//! a full state snapshot is taken with every shard read-locked, so it never
+//! misses or double-counts a change in flight.
 
+use std::collections::hash_map::{Entry, RandomState};
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use axum::extract::ws::Utf8Bytes;
 use barrage_proto::v1::{KeyState, session_change::Kind};
@@ -16,7 +19,7 @@ use barrage_protocol::{
     CloseCode, MessageParts, RoomId, ServerFrame, StreamKey, UserId, encode_message,
 };
 use bytes::Bytes;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -190,6 +193,8 @@ impl ConnHandle {
     }
 }
 
+/// One shard of the hub: every connection of the users that hash to it,
+/// with the shard's part of each room.
 #[derive(Default)]
 struct State {
     conns: HashMap<ConnId, Arc<ConnHandle>>,
@@ -222,9 +227,23 @@ pub struct Delivery {
     pub dropped: u32,
 }
 
+/// Shards of a hub unless told otherwise.
+pub const DEFAULT_SHARDS: usize = 32;
+
 /// Every connection of this node, by id, room and user.
+///
+/// The state is split into shards by user: all connections of a user, and
+/// their room memberships, live in one shard, so connecting, joining and
+/// leaving lock one shard, a push to a user reads one shard, and a room or
+/// broadcast fan-out reads the shards one after another. No lock is held
+/// across an `.await`.
 pub struct Hub {
-    state: RwLock<State>,
+    shards: Box<[RwLock<State>]>,
+    hasher: RandomState,
+    /// Open connections, over all shards.
+    connections: AtomicUsize,
+    /// For every room: how many shards hold members of it.
+    room_shards: Mutex<HashMap<RoomId, u32>>,
     next_id: AtomicU64,
     reporter: Arc<Reporter>,
     metrics: Metrics,
@@ -236,13 +255,28 @@ impl Hub {
     /// An empty hub reporting through `reporter`; send queues hold `queue_len` frames.
     pub fn new(reporter: Arc<Reporter>, metrics: Metrics, queue_len: usize) -> Self {
         Hub {
-            state: RwLock::new(State::default()),
+            shards: Self::empty_shards(DEFAULT_SHARDS),
+            hasher: RandomState::new(),
+            connections: AtomicUsize::new(0),
+            room_shards: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             reporter,
             metrics,
             queue_len: queue_len.max(1),
             compression: Compression::OFF,
         }
+    }
+
+    fn empty_shards(n: usize) -> Box<[RwLock<State>]> {
+        (0..n.max(1)).map(|_| RwLock::default()).collect()
+    }
+
+    /// The same hub split into `n` shards (at least one). Only for a hub
+    /// that holds no connection yet.
+    pub fn with_shards(mut self, n: usize) -> Self {
+        debug_assert_eq!(self.connection_count(), 0);
+        self.shards = Self::empty_shards(n);
+        self
     }
 
     /// Binary frames of at least `c` body bytes are compressed.
@@ -254,6 +288,12 @@ impl Hub {
     /// How this node compresses binary frames.
     pub fn compression(&self) -> Compression {
         self.compression
+    }
+
+    /// The shard holding `user`'s connections.
+    fn shard(&self, user: &UserId) -> &RwLock<State> {
+        let i = self.hasher.hash_one(user.as_str()) as usize % self.shards.len();
+        &self.shards[i]
     }
 
     /// Encodes a stream message once, in every format, for all recipients.
@@ -285,15 +325,17 @@ impl Hub {
             key: StreamKey::User(user.clone()).to_string(),
             user: user.clone(),
         }];
-        let mut st = self.state.write();
+        let mut st = self.shard(&user).write();
         st.conns.insert(id, conn.clone());
         st.users
             .entry(user.clone())
             .or_default()
             .insert(id, conn.clone());
         let joined = st.conn_rooms.entry(id).or_default();
+        let mut added = Vec::new();
         for room in rooms {
             if joined.insert(room.clone()) {
+                added.push(room);
                 changes.push(Change {
                     kind: Kind::Join,
                     key: StreamKey::Room(room.clone()).to_string(),
@@ -301,14 +343,12 @@ impl Hub {
                 });
             }
         }
-        for room in rooms {
-            st.rooms
-                .entry(room.clone())
-                .or_default()
-                .insert(id, conn.clone());
+        for room in added {
+            self.add_to_room(&mut st, room, &conn);
         }
+        self.connections.fetch_add(1, Ordering::Relaxed);
         let ack = self.reporter.enqueue(changes);
-        self.observe(&st);
+        self.observe();
         drop(st);
         self.metrics.connects.inc();
         (conn, rx, ack)
@@ -316,33 +356,30 @@ impl Hub {
 
     /// Adds a connection to a room. `None` when it was already a member.
     pub fn join(&self, conn: &Arc<ConnHandle>, room: &RoomId) -> Option<Ack> {
-        let mut st = self.state.write();
+        let mut st = self.shard(&conn.user).write();
         let rooms = st.conn_rooms.get_mut(&conn.id)?;
         if !rooms.insert(room.clone()) {
             return None;
         }
-        st.rooms
-            .entry(room.clone())
-            .or_default()
-            .insert(conn.id, conn.clone());
+        self.add_to_room(&mut st, room, conn);
         let ack = self.reporter.enqueue(vec![Change {
             kind: Kind::Join,
             key: StreamKey::Room(room.clone()).to_string(),
             user: conn.user.clone(),
         }]);
-        self.observe(&st);
+        self.observe();
         Some(ack)
     }
 
     /// Removes a connection from a room. Returns whether it was a member.
     pub fn leave(&self, conn: &ConnHandle, room: &RoomId) -> bool {
-        let mut st = self.state.write();
+        let mut st = self.shard(&conn.user).write();
         let removed = st
             .conn_rooms
             .get_mut(&conn.id)
             .is_some_and(|r| r.remove(room));
         if removed {
-            Self::remove_from_room(&mut st, room, conn.id);
+            self.remove_from_room(&mut st, room, conn.id);
             // Nobody waits for a leave: pushes to a room it left are
             // filtered locally anyway.
             drop(self.reporter.enqueue(vec![Change {
@@ -350,7 +387,7 @@ impl Hub {
                 key: StreamKey::Room(room.clone()).to_string(),
                 user: conn.user.clone(),
             }]));
-            self.observe(&st);
+            self.observe();
         }
         removed
     }
@@ -358,13 +395,12 @@ impl Hub {
     /// Removes every local member from `room`, telling each with a `left`
     /// frame. Returns how many connections were removed.
     pub fn close_room(&self, room: &RoomId) -> usize {
-        let members: Vec<Arc<ConnHandle>> = self
-            .state
-            .read()
-            .rooms
-            .get(room)
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
+        let mut members: Vec<Arc<ConnHandle>> = Vec::new();
+        for shard in &self.shards {
+            if let Some(m) = shard.read().rooms.get(room) {
+                members.extend(m.values().cloned());
+            }
+        }
         let left = ServerFrame::Left {
             room: room.to_string(),
         };
@@ -404,38 +440,43 @@ impl Hub {
 
     /// Open connections on this node.
     pub fn connection_count(&self) -> usize {
-        self.state.read().conns.len()
+        self.connections.load(Ordering::Relaxed)
     }
 
     /// Open connections of one user on this node.
     pub fn user_connection_count(&self, user: &UserId) -> usize {
-        self.state.read().users.get(user).map_or(0, HashMap::len)
+        self.shard(user)
+            .read()
+            .users
+            .get(user)
+            .map_or(0, HashMap::len)
     }
 
     /// Whether a connection is in `room`.
-    pub fn in_room(&self, conn: ConnId, room: &RoomId) -> bool {
-        self.state
+    pub fn in_room(&self, conn: &ConnHandle, room: &RoomId) -> bool {
+        self.shard(&conn.user)
             .read()
             .conn_rooms
-            .get(&conn)
+            .get(&conn.id)
             .is_some_and(|r| r.contains(room))
     }
 
     /// Number of rooms a connection is in.
-    pub fn room_count(&self, conn: ConnId) -> usize {
-        self.state
+    pub fn room_count(&self, conn: &ConnHandle) -> usize {
+        self.shard(&conn.user)
             .read()
             .conn_rooms
-            .get(&conn)
+            .get(&conn.id)
             .map_or(0, HashSet::len)
     }
 
     /// Removes a connection and everything it joined.
     pub fn disconnect(&self, conn: &ConnHandle) {
-        let mut st = self.state.write();
+        let mut st = self.shard(&conn.user).write();
         if st.conns.remove(&conn.id).is_none() {
             return;
         }
+        self.connections.fetch_sub(1, Ordering::Relaxed);
         let mut changes = vec![Change {
             kind: Kind::Disconnect,
             key: StreamKey::User(conn.user.clone()).to_string(),
@@ -448,7 +489,7 @@ impl Hub {
             }
         }
         for room in st.conn_rooms.remove(&conn.id).unwrap_or_default() {
-            Self::remove_from_room(&mut st, &room, conn.id);
+            self.remove_from_room(&mut st, &room, conn.id);
             changes.push(Change {
                 kind: Kind::Leave,
                 key: StreamKey::Room(room).to_string(),
@@ -456,14 +497,36 @@ impl Hub {
             });
         }
         drop(self.reporter.enqueue(changes));
-        self.observe(&st);
+        self.observe();
     }
 
-    fn remove_from_room(st: &mut State, room: &RoomId, id: ConnId) {
-        if let Some(members) = st.rooms.get_mut(room) {
-            members.remove(&id);
-            if members.is_empty() {
-                st.rooms.remove(room);
+    /// Puts `conn` in the shard's part of `room`, counting the room when
+    /// it is new to the shard.
+    fn add_to_room(&self, st: &mut State, room: &RoomId, conn: &Arc<ConnHandle>) {
+        match st.rooms.entry(room.clone()) {
+            Entry::Occupied(mut e) => {
+                e.get_mut().insert(conn.id, conn.clone());
+            }
+            Entry::Vacant(e) => {
+                e.insert(HashMap::from([(conn.id, conn.clone())]));
+                *self.room_shards.lock().entry(room.clone()).or_default() += 1;
+            }
+        }
+    }
+
+    fn remove_from_room(&self, st: &mut State, room: &RoomId, id: ConnId) {
+        let Some(members) = st.rooms.get_mut(room) else {
+            return;
+        };
+        members.remove(&id);
+        if members.is_empty() {
+            st.rooms.remove(room);
+            let mut rooms = self.room_shards.lock();
+            if let Entry::Occupied(mut e) = rooms.entry(room.clone()) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
             }
         }
     }
@@ -476,7 +539,6 @@ impl Hub {
         frame: &Outbound,
         exclude: &HashSet<&str>,
     ) -> Delivery {
-        let st = self.state.read();
         let mut d = Delivery::default();
         let mut bytes = 0;
         let mut send = |c: &Arc<ConnHandle>| {
@@ -493,21 +555,24 @@ impl Hub {
             }
         };
         match stream {
-            StreamKey::Room(r) => st
-                .rooms
-                .get(r)
-                .into_iter()
-                .flat_map(|m| m.values())
-                .for_each(&mut send),
-            StreamKey::User(u) => st
-                .users
-                .get(u)
-                .into_iter()
-                .flat_map(|m| m.values())
-                .for_each(&mut send),
-            StreamKey::Broadcast => st.conns.values().for_each(&mut send),
+            StreamKey::Room(r) => {
+                for shard in &self.shards {
+                    if let Some(m) = shard.read().rooms.get(r) {
+                        m.values().for_each(&mut send);
+                    }
+                }
+            }
+            StreamKey::User(u) => {
+                if let Some(m) = self.shard(u).read().users.get(u) {
+                    m.values().for_each(&mut send);
+                }
+            }
+            StreamKey::Broadcast => {
+                for shard in &self.shards {
+                    shard.read().conns.values().for_each(&mut send);
+                }
+            }
         }
-        drop(st);
         self.metrics.frames_delivered.inc_by(u64::from(d.delivered));
         self.metrics.bytes_delivered.inc_by(bytes);
         if d.dropped > 0 {
@@ -516,68 +581,84 @@ impl Hub {
         d
     }
 
-    /// Full state of the keys `owned` selects, for a controller sync.
-    /// Called by the reporter with the hub lock held via [`Hub::with_snapshot`].
-    fn key_states(st: &State, owned: &dyn Fn(&str) -> bool) -> Vec<KeyState> {
+    /// Full state of the keys `owned` selects, from every shard.
+    fn key_states(
+        shards: &[RwLockReadGuard<'_, State>],
+        owned: &dyn Fn(&str) -> bool,
+    ) -> Vec<KeyState> {
         let mut out = Vec::new();
-        for (user, conns) in &st.users {
-            let key = StreamKey::User(user.clone()).to_string();
-            if owned(&key) {
-                out.push(KeyState {
-                    key,
-                    users: [(user.to_string(), conns.len() as u32)]
-                        .into_iter()
-                        .collect(),
-                });
+        let mut rooms: HashMap<&RoomId, HashMap<String, u32>> = HashMap::new();
+        for st in shards {
+            // A user lives in one shard: its entry is whole.
+            for (user, conns) in &st.users {
+                let key = StreamKey::User(user.clone()).to_string();
+                if owned(&key) {
+                    out.push(KeyState {
+                        key,
+                        users: [(user.to_string(), conns.len() as u32)]
+                            .into_iter()
+                            .collect(),
+                    });
+                }
             }
-        }
-        for (room, conns) in &st.rooms {
-            let key = StreamKey::Room(room.clone()).to_string();
-            if owned(&key) {
-                let mut users: HashMap<String, u32> = HashMap::new();
+            for (room, conns) in &st.rooms {
+                let users = rooms.entry(room).or_default();
                 for c in conns.values() {
                     *users.entry(c.user.to_string()).or_default() += 1;
                 }
+            }
+        }
+        for (room, users) in rooms {
+            let key = StreamKey::Room(room.clone()).to_string();
+            if owned(&key) {
                 out.push(KeyState { key, users });
             }
         }
         out
     }
 
-    /// Runs `f` with a snapshot of the keys `owned` selects while the hub
-    /// lock is held, so no change can slip between the snapshot and `f`.
+    /// Runs `f` with a snapshot of the keys `owned` selects while every
+    /// shard is read-locked, so no change can slip between the snapshot
+    /// and `f` (changes are reported with their shard write-locked).
     pub fn with_snapshot<R>(
         &self,
         owned: &dyn Fn(&str) -> bool,
         f: impl FnOnce(Vec<KeyState>) -> R,
     ) -> R {
-        let st = self.state.read();
-        f(Self::key_states(&st, owned))
+        // Always taken in shard order; a writer holds one shard at a time.
+        let guards: Vec<_> = self.shards.iter().map(RwLock::read).collect();
+        f(Self::key_states(&guards, owned))
     }
 
     /// Every open connection (for shutdown).
     pub fn connections(&self) -> Vec<Arc<ConnHandle>> {
-        self.state.read().conns.values().cloned().collect()
+        let mut out = Vec::with_capacity(self.connection_count());
+        for shard in &self.shards {
+            out.extend(shard.read().conns.values().cloned());
+        }
+        out
     }
 
     /// Counts of connections, users and rooms.
     pub fn stats(&self) -> HubStats {
-        let st = self.state.read();
-        let depths = st.conns.values().map(|c| c.queued());
-        let (queued_frames, max_queue_depth) =
-            depths.fold((0, 0), |(sum, max), d| (sum + d, max.max(d)));
-        HubStats {
-            connections: st.conns.len(),
-            users: st.users.len(),
-            rooms: st.rooms.len(),
-            queued_frames,
-            max_queue_depth,
+        let mut s = HubStats::default();
+        for shard in &self.shards {
+            let st = shard.read();
+            s.connections += st.conns.len();
+            s.users += st.users.len();
+            for c in st.conns.values() {
+                let d = c.queued();
+                s.queued_frames += d;
+                s.max_queue_depth = s.max_queue_depth.max(d);
+            }
         }
+        s.rooms = self.room_shards.lock().len();
+        s
     }
 
-    fn observe(&self, st: &State) {
-        self.metrics.connections.set(st.conns.len() as i64);
-        self.metrics.rooms.set(st.rooms.len() as i64);
+    fn observe(&self) {
+        self.metrics.connections.set(self.connection_count() as i64);
+        self.metrics.rooms.set(self.room_shards.lock().len() as i64);
     }
 }
 
@@ -697,6 +778,66 @@ mod tests {
                 dropped: 0
             }
         );
+    }
+
+    /// Room members, user counts and snapshots are the same whether the
+    /// state is in one shard or spread over many.
+    #[test]
+    fn sharding_changes_nothing_a_caller_sees() {
+        let run = |shards: usize| {
+            let hub = hub(8).with_shards(shards);
+            let mut held = Vec::new();
+            for i in 0..64 {
+                let rooms = if i % 2 == 0 {
+                    vec![room("r"), room("even")]
+                } else {
+                    vec![room("r")]
+                };
+                held.push(hub.connect(user(&format!("u{}", i % 40)), &rooms, Wire::Json));
+            }
+            for (conn, _, _) in held.iter().step_by(5) {
+                hub.leave(conn, &room("r"));
+            }
+            for (conn, _, _) in held.iter().skip(1).step_by(7) {
+                hub.disconnect(conn);
+            }
+            let none = HashSet::new();
+            let room_d = hub.deliver(&StreamKey::Room(room("r")), &frame("x"), &none);
+            let all_d = hub.deliver(&StreamKey::Broadcast, &frame("y"), &none);
+            let user_d = hub.deliver(&StreamKey::User(user("u3")), &frame("z"), &none);
+            let mut snap: Vec<(String, Vec<(String, u32)>)> =
+                hub.with_snapshot(&|_| true, |keys| {
+                    keys.into_iter()
+                        .map(|k| {
+                            let mut users: Vec<_> = k.users.into_iter().collect();
+                            users.sort();
+                            (k.key, users)
+                        })
+                        .collect()
+                });
+            snap.sort();
+            let received: usize = held
+                .iter_mut()
+                .map(|(_, rx, _)| std::iter::from_fn(|| rx.try_recv().ok()).count())
+                .sum();
+            (room_d, all_d, user_d, hub.stats(), snap, received)
+        };
+        let one = run(1);
+        let many = run(16);
+        assert_eq!(one, many);
+        let (room_d, all_d, user_d, stats, snap, received) = one;
+        // 64 connections; 13 left room r; 9 disconnected, 2 of which had left.
+        assert_eq!(stats.connections, 55);
+        assert_eq!(all_d.delivered, 55);
+        assert_eq!(room_d.delivered, 64 - 13 - 7);
+        assert_eq!(stats.rooms, 2);
+        assert!(user_d.delivered >= 1);
+        assert_eq!(
+            received as u32,
+            room_d.delivered + all_d.delivered + user_d.delivered
+        );
+        let r = snap.iter().find(|(k, _)| k == "room:r").unwrap();
+        assert_eq!(r.1.iter().map(|(_, n)| n).sum::<u32>(), room_d.delivered);
     }
 
     #[test]

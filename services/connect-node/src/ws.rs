@@ -853,7 +853,7 @@ async fn handle_frame(
                     format!("the token does not allow joining {room}"),
                 );
             }
-            if state.hub.room_count(conn.id) >= state.settings.max_rooms {
+            if state.hub.room_count(conn) >= state.settings.max_rooms {
                 return send_error(
                     state,
                     conn,
@@ -891,7 +891,7 @@ async fn handle_frame(
                     p.publish(
                         &conn.user,
                         claims.as_ref(),
-                        |r| state.hub.in_room(conn.id, r),
+                        |r| state.hub.in_room(conn, r),
                         room,
                         data,
                         reference,
