@@ -91,7 +91,8 @@ fn free_block3() -> anyhow::Result<u16> {
 }
 
 pub struct Server {
-    children: Vec<Child>,
+    /// Every server process, with the role it runs (`dev` for all of them).
+    children: Vec<(&'static str, Child)>,
     /// WebSocket address of every connect-node.
     pub(crate) ws: Vec<SocketAddr>,
     pub(crate) api: SocketAddr,
@@ -100,7 +101,20 @@ pub struct Server {
 impl Server {
     /// Every server process.
     pub(crate) fn pids(&self) -> Vec<u32> {
-        self.children.iter().filter_map(Child::id).collect()
+        self.children.iter().filter_map(|(_, c)| c.id()).collect()
+    }
+
+    /// The processes of each role, roles in start order.
+    pub(crate) fn pids_by_role(&self) -> Vec<(&'static str, Vec<u32>)> {
+        let mut roles: Vec<(&'static str, Vec<u32>)> = Vec::new();
+        for (role, c) in &self.children {
+            let Some(pid) = c.id() else { continue };
+            match roles.iter_mut().find(|(r, _)| r == role) {
+                Some((_, pids)) => pids.push(pid),
+                None => roles.push((role, vec![pid])),
+            }
+        }
+        roles
     }
 }
 
@@ -117,9 +131,9 @@ async fn wait_ready(addr: SocketAddr, path: &str, what: &str) -> anyhow::Result<
 }
 
 /// Starts one `barrage <role>` process with `env`.
-fn spawn_role(role: &str, env: &[(&str, String)]) -> anyhow::Result<Child> {
+fn spawn_role(role: &'static str, env: &[(&str, String)]) -> anyhow::Result<(&'static str, Child)> {
     let exe = std::env::current_exe().context("locating the barrage binary")?;
-    Command::new(exe)
+    let child = Command::new(exe)
         .arg(role)
         .env_remove("ETCD_ENDPOINTS")
         .env("RUST_LOG", "warn")
@@ -131,7 +145,8 @@ fn spawn_role(role: &str, env: &[(&str, String)]) -> anyhow::Result<Child> {
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("starting barrage {role}"))
+        .with_context(|| format!("starting barrage {role}"))?;
+    Ok((role, child))
 }
 
 /// Starts a controller, a push-manager and `nodes` connect-nodes, each its
@@ -219,7 +234,7 @@ pub(crate) async fn start_server(env: &[(&str, String)]) -> anyhow::Result<Serve
     )
     .await?;
     Ok(Server {
-        children: vec![child],
+        children: vec![("dev", child)],
         ws: vec![SocketAddr::from(([127, 0, 0, 1], p[0]))],
         api: SocketAddr::from(([127, 0, 0, 1], p[1])),
     })
@@ -432,6 +447,14 @@ impl Target {
         match self {
             Target::Barrage(s) => s.pids(),
             Target::Nchan(n) => n.child.id().into_iter().collect(),
+        }
+    }
+
+    /// The server processes of each role.
+    fn pids_by_role(&self) -> Vec<(&'static str, Vec<u32>)> {
+        match self {
+            Target::Barrage(s) => s.pids_by_role(),
+            Target::Nchan(_) => vec![("nginx", self.pids())],
         }
     }
 
@@ -664,6 +687,8 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
     let push_lat = Arc::new(Mutex::new(Vec::<u32>::new()));
     let me = std::process::id();
     let (server_cpu0, client_cpu0) = (family_cpu_secs(pid), cpu_secs(me));
+    let roles = target.pids_by_role();
+    let role_cpu0: Vec<f64> = roles.iter().map(|(_, p)| family_cpu_secs(p)).collect();
     let push_start = Instant::now();
     let one = |i: u64| {
         let (mut api, filler, failed, push_lat) = (
@@ -712,6 +737,14 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
     let push_secs = push_start.elapsed().as_secs_f64();
     let server_cpu = family_cpu_secs(pid) - server_cpu0;
     let client_cpu = cpu_secs(me) - client_cpu0;
+    let by_role: serde_json::Map<String, serde_json::Value> = roles
+        .iter()
+        .zip(role_cpu0)
+        .map(|((role, p), cpu0)| {
+            let cores = (family_cpu_secs(p) - cpu0) / push_secs;
+            (role.replace('-', "_"), round(cores).into())
+        })
+        .collect();
     let pushes = sent.load(std::sync::atomic::Ordering::Relaxed);
     let failed = failed.load(std::sync::atomic::Ordering::Relaxed);
     // Let the last frames arrive.
@@ -758,6 +791,12 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
         "target_rate": plan.rate,
         "push_secs": round(push_secs),
         "pushes_per_sec": round(pushes as f64 / push_secs),
+        // The push-manager's own throughput, when it is a process of its own.
+        "pushes_per_push_manager_core": by_role
+            .get("push_manager")
+            .and_then(serde_json::Value::as_f64)
+            .filter(|c| *c > 0.0)
+            .map(|c| round(pushes as f64 / push_secs / c)),
         "deliveries_expected": expected,
         "deliveries": unique,
         "lost": expected.saturating_sub(unique),
@@ -781,6 +820,7 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
         "cpu_cores_used": {
             "server": round(server_cpu / push_secs),
             "bench_client": round(client_cpu / push_secs),
+            "server_by_role": by_role,
             "machine": std::thread::available_parallelism().map_or(0, |n| n.get()),
         },
     }))

@@ -341,6 +341,10 @@ struct PushLimits {
     /// Deadline of one PushMessageBatch to a connect-node, milliseconds.
     #[arg(long, env = "PUSH_TIMEOUT_MS", default_value_t = 3000)]
     push_timeout_ms: u64,
+    /// Calls in flight to each connect-node and each controller; pushes
+    /// that queue behind them go out merged into one call.
+    #[arg(long, env = "PEER_CALLS_IN_FLIGHT", default_value_t = barrage_push_manager::DEFAULT_PEER_CALLS_IN_FLIGHT)]
+    peer_calls_in_flight: usize,
     /// Largest message content accepted, bytes.
     #[arg(long, env = "MAX_CONTENT_BYTES", default_value_t = 64 * 1024)]
     max_content_bytes: usize,
@@ -800,9 +804,16 @@ impl PushLimits {
         if self.max_user_ids == 0 {
             return Err(bad("MAX_USER_IDS (--max-user-ids)", "must be at least 1"));
         }
+        if !(1..=1024).contains(&self.peer_calls_in_flight) {
+            return Err(bad(
+                "PEER_CALLS_IN_FLIGHT (--peer-calls-in-flight)",
+                "must be 1 to 1024",
+            ));
+        }
         let mut cfg = barrage_push_manager::Config {
             node_id,
             node_timeout: Duration::from_millis(self.push_timeout_ms),
+            peer_calls_in_flight: self.peer_calls_in_flight,
             ..Default::default()
         };
         cfg.api_auth = barrage_auth::ApiAuth::parse(&self.api_tokens)

@@ -369,3 +369,157 @@ async fn join_and_leave_frames_change_what_arrives(mut cluster: TestCluster) -> 
     assert_eq!(next_msg(&mut c).await?.data, Some(serde_json::json!(3)));
     Ok(())
 }
+
+/// `(count, sum)` of a histogram series with label `peer`.
+fn peer_call_items(registry: &prometheus::Registry, peer: &str) -> (u64, f64) {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "push_manager_peer_call_items")
+        .flat_map(|f| f.get_metric())
+        .find(|m| m.get_label().iter().any(|l| l.value() == peer))
+        .map_or((0, 0.0), |m| {
+            let h = m.get_histogram();
+            (h.get_sample_count(), h.get_sample_sum())
+        })
+}
+
+on_both_registries!(concurrent_pushes_share_calls_and_each_gets_its_own_answer);
+async fn concurrent_pushes_share_calls_and_each_gets_its_own_answer(
+    mut cluster: TestCluster,
+) -> anyhow::Result<()> {
+    cluster.start_controller("controller-1").await?;
+    cluster.start_node("node-1").await?;
+    cluster.start_node("node-2").await?;
+    // One call in flight per peer: pushes arriving meanwhile are merged.
+    cluster
+        .start_manager_with("manager-1", |c| c.peer_calls_in_flight = 1)
+        .await?;
+    const USERS: usize = 10;
+    const PER_USER: usize = 20;
+    let mut clients = Vec::new();
+    for u in 0..USERS {
+        let url = cluster.nodes[u % 2].ws_url();
+        clients.push(connect(&url, &format!("u{u}"), &[]).await?);
+    }
+    let api = cluster.push_client().await?;
+    let pushes = (0..USERS * PER_USER).map(|i| {
+        let mut api = api.clone();
+        async move {
+            api.push_to_user(PushToUserRequest {
+                user_id: format!("u{}", i % USERS),
+                content: format!("m{i}"),
+                ..Default::default()
+            })
+            .await
+        }
+    });
+    let answers = within(T, "concurrent pushes", futures::future::join_all(pushes)).await?;
+    for (i, a) in answers.into_iter().enumerate() {
+        let a = a?.into_inner();
+        ensure!(a.success, "push {i}: {}", a.message);
+        assert_eq!(a.delivered_count, 1, "push {i}: {}", a.message);
+    }
+    // Every user gets each of its messages once, in stream order.
+    for (u, c) in clients.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        let mut seqs = Vec::new();
+        for _ in 0..PER_USER {
+            let m = next_msg(c).await?;
+            seqs.push(m.seq);
+            got.push(m.data.and_then(|d| d.as_str().map(str::to_owned)));
+        }
+        got.sort();
+        let mut want: Vec<_> = (0..PER_USER)
+            .map(|k| Some(format!("m{}", u + k * USERS)))
+            .collect();
+        want.sort();
+        assert_eq!(got, want, "user u{u}");
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "u{u}: {seqs:?}");
+    }
+    // Fewer calls than pushes on both hops, every push carried once.
+    let registry = &cluster.managers[0].registry;
+    for peer in ["controller", "connect-node"] {
+        let (calls, items) = peer_call_items(registry, peer);
+        assert_eq!(items, (USERS * PER_USER) as f64, "{peer}");
+        assert!(
+            calls < (USERS * PER_USER) as u64,
+            "{peer}: {calls} calls for {items} pushes"
+        );
+    }
+    Ok(())
+}
+
+on_both_registries!(resolve_batch_answers_each_request_on_its_own);
+async fn resolve_batch_answers_each_request_on_its_own(
+    mut cluster: TestCluster,
+) -> anyhow::Result<()> {
+    use barrage_proto::v1::controller_client::ControllerClient;
+    use barrage_proto::v1::{ResolveBatchRequest, ResolveRequest, ResolveTarget, resolve_result};
+    cluster.start(1).await?;
+    let _member = connect(&cluster.nodes[0].ws_url(), "u1", &["r1"]).await?;
+    let addr = format!("http://{}", cluster.controllers[0].grpc_addr);
+    let mut controller = within(
+        T,
+        "connect to the controller",
+        ControllerClient::connect(addr),
+    )
+    .await??;
+    let request = |key: &str, id: &str| ResolveRequest {
+        targets: vec![ResolveTarget { key: key.into() }],
+        message_id: id.into(),
+        body: None,
+    };
+    eventually(T, "u1 known to the controller", || {
+        let mut controller = controller.clone();
+        let probe = ResolveBatchRequest {
+            requests: vec![request("user:u1", "probe")],
+        };
+        async move {
+            let r = controller.resolve_batch(probe).await.ok()?.into_inner();
+            match &r.results.first()?.outcome {
+                Some(resolve_result::Outcome::Resolved(r)) => {
+                    (!r.targets.first()?.node_ids.is_empty()).then_some(())
+                }
+                _ => None,
+            }
+        }
+    })
+    .await?;
+    let r = within(
+        T,
+        "ResolveBatch",
+        controller.resolve_batch(ResolveBatchRequest {
+            requests: vec![
+                request("room:r1", "a"),
+                request("not a key", "b"),
+                request("user:u1", "c"),
+            ],
+        }),
+    )
+    .await??
+    .into_inner();
+    assert_eq!(r.results.len(), 3);
+    let outcomes: Vec<_> = r.results.into_iter().map(|r| r.outcome).collect();
+    match &outcomes[0] {
+        Some(resolve_result::Outcome::Resolved(r)) => {
+            assert_eq!(r.targets[0].key, "room:r1");
+            assert_eq!(r.targets[0].node_ids, vec!["node-1".to_owned()]);
+        }
+        other => panic!("room:r1 not resolved: {other:?}"),
+    }
+    match &outcomes[1] {
+        Some(resolve_result::Outcome::Error(e)) => {
+            assert_eq!(e.code, tonic::Code::InvalidArgument as i32);
+            assert!(e.message.contains("targets.key"), "{}", e.message);
+        }
+        other => panic!("a bad key was not refused: {other:?}"),
+    }
+    match &outcomes[2] {
+        Some(resolve_result::Outcome::Resolved(r)) => {
+            assert_eq!(r.targets[0].node_ids, vec!["node-1".to_owned()]);
+        }
+        other => panic!("user:u1 not resolved: {other:?}"),
+    }
+    Ok(())
+}

@@ -541,17 +541,41 @@ impl Hub {
     ) -> Delivery {
         let mut d = Delivery::default();
         let mut bytes = 0;
-        let mut send = |c: &Arc<ConnHandle>| {
-            if !exclude.is_empty() && exclude.contains(c.user.as_str()) {
-                return;
+        self.each_recipient(stream, exclude, |c| match c.queue(frame.clone()) {
+            Queued::Yes => {
+                d.delivered += 1;
+                bytes += frame.wire_len(c.wire) as u64;
             }
-            match c.queue(frame.clone()) {
-                Queued::Yes => {
-                    d.delivered += 1;
-                    bytes += frame.wire_len(c.wire) as u64;
-                }
-                Queued::SlowConsumer => d.dropped += 1,
-                Queued::Closed => {}
+            Queued::SlowConsumer => d.dropped += 1,
+            Queued::Closed => {}
+        });
+        self.metrics.frames_delivered.inc_by(u64::from(d.delivered));
+        self.metrics.bytes_delivered.inc_by(bytes);
+        if d.dropped > 0 {
+            self.metrics.slow_consumers.inc_by(u64::from(d.dropped));
+        }
+        d
+    }
+
+    /// Connections of `stream` a frame would be queued to now, except users
+    /// in `exclude`.
+    pub fn recipients(&self, stream: &StreamKey, exclude: &HashSet<&str>) -> u32 {
+        let mut n = 0;
+        self.each_recipient(stream, exclude, |_| n += 1);
+        n
+    }
+
+    /// Calls `f` with every connection of `stream` except users in
+    /// `exclude`, reading one shard at a time.
+    fn each_recipient(
+        &self,
+        stream: &StreamKey,
+        exclude: &HashSet<&str>,
+        mut f: impl FnMut(&Arc<ConnHandle>),
+    ) {
+        let mut send = |c: &Arc<ConnHandle>| {
+            if exclude.is_empty() || !exclude.contains(c.user.as_str()) {
+                f(c);
             }
         };
         match stream {
@@ -573,12 +597,6 @@ impl Hub {
                 }
             }
         }
-        self.metrics.frames_delivered.inc_by(u64::from(d.delivered));
-        self.metrics.bytes_delivered.inc_by(bytes);
-        if d.dropped > 0 {
-            self.metrics.slow_consumers.inc_by(u64::from(d.dropped));
-        }
-        d
     }
 
     /// Full state of the keys `owned` selects, from every shard.

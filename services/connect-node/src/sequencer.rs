@@ -75,7 +75,9 @@ impl Sequencer {
     }
 
     /// Admits message `ready` (at `epoch`, after `prev`) and delivers what
-    /// is now in order; returns how many connections it was queued to.
+    /// is now in order. Returns the connections `ready` itself was queued
+    /// to; when it waits for its predecessor, the connections it would be
+    /// queued to now (messages it releases count for their own pushes).
     pub fn deliver_in_order(
         &self,
         hub: &Hub,
@@ -86,10 +88,15 @@ impl Sequencer {
     ) -> u32 {
         let order = self.order(stream);
         let mut o = order.lock();
-        Self::admit_locked(&mut o, epoch, prev, ready)
-            .iter()
-            .map(|r| deliver(hub, r))
-            .sum()
+        let (out, own) = Self::admit_locked(&mut o, epoch, prev, ready);
+        let delivered: Vec<u32> = out.iter().map(|r| deliver(hub, r)).collect();
+        match own {
+            Some(i) => delivered[i],
+            None => o.waiting.get(&prev).map_or(0, |w| {
+                let exclude: HashSet<&str> = w.ready.exclude.iter().map(String::as_str).collect();
+                hub.recipients(&w.ready.key, &exclude)
+            }),
+        }
     }
 
     /// Takes message `ready` (at `epoch`, after `prev`) and returns what can
@@ -97,10 +104,17 @@ impl Sequencer {
     pub fn admit(&self, stream: &str, epoch: u64, prev: u64, ready: Ready) -> Vec<Ready> {
         let order = self.order(stream);
         let mut o = order.lock();
-        Self::admit_locked(&mut o, epoch, prev, ready)
+        Self::admit_locked(&mut o, epoch, prev, ready).0
     }
 
-    fn admit_locked(o: &mut Order, epoch: u64, prev: u64, ready: Ready) -> Vec<Ready> {
+    /// What can be delivered now, in order, and where `ready` is among it
+    /// (`None`: it waits).
+    fn admit_locked(
+        o: &mut Order,
+        epoch: u64,
+        prev: u64,
+        ready: Ready,
+    ) -> (Vec<Ready>, Option<usize>) {
         o.touched = Some(Instant::now());
         if o.seen && o.epoch != epoch {
             // A new epoch: what waited belongs to the old one.
@@ -119,12 +133,13 @@ impl Sequencer {
                         since: Instant::now(),
                     },
                 );
-                return out;
+                return (out, None);
             }
             o.last = ready.seq;
+            let own = out.len();
             out.push(ready);
             o.drain(&mut out);
-            return out;
+            return (out, Some(own));
         }
         let seq = ready.seq;
         let in_order = prev == 0 || (o.seen && (o.last == prev || seq <= o.last));
@@ -137,14 +152,14 @@ impl Sequencer {
                     since: Instant::now(),
                 },
             );
-            return Vec::new();
+            return (Vec::new(), None);
         }
         o.epoch = epoch;
         o.seen = true;
         o.last = o.last.max(seq);
         let mut out = vec![ready];
         o.drain(&mut out);
-        out
+        (out, Some(0))
     }
 
     /// Releases messages that waited too long for a predecessor, in order.
@@ -223,6 +238,39 @@ mod tests {
 
     fn seqs(v: &[Ready]) -> Vec<u64> {
         v.iter().map(|r| r.seq).collect()
+    }
+
+    #[test]
+    fn each_message_counts_its_own_recipients_whatever_the_arrival_order() {
+        let hub = Hub::detached(8, &prometheus::Registry::new()).unwrap();
+        let user = barrage_protocol::UserId::new("u").unwrap();
+        let mut conns: Vec<_> = (0..3)
+            .map(|_| hub.connect(user.clone(), &[], crate::hub::Wire::Json))
+            .collect();
+        let s = Sequencer::default();
+        let msg = |seq: u64, exclude: &[&str]| Ready {
+            key: StreamKey::User(user.clone()),
+            seq,
+            frame: Outbound::control(format!("{seq}")),
+            exclude: exclude.iter().map(|u| (*u).to_owned()).collect(),
+        };
+        let mut received = || -> usize {
+            conns
+                .iter_mut()
+                .map(|(_, rx, _)| std::iter::from_fn(|| rx.try_recv().ok()).count())
+                .sum()
+        };
+        // 2 arrives before 1: it waits, and counts the 3 connections it
+        // will be queued to.
+        assert_eq!(s.deliver_in_order(&hub, "user:u", 1, 1, msg(2, &[])), 3);
+        assert_eq!(received(), 0);
+        // 1 releases 2, but counts only its own 3.
+        assert_eq!(s.deliver_in_order(&hub, "user:u", 1, 0, msg(1, &[])), 3);
+        assert_eq!(received(), 6);
+        // A waiting message that excludes the user reaches nobody.
+        assert_eq!(s.deliver_in_order(&hub, "user:u", 1, 3, msg(4, &["u"])), 0);
+        assert_eq!(s.deliver_in_order(&hub, "user:u", 1, 2, msg(3, &[])), 3);
+        assert_eq!(received(), 3);
     }
 
     #[test]

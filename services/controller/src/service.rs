@@ -6,8 +6,8 @@ use std::time::Instant;
 use barrage_proto::v1::{
     self as pb, CompleteRequest, CompleteResponse, GetRoomInfoRequest, GetRoomInfoResponse,
     GetUserNodeRequest, GetUserNodeResponse, HistoryRequest, HistoryResponse, MessageBody,
-    ReportRequest, ReportResponse, ResolveRequest, ResolveResponse, SyncRequest, SyncResponse,
-    controller_server::Controller,
+    ReportRequest, ReportResponse, ResolveBatchRequest, ResolveBatchResponse, ResolveRequest,
+    ResolveResponse, SyncRequest, SyncResponse, controller_server::Controller,
 };
 use barrage_protocol::{RoomId, StreamKey, UserId};
 use parking_lot::Mutex;
@@ -30,6 +30,79 @@ impl ControllerService {
     /// Serves `state`, counting into `metrics`.
     pub fn new(state: Arc<Mutex<ControllerState>>, metrics: Metrics) -> Self {
         ControllerService { state, metrics }
+    }
+
+    /// Appends one message to each target's stream and says which nodes
+    /// host the targets.
+    fn resolve_one(&self, r: ResolveRequest) -> Result<ResolveResponse, Status> {
+        let mut keys = Vec::with_capacity(r.targets.len());
+        for t in &r.targets {
+            let key: StreamKey = t.key.parse().map_err(|e| invalid("targets.key", e))?;
+            keys.push(key);
+        }
+        let body = r.body.unwrap_or_else(|| MessageBody {
+            id: r.message_id.clone(),
+            ..Default::default()
+        });
+        let mut out = ResolveResponse::default();
+        let now = tokio::time::Instant::now();
+        let mut s = self.state.lock();
+        if !s.ownership.is_ready(now) {
+            self.metrics.refused.with_label_values(&["settling"]).inc();
+            return Err(Status::unavailable(
+                "controller membership is changing and connect-nodes are re-syncing; nothing was delivered, retry shortly",
+            ));
+        }
+        if let Some(key) = keys
+            .iter()
+            .map(ToString::to_string)
+            .find(|k| !s.ownership.owns(k))
+        {
+            self.metrics.refused.with_label_values(&["not_owner"]).inc();
+            return Err(Status::unavailable(format!(
+                "{key} is owned by another controller (membership changing); nothing was delivered, retry shortly"
+            )));
+        }
+        for key in keys {
+            let kind = match key {
+                StreamKey::Room(_) => "room",
+                StreamKey::User(_) => "user",
+                StreamKey::Broadcast => "broadcast",
+            };
+            self.metrics.resolves.with_label_values(&[kind]).inc();
+            let key = key.to_string();
+            let node_ids = s.members.nodes_for(&key);
+            // A user with no connection keeps the message for the next connect.
+            let stored = kind == "user" && node_ids.is_empty();
+            let appended = s.streams.append(&key, &body, stored, now);
+            if appended.duplicate {
+                self.metrics.duplicates.inc();
+            }
+            for n in &node_ids {
+                if let Some(addr) = s.members.node_addr(n) {
+                    out.node_addrs.insert(n.clone(), addr.to_owned());
+                }
+            }
+            let prev_seqs = if appended.duplicate {
+                Vec::new()
+            } else {
+                s.streams.route(&key, appended.seq, &node_ids)
+            };
+            out.targets.push(pb::ResolvedTarget {
+                key,
+                epoch: appended.epoch,
+                seq: appended.seq,
+                prev_seqs,
+                node_ids,
+                not_owner: false,
+                duplicate: appended.duplicate,
+                first_delivered: appended.first_delivered.unwrap_or(0),
+                first_completed: appended.first_delivered.is_some(),
+                stored: stored && !appended.duplicate,
+            });
+        }
+        self.metrics.observe(&s);
+        Ok(out)
     }
 }
 
@@ -106,75 +179,30 @@ impl Controller for ControllerService {
     ) -> Result<Response<ResolveResponse>, Status> {
         let span = barrage_telemetry::server_span("Resolve", req.metadata());
         let _entered = span.enter();
-        let r = req.into_inner();
-        let mut keys = Vec::with_capacity(r.targets.len());
-        for t in &r.targets {
-            let key: StreamKey = t.key.parse().map_err(|e| invalid("targets.key", e))?;
-            keys.push(key);
-        }
-        let body = r.body.unwrap_or_else(|| MessageBody {
-            id: r.message_id.clone(),
-            ..Default::default()
-        });
-        let mut out = ResolveResponse::default();
-        let now = tokio::time::Instant::now();
-        let mut s = self.state.lock();
-        if !s.ownership.is_ready(now) {
-            self.metrics.refused.with_label_values(&["settling"]).inc();
-            return Err(Status::unavailable(
-                "controller membership is changing and connect-nodes are re-syncing; nothing was delivered, retry shortly",
-            ));
-        }
-        if let Some(key) = keys
-            .iter()
-            .map(ToString::to_string)
-            .find(|k| !s.ownership.owns(k))
-        {
-            self.metrics.refused.with_label_values(&["not_owner"]).inc();
-            return Err(Status::unavailable(format!(
-                "{key} is owned by another controller (membership changing); nothing was delivered, retry shortly"
-            )));
-        }
-        for key in keys {
-            let kind = match key {
-                StreamKey::Room(_) => "room",
-                StreamKey::User(_) => "user",
-                StreamKey::Broadcast => "broadcast",
-            };
-            self.metrics.resolves.with_label_values(&[kind]).inc();
-            let key = key.to_string();
-            let node_ids = s.members.nodes_for(&key);
-            // A user with no connection keeps the message for the next connect.
-            let stored = kind == "user" && node_ids.is_empty();
-            let appended = s.streams.append(&key, &body, stored, now);
-            if appended.duplicate {
-                self.metrics.duplicates.inc();
-            }
-            for n in &node_ids {
-                if let Some(addr) = s.members.node_addr(n) {
-                    out.node_addrs.insert(n.clone(), addr.to_owned());
-                }
-            }
-            let prev_seqs = if appended.duplicate {
-                Vec::new()
-            } else {
-                s.streams.route(&key, appended.seq, &node_ids)
-            };
-            out.targets.push(pb::ResolvedTarget {
-                key,
-                epoch: appended.epoch,
-                seq: appended.seq,
-                prev_seqs,
-                node_ids,
-                not_owner: false,
-                duplicate: appended.duplicate,
-                first_delivered: appended.first_delivered.unwrap_or(0),
-                first_completed: appended.first_delivered.is_some(),
-                stored: stored && !appended.duplicate,
-            });
-        }
-        self.metrics.observe(&s);
-        Ok(Response::new(out))
+        self.resolve_one(req.into_inner()).map(Response::new)
+    }
+
+    async fn resolve_batch(
+        &self,
+        req: Request<ResolveBatchRequest>,
+    ) -> Result<Response<ResolveBatchResponse>, Status> {
+        let span = barrage_telemetry::server_span("ResolveBatch", req.metadata());
+        let _entered = span.enter();
+        let results = req
+            .into_inner()
+            .requests
+            .into_iter()
+            .map(|r| pb::ResolveResult {
+                outcome: Some(match self.resolve_one(r) {
+                    Ok(resolved) => pb::resolve_result::Outcome::Resolved(resolved),
+                    Err(s) => pb::resolve_result::Outcome::Error(pb::CallError {
+                        code: s.code() as i32,
+                        message: s.message().to_owned(),
+                    }),
+                }),
+            })
+            .collect();
+        Ok(Response::new(ResolveBatchResponse { results }))
     }
 
     async fn complete(

@@ -6,6 +6,7 @@
 //! pooled channels kept in step with discovery. A room push costs one call
 //! per node, never one per user.
 
+pub mod coalesce;
 mod metrics;
 pub mod pool;
 pub mod rest;
@@ -22,6 +23,15 @@ use tokio_util::sync::CancellationToken;
 pub use metrics::Metrics;
 pub use service::{Batches, Limits, PushService, assemble_batches};
 
+/// Default of [`Config::peer_calls_in_flight`].
+pub const DEFAULT_PEER_CALLS_IN_FLIGHT: usize = 4;
+
+/// Most messages (or resolve requests) merged into one call.
+const MAX_BATCH_ITEMS: usize = 256;
+
+/// Most bytes merged into one call, well under gRPC's 4 MiB message limit.
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
 /// push-manager settings.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -33,6 +43,9 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// Deadline of one PushMessageBatch (and of one controller call).
     pub node_timeout: Duration,
+    /// Calls in flight to each connect-node and controller; pushes queued
+    /// behind them go out merged into one call.
+    pub peer_calls_in_flight: usize,
     /// Request limits.
     pub limits: Limits,
     /// Virtual nodes per controller on the hash ring.
@@ -50,6 +63,7 @@ impl Default for Config {
             advertise_addr: String::new(),
             lease_ttl: Duration::from_secs(10),
             node_timeout: Duration::from_secs(3),
+            peer_calls_in_flight: DEFAULT_PEER_CALLS_IN_FLIGHT,
             limits: Limits::default(),
             ring_vnodes: barrage_discovery::ring::DEFAULT_VNODES,
             api_auth: barrage_auth::ApiAuth::default(),
@@ -119,7 +133,14 @@ pub async fn run(
 
     let dialer = pool::Dialer {
         connect_timeout: Duration::from_secs(2),
+        call_timeout: cfg.node_timeout,
         tls: cfg.grpc_tls.clone(),
+        batching: coalesce::BatchLimits {
+            max_in_flight: cfg.peer_calls_in_flight,
+            max_items: MAX_BATCH_ITEMS,
+            max_bytes: MAX_BATCH_BYTES,
+        },
+        call_items: metrics.peer_call_items.clone(),
     };
     // `follow` installs the peers known now before the API serves its
     // first call; the tasks keep them in step afterwards.

@@ -23,6 +23,9 @@ pub struct Metrics {
     pub node_batch_errors: IntCounterVec,
     /// Nodes one push fanned out to.
     pub fanout_nodes: Histogram,
+    /// Pushes carried by one call to a peer (`connect-node`: messages in a
+    /// PushMessageBatch; `controller`: requests in a ResolveBatch).
+    pub peer_call_items: HistogramVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -60,7 +63,7 @@ impl Metrics {
             node_batch_duration: HistogramVec::new(
                 HistogramOpts::new(
                     "push_manager_node_batch_duration_seconds",
-                    "PushMessageBatch latency per connect-node",
+                    "Time for one push's delivery to a connect-node, queueing behind busy calls included",
                 )
                 .buckets(LATENCY_BUCKETS.to_vec()),
                 &["node"],
@@ -79,6 +82,14 @@ impl Metrics {
                 )
                 .buckets(vec![0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
             )?,
+            peer_call_items: HistogramVec::new(
+                HistogramOpts::new(
+                    "push_manager_peer_call_items",
+                    "Pushes carried by one call to a connect-node or controller",
+                )
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+                &["peer"],
+            )?,
         };
         registry.register(Box::new(m.api_requests.clone()))?;
         registry.register(Box::new(m.api_duration.clone()))?;
@@ -88,6 +99,7 @@ impl Metrics {
         registry.register(Box::new(m.node_batch_duration.clone()))?;
         registry.register(Box::new(m.node_batch_errors.clone()))?;
         registry.register(Box::new(m.fanout_nodes.clone()))?;
+        registry.register(Box::new(m.peer_call_items.clone()))?;
         Ok(m)
     }
 }

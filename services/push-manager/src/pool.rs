@@ -1,6 +1,8 @@
 //! Long-lived gRPC channels to connect-nodes and controllers, kept in step
 //! with discovery. A push never opens a connection: it picks a channel
-//! from the pool (tonic channels reconnect on their own).
+//! from the pool (tonic channels reconnect on their own). Pushes reach each
+//! peer through its [`Coalescer`], which merges pushes queued behind busy
+//! calls into one `PushMessageBatch` or `ResolveBatch`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,17 +12,131 @@ use barrage_discovery::Members;
 use barrage_discovery::ring::Ring;
 use barrage_proto::v1::connect_node_client::ConnectNodeClient;
 use barrage_proto::v1::controller_client::ControllerClient;
+use barrage_proto::v1::{
+    BatchMessage, PushMessageBatchRequest, ResolveBatchRequest, ResolveRequest, ResolveResponse,
+    resolve_result,
+};
+use futures::future::join_all;
 use parking_lot::RwLock;
 use prometheus::IntGauge;
+use prost::Message as _;
 use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
 
-/// How channels are dialled: deadline and TLS.
-#[derive(Debug, Clone)]
+use crate::coalesce::{BatchLimits, Coalescer};
+
+/// How channels are dialled and calls made: deadlines, TLS, batching.
+#[derive(Clone)]
 pub struct Dialer {
     /// Deadline of establishing a connection.
     pub connect_timeout: Duration,
+    /// Deadline of one call.
+    pub call_timeout: Duration,
     /// TLS of the calls.
     pub tls: barrage_proto::GrpcTls,
+    /// Calls in flight per peer, and the size of merged calls.
+    pub batching: BatchLimits,
+    /// Items per call, by peer role (`push_manager_peer_call_items`).
+    pub call_items: prometheus::HistogramVec,
+}
+
+/// A request with the call deadline and the current trace context.
+fn request<T>(msg: T, timeout: Duration) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.set_timeout(timeout);
+    barrage_telemetry::inject(&mut req);
+    req
+}
+
+/// Deliveries to one connect-node: the connections each message reached.
+pub type NodeSender = Coalescer<BatchMessage, u32>;
+
+/// Resolves at one controller: each request's own answer.
+pub type Resolver = Coalescer<ResolveRequest, Result<ResolveResponse, Status>>;
+
+/// A sender merging messages for `client` into `PushMessageBatch` calls.
+fn node_sender(client: ConnectNodeClient<Channel>, dialer: &Dialer) -> NodeSender {
+    let timeout = dialer.call_timeout;
+    let items = dialer.call_items.with_label_values(&["connect-node"]);
+    Coalescer::new(
+        dialer.batching,
+        BatchMessage::encoded_len,
+        items,
+        move |messages| {
+            let mut client = client.clone();
+            let req = request(PushMessageBatchRequest { messages }, timeout);
+            async move {
+                match tokio::time::timeout(timeout, client.push_message_batch(req)).await {
+                    Ok(Ok(resp)) => Ok(resp
+                        .into_inner()
+                        .results
+                        .iter()
+                        .map(|r| r.delivered)
+                        .collect()),
+                    Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
+                    Err(_) => Err(format!("timed out after {timeout:?}")),
+                }
+            }
+        },
+    )
+}
+
+/// A resolver merging requests to `client` into `ResolveBatch` calls. A lone
+/// request goes as a plain `Resolve`, and so does every request of a batch
+/// when the controller predates `ResolveBatch`.
+fn resolver(client: ControllerClient<Channel>, dialer: &Dialer) -> Resolver {
+    let timeout = dialer.call_timeout;
+    let items = dialer.call_items.with_label_values(&["controller"]);
+    Coalescer::new(
+        dialer.batching,
+        ResolveRequest::encoded_len,
+        items,
+        move |requests| {
+            let span = tracing::Span::current();
+            let single = client.clone();
+            let one = move |r: ResolveRequest| {
+                let mut client = single.clone();
+                let req = span.in_scope(|| request(r, timeout));
+                async move { client.resolve(req).await.map(tonic::Response::into_inner) }
+            };
+            let batch = (requests.len() > 1).then(|| {
+                let mut client = client.clone();
+                let req = request(
+                    ResolveBatchRequest {
+                        requests: requests.clone(),
+                    },
+                    timeout,
+                );
+                async move { client.resolve_batch(req).await }
+            });
+            async move {
+                if let Some(batch) = batch {
+                    match batch.await {
+                        Ok(resp) => {
+                            return Ok(resp
+                                .into_inner()
+                                .results
+                                .into_iter()
+                                .map(from_result)
+                                .collect());
+                        }
+                        Err(s) if s.code() == Code::Unimplemented => {}
+                        Err(s) => return Err(s.message().to_owned()),
+                    }
+                }
+                Ok(join_all(requests.into_iter().map(one)).await)
+            }
+        },
+    )
+}
+
+/// One `ResolveBatch` result as the `Resolve` call would have answered.
+fn from_result(r: barrage_proto::v1::ResolveResult) -> Result<ResolveResponse, Status> {
+    match r.outcome {
+        Some(resolve_result::Outcome::Resolved(r)) => Ok(r),
+        Some(resolve_result::Outcome::Error(e)) => Err(Status::new(Code::from(e.code), e.message)),
+        None => Err(Status::internal("the controller sent an empty result")),
+    }
 }
 
 impl Dialer {
@@ -47,10 +163,32 @@ fn channel(addr: &str, dialer: &Dialer) -> Option<Channel> {
     }
 }
 
+/// A pooled connect-node: its client, and the sender pushes go through.
+#[derive(Clone)]
+pub struct Node {
+    /// For calls other than deliveries.
+    pub client: ConnectNodeClient<Channel>,
+    /// Deliveries, merged while calls are busy.
+    pub sender: Arc<NodeSender>,
+}
+
 #[derive(Clone)]
 struct Entry {
     addr: String,
-    client: ConnectNodeClient<Channel>,
+    node: Node,
+}
+
+impl Entry {
+    fn new(addr: &str, dialer: &Dialer) -> Option<Entry> {
+        let client = ConnectNodeClient::new(dialer.channel(addr)?);
+        Some(Entry {
+            addr: addr.to_owned(),
+            node: Node {
+                sender: Arc::new(node_sender(client.clone(), dialer)),
+                client,
+            },
+        })
+    }
 }
 
 /// Channels to connect-nodes by node id.
@@ -70,31 +208,28 @@ impl NodePool {
         })
     }
 
-    /// The client for `node_id`. When the node is not pooled yet (discovery
-    /// lags, or there is no discovery) and the controller told us its
-    /// address, a channel is added for it.
-    pub fn get(
-        &self,
-        node_id: &str,
-        addr_hint: Option<&str>,
-    ) -> Option<ConnectNodeClient<Channel>> {
+    /// The node `node_id`. When it is not pooled yet (discovery lags, or
+    /// there is no discovery) and the controller told us its address, a
+    /// channel is added for it.
+    pub fn get(&self, node_id: &str, addr_hint: Option<&str>) -> Option<Node> {
         if let Some(e) = self.nodes.read().get(node_id)
             && addr_hint.is_none_or(|a| a == e.addr)
         {
-            return Some(e.client.clone());
+            return Some(e.node.clone());
         }
         let addr = addr_hint?;
-        let client = ConnectNodeClient::new(self.dialer.channel(addr)?);
         let mut nodes = self.nodes.write();
-        nodes.insert(
-            node_id.to_owned(),
-            Entry {
-                addr: addr.to_owned(),
-                client: client.clone(),
-            },
-        );
+        // Another push may have added it meanwhile: one sender per node.
+        if let Some(e) = nodes.get(node_id)
+            && e.addr == addr
+        {
+            return Some(e.node.clone());
+        }
+        let entry = Entry::new(addr, &self.dialer)?;
+        let node = entry.node.clone();
+        nodes.insert(node_id.to_owned(), entry);
         self.gauge.set(nodes.len() as i64);
-        Some(client)
+        Some(node)
     }
 
     /// Makes the pool match discovery: new nodes get a channel, changed
@@ -104,15 +239,9 @@ impl NodePool {
         nodes.retain(|id, e| members.get(id).is_some_and(|m| m.grpc_addr == e.addr));
         for (id, m) in members {
             if !nodes.contains_key(id)
-                && let Some(ch) = self.dialer.channel(&m.grpc_addr)
+                && let Some(e) = Entry::new(&m.grpc_addr, &self.dialer)
             {
-                nodes.insert(
-                    id.clone(),
-                    Entry {
-                        addr: m.grpc_addr.clone(),
-                        client: ConnectNodeClient::new(ch),
-                    },
-                );
+                nodes.insert(id.clone(), e);
             }
         }
         self.gauge.set(nodes.len() as i64);
@@ -126,8 +255,8 @@ impl NodePool {
     }
 }
 
-/// A controller's address and client, as held on the ring.
-type ControllerEntry = (String, ControllerClient<Channel>);
+/// A controller's address, client and resolver, as held on the ring.
+type ControllerEntry = (String, ControllerClient<Channel>, Arc<Resolver>);
 
 /// Channels to controllers, on the consistent-hash ring that assigns keys.
 pub struct ControllerRing {
@@ -150,7 +279,14 @@ impl ControllerRing {
     pub fn owner(&self, key: &str) -> Option<(String, ControllerClient<Channel>)> {
         let ring = self.ring.read().clone();
         ring.owner(key)
-            .map(|(id, (_, c))| (id.to_owned(), c.clone()))
+            .map(|(id, (_, c, _))| (id.to_owned(), c.clone()))
+    }
+
+    /// The owner of `key`: its id and the resolver of pushes to it.
+    pub fn resolver(&self, key: &str) -> Option<(String, Arc<Resolver>)> {
+        let ring = self.ring.read().clone();
+        ring.owner(key)
+            .map(|(id, (_, _, r))| (id.to_owned(), r.clone()))
     }
 
     /// Number of controllers on the ring.
@@ -170,12 +306,16 @@ impl ControllerRing {
         for (id, m) in members {
             let reuse = old
                 .members()
-                .find(|(oid, (addr, _))| *oid == id && *addr == m.grpc_addr)
+                .find(|(oid, (addr, _, _))| *oid == id && *addr == m.grpc_addr)
                 .map(|(_, e)| e.clone());
             let entry = match reuse {
                 Some(e) => e,
                 None => match self.dialer.channel(&m.grpc_addr) {
-                    Some(ch) => (m.grpc_addr.clone(), ControllerClient::new(ch)),
+                    Some(ch) => {
+                        let client = ControllerClient::new(ch);
+                        let resolver = Arc::new(resolver(client.clone(), &self.dialer));
+                        (m.grpc_addr.clone(), client, resolver)
+                    }
                     None => continue,
                 },
             };

@@ -10,9 +10,8 @@ use barrage_auth::{AuthError, Scope};
 use barrage_proto::v1::{
     self as pb, BatchMessage, BroadcastRequest, BroadcastResponse, CompleteRequest, DeliveryTarget,
     GetRoomInfoRequest, GetRoomInfoResponse, GetUserNodeRequest, GetUserNodeResponse, MessageBody,
-    PushMessageBatchRequest, PushToRoomRequest, PushToRoomResponse, PushToUserRequest,
-    PushToUserResponse, ResolveRequest, ResolveTarget, controller_client::ControllerClient,
-    push_manager_server::PushManager,
+    PushToRoomRequest, PushToRoomResponse, PushToUserRequest, PushToUserResponse, ResolveRequest,
+    ResolveTarget, controller_client::ControllerClient, push_manager_server::PushManager,
 };
 use barrage_protocol::{RoomId, StreamKey, UserId};
 use futures::future::join_all;
@@ -347,30 +346,32 @@ impl PushService {
         let mut by_owner: BTreeMap<String, (_, Vec<ResolveTarget>)> = BTreeMap::new();
         for key in keys {
             let key = key.to_string();
-            let (id, client) = self.owner(&key)?;
+            let (id, resolver) = self.inner.controllers.resolver(&key).ok_or_else(|| {
+                Status::unavailable("no controller available: none is registered in discovery")
+            })?;
             by_owner
                 .entry(id)
-                .or_insert_with(|| (client, Vec::new()))
+                .or_insert_with(|| (resolver, Vec::new()))
                 .1
                 .push(ResolveTarget { key });
         }
-        let calls = by_owner.into_iter().map(|(id, (mut client, targets))| {
-            let req = self.controller_request(ResolveRequest {
+        let calls = by_owner.into_iter().map(|(id, (resolver, targets))| {
+            let req = ResolveRequest {
                 targets,
                 message_id: body.id.clone(),
                 body: Some(body.clone()),
-            });
+            };
             async move {
-                client
-                    .resolve(req)
-                    .await
-                    .map(Response::into_inner)
-                    .map_err(|s| {
-                        Status::unavailable(format!(
-                            "controller {id} unavailable, nothing was delivered: {}",
-                            s.message()
-                        ))
-                    })
+                let unavailable = |e: &str| {
+                    Status::unavailable(format!(
+                        "controller {id} unavailable, nothing was delivered: {e}"
+                    ))
+                };
+                match resolver.call(req).await {
+                    Ok(Ok(r)) => Ok(r),
+                    Ok(Err(s)) => Err(unavailable(s.message())),
+                    Err(e) => Err(unavailable(&e)),
+                }
             }
         });
         let mut targets = Vec::with_capacity(keys.len());
@@ -430,31 +431,25 @@ impl PushService {
         inner.metrics.fanout_nodes.observe(per_node.len() as f64);
         let nodes = per_node.len();
         let calls = per_node.into_iter().map(|(node, targets)| {
-            let client = inner.nodes.get(&node, addrs.get(&node).map(String::as_str));
-            let mut req = Request::new(PushMessageBatchRequest {
-                messages: vec![BatchMessage {
-                    body: Some(body.clone()),
-                    targets,
-                }],
-            });
-            req.set_timeout(inner.node_timeout);
-            barrage_telemetry::inject(&mut req);
+            let sender = inner
+                .nodes
+                .get(&node, addrs.get(&node).map(String::as_str))
+                .map(|n| n.sender);
+            let message = BatchMessage {
+                body: Some(body.clone()),
+                targets,
+            };
             let timeout = inner.node_timeout;
             async move {
                 let start = Instant::now();
-                let Some(mut client) = client else {
+                let Some(sender) = sender else {
                     return (node, Err("no address known".to_owned()), start);
                 };
-                let r = match tokio::time::timeout(timeout, client.push_message_batch(req)).await {
-                    Ok(Ok(resp)) => Ok(resp
-                        .into_inner()
-                        .results
-                        .iter()
-                        .map(|r| r.delivered)
-                        .sum::<u32>()),
-                    Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
-                    Err(_) => Err(format!("timed out after {timeout:?}")),
-                };
+                // Bounds the wait behind busy calls too; a message whose
+                // push gave up is not sent later.
+                let r = tokio::time::timeout(timeout, sender.call(message))
+                    .await
+                    .unwrap_or_else(|_| Err(format!("timed out after {timeout:?}")));
                 (node, r, start)
             }
         });
@@ -701,7 +696,7 @@ impl PushManager for PushService {
                 Err(s) => return Err(controller_error(&id, s)),
             };
             let calls = info.nodes.iter().map(|n| {
-                let client = self.inner.nodes.get(&n.node_id, None);
+                let client = self.inner.nodes.get(&n.node_id, None).map(|n| n.client);
                 let mut req = Request::new(pb::CloseRoomRequest {
                     room_id: r.room_id.clone(),
                 });
@@ -758,7 +753,7 @@ impl PushManager for PushService {
             allowed?;
             let ids = self.inner.nodes.node_ids();
             let calls = ids.into_iter().map(|node_id| {
-                let client = self.inner.nodes.get(&node_id, None);
+                let client = self.inner.nodes.get(&node_id, None).map(|n| n.client);
                 let mut req = Request::new(pb::StatsRequest {});
                 req.set_timeout(self.inner.node_timeout);
                 async move {

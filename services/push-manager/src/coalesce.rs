@@ -1,0 +1,419 @@
+//! Coalescing of concurrent calls to one peer.
+//!
+//! Every push makes one call to the controller owning its target and one
+//! to each connect-node hosting it. Under load most of a push-manager's CPU
+//! goes into the gRPC machinery of those calls, not into what they carry,
+//! and both peers take many items per call (`ResolveBatch`,
+//! `PushMessageBatch`). A [`Coalescer`] sends each item at once while fewer
+//! than `max_in_flight` calls to its peer are under way; when all of them
+//! are, items queue, and the next free slot takes everything queued (up to
+//! `max_batch`) in one call. A lone push is never held back to wait for
+//! company: batches form only from pushes that would otherwise wait anyway.
+//!
+//! Results come back one per item, in order; a failed call fails every item
+//! it carried, with the same error. An item whose caller stopped waiting
+//! before it was sent is never sent.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+/// One queued item: what to send, where its result goes, and the span of
+/// the push it belongs to (a batch carries the trace context of its first).
+type Queued<T, R> = (T, oneshot::Sender<Result<R, String>>, tracing::Span);
+
+/// How a [`Coalescer`] batches.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Calls to the peer under way at once; items queue behind them.
+    pub max_in_flight: usize,
+    /// Most items in one call.
+    pub max_items: usize,
+    /// Most bytes (by the coalescer's `weigh`) in one call; an item larger
+    /// than this goes alone.
+    pub max_bytes: usize,
+}
+
+/// Sends items to one peer, merging those that queue behind busy calls.
+pub struct Coalescer<T, R> {
+    tx: mpsc::UnboundedSender<Queued<T, R>>,
+}
+
+impl<T, R> Coalescer<T, R>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+{
+    /// A coalescer making calls with `call` within `limits`, an item's size
+    /// given by `weigh`, the number of items of each call observed on
+    /// `items`. `call` answers one result per item, in order, or one error
+    /// for all. Its driver task ends when the coalescer is dropped and the
+    /// queue is empty.
+    pub fn new<F, Fut>(
+        limits: BatchLimits,
+        weigh: fn(&T) -> usize,
+        items: prometheus::Histogram,
+        call: F,
+    ) -> Self
+    where
+        F: Fn(Vec<T>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Vec<R>, String>> + Send + 'static,
+    {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Queued<T, R>>();
+        let slots = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
+        tokio::spawn(async move {
+            // An item that did not fit the last batch opens the next.
+            let mut held: Option<Queued<T, R>> = None;
+            loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                // Items whose caller stopped waiting (timed out, cancelled)
+                // are dropped unsent: the push already reported them failed.
+                let first = loop {
+                    let q = match held.take() {
+                        Some(q) => q,
+                        None => match rx.recv().await {
+                            Some(q) => q,
+                            None => return,
+                        },
+                    };
+                    if !q.1.is_closed() {
+                        break q;
+                    }
+                };
+                let span = first.2.clone();
+                let mut bytes = weigh(&first.0);
+                let mut payload = vec![first.0];
+                let mut waiters = vec![first.1];
+                while payload.len() < limits.max_items {
+                    let Ok(q) = rx.try_recv() else { break };
+                    if q.1.is_closed() {
+                        continue;
+                    }
+                    let size = weigh(&q.0);
+                    if bytes + size > limits.max_bytes {
+                        held = Some(q);
+                        break;
+                    }
+                    bytes += size;
+                    payload.push(q.0);
+                    waiters.push(q.1);
+                }
+                items.observe(payload.len() as f64);
+                let fut = span.in_scope(|| call(payload));
+                tokio::spawn(async move {
+                    let result = fut.await;
+                    drop(slot);
+                    answer(waiters, result);
+                });
+            }
+        });
+        Coalescer { tx }
+    }
+
+    /// Sends `item` (alone or with others queued beside it) and waits for
+    /// its result.
+    pub async fn call(&self, item: T) -> Result<R, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((item, tx, tracing::Span::current()))
+            .map_err(|_| "the channel to this peer was closed".to_owned())?;
+        rx.await
+            .map_err(|_| "the call carrying this item was dropped".to_owned())?
+    }
+}
+
+/// Hands each waiter its result, or the batch's error.
+fn answer<R>(waiters: Vec<oneshot::Sender<Result<R, String>>>, result: Result<Vec<R>, String>) {
+    match result {
+        Ok(results) if results.len() == waiters.len() => {
+            for (w, r) in waiters.into_iter().zip(results) {
+                let _ = w.send(Ok(r));
+            }
+        }
+        Ok(results) => {
+            let e = format!(
+                "the peer answered {} result(s) for {} item(s)",
+                results.len(),
+                waiters.len()
+            );
+            for w in waiters {
+                let _ = w.send(Err(e.clone()));
+            }
+        }
+        Err(e) => {
+            for w in waiters {
+                let _ = w.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use futures::future::join_all;
+    use parking_lot::Mutex;
+
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn histogram() -> prometheus::Histogram {
+        prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("items", "items")).unwrap()
+    }
+
+    /// A peer that records the batches it was sent and answers each item
+    /// doubled, after `gate` opens.
+    fn doubling(
+        max_in_flight: usize,
+        max_batch: usize,
+        gate: Arc<tokio::sync::Notify>,
+        seen: Arc<Mutex<Vec<Vec<u32>>>>,
+    ) -> Coalescer<u32, u32> {
+        let limits = BatchLimits {
+            max_in_flight,
+            max_items: max_batch,
+            max_bytes: 100,
+        };
+        // An item weighs its value.
+        Coalescer::new(
+            limits,
+            |i| *i as usize,
+            histogram(),
+            move |items: Vec<u32>| {
+                let (gate, seen) = (gate.clone(), seen.clone());
+                async move {
+                    seen.lock().push(items.clone());
+                    gate.notified().await;
+                    Ok(items.iter().map(|i| i * 2).collect())
+                }
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn a_lone_call_goes_out_at_once_and_gets_its_own_result() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        gate.notify_one();
+        let c = doubling(2, 64, gate, seen.clone());
+        let r = tokio::time::timeout(WAIT, c.call(21)).await.unwrap();
+        assert_eq!(r, Ok(42));
+        assert_eq!(*seen.lock(), vec![vec![21]]);
+    }
+
+    #[tokio::test]
+    async fn calls_queued_behind_busy_slots_go_out_together_in_order() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let c = Arc::new(doubling(1, 64, gate.clone(), seen.clone()));
+        // The first call takes the only slot and waits at the gate.
+        let first = tokio::spawn({
+            let c = c.clone();
+            async move { c.call(1).await }
+        });
+        tokio::time::timeout(WAIT, async {
+            while seen.lock().is_empty() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        // These queue behind it.
+        let rest: Vec<_> = (2..=6)
+            .map(|i| {
+                let c = c.clone();
+                tokio::spawn(async move { c.call(i).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        gate.notify_one();
+        assert_eq!(
+            tokio::time::timeout(WAIT, first).await.unwrap().unwrap(),
+            Ok(2)
+        );
+        // The second call carries all five queued items.
+        tokio::time::timeout(WAIT, async {
+            while seen.lock().len() < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        gate.notify_one();
+        let results: Vec<_> = tokio::time::timeout(WAIT, join_all(rest))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(results, vec![Ok(4), Ok(6), Ok(8), Ok(10), Ok(12)]);
+        assert_eq!(*seen.lock(), vec![vec![1], vec![2, 3, 4, 5, 6]]);
+    }
+
+    #[tokio::test]
+    async fn batches_are_capped_at_max_batch() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let c = Arc::new(doubling(1, 3, gate.clone(), seen.clone()));
+        let calls: Vec<_> = (0..7)
+            .map(|i| {
+                let c = c.clone();
+                tokio::spawn(async move { c.call(i).await })
+            })
+            .collect();
+        // Open the gate for every call as it arrives.
+        let opener = tokio::spawn({
+            let gate = gate.clone();
+            async move {
+                loop {
+                    gate.notify_one();
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        });
+        let results: Vec<_> = tokio::time::timeout(WAIT, join_all(calls))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        opener.abort();
+        assert_eq!(results, (0..7).map(|i| Ok(i * 2)).collect::<Vec<_>>());
+        let seen = seen.lock();
+        assert!(seen.iter().all(|b| b.len() <= 3), "{seen:?}");
+        let all: Vec<u32> = seen.iter().flatten().copied().collect();
+        assert_eq!(all, (0..7).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn batches_are_capped_in_bytes_and_an_oversized_item_goes_alone() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let c = Arc::new(doubling(1, 64, gate.clone(), seen.clone()));
+        let first = tokio::spawn({
+            let c = c.clone();
+            async move { c.call(1).await }
+        });
+        tokio::time::timeout(WAIT, async {
+            while seen.lock().is_empty() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        // Queued behind the first: 60 + 30 fit in 100 bytes, 50 does not
+        // fit beside them, 150 is over the cap on its own.
+        let rest: Vec<_> = [60, 30, 50, 150, 5]
+            .into_iter()
+            .map(|i| {
+                let c = c.clone();
+                tokio::spawn(async move { c.call(i).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let opener = tokio::spawn(async move {
+            loop {
+                gate.notify_one();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        assert_eq!(
+            tokio::time::timeout(WAIT, first).await.unwrap().unwrap(),
+            Ok(2)
+        );
+        let results: Vec<_> = tokio::time::timeout(WAIT, join_all(rest))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        opener.abort();
+        assert_eq!(results, vec![Ok(120), Ok(60), Ok(100), Ok(300), Ok(10)]);
+        assert_eq!(
+            *seen.lock(),
+            vec![vec![1], vec![60, 30], vec![50], vec![150], vec![5]]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_item_whose_caller_gave_up_is_not_sent() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let c = Arc::new(doubling(1, 64, gate.clone(), seen.clone()));
+        let first = tokio::spawn({
+            let c = c.clone();
+            async move { c.call(1).await }
+        });
+        tokio::time::timeout(WAIT, async {
+            while seen.lock().is_empty() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        // Queued behind the busy slot, then abandoned.
+        let gave_up = tokio::time::timeout(Duration::from_millis(20), c.call(7)).await;
+        assert!(gave_up.is_err());
+        let waiting = tokio::spawn({
+            let c = c.clone();
+            async move { c.call(8).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        gate.notify_one();
+        assert_eq!(
+            tokio::time::timeout(WAIT, first).await.unwrap().unwrap(),
+            Ok(2)
+        );
+        tokio::time::timeout(WAIT, async {
+            while seen.lock().len() < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        gate.notify_one();
+        assert_eq!(
+            tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap(),
+            Ok(16)
+        );
+        assert_eq!(*seen.lock(), vec![vec![1], vec![8]]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_call_fails_every_item_it_carried() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let limits = BatchLimits {
+            max_in_flight: 4,
+            max_items: 64,
+            max_bytes: 1024,
+        };
+        let c = Coalescer::new(limits, |_| 1, histogram(), {
+            let calls = calls.clone();
+            move |items: Vec<u32>| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if items.contains(&13) {
+                        Err("Unavailable: node gone".to_owned())
+                    } else {
+                        // Too few results: a peer breaking the contract.
+                        Ok(Vec::<u32>::new())
+                    }
+                }
+            }
+        });
+        let r = tokio::time::timeout(WAIT, c.call(13)).await.unwrap();
+        assert_eq!(r, Err("Unavailable: node gone".to_owned()));
+        let r = tokio::time::timeout(WAIT, c.call(1)).await.unwrap();
+        assert_eq!(
+            r,
+            Err("the peer answered 0 result(s) for 1 item(s)".to_owned())
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+}
