@@ -400,9 +400,13 @@ struct WsArgs {
     /// Close a connection silent for this many seconds (4001).
     #[arg(long, env = "READ_TIMEOUT_SECS", default_value_t = 60)]
     read_timeout_secs: u64,
-    /// Per-connection socket read/write buffer, bytes.
+    /// Per-connection WebSocket write buffer, bytes.
     #[arg(long, env = "WS_BUFFER_BYTES", default_value_t = 4096)]
     ws_buffer_bytes: usize,
+    /// Per-connection WebSocket read buffer, bytes (client frames are small;
+    /// a larger frame grows it while it is read).
+    #[arg(long, env = "WS_READ_BUFFER_BYTES", default_value_t = 1024)]
+    ws_read_buffer_bytes: usize,
     /// Connections this node accepts; beyond it upgrades get 503.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 100_000)]
     max_connections: usize,
@@ -951,6 +955,12 @@ impl WsArgs {
                 "must be at least 512",
             ));
         }
+        if self.ws_read_buffer_bytes < 256 {
+            return Err(bad(
+                "WS_READ_BUFFER_BYTES (--ws-read-buffer-bytes)",
+                "must be at least 256",
+            ));
+        }
         let ping = secs(
             "PING_INTERVAL_SECS (--ping-interval-secs)",
             self.ping_interval_secs,
@@ -975,6 +985,7 @@ impl WsArgs {
         cfg.ping_interval = ping;
         cfg.read_timeout = read;
         cfg.io_buffer = self.ws_buffer_bytes;
+        cfg.read_buffer = self.ws_read_buffer_bytes;
         if self.max_connections == 0 {
             return Err(bad(
                 "MAX_CONNECTIONS (--max-connections)",

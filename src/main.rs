@@ -46,6 +46,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The runtime reads TOKIO_WORKER_THREADS itself (default: the CPUs
+    // available, cgroup quota included) and panics on a bad value.
+    if let Ok(v) = std::env::var("TOKIO_WORKER_THREADS")
+        && !v.parse::<usize>().is_ok_and(|n| n > 0)
+    {
+        eprintln!("error: TOKIO_WORKER_THREADS: {v:?} is not a positive number of threads");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

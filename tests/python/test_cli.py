@@ -45,6 +45,9 @@ def test_bad_configuration_exits_64_naming_the_setting(barrage_bin):
         (["connect-node", "--controller-address", "nope"], {}, "CONTROLLER_ADDRESS"),
         (["connect-node"], {"CONTROLLER_ADDRESS": "c:1", "SEND_QUEUE": "0"}, "SEND_QUEUE"),
         (["controller"], {"GRPC_PORT": "abc"}, "GRPC_PORT"),
+        (["push-manager", "--controller-address", "c:1"], {"PEER_CALLS_IN_FLIGHT": "0"}, "PEER_CALLS_IN_FLIGHT"),
+        (["controller"], {"TOKIO_WORKER_THREADS": "zero"}, "TOKIO_WORKER_THREADS"),
+        (["connect-node"], {"CONTROLLER_ADDRESS": "c:1", "WS_READ_BUFFER_BYTES": "100"}, "WS_READ_BUFFER_BYTES"),
     ]
     for args, env, setting in cases:
         p = run_bin(barrage_bin, *args, env=env)

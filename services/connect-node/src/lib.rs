@@ -57,8 +57,10 @@ pub struct Config {
     pub ping_interval: Duration,
     /// Close connections silent for this long.
     pub read_timeout: Duration,
-    /// Per-connection read/write buffer, bytes.
+    /// Per-connection WebSocket write buffer, bytes.
     pub io_buffer: usize,
+    /// Per-connection WebSocket read buffer, bytes.
+    pub read_buffer: usize,
     /// Heartbeat to controllers when idle.
     pub heartbeat: Duration,
     /// Deadline for controllers to confirm a connect or join.
@@ -109,6 +111,7 @@ impl Default for Config {
             ping_interval: Duration::from_secs(25),
             read_timeout: Duration::from_secs(60),
             io_buffer: 4 * 1024,
+            read_buffer: 1024,
             heartbeat: Duration::from_secs(1),
             ack_timeout: Duration::from_secs(10),
             ring_vnodes: barrage_discovery::ring::DEFAULT_VNODES,
@@ -262,6 +265,7 @@ pub async fn run(
             ping_interval: cfg.ping_interval,
             read_timeout: cfg.read_timeout,
             io_buffer: cfg.io_buffer,
+            read_buffer: cfg.read_buffer,
             ack_timeout: cfg.ack_timeout,
             max_connections: cfg.max_connections,
             max_connections_per_user: cfg.max_connections_per_user,

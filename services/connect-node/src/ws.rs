@@ -50,8 +50,11 @@ pub struct WsSettings {
     pub ping_interval: Duration,
     /// A connection silent for this long is closed with 4001.
     pub read_timeout: Duration,
-    /// tungstenite read/write buffer size per connection, in bytes.
+    /// tungstenite write buffer size per connection, in bytes.
     pub io_buffer: usize,
+    /// tungstenite read buffer size per connection, in bytes: resident for
+    /// the connection's life, so small (client frames are small).
+    pub read_buffer: usize,
     /// How long a connect or join may wait for the controllers.
     pub ack_timeout: Duration,
     /// Connections this node accepts at most (503 beyond).
@@ -328,7 +331,7 @@ pub async fn ws_handler(
         _ => Wire::Json,
     };
     upgrade
-        .read_buffer_size(s.io_buffer)
+        .read_buffer_size(s.read_buffer)
         .write_buffer_size(s.io_buffer)
         .max_write_buffer_size(s.io_buffer.max(s.max_frame_bytes) * 4)
         .max_message_size(s.max_frame_bytes)
@@ -336,6 +339,19 @@ pub async fn ws_handler(
         .on_upgrade(move |socket| serve(state, socket, wire, user, rooms, positions, claims))
 }
 
+/// A session that is registered, recovered and told `connected`.
+struct Established {
+    conn: Arc<ConnHandle>,
+    rx: mpsc::Receiver<Outbound>,
+    sink: futures::stream::SplitSink<WebSocket, Message>,
+    stream: futures::stream::SplitStream<WebSocket>,
+    skip: Skip,
+}
+
+/// Serves one WebSocket for its whole life. Set-up runs in its own boxed
+/// future: it awaits controller calls whose futures are large, and this
+/// task stays allocated at its largest state for as long as the
+/// connection is open (a few KiB per idle connection otherwise).
 async fn serve(
     state: WsState,
     socket: WebSocket,
@@ -345,14 +361,66 @@ async fn serve(
     positions: BTreeMap<String, StreamPos>,
     claims: Option<Claims>,
 ) {
-    let hub = state.hub.clone();
-    let settings = state.settings.clone();
+    let Some(Established {
+        conn,
+        rx,
+        sink,
+        stream,
+        skip,
+    }) = Box::pin(establish(&state, socket, wire, user, rooms, positions)).await
+    else {
+        return;
+    };
+    let writer = tokio::spawn(write_loop(
+        sink,
+        rx,
+        conn.clone(),
+        state.settings.ping_interval,
+        skip,
+        state.settings.batching.map(|b| (b, state.metrics.clone())),
+    ));
+    let session = Session {
+        claims: Mutex::new(claims),
+    };
+    let code = read_loop(&state, stream, &conn, &session).await;
+    conn.close_with(code.unwrap_or(CloseCode::Normal));
+    state.hub.disconnect(&conn);
+    let mut writer = writer;
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+        .await
+        .is_err()
+    {
+        // The client never took the close frame: drop the socket.
+        writer.abort();
+    }
+    let code = conn.close_code().unwrap_or(CloseCode::Normal);
+    state
+        .metrics
+        .disconnects
+        .with_label_values(&[&code.code().to_string()])
+        .inc();
+    tracing::debug!(conn = conn.id, code = code.code(), "disconnected");
+}
+
+/// Registers the connection, recovers what it missed, and sends
+/// `connected` and the missed messages. None when the session could not be
+/// established (the client was told, or is gone).
+async fn establish(
+    state: &WsState,
+    socket: WebSocket,
+    wire: Wire,
+    user: UserId,
+    rooms: Vec<RoomId>,
+    positions: BTreeMap<String, StreamPos>,
+) -> Option<Established> {
+    let hub = &state.hub;
+    let settings = &state.settings;
     let (conn, rx, ack) = hub.connect(user.clone(), &rooms, wire);
     let (mut sink, stream) = socket.split();
     // Registered first, then announced, then history fetched: every message
     // is either in the history answer or queued live (or both: deduplicated).
     let recovery = if ack.wait(settings.ack_timeout).await {
-        recover(&hub, &user, &rooms, &positions, settings.ack_timeout).await
+        recover(hub, &user, &rooms, &positions, settings.ack_timeout).await
     } else {
         Err("no controller confirmed the session".to_owned())
     };
@@ -372,7 +440,7 @@ async fn serve(
                 .disconnects
                 .with_label_values(&[&CloseCode::InternalError.code().to_string()])
                 .inc();
-            return;
+            return None;
         }
     };
     let connected = ServerFrame::Connected {
@@ -392,7 +460,7 @@ async fn serve(
     }
     if !sent || sink.flush().await.is_err() {
         hub.disconnect(&conn);
-        return;
+        return None;
     }
     if recovery.recovered_messages > 0 {
         state
@@ -401,39 +469,13 @@ async fn serve(
             .inc_by(recovery.recovered_messages);
     }
     tracing::debug!(conn = conn.id, user = %user, rooms = rooms.len(), "connected");
-    let writer = tokio::spawn(write_loop(
-        sink,
+    Some(Established {
+        conn,
         rx,
-        conn.clone(),
-        settings.ping_interval,
-        recovery.skip,
-        settings.batching.map(|b| (b, state.metrics.clone())),
-    ));
-    let session = Session {
-        claims: Mutex::new(claims),
-    };
-    let code = read_loop(&state, stream, &conn, &session).await;
-    if let Some(code) = code {
-        conn.close_with(code);
-    } else {
-        conn.close_with(CloseCode::Normal);
-    }
-    hub.disconnect(&conn);
-    let mut writer = writer;
-    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
-        .await
-        .is_err()
-    {
-        // The client never took the close frame: drop the socket.
-        writer.abort();
-    }
-    let code = conn.close_code().unwrap_or(CloseCode::Normal);
-    state
-        .metrics
-        .disconnects
-        .with_label_values(&[&code.code().to_string()])
-        .inc();
-    tracing::debug!(conn = conn.id, code = code.code(), "disconnected");
+        sink,
+        stream,
+        skip: recovery.skip,
+    })
 }
 
 /// The WebSocket message for a queued frame in the connection's format.
@@ -650,11 +692,12 @@ async fn read_loop(
                 ),
             ),
             Message::Text(text) => match parse_client_frame(text.as_str()) {
-                Ok(f) => handle_frame(state, conn, session, f).await,
+                // Boxed: rare, and larger than the rest of this loop.
+                Ok(f) => Box::pin(handle_frame(state, conn, session, f)).await,
                 Err(e) => send_error(state, conn, "invalid_frame", e.to_string()),
             },
             Message::Binary(b) => match binary::decode_client_frame(&b, settings.max_frame_bytes) {
-                Ok(f) => handle_frame(state, conn, session, f).await,
+                Ok(f) => Box::pin(handle_frame(state, conn, session, f)).await,
                 Err(e) => send_error(state, conn, "invalid_frame", e.to_string()),
             },
             Message::Close(_) => return None,
