@@ -79,7 +79,13 @@ struct Queue {
 struct Link {
     id: String,
     addr: String,
+    /// History queries (one per connecting session, many at once in a
+    /// reconnect storm).
     client: Option<ControllerClient<Channel>>,
+    /// Reports and syncs, on a connection of their own: every connect
+    /// waits for a report's answer, which must not queue behind the
+    /// history queries' streams.
+    reports: Option<ControllerClient<Channel>>,
     queue: Mutex<Queue>,
     notify: Notify,
     stop: CancellationToken,
@@ -270,21 +276,24 @@ impl Reporter {
     }
 
     fn spawn_link(self: &Arc<Self>, id: &str, addr: &str) -> Arc<Link> {
-        let client = match self.cfg.tls.endpoint(addr) {
-            Ok(e) => Some(ControllerClient::new(
-                e.connect_timeout(self.cfg.call_timeout)
-                    .tcp_nodelay(true)
-                    .connect_lazy(),
-            )),
+        let endpoint = match self.cfg.tls.endpoint(addr) {
+            Ok(e) => Some(e.connect_timeout(self.cfg.call_timeout).tcp_nodelay(true)),
             Err(e) => {
                 tracing::error!(controller = %id, %addr, error = %e, "bad controller address");
                 None
             }
         };
+        // Two channels, so two connections: one for history, one for reports.
+        let channel = || {
+            endpoint
+                .as_ref()
+                .map(|e| ControllerClient::new(e.connect_lazy()))
+        };
         let link = Arc::new(Link {
             id: id.to_owned(),
             addr: addr.to_owned(),
-            client,
+            client: channel(),
+            reports: channel(),
             queue: Mutex::new(Queue {
                 full_sync: true,
                 ..Queue::default()
@@ -297,7 +306,7 @@ impl Reporter {
     }
 
     async fn link_task(self: Arc<Self>, link: Arc<Link>) {
-        let Some(client) = link.client.clone() else {
+        let Some(client) = link.reports.clone() else {
             return;
         };
         let mut backoff = Backoff::new();
