@@ -1,11 +1,13 @@
-//! The WebSocket endpoint `GET /ws`: admission, the connection's reader and
-//! writer, and the client frames `join`, `leave` and `ping`.
+//! The WebSocket endpoint `GET /ws`: admission, the connection's task, and
+//! the client frames `join`, `leave` and `ping`.
 //!
 //! A connection is announced to the controllers before the client hears
 //! `connected` (and each join before `joined`), so any push issued after
 //! the client saw that frame reaches it. Outbound frames go through a
-//! bounded queue drained by one writer task, which writes whatever is queued
-//! and flushes once.
+//! bounded queue. One task per connection reads client frames, drains the
+//! queue (writing whatever is queued, then flushing once) and sends pings;
+//! a client frame that waits for a controller (a `join`) is handled
+//! alongside, so queued frames keep flowing meanwhile.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::num::NonZeroU32;
@@ -343,8 +345,7 @@ pub async fn ws_handler(
 struct Established {
     conn: Arc<ConnHandle>,
     rx: mpsc::Receiver<Outbound>,
-    sink: futures::stream::SplitSink<WebSocket, Message>,
-    stream: futures::stream::SplitStream<WebSocket>,
+    socket: WebSocket,
     skip: Skip,
 }
 
@@ -364,34 +365,25 @@ async fn serve(
     let Some(Established {
         conn,
         rx,
-        sink,
-        stream,
+        mut socket,
         skip,
     }) = Box::pin(establish(&state, socket, wire, user, rooms, positions)).await
     else {
         return;
     };
-    let writer = tokio::spawn(write_loop(
-        sink,
-        rx,
-        conn.clone(),
-        state.settings.ping_interval,
-        skip,
-        state.settings.batching.map(|b| (b, state.metrics.clone())),
-    ));
     let session = Session {
         claims: Mutex::new(claims),
     };
-    let code = read_loop(&state, stream, &conn, &session).await;
-    conn.close_with(code.unwrap_or(CloseCode::Normal));
+    let usable = run_session(&state, &mut socket, rx, &conn, &session, skip).await;
     state.hub.disconnect(&conn);
-    let mut writer = writer;
-    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
-        .await
-        .is_err()
-    {
-        // The client never took the close frame: drop the socket.
-        writer.abort();
+    if usable {
+        let code = conn.close_code().unwrap_or(CloseCode::Normal);
+        // A client that does not take the close frame is dropped.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            socket.send(close_message(code, code.reason())),
+        )
+        .await;
     }
     let code = conn.close_code().unwrap_or(CloseCode::Normal);
     state
@@ -416,7 +408,7 @@ async fn establish(
     let hub = &state.hub;
     let settings = &state.settings;
     let (conn, rx, ack) = hub.connect(user.clone(), &rooms, wire);
-    let (mut sink, stream) = socket.split();
+    let mut sink = socket;
     // Registered first, then announced, then history fetched: every message
     // is either in the history answer or queued live (or both: deduplicated).
     let recovery = if ack.wait(settings.ack_timeout).await {
@@ -472,8 +464,7 @@ async fn establish(
     Some(Established {
         conn,
         rx,
-        sink,
-        stream,
+        socket: sink,
         skip: recovery.skip,
     })
 }
@@ -493,62 +484,137 @@ fn close_message(code: CloseCode, reason: &str) -> Message {
     }))
 }
 
-/// Writes queued frames (feeding all that are ready, then one flush), sends
-/// pings, and sends the close frame once the connection is asked to close.
-async fn write_loop(
-    mut sink: futures::stream::SplitSink<WebSocket, Message>,
+/// A client frame being handled: it may wait for a controller.
+type Handling<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+/// Runs the connection until it ends: reads client frames, writes queued
+/// frames (feeding all that are ready, then one flush), sends pings. The
+/// reason is left in the connection's close code. Returns whether the
+/// socket can still take a close frame.
+async fn run_session(
+    state: &WsState,
+    socket: &mut WebSocket,
     mut rx: mpsc::Receiver<Outbound>,
-    conn: Arc<ConnHandle>,
-    ping_interval: Duration,
+    conn: &Arc<ConnHandle>,
+    session: &Session,
     mut skip: Skip,
-    batching: Option<(Batching, Metrics)>,
-) {
-    let mut ping = tokio::time::interval(ping_interval);
+) -> bool {
+    let settings = &state.settings;
+    let batching = settings.batching;
+    let rate = NonZeroU32::new(settings.messages_per_sec).unwrap_or(NonZeroU32::MIN);
+    let limiter = governor::RateLimiter::direct(
+        governor::Quota::per_second(rate)
+            .allow_burst(rate.saturating_mul(NonZeroU32::MIN.saturating_add(1))),
+    );
+    let mut ping = tokio::time::interval(settings.ping_interval);
     ping.reset();
+    let mut read_deadline = tokio::time::Instant::now() + settings.read_timeout;
+    // One client frame at a time: while one is handled, the next is not
+    // read (backpressure), but frames to the client keep going out.
+    let mut handling: Option<Handling<'_>> = None;
     loop {
+        let expires = session.deadline(settings.token_leeway);
+        // Biased: closing first; a waiting read before the read deadline,
+        // so a busy connection is never taken for a silent one; reads
+        // before writes, so a backlog cannot starve them.
         tokio::select! {
             biased;
-            _ = conn.closing() => break,
+            _ = conn.closing() => return true,
+            _ = sleep_until_opt(expires) => {
+                conn.close_with(CloseCode::TokenExpired);
+                return true;
+            }
+            _ = async { handling.as_mut().expect("branch enabled only while handling").await },
+                if handling.is_some() => handling = None,
+            next = socket.next(), if handling.is_none() => {
+                read_deadline = tokio::time::Instant::now() + settings.read_timeout;
+                let msg = match next {
+                    None => {
+                        conn.close_with(CloseCode::Normal);
+                        return false;
+                    }
+                    Some(Err(e)) => {
+                        let text = e.to_string();
+                        if text.contains("Space limit exceeded") || text.contains("too long") {
+                            conn.close_with(CloseCode::MessageTooBig);
+                            return true;
+                        }
+                        tracing::debug!(conn = conn.id, error = %text, "websocket read failed");
+                        conn.close_with(CloseCode::Normal);
+                        return false;
+                    }
+                    Some(Ok(m)) => m,
+                };
+                let frame = match msg {
+                    Message::Binary(_) if conn.wire == Wire::Json => {
+                        conn.close_with(CloseCode::InvalidFrame);
+                        return true;
+                    }
+                    Message::Text(_) | Message::Binary(_) if limiter.check().is_err() => {
+                        send_error(
+                            state,
+                            conn,
+                            "rate_limited",
+                            format!(
+                                "more than {} frames per second; this frame was dropped",
+                                settings.messages_per_sec
+                            ),
+                        );
+                        continue;
+                    }
+                    Message::Text(text) => parse_client_frame(text.as_str()).map_err(|e| e.to_string()),
+                    Message::Binary(b) => binary::decode_client_frame(&b, settings.max_frame_bytes)
+                        .map_err(|e| e.to_string()),
+                    Message::Close(_) => {
+                        conn.close_with(CloseCode::Normal);
+                        return true;
+                    }
+                    Message::Ping(_) | Message::Pong(_) => continue,
+                };
+                match frame {
+                    // Boxed: rare, and larger than the rest of this loop.
+                    Ok(f) => handling = Some(Box::pin(handle_frame(state, conn, session, f))),
+                    Err(e) => send_error(state, conn, "invalid_frame", e),
+                }
+            }
+            _ = tokio::time::sleep_until(read_deadline) => {
+                conn.close_with(CloseCode::ReadTimeout);
+                return true;
+            }
             frame = rx.recv() => {
-                let Some(frame) = frame else { break };
+                let Some(frame) = frame else { return true };
                 // A client that stops reading blocks this write; closing
                 // (e.g. as a slow consumer) must still win.
                 let written = tokio::select! {
                     biased;
-                    _ = conn.closing() => break,
+                    _ = conn.closing() => return true,
                     ok = async {
-                        match &batching {
-                            Some((b, m)) if frame.position.is_some() => {
-                                write_batch(&mut sink, &mut rx, &mut skip, frame, *b, m, conn.wire).await
+                        match batching {
+                            Some(b) if frame.position.is_some() => {
+                                write_batch(socket, &mut rx, &mut skip, frame, b, &state.metrics, conn.wire).await
                             }
-                            _ => write_ready(&mut sink, &mut rx, &mut skip, frame, conn.wire).await,
+                            _ => write_ready(socket, &mut rx, &mut skip, frame, conn.wire).await,
                         }
                     } => ok,
                 };
                 if !written {
                     conn.close_with(CloseCode::Normal);
-                    return;
+                    return false;
                 }
             }
             _ = ping.tick() => {
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
                     conn.close_with(CloseCode::Normal);
-                    return;
+                    return false;
                 }
             }
         }
     }
-    let code = conn.close_code().unwrap_or(CloseCode::Normal);
-    let _ = tokio::time::timeout(
-        Duration::from_secs(2),
-        sink.send(close_message(code, code.reason())),
-    )
-    .await;
 }
 
 /// Feeds `first` and every frame already queued behind it, then flushes once.
 async fn write_ready(
-    sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+    sink: &mut WebSocket,
     rx: &mut mpsc::Receiver<Outbound>,
     skip: &mut Skip,
     first: Outbound,
@@ -577,7 +643,7 @@ pub struct Batching {
 /// one `{"type":"batch","messages":[…]}` frame (one message goes alone).
 /// A non-message frame ends the batch and follows it, so order is kept.
 async fn write_batch(
-    sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+    sink: &mut WebSocket,
     rx: &mut mpsc::Receiver<Outbound>,
     skip: &mut Skip,
     first: Outbound,
@@ -642,66 +708,6 @@ fn batch_message(frames: &[Outbound], wire: Wire) -> Message {
             }
             text.push_str("]}");
             Message::Text(text.into())
-        }
-    }
-}
-
-/// Reads client frames until the connection ends. Returns the close code
-/// the server chose, or None when the client went away.
-async fn read_loop(
-    state: &WsState,
-    mut stream: futures::stream::SplitStream<WebSocket>,
-    conn: &Arc<ConnHandle>,
-    session: &Session,
-) -> Option<CloseCode> {
-    let settings = &state.settings;
-    let rate = NonZeroU32::new(settings.messages_per_sec).unwrap_or(NonZeroU32::MIN);
-    let limiter = governor::RateLimiter::direct(
-        governor::Quota::per_second(rate)
-            .allow_burst(rate.saturating_mul(NonZeroU32::MIN.saturating_add(1))),
-    );
-    loop {
-        let expires = session.deadline(settings.token_leeway);
-        let next = tokio::select! {
-            _ = conn.closing() => return conn.close_code(),
-            _ = sleep_until_opt(expires) => return Some(CloseCode::TokenExpired),
-            n = tokio::time::timeout(settings.read_timeout, stream.next()) => n,
-        };
-        let msg = match next {
-            Err(_) => return Some(CloseCode::ReadTimeout),
-            Ok(None) => return None,
-            Ok(Some(Err(e))) => {
-                let text = e.to_string();
-                if text.contains("Space limit exceeded") || text.contains("too long") {
-                    return Some(CloseCode::MessageTooBig);
-                }
-                tracing::debug!(conn = conn.id, error = %text, "websocket read failed");
-                return None;
-            }
-            Ok(Some(Ok(m))) => m,
-        };
-        match msg {
-            Message::Binary(_) if conn.wire == Wire::Json => return Some(CloseCode::InvalidFrame),
-            Message::Text(_) | Message::Binary(_) if limiter.check().is_err() => send_error(
-                state,
-                conn,
-                "rate_limited",
-                format!(
-                    "more than {} frames per second; this frame was dropped",
-                    settings.messages_per_sec
-                ),
-            ),
-            Message::Text(text) => match parse_client_frame(text.as_str()) {
-                // Boxed: rare, and larger than the rest of this loop.
-                Ok(f) => Box::pin(handle_frame(state, conn, session, f)).await,
-                Err(e) => send_error(state, conn, "invalid_frame", e.to_string()),
-            },
-            Message::Binary(b) => match binary::decode_client_frame(&b, settings.max_frame_bytes) {
-                Ok(f) => Box::pin(handle_frame(state, conn, session, f)).await,
-                Err(e) => send_error(state, conn, "invalid_frame", e.to_string()),
-            },
-            Message::Close(_) => return None,
-            Message::Ping(_) | Message::Pong(_) => {}
         }
     }
 }

@@ -98,6 +98,13 @@ impl Ownership {
         }
     }
 
+    /// Whether `node` should send its full state now: this controller is
+    /// not ready and has no state from it on the current ring (its sync
+    /// came before the ring changed, or was computed on another ring).
+    pub fn awaits_sync(&mut self, node: &str, now: Instant) -> bool {
+        !self.is_ready(now) && !self.synced.contains(node)
+    }
+
     /// Whether pushes may be resolved now.
     pub fn is_ready(&mut self, now: Instant) -> bool {
         if !self.warm
@@ -115,6 +122,29 @@ mod tests {
 
     fn ids(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_whose_sync_the_ring_change_discarded_is_asked_again() {
+        let mut o = Ownership::on_ring("c1", Duration::from_secs(5));
+        o.set_alive(["n1".to_string()].into());
+        let first = o.ring_id().unwrap();
+        o.synced("n1", first);
+        assert!(o.is_ready(Instant::now()));
+        assert!(!o.awaits_sync("n1", Instant::now()));
+        // The ring changes after n1 synced: its state is discarded.
+        assert!(o.set_controllers(ids(&["c1", "c2"]), 16));
+        assert!(o.awaits_sync("n1", Instant::now()));
+        // A sync computed on the old ring does not count.
+        o.synced("n1", first);
+        assert!(o.awaits_sync("n1", Instant::now()));
+        o.synced("n1", o.ring_id().unwrap());
+        assert!(!o.awaits_sync("n1", Instant::now()));
+        assert!(o.is_ready(Instant::now()));
+        // Once warm, nobody is asked.
+        assert!(o.set_controllers(ids(&["c1"]), 16));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(!o.awaits_sync("n2", Instant::now()));
     }
 
     #[tokio::test(start_paused = true)]

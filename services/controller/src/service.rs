@@ -117,7 +117,7 @@ impl Controller for ControllerService {
         req: Request<ReportRequest>,
     ) -> Result<Response<ReportResponse>, Status> {
         let r = req.into_inner();
-        let outcome = {
+        let (outcome, awaits_sync) = {
             let mut s = self.state.lock();
             let o = s.members.report(
                 &r.node_id,
@@ -126,8 +126,14 @@ impl Controller for ControllerService {
                 &r.changes,
                 Instant::now(),
             );
+            // A node whose full state this controller is still waiting for
+            // (its sync was discarded by a ring change) is asked for it now,
+            // instead of pushes being refused until the warm-up ends.
+            let awaits = s
+                .ownership
+                .awaits_sync(&r.node_id, tokio::time::Instant::now());
             self.metrics.observe(&s);
-            o
+            (o, awaits)
         };
         let label = match outcome {
             ReportOutcome::Applied => "applied",
@@ -140,7 +146,7 @@ impl Controller for ControllerService {
             tracing::debug!(node_id = %r.node_id, seq = r.seq, "asking connect-node for a full sync");
         }
         Ok(Response::new(ReportResponse {
-            resync_required: outcome == ReportOutcome::ResyncRequired,
+            resync_required: outcome == ReportOutcome::ResyncRequired || awaits_sync,
         }))
     }
 
