@@ -335,3 +335,35 @@ async fn api_tokens_and_scopes() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refreshed_connection_outlives_its_first_token() -> anyhow::Result<()> {
+    let cluster = secure_cluster().await?;
+    let ws = cluster.nodes[0].ws_url();
+    // Expires in 1 s; with the node's 5 s leeway it would close after ~6 s.
+    let mut c = within(
+        T,
+        "connect",
+        Client::connect(&format!("{ws}?token={}", token("erin", None, 1))),
+    )
+    .await??;
+    c.send(&ClientFrame::Refresh {
+        token: token("erin", None, 120),
+    })
+    .await?;
+    match within(T, "frame", c.next_frame()).await?? {
+        Some(ServerFrame::Refreshed { .. }) => {}
+        other => panic!("expected refreshed, got {other:?}"),
+    }
+    // Past the first token's deadline, the connection still answers.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    c.send(&ClientFrame::Ping).await?;
+    loop {
+        match within(T, "pong", c.next_frame()).await? {
+            Ok(Some(ServerFrame::Pong)) => break,
+            Ok(Some(_)) => continue,
+            other => panic!("expected pong on a refreshed connection, got {other:?}"),
+        }
+    }
+    Ok(())
+}

@@ -508,26 +508,45 @@ async fn run_session(
     );
     let mut ping = tokio::time::interval(settings.ping_interval);
     ping.reset();
-    let mut read_deadline = tokio::time::Instant::now() + settings.read_timeout;
+    // Timers and the close signal live across iterations: a delivered
+    // frame wakes this loop, and must not register new timers each time.
+    let closing = conn.closing();
+    tokio::pin!(closing);
+    let read_timer = tokio::time::sleep(settings.read_timeout);
+    tokio::pin!(read_timer);
+    let never = || tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400);
+    let mut exp = session.expiry();
+    let expiry = tokio::time::sleep_until(
+        session
+            .deadline(settings.token_leeway)
+            .unwrap_or_else(never),
+    );
+    tokio::pin!(expiry);
     // One client frame at a time: while one is handled, the next is not
     // read (backpressure), but frames to the client keep going out.
     let mut handling: Option<Handling<'_>> = None;
     loop {
-        let expires = session.deadline(settings.token_leeway);
         // Biased: closing first; a waiting read before the read deadline,
         // so a busy connection is never taken for a silent one; reads
         // before writes, so a backlog cannot starve them.
         tokio::select! {
             biased;
-            _ = conn.closing() => return true,
-            _ = sleep_until_opt(expires) => {
+            () = &mut closing => return true,
+            () = &mut expiry, if exp.is_some() => {
                 conn.close_with(CloseCode::TokenExpired);
                 return true;
             }
-            _ = async { handling.as_mut().expect("branch enabled only while handling").await },
-                if handling.is_some() => handling = None,
+            () = async { handling.as_mut().expect("branch enabled only while handling").await },
+                if handling.is_some() => {
+                handling = None;
+                // A `refresh` moves the token's expiry.
+                if session.expiry() != exp {
+                    exp = session.expiry();
+                    expiry.as_mut().reset(session.deadline(settings.token_leeway).unwrap_or_else(never));
+                }
+            }
             next = socket.next(), if handling.is_none() => {
-                read_deadline = tokio::time::Instant::now() + settings.read_timeout;
+                read_timer.as_mut().reset(tokio::time::Instant::now() + settings.read_timeout);
                 let msg = match next {
                     None => {
                         conn.close_with(CloseCode::Normal);
@@ -577,7 +596,7 @@ async fn run_session(
                     Err(e) => send_error(state, conn, "invalid_frame", e),
                 }
             }
-            _ = tokio::time::sleep_until(read_deadline) => {
+            () = &mut read_timer => {
                 conn.close_with(CloseCode::ReadTimeout);
                 return true;
             }
@@ -587,7 +606,7 @@ async fn run_session(
                 // (e.g. as a slow consumer) must still win.
                 let written = tokio::select! {
                     biased;
-                    _ = conn.closing() => return true,
+                    () = &mut closing => return true,
                     ok = async {
                         match batching {
                             Some(b) if frame.position.is_some() => {
@@ -843,6 +862,11 @@ struct Session {
 
 impl Session {
     /// When the connection must close unless its token is refreshed.
+    /// The token's expiry (seconds since the epoch), when there is a token.
+    fn expiry(&self) -> Option<u64> {
+        self.claims.lock().as_ref().map(|c| c.exp)
+    }
+
     fn deadline(&self, leeway: Duration) -> Option<tokio::time::Instant> {
         let exp = self.claims.lock().as_ref()?.exp;
         let left = exp.saturating_sub(barrage_auth::now_secs());
@@ -854,13 +878,6 @@ impl Session {
             .lock()
             .as_ref()
             .is_none_or(|c| c.allows_room(room))
-    }
-}
-
-async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
