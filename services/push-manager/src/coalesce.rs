@@ -10,12 +10,14 @@
 //! `max_batch`) in one call. A lone push is never held back to wait for
 //! company: batches form only from pushes that would otherwise wait anyway.
 //!
-//! Results come back one per item, in order; a failed call fails every item
+//! A call made while a slot is free and nothing is queued goes out from the
+//! caller's own task, with no hand-over. Results come back one per item, in order; a failed call fails every item
 //! it carried, with the same error. An item whose caller stopped waiting
 //! before it was sent is never sent.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -35,9 +37,18 @@ pub struct BatchLimits {
     pub max_bytes: usize,
 }
 
+/// A call to the peer with a batch of items.
+type CallFn<T, R> =
+    dyn Fn(Vec<T>) -> futures::future::BoxFuture<'static, Result<Vec<R>, String>> + Send + Sync;
+
 /// Sends items to one peer, merging those that queue behind busy calls.
 pub struct Coalescer<T, R> {
     tx: mpsc::UnboundedSender<Queued<T, R>>,
+    slots: Arc<Semaphore>,
+    /// Items handed to the driver and not yet sent or dropped.
+    pending: Arc<AtomicUsize>,
+    call: Arc<CallFn<T, R>>,
+    items: prometheus::Histogram,
 }
 
 impl<T, R> Coalescer<T, R>
@@ -57,69 +68,105 @@ where
         call: F,
     ) -> Self
     where
-        F: Fn(Vec<T>) -> Fut + Send + 'static,
+        F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<R>, String>> + Send + 'static,
     {
+        let call: Arc<CallFn<T, R>> = Arc::new(move |batch| Box::pin(call(batch)));
         let (tx, mut rx) = mpsc::unbounded_channel::<Queued<T, R>>();
         let slots = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
-        tokio::spawn(async move {
-            // An item that did not fit the last batch opens the next.
-            let mut held: Option<Queued<T, R>> = None;
-            loop {
-                let Ok(slot) = slots.clone().acquire_owned().await else {
-                    return;
-                };
-                // Items whose caller stopped waiting (timed out, cancelled)
-                // are dropped unsent: the push already reported them failed.
-                let first = loop {
-                    let q = match held.take() {
+        let pending = Arc::new(AtomicUsize::new(0));
+        let driver = {
+            let (slots, pending, call, items) =
+                (slots.clone(), pending.clone(), call.clone(), items.clone());
+            async move {
+                // An item that did not fit the last batch opens the next.
+                let mut held: Option<Queued<T, R>> = None;
+                loop {
+                    let first = match held.take() {
                         Some(q) => q,
                         None => match rx.recv().await {
                             Some(q) => q,
                             None => return,
                         },
                     };
-                    if !q.1.is_closed() {
-                        break q;
-                    }
-                };
-                let span = first.2.clone();
-                let mut bytes = weigh(&first.0);
-                let mut payload = vec![first.0];
-                let mut waiters = vec![first.1];
-                while payload.len() < limits.max_items {
-                    let Ok(q) = rx.try_recv() else { break };
-                    if q.1.is_closed() {
+                    let Ok(slot) = slots.clone().acquire_owned().await else {
+                        return;
+                    };
+                    // Items whose caller stopped waiting (timed out,
+                    // cancelled) are dropped unsent: the push already
+                    // reported them failed.
+                    if first.1.is_closed() {
+                        pending.fetch_sub(1, Ordering::AcqRel);
                         continue;
                     }
-                    let size = weigh(&q.0);
-                    if bytes + size > limits.max_bytes {
-                        held = Some(q);
-                        break;
+                    let span = first.2.clone();
+                    let mut bytes = weigh(&first.0);
+                    let mut payload = vec![first.0];
+                    let mut waiters = vec![first.1];
+                    while payload.len() < limits.max_items {
+                        let Ok(q) = rx.try_recv() else { break };
+                        if q.1.is_closed() {
+                            pending.fetch_sub(1, Ordering::AcqRel);
+                            continue;
+                        }
+                        let size = weigh(&q.0);
+                        if bytes + size > limits.max_bytes {
+                            held = Some(q);
+                            break;
+                        }
+                        bytes += size;
+                        payload.push(q.0);
+                        waiters.push(q.1);
                     }
-                    bytes += size;
-                    payload.push(q.0);
-                    waiters.push(q.1);
+                    pending.fetch_sub(payload.len(), Ordering::AcqRel);
+                    items.observe(payload.len() as f64);
+                    let fut = span.in_scope(|| call(payload));
+                    tokio::spawn(async move {
+                        let result = fut.await;
+                        drop(slot);
+                        answer(waiters, result);
+                    });
                 }
-                items.observe(payload.len() as f64);
-                let fut = span.in_scope(|| call(payload));
-                tokio::spawn(async move {
-                    let result = fut.await;
-                    drop(slot);
-                    answer(waiters, result);
-                });
             }
-        });
-        Coalescer { tx }
+        };
+        tokio::spawn(driver);
+        Coalescer {
+            tx,
+            slots,
+            pending,
+            call,
+            items,
+        }
     }
 
     /// Sends `item` (alone or with others queued beside it) and waits for
-    /// its result.
+    /// its result. With a free slot and nothing queued, the call is made
+    /// right here, with no hand-over to the driver.
     pub async fn call(&self, item: T) -> Result<R, String> {
+        if self.pending.load(Ordering::Acquire) == 0
+            && let Ok(slot) = self.slots.clone().try_acquire_owned()
+        {
+            self.items.observe(1.0);
+            let result = (self.call)(vec![item]).await;
+            drop(slot);
+            return match result {
+                Ok(results) if results.len() == 1 => results
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| "the peer answered no result".to_owned()),
+                Ok(results) => Err(format!(
+                    "the peer answered {} result(s) for 1 item(s)",
+                    results.len()
+                )),
+                Err(e) => Err(e),
+            };
+        }
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send((item, tx, tracing::Span::current()))
-            .map_err(|_| "the channel to this peer was closed".to_owned())?;
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send((item, tx, tracing::Span::current())).is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err("the channel to this peer was closed".to_owned());
+        }
         rx.await
             .map_err(|_| "the call carrying this item was dropped".to_owned())?
     }
