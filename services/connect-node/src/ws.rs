@@ -596,7 +596,8 @@ async fn run_session(
                     Err(e) => send_error(state, conn, "invalid_frame", e),
                 }
             }
-            () = &mut read_timer => {
+            // Not while a frame is handled: reads are paused by us then.
+            () = &mut read_timer, if handling.is_none() => {
                 conn.close_with(CloseCode::ReadTimeout);
                 return true;
             }
@@ -622,7 +623,14 @@ async fn run_session(
                 }
             }
             _ = ping.tick() => {
-                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                // Like any write, a ping can block on a client that stopped
+                // reading; closing must still win.
+                let sent = tokio::select! {
+                    biased;
+                    () = &mut closing => return true,
+                    r = socket.send(Message::Ping(Default::default())) => r.is_ok(),
+                };
+                if !sent {
                     conn.close_with(CloseCode::Normal);
                     return false;
                 }
