@@ -396,11 +396,9 @@ impl Hub {
     /// frame. Returns how many connections were removed.
     pub fn close_room(&self, room: &RoomId) -> usize {
         let mut members: Vec<Arc<ConnHandle>> = Vec::new();
-        for shard in &self.shards {
-            if let Some(m) = shard.read().rooms.get(room) {
-                members.extend(m.values().cloned());
-            }
-        }
+        self.each_recipient(&StreamKey::Room(room.clone()), &HashSet::new(), |c| {
+            members.push(c.clone());
+        });
         let left = ServerFrame::Left {
             room: room.to_string(),
         };
@@ -651,9 +649,9 @@ impl Hub {
     /// Every open connection (for shutdown).
     pub fn connections(&self) -> Vec<Arc<ConnHandle>> {
         let mut out = Vec::with_capacity(self.connection_count());
-        for shard in &self.shards {
-            out.extend(shard.read().conns.values().cloned());
-        }
+        self.each_recipient(&StreamKey::Broadcast, &HashSet::new(), |c| {
+            out.push(c.clone());
+        });
         out
     }
 

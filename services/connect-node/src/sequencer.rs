@@ -89,9 +89,15 @@ impl Sequencer {
         let order = self.order(stream);
         let mut o = order.lock();
         let (out, own) = Self::admit_locked(&mut o, epoch, prev, ready);
-        let delivered: Vec<u32> = out.iter().map(|r| deliver(hub, r)).collect();
-        match own {
-            Some(i) => delivered[i],
+        let mut mine = None;
+        for (i, r) in out.iter().enumerate() {
+            let n = deliver(hub, r);
+            if own == Some(i) {
+                mine = Some(n);
+            }
+        }
+        match mine {
+            Some(n) => n,
             None => o.waiting.get(&prev).map_or(0, |w| {
                 let exclude: HashSet<&str> = w.ready.exclude.iter().map(String::as_str).collect();
                 hub.recipients(&w.ready.key, &exclude)

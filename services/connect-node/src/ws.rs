@@ -399,7 +399,7 @@ async fn serve(
 /// established (the client was told, or is gone).
 async fn establish(
     state: &WsState,
-    socket: WebSocket,
+    mut socket: WebSocket,
     wire: Wire,
     user: UserId,
     rooms: Vec<RoomId>,
@@ -408,7 +408,6 @@ async fn establish(
     let hub = &state.hub;
     let settings = &state.settings;
     let (conn, rx, ack) = hub.connect(user.clone(), &rooms, wire);
-    let mut sink = socket;
     // Registered first, then announced, then history fetched: every message
     // is either in the history answer or queued live (or both: deduplicated).
     let recovery = if ack.wait(settings.ack_timeout).await {
@@ -421,7 +420,7 @@ async fn establish(
         Err(why) => {
             tracing::warn!(user = %user, reason = %why, "cannot establish the session; closing");
             hub.disconnect(&conn);
-            let _ = sink
+            let _ = socket
                 .send(close_message(
                     CloseCode::InternalError,
                     "no controller available, reconnect",
@@ -446,11 +445,11 @@ async fn establish(
         Wire::Json => Message::Text(connected.to_json().into()),
         Wire::Binary(c) => Message::Binary(binary::encode_server_frame(&connected, c)),
     };
-    let mut sent = sink.feed(connected).await.is_ok();
+    let mut sent = socket.feed(connected).await.is_ok();
     for out in recovery.missed {
-        sent = sent && sink.feed(to_wire(out, wire)).await.is_ok();
+        sent = sent && socket.feed(to_wire(out, wire)).await.is_ok();
     }
-    if !sent || sink.flush().await.is_err() {
+    if !sent || socket.flush().await.is_err() {
         hub.disconnect(&conn);
         return None;
     }
@@ -464,7 +463,7 @@ async fn establish(
     Some(Established {
         conn,
         rx,
-        socket: sink,
+        socket,
         skip: recovery.skip,
     })
 }
@@ -540,8 +539,9 @@ async fn run_session(
                 if handling.is_some() => {
                 handling = None;
                 // A `refresh` moves the token's expiry.
-                if session.expiry() != exp {
-                    exp = session.expiry();
+                let now_exp = session.expiry();
+                if now_exp != exp {
+                    exp = now_exp;
                     expiry.as_mut().reset(session.deadline(settings.token_leeway).unwrap_or_else(never));
                 }
             }

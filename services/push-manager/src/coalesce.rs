@@ -149,17 +149,11 @@ where
             self.items.observe(1.0);
             let result = (self.call)(vec![item]).await;
             drop(slot);
-            return match result {
-                Ok(results) if results.len() == 1 => results
-                    .into_iter()
+            return per_item(result, 1).and_then(|r| {
+                r.into_iter()
                     .next()
-                    .ok_or_else(|| "the peer answered no result".to_owned()),
-                Ok(results) => Err(format!(
-                    "the peer answered {} result(s) for 1 item(s)",
-                    results.len()
-                )),
-                Err(e) => Err(e),
-            };
+                    .ok_or_else(|| "the peer answered no result".to_owned())
+            });
         }
         let (tx, rx) = oneshot::channel();
         self.pending.fetch_add(1, Ordering::AcqRel);
@@ -172,22 +166,25 @@ where
     }
 }
 
-/// Hands each waiter its result, or the batch's error.
-fn answer<R>(waiters: Vec<oneshot::Sender<Result<R, String>>>, result: Result<Vec<R>, String>) {
+/// The results of a call carrying `items` items, one per item; a peer that
+/// answered another number of results failed the whole call.
+fn per_item<R>(result: Result<Vec<R>, String>, items: usize) -> Result<Vec<R>, String> {
     match result {
-        Ok(results) if results.len() == waiters.len() => {
+        Ok(results) if results.len() == items => Ok(results),
+        Ok(results) => Err(format!(
+            "the peer answered {} result(s) for {items} item(s)",
+            results.len()
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+/// Hands each waiter its result, or the call's error.
+fn answer<R>(waiters: Vec<oneshot::Sender<Result<R, String>>>, result: Result<Vec<R>, String>) {
+    match per_item(result, waiters.len()) {
+        Ok(results) => {
             for (w, r) in waiters.into_iter().zip(results) {
                 let _ = w.send(Ok(r));
-            }
-        }
-        Ok(results) => {
-            let e = format!(
-                "the peer answered {} result(s) for {} item(s)",
-                results.len(),
-                waiters.len()
-            );
-            for w in waiters {
-                let _ = w.send(Err(e.clone()));
             }
         }
         Err(e) => {
@@ -212,6 +209,46 @@ mod tests {
 
     fn histogram() -> prometheus::Histogram {
         prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("items", "items")).unwrap()
+    }
+
+    type Call = tokio::task::JoinHandle<Result<u32, String>>;
+
+    /// `c.call(i)` in a task of its own.
+    fn spawn_call(c: &Arc<Coalescer<u32, u32>>, i: u32) -> Call {
+        let c = c.clone();
+        tokio::spawn(async move { c.call(i).await })
+    }
+
+    /// Waits until the peer has been sent `n` calls.
+    async fn until_calls(seen: &Mutex<Vec<Vec<u32>>>, n: usize) {
+        tokio::time::timeout(WAIT, async {
+            while seen.lock().len() < n {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    /// What the spawned calls answered, in order.
+    async fn results_of(calls: Vec<Call>) -> Vec<Result<u32, String>> {
+        tokio::time::timeout(WAIT, join_all(calls))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    /// Opens `gate` every few milliseconds, for every call as it arrives,
+    /// until aborted.
+    fn keep_opening(gate: Arc<tokio::sync::Notify>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                gate.notify_one();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
     }
 
     /// A peer that records the batches it was sent and answers each item
@@ -260,24 +297,10 @@ mod tests {
         let gate = Arc::new(tokio::sync::Notify::new());
         let c = Arc::new(doubling(1, 64, gate.clone(), seen.clone()));
         // The first call takes the only slot and waits at the gate.
-        let first = tokio::spawn({
-            let c = c.clone();
-            async move { c.call(1).await }
-        });
-        tokio::time::timeout(WAIT, async {
-            while seen.lock().is_empty() {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .unwrap();
+        let first = spawn_call(&c, 1);
+        until_calls(&seen, 1).await;
         // These queue behind it.
-        let rest: Vec<_> = (2..=6)
-            .map(|i| {
-                let c = c.clone();
-                tokio::spawn(async move { c.call(i).await })
-            })
-            .collect();
+        let rest: Vec<_> = (2..=6).map(|i| spawn_call(&c, i)).collect();
         tokio::time::sleep(Duration::from_millis(50)).await;
         gate.notify_one();
         assert_eq!(
@@ -285,20 +308,9 @@ mod tests {
             Ok(2)
         );
         // The second call carries all five queued items.
-        tokio::time::timeout(WAIT, async {
-            while seen.lock().len() < 2 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .unwrap();
+        until_calls(&seen, 2).await;
         gate.notify_one();
-        let results: Vec<_> = tokio::time::timeout(WAIT, join_all(rest))
-            .await
-            .unwrap()
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
+        let results = results_of(rest).await;
         assert_eq!(results, vec![Ok(4), Ok(6), Ok(8), Ok(10), Ok(12)]);
         assert_eq!(*seen.lock(), vec![vec![1], vec![2, 3, 4, 5, 6]]);
     }
@@ -308,28 +320,9 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let gate = Arc::new(tokio::sync::Notify::new());
         let c = Arc::new(doubling(1, 3, gate.clone(), seen.clone()));
-        let calls: Vec<_> = (0..7)
-            .map(|i| {
-                let c = c.clone();
-                tokio::spawn(async move { c.call(i).await })
-            })
-            .collect();
-        // Open the gate for every call as it arrives.
-        let opener = tokio::spawn({
-            let gate = gate.clone();
-            async move {
-                loop {
-                    gate.notify_one();
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        });
-        let results: Vec<_> = tokio::time::timeout(WAIT, join_all(calls))
-            .await
-            .unwrap()
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
+        let calls: Vec<_> = (0..7).map(|i| spawn_call(&c, i)).collect();
+        let opener = keep_opening(gate);
+        let results = results_of(calls).await;
         opener.abort();
         assert_eq!(results, (0..7).map(|i| Ok(i * 2)).collect::<Vec<_>>());
         let seen = seen.lock();
@@ -343,43 +336,21 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let gate = Arc::new(tokio::sync::Notify::new());
         let c = Arc::new(doubling(1, 64, gate.clone(), seen.clone()));
-        let first = tokio::spawn({
-            let c = c.clone();
-            async move { c.call(1).await }
-        });
-        tokio::time::timeout(WAIT, async {
-            while seen.lock().is_empty() {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .unwrap();
+        let first = spawn_call(&c, 1);
+        until_calls(&seen, 1).await;
         // Queued behind the first: 60 + 30 fit in 100 bytes, 50 does not
         // fit beside them, 150 is over the cap on its own.
         let rest: Vec<_> = [60, 30, 50, 150, 5]
             .into_iter()
-            .map(|i| {
-                let c = c.clone();
-                tokio::spawn(async move { c.call(i).await })
-            })
+            .map(|i| spawn_call(&c, i))
             .collect();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let opener = tokio::spawn(async move {
-            loop {
-                gate.notify_one();
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        });
+        let opener = keep_opening(gate);
         assert_eq!(
             tokio::time::timeout(WAIT, first).await.unwrap().unwrap(),
             Ok(2)
         );
-        let results: Vec<_> = tokio::time::timeout(WAIT, join_all(rest))
-            .await
-            .unwrap()
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
+        let results = results_of(rest).await;
         opener.abort();
         assert_eq!(results, vec![Ok(120), Ok(60), Ok(100), Ok(300), Ok(10)]);
         assert_eq!(
@@ -393,37 +364,19 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let gate = Arc::new(tokio::sync::Notify::new());
         let c = Arc::new(doubling(1, 64, gate.clone(), seen.clone()));
-        let first = tokio::spawn({
-            let c = c.clone();
-            async move { c.call(1).await }
-        });
-        tokio::time::timeout(WAIT, async {
-            while seen.lock().is_empty() {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .unwrap();
+        let first = spawn_call(&c, 1);
+        until_calls(&seen, 1).await;
         // Queued behind the busy slot, then abandoned.
         let gave_up = tokio::time::timeout(Duration::from_millis(20), c.call(7)).await;
         assert!(gave_up.is_err());
-        let waiting = tokio::spawn({
-            let c = c.clone();
-            async move { c.call(8).await }
-        });
+        let waiting = spawn_call(&c, 8);
         tokio::time::sleep(Duration::from_millis(20)).await;
         gate.notify_one();
         assert_eq!(
             tokio::time::timeout(WAIT, first).await.unwrap().unwrap(),
             Ok(2)
         );
-        tokio::time::timeout(WAIT, async {
-            while seen.lock().len() < 2 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .unwrap();
+        until_calls(&seen, 2).await;
         gate.notify_one();
         assert_eq!(
             tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap(),

@@ -41,7 +41,7 @@ pub struct Dialer {
 }
 
 /// A request with the call deadline and the current trace context.
-fn request<T>(msg: T, timeout: Duration) -> Request<T> {
+pub(crate) fn request<T>(msg: T, timeout: Duration) -> Request<T> {
     let mut req = Request::new(msg);
     req.set_timeout(timeout);
     barrage_telemetry::inject(&mut req);

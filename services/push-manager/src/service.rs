@@ -172,6 +172,10 @@ fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
 
 /// A controller's answer passed on: its verdicts (not found, invalid) as
 /// they are, anything else as UNAVAILABLE naming the controller.
+fn no_controller() -> Status {
+    Status::unavailable("no controller available: none is registered in discovery")
+}
+
 fn controller_error(id: &str, s: Status) -> Status {
     match s.code() {
         Code::NotFound | Code::InvalidArgument => s,
@@ -323,17 +327,12 @@ impl PushService {
 
     /// The controller owning `key`, by id, with its client.
     fn owner(&self, key: &str) -> Result<(String, ControllerClient<Channel>), Status> {
-        self.inner.controllers.owner(key).ok_or_else(|| {
-            Status::unavailable("no controller available: none is registered in discovery")
-        })
+        self.inner.controllers.owner(key).ok_or_else(no_controller)
     }
 
     /// A request to a controller, with the controller deadline.
     fn controller_request<T>(&self, msg: T) -> Request<T> {
-        let mut req = Request::new(msg);
-        req.set_timeout(self.inner.controller_timeout);
-        barrage_telemetry::inject(&mut req);
-        req
+        crate::pool::request(msg, self.inner.controller_timeout)
     }
 
     /// Asks each key's owning controller for its stream position and nodes,
@@ -346,9 +345,11 @@ impl PushService {
         let mut by_owner: BTreeMap<String, (_, Vec<ResolveTarget>)> = BTreeMap::new();
         for key in keys {
             let key = key.to_string();
-            let (id, resolver) = self.inner.controllers.resolver(&key).ok_or_else(|| {
-                Status::unavailable("no controller available: none is registered in discovery")
-            })?;
+            let (id, resolver) = self
+                .inner
+                .controllers
+                .resolver(&key)
+                .ok_or_else(no_controller)?;
             by_owner
                 .entry(id)
                 .or_insert_with(|| (resolver, Vec::new()))
