@@ -16,6 +16,26 @@ use clap::{Args, Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Async runtime: multi-thread (one worker per CPU, TOKIO_WORKER_THREADS
+    /// sets how many) or current-thread (everything on one thread: less CPU
+    /// per request, at most one core; scale out with more processes).
+    #[arg(
+        long,
+        global = true,
+        env = "RUNTIME_FLAVOR",
+        value_enum,
+        default_value_t = RuntimeFlavor::MultiThread
+    )]
+    runtime_flavor: RuntimeFlavor,
+}
+
+/// Which Tokio scheduler runs the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuntimeFlavor {
+    /// Work-stealing workers, one per CPU unless TOKIO_WORKER_THREADS says.
+    MultiThread,
+    /// One thread runs every task and the I/O driver.
+    CurrentThread,
 }
 
 // One value per process, parsed once: the size difference is irrelevant.
@@ -1080,6 +1100,11 @@ impl WsArgs {
 
 impl Cli {
     /// Validates everything and says what to run.
+    /// The scheduler to build the runtime with.
+    pub fn runtime_flavor(&self) -> RuntimeFlavor {
+        self.runtime_flavor
+    }
+
     pub fn into_plan(self) -> Result<Plan, ConfigError> {
         Ok(match self.command {
             Command::Controller(a) => {

@@ -20,20 +20,23 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
             grpc_port,
             metrics_port,
         } => {
-            let _telemetry = telemetry(base.log_format, "barrage-controller")?;
-            let listeners = barrage_controller::Listeners {
-                grpc: bind(base.bind, grpc_port, "GRPC_PORT").await?,
-                http: bind(base.bind, metrics_port, "METRICS_PORT").await?,
-            };
-            let discovery = discovery(&base).await?;
-            let shutdown = on_signal();
-            barrage_controller::run(
-                cfg,
-                listeners,
-                discovery,
-                barrage_telemetry::new_registry(),
-                shutdown,
-            )
+            traced(base.log_format, "barrage-controller", async {
+                let listeners = barrage_controller::Listeners {
+                    grpc: bind(base.bind, grpc_port, "GRPC_PORT").await?,
+                    http: bind(base.bind, metrics_port, "METRICS_PORT").await?,
+                };
+                let discovery = discovery(&base).await?;
+                let shutdown = on_signal();
+                barrage_controller::run(
+                    cfg,
+                    listeners,
+                    discovery,
+                    barrage_telemetry::new_registry(),
+                    shutdown,
+                )
+                .await?;
+                Ok(())
+            })
             .await?;
         }
         Plan::PushManager {
@@ -42,27 +45,30 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
             grpc_port,
             metrics_port,
         } => {
-            let _telemetry = telemetry(base.log_format, "barrage-push-manager")?;
-            let listeners = barrage_push_manager::Listeners {
-                grpc: bind(base.bind, grpc_port, "GRPC_PORT").await?,
-                http: bind(base.bind, metrics_port, "METRICS_PORT").await?,
-            };
-            let discovery = discovery(&base).await?;
-            let peers = barrage_push_manager::Peers {
-                controllers: controllers(&base, discovery.as_ref()).await?,
-                nodes: match &discovery {
-                    Some(d) => Some(d.watch(Role::ConnectNode).await?),
-                    None => None,
-                },
-                discovery,
-            };
-            barrage_push_manager::run(
-                cfg,
-                listeners,
-                peers,
-                barrage_telemetry::new_registry(),
-                on_signal(),
-            )
+            traced(base.log_format, "barrage-push-manager", async {
+                let listeners = barrage_push_manager::Listeners {
+                    grpc: bind(base.bind, grpc_port, "GRPC_PORT").await?,
+                    http: bind(base.bind, metrics_port, "METRICS_PORT").await?,
+                };
+                let discovery = discovery(&base).await?;
+                let peers = barrage_push_manager::Peers {
+                    controllers: controllers(&base, discovery.as_ref()).await?,
+                    nodes: match &discovery {
+                        Some(d) => Some(d.watch(Role::ConnectNode).await?),
+                        None => None,
+                    },
+                    discovery,
+                };
+                barrage_push_manager::run(
+                    cfg,
+                    listeners,
+                    peers,
+                    barrage_telemetry::new_registry(),
+                    on_signal(),
+                )
+                .await?;
+                Ok(())
+            })
             .await?;
         }
         Plan::ConnectNode {
@@ -72,25 +78,28 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
             metrics_port,
             ws_port,
         } => {
-            let _telemetry = telemetry(base.log_format, "barrage-connect-node")?;
-            let listeners = barrage_connect_node::Listeners {
-                ws: bind(base.bind, ws_port, "WS_PORT").await?,
-                grpc: bind(base.bind, grpc_port, "GRPC_PORT").await?,
-                http: bind(base.bind, metrics_port, "METRICS_PORT").await?,
-            };
-            let discovery = discovery(&base).await?;
-            let controllers = controllers(&base, discovery.as_ref()).await?;
-            barrage_connect_node::run(
-                cfg,
-                listeners,
-                controllers,
-                discovery,
-                barrage_telemetry::new_registry(),
-                on_signal(),
-            )
+            traced(base.log_format, "barrage-connect-node", async {
+                let listeners = barrage_connect_node::Listeners {
+                    ws: bind(base.bind, ws_port, "WS_PORT").await?,
+                    grpc: bind(base.bind, grpc_port, "GRPC_PORT").await?,
+                    http: bind(base.bind, metrics_port, "METRICS_PORT").await?,
+                };
+                let discovery = discovery(&base).await?;
+                let controllers = controllers(&base, discovery.as_ref()).await?;
+                barrage_connect_node::run(
+                    cfg,
+                    listeners,
+                    controllers,
+                    discovery,
+                    barrage_telemetry::new_registry(),
+                    on_signal(),
+                )
+                .await?;
+                Ok(())
+            })
             .await?;
         }
-        Plan::Dev(d) => dev(d).await?,
+        Plan::Dev(d) => traced(d.log_format, "barrage-dev", dev(d)).await?,
         Plan::Sub(s) => crate::sub::run(s).await?,
         Plan::Bench(b) => crate::bench::run(b).await?,
         Plan::Bandwidth(b) => crate::bandwidth::run(b).await?,
@@ -101,12 +110,19 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Logging, and trace export when OTEL_EXPORTER_OTLP_ENDPOINT is set.
-fn telemetry(
+/// Runs `role` with logging, and trace export when
+/// OTEL_EXPORTER_OTLP_ENDPOINT is set; its pending spans are flushed when
+/// it ends, however it ends.
+async fn traced(
     format: barrage_telemetry::LogFormat,
     service: &str,
-) -> anyhow::Result<barrage_telemetry::TelemetryGuard> {
-    barrage_telemetry::init_telemetry(format, service).map_err(anyhow::Error::msg)
+    role: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let telemetry =
+        barrage_telemetry::init_telemetry(format, service).map_err(anyhow::Error::msg)?;
+    let r = role.await;
+    telemetry.shutdown().await;
+    r
 }
 
 async fn bind(ip: IpAddr, port: u16, setting: &str) -> anyhow::Result<TcpListener> {
@@ -192,7 +208,6 @@ async fn wait_for_signal() {
 
 /// All three roles in one process on an in-process registry.
 async fn dev(d: DevPlan) -> anyhow::Result<()> {
-    let _telemetry = telemetry(d.log_format, "barrage-dev")?;
     let discovery = Discovery::in_process();
     let shutdown = on_signal();
 

@@ -39,6 +39,7 @@ fn main() -> ExitCode {
             };
         }
     };
+    let flavor = cli.runtime_flavor();
     let plan = match cli.into_plan() {
         Ok(p) => p,
         Err(e) => {
@@ -54,10 +55,11 @@ fn main() -> ExitCode {
         eprintln!("error: TOKIO_WORKER_THREADS: {v:?} is not a positive number of threads");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = match flavor {
+        cli::RuntimeFlavor::MultiThread => tokio::runtime::Builder::new_multi_thread(),
+        cli::RuntimeFlavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -1,7 +1,8 @@
 //! One PushToRoom is one trace: the three roles run as separate processes
 //! exporting OTLP to a collector in this test, and the caller's trace id
 //! (W3C `traceparent`) ends up on spans from push-manager, controller and
-//! connect-node.
+//! connect-node. A process on the current-thread runtime exports the same
+//! way and flushes its pending spans when it stops.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
@@ -95,9 +96,18 @@ async fn ready(port: u16) -> bool {
     buf.starts_with(b"HTTP/1.1 200") || buf.starts_with(b"HTTP/1.0 200")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_push_is_one_trace_across_all_three_roles() -> anyhow::Result<()> {
-    barrage_testkit::init_tracing();
+/// Three roles, each its own process, exporting spans to `collector`.
+struct Cluster {
+    collector: Collector,
+    manager: Proc,
+    _node: Proc,
+    _controller: Proc,
+    n_ws: u16,
+    m_grpc: u16,
+}
+
+/// Starts the roles; `manager_env` is added to the push-manager's environment.
+async fn start(manager_env: &[(&str, String)]) -> anyhow::Result<Cluster> {
     let collector = Collector::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let otlp = format!("http://{}", listener.local_addr()?);
@@ -116,7 +126,7 @@ async fn one_push_is_one_trace_across_all_three_roles() -> anyhow::Result<()> {
     let (m_grpc, m_http) = (free_port()?, free_port()?);
     let mut with_controller = env.clone();
     with_controller.push(("CONTROLLER_ADDRESS", format!("127.0.0.1:{c_grpc}")));
-    let _controller = spawn(
+    let controller = spawn(
         &[
             "controller",
             "--bind-addr",
@@ -128,7 +138,7 @@ async fn one_push_is_one_trace_across_all_three_roles() -> anyhow::Result<()> {
         ],
         &env,
     )?;
-    let _node = spawn(
+    let node = spawn(
         &[
             "connect-node",
             "--bind-addr",
@@ -145,7 +155,9 @@ async fn one_push_is_one_trace_across_all_three_roles() -> anyhow::Result<()> {
         ],
         &with_controller,
     )?;
-    let _manager = spawn(
+    let mut manager_env_all = with_controller.clone();
+    manager_env_all.extend(manager_env.iter().cloned());
+    let manager = spawn(
         &[
             "push-manager",
             "--bind-addr",
@@ -155,7 +167,7 @@ async fn one_push_is_one_trace_across_all_three_roles() -> anyhow::Result<()> {
             "--metrics-port",
             &p(m_http),
         ],
-        &with_controller,
+        &manager_env_all,
     )?;
     for port in [c_http, n_http, m_http] {
         eventually(T, "a role to be ready", || async move {
@@ -163,11 +175,24 @@ async fn one_push_is_one_trace_across_all_three_roles() -> anyhow::Result<()> {
         })
         .await?;
     }
+    Ok(Cluster {
+        collector,
+        manager,
+        _node: node,
+        _controller: controller,
+        n_ws,
+        m_grpc,
+    })
+}
 
-    let url = connect_url(&format!("ws://127.0.0.1:{n_ws}/ws"), "t", &["traced"]);
+/// The caller's trace id of [`push_traced`], as bytes.
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+/// One PushToRoom with the caller's `traceparent`, received by a subscriber.
+async fn push_traced(c: &Cluster) -> anyhow::Result<()> {
+    let url = connect_url(&format!("ws://127.0.0.1:{}/ws", c.n_ws), "t", &["traced"]);
     let mut client = within(T, "connect", Client::connect(&url)).await??;
-    let mut api = PushManagerClient::connect(format!("http://127.0.0.1:{m_grpc}")).await?;
-    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut api = PushManagerClient::connect(format!("http://127.0.0.1:{}", c.m_grpc)).await?;
     let mut req = tonic::Request::new(PushToRoomRequest {
         room_id: "traced".into(),
         content: "x".into(),
@@ -175,7 +200,7 @@ async fn one_push_is_one_trace_across_all_three_roles() -> anyhow::Result<()> {
     });
     req.metadata_mut().insert(
         "traceparent",
-        format!("00-{trace_id}-00f067aa0ba902b7-01").parse()?,
+        format!("00-{TRACE_ID}-00f067aa0ba902b7-01").parse()?,
     );
     let resp = within(T, "push", api.push_to_room(req))
         .await??
@@ -184,54 +209,69 @@ async fn one_push_is_one_trace_across_all_three_roles() -> anyhow::Result<()> {
     within(T, "message", client.next_message())
         .await??
         .context("message")?;
+    Ok(())
+}
 
+/// Span names in the caller's trace, by service.
+fn traced_spans(collector: &Collector) -> BTreeMap<String, BTreeSet<String>> {
     let want: Vec<u8> = (0..16)
-        .map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16))
-        .collect::<Result<_, _>>()?;
+        .map(|i| u8::from_str_radix(&TRACE_ID[2 * i..2 * i + 2], 16).unwrap_or_default())
+        .collect();
+    let mut by_service: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (svc, _, name) in collector.0.lock().iter().filter(|(_, t, _)| *t == want) {
+        by_service
+            .entry(svc.clone())
+            .or_default()
+            .insert(name.clone());
+    }
+    by_service
+}
+
+/// Every span received, for a failure message.
+fn all_spans(collector: &Collector) -> String {
+    let summary: BTreeSet<(String, String, String)> = collector
+        .0
+        .lock()
+        .iter()
+        .map(|(s, t, n)| {
+            (
+                s.clone(),
+                t.iter().map(|b| format!("{b:02x}")).collect(),
+                n.clone(),
+            )
+        })
+        .collect();
+    format!("spans received: {summary:?}")
+}
+
+fn service<'a>(
+    spans: &'a BTreeMap<String, BTreeSet<String>>,
+    name: &str,
+) -> Option<&'a BTreeSet<String>> {
+    spans
+        .iter()
+        .find(|(s, _)| s.contains(name))
+        .map(|(_, names)| names)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_push_is_one_trace_across_all_three_roles() -> anyhow::Result<()> {
+    barrage_testkit::init_tracing();
+    let c = start(&[]).await?;
+    push_traced(&c).await?;
     let services = eventually(T, "spans of all three roles in the caller's trace", || {
-        let spans = collector.0.clone();
-        let want = want.clone();
-        async move {
-            let spans = spans.lock();
-            let mut by_service: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-            for (svc, tid, name) in spans.iter().filter(|(_, t, _)| *t == want) {
-                let _ = tid;
-                by_service
-                    .entry(svc.clone())
-                    .or_default()
-                    .insert(name.clone());
-            }
-            (by_service.len() == 3).then_some(by_service)
-        }
+        let spans = traced_spans(&c.collector);
+        async move { (spans.len() == 3).then_some(spans) }
     })
     .await
-    .with_context(|| {
-        let spans = collector.0.lock();
-        let summary: BTreeSet<(String, String, String)> = spans
-            .iter()
-            .map(|(s, t, n)| {
-                (
-                    s.clone(),
-                    t.iter().map(|b| format!("{b:02x}")).collect(),
-                    n.clone(),
-                )
-            })
-            .collect();
-        format!("spans received: {summary:?}")
-    })?;
-    let names: Vec<&String> = services.keys().collect();
-    assert!(
-        names.iter().any(|s| s.contains("barrage-push-manager")),
-        "{services:?}"
-    );
-    assert!(
-        names.iter().any(|s| s.contains("barrage-controller")),
-        "{services:?}"
-    );
-    assert!(
-        names.iter().any(|s| s.contains("barrage-connect-node")),
-        "{services:?}"
-    );
+    .with_context(|| all_spans(&c.collector))?;
+    for role in [
+        "barrage-push-manager",
+        "barrage-controller",
+        "barrage-connect-node",
+    ] {
+        assert!(service(&services, role).is_some(), "{services:?}");
+    }
     let all: BTreeSet<&String> = services.values().flatten().collect();
     for span in ["PushToRoom", "Resolve", "PushMessageBatch"] {
         assert!(
@@ -239,5 +279,54 @@ async fn one_push_is_one_trace_across_all_three_roles() -> anyhow::Result<()> {
             "no {span} span in {services:?}"
         );
     }
+    Ok(())
+}
+
+/// A push-manager on the current-thread runtime, whose exporter is told to
+/// wait ten minutes between exports: its spans leave only through the flush
+/// at shutdown, which must complete (the flush waits on a connection that
+/// the process's one thread has to keep driving meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_current_thread_process_flushes_its_spans_when_it_stops() -> anyhow::Result<()> {
+    barrage_testkit::init_tracing();
+    let mut c = start(&[
+        ("RUNTIME_FLAVOR", "current-thread".to_string()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "600000".to_string()),
+    ])
+    .await?;
+    push_traced(&c).await?;
+    eventually(T, "the controller's and the node's spans", || {
+        let spans = traced_spans(&c.collector);
+        async move {
+            (service(&spans, "barrage-controller").is_some()
+                && service(&spans, "barrage-connect-node").is_some())
+            .then_some(())
+        }
+    })
+    .await
+    .with_context(|| all_spans(&c.collector))?;
+    assert!(
+        service(&traced_spans(&c.collector), "barrage-push-manager").is_none(),
+        "the push-manager exported before it was stopped: {}",
+        all_spans(&c.collector)
+    );
+
+    let pid = c.manager.0.id().to_string();
+    let kill = Command::new("kill").args(["-TERM", &pid]).status()?;
+    assert!(kill.success(), "kill -TERM {pid}: {kill}");
+    let status = eventually(T, "the push-manager to exit", || {
+        let exited = c.manager.0.try_wait();
+        async move { exited.ok().flatten() }
+    })
+    .await?;
+    assert!(status.success(), "push-manager exited with {status}");
+    let spans = traced_spans(&c.collector);
+    let manager = service(&spans, "barrage-push-manager").with_context(|| {
+        format!(
+            "no push-manager span after it stopped: {}",
+            all_spans(&c.collector)
+        )
+    })?;
+    assert!(manager.contains("PushToRoom"), "{spans:?}");
     Ok(())
 }

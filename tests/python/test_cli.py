@@ -47,6 +47,7 @@ def test_bad_configuration_exits_64_naming_the_setting(barrage_bin):
         (["controller"], {"GRPC_PORT": "abc"}, "GRPC_PORT"),
         (["push-manager", "--controller-address", "c:1"], {"PEER_CALLS_IN_FLIGHT": "0"}, "PEER_CALLS_IN_FLIGHT"),
         (["controller"], {"TOKIO_WORKER_THREADS": "zero"}, "TOKIO_WORKER_THREADS"),
+        (["push-manager", "--controller-address", "c:1"], {"RUNTIME_FLAVOR": "green-threads"}, "RUNTIME_FLAVOR"),
         (["connect-node"], {"CONTROLLER_ADDRESS": "c:1", "WS_READ_BUFFER_BYTES": "100"}, "WS_READ_BUFFER_BYTES"),
     ]
     for args, env, setting in cases:

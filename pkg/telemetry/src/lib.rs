@@ -46,11 +46,28 @@ impl std::str::FromStr for LogFormat {
 #[must_use = "traces stop being exported when the guard is dropped"]
 pub struct TelemetryGuard(Option<opentelemetry_sdk::trace::SdkTracerProvider>);
 
+impl TelemetryGuard {
+    /// Flushes pending spans and stops export. The flush blocks until the
+    /// exporter has sent them, so it runs on a blocking thread: on a
+    /// current-thread runtime the caller's thread keeps driving the
+    /// exporter's connection meanwhile (dropping the guard there instead
+    /// would wait on a connection nobody drives).
+    pub async fn shutdown(mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = tokio::task::spawn_blocking(move || flush(p)).await;
+        }
+    }
+}
+
+fn flush(p: opentelemetry_sdk::trace::SdkTracerProvider) {
+    let _ = p.force_flush();
+    let _ = p.shutdown();
+}
+
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
         if let Some(p) = self.0.take() {
-            let _ = p.force_flush();
-            let _ = p.shutdown();
+            flush(p);
         }
     }
 }
