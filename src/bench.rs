@@ -14,7 +14,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use barrage_proto::v1::push_manager_client::PushManagerClient;
-use barrage_proto::v1::{BroadcastRequest, PushToRoomRequest, PushToUserRequest};
+use barrage_proto::v1::push_manager_server::{PushManager, PushManagerServer};
+use barrage_proto::v1::{
+    BroadcastRequest, BroadcastResponse, CloseRoomRequest, CloseRoomResponse, GetRoomInfoRequest,
+    GetRoomInfoResponse, GetStatusRequest, GetStatusResponse, GetUserNodeRequest,
+    GetUserNodeResponse, PushToRoomRequest, PushToRoomResponse, PushToUserRequest,
+    PushToUserResponse,
+};
 use futures::{StreamExt, stream};
 use parking_lot::Mutex;
 use tokio::process::{Child, Command};
@@ -40,14 +46,23 @@ pub struct BenchPlan {
     pub payload_bytes: usize,
     /// Print progress to stderr.
     pub verbose: bool,
-    /// Run the same scenario against Nchan too and print the ratios.
-    pub compare_nchan: bool,
+    /// Run the same scenario against a peer too and print the ratios.
+    pub compare: Option<Compare>,
     /// What each push targets.
     pub mode: Mode,
     /// Connect-node processes: 0 runs `barrage dev` (all roles in one
     /// process); N runs a controller, a push-manager and N connect-nodes,
     /// each its own process, with the subscribers spread over the nodes.
     pub nodes: usize,
+}
+
+/// What a bench run is compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compare {
+    /// Nchan, on the room scenario.
+    Nchan,
+    /// The gRPC floor ([`serve_floor`]), on the user scenario.
+    GrpcFloor,
 }
 
 /// What each push targets.
@@ -240,6 +255,100 @@ pub(crate) async fn start_server(env: &[(&str, String)]) -> anyhow::Result<Serve
     })
 }
 
+/// Starts `barrage bench-floor` and waits until it answers (at most 30 s).
+async fn start_floor() -> anyhow::Result<Server> {
+    let port = free_ports(1)?[0];
+    let children = vec![spawn_role(
+        "bench-floor",
+        &[("GRPC_PORT", port.to_string())],
+    )?];
+    let api = SocketAddr::from(([127, 0, 0, 1], port));
+    let endpoint = barrage_proto::tls::GrpcTls::default().endpoint(&api.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while endpoint.connect().await.is_err() {
+        if Instant::now() > deadline {
+            bail!("the gRPC floor did not start on {api}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(Server {
+        children,
+        ws: Vec::new(),
+        api,
+    })
+}
+
+/// A PushManager that answers every `PushToUser` at once and does nothing
+/// else, served like the push-manager's API (same server stack: health,
+/// reflection, no Nagle). Pushed at with the bench's client and load, it
+/// shows what the gRPC call itself costs a server core.
+struct Floor;
+
+const FLOOR_ONLY: &str = "the gRPC floor answers PushToUser only";
+
+#[tonic::async_trait]
+impl PushManager for Floor {
+    async fn push_to_user(
+        &self,
+        req: tonic::Request<PushToUserRequest>,
+    ) -> Result<tonic::Response<PushToUserResponse>, tonic::Status> {
+        let req = req.into_inner();
+        Ok(tonic::Response::new(PushToUserResponse {
+            message_id: req.message_id,
+            ..Default::default()
+        }))
+    }
+    async fn push_to_room(
+        &self,
+        _: tonic::Request<PushToRoomRequest>,
+    ) -> Result<tonic::Response<PushToRoomResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(FLOOR_ONLY))
+    }
+    async fn broadcast(
+        &self,
+        _: tonic::Request<BroadcastRequest>,
+    ) -> Result<tonic::Response<BroadcastResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(FLOOR_ONLY))
+    }
+    async fn get_room_info(
+        &self,
+        _: tonic::Request<GetRoomInfoRequest>,
+    ) -> Result<tonic::Response<GetRoomInfoResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(FLOOR_ONLY))
+    }
+    async fn get_user_node(
+        &self,
+        _: tonic::Request<GetUserNodeRequest>,
+    ) -> Result<tonic::Response<GetUserNodeResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(FLOOR_ONLY))
+    }
+    async fn close_room(
+        &self,
+        _: tonic::Request<CloseRoomRequest>,
+    ) -> Result<tonic::Response<CloseRoomResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(FLOOR_ONLY))
+    }
+    async fn get_status(
+        &self,
+        _: tonic::Request<GetStatusRequest>,
+    ) -> Result<tonic::Response<GetStatusResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(FLOOR_ONLY))
+    }
+}
+
+/// `barrage bench-floor`: serves [`Floor`] on 127.0.0.1:`port` until killed.
+pub async fn serve_floor(port: u16) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .with_context(|| format!("cannot listen on 127.0.0.1:{port} (GRPC_PORT)"))?;
+    let (_health, router) = barrage_proto::grpc_server(&barrage_proto::tls::GrpcTls::default())?;
+    router
+        .add_service(PushManagerServer::new(Floor))
+        .serve_with_incoming(barrage_proto::grpc_incoming(listener))
+        .await?;
+    Ok(())
+}
+
 /// A process and its children (nginx's workers), Linux.
 fn family(pid: u32) -> Vec<u32> {
     let children =
@@ -403,49 +512,68 @@ pub async fn run(plan: BenchPlan) -> anyhow::Result<()> {
         let target = Target::Barrage(server);
         run_target(&plan, &target).await?
     };
-    if !plan.compare_nchan {
-        println!("{}", serde_json::to_string_pretty(&barrage)?);
-        return Ok(());
-    }
-    let nchan = {
-        let target = Target::Nchan(start_nchan().await?);
-        run_target(&plan, &target).await?
+    let summary = match plan.compare {
+        None => barrage,
+        Some(Compare::GrpcFloor) => {
+            let floor = run_target(&plan, &Target::Floor(start_floor().await?)).await?;
+            // The push-manager's share when it runs alone, else every role's.
+            let per_core = match barrage["pushes_per_push_manager_core"].as_f64() {
+                Some(v) => v,
+                None => field(&barrage, &["pushes_per_server_core"]),
+            };
+            let ratio = |path: &[&str]| round(field(&barrage, path) / field(&floor, path));
+            serde_json::json!({
+                "scenario": "push-to-user",
+                "barrage_over_grpc_floor": {
+                    "pushes_per_core": round(per_core / field(&floor, &["pushes_per_server_core"])),
+                    "push_call_p50": ratio(&["push_call_ms", "p50"]),
+                    "push_call_p99": ratio(&["push_call_ms", "p99"]),
+                },
+                "barrage": barrage,
+                "grpc_floor": floor,
+            })
+        }
+        Some(Compare::Nchan) => {
+            let nchan = run_target(&plan, &Target::Nchan(start_nchan().await?)).await?;
+            let ratio = |path: &[&str]| round(field(&barrage, path) / field(&nchan, path));
+            serde_json::json!({
+                "scenario": "room-fanout",
+                "barrage_over_nchan": {
+                    "deliveries_per_sec": ratio(&["deliveries_per_sec"]),
+                    "latency_p50": ratio(&["latency_ms", "p50"]),
+                    "latency_p99": ratio(&["latency_ms", "p99"]),
+                    "server_cpu_cores": ratio(&["cpu_cores_used", "server"]),
+                    "server_rss_per_connection": ratio(&["server_rss_per_connection_bytes"]),
+                },
+                "barrage": barrage,
+                "nchan": nchan,
+            })
+        }
     };
-    let ratio = |path: &[&str]| {
-        let get = |v: &serde_json::Value| {
-            path.iter()
-                .fold(v, |v, k| &v[*k])
-                .as_f64()
-                .unwrap_or(f64::NAN)
-        };
-        round(get(&barrage) / get(&nchan))
-    };
-    let summary = serde_json::json!({
-        "scenario": "room-fanout",
-        "barrage": barrage,
-        "nchan": nchan,
-        "barrage_over_nchan": {
-            "deliveries_per_sec": ratio(&["deliveries_per_sec"]),
-            "latency_p50": ratio(&["latency_ms", "p50"]),
-            "latency_p99": ratio(&["latency_ms", "p99"]),
-            "server_cpu_cores": ratio(&["cpu_cores_used", "server"]),
-            "server_rss_per_connection": ratio(&["server_rss_per_connection_bytes"]),
-        },
-    });
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
+}
+
+/// The number at `path` in a summary (NaN when absent).
+fn field(v: &serde_json::Value, path: &[&str]) -> f64 {
+    path.iter()
+        .fold(v, |v, k| &v[*k])
+        .as_f64()
+        .unwrap_or(f64::NAN)
 }
 
 /// Where the pushes go and the subscribers listen.
 enum Target {
     Barrage(Server),
     Nchan(Nginx),
+    /// The gRPC floor: pushes only, no subscribers.
+    Floor(Server),
 }
 
 impl Target {
     fn pids(&self) -> Vec<u32> {
         match self {
-            Target::Barrage(s) => s.pids(),
+            Target::Barrage(s) | Target::Floor(s) => s.pids(),
             Target::Nchan(n) => n.child.id().into_iter().collect(),
         }
     }
@@ -453,22 +581,30 @@ impl Target {
     /// The server processes of each role.
     fn pids_by_role(&self) -> Vec<(&'static str, Vec<u32>)> {
         match self {
-            Target::Barrage(s) => s.pids_by_role(),
+            Target::Barrage(s) | Target::Floor(s) => s.pids_by_role(),
             Target::Nchan(_) => vec![("nginx", self.pids())],
+        }
+    }
+
+    /// Subscribers it takes: none for the floor, which delivers nothing.
+    fn subscribers(&self, plan: &BenchPlan) -> usize {
+        match self {
+            Target::Floor(_) => 0,
+            _ => plan.subscribers,
         }
     }
 
     /// The node subscriber `user` connects to (spread round-robin).
     fn ws_addr(&self, user: usize) -> SocketAddr {
         match self {
-            Target::Barrage(s) => s.ws[user % s.ws.len()],
+            Target::Barrage(s) | Target::Floor(s) => s.ws[user % s.ws.len().max(1)],
             Target::Nchan(n) => n.addr,
         }
     }
 
     fn subscribe_url(&self, user: usize) -> String {
         match self {
-            Target::Barrage(_) => format!(
+            Target::Barrage(_) | Target::Floor(_) => format!(
                 "ws://{}/ws?user_id=bench-{user}&rooms=bench",
                 self.ws_addr(user)
             ),
@@ -479,7 +615,7 @@ impl Target {
     /// Pushes as `mode` says; push `i` of `Mode::User` goes to user `i % users`.
     async fn pusher(&self, mode: Mode, users: usize) -> anyhow::Result<Pusher> {
         Ok(match self {
-            Target::Barrage(s) => Pusher::Grpc {
+            Target::Barrage(s) | Target::Floor(s) => Pusher::Grpc {
                 api: PushManagerClient::new(
                     tonic::transport::Endpoint::from_shared(format!("http://{}", s.api))?
                         .connect()
@@ -654,7 +790,7 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
         .collect();
     let mut tasks = Vec::with_capacity(plan.subscribers);
     let mut connect_errors = 0usize;
-    let mut conns = stream::iter(0..plan.subscribers)
+    let mut conns = stream::iter(0..target.subscribers(plan))
         .map(|i| {
             let (source, stop) = (sources[i % sources.len()], stop.clone());
             async move { subscriber(target, source, i, max_pushes, stride, stop).await }
@@ -776,12 +912,13 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
             Mode::Broadcast => "broadcast",
         },
         "connect_nodes": match target {
-            Target::Barrage(s) => s.ws.len(),
+            Target::Barrage(s) | Target::Floor(s) => s.ws.len(),
             Target::Nchan(_) => 1,
         },
         "server": match target {
             Target::Barrage(_) => "barrage",
             Target::Nchan(_) => "nchan",
+            Target::Floor(_) => "grpc-floor",
         },
         "subscribers": connected,
         "connect_errors": connect_errors,
@@ -791,6 +928,9 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
         "target_rate": plan.rate,
         "push_secs": round(push_secs),
         "pushes_per_sec": round(pushes as f64 / push_secs),
+        // Every server process together.
+        "pushes_per_server_core": (server_cpu > 0.0)
+            .then(|| round(pushes as f64 / server_cpu)),
         // The push-manager's own throughput, when it is a process of its own.
         "pushes_per_push_manager_core": by_role
             .get("push_manager")

@@ -60,6 +60,16 @@ enum Command {
     /// Helper of `bench --scenario idle`: opens and holds connections.
     #[command(hide = true)]
     BenchHold(HoldArgs),
+    /// Helper of `bench --compare grpc-floor`: a PushManager on 127.0.0.1
+    /// that answers every PushToUser at once and does nothing else.
+    #[command(hide = true)]
+    BenchFloor(FloorArgs),
+}
+
+#[derive(Debug, Args)]
+struct FloorArgs {
+    #[arg(long, env = "GRPC_PORT")]
+    grpc_port: u16,
 }
 
 #[derive(Debug, Args)]
@@ -100,8 +110,12 @@ enum Scenario {
 /// A push server to compare barrage with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Peer {
-    /// Nchan (nginx module): HTTP publish, WebSocket subscribers.
+    /// Nchan (nginx module): HTTP publish, WebSocket subscribers (room scenario).
     Nchan,
+    /// A gRPC server on barrage's server stack that answers every
+    /// PushToUser at once and does nothing else (user scenario): what the
+    /// call itself costs a server core.
+    GrpcFloor,
 }
 
 /// `barrage bench`: bounded in count and time, loopback only.
@@ -149,8 +163,9 @@ struct BenchArgs {
     /// Storm: messages pushed to the room while every client is away (1–1000).
     #[arg(long, default_value_t = 20)]
     storm_missed: u64,
-    /// Room scenario: run it against this peer too, in the same run, and
-    /// print barrage/peer ratios (Nchan: nginx-light + libnginx-mod-nchan).
+    /// Run the scenario against this peer too, in the same run, and print
+    /// barrage/peer ratios: nchan with the room scenario (nginx-light +
+    /// libnginx-mod-nchan), grpc-floor with the user scenario.
     #[arg(long, value_enum)]
     compare: Option<Peer>,
     /// Progress on stderr.
@@ -684,6 +699,8 @@ pub enum Plan {
     Bandwidth(crate::bandwidth::BandwidthPlan),
     Idle(crate::idle::IdlePlan),
     Hold(crate::idle::HoldPlan),
+    /// `bench-floor`: serve the gRPC floor on this port.
+    Floor(u16),
     /// Print a token.
     Token(String),
 }
@@ -1206,6 +1223,7 @@ impl Cli {
                 }
                 Plan::Token(token)
             }
+            Command::BenchFloor(a) => Plan::Floor(a.grpc_port),
             Command::BenchHold(a) => {
                 if a.nodes.is_empty() || a.count == 0 || a.count > crate::idle::PER_HELPER {
                     return Err(bad(
@@ -1277,11 +1295,15 @@ impl Cli {
                 })
             }
             Command::Bench(a) => {
-                if a.compare.is_some() && a.scenario != Scenario::Room {
-                    return Err(bad(
-                        "--compare",
-                        "only the room scenario runs against a peer",
-                    ));
+                match (a.compare, a.scenario) {
+                    (None, _) | (Some(Peer::Nchan), Scenario::Room) => {}
+                    (Some(Peer::GrpcFloor), Scenario::User) => {}
+                    (Some(Peer::Nchan), _) => {
+                        return Err(bad("--compare", "nchan runs the room scenario only"));
+                    }
+                    (Some(Peer::GrpcFloor), _) => {
+                        return Err(bad("--compare", "grpc-floor runs the user scenario only"));
+                    }
                 }
                 if !(1..=100_000).contains(&a.subscribers) {
                     return Err(bad("--subscribers", "must be 1 to 100000"));
@@ -1292,7 +1314,7 @@ impl Cli {
                     (Some(n), _) if !(1..=20).contains(&n) => {
                         return Err(bad("--nodes", "must be 1 to 20"));
                     }
-                    (Some(_), _) if a.compare.is_some() => {
+                    (Some(_), _) if a.compare == Some(Peer::Nchan) => {
                         return Err(bad("--nodes", "the peer comparison runs on one node"));
                     }
                     (Some(n), _) => n,
@@ -1323,7 +1345,10 @@ impl Cli {
                     sources: a.sources,
                     payload_bytes: a.payload_bytes,
                     verbose: a.verbose,
-                    compare_nchan: a.compare == Some(Peer::Nchan),
+                    compare: a.compare.map(|p| match p {
+                        Peer::Nchan => crate::bench::Compare::Nchan,
+                        Peer::GrpcFloor => crate::bench::Compare::GrpcFloor,
+                    }),
                     mode: match a.scenario {
                         Scenario::User => crate::bench::Mode::User,
                         Scenario::Broadcast => crate::bench::Mode::Broadcast,

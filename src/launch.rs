@@ -105,6 +105,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
         Plan::Bandwidth(b) => crate::bandwidth::run(b).await?,
         Plan::Idle(b) => crate::idle::run(b).await?,
         Plan::Hold(h) => crate::idle::hold(h).await?,
+        Plan::Floor(port) => crate::bench::serve_floor(port).await?,
         Plan::Token(t) => println!("{t}"),
     }
     Ok(())

@@ -81,10 +81,34 @@ def test_bench_broadcast_spans_several_node_processes(barrage_bin):
     assert s["lost"] == 0 and s["duplicated"] == 0
 
 
+def test_bench_push_to_user_beside_the_grpc_floor(barrage_bin):
+    """PushToUser against a three-process cluster and against a server that
+    only answers the call, with the same client and load in one run: the
+    floor receives every push, delivers nothing, and the summary carries
+    the per-core ratio (no timing is asserted)."""
+    s = run_bench(barrage_bin, "--scenario", "user", "--nodes", "1", "--subscribers", "20", "--rate", "100",
+                  "--duration-secs", "2", "--sources", "2", "--compare", "grpc-floor")
+    barrage, floor = s["barrage"], s["grpc_floor"]
+    assert barrage["server"] == "barrage" and floor["server"] == "grpc-floor"
+    assert barrage["pushes"] >= 1 and barrage["push_failures"] == 0
+    assert barrage["deliveries"] == barrage["deliveries_expected"] == barrage["pushes"]
+    assert barrage["lost"] == 0 and barrage["duplicated"] == 0
+    assert barrage["pushes_per_push_manager_core"] > 0
+    assert floor["pushes"] >= 1 and floor["push_failures"] == 0
+    assert floor["subscribers"] == 0 and floor["deliveries"] == 0 and floor["lost"] == 0
+    assert set(floor["cpu_cores_used"]["server_by_role"]) == {"bench_floor"}
+    assert floor["pushes_per_server_core"] > 0
+    ratios = s["barrage_over_grpc_floor"]
+    assert set(ratios) == {"pushes_per_core", "push_call_p50", "push_call_p99"}
+    want = barrage["pushes_per_push_manager_core"] / floor["pushes_per_server_core"]
+    assert abs(ratios["pushes_per_core"] - want) <= 0.006, (ratios, want)
+
+
 def test_bench_refuses_a_peer_for_other_scenarios(barrage_bin):
-    p = subprocess.run([str(barrage_bin), "bench", "--scenario", "user", "--compare", "nchan"], capture_output=True,
-                       text=True, timeout=30)
-    assert p.returncode == 64 and "--compare" in p.stderr, p.stderr
+    for scenario, peer in [("user", "nchan"), ("room", "grpc-floor")]:
+        p = subprocess.run([str(barrage_bin), "bench", "--scenario", scenario, "--compare", peer],
+                           capture_output=True, text=True, timeout=30)
+        assert p.returncode == 64 and "--compare" in p.stderr and peer in p.stderr, p.stderr
     p = subprocess.run([str(barrage_bin), "bench", "--nodes", "50"], capture_output=True, text=True, timeout=30)
     assert p.returncode == 64 and "--nodes" in p.stderr, p.stderr
 
