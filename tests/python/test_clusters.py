@@ -3,6 +3,8 @@ without etcd through CONTROLLER_ADDRESS."""
 
 import json
 
+import pytest
+
 from conftest import Proc, WsClient, free_port, grpcurl, http_ok, run, wait_until
 
 
@@ -31,9 +33,11 @@ def push_room(api, room, content):
     return json.loads(grpcurl("-plaintext", "-d", body, api, "barrage.v1.PushManager/PushToRoom").stdout)
 
 
-def test_processes_over_etcd(barrage_bin, etcd):
+@pytest.mark.parametrize("flavor", ["multi-thread", "current-thread"])
+def test_processes_over_etcd(barrage_bin, etcd, flavor):
+    """Every role, its own process, registered in etcd; on either runtime."""
     c = Cluster(barrage_bin)
-    env = {"ETCD_ENDPOINTS": etcd}
+    env = {"ETCD_ENDPOINTS": etcd, "RUNTIME_FLAVOR": flavor}
     try:
         c.start("controller", "controller", "--node-id", "c1", "--grpc-port", str(free_port()), env=env)
         ws = []
