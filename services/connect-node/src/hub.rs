@@ -10,7 +10,7 @@ use std::collections::hash_map::{Entry, RandomState};
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use axum::extract::ws::Utf8Bytes;
 use barrage_proto::v1::{KeyState, session_change::Kind};
@@ -126,6 +126,8 @@ pub struct ConnHandle {
     pub wire: Wire,
     tx: mpsc::Sender<Outbound>,
     close: CancellationToken,
+    /// Set, before `close` is cancelled, once the connection is asked to close.
+    closed: AtomicBool,
     close_code: Mutex<Option<CloseCode>>,
 }
 
@@ -173,6 +175,7 @@ impl ConnHandle {
             return false;
         }
         *slot = Some(code);
+        self.closed.store(true, Ordering::Release);
         self.close.cancel();
         true
     }
@@ -190,6 +193,48 @@ impl ConnHandle {
     /// Completes when the connection is asked to close.
     pub async fn closing(&self) {
         self.close.cancelled().await
+    }
+
+    /// Like [`ConnHandle::closing`], for a loop that polls it on every
+    /// wake-up of its task (the session loop, once per delivered frame):
+    /// the token, whose every check takes a lock, is polled only until it
+    /// has registered the task for the wake-up; after that a flag answers.
+    /// Poll it from one task only: the wake-up goes to the task that first
+    /// polled it.
+    pub fn close_signal(&self) -> CloseSignal<'_> {
+        CloseSignal {
+            wait: Box::pin(self.close.cancelled()),
+            registered: false,
+            closed: &self.closed,
+        }
+    }
+}
+
+/// See [`ConnHandle::close_signal`].
+pub struct CloseSignal<'a> {
+    wait: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFuture<'a>>>,
+    registered: bool,
+    closed: &'a AtomicBool,
+}
+
+impl std::future::Future for CloseSignal<'_> {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        // `close_with` sets the flag before it cancels the token, and the
+        // token wakes the registered task: a close after this load is
+        // seen on that wake-up.
+        if self.closed.load(Ordering::Acquire) {
+            return std::task::Poll::Ready(());
+        }
+        if self.registered {
+            return std::task::Poll::Pending;
+        }
+        self.registered = true;
+        self.wait.as_mut().poll(cx)
     }
 }
 
@@ -318,6 +363,7 @@ impl Hub {
             wire,
             tx,
             close: CancellationToken::new(),
+            closed: AtomicBool::new(false),
             close_code: Mutex::new(None),
         });
         let mut changes = vec![Change {
@@ -711,6 +757,53 @@ mod tests {
 
     fn frame(s: &str) -> Outbound {
         Outbound::control(s)
+    }
+
+    /// Counts the wake-ups of a task.
+    struct Wakes(AtomicUsize);
+
+    impl futures::task::ArcWake for Wakes {
+        fn wake_by_ref(w: &Arc<Self>) {
+            w.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn poll_signal(signal: &mut CloseSignal<'_>, wakes: &Arc<Wakes>) -> std::task::Poll<()> {
+        let waker = futures::task::waker(wakes.clone());
+        std::future::Future::poll(
+            std::pin::Pin::new(signal),
+            &mut std::task::Context::from_waker(&waker),
+        )
+    }
+
+    #[test]
+    fn close_signal_wakes_the_task_that_polled_it() {
+        let hub = hub(8);
+        let (conn, _rx, _) = hub.connect(user("a"), &[], Wire::Json);
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let mut signal = conn.close_signal();
+        assert!(poll_signal(&mut signal, &wakes).is_pending());
+        assert!(poll_signal(&mut signal, &wakes).is_pending());
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
+        assert!(conn.close_with(CloseCode::SlowConsumer));
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            1,
+            "the close wakes the task"
+        );
+        assert!(poll_signal(&mut signal, &wakes).is_ready());
+        // A second close changes nothing: the first code wins.
+        assert!(!conn.close_with(CloseCode::Normal));
+        assert_eq!(conn.close_code(), Some(CloseCode::SlowConsumer));
+    }
+
+    #[test]
+    fn close_signal_is_ready_when_the_close_came_first() {
+        let hub = hub(8);
+        let (conn, _rx, _) = hub.connect(user("a"), &[], Wire::Json);
+        assert!(conn.close_with(CloseCode::Normal));
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        assert!(poll_signal(&mut conn.close_signal(), &wakes).is_ready());
     }
 
     #[test]

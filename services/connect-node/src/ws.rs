@@ -509,8 +509,7 @@ async fn run_session(
     ping.reset();
     // Timers and the close signal live across iterations: a delivered
     // frame wakes this loop, and must not register new timers each time.
-    let closing = conn.closing();
-    tokio::pin!(closing);
+    let mut closing = conn.close_signal();
     let read_timer = tokio::time::sleep(settings.read_timeout);
     tokio::pin!(read_timer);
     let never = || tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400);
