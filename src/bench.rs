@@ -447,9 +447,13 @@ async fn subscriber(
             seen: vec![0; max_pushes / stride + 1],
             ..Seen::default()
         };
+        // Made once: a new one per frame would lock the token and register
+        // with it again on every frame, on the cores the server uses too.
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
         loop {
             let msg = tokio::select! {
-                _ = stop.cancelled() => break,
+                _ = &mut stopped => break,
                 m = ws.next() => m,
             };
             let Some(Ok(Message::Text(t))) = msg else {
@@ -459,22 +463,8 @@ async fn subscriber(
                 break;
             };
             let now = now_nanos();
-            // The payload is {"t":<send nanos>,"i":<push index>,...}: the
-            // `data` of a barrage message frame, the whole of an Nchan one.
-            #[derive(serde::Deserialize)]
-            struct Probe {
-                t: u64,
-                i: u64,
-            }
-            #[derive(serde::Deserialize)]
-            #[serde(untagged)]
-            enum Frame {
-                Barrage { data: Probe },
-                Raw(Probe),
-            }
-            let (sent, i) = match serde_json::from_str::<Frame>(t.as_str()) {
-                Ok(Frame::Barrage { data } | Frame::Raw(data)) => (data.t, data.i),
-                Err(_) => continue,
+            let Some((sent, i)) = probe(t.as_str()) else {
+                continue;
             };
             let i = i as usize / stride;
             if i < s.seen.len() {
@@ -490,6 +480,30 @@ async fn subscriber(
         s
     });
     Ok(task)
+}
+
+/// The send time and push index of a received payload
+/// `{"t":<send nanos>,"i":<push index>,...}`: the `data` of a barrage
+/// message frame, the whole of an Nchan one. One pass, no copies of the
+/// fields it skips (the bench client shares the cores with the server).
+fn probe(text: &str) -> Option<(u64, u64)> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        t: u64,
+        i: u64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Frame {
+        data: Option<Probe>,
+        t: Option<u64>,
+        i: Option<u64>,
+    }
+    let f: Frame = serde_json::from_str(text).ok()?;
+    match (f.data, f.t, f.i) {
+        (Some(p), _, _) => Some((p.t, p.i)),
+        (None, Some(t), Some(i)) => Some((t, i)),
+        _ => None,
+    }
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -968,4 +982,29 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
 
 pub(crate) fn round(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::probe;
+
+    #[test]
+    fn probe_reads_barrage_and_nchan_payloads() {
+        let barrage = r#"{"type":"message","room":"bench","epoch":3,"seq":7,"id":"m","event":"","data":{"t":1700000000123,"i":42,"f":"xx"},"ts":1}"#;
+        assert_eq!(probe(barrage), Some((1_700_000_000_123, 42)));
+        let nchan = r#"{"t":5,"i":6,"f":"xxxx"}"#;
+        assert_eq!(probe(nchan), Some((5, 6)));
+    }
+
+    #[test]
+    fn probe_skips_other_frames() {
+        for text in [
+            r#"{"type":"connected","conn_id":"c"}"#,
+            r#"{"type":"message","data":"plain text"}"#,
+            r#"{"type":"message","data":{"t":1}}"#,
+            "not json",
+        ] {
+            assert_eq!(probe(text), None, "{text}");
+        }
+    }
 }
