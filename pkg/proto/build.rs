@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read when the script runs, not when it is compiled: a target dir
+    // shared by several checkouts reuses one compiled script for all.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = ["barrage/v1/push.proto", "barrage/v1/internal.proto"];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
