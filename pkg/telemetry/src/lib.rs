@@ -92,6 +92,7 @@ pub fn init_telemetry(format: LogFormat, service: &str) -> Result<TelemetryGuard
             .boxed(),
     };
     let provider = if trace::otlp_configured() {
+        trace::set_exporting();
         Some(trace::provider(service)?)
     } else {
         None

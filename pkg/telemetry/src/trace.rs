@@ -8,6 +8,8 @@
 //! and every outgoing call carries the current span's context, so one push
 //! is one trace across push-manager, controller and connect-nodes.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -91,10 +93,28 @@ pub fn inject<T>(req: &mut tonic::Request<T>) {
     });
 }
 
+/// Whether this process exports traces (set once by `init_telemetry`).
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Marks this process as exporting traces: calls get `info` spans.
+pub(crate) fn set_exporting() {
+    EXPORTING.store(true, Ordering::Relaxed);
+}
+
 /// A server span for an incoming call, child of the caller's trace context
 /// when the call carries one. Handlers record `message_id` on it, so log
-/// lines and spans of one push carry its id.
+/// lines and spans of one push carry its id. Without trace export the span
+/// is only log context, and a span per call is a measurable share of a
+/// push's CPU (BENCHMARKS.md): it is then a `debug` span, opened only when
+/// `RUST_LOG` asks for debug.
 pub fn server_span(method: &'static str, metadata: &MetadataMap) -> tracing::Span {
+    if !EXPORTING.load(Ordering::Relaxed) {
+        return tracing::debug_span!(
+            "rpc",
+            rpc.method = method,
+            message_id = tracing::field::Empty
+        );
+    }
     let parent =
         opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
     let span = tracing::info_span!(
@@ -105,4 +125,31 @@ pub fn server_span(method: &'static str, metadata: &MetadataMap) -> tracing::Spa
     );
     let _ = span.set_parent(parent);
     span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    fn span_at(level: tracing::Level) -> bool {
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::sink)
+                .with_filter(tracing_subscriber::filter::LevelFilter::from_level(level)),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            !server_span("Resolve", &MetadataMap::new()).is_disabled()
+        })
+    }
+
+    // One test: EXPORTING is process-wide, and the second half sets it.
+    #[test]
+    fn calls_get_a_span_when_traces_are_exported_or_debug_is_logged() {
+        assert!(!span_at(tracing::Level::INFO), "no span per call at info");
+        assert!(span_at(tracing::Level::DEBUG), "log context at debug");
+        set_exporting();
+        assert!(span_at(tracing::Level::INFO), "exported calls have spans");
+    }
 }
