@@ -24,6 +24,8 @@ use barrage_proto::v1::{
 use futures::{StreamExt, stream};
 use parking_lot::Mutex;
 use tokio::process::{Child, Command};
+
+use crate::cli::Peer;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -47,22 +49,13 @@ pub struct BenchPlan {
     /// Print progress to stderr.
     pub verbose: bool,
     /// Run the same scenario against a peer too and print the ratios.
-    pub compare: Option<Compare>,
+    pub compare: Option<Peer>,
     /// What each push targets.
     pub mode: Mode,
     /// Connect-node processes: 0 runs `barrage dev` (all roles in one
     /// process); N runs a controller, a push-manager and N connect-nodes,
     /// each its own process, with the subscribers spread over the nodes.
     pub nodes: usize,
-}
-
-/// What a bench run is compared with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compare {
-    /// Nchan, on the room scenario.
-    Nchan,
-    /// The gRPC floor ([`serve_floor`]), on the user scenario.
-    GrpcFloor,
 }
 
 /// What each push targets.
@@ -135,8 +128,17 @@ impl Server {
 
 /// Waits until `GET path` on `addr` answers 200 (at most 30 s).
 async fn wait_ready(addr: SocketAddr, path: &str, what: &str) -> anyhow::Result<()> {
+    wait_until(addr, what, || http_ok(addr, path)).await
+}
+
+/// Waits until `ready` says yes, asking every 100 ms (at most 30 s).
+async fn wait_until<F: Future<Output = bool>>(
+    addr: SocketAddr,
+    what: &str,
+    ready: impl Fn() -> F,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !http_ok(addr, path).await {
+    while !ready().await {
         if Instant::now() > deadline {
             bail!("{what} did not become ready on {addr}");
         }
@@ -264,13 +266,10 @@ async fn start_floor() -> anyhow::Result<Server> {
     )?];
     let api = SocketAddr::from(([127, 0, 0, 1], port));
     let endpoint = barrage_proto::tls::GrpcTls::default().endpoint(&api.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while endpoint.connect().await.is_err() {
-        if Instant::now() > deadline {
-            bail!("the gRPC floor did not start on {api}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(api, "the gRPC floor", || async {
+        endpoint.connect().await.is_ok()
+    })
+    .await?;
     Ok(Server {
         children,
         ws: Vec::new(),
@@ -528,7 +527,7 @@ pub async fn run(plan: BenchPlan) -> anyhow::Result<()> {
     };
     let summary = match plan.compare {
         None => barrage,
-        Some(Compare::GrpcFloor) => {
+        Some(Peer::GrpcFloor) => {
             let floor = run_target(&plan, &Target::Floor(start_floor().await?)).await?;
             // The push-manager's share when it runs alone, else every role's.
             let per_core = match barrage["pushes_per_push_manager_core"].as_f64() {
@@ -547,7 +546,7 @@ pub async fn run(plan: BenchPlan) -> anyhow::Result<()> {
                 "grpc_floor": floor,
             })
         }
-        Some(Compare::Nchan) => {
+        Some(Peer::Nchan) => {
             let nchan = run_target(&plan, &Target::Nchan(start_nchan().await?)).await?;
             let ratio = |path: &[&str]| round(field(&barrage, path) / field(&nchan, path));
             serde_json::json!({
@@ -611,7 +610,7 @@ impl Target {
     /// The node subscriber `user` connects to (spread round-robin).
     fn ws_addr(&self, user: usize) -> SocketAddr {
         match self {
-            Target::Barrage(s) | Target::Floor(s) => s.ws[user % s.ws.len().max(1)],
+            Target::Barrage(s) | Target::Floor(s) => s.ws[user % s.ws.len()],
             Target::Nchan(n) => n.addr,
         }
     }

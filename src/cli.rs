@@ -109,7 +109,7 @@ enum Scenario {
 
 /// A push server to compare barrage with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Peer {
+pub enum Peer {
     /// Nchan (nginx module): HTTP publish, WebSocket subscribers (room scenario).
     Nchan,
     /// A gRPC server on barrage's server stack that answers every
@@ -1116,12 +1116,12 @@ impl WsArgs {
 }
 
 impl Cli {
-    /// Validates everything and says what to run.
     /// The scheduler to build the runtime with.
     pub fn runtime_flavor(&self) -> RuntimeFlavor {
         self.runtime_flavor
     }
 
+    /// Validates everything and says what to run.
     pub fn into_plan(self) -> Result<Plan, ConfigError> {
         Ok(match self.command {
             Command::Controller(a) => {
@@ -1345,10 +1345,7 @@ impl Cli {
                     sources: a.sources,
                     payload_bytes: a.payload_bytes,
                     verbose: a.verbose,
-                    compare: a.compare.map(|p| match p {
-                        Peer::Nchan => crate::bench::Compare::Nchan,
-                        Peer::GrpcFloor => crate::bench::Compare::GrpcFloor,
-                    }),
+                    compare: a.compare,
                     mode: match a.scenario {
                         Scenario::User => crate::bench::Mode::User,
                         Scenario::Broadcast => crate::bench::Mode::Broadcast,

@@ -376,8 +376,8 @@ async fn serve(
     };
     let usable = run_session(&state, &mut socket, rx, &conn, &session, skip).await;
     state.hub.disconnect(&conn);
+    let code = conn.close_code().unwrap_or(CloseCode::Normal);
     if usable {
-        let code = conn.close_code().unwrap_or(CloseCode::Normal);
         // A client that does not take the close frame is dropped.
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
@@ -385,7 +385,6 @@ async fn serve(
         )
         .await;
     }
-    let code = conn.close_code().unwrap_or(CloseCode::Normal);
     state
         .metrics
         .disconnects

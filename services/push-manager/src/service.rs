@@ -170,12 +170,13 @@ fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {reason}"))
 }
 
-/// A controller's answer passed on: its verdicts (not found, invalid) as
-/// they are, anything else as UNAVAILABLE naming the controller.
+/// No controller to ask: discovery lists none.
 fn no_controller() -> Status {
     Status::unavailable("no controller available: none is registered in discovery")
 }
 
+/// A controller's answer passed on: its verdicts (not found, invalid) as
+/// they are, anything else as UNAVAILABLE naming the controller.
 fn controller_error(id: &str, s: Status) -> Status {
     match s.code() {
         Code::NotFound | Code::InvalidArgument => s,
