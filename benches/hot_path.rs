@@ -128,6 +128,18 @@ fn batch_assembly(c: &mut Criterion) {
     g.finish();
 }
 
+fn push_to_user_targets(c: &mut Criterion) {
+    let mut g = c.benchmark_group("push_to_user_targets");
+    for n in [10usize, 100, 1000] {
+        let ids: Vec<String> = (0..n).map(|i| format!("user-{i}")).collect();
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_with_input(BenchmarkId::new("user_ids", n), &ids, |b, ids| {
+            b.iter(|| barrage_push_manager::target_users(String::new(), ids.clone(), 1000))
+        });
+    }
+    g.finish();
+}
+
 fn local_fanout(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -183,6 +195,7 @@ criterion_group!(
     ring_lookup,
     membership,
     batch_assembly,
+    push_to_user_targets,
     local_fanout
 );
 criterion_main!(benches);

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
-pub use service::{Batches, Limits, PushService, assemble_batches};
+pub use service::{Batches, Limits, PushService, assemble_batches, target_users};
 
 /// Default of [`Config::peer_calls_in_flight`].
 pub const DEFAULT_PEER_CALLS_IN_FLIGHT: usize = 4;

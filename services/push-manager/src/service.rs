@@ -2,7 +2,7 @@
 //! their owning controllers, fan out one `PushMessageBatch` per node,
 //! concurrently, and report exactly what happened.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -109,6 +109,55 @@ pub fn assemble_batches(targets: Vec<pb::ResolvedTarget>, exclude: &[String]) ->
         b.fresh_keys.push(t.key);
     }
     b
+}
+
+/// The users a `PushToUser` names: `user_id`, then `user_ids`, each once,
+/// in the order first given. Repeats are found by a scan of the few ids
+/// seen so far, or for longer lists by a set: a full batch of `max` ids
+/// costs one hash per id rather than a scan of those before it.
+pub fn target_users(
+    user_id: String,
+    user_ids: Vec<String>,
+    max: usize,
+) -> Result<Vec<UserId>, Status> {
+    /// Up to this many ids a scan beats hashing (`push_to_user_targets`).
+    const SCAN_UP_TO: usize = 16;
+    if user_ids.len() > max {
+        return Err(invalid(
+            "user_ids",
+            format!("at most {max} users per push, got {}", user_ids.len()),
+        ));
+    }
+    let mut users = Vec::with_capacity(user_ids.len() + 1);
+    let mut seen: Option<HashSet<&str>> =
+        (user_ids.len() > SCAN_UP_TO).then(|| HashSet::with_capacity(user_ids.len() + 1));
+    if !user_id.is_empty() {
+        let id = match &mut seen {
+            Some(seen) => {
+                seen.insert(user_id.as_str());
+                UserId::new(user_id.as_str())
+            }
+            None => UserId::new(user_id),
+        };
+        users.push(id.map_err(|e| invalid("user_id", e))?);
+    }
+    for u in &user_ids {
+        let id = UserId::new(u.as_str()).map_err(|e| invalid("user_ids", format!("{u:?}: {e}")))?;
+        let fresh = match &mut seen {
+            Some(seen) => seen.insert(u.as_str()),
+            None => !users.contains(&id),
+        };
+        if fresh {
+            users.push(id);
+        }
+    }
+    if users.is_empty() {
+        return Err(invalid(
+            "user_id",
+            "must not be empty (give user_id or user_ids)",
+        ));
+    }
+    Ok(users)
 }
 
 /// How one push went.
@@ -558,33 +607,7 @@ impl PushManager for PushService {
         let r = req.into_inner();
         self.observed("PushToUser", async {
             allowed?;
-            let mut users: Vec<UserId> = Vec::new();
-            if !r.user_id.is_empty() {
-                users.push(UserId::new(r.user_id).map_err(|e| invalid("user_id", e))?);
-            }
-            if r.user_ids.len() > self.inner.limits.max_user_ids {
-                return Err(invalid(
-                    "user_ids",
-                    format!(
-                        "at most {} users per push, got {}",
-                        self.inner.limits.max_user_ids,
-                        r.user_ids.len()
-                    ),
-                ));
-            }
-            for u in r.user_ids {
-                let id = UserId::new(u.as_str())
-                    .map_err(|e| invalid("user_ids", format!("{u:?}: {e}")))?;
-                if !users.contains(&id) {
-                    users.push(id);
-                }
-            }
-            if users.is_empty() {
-                return Err(invalid(
-                    "user_id",
-                    "must not be empty (give user_id or user_ids)",
-                ));
-            }
+            let users = target_users(r.user_id, r.user_ids, self.inner.limits.max_user_ids)?;
             let idempotent = !r.message_id.is_empty();
             let body = self.body(r.content, r.binary_content, r.event, r.message_id)?;
             let id = body.id.clone();
@@ -788,5 +811,62 @@ impl PushManager for PushService {
         })
         .instrument(span)
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn target_users_keeps_first_order_without_repeats() {
+        let users = target_users("b".into(), ids(&["a", "b", "c", "a", "c", "d"]), 10).unwrap();
+        let names: Vec<&str> = users.iter().map(UserId::as_str).collect();
+        assert_eq!(names, ["b", "a", "c", "d"]);
+    }
+
+    #[test]
+    fn target_users_refuses_empty_oversized_and_invalid() {
+        let e = target_users(String::new(), Vec::new(), 10).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(
+            e.message().starts_with("user_id: must not be empty"),
+            "{}",
+            e.message()
+        );
+
+        let e = target_users(String::new(), ids(&["a", "b", "c"]), 2).unwrap_err();
+        assert_eq!(e.message(), "user_ids: at most 2 users per push, got 3");
+
+        let e = target_users(String::new(), ids(&["ok", ""]), 10).unwrap_err();
+        assert!(
+            e.message().starts_with("user_ids: \"\": "),
+            "{}",
+            e.message()
+        );
+    }
+
+    #[test]
+    fn target_users_drops_repeats_in_long_lists_too() {
+        let mut long: Vec<String> = (0..40).map(|i| format!("u{}", i % 25)).collect();
+        long.push("first".into());
+        let users = target_users("first".into(), long, 1000).unwrap();
+        let names: Vec<&str> = users.iter().map(UserId::as_str).collect();
+        let want: Vec<String> = std::iter::once("first".to_owned())
+            .chain((0..25).map(|i| format!("u{i}")))
+            .collect();
+        assert_eq!(names, want);
+    }
+
+    #[test]
+    fn target_users_handles_a_full_batch_of_distinct_ids() {
+        let many: Vec<String> = (0..1000).map(|i| format!("user-{i}")).collect();
+        let users = target_users(String::new(), many.clone(), 1000).unwrap();
+        assert_eq!(users.len(), 1000);
+        assert!(users.iter().zip(&many).all(|(u, m)| u.as_str() == m));
     }
 }
