@@ -46,6 +46,8 @@ pub struct BenchPlan {
     pub sources: u8,
     /// Bytes of filler in each payload.
     pub payload_bytes: usize,
+    /// Give push `i` the message_id `bench-<i>`.
+    pub message_ids: bool,
     /// Print progress to stderr.
     pub verbose: bool,
     /// Run the same scenario against a peer too and print the ratios.
@@ -626,7 +628,7 @@ impl Target {
     }
 
     /// Pushes as `mode` says; push `i` of `Mode::User` goes to user `i % users`.
-    async fn pusher(&self, mode: Mode, users: usize) -> anyhow::Result<Pusher> {
+    async fn pusher(&self, mode: Mode, users: usize, ids: bool) -> anyhow::Result<Pusher> {
         Ok(match self {
             Target::Barrage(s) | Target::Floor(s) => Pusher::Grpc {
                 api: PushManagerClient::new(
@@ -636,6 +638,7 @@ impl Target {
                 ),
                 mode,
                 users,
+                ids,
             },
             Target::Nchan(n) => Pusher::Http {
                 client: hyper_util::client::legacy::Client::builder(
@@ -656,6 +659,8 @@ enum Pusher {
         api: PushManagerClient<tonic::transport::Channel>,
         mode: Mode,
         users: usize,
+        /// Push `i` carries the message_id `bench-<i>`.
+        ids: bool,
     },
     Http {
         client: hyper_util::client::legacy::Client<
@@ -668,15 +673,21 @@ enum Pusher {
 
 impl Pusher {
     async fn push(&mut self, i: u64, content: String) -> anyhow::Result<()> {
+        let message_id = match self {
+            Pusher::Grpc { ids: true, .. } => format!("bench-{i}"),
+            _ => String::new(),
+        };
         match self {
             Pusher::Grpc {
                 api,
                 mode: Mode::User,
                 users,
+                ..
             } => {
                 api.push_to_user(PushToUserRequest {
                     user_id: format!("bench-{}", i % (*users).max(1) as u64),
                     content,
+                    message_id,
                     ..Default::default()
                 })
                 .await?;
@@ -688,6 +699,7 @@ impl Pusher {
             } => {
                 api.broadcast(BroadcastRequest {
                     content,
+                    message_id,
                     ..Default::default()
                 })
                 .await?;
@@ -700,6 +712,7 @@ impl Pusher {
                 api.push_to_room(PushToRoomRequest {
                     room_id: "bench".into(),
                     content,
+                    message_id,
                     ..Default::default()
                 })
                 .await?;
@@ -829,7 +842,9 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_connected = family_rss_bytes(pid).unwrap_or(0);
 
-    let api = target.pusher(plan.mode, plan.subscribers).await?;
+    let api = target
+        .pusher(plan.mode, plan.subscribers, plan.message_ids)
+        .await?;
     let filler = "x".repeat(plan.payload_bytes);
     let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -970,6 +985,7 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
             rss_connected.saturating_sub(rss_idle) / connected as u64
         } else { 0 },
         "payload_bytes": plan.payload_bytes,
+        "message_ids": plan.message_ids,
         "cpu_cores_used": {
             "server": round(server_cpu / push_secs),
             "bench_client": round(client_cpu / push_secs),

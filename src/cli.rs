@@ -146,6 +146,10 @@ struct BenchArgs {
     /// Filler bytes in each payload.
     #[arg(long, default_value_t = 64)]
     payload_bytes: usize,
+    /// Give every push its own message_id, as callers that retry do: the
+    /// push-manager then also records each push's result at the controller.
+    #[arg(long)]
+    message_ids: bool,
     /// Bandwidth: comments pushed per server configuration (1–100000).
     #[arg(long, default_value_t = 3000)]
     comments: u64,
@@ -1344,6 +1348,7 @@ impl Cli {
                     max_pushes: a.max_pushes,
                     sources: a.sources,
                     payload_bytes: a.payload_bytes,
+                    message_ids: a.message_ids,
                     verbose: a.verbose,
                     compare: a.compare,
                     mode: match a.scenario {

@@ -523,3 +523,128 @@ async fn resolve_batch_answers_each_request_on_its_own(
     }
     Ok(())
 }
+
+on_both_registries!(complete_batch_records_each_result);
+async fn complete_batch_records_each_result(mut cluster: TestCluster) -> anyhow::Result<()> {
+    use barrage_proto::v1::controller_client::ControllerClient;
+    use barrage_proto::v1::{CompleteBatchRequest, CompleteRequest, ResolveRequest, ResolveTarget};
+    cluster.start(1).await?;
+    let _member = connect(&cluster.nodes[0].ws_url(), "u1", &["r1", "r2"]).await?;
+    let addr = format!("http://{}", cluster.controllers[0].grpc_addr);
+    let mut controller = within(
+        T,
+        "connect to the controller",
+        ControllerClient::connect(addr),
+    )
+    .await??;
+    let resolve = |key: &str, id: &str| ResolveRequest {
+        targets: vec![ResolveTarget { key: key.into() }],
+        message_id: id.into(),
+        body: None,
+    };
+    for (key, id) in [("room:r1", "a"), ("user:u1", "b"), ("room:r2", "c")] {
+        within(T, "Resolve", controller.resolve(resolve(key, id))).await??;
+    }
+    let record = |key: &str, id: &str, delivered| CompleteRequest {
+        key: key.into(),
+        message_id: id.into(),
+        delivered,
+    };
+    within(
+        T,
+        "CompleteBatch",
+        controller.complete_batch(CompleteBatchRequest {
+            completions: vec![
+                record("room:r1", "a", 3),
+                record("user:u1", "b", 7),
+                // Unknown ids and keys are ignored, not errors.
+                record("room:r1", "never-pushed", 1),
+                record("room:nowhere", "x", 1),
+            ],
+        }),
+    )
+    .await??;
+    // A repeat is answered with what was recorded for it, or 0 without a record.
+    for (key, id, want) in [
+        ("room:r1", "a", 3),
+        ("user:u1", "b", 7),
+        ("room:r2", "c", 0),
+    ] {
+        let again = within(T, "Resolve again", controller.resolve(resolve(key, id)))
+            .await??
+            .into_inner();
+        let t = &again.targets[0];
+        assert!(t.duplicate, "{key} {id}: {t:?}");
+        assert_eq!(t.first_delivered, want, "{key} {id}");
+    }
+    Ok(())
+}
+
+on_both_registries!(results_of_concurrent_repeatable_pushes_are_all_recorded);
+async fn results_of_concurrent_repeatable_pushes_are_all_recorded(
+    mut cluster: TestCluster,
+) -> anyhow::Result<()> {
+    cluster.start(1).await?;
+    const USERS: usize = 30;
+    let mut clients = Vec::new();
+    for u in 0..USERS {
+        clients.push(connect(&cluster.nodes[0].ws_url(), &format!("r{u}"), &[]).await?);
+    }
+    let api = cluster.push_client().await?;
+    let push = |u: usize| {
+        let mut api = api.clone();
+        async move {
+            api.push_to_user(PushToUserRequest {
+                user_id: format!("r{u}"),
+                content: format!("m{u}"),
+                message_id: format!("id-{u}"),
+                ..Default::default()
+            })
+            .await
+            .map(tonic::Response::into_inner)
+        }
+    };
+    let first = within(
+        T,
+        "concurrent pushes",
+        futures::future::join_all((0..USERS).map(push)),
+    )
+    .await?;
+    for (u, a) in first.into_iter().enumerate() {
+        let a = a?;
+        assert_eq!(
+            (a.delivered_count, a.duplicate),
+            (1, false),
+            "r{u}: {}",
+            a.message
+        );
+    }
+    for c in &mut clients {
+        next_msg(c).await?;
+    }
+    // Each result is recorded (gathered into few calls): every retry is
+    // answered with its first attempt's count and delivers nothing.
+    for u in 0..USERS {
+        let retry = eventually(T, "the recorded first result", || async move {
+            let r = push(u).await.ok()?;
+            (r.duplicate && r.delivered_count == 1).then_some(r)
+        })
+        .await?;
+        assert!(retry.success, "r{u}: {}", retry.message);
+    }
+    let m = cluster.managers[0].metric("push_manager_completions_dropped_total");
+    assert_eq!(m, 0.0);
+    // The next message each user gets is a fresh one: no retry reached them.
+    for (u, c) in clients.iter_mut().enumerate() {
+        let mut api = api.clone();
+        let req = PushToUserRequest {
+            user_id: format!("r{u}"),
+            content: "after".into(),
+            ..Default::default()
+        };
+        within(T, "push", api.push_to_user(req)).await??;
+        let m = next_msg(c).await?;
+        assert_eq!(m.data, Some("after".into()), "r{u} got a repeat first");
+    }
+    Ok(())
+}

@@ -72,6 +72,17 @@ def test_bench_push_to_user_reaches_each_user_once(barrage_bin):
     assert s["lost"] == 0 and s["duplicated"] == 0
 
 
+def test_bench_push_to_user_with_message_ids(barrage_bin):
+    """Every push carries its own message_id (the push-manager records each
+    result at the controller): still each user once, nothing refused."""
+    s = run_bench(barrage_bin, "--scenario", "user", "--nodes", "1", "--subscribers", "20", "--rate", "200",
+                  "--duration-secs", "2", "--sources", "2", "--message-ids")
+    assert s["message_ids"] is True
+    assert s["pushes"] >= 1 and s["push_failures"] == 0
+    assert s["deliveries"] == s["deliveries_expected"] == s["pushes"]
+    assert s["lost"] == 0 and s["duplicated"] == 0
+
+
 def test_bench_broadcast_spans_several_node_processes(barrage_bin):
     s = run_bench(barrage_bin, "--scenario", "broadcast", "--nodes", "3", "--subscribers", "30", "--rate", "20",
                   "--duration-secs", "2", "--sources", "2")

@@ -4,10 +4,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use barrage_proto::v1::{
-    self as pb, CompleteRequest, CompleteResponse, GetRoomInfoRequest, GetRoomInfoResponse,
-    GetUserNodeRequest, GetUserNodeResponse, HistoryRequest, HistoryResponse, MessageBody,
-    ReportRequest, ReportResponse, ResolveBatchRequest, ResolveBatchResponse, ResolveRequest,
-    ResolveResponse, SyncRequest, SyncResponse, controller_server::Controller,
+    self as pb, CompleteBatchRequest, CompleteRequest, CompleteResponse, GetRoomInfoRequest,
+    GetRoomInfoResponse, GetUserNodeRequest, GetUserNodeResponse, HistoryRequest, HistoryResponse,
+    MessageBody, ReportRequest, ReportResponse, ResolveBatchRequest, ResolveBatchResponse,
+    ResolveRequest, ResolveResponse, SyncRequest, SyncResponse, controller_server::Controller,
 };
 use barrage_protocol::{RoomId, StreamKey, UserId};
 use parking_lot::Mutex;
@@ -220,6 +220,18 @@ impl Controller for ControllerService {
             .lock()
             .streams
             .complete(&r.key, &r.message_id, r.delivered);
+        Ok(Response::new(CompleteResponse {}))
+    }
+
+    async fn complete_batch(
+        &self,
+        req: Request<CompleteBatchRequest>,
+    ) -> Result<Response<CompleteResponse>, Status> {
+        let r = req.into_inner();
+        let mut state = self.state.lock();
+        for c in &r.completions {
+            state.streams.complete(&c.key, &c.message_id, c.delivered);
+        }
         Ok(Response::new(CompleteResponse {}))
     }
 

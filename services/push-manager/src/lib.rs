@@ -7,6 +7,7 @@
 //! per node, never one per user.
 
 pub mod coalesce;
+pub mod complete;
 mod metrics;
 pub mod pool;
 pub mod rest;

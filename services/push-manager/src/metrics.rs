@@ -23,6 +23,9 @@ pub struct Metrics {
     pub node_batch_errors: IntCounterVec,
     /// Nodes one push fanned out to.
     pub fanout_nodes: Histogram,
+    /// Push results not recorded at their controller because its queue was
+    /// full (a retry of such a push reports 0 connections reached).
+    pub completions_dropped: IntCounter,
     /// Pushes carried by one call to a peer (`connect-node`: messages in a
     /// PushMessageBatch; `controller`: requests in a ResolveBatch).
     pub peer_call_items: HistogramVec,
@@ -82,6 +85,10 @@ impl Metrics {
                 )
                 .buckets(vec![0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
             )?,
+            completions_dropped: IntCounter::new(
+                "push_manager_completions_dropped_total",
+                "Push results not recorded at their controller because its queue was full",
+            )?,
             peer_call_items: HistogramVec::new(
                 HistogramOpts::new(
                     "push_manager_peer_call_items",
@@ -99,6 +106,7 @@ impl Metrics {
         registry.register(Box::new(m.node_batch_duration.clone()))?;
         registry.register(Box::new(m.node_batch_errors.clone()))?;
         registry.register(Box::new(m.fanout_nodes.clone()))?;
+        registry.register(Box::new(m.completions_dropped.clone()))?;
         registry.register(Box::new(m.peer_call_items.clone()))?;
         Ok(m)
     }

@@ -24,6 +24,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 use crate::coalesce::{BatchLimits, Coalescer};
+use crate::complete::{Completer, LINGER};
 
 /// How channels are dialled and calls made: deadlines, TLS, batching.
 #[derive(Clone)]
@@ -255,8 +256,13 @@ impl NodePool {
     }
 }
 
-/// A controller's address, client and resolver, as held on the ring.
-type ControllerEntry = (String, ControllerClient<Channel>, Arc<Resolver>);
+/// A controller's address, client, resolver and completer, as held on the ring.
+type ControllerEntry = (
+    String,
+    ControllerClient<Channel>,
+    Arc<Resolver>,
+    Arc<Completer>,
+);
 
 /// Channels to controllers, on the consistent-hash ring that assigns keys.
 pub struct ControllerRing {
@@ -279,14 +285,20 @@ impl ControllerRing {
     pub fn owner(&self, key: &str) -> Option<(String, ControllerClient<Channel>)> {
         let ring = self.ring.read().clone();
         ring.owner(key)
-            .map(|(id, (_, c, _))| (id.to_owned(), c.clone()))
+            .map(|(id, (_, c, _, _))| (id.to_owned(), c.clone()))
     }
 
     /// The owner of `key`: its id and the resolver of pushes to it.
     pub fn resolver(&self, key: &str) -> Option<(String, Arc<Resolver>)> {
         let ring = self.ring.read().clone();
         ring.owner(key)
-            .map(|(id, (_, _, r))| (id.to_owned(), r.clone()))
+            .map(|(id, (_, _, r, _))| (id.to_owned(), r.clone()))
+    }
+
+    /// The owner of `key`: where the results of pushes to it are recorded.
+    pub fn completer(&self, key: &str) -> Option<Arc<Completer>> {
+        let ring = self.ring.read().clone();
+        ring.owner(key).map(|(_, (_, _, _, c))| c.clone())
     }
 
     /// Number of controllers on the ring.
@@ -306,7 +318,7 @@ impl ControllerRing {
         for (id, m) in members {
             let reuse = old
                 .members()
-                .find(|(oid, (addr, _, _))| *oid == id && *addr == m.grpc_addr)
+                .find(|(oid, (addr, _, _, _))| *oid == id && *addr == m.grpc_addr)
                 .map(|(_, e)| e.clone());
             let entry = match reuse {
                 Some(e) => e,
@@ -314,7 +326,12 @@ impl ControllerRing {
                     Some(ch) => {
                         let client = ControllerClient::new(ch);
                         let resolver = Arc::new(resolver(client.clone(), &self.dialer));
-                        (m.grpc_addr.clone(), client, resolver)
+                        let completer = Arc::new(Completer::new(
+                            client.clone(),
+                            self.dialer.call_timeout,
+                            LINGER,
+                        ));
+                        (m.grpc_addr.clone(), client, resolver, completer)
                     }
                     None => continue,
                 },

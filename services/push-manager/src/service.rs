@@ -436,22 +436,21 @@ impl PushService {
     }
 
     /// Tells the owning controllers how the push went, so a retry with the
-    /// same id is answered with this result. Best effort, off the reply path.
+    /// same id is answered with this result. Best effort, off the reply
+    /// path: the records are gathered and sent a few at a time.
     fn record_completion(&self, keys: Vec<String>, message_id: &str, delivered: u32) {
         for key in keys {
-            let Ok((_, mut client)) = self.owner(&key) else {
+            let Some(completer) = self.inner.controllers.completer(&key) else {
                 continue;
             };
-            let req = self.controller_request(CompleteRequest {
+            let recorded = completer.record(CompleteRequest {
                 key,
                 message_id: message_id.to_owned(),
                 delivered,
             });
-            tokio::spawn(async move {
-                if let Err(e) = client.complete(req).await {
-                    tracing::debug!(error = %e, "could not record a push result");
-                }
-            });
+            if !recorded {
+                self.inner.metrics.completions_dropped.inc();
+            }
         }
     }
 
