@@ -648,3 +648,116 @@ async fn results_of_concurrent_repeatable_pushes_are_all_recorded(
     }
     Ok(())
 }
+
+/// The real controller service behind a router that does not know
+/// `CompleteBatch`, as a controller from before that call would answer.
+#[derive(Clone)]
+struct WithoutCompleteBatch<S>(S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for WithoutCompleteBatch<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for WithoutCompleteBatch<S>
+where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<B>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        >,
+    S::Future: Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        if req.uri().path() == "/barrage.v1.Controller/CompleteBatch" {
+            let refused = tonic::Status::unimplemented("unknown method CompleteBatch").into_http();
+            return Box::pin(async move { Ok(refused) });
+        }
+        let answer = self.0.call(req);
+        Box::pin(answer)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_reach_a_controller_without_complete_batch_one_by_one() -> anyhow::Result<()> {
+    use barrage_controller::ControllerService;
+    use barrage_controller::ownership::Ownership;
+    use barrage_controller::state::{ControllerState, Membership};
+    use barrage_controller::streams::{StreamConfig, Streams};
+    use barrage_proto::v1::controller_client::ControllerClient;
+    use barrage_proto::v1::controller_server::ControllerServer;
+    use barrage_proto::v1::{CompleteRequest, ResolveRequest, ResolveTarget};
+    use barrage_push_manager::complete::Completer;
+
+    let state = std::sync::Arc::new(parking_lot::Mutex::new(ControllerState {
+        members: Membership::new(),
+        streams: Streams::new(StreamConfig::default()),
+        ownership: Ownership::standalone("old-controller"),
+    }));
+    let metrics = barrage_controller::Metrics::new(&prometheus::Registry::new())?;
+    let service = WithoutCompleteBatch(ControllerServer::new(ControllerService::new(
+        state, metrics,
+    )));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn({
+        let stop = stop.clone();
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                stop.cancelled_owned(),
+            )
+    });
+    let mut client = within(
+        T,
+        "connect to the controller",
+        ControllerClient::connect(format!("http://{addr}")),
+    )
+    .await??;
+    let resolve = |i: u32| ResolveRequest {
+        targets: vec![ResolveTarget {
+            key: format!("user:old{i}"),
+        }],
+        message_id: format!("id-{i}"),
+        body: None,
+    };
+    for i in 0..5 {
+        within(T, "Resolve", client.resolve(resolve(i))).await??;
+    }
+    let completer = Completer::new(client.clone(), T, Duration::from_millis(1));
+    for i in 0..5 {
+        assert!(completer.record(CompleteRequest {
+            key: format!("user:old{i}"),
+            message_id: format!("id-{i}"),
+            delivered: 10 + i,
+        }));
+    }
+    // Refused as a batch, then sent one by one: every result arrives.
+    for i in 0..5 {
+        eventually(T, "the result recorded one by one", || {
+            let mut client = client.clone();
+            async move {
+                let again = client.resolve(resolve(i)).await.ok()?.into_inner();
+                let t = again.targets.first()?;
+                (t.duplicate && t.first_delivered == 10 + i).then_some(())
+            }
+        })
+        .await?;
+    }
+    drop(completer);
+    stop.cancel();
+    within(T, "server to stop", server).await???;
+    Ok(())
+}
