@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use barrage_client::{Client, connect_url};
+use barrage_proto::v1::controller_client::ControllerClient;
 use barrage_proto::v1::{
     BroadcastRequest, GetRoomInfoRequest, GetUserNodeRequest, PushToRoomRequest, PushToUserRequest,
 };
 use barrage_protocol::MessageFrame;
 use barrage_testkit::cluster::{TestCluster, eventually, within};
+use tonic::transport::Channel;
 
 const T: Duration = Duration::from_secs(10);
 
@@ -28,6 +30,12 @@ async fn next_msg(c: &mut Client) -> anyhow::Result<MessageFrame> {
     within(T, "a message frame", c.next_message())
         .await??
         .context("connection closed before a message arrived")
+}
+
+/// A client of the controller at `addr` (`host:port`).
+async fn controller_at(addr: &str) -> anyhow::Result<ControllerClient<Channel>> {
+    let connect = ControllerClient::connect(format!("http://{addr}"));
+    Ok(within(T, "connect to the controller", connect).await??)
 }
 
 fn room_push(room: &str, content: &str) -> PushToRoomRequest {
@@ -454,17 +462,10 @@ on_both_registries!(resolve_batch_answers_each_request_on_its_own);
 async fn resolve_batch_answers_each_request_on_its_own(
     mut cluster: TestCluster,
 ) -> anyhow::Result<()> {
-    use barrage_proto::v1::controller_client::ControllerClient;
     use barrage_proto::v1::{ResolveBatchRequest, ResolveRequest, ResolveTarget, resolve_result};
     cluster.start(1).await?;
     let _member = connect(&cluster.nodes[0].ws_url(), "u1", &["r1"]).await?;
-    let addr = format!("http://{}", cluster.controllers[0].grpc_addr);
-    let mut controller = within(
-        T,
-        "connect to the controller",
-        ControllerClient::connect(addr),
-    )
-    .await??;
+    let mut controller = controller_at(&cluster.controllers[0].grpc_addr.to_string()).await?;
     let request = |key: &str, id: &str| ResolveRequest {
         targets: vec![ResolveTarget { key: key.into() }],
         message_id: id.into(),
@@ -526,17 +527,10 @@ async fn resolve_batch_answers_each_request_on_its_own(
 
 on_both_registries!(complete_batch_records_each_result);
 async fn complete_batch_records_each_result(mut cluster: TestCluster) -> anyhow::Result<()> {
-    use barrage_proto::v1::controller_client::ControllerClient;
     use barrage_proto::v1::{CompleteBatchRequest, CompleteRequest, ResolveRequest, ResolveTarget};
     cluster.start(1).await?;
     let _member = connect(&cluster.nodes[0].ws_url(), "u1", &["r1", "r2"]).await?;
-    let addr = format!("http://{}", cluster.controllers[0].grpc_addr);
-    let mut controller = within(
-        T,
-        "connect to the controller",
-        ControllerClient::connect(addr),
-    )
-    .await??;
+    let mut controller = controller_at(&cluster.controllers[0].grpc_addr.to_string()).await?;
     let resolve = |key: &str, id: &str| ResolveRequest {
         targets: vec![ResolveTarget { key: key.into() }],
         message_id: id.into(),
@@ -694,7 +688,6 @@ async fn results_reach_a_controller_without_complete_batch_one_by_one() -> anyho
     use barrage_controller::ownership::Ownership;
     use barrage_controller::state::{ControllerState, Membership};
     use barrage_controller::streams::{StreamConfig, Streams};
-    use barrage_proto::v1::controller_client::ControllerClient;
     use barrage_proto::v1::controller_server::ControllerServer;
     use barrage_proto::v1::{CompleteRequest, ResolveRequest, ResolveTarget};
     use barrage_push_manager::complete::Completer;
@@ -720,12 +713,7 @@ async fn results_reach_a_controller_without_complete_batch_one_by_one() -> anyho
                 stop.cancelled_owned(),
             )
     });
-    let mut client = within(
-        T,
-        "connect to the controller",
-        ControllerClient::connect(format!("http://{addr}")),
-    )
-    .await??;
+    let mut client = controller_at(&addr.to_string()).await?;
     let resolve = |i: u32| ResolveRequest {
         targets: vec![ResolveTarget {
             key: format!("user:old{i}"),
