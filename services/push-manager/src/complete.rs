@@ -73,7 +73,10 @@ async fn drive(
     let mut batching = Batching::Unknown;
     while let Some(first) = rx.recv().await {
         let mut records = vec![first];
-        tokio::time::sleep(linger).await;
+        // A full batch already waiting goes at once.
+        if rx.len() + 1 < MAX_ITEMS {
+            tokio::time::sleep(linger).await;
+        }
         while records.len() < MAX_ITEMS {
             match rx.try_recv() {
                 Ok(r) => records.push(r),
