@@ -256,13 +256,18 @@ impl NodePool {
     }
 }
 
-/// A controller's address, client, resolver and completer, as held on the ring.
-type ControllerEntry = (
-    String,
-    ControllerClient<Channel>,
-    Arc<Resolver>,
-    Arc<Completer>,
-);
+/// A controller as held on the ring.
+#[derive(Clone)]
+struct ControllerEntry {
+    /// Its gRPC address, to tell a moved controller from one that stays.
+    addr: String,
+    /// For calls other than pushes.
+    client: ControllerClient<Channel>,
+    /// Resolves of pushes, merged while calls are busy.
+    resolver: Arc<Resolver>,
+    /// Where the results of pushes with a `message_id` are recorded.
+    completer: Arc<Completer>,
+}
 
 /// Channels to controllers, on the consistent-hash ring that assigns keys.
 pub struct ControllerRing {
@@ -285,20 +290,20 @@ impl ControllerRing {
     pub fn owner(&self, key: &str) -> Option<(String, ControllerClient<Channel>)> {
         let ring = self.ring.read().clone();
         ring.owner(key)
-            .map(|(id, (_, c, _, _))| (id.to_owned(), c.clone()))
+            .map(|(id, e)| (id.to_owned(), e.client.clone()))
     }
 
     /// The owner of `key`: its id and the resolver of pushes to it.
     pub fn resolver(&self, key: &str) -> Option<(String, Arc<Resolver>)> {
         let ring = self.ring.read().clone();
         ring.owner(key)
-            .map(|(id, (_, _, r, _))| (id.to_owned(), r.clone()))
+            .map(|(id, e)| (id.to_owned(), e.resolver.clone()))
     }
 
     /// The owner of `key`: where the results of pushes to it are recorded.
     pub fn completer(&self, key: &str) -> Option<Arc<Completer>> {
         let ring = self.ring.read().clone();
-        ring.owner(key).map(|(_, (_, _, _, c))| c.clone())
+        ring.owner(key).map(|(_, e)| e.completer.clone())
     }
 
     /// Number of controllers on the ring.
@@ -318,20 +323,23 @@ impl ControllerRing {
         for (id, m) in members {
             let reuse = old
                 .members()
-                .find(|(oid, (addr, _, _, _))| *oid == id && *addr == m.grpc_addr)
+                .find(|(oid, e)| *oid == id && e.addr == m.grpc_addr)
                 .map(|(_, e)| e.clone());
             let entry = match reuse {
                 Some(e) => e,
                 None => match self.dialer.channel(&m.grpc_addr) {
                     Some(ch) => {
                         let client = ControllerClient::new(ch);
-                        let resolver = Arc::new(resolver(client.clone(), &self.dialer));
-                        let completer = Arc::new(Completer::new(
-                            client.clone(),
-                            self.dialer.call_timeout,
-                            LINGER,
-                        ));
-                        (m.grpc_addr.clone(), client, resolver, completer)
+                        ControllerEntry {
+                            addr: m.grpc_addr.clone(),
+                            resolver: Arc::new(resolver(client.clone(), &self.dialer)),
+                            completer: Arc::new(Completer::new(
+                                client.clone(),
+                                self.dialer.call_timeout,
+                                LINGER,
+                            )),
+                            client,
+                        }
                     }
                     None => continue,
                 },
