@@ -211,6 +211,9 @@ async fn wait_for_signal() {
 async fn dev(d: DevPlan) -> anyhow::Result<()> {
     let discovery = Discovery::in_process();
     let shutdown = on_signal();
+    // The push-manager calls the controller and the node in this process
+    // directly; their ports still serve everyone else.
+    let local_peers = barrage_proto::LocalPeers::default();
 
     let controller = barrage_controller::Listeners {
         grpc: bind(d.bind, d.controller_grpc_port, "CONTROLLER_GRPC_PORT").await?,
@@ -231,6 +234,7 @@ async fn dev(d: DevPlan) -> anyhow::Result<()> {
     let c = tokio::spawn(barrage_controller::run(
         barrage_controller::Config {
             node_id: "controller-dev".into(),
+            local_peers: local_peers.clone(),
             ..Default::default()
         },
         controller,
@@ -252,6 +256,7 @@ async fn dev(d: DevPlan) -> anyhow::Result<()> {
                 api_addr.to_string(),
                 vec!["*".into()],
             )),
+            local_peers: local_peers.clone(),
             ..d.node
         },
         node,
@@ -261,7 +266,10 @@ async fn dev(d: DevPlan) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let p = tokio::spawn(barrage_push_manager::run(
-        d.push,
+        barrage_push_manager::Config {
+            local_peers,
+            ..d.push
+        },
         manager,
         barrage_push_manager::Peers {
             controllers: discovery.watch(Role::Controller).await?,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use barrage_client::{Client, connect_url};
+use barrage_proto::PeerChannel;
 use barrage_proto::v1::controller_client::ControllerClient;
 use barrage_proto::v1::{
     BroadcastRequest, GetRoomInfoRequest, GetUserNodeRequest, PushToRoomRequest, PushToUserRequest,
@@ -33,9 +34,12 @@ async fn next_msg(c: &mut Client) -> anyhow::Result<MessageFrame> {
 }
 
 /// A client of the controller at `addr` (`host:port`).
-async fn controller_at(addr: &str) -> anyhow::Result<ControllerClient<Channel>> {
-    let connect = ControllerClient::connect(format!("http://{addr}"));
-    Ok(within(T, "connect to the controller", connect).await??)
+async fn controller_at(addr: &str) -> anyhow::Result<ControllerClient<PeerChannel>> {
+    let endpoint = Channel::from_shared(format!("http://{addr}"))?;
+    let channel = within(T, "connect to the controller", endpoint.connect()).await??;
+    Ok(ControllerClient::new(barrage_proto::local::network(
+        channel,
+    )))
 }
 
 fn room_push(room: &str, content: &str) -> PushToRoomRequest {
@@ -747,5 +751,89 @@ async fn results_reach_a_controller_without_complete_batch_one_by_one() -> anyho
     drop(completer);
     stop.cancel();
     within(T, "server to stop", server).await???;
+    Ok(())
+}
+
+on_both_registries!(roles_sharing_a_process_call_each_other_directly);
+/// Roles sharing a `LocalPeers` table (as in `barrage dev`) reach each
+/// other's services in-process: here the controller and the node advertise
+/// addresses no network call could reach, and every step of a push still
+/// works.
+async fn roles_sharing_a_process_call_each_other_directly(
+    mut cluster: TestCluster,
+) -> anyhow::Result<()> {
+    let local = barrage_proto::LocalPeers::default();
+    // `.invalid` never resolves, so only the table leads to these roles.
+    const CONTROLLER: &str = "controller-1.invalid:50052";
+    const NODE: &str = "node-1.invalid:50051";
+    cluster
+        .start_controller_with("controller-1", |c| {
+            c.advertise_addr = CONTROLLER.into();
+            c.local_peers = local.clone();
+        })
+        .await?;
+    cluster
+        .start_node_with("node-1", |c| {
+            c.advertise_addr = NODE.into();
+            c.local_peers = local.clone();
+        })
+        .await?;
+    cluster
+        .start_manager_with("manager-1", |c| c.local_peers = local.clone())
+        .await?;
+    let url = cluster.nodes[0].ws_url();
+    // The node reports this session to the controller in-process.
+    let mut alice = connect(&url, "alice", &["r1"]).await?;
+    let mut api = cluster.push_client().await?;
+
+    let resp = within(
+        T,
+        "PushToUser",
+        api.push_to_user(PushToUserRequest {
+            user_id: "alice".into(),
+            content: "direct".into(),
+            ..Default::default()
+        }),
+    )
+    .await??
+    .into_inner();
+    ensure!(resp.success, "{}", resp.message);
+    assert_eq!(resp.delivered_count, 1);
+    let m = next_msg(&mut alice).await?;
+    assert_eq!(
+        (m.stream.as_str(), m.data),
+        ("user:alice", Some(serde_json::json!("direct")))
+    );
+
+    let resp = within(T, "PushToRoom", api.push_to_room(room_push("r1", "room")))
+        .await??
+        .into_inner();
+    ensure!(resp.success, "{}", resp.message);
+    assert_eq!(resp.delivered_count, 1);
+    assert_eq!(next_msg(&mut alice).await?.stream, "room:r1");
+
+    let where_ = within(
+        T,
+        "GetUserNode",
+        api.get_user_node(GetUserNodeRequest {
+            user_id: "alice".into(),
+        }),
+    )
+    .await??
+    .into_inner();
+    assert_eq!(where_.connection_count, 1);
+
+    // A stopped role leaves the table with its gRPC port.
+    let timeout = Duration::from_secs(1);
+    ensure!(
+        local.get(NODE, timeout).is_some(),
+        "the node is in the table"
+    );
+    cluster.node("node-1")?.stop().await?;
+    ensure!(
+        local.get(NODE, timeout).is_none(),
+        "the stopped node left it"
+    );
+    ensure!(local.get(CONTROLLER, timeout).is_some());
     Ok(())
 }

@@ -11,7 +11,9 @@ pub mod v1 {
     tonic::include_proto!("barrage.v1");
 }
 
+pub mod local;
 pub mod tls;
+pub use local::{LocalPeers, LocalRegistration, PeerChannel, PeerError};
 pub use tls::{GrpcTls, GrpcTlsError, GrpcTlsFiles};
 
 /// Encoded `FileDescriptorSet` of every barrage proto, for server reflection.

@@ -476,6 +476,7 @@ impl Hub {
                 call_timeout: std::time::Duration::from_secs(1),
                 vnodes: 1,
                 tls: barrage_proto::GrpcTls::plaintext(),
+                local: barrage_proto::LocalPeers::default(),
             },
             metrics.clone(),
         );
@@ -741,6 +742,7 @@ mod tests {
                 call_timeout: Duration::from_secs(1),
                 vnodes: 8,
                 tls: barrage_proto::GrpcTls::plaintext(),
+                local: barrage_proto::LocalPeers::default(),
             },
             metrics.clone(),
         );

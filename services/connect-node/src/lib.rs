@@ -85,6 +85,9 @@ pub struct Config {
     pub tls: Option<listener::TlsFiles>,
     /// TLS of the gRPC port and of calls to other roles.
     pub grpc_tls: barrage_proto::GrpcTls,
+    /// Where roles in this process (`barrage dev`) find this node's
+    /// service, to call it without the network.
+    pub local_peers: barrage_proto::LocalPeers,
     /// Serve the demo page (and its publish endpoint) on the WebSocket port.
     pub demo: Option<demo::DemoSettings>,
     /// Let clients publish comments to rooms (`publish` frames).
@@ -124,6 +127,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             tls: None,
             grpc_tls: barrage_proto::GrpcTls::plaintext(),
+            local_peers: barrage_proto::LocalPeers::default(),
             demo: None,
             publish: None,
             batch_window: Duration::ZERO,
@@ -213,6 +217,7 @@ pub async fn run(
             call_timeout: Duration::from_secs(5),
             vnodes: cfg.ring_vnodes,
             tls: cfg.grpc_tls.clone(),
+            local: cfg.local_peers.clone(),
         },
         metrics.clone(),
     );
@@ -230,14 +235,16 @@ pub async fn run(
         .set_serving::<ConnectNodeServer<ConnectNodeService>>()
         .await;
     let grpc_stop = CancellationToken::new();
+    let server = ConnectNodeServer::new(ConnectNodeService::new(
+        cfg.node_id.clone(),
+        hub.clone(),
+        metrics.clone(),
+        sequencer.clone(),
+    ));
+    let local = cfg.local_peers.register(&grpc_addr, server.clone());
     let grpc = tokio::spawn(
         grpc_server
-            .add_service(ConnectNodeServer::new(ConnectNodeService::new(
-                cfg.node_id.clone(),
-                hub.clone(),
-                metrics.clone(),
-                sequencer.clone(),
-            )))
+            .add_service(server)
             .serve_with_incoming_shutdown(
                 barrage_proto::grpc_incoming(listeners.grpc),
                 grpc_stop.clone().cancelled_owned(),
@@ -376,6 +383,7 @@ pub async fn run(
     }
     ws_stop.cancel();
     let _ = tokio::time::timeout(cfg.drain_timeout, ws).await;
+    drop(local);
     grpc_stop.cancel();
     http_stop.cancel();
     let grpc_result = grpc.await;

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use barrage_discovery::MemberWatch;
 use barrage_discovery::ring::Ring;
+use barrage_proto::PeerChannel;
 use barrage_proto::v1::{
     HistoryQuery, HistoryRequest, HistoryResult, ReportRequest, SessionChange, SyncRequest,
     controller_client::ControllerClient, session_change::Kind,
@@ -22,7 +23,6 @@ use barrage_protocol::UserId;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -81,11 +81,11 @@ struct Link {
     addr: String,
     /// History queries (one per connecting session, many at once in a
     /// reconnect storm).
-    client: Option<ControllerClient<Channel>>,
+    client: Option<ControllerClient<PeerChannel>>,
     /// Reports and syncs, on a connection of their own: every connect
     /// waits for a report's answer, which must not queue behind the
     /// history queries' streams.
-    reports: Option<ControllerClient<Channel>>,
+    reports: Option<ControllerClient<PeerChannel>>,
     queue: Mutex<Queue>,
     notify: Notify,
     stop: CancellationToken,
@@ -93,7 +93,7 @@ struct Link {
 
 /// History queries bound for one controller: its client, the queries'
 /// positions in the caller's list, and the queries.
-type OwnerQueries = (ControllerClient<Channel>, Vec<usize>, Vec<HistoryQuery>);
+type OwnerQueries = (ControllerClient<PeerChannel>, Vec<usize>, Vec<HistoryQuery>);
 
 /// Settings of the reporter.
 #[derive(Debug, Clone)]
@@ -112,6 +112,8 @@ pub struct ReporterConfig {
     pub vnodes: usize,
     /// TLS of the calls to controllers.
     pub tls: barrage_proto::GrpcTls,
+    /// Controllers in this process, called without the network.
+    pub local: barrage_proto::LocalPeers,
 }
 
 /// Routes session changes to their controllers.
@@ -276,18 +278,24 @@ impl Reporter {
     }
 
     fn spawn_link(self: &Arc<Self>, id: &str, addr: &str) -> Arc<Link> {
-        let endpoint = match self.cfg.tls.endpoint(addr) {
-            Ok(e) => Some(e.connect_timeout(self.cfg.call_timeout).tcp_nodelay(true)),
-            Err(e) => {
-                tracing::error!(controller = %id, %addr, error = %e, "bad controller address");
-                None
-            }
+        // Two channels, so two connections: one for history, one for
+        // reports. A controller in this process is called directly.
+        let endpoint = match self.cfg.local.get(addr, self.cfg.call_timeout) {
+            Some(_) => None,
+            None => match self.cfg.tls.endpoint(addr) {
+                Ok(e) => Some(e.connect_timeout(self.cfg.call_timeout).tcp_nodelay(true)),
+                Err(e) => {
+                    tracing::error!(controller = %id, %addr, error = %e, "bad controller address");
+                    None
+                }
+            },
         };
-        // Two channels, so two connections: one for history, one for reports.
         let channel = || {
-            endpoint
-                .as_ref()
-                .map(|e| ControllerClient::new(e.connect_lazy()))
+            let channel = match &endpoint {
+                Some(e) => Some(barrage_proto::local::network(e.connect_lazy())),
+                None => self.cfg.local.get(addr, self.cfg.call_timeout),
+            };
+            channel.map(ControllerClient::new)
         };
         let link = Arc::new(Link {
             id: id.to_owned(),
@@ -345,7 +353,7 @@ impl Reporter {
     async fn send_report(
         &self,
         link: &Link,
-        client: &ControllerClient<Channel>,
+        client: &ControllerClient<PeerChannel>,
     ) -> Result<bool, tonic::Status> {
         let req = {
             let mut q = link.queue.lock();
@@ -397,7 +405,7 @@ impl Reporter {
     async fn full_sync(
         &self,
         link: &Arc<Link>,
-        client: &ControllerClient<Channel>,
+        client: &ControllerClient<PeerChannel>,
     ) -> Result<bool, tonic::Status> {
         let Some(hub) = self.hub.lock().upgrade() else {
             return Ok(false);

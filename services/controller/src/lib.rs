@@ -52,6 +52,9 @@ pub struct Config {
     pub warmup: Duration,
     /// TLS of the gRPC port and of calls to other roles.
     pub grpc_tls: barrage_proto::GrpcTls,
+    /// Where roles in this process (`barrage dev`) find this controller's
+    /// service, to call it without the network.
+    pub local_peers: barrage_proto::LocalPeers,
 }
 
 impl Default for Config {
@@ -65,6 +68,7 @@ impl Default for Config {
             ring_vnodes: barrage_discovery::ring::DEFAULT_VNODES,
             warmup: Duration::from_secs(5),
             grpc_tls: barrage_proto::GrpcTls::plaintext(),
+            local_peers: barrage_proto::LocalPeers::default(),
         }
     }
 }
@@ -132,12 +136,12 @@ pub async fn run(
         .set_serving::<ControllerServer<ControllerService>>()
         .await;
     let grpc_stop = CancellationToken::new();
-    let grpc = grpc
-        .add_service(ControllerServer::new(service))
-        .serve_with_incoming_shutdown(
-            barrage_proto::grpc_incoming(listeners.grpc),
-            grpc_stop.clone().cancelled_owned(),
-        );
+    let server = ControllerServer::new(service);
+    let local = cfg.local_peers.register(&grpc_addr, server.clone());
+    let grpc = grpc.add_service(server).serve_with_incoming_shutdown(
+        barrage_proto::grpc_incoming(listeners.grpc),
+        grpc_stop.clone().cancelled_owned(),
+    );
     let grpc = tokio::spawn(grpc);
 
     let http_stop = CancellationToken::new();
@@ -213,6 +217,7 @@ pub async fn run(
         r.deregister().await;
     }
     tasks.cancel();
+    drop(local);
     grpc_stop.cancel();
     http_stop.cancel();
     let grpc_result = grpc.await;

@@ -19,12 +19,12 @@
 
 use std::time::Duration;
 
+use barrage_proto::PeerChannel;
 use barrage_proto::v1::controller_client::ControllerClient;
 use barrage_proto::v1::{CompleteBatchRequest, CompleteRequest};
 use futures::future::join_all;
 use tokio::sync::mpsc;
 use tonic::Code;
-use tonic::transport::Channel;
 
 /// How long the first record of a batch waits for others.
 pub const LINGER: Duration = Duration::from_millis(5);
@@ -43,7 +43,7 @@ pub struct Completer {
 impl Completer {
     /// A completer for `client`, each call bounded by `timeout`. Its task
     /// sends what is still queued and ends when the completer is dropped.
-    pub fn new(client: ControllerClient<Channel>, timeout: Duration, linger: Duration) -> Self {
+    pub fn new(client: ControllerClient<PeerChannel>, timeout: Duration, linger: Duration) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(drive(client, rx, timeout, linger));
         Completer { tx }
@@ -65,7 +65,7 @@ enum Batching {
 }
 
 async fn drive(
-    client: ControllerClient<Channel>,
+    client: ControllerClient<PeerChannel>,
     mut rx: mpsc::Receiver<CompleteRequest>,
     timeout: Duration,
     linger: Duration,
@@ -90,7 +90,7 @@ async fn drive(
 /// One call with `records` (or one per record for an older controller);
 /// what the controller said about `CompleteBatch`.
 async fn send(
-    client: &ControllerClient<Channel>,
+    client: &ControllerClient<PeerChannel>,
     records: Vec<CompleteRequest>,
     timeout: Duration,
     batching: Batching,
@@ -137,7 +137,7 @@ async fn send(
 }
 
 async fn one_by_one(
-    client: &ControllerClient<Channel>,
+    client: &ControllerClient<PeerChannel>,
     records: Vec<CompleteRequest>,
     timeout: Duration,
 ) {

@@ -55,6 +55,8 @@ pub struct Config {
     pub api_auth: barrage_auth::ApiAuth,
     /// TLS of the gRPC port and of calls to other roles.
     pub grpc_tls: barrage_proto::GrpcTls,
+    /// Roles in this process (`barrage dev`), called without the network.
+    pub local_peers: barrage_proto::LocalPeers,
 }
 
 impl Default for Config {
@@ -69,6 +71,7 @@ impl Default for Config {
             ring_vnodes: barrage_discovery::ring::DEFAULT_VNODES,
             api_auth: barrage_auth::ApiAuth::default(),
             grpc_tls: barrage_proto::GrpcTls::plaintext(),
+            local_peers: barrage_proto::LocalPeers::default(),
         }
     }
 }
@@ -142,6 +145,7 @@ pub async fn run(
             max_bytes: MAX_BATCH_BYTES,
         },
         call_items: metrics.peer_call_items.clone(),
+        local: cfg.local_peers.clone(),
     };
     // `follow` installs the peers known now before the API serves its
     // first call; the tasks keep them in step afterwards.

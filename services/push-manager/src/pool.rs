@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use barrage_discovery::Members;
 use barrage_discovery::ring::Ring;
+use barrage_proto::PeerChannel;
 use barrage_proto::v1::connect_node_client::ConnectNodeClient;
 use barrage_proto::v1::controller_client::ControllerClient;
 use barrage_proto::v1::{
@@ -20,7 +21,6 @@ use futures::future::join_all;
 use parking_lot::RwLock;
 use prometheus::IntGauge;
 use prost::Message as _;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 use crate::coalesce::{BatchLimits, Coalescer};
@@ -39,6 +39,8 @@ pub struct Dialer {
     pub batching: BatchLimits,
     /// Items per call, by peer role (`push_manager_peer_call_items`).
     pub call_items: prometheus::HistogramVec,
+    /// Roles in this process, called directly instead of over the network.
+    pub local: barrage_proto::LocalPeers,
 }
 
 /// A request with the call deadline and the current trace context.
@@ -56,7 +58,7 @@ pub type NodeSender = Coalescer<BatchMessage, u32>;
 pub type Resolver = Coalescer<ResolveRequest, Result<ResolveResponse, Status>>;
 
 /// A sender merging messages for `client` into `PushMessageBatch` calls.
-fn node_sender(client: ConnectNodeClient<Channel>, dialer: &Dialer) -> NodeSender {
+fn node_sender(client: ConnectNodeClient<PeerChannel>, dialer: &Dialer) -> NodeSender {
     let timeout = dialer.call_timeout;
     let items = dialer.call_items.with_label_values(&["connect-node"]);
     Coalescer::new(
@@ -85,7 +87,7 @@ fn node_sender(client: ConnectNodeClient<Channel>, dialer: &Dialer) -> NodeSende
 /// A resolver merging requests to `client` into `ResolveBatch` calls. A lone
 /// request goes as a plain `Resolve`, and so does every request of a batch
 /// when the controller predates `ResolveBatch`.
-fn resolver(client: ControllerClient<Channel>, dialer: &Dialer) -> Resolver {
+fn resolver(client: ControllerClient<PeerChannel>, dialer: &Dialer) -> Resolver {
     let timeout = dialer.call_timeout;
     let items = dialer.call_items.with_label_values(&["controller"]);
     Coalescer::new(
@@ -141,13 +143,17 @@ fn from_result(r: barrage_proto::v1::ResolveResult) -> Result<ResolveResponse, S
 }
 
 impl Dialer {
-    /// A lazily connected channel to `addr` (`host:port`).
-    pub fn channel(&self, addr: &str) -> Option<Channel> {
-        channel(addr, self)
+    /// The role serving `addr` (`host:port`): the service itself when it
+    /// runs in this process, else a lazily connected channel.
+    pub fn channel(&self, addr: &str) -> Option<PeerChannel> {
+        if let Some(local) = self.local.get(addr, self.call_timeout) {
+            return Some(local);
+        }
+        channel(addr, self).map(barrage_proto::local::network)
     }
 }
 
-fn channel(addr: &str, dialer: &Dialer) -> Option<Channel> {
+fn channel(addr: &str, dialer: &Dialer) -> Option<tonic::transport::Channel> {
     let connect_timeout = dialer.connect_timeout;
     match dialer.tls.endpoint(addr) {
         Ok(e) => Some(
@@ -168,7 +174,7 @@ fn channel(addr: &str, dialer: &Dialer) -> Option<Channel> {
 #[derive(Clone)]
 pub struct Node {
     /// For calls other than deliveries.
-    pub client: ConnectNodeClient<Channel>,
+    pub client: ConnectNodeClient<PeerChannel>,
     /// Deliveries, merged while calls are busy.
     pub sender: Arc<NodeSender>,
 }
@@ -262,7 +268,7 @@ struct ControllerEntry {
     /// Its gRPC address, to tell a moved controller from one that stays.
     addr: String,
     /// For calls other than pushes.
-    client: ControllerClient<Channel>,
+    client: ControllerClient<PeerChannel>,
     /// Resolves of pushes, merged while calls are busy.
     resolver: Arc<Resolver>,
     /// Where the results of pushes with a `message_id` are recorded.
@@ -287,7 +293,7 @@ impl ControllerRing {
     }
 
     /// The owner of `key`: its id and client.
-    pub fn owner(&self, key: &str) -> Option<(String, ControllerClient<Channel>)> {
+    pub fn owner(&self, key: &str) -> Option<(String, ControllerClient<PeerChannel>)> {
         let ring = self.ring.read().clone();
         ring.owner(key)
             .map(|(id, e)| (id.to_owned(), e.client.clone()))

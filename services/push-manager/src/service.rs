@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use barrage_auth::{AuthError, Scope};
+use barrage_proto::PeerChannel;
 use barrage_proto::v1::{
     self as pb, BatchMessage, BroadcastRequest, BroadcastResponse, CompleteRequest, DeliveryTarget,
     GetRoomInfoRequest, GetRoomInfoResponse, GetUserNodeRequest, GetUserNodeResponse, MessageBody,
@@ -15,7 +16,6 @@ use barrage_proto::v1::{
 };
 use barrage_protocol::{RoomId, StreamKey, UserId};
 use futures::future::join_all;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument as _;
 
@@ -376,7 +376,7 @@ impl PushService {
     }
 
     /// The controller owning `key`, by id, with its client.
-    fn owner(&self, key: &str) -> Result<(String, ControllerClient<Channel>), Status> {
+    fn owner(&self, key: &str) -> Result<(String, ControllerClient<PeerChannel>), Status> {
         self.inner.controllers.owner(key).ok_or_else(no_controller)
     }
 
