@@ -27,6 +27,27 @@ pub struct Cli {
         default_value_t = RuntimeFlavor::MultiThread
     )]
     runtime_flavor: RuntimeFlavor,
+    /// Transparent huge pages for this process: off (the default: the heap
+    /// grows in 4 KiB pages, so growing it never stalls a push for the
+    /// milliseconds that zeroing a fresh 2 MiB page can take) or system
+    /// (whatever the kernel's setting and the allocator ask for).
+    #[arg(
+        long,
+        global = true,
+        env = "TRANSPARENT_HUGE_PAGES",
+        value_enum,
+        default_value_t = HugePages::Off
+    )]
+    transparent_huge_pages: HugePages,
+}
+
+/// Whether the process may use transparent huge pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HugePages {
+    /// Never: `prctl(PR_SET_THP_DISABLE)` at start-up.
+    Off,
+    /// As the kernel's `transparent_hugepage` setting says.
+    System,
 }
 
 /// Which Tokio scheduler runs the process.
@@ -1123,6 +1144,11 @@ impl Cli {
     /// The scheduler to build the runtime with.
     pub fn runtime_flavor(&self) -> RuntimeFlavor {
         self.runtime_flavor
+    }
+
+    /// Whether the process may use transparent huge pages.
+    pub fn huge_pages(&self) -> HugePages {
+        self.transparent_huge_pages
     }
 
     /// Validates everything and says what to run.

@@ -21,6 +21,21 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Turns transparent huge pages off for this process (and its children),
+/// before the runtime allocates anything of note. On a fresh heap page the
+/// kernel zeroes the whole huge page at the first touch, and on virtual
+/// machines whose memory is not backed yet that took 6 ms at a time here,
+/// with every task of the process waiting (BENCHMARKS.md).
+#[cfg(target_os = "linux")]
+fn disable_huge_pages() -> std::io::Result<()> {
+    rustix::thread::disable_transparent_huge_pages(true).map_err(Into::into)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn disable_huge_pages() -> std::io::Result<()> {
+    Ok(())
+}
+
 /// Exit code for bad configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
@@ -40,6 +55,13 @@ fn main() -> ExitCode {
         }
     };
     let flavor = cli.runtime_flavor();
+    if cli.huge_pages() == cli::HugePages::Off
+        && let Err(e) = disable_huge_pages()
+    {
+        eprintln!(
+            "warning: TRANSPARENT_HUGE_PAGES=off: the kernel refused it ({e}); using its setting"
+        );
+    }
     let plan = match cli.into_plan() {
         Ok(p) => p,
         Err(e) => {

@@ -1,13 +1,15 @@
 """The binary's command line: the terminal subscriber, and configuration
 errors that exit 64 naming the setting."""
 
+import json
 import os
 import subprocess
+from pathlib import Path
 
 import grpc  # noqa: F401  (imported so a missing venv fails here, clearly)
+import pytest
 
-from conftest import grpcurl, wait_until
-import json
+from conftest import Proc, free_port, grpcurl, wait_until
 
 
 def test_terminal_subscriber_prints_messages(dev, barrage_bin):
@@ -49,6 +51,7 @@ def test_bad_configuration_exits_64_naming_the_setting(barrage_bin):
         (["controller"], {"TOKIO_WORKER_THREADS": "zero"}, "TOKIO_WORKER_THREADS"),
         (["push-manager", "--controller-address", "c:1"], {"RUNTIME_FLAVOR": "green-threads"}, "RUNTIME_FLAVOR"),
         (["connect-node"], {"CONTROLLER_ADDRESS": "c:1", "WS_READ_BUFFER_BYTES": "100"}, "WS_READ_BUFFER_BYTES"),
+        (["controller"], {"TRANSPARENT_HUGE_PAGES": "always"}, "--transparent-huge-pages"),
     ]
     for args, env, setting in cases:
         p = run_bin(barrage_bin, *args, env=env)
@@ -61,3 +64,25 @@ def test_help_exits_zero(barrage_bin):
     assert p.returncode == 0
     for sub in ["controller", "push-manager", "connect-node", "dev", "sub"]:
         assert sub in p.stdout
+
+
+def thp_enabled(pid) -> str:
+    """The process's THP_enabled line of /proc/<pid>/status ("1" or "0")."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("THP_enabled:"):
+            return line.split()[1]
+    pytest.skip("this kernel does not report THP_enabled")
+
+
+def test_huge_pages_are_off_unless_asked_for(dev, barrage_bin):
+    assert thp_enabled(dev.proc.p.pid) == "0", "the default turns them off"
+    ours = thp_enabled(os.getpid())
+    proc = Proc("controller-thp", [str(barrage_bin), "controller", "--node-id", "thp",
+                                   "--grpc-port", str(free_port()), "--metrics-port", str(free_port())],
+                env={"TRANSPARENT_HUGE_PAGES": "system"})
+    try:
+        wait_until("the controller to start", lambda: proc.alive() and "controller ready" in proc.output())
+        # `system` leaves the flag as the process inherited it.
+        assert thp_enabled(proc.p.pid) == ours, proc.output()
+    finally:
+        proc.stop()

@@ -195,7 +195,8 @@ def test_the_chart_ships_the_same_alert_rules():
 def test_schema_rejects_bad_values():
     for bad in [{"connectNode": {"kind": "Pod"}}, {"logFormat": "xml"}, {"pushManager": {"grpcPort": 70000}},
                 {"controller": {"replicas": -1}}, {"typo": 1},
-                {"pushManager": {"runtimeFlavor": "green-threads"}}]:
+                {"pushManager": {"runtimeFlavor": "green-threads"}},
+                {"transparentHugePages": False}, {"transparentHugePages": "always"}]:
         with pytest.raises(helm.HelmError):
             render(bad)
 

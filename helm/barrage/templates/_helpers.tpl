@@ -46,6 +46,8 @@ http://{{ include "barrage.fullname" . }}-etcd:2379
   value: {{ .Values.logFormat | quote }}
 - name: RUST_LOG
   value: {{ .Values.logLevel | quote }}
+- name: TRANSPARENT_HUGE_PAGES
+  value: {{ .Values.transparentHugePages | quote }}
 - name: BIND_ADDR
   value: "0.0.0.0"
 - name: ADVERTISE_HOST
