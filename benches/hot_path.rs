@@ -8,10 +8,12 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use barrage_connect_node::hub::{DEFAULT_SHARDS, Hub, Outbound, Wire};
+use barrage_controller::StreamConfig;
 use barrage_controller::state::Membership;
+use barrage_controller::streams::Streams;
 use barrage_discovery::ring::Ring;
 use barrage_proto::v1::session_change::Kind;
-use barrage_proto::v1::{ResolvedTarget, SessionChange};
+use barrage_proto::v1::{MessageBody, ResolvedTarget, SessionChange};
 use barrage_protocol::binary::{self, Compression, FrameType};
 use barrage_protocol::{MessageParts, RoomId, StreamKey, UserId, encode_message};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -189,8 +191,34 @@ fn local_fanout(c: &mut Criterion) {
     g.finish();
 }
 
+/// The controller's once-a-second sweep of its history, which holds the
+/// state lock: with `streams` user streams of 100 messages each (the
+/// default user retention), nothing yet old enough to expire.
+fn history_sweep(c: &mut Criterion) {
+    let mut g = c.benchmark_group("history_sweep");
+    g.measurement_time(Duration::from_secs(3));
+    g.sample_size(20);
+    for streams in [1_000usize, 10_000] {
+        let mut s = Streams::new(StreamConfig::default());
+        let now = tokio::time::Instant::now();
+        for i in 0..streams * 100 {
+            let body = MessageBody {
+                id: format!("m{i}"),
+                ..Default::default()
+            };
+            s.append(&format!("user:u{}", i % streams), &body, false, now);
+        }
+        g.throughput(Throughput::Elements((streams * 100) as u64));
+        g.bench_function(BenchmarkId::from_parameter(streams * 100), |b| {
+            b.iter(|| s.sweep(black_box(now)))
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    history_sweep,
     frame_encoding,
     ring_lookup,
     membership,

@@ -9,6 +9,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
+use indexmap::IndexMap;
+
 use barrage_proto::v1::{HistoryQuery, HistoryResult, MessageBody, StoredMessage};
 use tokio::time::Instant;
 
@@ -109,11 +111,22 @@ pub struct Appended {
     pub first_delivered: Option<u32>,
 }
 
+/// Fewest streams one [`Streams::sweep`] visits.
+const SWEEP_MIN_STREAMS: usize = 1024;
+
+/// Sweeps that visit every stream once, at the least: a message outlives
+/// its age limit in memory by at most this many sweeps (never in what
+/// recovery answers, which trims its stream first).
+const SWEEP_ROUNDS: usize = 60;
+
 /// Every stream a controller owns.
 #[derive(Debug)]
 pub struct Streams {
     cfg: StreamConfig,
-    streams: HashMap<String, Stream>,
+    /// Indexed, so that a sweep can go on where the last one stopped.
+    streams: IndexMap<String, Stream>,
+    /// Where the next sweep starts.
+    sweep_cursor: usize,
     /// (key, seq) of every retained message, oldest first, for the global cap.
     order: VecDeque<(String, u64)>,
     total: usize,
@@ -126,7 +139,8 @@ impl Streams {
     pub fn new(cfg: StreamConfig) -> Self {
         Streams {
             cfg,
-            streams: HashMap::new(),
+            streams: IndexMap::new(),
+            sweep_cursor: 0,
             order: VecDeque::new(),
             total: 0,
             evicted: 0,
@@ -233,10 +247,18 @@ impl Streams {
 
     /// Applies the per-stream bounds to `key`.
     fn trim(&mut self, key: &str, now: Instant) {
-        let retention = self.cfg.retention(key);
-        let Some(stream) = self.streams.get_mut(key) else {
-            return;
+        if let Some(i) = self.streams.get_index_of(key) {
+            self.trim_index(i, now);
+        }
+    }
+
+    /// Applies the per-stream bounds to the stream at `index`; true when
+    /// the stream was forgotten (the last stream then takes its index).
+    fn trim_index(&mut self, index: usize, now: Instant) -> bool {
+        let Some((key, stream)) = self.streams.get_index_mut(index) else {
+            return false;
         };
+        let retention = self.cfg.retention(key);
         while stream.history.len() > retention.max_messages {
             Self::drop_front(stream, &mut self.total);
         }
@@ -250,8 +272,10 @@ impl Streams {
         if stream.history.is_empty()
             && now.saturating_duration_since(stream.last_push) > self.cfg.idle_ttl
         {
-            self.streams.remove(key);
+            self.streams.swap_remove_index(index);
+            return true;
         }
+        false
     }
 
     fn enforce_global_cap(&mut self) {
@@ -281,18 +305,36 @@ impl Streams {
         }
     }
 
-    /// Trims every stream (age limits apply even to quiet streams).
+    /// Applies age limits to quiet streams too: called once a second, with
+    /// the state locked, so it does a bounded share of the work each time.
+    /// It visits the next `SWEEP_MIN_STREAMS` streams, or a
+    /// `SWEEP_ROUNDS`th of them when there are more, going on from where
+    /// the last sweep stopped, and drops the oldest entries of the global
+    /// order whose messages are gone. Its cost follows the streams it
+    /// visits and the messages it drops, never the history kept.
     pub fn sweep(&mut self, now: Instant) {
-        let keys: Vec<String> = self.streams.keys().cloned().collect();
-        for k in keys {
-            self.trim(&k, now);
+        let budget = (self.streams.len() / SWEEP_ROUNDS)
+            .max(SWEEP_MIN_STREAMS)
+            .min(self.streams.len());
+        for _ in 0..budget {
+            if self.sweep_cursor >= self.streams.len() {
+                self.sweep_cursor = 0;
+            }
+            // A forgotten stream's index now holds another, unvisited one.
+            if !self.trim_index(self.sweep_cursor, now) {
+                self.sweep_cursor += 1;
+            }
         }
-        let streams = &self.streams;
-        self.order.retain(|(k, seq)| {
-            streams
-                .get(k)
-                .is_some_and(|s| s.history.front().is_some_and(|m| m.seq <= *seq))
-        });
+        while let Some((key, seq)) = self.order.front() {
+            let kept = self
+                .streams
+                .get(key)
+                .is_some_and(|s| s.history.front().is_some_and(|m| m.seq <= *seq));
+            if kept {
+                break;
+            }
+            self.order.pop_front();
+        }
     }
 
     /// Answers one recovery query.
@@ -492,6 +534,51 @@ mod tests {
             !s.history(&q("user:u", Some((a.epoch, 0))), Instant::now())
                 .recovered
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sweep_visits_a_bounded_share_and_the_next_goes_on() {
+        let mut s = Streams::new(StreamConfig::default());
+        let streams = 2 * SWEEP_MIN_STREAMS + 100;
+        for i in 0..streams {
+            s.append(
+                &format!("user:u{i}"),
+                &body(&format!("m{i}")),
+                false,
+                Instant::now(),
+            );
+        }
+        // A quiet stream per user, each with one message past its age.
+        tokio::time::advance(Duration::from_secs(31 * 60)).await;
+        let now = Instant::now();
+        s.sweep(now);
+        assert_eq!(s.total_messages(), streams - SWEEP_MIN_STREAMS);
+        s.sweep(now);
+        assert_eq!(s.total_messages(), streams - 2 * SWEEP_MIN_STREAMS);
+        s.sweep(now);
+        assert_eq!(s.total_messages(), 0, "the third goes round to the rest");
+        assert!(s.order.is_empty(), "no order entry outlives its message");
+        // Positions are kept until the idle TTL, then the streams go.
+        assert_eq!(s.len(), streams);
+        tokio::time::advance(Duration::from_secs(24 * 3600)).await;
+        for _ in 0..3 {
+            s.sweep(Instant::now());
+        }
+        assert_eq!(s.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sweep_keeps_order_entries_of_kept_messages() {
+        let mut s = Streams::new(StreamConfig::default());
+        let t0 = Instant::now();
+        s.append("user:old", &body("a"), false, t0);
+        tokio::time::advance(Duration::from_secs(20 * 60)).await;
+        s.append("user:new", &body("b"), false, Instant::now());
+        tokio::time::advance(Duration::from_secs(11 * 60)).await;
+        s.sweep(Instant::now());
+        assert_eq!(s.total_messages(), 1);
+        let order: Vec<_> = s.order.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(order, vec!["user:new"]);
     }
 
     #[tokio::test(start_paused = true)]
