@@ -216,8 +216,33 @@ fn history_sweep(c: &mut Criterion) {
     g.finish();
 }
 
+/// One push's append to a full user stream (100 messages kept): the
+/// oldest of that stream is dropped, as in a controller's steady state.
+fn history_append(c: &mut Criterion) {
+    let mut g = c.benchmark_group("history_append");
+    g.measurement_time(Duration::from_secs(3));
+    let streams = 1_000usize;
+    let mut s = Streams::new(StreamConfig::default());
+    let now = tokio::time::Instant::now();
+    let mut i = 0usize;
+    let keys: Vec<String> = (0..streams).map(|u| format!("user:u{u}")).collect();
+    let mut body = MessageBody::default();
+    let mut append = |s: &mut Streams| {
+        body.id = format!("m{i}");
+        s.append(&keys[i % streams], &body, false, now);
+        i += 1;
+    };
+    for _ in 0..streams * 100 {
+        append(&mut s);
+    }
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("full-user-stream", |b| b.iter(|| append(black_box(&mut s))));
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    history_append,
     history_sweep,
     frame_encoding,
     ring_lookup,

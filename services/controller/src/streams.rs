@@ -6,7 +6,7 @@
 //! Message ids are remembered as long as their message is retained, so a
 //! retried push is recognised and not delivered twice.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use indexmap::IndexMap;
@@ -75,6 +75,8 @@ impl StreamConfig {
 #[derive(Debug)]
 struct Stored {
     seq: u64,
+    /// Place among the messages of every stream, in append order.
+    order: u64,
     body: MessageBody,
     at: Instant,
     /// Pushed to a user with no connection: handed out on the next connect.
@@ -127,8 +129,11 @@ pub struct Streams {
     streams: IndexMap<String, Stream>,
     /// Where the next sweep starts.
     sweep_cursor: usize,
-    /// (key, seq) of every retained message, oldest first, for the global cap.
-    order: VecDeque<(String, u64)>,
+    /// The oldest message of each stream that has one, by its place in
+    /// append order: the global cap evicts from the first.
+    fronts: BTreeMap<u64, String>,
+    /// Place of the next message appended.
+    next_order: u64,
     total: usize,
     evicted: u64,
     last_epoch: u64,
@@ -141,7 +146,8 @@ impl Streams {
             cfg,
             streams: IndexMap::new(),
             sweep_cursor: 0,
-            order: VecDeque::new(),
+            fronts: BTreeMap::new(),
+            next_order: 0,
             total: 0,
             evicted: 0,
             last_epoch: 0,
@@ -207,13 +213,18 @@ impl Streams {
                     delivered: None,
                 },
             );
+            let order = self.next_order;
+            self.next_order += 1;
             stream.history.push_back(Stored {
                 seq,
+                order,
                 body: body.clone(),
                 at: now,
                 offline,
             });
-            self.order.push_back((key.to_owned(), seq));
+            if stream.history.len() == 1 {
+                self.fronts.insert(order, key.to_owned());
+            }
             self.total += 1;
         }
         let epoch = stream.epoch;
@@ -238,10 +249,21 @@ impl Streams {
         }
     }
 
-    fn drop_front(stream: &mut Stream, total: &mut usize) {
+    /// Drops the oldest message of `stream` (named `key`), keeping the
+    /// count and `fronts` in step.
+    fn drop_front(
+        key: &str,
+        stream: &mut Stream,
+        total: &mut usize,
+        fronts: &mut BTreeMap<u64, String>,
+    ) {
         if let Some(old) = stream.history.pop_front() {
             stream.ids.remove(&old.body.id);
             *total -= 1;
+            fronts.remove(&old.order);
+            if let Some(next) = stream.history.front() {
+                fronts.insert(next.order, key.to_owned());
+            }
         }
     }
 
@@ -260,14 +282,14 @@ impl Streams {
         };
         let retention = self.cfg.retention(key);
         while stream.history.len() > retention.max_messages {
-            Self::drop_front(stream, &mut self.total);
+            Self::drop_front(key, stream, &mut self.total, &mut self.fronts);
         }
         while stream
             .history
             .front()
             .is_some_and(|m| now.saturating_duration_since(m.at) > retention.ttl)
         {
-            Self::drop_front(stream, &mut self.total);
+            Self::drop_front(key, stream, &mut self.total, &mut self.fronts);
         }
         if stream.history.is_empty()
             && now.saturating_duration_since(stream.last_push) > self.cfg.idle_ttl
@@ -280,27 +302,19 @@ impl Streams {
 
     fn enforce_global_cap(&mut self) {
         while self.total > self.cfg.max_total_messages {
-            let Some((key, seq)) = self.order.pop_front() else {
+            let Some((&order, key)) = self.fronts.first_key_value() else {
                 break;
             };
-            if let Some(stream) = self.streams.get_mut(&key)
-                && stream.history.front().is_some_and(|m| m.seq == seq)
-            {
-                Self::drop_front(stream, &mut self.total);
-                self.evicted += 1;
-            }
-        }
-        // Entries for messages already trimmed per stream are skipped above;
-        // drop them eagerly so `order` stays proportional to what is kept.
-        while self.order.len() > 2 * self.total + 1024 {
-            let Some((key, seq)) = self.order.pop_front() else {
-                break;
-            };
-            if let Some(stream) = self.streams.get(&key)
-                && stream.history.iter().any(|m| m.seq == seq)
-            {
-                self.order.push_back((key, seq));
-                break;
+            let key = key.clone();
+            match self.streams.get_mut(&key) {
+                Some(stream) => {
+                    Self::drop_front(&key, stream, &mut self.total, &mut self.fronts);
+                    self.evicted += 1;
+                }
+                // Not reached: a forgotten stream leaves `fronts` with it.
+                None => {
+                    self.fronts.remove(&order);
+                }
             }
         }
     }
@@ -309,9 +323,8 @@ impl Streams {
     /// the state locked, so it does a bounded share of the work each time.
     /// It visits the next `SWEEP_MIN_STREAMS` streams, or a
     /// `SWEEP_ROUNDS`th of them when there are more, going on from where
-    /// the last sweep stopped, and drops the oldest entries of the global
-    /// order whose messages are gone. Its cost follows the streams it
-    /// visits and the messages it drops, never the history kept.
+    /// the last sweep stopped. Its cost follows the streams it visits and
+    /// the messages it drops, never the history kept.
     pub fn sweep(&mut self, now: Instant) {
         let budget = (self.streams.len() / SWEEP_ROUNDS)
             .max(SWEEP_MIN_STREAMS)
@@ -324,16 +337,6 @@ impl Streams {
             if !self.trim_index(self.sweep_cursor, now) {
                 self.sweep_cursor += 1;
             }
-        }
-        while let Some((key, seq)) = self.order.front() {
-            let kept = self
-                .streams
-                .get(key)
-                .is_some_and(|s| s.history.front().is_some_and(|m| m.seq <= *seq));
-            if kept {
-                break;
-            }
-            self.order.pop_front();
         }
     }
 
@@ -441,7 +444,7 @@ impl Streams {
             kept
         });
         let streams = &self.streams;
-        self.order.retain(|(k, _)| streams.contains_key(k));
+        self.fronts.retain(|_, k| streams.contains_key(k));
     }
 }
 
@@ -557,7 +560,10 @@ mod tests {
         assert_eq!(s.total_messages(), streams - 2 * SWEEP_MIN_STREAMS);
         s.sweep(now);
         assert_eq!(s.total_messages(), 0, "the third goes round to the rest");
-        assert!(s.order.is_empty(), "no order entry outlives its message");
+        assert!(
+            s.fronts.is_empty(),
+            "no stream is left in the eviction order"
+        );
         // Positions are kept until the idle TTL, then the streams go.
         assert_eq!(s.len(), streams);
         tokio::time::advance(Duration::from_secs(24 * 3600)).await;
@@ -568,7 +574,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_sweep_keeps_order_entries_of_kept_messages() {
+    async fn a_sweep_keeps_the_eviction_order_of_kept_messages() {
         let mut s = Streams::new(StreamConfig::default());
         let t0 = Instant::now();
         s.append("user:old", &body("a"), false, t0);
@@ -577,8 +583,8 @@ mod tests {
         tokio::time::advance(Duration::from_secs(11 * 60)).await;
         s.sweep(Instant::now());
         assert_eq!(s.total_messages(), 1);
-        let order: Vec<_> = s.order.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(order, vec!["user:new"]);
+        let fronts: Vec<_> = s.fronts.values().map(String::as_str).collect();
+        assert_eq!(fronts, vec!["user:new"]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -602,6 +608,38 @@ mod tests {
             seqs(&s.history(&q("room:a", Some((ra.epoch, 1))), now)),
             vec![2]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_global_cap_evicts_the_oldest_after_per_stream_trims_too() {
+        let cfg = StreamConfig {
+            room: Retention {
+                max_messages: 2,
+                ttl: Duration::from_secs(3600),
+            },
+            max_total_messages: 4,
+            ..StreamConfig::default()
+        };
+        let mut s = Streams::new(cfg);
+        let now = Instant::now();
+        let ra = s.append("room:a", &body("a1"), false, now);
+        let rb = s.append("room:b", &body("b1"), false, now);
+        s.append("room:b", &body("b2"), false, now);
+        s.append("room:b", &body("b3"), false, now); // b1 goes: the stream keeps 2
+        s.append("room:c", &body("c1"), false, now);
+        assert_eq!((s.total_messages(), s.evicted()), (4, 0));
+        s.append("room:c", &body("c2"), false, now);
+        // Over the cap: a1 is the oldest message kept.
+        assert_eq!((s.total_messages(), s.evicted()), (4, 1));
+        assert!(!s.history(&q("room:a", Some((ra.epoch, 0))), now).recovered);
+        s.append("room:d", &body("d1"), false, now);
+        // Then b2.
+        assert_eq!(s.evicted(), 2);
+        assert_eq!(
+            seqs(&s.history(&q("room:b", Some((rb.epoch, 2))), now)),
+            vec![3]
+        );
+        assert!(!s.history(&q("room:b", Some((rb.epoch, 1))), now).recovered);
     }
 
     #[tokio::test(start_paused = true)]
@@ -669,5 +707,47 @@ mod tests {
             !s.history(&q("room:new", Some((r.epoch + 1, 0))), now)
                 .recovered
         );
+    }
+
+    proptest::proptest! {
+        /// Whatever is appended, the counts, the eviction order and the
+        /// bounds agree with the histories, and every eviction takes the
+        /// oldest message kept.
+        #[test]
+        fn bookkeeping_follows_the_histories(
+            ops in proptest::collection::vec((0u8..5, proptest::bool::ANY), 1..300),
+        ) {
+            let cfg = StreamConfig {
+                room: Retention { max_messages: 3, ttl: Duration::from_secs(3600) },
+                user: Retention { max_messages: 2, ttl: Duration::from_secs(3600) },
+                max_total_messages: 7,
+                ..StreamConfig::default()
+            };
+            let mut s = Streams::new(cfg);
+            let now = Instant::now();
+            for (i, (stream, user)) in ops.into_iter().enumerate() {
+                let key = if user { format!("user:{stream}") } else { format!("room:{stream}") };
+                let oldest = s.fronts.first_key_value().map(|(o, _)| *o);
+                let evicted = s.evicted();
+                s.append(&key, &body(&format!("m{i}")), false, now);
+                let kept: usize = s.streams.values().map(|st| st.history.len()).sum();
+                proptest::prop_assert_eq!(kept, s.total_messages());
+                proptest::prop_assert!(s.total_messages() <= 7);
+                let fronts: BTreeMap<u64, String> = s
+                    .streams
+                    .iter()
+                    .filter_map(|(k, st)| st.history.front().map(|m| (m.order, k.clone())))
+                    .collect();
+                proptest::prop_assert_eq!(&fronts, &s.fronts);
+                if s.evicted() > evicted {
+                    let oldest = oldest.expect("something was kept");
+                    let still_there = s
+                        .streams
+                        .values()
+                        .any(|st| st.history.iter().any(|m| m.order == oldest));
+                    proptest::prop_assert!(!still_there, "the oldest went first");
+                }
+            }
+        }
     }
 }
