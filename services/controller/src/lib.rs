@@ -237,7 +237,6 @@ async fn expire_loop(
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1).min(timeout / 2));
-    let mut last_count = Instant::now() - Duration::from_secs(60);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -248,10 +247,7 @@ async fn expire_loop(
             let dead = s.members.expire(Instant::now(), timeout);
             s.streams.sweep(tokio::time::Instant::now());
             metrics.observe(&s);
-            if last_count.elapsed() >= Duration::from_secs(10) {
-                metrics.members.set(s.members.member_count() as i64);
-                last_count = Instant::now();
-            }
+            metrics.members.set(s.members.member_count() as i64);
             dead
         };
         for id in dead {

@@ -48,7 +48,7 @@ impl Metrics {
             nodes: IntGauge::new("controller_nodes", "Connect-nodes known to this controller")?,
             members: IntGauge::new(
                 "controller_members",
-                "Memberships (user in a room or user stream, per node), refreshed every 10 s",
+                "Memberships (user in a room or user stream, per node), refreshed every second",
             )?,
             streams: IntGauge::new("controller_streams", "Message streams with a position")?,
             history_messages: IntGauge::new(

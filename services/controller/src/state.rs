@@ -62,6 +62,8 @@ pub struct KeyInfo {
 #[derive(Debug, Default)]
 pub struct Membership {
     keys: HashMap<String, HashMap<String, NodeUsers>>,
+    /// (key, node, user) entries in `keys`, kept in step with it.
+    members: usize,
     nodes: HashMap<String, NodeEntry>,
     /// Incarnations of nodes that left discovery: their late reports are
     /// ignored until discovery lists the node again.
@@ -168,8 +170,15 @@ impl Membership {
         let nodes = self.keys.entry(key.to_owned()).or_default();
         let users = nodes.entry(node_id.to_owned()).or_default();
         let count = users.entry(user.to_owned()).or_default();
+        let before = *count;
         let next = (i64::from(*count) + delta).max(0);
         *count = u32::try_from(next).unwrap_or(u32::MAX);
+        match (before, *count) {
+            (0, 0) => {}
+            (0, _) => self.members += 1,
+            (_, 0) => self.members -= 1,
+            _ => {}
+        }
         if *count == 0 {
             users.remove(user);
         }
@@ -191,7 +200,9 @@ impl Membership {
 
     fn remove_key_on_node(&mut self, node_id: &str, key: &str) {
         if let Some(nodes) = self.keys.get_mut(key) {
-            nodes.remove(node_id);
+            if let Some(users) = nodes.remove(node_id) {
+                self.members -= users.len();
+            }
             if nodes.is_empty() {
                 self.keys.remove(key);
             }
@@ -209,7 +220,9 @@ impl Membership {
         };
         for key in node.keys {
             if let Some(nodes) = self.keys.get_mut(&key) {
-                nodes.remove(node_id);
+                if let Some(users) = nodes.remove(node_id) {
+                    self.members -= users.len();
+                }
                 if nodes.is_empty() {
                     self.keys.remove(&key);
                 }
@@ -267,7 +280,14 @@ impl Membership {
 
     /// Forgets every key `keep` rejects (keys another controller owns now).
     pub fn retain_keys(&mut self, keep: impl Fn(&str) -> bool) {
-        self.keys.retain(|k, _| keep(k));
+        let members = &mut self.members;
+        self.keys.retain(|k, nodes| {
+            let kept = keep(k);
+            if !kept {
+                *members -= nodes.values().map(HashMap::len).sum::<usize>();
+            }
+            kept
+        });
         for n in self.nodes.values_mut() {
             n.keys.retain(|k| keep(k));
         }
@@ -305,13 +325,9 @@ impl Membership {
     }
 
     /// Memberships: (key, user) pairs summed over the nodes holding them.
-    /// Walks every key; call it now and then, not per request.
+    /// Counted as they change: reading it costs nothing under the lock.
     pub fn member_count(&self) -> usize {
-        self.keys
-            .values()
-            .flat_map(HashMap::values)
-            .map(HashMap::len)
-            .sum()
+        self.members
     }
 
     /// Number of known connect-nodes.
@@ -479,5 +495,54 @@ mod tests {
         // Listed again (e.g. re-registered after an etcd outage): welcome.
         m.retain_nodes(&["n1".to_string()].into_iter().collect());
         assert!(m.sync("n1", "i1", "a", 0, true, &[], now));
+    }
+
+    proptest::proptest! {
+        /// The membership count kept as changes arrive equals a walk of
+        /// every key, whatever the mix of reports, syncs and departures.
+        #[test]
+        fn member_count_follows_the_keys(
+            ops in proptest::collection::vec((0u8..6, 0u8..3, 0u8..4, 0u8..3), 1..200),
+        ) {
+            let mut m = Membership::new();
+            let now = Instant::now();
+            let mut seqs = [0u64; 3];
+            for (op, node, key, user) in ops {
+                let node_id = format!("n{node}");
+                let key = format!("room:k{key}");
+                let user = format!("u{user}");
+                let n = usize::from(node);
+                match op {
+                    0..=2 => {
+                        let kind = match op {
+                            0 => Kind::Join,
+                            1 => Kind::Connect,
+                            _ => Kind::Leave,
+                        };
+                        seqs[n] += 1;
+                        if m.report(&node_id, "inc", seqs[n], &[change(kind, &key, &user)], now)
+                            == ReportOutcome::ResyncRequired
+                        {
+                            seqs[n] = 0;
+                            synced(&mut m, &node_id);
+                        }
+                    }
+                    3 => {
+                        let ks = KeyState {
+                            key: key.clone(),
+                            users: [(user.clone(), 2)].into_iter().collect(),
+                        };
+                        m.sync(&node_id, "inc", "127.0.0.1:1", seqs[n], false, &[ks], now);
+                    }
+                    4 => {
+                        m.drop_node(&node_id);
+                        seqs[n] = 0;
+                    }
+                    _ => m.retain_keys(|k| k != key),
+                }
+                let walked: usize = m.keys.values().flat_map(HashMap::values).map(HashMap::len).sum();
+                proptest::prop_assert_eq!(m.member_count(), walked);
+            }
+        }
     }
 }
