@@ -280,20 +280,20 @@ impl Reporter {
     fn spawn_link(self: &Arc<Self>, id: &str, addr: &str) -> Arc<Link> {
         // Two channels, so two connections: one for history, one for
         // reports. A controller in this process is called directly.
-        let endpoint = match self.cfg.local.get(addr, self.cfg.call_timeout) {
-            Some(_) => None,
-            None => match self.cfg.tls.endpoint(addr) {
-                Ok(e) => Some(e.connect_timeout(self.cfg.call_timeout).tcp_nodelay(true)),
-                Err(e) => {
-                    tracing::error!(controller = %id, %addr, error = %e, "bad controller address");
-                    None
-                }
-            },
+        let local = self.cfg.local.get(addr, self.cfg.call_timeout);
+        let endpoint = match (&local, self.cfg.tls.endpoint(addr)) {
+            (Some(_), _) => None,
+            (None, Ok(e)) => Some(e.connect_timeout(self.cfg.call_timeout).tcp_nodelay(true)),
+            (None, Err(e)) => {
+                tracing::error!(controller = %id, %addr, error = %e, "bad controller address");
+                None
+            }
         };
         let channel = || {
-            let channel = match &endpoint {
-                Some(e) => Some(barrage_proto::local::network(e.connect_lazy())),
-                None => self.cfg.local.get(addr, self.cfg.call_timeout),
+            let channel = match (&local, &endpoint) {
+                (Some(l), _) => Some(l.clone()),
+                (None, Some(e)) => Some(barrage_proto::local::network(e.connect_lazy())),
+                (None, None) => None,
             };
             channel.map(ControllerClient::new)
         };

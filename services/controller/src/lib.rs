@@ -247,7 +247,6 @@ async fn expire_loop(
             let dead = s.members.expire(Instant::now(), timeout);
             s.streams.sweep(tokio::time::Instant::now());
             metrics.observe(&s);
-            metrics.members.set(s.members.member_count() as i64);
             dead
         };
         for id in dead {

@@ -48,7 +48,7 @@ impl Metrics {
             nodes: IntGauge::new("controller_nodes", "Connect-nodes known to this controller")?,
             members: IntGauge::new(
                 "controller_members",
-                "Memberships (user in a room or user stream, per node), refreshed every second",
+                "Memberships (user in a room or user stream, per node)",
             )?,
             streams: IntGauge::new("controller_streams", "Message streams with a position")?,
             history_messages: IntGauge::new(
@@ -142,6 +142,7 @@ impl Metrics {
     /// Refreshes the gauges from the state.
     pub fn observe(&self, s: &ControllerState) {
         self.keys.set(s.members.key_count() as i64);
+        self.members.set(s.members.member_count() as i64);
         self.nodes.set(s.members.node_count() as i64);
         self.streams.set(s.streams.len() as i64);
         self.history_messages.set(s.streams.total_messages() as i64);
