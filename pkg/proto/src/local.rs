@@ -16,9 +16,10 @@
 //! after that go to the network like any other departed peer's.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::RwLock;
 use tonic::body::Body;
 use tower::ServiceExt as _;
 
@@ -60,7 +61,7 @@ pub struct LocalPeers {
 
 impl std::fmt::Debug for LocalPeers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let services = self.services.read().unwrap_or_else(|e| e.into_inner());
+        let services = self.services.read();
         let mut addrs: Vec<&String> = services.keys().collect();
         addrs.sort();
         f.debug_struct("LocalPeers").field("addrs", &addrs).finish()
@@ -81,7 +82,7 @@ impl LocalPeers {
         S::Future: Send + 'static,
     {
         let service = PeerChannel::new(service.map_err(|e| PeerError(e.into())));
-        self.write().insert(addr.to_owned(), service);
+        self.services.write().insert(addr.to_owned(), service);
         LocalRegistration {
             peers: self.clone(),
             addr: addr.to_owned(),
@@ -92,12 +93,7 @@ impl LocalPeers {
     /// `timeout` (what a network channel's `grpc-timeout` does), or
     /// `None` when no role in this process serves `addr`.
     pub fn get(&self, addr: &str, timeout: Duration) -> Option<PeerChannel> {
-        let service = self
-            .services
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(addr)
-            .cloned()?;
+        let service = self.services.read().get(addr).cloned()?;
         let bounded = tower::timeout::Timeout::new(service, timeout).map_err(move |e: BoxError| {
             if e.is::<tower::timeout::error::Elapsed>() {
                 PeerError(Box::new(tonic::Status::deadline_exceeded(format!(
@@ -112,10 +108,6 @@ impl LocalPeers {
         });
         Some(PeerChannel::new(bounded))
     }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, PeerChannel>> {
-        self.services.write().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 /// A service's place in a [`LocalPeers`] table; dropping it takes the
@@ -128,7 +120,7 @@ pub struct LocalRegistration {
 
 impl Drop for LocalRegistration {
     fn drop(&mut self) {
-        self.peers.write().remove(&self.addr);
+        self.peers.services.write().remove(&self.addr);
     }
 }
 
