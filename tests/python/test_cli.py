@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc  # noqa: F401  (imported so a missing venv fails here, clearly)
 import pytest
 
-from conftest import Proc, free_port, grpcurl, wait_until
+from conftest import Proc, free_block, grpcurl, wait_until
 
 
 def test_terminal_subscriber_prints_messages(dev, barrage_bin):
@@ -77,11 +77,12 @@ def thp_enabled(pid) -> str:
 def test_huge_pages_are_off_unless_asked_for(dev, barrage_bin):
     assert thp_enabled(dev.proc.p.pid) == "0", "the default turns them off"
     ours = thp_enabled(os.getpid())
-    proc = Proc("controller-thp", [str(barrage_bin), "controller", "--node-id", "thp",
-                                   "--grpc-port", str(free_port()), "--metrics-port", str(free_port())],
+    base = free_block(2)
+    proc = Proc("controller-thp", [str(barrage_bin), "controller", "--node-id", "thp", "--bind-addr", "127.0.0.1",
+                                   "--grpc-port", str(base), "--metrics-port", str(base + 1)],
                 env={"TRANSPARENT_HUGE_PAGES": "system"})
     try:
-        wait_until("the controller to start", lambda: proc.alive() and "controller ready" in proc.output())
+        proc.wait_ready(base + 1)
         # `system` leaves the flag as the process inherited it.
         assert thp_enabled(proc.p.pid) == ours, proc.output()
     finally:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import Proc, WsClient, free_port, grpcurl, http_ok, run, wait_until
+from conftest import Proc, WsClient, free_port, grpcurl, run, wait_until
 
 
 class Cluster:
@@ -17,10 +17,7 @@ class Cluster:
         metrics = free_port()
         p = Proc(name, [self.bin, *args, "--metrics-port", str(metrics), "--bind-addr", "127.0.0.1"], env=env)
         self.procs.append(p)
-        try:
-            wait_until(f"{name} ready", lambda: http_ok(f"http://127.0.0.1:{metrics}/readyz"))
-        except TimeoutError:
-            raise AssertionError(f"{name} not ready:\n{p.output()}")
+        p.wait_ready(metrics)
         return p
 
     def stop(self):
