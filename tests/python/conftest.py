@@ -170,7 +170,7 @@ def dev(barrage_bin):
                         "--controller-grpc-port", str(d.controller_port), "--node-grpc-port", str(d.node_port),
                         "--metrics-port", str(d.metrics_port)])
     try:
-        wait_until("barrage dev /readyz", lambda: http_ok(f"http://127.0.0.1:{d.metrics_port}/readyz"))
+        proc.wait_ready(d.metrics_port)
         d.proc = proc
         yield d
     finally:

@@ -168,7 +168,7 @@ def test_api_tokens_guard_the_http_api(barrage_bin):
                 env={"API_TOKENS": "svc-chat-7Rk2pW9xQ4mZ8vT1=push:room;ops-4Hn8sL2cV6bY0qE3=*"})
     api = f"http://127.0.0.1:{metrics}"
     try:
-        wait_until("dev /readyz", lambda: http_ok(f"{api}/readyz"))
+        proc.wait_ready(metrics)
         status, r = call("POST", f"{api}/api/v1/push/room/r1", {"content": "x"})
         assert status == 401 and r["error"]["code"] == "UNAUTHENTICATED", r
         status, r = call("POST", f"{api}/api/v1/push/room/r1", {"content": "x"}, token="svc-chat-7Rk2pW9xQ4mZ8vT1")

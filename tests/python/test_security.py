@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 import websockets
 
-from conftest import ROOT, WsClient, Proc, free_block, grpcurl, http_ok, run, wait_until
+from conftest import ROOT, WsClient, Proc, free_block, grpcurl, run, wait_until
 
 ROLES = ["controller", "push-manager", "connect-node"]
 
@@ -50,7 +50,7 @@ def test_the_api_token_line_of_the_security_guide(barrage_bin):
                                "--metrics-port", str(metrics)],
                 env={"API_TOKENS": "svc-chat-7Rk2pW9xQ4mZ8vT1=push:room|push:user;ops-4Hn8sL2cV6bY0qE3=*"})
     try:
-        wait_until("dev /readyz", lambda: http_ok(f"http://127.0.0.1:{metrics}/readyz"))
+        proc.wait_ready(metrics)
         [line] = [l for l in doc_grpcurl_lines("docs/security.md") if "-plaintext" in l]
         args = shlex.split(line.replace("127.0.0.1:50053", f"127.0.0.1:{api}"))
         p = grpcurl(*args[1:])
@@ -123,8 +123,8 @@ def tls_cluster(barrage_bin, tmp_path):
                   "CONTROLLER_ADDRESS": controller_addr}),
     ]
     try:
-        for key in ("c_http", "n_http", "m_http"):
-            wait_until(f"/readyz on {ports[key]}", lambda: http_ok(f"http://127.0.0.1:{ports[key]}/readyz"))
+        for proc, key in zip(procs, ("c_http", "n_http", "m_http")):
+            proc.wait_ready(ports[key])
         yield tmp_path, ports, procs
     finally:
         for p in procs:
