@@ -113,21 +113,13 @@ class Proc:
     def wait_ready(self, metrics_port: int, timeout=WAIT):
         """Waits for /readyz on the metrics port. Fails at once, with the
         process's output, if it exits first or never gets ready."""
-
-        def ready():
-            if not self.alive():
-                raise AssertionError(f"{self.name} exited with {self.p.returncode}:\n{self.output()}")
-            try:
-                return http_ok(f"http://127.0.0.1:{metrics_port}/readyz")
-            except OSError:
-                return False
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if ready():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"{self.name} not ready after {timeout} s:\n{self.output()}")
+        url = f"http://127.0.0.1:{metrics_port}/readyz"
+        try:
+            wait_until(f"{self.name} /readyz", lambda: not self.alive() or http_ok(url), timeout)
+        except TimeoutError:
+            raise AssertionError(f"{self.name} not ready after {timeout} s:\n{self.output()}") from None
+        if not self.alive():
+            raise AssertionError(f"{self.name} exited with {self.p.returncode}:\n{self.output()}")
 
     def stop(self):
         if self.alive():
