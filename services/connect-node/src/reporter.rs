@@ -281,21 +281,24 @@ impl Reporter {
         // Two channels, so two connections: one for history, one for
         // reports. A controller in this process is called directly.
         let local = self.cfg.local.get(addr, self.cfg.call_timeout);
-        let endpoint = match (&local, self.cfg.tls.endpoint(addr)) {
-            (Some(_), _) => None,
-            (None, Ok(e)) => Some(e.connect_timeout(self.cfg.call_timeout).tcp_nodelay(true)),
-            (None, Err(e)) => {
-                tracing::error!(controller = %id, %addr, error = %e, "bad controller address");
-                None
-            }
+        let endpoint = match &local {
+            Some(_) => None,
+            None => match self.cfg.tls.endpoint(addr) {
+                Ok(e) => Some(e.connect_timeout(self.cfg.call_timeout).tcp_nodelay(true)),
+                Err(e) => {
+                    tracing::error!(controller = %id, %addr, error = %e, "bad controller address");
+                    None
+                }
+            },
         };
         let channel = || {
-            let channel = match (&local, &endpoint) {
-                (Some(l), _) => Some(l.clone()),
-                (None, Some(e)) => Some(barrage_proto::local::network(e.connect_lazy())),
-                (None, None) => None,
-            };
-            channel.map(ControllerClient::new)
+            local
+                .clone()
+                .or_else(|| {
+                    let e = endpoint.as_ref()?;
+                    Some(barrage_proto::local::network(e.connect_lazy()))
+                })
+                .map(ControllerClient::new)
         };
         let link = Arc::new(Link {
             id: id.to_owned(),
