@@ -507,6 +507,49 @@ fn probe(text: &str) -> Option<(u64, u64)> {
     }
 }
 
+/// Releases push indices `0..max` at evenly spaced instants from `start`
+/// until `deadline` (so a run pushes exactly rate × duration, or `max`),
+/// from a thread of its own. tokio's timers fire on a 1 ms
+/// grid, so a tokio interval at 5k/s lets pushes out five at a time, and
+/// the bursts, not the server, set the tail; a sleeping thread wakes within
+/// tens of microseconds. A push released late (the thread was not
+/// scheduled) goes at once, and those behind it keep their own due times.
+/// The thread returns how late each push was released, in microseconds.
+fn pace(
+    rate: u32,
+    start: Instant,
+    deadline: Instant,
+    max: u64,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::UnboundedReceiver<u64>,
+    std::thread::JoinHandle<Vec<u32>>,
+)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let period = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    let pacer = std::thread::Builder::new()
+        .name("bench-pacer".into())
+        .spawn(move || {
+            let mut lag_us = Vec::new();
+            for i in 0..max {
+                let due = start + period.mul_f64(i as f64);
+                if due >= deadline {
+                    break;
+                }
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                if tx.send(i).is_err() {
+                    break;
+                }
+                let late = Instant::now().saturating_duration_since(due).as_micros();
+                lag_us.push(late.min(u128::from(u32::MAX)) as u32);
+            }
+            lag_us
+        })
+        .context("cannot start the bench pacer thread")?;
+    Ok((rx, pacer))
+}
+
 fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -876,6 +919,8 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
         }
     };
     let deadline = push_start + plan.duration;
+    // How late each push was released after its due time (fixed rates).
+    let mut release_lag_us: Vec<u32> = Vec::new();
     if plan.rate == 0 {
         let counter = sent.clone();
         stream::iter(0..plan.max_pushes)
@@ -886,17 +931,19 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
             })
             .await;
     } else {
-        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(plan.rate)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let (mut due, pacer) = pace(plan.rate, push_start, deadline, plan.max_pushes)?;
         let mut inflight = tokio::task::JoinSet::new();
         let mut i = 0;
-        while Instant::now() < deadline && i < plan.max_pushes {
-            tick.tick().await;
-            inflight.spawn(one(i));
+        while let Some(next) = due.recv().await {
+            inflight.spawn(one(next));
             i += 1;
         }
         sent.store(i, std::sync::atomic::Ordering::Relaxed);
         while inflight.join_next().await.is_some() {}
+        release_lag_us = pacer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the bench pacer thread panicked"))?;
+        release_lag_us.sort_unstable();
     }
     let push_secs = push_start.elapsed().as_secs_f64();
     let server_cpu = family_cpu_secs(pid) - server_cpu0;
@@ -980,6 +1027,12 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
             "p50": percentile(&push_lat, 0.50),
             "p99": percentile(&push_lat, 0.99),
         },
+        // At a fixed rate: how late pushes left after their evenly spaced
+        // due times (null at max rate).
+        "release_lag_ms": (!release_lag_us.is_empty()).then(|| serde_json::json!({
+            "p50": percentile(&release_lag_us, 0.50),
+            "p99": percentile(&release_lag_us, 0.99),
+        })),
         "server_rss_bytes": { "idle": rss_idle, "connected": rss_connected, "after": rss_after },
         "server_rss_per_connection_bytes": if connected > 0 {
             rss_connected.saturating_sub(rss_idle) / connected as u64
@@ -1001,7 +1054,55 @@ pub(crate) fn round(v: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::probe;
+    use std::time::{Duration, Instant};
+
+    use super::{pace, probe};
+
+    /// Receives what the pacer releases; bounded in time like every wait
+    /// in a test.
+    fn drain(mut rx: tokio::sync::mpsc::UnboundedReceiver<u64>) -> Vec<u64> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut got = Vec::new();
+            while let Some(i) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("the pacer stopped releasing without closing")
+            {
+                got.push(i);
+            }
+            got
+        })
+    }
+
+    #[test]
+    fn pacer_releases_every_push_in_order_then_closes() {
+        let now = Instant::now();
+        let (rx, pacer) = pace(2_000, now, now + Duration::from_secs(60), 50).unwrap();
+        assert_eq!(drain(rx), (0..50).collect::<Vec<_>>());
+        assert_eq!(pacer.join().unwrap().len(), 50, "one lag per release");
+    }
+
+    #[test]
+    fn pacer_stops_at_the_deadline() {
+        // 10 per second for 0.25 s: pushes due at 0, 100 and 200 ms.
+        let now = Instant::now();
+        let (rx, pacer) = pace(10, now, now + Duration::from_millis(250), 1_000).unwrap();
+        assert_eq!(drain(rx), vec![0, 1, 2]);
+        pacer.join().unwrap();
+    }
+
+    #[test]
+    fn pacer_stops_when_nobody_takes_its_pushes() {
+        let now = Instant::now();
+        let (rx, pacer) = pace(1_000, now, now + Duration::from_secs(60), 1_000_000).unwrap();
+        drop(rx);
+        // Without the stop this thread would run for 60 s.
+        let lags = pacer.join().unwrap();
+        assert!(lags.is_empty(), "{} pushes sent to nobody", lags.len());
+    }
 
     #[test]
     fn probe_reads_barrage_and_nchan_payloads() {
