@@ -68,6 +68,89 @@ macro_rules! on_both_registries {
     };
 }
 
+on_both_registries!(a_node_registers_once_its_controller_holds_its_state);
+/// A connect-node appears in discovery only after its controller applied
+/// its full sync. A controller that is warming up counts every registered
+/// node and refuses pushes until each has synced, so a node registered
+/// before its sync landed made the first pushes after start-up fail.
+async fn a_node_registers_once_its_controller_holds_its_state(
+    mut cluster: TestCluster,
+) -> anyhow::Result<()> {
+    // The controller is reached through a proxy that holds every new
+    // connection for a while, so the node's first sync lands late.
+    let (proxy, upstream) = delaying_proxy(Duration::from_millis(700)).await?;
+    cluster
+        .start_controller_with("controller-1", |c| c.advertise_addr = proxy.clone())
+        .await?;
+    let _ = upstream.send(cluster.controllers[0].grpc_addr.clone());
+    let controller = cluster.controllers[0].registry.clone();
+    let mut nodes = cluster
+        .discovery()
+        .await?
+        .watch(barrage_discovery::Role::ConnectNode)
+        .await?;
+    // Reads the controller's full syncs at the moment the node appears.
+    let at_registration = tokio::spawn(async move {
+        while !nodes.current().contains_key("node-1") {
+            nodes.changed().await?;
+        }
+        Ok::<_, anyhow::Error>(barrage_testkit::cluster::metric(
+            &controller,
+            r#"controller_syncs_total{kind="full"}"#,
+        ))
+    });
+    cluster.start_node("node-1").await?;
+    let syncs = within(T, "node-1 to appear in discovery", at_registration).await???;
+    ensure!(
+        syncs >= 1.0,
+        "node-1 registered before controller-1 applied its state ({syncs} full syncs)"
+    );
+    cluster.start_manager("manager-1").await?;
+    let mut api = cluster.push_client().await?;
+    let resp = within(
+        T,
+        "first push",
+        api.push_to_user(PushToUserRequest {
+            user_id: "early".into(),
+            content: "first".into(),
+            ..Default::default()
+        }),
+    )
+    .await??
+    .into_inner();
+    ensure!(resp.success && resp.stored_count == 1, "{resp:?}");
+    Ok(())
+}
+
+/// A TCP proxy on loopback that waits `delay` before it forwards each new
+/// connection to the address later sent on the returned channel.
+async fn delaying_proxy(
+    delay: Duration,
+) -> anyhow::Result<(String, tokio::sync::watch::Sender<String>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let (tx, rx) = tokio::sync::watch::channel(String::new());
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let mut upstream = rx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let Ok(to) = upstream
+                    .wait_for(|a| !a.is_empty())
+                    .await
+                    .map(|a| a.clone())
+                else {
+                    return;
+                };
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    Ok((addr, tx))
+}
+
 on_both_registries!(room_push_reaches_members_on_both_nodes_except_excluded);
 async fn room_push_reaches_members_on_both_nodes_except_excluded(
     mut cluster: TestCluster,

@@ -92,28 +92,38 @@ impl Server {
     /// The value of one series, e.g. `connect_node_rejected_total{reason="tls"}`;
     /// 0 when the series is absent.
     pub fn metric(&self, series: &str) -> f64 {
-        self.metrics()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(series)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0.0)
+        metric(&self.registry, series)
     }
 
     /// The server's `/metrics` text.
     pub fn metrics(&self) -> String {
-        let mut buf = Vec::new();
-        let _ = prometheus::Encoder::encode(
-            &prometheus::TextEncoder::new(),
-            &self.registry.gather(),
-            &mut buf,
-        );
-        String::from_utf8(buf).unwrap_or_default()
+        metrics_text(&self.registry)
     }
+}
+
+/// The value of one series in `registry` (a server's, cloned to be read
+/// while the cluster is borrowed elsewhere); 0 when the series is absent.
+pub fn metric(registry: &prometheus::Registry, series: &str) -> f64 {
+    metrics_text(registry)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+fn metrics_text(registry: &prometheus::Registry) -> String {
+    let mut buf = Vec::new();
+    let _ = prometheus::Encoder::encode(
+        &prometheus::TextEncoder::new(),
+        &registry.gather(),
+        &mut buf,
+    );
+    String::from_utf8(buf).unwrap_or_default()
 }
 
 impl Drop for Server {

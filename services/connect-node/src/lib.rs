@@ -342,6 +342,15 @@ pub async fn run(
 
     let registration = match &discovery {
         Some(d) => {
+            // Registered once the controllers hold this node's state: a
+            // controller that is warming up counts every registered node
+            // and refuses pushes until each of them has synced.
+            if !reporter.confirmed().wait(cfg.ack_timeout).await {
+                tracing::warn!(
+                    timeout = ?cfg.ack_timeout,
+                    "not every controller confirmed this node's state in time; registering anyway"
+                );
+            }
             let member = Member {
                 id: cfg.node_id.clone(),
                 role: Role::ConnectNode,

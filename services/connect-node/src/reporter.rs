@@ -171,6 +171,23 @@ impl Reporter {
         Ack(acks)
     }
 
+    /// Resolves once every controller known now has applied this node's
+    /// state: a link's first call is its full sync, and the waiter rides
+    /// on that sync or on the report after it.
+    pub fn confirmed(&self) -> Ack {
+        let ring = self.ring.read().clone();
+        let acks = ring
+            .members()
+            .map(|(_, link)| {
+                let (tx, rx) = oneshot::channel();
+                link.queue.lock().waiters.push(tx);
+                link.notify.notify_one();
+                rx
+            })
+            .collect();
+        Ack(acks)
+    }
+
     /// Asks the owning controllers for stream positions and missed
     /// messages, one call per controller, concurrently. Results come back
     /// in query order.
