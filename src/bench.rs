@@ -464,46 +464,58 @@ async fn subscriber(
                 break;
             };
             let now = now_nanos();
-            let Some((sent, i)) = probe(t.as_str()) else {
-                continue;
-            };
-            let i = i as usize / stride;
-            if i < s.seen.len() {
-                if s.seen[i] == 0 {
-                    s.seen[i] = 1;
-                    s.latencies_us
-                        .push((now.saturating_sub(sent) / 1000).min(u64::from(u32::MAX)) as u32);
-                } else {
-                    s.duplicates += 1;
+            probe(t.as_str(), |sent, i| {
+                let i = i as usize / stride;
+                if i < s.seen.len() {
+                    if s.seen[i] == 0 {
+                        s.seen[i] = 1;
+                        s.latencies_us.push(
+                            (now.saturating_sub(sent) / 1000).min(u64::from(u32::MAX)) as u32,
+                        );
+                    } else {
+                        s.duplicates += 1;
+                    }
                 }
-            }
+            });
         }
         s
     });
     Ok(task)
 }
 
-/// The send time and push index of a received payload
-/// `{"t":<send nanos>,"i":<push index>,...}`: the `data` of a barrage
-/// message frame, the whole of an Nchan one. One pass, no copies of the
-/// fields it skips (the bench client shares the cores with the server).
-fn probe(text: &str) -> Option<(u64, u64)> {
+/// Calls `each` with the send time and push index of every payload
+/// `{"t":<send nanos>,"i":<push index>,...}` in a received frame: the
+/// `data` of a barrage message frame or of each message of a `batch` frame
+/// (`BATCH_WINDOW_MS` on the server), the whole of an Nchan one. One pass,
+/// no copies of the fields it skips (the bench client shares the cores
+/// with the server).
+fn probe(text: &str, mut each: impl FnMut(u64, u64)) {
     #[derive(serde::Deserialize)]
     struct Probe {
         t: u64,
         i: u64,
     }
     #[derive(serde::Deserialize)]
+    struct Message {
+        data: Option<Probe>,
+    }
+    #[derive(serde::Deserialize)]
     struct Frame {
         data: Option<Probe>,
         t: Option<u64>,
         i: Option<u64>,
+        messages: Option<Vec<Message>>,
     }
-    let f: Frame = serde_json::from_str(text).ok()?;
+    let Ok(f) = serde_json::from_str::<Frame>(text) else {
+        return;
+    };
     match (f.data, f.t, f.i) {
-        (Some(p), _, _) => Some((p.t, p.i)),
-        (None, Some(t), Some(i)) => Some((t, i)),
-        _ => None,
+        (Some(p), _, _) => each(p.t, p.i),
+        (None, Some(t), Some(i)) => each(t, i),
+        _ => {}
+    }
+    for p in f.messages.into_iter().flatten().filter_map(|m| m.data) {
+        each(p.t, p.i);
     }
 }
 
@@ -1104,12 +1116,24 @@ mod tests {
         assert!(lags.is_empty(), "{} pushes sent to nobody", lags.len());
     }
 
+    fn probed(text: &str) -> Vec<(u64, u64)> {
+        let mut got = Vec::new();
+        probe(text, |t, i| got.push((t, i)));
+        got
+    }
+
     #[test]
     fn probe_reads_barrage_and_nchan_payloads() {
         let barrage = r#"{"type":"message","room":"bench","epoch":3,"seq":7,"id":"m","event":"","data":{"t":1700000000123,"i":42,"f":"xx"},"ts":1}"#;
-        assert_eq!(probe(barrage), Some((1_700_000_000_123, 42)));
+        assert_eq!(probed(barrage), [(1_700_000_000_123, 42)]);
         let nchan = r#"{"t":5,"i":6,"f":"xxxx"}"#;
-        assert_eq!(probe(nchan), Some((5, 6)));
+        assert_eq!(probed(nchan), [(5, 6)]);
+    }
+
+    #[test]
+    fn probe_reads_every_message_of_a_batch() {
+        let batch = r#"{"type":"batch","messages":[{"type":"message","seq":1,"data":{"t":10,"i":1,"f":"x"}},{"type":"message","seq":2,"data":{"t":30,"i":3}}]}"#;
+        assert_eq!(probed(batch), [(10, 1), (30, 3)]);
     }
 
     #[test]
@@ -1120,7 +1144,7 @@ mod tests {
             r#"{"type":"message","data":{"t":1}}"#,
             "not json",
         ] {
-            assert_eq!(probe(text), None, "{text}");
+            assert_eq!(probed(text), [], "{text}");
         }
     }
 }
