@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use barrage_connect_node::batch::BatchCache;
 use barrage_connect_node::hub::{DEFAULT_SHARDS, Hub, Outbound, Wire};
 use barrage_controller::StreamConfig;
 use barrage_controller::state::Membership;
@@ -240,8 +241,33 @@ fn history_append(c: &mut Criterion) {
     g.finish();
 }
 
+/// A `batch` frame of 8 messages: built (and, binary, compressed) by
+/// every connection, against taken from the cache shared by the
+/// connections that gathered the same messages.
+fn batch_frame(c: &mut Criterion) {
+    let mut g = c.benchmark_group("batch_frame_8");
+    let content = format!("{{\"text\":\"{}\"}}", "x".repeat(200));
+    let frames: Vec<Outbound> = (0..8)
+        .map(|_| Outbound::message(&parts(&content), Compression::OFF))
+        .collect();
+    for (name, wire) in [
+        ("json", Wire::Json),
+        ("binary_deflate", Wire::Binary(Compression::above(64))),
+    ] {
+        g.bench_function(BenchmarkId::new("built", name), |b| {
+            b.iter(|| barrage_connect_node::batch::build(black_box(&frames), wire))
+        });
+        let cache = BatchCache::default();
+        g.bench_function(BenchmarkId::new("shared", name), |b| {
+            b.iter(|| cache.get(black_box(&frames), wire))
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    batch_frame,
     history_append,
     history_sweep,
     frame_encoding,

@@ -284,6 +284,78 @@ async fn hot_rooms_are_batched_in_order_and_clients_see_plain_messages() -> anyh
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_gather_the_same_messages_share_one_batch_frame() -> anyhow::Result<()> {
+    barrage_testkit::init_tracing();
+    let mut c = TestCluster::in_process();
+    c.start_controller("c").await?;
+    // Batches close at 4 messages, well inside the window.
+    c.start_node_with("n", |cfg| {
+        cfg.batch_window = Duration::from_secs(2);
+        cfg.batch_max = 4;
+    })
+    .await?;
+    c.start_manager("m").await?;
+    let ws = c.nodes[0].ws_url();
+    let mut raws = Vec::new();
+    for user in ["a", "b"] {
+        let (mut raw, _) = within(
+            T,
+            "raw",
+            tokio_tungstenite::connect_async(connect_url(&ws, user, &["hot"])),
+        )
+        .await??;
+        let first = within(T, "connected", futures::StreamExt::next(&mut raw))
+            .await?
+            .expect("frame")?;
+        assert!(first.to_text()?.contains("connected"));
+        raws.push(raw);
+    }
+    let mut api = c.push_client().await?;
+    for i in 1..=8 {
+        within(
+            T,
+            "push",
+            api.push_to_room(barrage_proto::v1::PushToRoomRequest {
+                room_id: "hot".into(),
+                content: format!("c{i}"),
+                ..Default::default()
+            }),
+        )
+        .await??;
+    }
+    let mut seen = Vec::new();
+    for raw in &mut raws {
+        let mut batches = Vec::new();
+        for _ in 0..2 {
+            let msg = within(T, "batch frame", futures::StreamExt::next(raw))
+                .await?
+                .expect("frame")?;
+            let v: serde_json::Value = serde_json::from_str(msg.to_text()?)?;
+            assert_eq!(v["type"], "batch", "{v}");
+            batches.push(v);
+        }
+        seen.push(batches);
+    }
+    assert_eq!(seen[0], seen[1], "both connections got the same batches");
+    let seqs: Vec<u64> = seen[0]
+        .iter()
+        .flat_map(|b| b["messages"].as_array().expect("messages").clone())
+        .map(|m| m["seq"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
+    let node = &c.nodes[0];
+    assert_eq!(node.metric("connect_node_batch_frames_total"), 4.0);
+    // Each batch is built by one connection and taken by the other (one
+    // may be built twice should another batch take its cache slot first).
+    let shared = node.metric("connect_node_batch_frames_shared_total");
+    assert!(
+        (1.0..=2.0).contains(&shared),
+        "{shared} batch frames shared"
+    );
+    Ok(())
+}
+
 /// A moderation service: denies "spam", rewrites "shout" to upper case,
 /// and takes too long on "slow".
 struct Moderator;

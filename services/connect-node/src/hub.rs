@@ -23,6 +23,7 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::batch::BatchCache;
 use crate::metrics::Metrics;
 use crate::reporter::{Ack, Change, Reporter};
 
@@ -61,6 +62,16 @@ pub struct Frame {
 }
 
 impl Outbound {
+    /// The address of the shared frame: the same for every clone of it.
+    pub fn identity(&self) -> usize {
+        Arc::as_ptr(&self.0) as usize
+    }
+
+    /// Whether both are clones of one frame (not merely equal content).
+    pub fn same(&self, other: &Outbound) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// A JSON frame that is not a stream message (replies, errors).
     pub fn control(frame: impl Into<Utf8Bytes>) -> Self {
         Outbound(Arc::new(Frame {
@@ -294,6 +305,7 @@ pub struct Hub {
     metrics: Metrics,
     queue_len: usize,
     compression: Compression,
+    batches: BatchCache,
 }
 
 impl Hub {
@@ -309,6 +321,7 @@ impl Hub {
             metrics,
             queue_len: queue_len.max(1),
             compression: Compression::OFF,
+            batches: BatchCache::default(),
         }
     }
 
@@ -333,6 +346,11 @@ impl Hub {
     /// How this node compresses binary frames.
     pub fn compression(&self) -> Compression {
         self.compression
+    }
+
+    /// `batch` frames shared by connections that gathered the same messages.
+    pub fn batches(&self) -> &BatchCache {
+        &self.batches
     }
 
     /// The shard holding `user`'s connections.

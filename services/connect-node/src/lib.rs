@@ -6,6 +6,7 @@
 //! service hands each pushed message to the local connections of its target,
 //! encoding the frame once.
 
+pub mod batch;
 pub mod demo;
 pub mod fallback;
 pub mod hub;

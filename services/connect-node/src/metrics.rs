@@ -39,6 +39,9 @@ pub struct Metrics {
     pub batch_frames: IntCounter,
     /// Messages sent inside `batch` frames.
     pub batched_messages: IntCounter,
+    /// Batch frames taken from another connection that gathered the same
+    /// messages instead of being built again.
+    pub batch_frames_shared: IntCounter,
 }
 
 impl Metrics {
@@ -127,10 +130,15 @@ impl Metrics {
                 "connect_node_batched_messages_total",
                 "Messages sent inside batch frames",
             )?,
+            batch_frames_shared: IntCounter::new(
+                "connect_node_batch_frames_shared_total",
+                "Batch frames shared with another connection that gathered the same messages (built once)",
+            )?,
         };
         registry.register(Box::new(m.publish.clone()))?;
         registry.register(Box::new(m.batch_frames.clone()))?;
         registry.register(Box::new(m.batched_messages.clone()))?;
+        registry.register(Box::new(m.batch_frames_shared.clone()))?;
         registry.register(Box::new(m.report_duration.clone()))?;
         registry.register(Box::new(m.tls_reloads.clone()))?;
         for result in ["ok", "error"] {

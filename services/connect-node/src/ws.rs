@@ -609,7 +609,7 @@ async fn run_session(
                     ok = async {
                         match batching {
                             Some(b) if frame.position.is_some() => {
-                                write_batch(socket, &mut rx, &mut skip, frame, b, &state.metrics, conn.wire).await
+                                write_batch(socket, &mut rx, &mut skip, frame, b, state, conn.wire).await
                             }
                             _ => write_ready(socket, &mut rx, &mut skip, frame, conn.wire).await,
                         }
@@ -673,7 +673,7 @@ async fn write_batch(
     skip: &mut Skip,
     first: Outbound,
     b: Batching,
-    metrics: &Metrics,
+    state: &WsState,
     wire: Wire,
 ) -> bool {
     let deadline = tokio::time::Instant::now() + b.window;
@@ -697,9 +697,14 @@ async fn write_batch(
             .await
             .is_ok(),
         n => {
+            let metrics = &state.metrics;
             metrics.batch_frames.inc();
             metrics.batched_messages.inc_by(n as u64);
-            sink.feed(batch_message(&frames, wire)).await.is_ok()
+            let (batch, shared) = state.hub.batches().get(&frames, wire);
+            if shared {
+                metrics.batch_frames_shared.inc();
+            }
+            sink.feed(batch).await.is_ok()
         }
     };
     if !ok {
@@ -712,29 +717,6 @@ async fn write_batch(
         return false;
     }
     sink.flush().await.is_ok()
-}
-
-/// One `batch` frame holding `frames` (message frames), in order.
-fn batch_message(frames: &[Outbound], wire: Wire) -> Message {
-    match wire {
-        Wire::Binary(c) => Message::Binary(binary::batch_frame(
-            frames.iter().map(|f| f.body.as_ref()),
-            c,
-        )),
-        Wire::Json => {
-            let mut text =
-                String::with_capacity(32 + frames.iter().map(|f| f.frame.len() + 1).sum::<usize>());
-            text.push_str(r#"{"type":"batch","messages":["#);
-            for (i, f) in frames.iter().enumerate() {
-                if i > 0 {
-                    text.push(',');
-                }
-                text.push_str(f.frame.as_str());
-            }
-            text.push_str("]}");
-            Message::Text(text.into())
-        }
-    }
 }
 
 fn send_frame(conn: &ConnHandle, frame: ServerFrame) {
