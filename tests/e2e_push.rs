@@ -849,6 +849,7 @@ async fn roles_sharing_a_process_call_each_other_directly(
     // `.invalid` never resolves, so only the table leads to these roles.
     const CONTROLLER: &str = "controller-1.invalid:50052";
     const NODE: &str = "node-1.invalid:50051";
+    const MANAGER: &str = "manager-1.invalid:50053";
     cluster
         .start_controller_with("controller-1", |c| {
             c.advertise_addr = CONTROLLER.into();
@@ -859,10 +860,19 @@ async fn roles_sharing_a_process_call_each_other_directly(
         .start_node_with("node-1", |c| {
             c.advertise_addr = NODE.into();
             c.local_peers = local.clone();
+            // Comments are published through the push-manager, which
+            // starts after this node.
+            c.publish = Some(barrage_connect_node::publish::PublishSettings::open(
+                MANAGER,
+                vec!["r1".into()],
+            ));
         })
         .await?;
     cluster
-        .start_manager_with("manager-1", |c| c.local_peers = local.clone())
+        .start_manager_with("manager-1", |c| {
+            c.advertise_addr = MANAGER.into();
+            c.local_peers = local.clone();
+        })
         .await?;
     let url = cluster.nodes[0].ws_url();
     // The node reports this session to the controller in-process.
@@ -906,6 +916,29 @@ async fn roles_sharing_a_process_call_each_other_directly(
     .into_inner();
     assert_eq!(where_.connection_count, 1);
 
+    // A comment goes from the node to the push-manager in-process.
+    alice
+        .send(&barrage_protocol::ClientFrame::Publish {
+            room: "r1".into(),
+            data: serde_json::json!({"text": "hello"}),
+            reference: Some("c1".into()),
+        })
+        .await?;
+    let mut acked = false;
+    while !acked {
+        match within(T, "publish answer", alice.next_frame()).await?? {
+            Some(barrage_protocol::ServerFrame::Ack { room, .. }) => {
+                assert_eq!(room, "r1");
+                acked = true;
+            }
+            Some(barrage_protocol::ServerFrame::Rejected { message, .. }) => {
+                anyhow::bail!("comment rejected: {message}")
+            }
+            Some(_) => {}
+            None => anyhow::bail!("closed"),
+        }
+    }
+
     // A stopped role leaves the table with its gRPC port.
     let timeout = Duration::from_secs(1);
     ensure!(
@@ -918,5 +951,11 @@ async fn roles_sharing_a_process_call_each_other_directly(
         "the stopped node left it"
     );
     ensure!(local.get(CONTROLLER, timeout).is_some());
+    ensure!(local.get(MANAGER, timeout).is_some());
+    cluster.managers[0].stop().await?;
+    ensure!(
+        local.get(MANAGER, timeout).is_none(),
+        "the stopped push-manager left it"
+    );
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! In-process gRPC between roles that share a process.
 //!
 //! `barrage dev` runs every role in one process. Its push-manager would
-//! otherwise reach the controller and the connect-node over loopback
+//! otherwise reach the controller and the connect-node (and the
+//! connect-node, publishing live comments, the push-manager) over loopback
 //! HTTP/2, paying for sockets, framing and the wake-ups of both ends on
 //! every push. A role that serves gRPC registers its service in a
 //! [`LocalPeers`] table under the address it advertises; a caller sharing

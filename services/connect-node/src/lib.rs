@@ -87,7 +87,8 @@ pub struct Config {
     /// TLS of the gRPC port and of calls to other roles.
     pub grpc_tls: barrage_proto::GrpcTls,
     /// Where roles in this process (`barrage dev`) find this node's
-    /// service, to call it without the network.
+    /// service, and where this node finds theirs (the controllers, and the
+    /// push-manager it publishes through), to call without the network.
     pub local_peers: barrage_proto::LocalPeers,
     /// Serve the demo page (and its publish endpoint) on the WebSocket port.
     pub demo: Option<demo::DemoSettings>,
@@ -255,7 +256,11 @@ pub async fn run(
     let draining = CancellationToken::new();
     let publisher = match &cfg.publish {
         Some(p) => {
-            let publisher = publish::Publisher::new(p.clone(), metrics.publish.clone())?;
+            let publisher = publish::Publisher::new(
+                p.clone(),
+                metrics.publish.clone(),
+                cfg.local_peers.clone(),
+            )?;
             tokio::spawn(publisher.clone().maintain(tasks.clone()));
             Some(publisher)
         }

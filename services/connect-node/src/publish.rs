@@ -191,6 +191,9 @@ pub fn check_list_files(
 pub struct Publisher {
     s: PublishSettings,
     api: PushManagerClient<Channel>,
+    /// Roles in this process (`barrage dev`): a push-manager serving the
+    /// API address here is called directly instead of over loopback.
+    local: barrage_proto::LocalPeers,
     moderation: Option<ModerationClient<Channel>>,
     lists: RwLock<Listed>,
     per_user: Keyed<String>,
@@ -252,8 +255,13 @@ fn text_of(data: &Value) -> Option<&str> {
 }
 
 impl Publisher {
-    /// Builds the pipeline; `counter` is `connect_node_publish_total`.
-    pub fn new(s: PublishSettings, counter: IntCounterVec) -> Result<Arc<Publisher>, WordsError> {
+    /// Builds the pipeline; `counter` is `connect_node_publish_total`;
+    /// `local` holds the roles of this process.
+    pub fn new(
+        s: PublishSettings,
+        counter: IntCounterVec,
+        local: barrage_proto::LocalPeers,
+    ) -> Result<Arc<Publisher>, WordsError> {
         let words = match &s.words_file {
             Some(p) => Some(load_words(p)?),
             None => None,
@@ -290,6 +298,7 @@ impl Publisher {
         Ok(Arc::new(Publisher {
             s,
             api,
+            local,
             moderation,
             lists: RwLock::new(lists),
             per_user,
@@ -613,8 +622,15 @@ impl Publisher {
             sender: user.to_string(),
             ..Default::default()
         });
-        req.set_timeout(Duration::from_secs(3));
-        match self.api.clone().push_to_room(req).await {
+        const PUSH_TIMEOUT: Duration = Duration::from_secs(3);
+        req.set_timeout(PUSH_TIMEOUT);
+        // Looked up per call: the push-manager of this process may start
+        // after this node, or stop before it.
+        let pushed = match self.local.get(&self.s.api, PUSH_TIMEOUT) {
+            Some(local) => PushManagerClient::new(local).push_to_room(req).await,
+            None => self.api.clone().push_to_room(req).await,
+        };
+        match pushed {
             Ok(r) => {
                 let r = r.into_inner();
                 self.count("push", "ok");

@@ -55,7 +55,8 @@ pub struct Config {
     pub api_auth: barrage_auth::ApiAuth,
     /// TLS of the gRPC port and of calls to other roles.
     pub grpc_tls: barrage_proto::GrpcTls,
-    /// Roles in this process (`barrage dev`), called without the network.
+    /// Roles in this process (`barrage dev`), called without the network;
+    /// this push-manager's API is served to them the same way.
     pub local_peers: barrage_proto::LocalPeers,
 }
 
@@ -184,13 +185,14 @@ pub async fn run(
     let (health, grpc) = barrage_proto::grpc_server(&cfg.grpc_tls)?;
     health.set_serving::<PushManagerServer<PushService>>().await;
     let grpc_stop = CancellationToken::new();
-    let grpc = tokio::spawn(
-        grpc.add_service(PushManagerServer::new(service))
-            .serve_with_incoming_shutdown(
-                barrage_proto::grpc_incoming(listeners.grpc),
-                grpc_stop.clone().cancelled_owned(),
-            ),
-    );
+    // Callers in this process (a connect-node's publishing in `barrage
+    // dev`) reach the API directly.
+    let server = PushManagerServer::new(service);
+    let local = cfg.local_peers.register(&grpc_addr, server.clone());
+    let grpc = tokio::spawn(grpc.add_service(server).serve_with_incoming_shutdown(
+        barrage_proto::grpc_incoming(listeners.grpc),
+        grpc_stop.clone().cancelled_owned(),
+    ));
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(barrage_telemetry::serve_http(
         listeners.http,
@@ -221,6 +223,7 @@ pub async fn run(
 
     shutdown.cancelled().await;
     tracing::info!(node_id = %cfg.node_id, "push-manager draining");
+    drop(local);
     readiness.set(false);
     health
         .set_not_serving::<PushManagerServer<PushService>>()
