@@ -7,6 +7,7 @@ multi-process clusters) and stop them afterwards. Every wait has a deadline.
 import asyncio
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -26,17 +27,33 @@ BIN = TARGET / "debug" / "barrage"
 WAIT = 20.0
 
 
+_GIVEN: set[int] = set()
+_LOWEST = 10_000
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1 for a server started later (bound here, then
+    released). It comes from below the kernel's ephemeral range, so no
+    outgoing connection can take it before the server binds it, and no
+    port is handed out twice in one test run."""
+    return free_block(1)
 
 
 def free_block(n: int) -> int:
-    """First port of n consecutive free ports."""
-    for _ in range(200):
-        base = free_port()
-        if base + n >= 65535:
+    """First port of n consecutive free ports (see free_port)."""
+    below = max(_ephemeral_low(), _LOWEST + 1_000)
+    for _ in range(500):
+        base = random.randrange(_LOWEST, below - n)
+        ports = range(base, base + n)
+        if any(p in _GIVEN for p in ports):
             continue
         socks = []
         try:
@@ -44,6 +61,7 @@ def free_block(n: int) -> int:
                 s = socket.socket()
                 s.bind(("127.0.0.1", p))
                 socks.append(s)
+            _GIVEN.update(ports)
             return base
         except OSError:
             continue

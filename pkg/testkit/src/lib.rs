@@ -13,9 +13,37 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
+/// A free TCP port on 127.0.0.1 for a server that binds it later, often
+/// in another process (bound here, then released). It comes from below the
+/// kernel's ephemeral range, so an outgoing connection (another test's
+/// client, a role dialling a peer) cannot take it before the server binds
+/// it, and this process never hands out the same port twice.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::hash::BuildHasher;
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    const LOWEST: u16 = 10_000;
+    let below = ephemeral_low().unwrap_or(32_768).max(LOWEST + 1_000);
+    let random = std::collections::hash_map::RandomState::new();
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for attempt in 0..500u32 {
+        let port = LOWEST + (random.hash_one(attempt) % u64::from(below - LOWEST)) as u16;
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return Ok(port);
+        }
+    }
+    bail!("no free port on 127.0.0.1 between {LOWEST} and {below}")
+}
+
+/// The first port of the kernel's ephemeral range (`ip_local_port_range`).
+fn ephemeral_low() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Installs a test log subscriber once (honours `RUST_LOG`, default `warn`).
@@ -166,5 +194,22 @@ fn tail(s: &str) -> String {
 impl Drop for EtcdServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() {
+        let below = ephemeral_low().unwrap_or(32_768);
+        let ports: Vec<u16> = (0..50).map(|_| free_port().unwrap()).collect();
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        for p in ports {
+            assert!((10_000..below).contains(&p), "{p} is not below {below}");
+            TcpListener::bind(("127.0.0.1", p)).unwrap();
+        }
     }
 }
