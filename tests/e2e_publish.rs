@@ -206,29 +206,45 @@ async fn comments_are_filtered_published_and_acknowledged() -> anyhow::Result<()
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hot_rooms_are_batched_in_order_and_clients_see_plain_messages() -> anyhow::Result<()> {
+/// A cluster whose node batches messages for `window`, at most `max` a frame.
+async fn batching_cluster(window: Duration, max: usize) -> anyhow::Result<TestCluster> {
     barrage_testkit::init_tracing();
     let mut c = TestCluster::in_process();
     c.start_controller("c").await?;
     c.start_node_with("n", |cfg| {
-        cfg.batch_window = Duration::from_millis(100);
-        cfg.batch_max = 8;
+        cfg.batch_window = window;
+        cfg.batch_max = max;
     })
     .await?;
     c.start_manager("m").await?;
-    let ws = c.nodes[0].ws_url();
-    // A raw socket sees the frames as sent; the client library sees messages.
+    Ok(c)
+}
+
+type RawSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A plain WebSocket of `user` in room "hot", past its `connected` frame:
+/// it sees frames exactly as the node sends them.
+async fn raw_socket(ws: &str, user: &str) -> anyhow::Result<RawSocket> {
     let (mut raw, _) = within(
         T,
         "raw",
-        tokio_tungstenite::connect_async(connect_url(&ws, "raw", &["hot"])),
+        tokio_tungstenite::connect_async(connect_url(ws, user, &["hot"])),
     )
     .await??;
     let first = within(T, "connected", futures::StreamExt::next(&mut raw))
         .await?
         .expect("frame")?;
     assert!(first.to_text()?.contains("connected"));
+    Ok(raw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_rooms_are_batched_in_order_and_clients_see_plain_messages() -> anyhow::Result<()> {
+    let c = batching_cluster(Duration::from_millis(100), 8).await?;
+    let ws = c.nodes[0].ws_url();
+    // A raw socket sees the frames as sent; the client library sees messages.
+    let mut raw = raw_socket(&ws, "raw").await?;
     let mut viewer = within(
         T,
         "viewer",
@@ -286,31 +302,10 @@ async fn hot_rooms_are_batched_in_order_and_clients_see_plain_messages() -> anyh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_gather_the_same_messages_share_one_batch_frame() -> anyhow::Result<()> {
-    barrage_testkit::init_tracing();
-    let mut c = TestCluster::in_process();
-    c.start_controller("c").await?;
     // Batches close at 4 messages, well inside the window.
-    c.start_node_with("n", |cfg| {
-        cfg.batch_window = Duration::from_secs(2);
-        cfg.batch_max = 4;
-    })
-    .await?;
-    c.start_manager("m").await?;
+    let c = batching_cluster(Duration::from_secs(2), 4).await?;
     let ws = c.nodes[0].ws_url();
-    let mut raws = Vec::new();
-    for user in ["a", "b"] {
-        let (mut raw, _) = within(
-            T,
-            "raw",
-            tokio_tungstenite::connect_async(connect_url(&ws, user, &["hot"])),
-        )
-        .await??;
-        let first = within(T, "connected", futures::StreamExt::next(&mut raw))
-            .await?
-            .expect("frame")?;
-        assert!(first.to_text()?.contains("connected"));
-        raws.push(raw);
-    }
+    let mut raws = vec![raw_socket(&ws, "a").await?, raw_socket(&ws, "b").await?];
     let mut api = c.push_client().await?;
     for i in 1..=8 {
         within(
