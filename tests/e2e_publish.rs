@@ -220,6 +220,26 @@ async fn batching_cluster(window: Duration, max: usize) -> anyhow::Result<TestCl
     Ok(c)
 }
 
+/// Pushes `c1`…`c<n>` to room "hot", one call each, in order.
+async fn push_hot(
+    api: &mut barrage_proto::v1::push_manager_client::PushManagerClient<tonic::transport::Channel>,
+    n: u64,
+) -> anyhow::Result<()> {
+    for i in 1..=n {
+        within(
+            T,
+            "push",
+            api.push_to_room(barrage_proto::v1::PushToRoomRequest {
+                room_id: "hot".into(),
+                content: format!("c{i}"),
+                ..Default::default()
+            }),
+        )
+        .await??;
+    }
+    Ok(())
+}
+
 type RawSocket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -253,18 +273,7 @@ async fn hot_rooms_are_batched_in_order_and_clients_see_plain_messages() -> anyh
     .await??;
     let mut api = c.push_client().await?;
     const N: u64 = 20;
-    for i in 1..=N {
-        within(
-            T,
-            "push",
-            api.push_to_room(barrage_proto::v1::PushToRoomRequest {
-                room_id: "hot".into(),
-                content: format!("c{i}"),
-                ..Default::default()
-            }),
-        )
-        .await??;
-    }
+    push_hot(&mut api, N).await?;
     let mut seqs = Vec::new();
     while seqs.len() < N as usize {
         let m = within(T, "message", viewer.next_message())
@@ -307,18 +316,7 @@ async fn connections_that_gather_the_same_messages_share_one_batch_frame() -> an
     let ws = c.nodes[0].ws_url();
     let mut raws = vec![raw_socket(&ws, "a").await?, raw_socket(&ws, "b").await?];
     let mut api = c.push_client().await?;
-    for i in 1..=8 {
-        within(
-            T,
-            "push",
-            api.push_to_room(barrage_proto::v1::PushToRoomRequest {
-                room_id: "hot".into(),
-                content: format!("c{i}"),
-                ..Default::default()
-            }),
-        )
-        .await??;
-    }
+    push_hot(&mut api, 8).await?;
     let mut seen = Vec::new();
     for raw in &mut raws {
         let mut batches = Vec::new();
