@@ -730,16 +730,21 @@ async fn results_of_concurrent_repeatable_pushes_are_all_recorded(
     Ok(())
 }
 
-/// The real controller service behind a router that does not know
-/// `CompleteBatch`, as a controller from before that call would answer.
+/// The real controller service behind a router that does not know one of
+/// its calls, as a controller from before that call would answer; it
+/// counts the calls it refused.
 #[derive(Clone)]
-struct WithoutCompleteBatch<S>(S);
+struct Without<S> {
+    path: &'static str,
+    inner: S,
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
 
-impl<S: tonic::server::NamedService> tonic::server::NamedService for WithoutCompleteBatch<S> {
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Without<S> {
     const NAME: &'static str = S::NAME;
 }
 
-impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for WithoutCompleteBatch<S>
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for Without<S>
 where
     S: tonic::codegen::Service<
             tonic::codegen::http::Request<B>,
@@ -756,28 +761,37 @@ where
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
-        if req.uri().path() == "/barrage.v1.Controller/CompleteBatch" {
-            let refused = tonic::Status::unimplemented("unknown method CompleteBatch").into_http();
+        if req.uri().path() == self.path {
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let refused =
+                tonic::Status::unimplemented(format!("unknown method {}", self.path)).into_http();
             return Box::pin(async move { Ok(refused) });
         }
-        let answer = self.0.call(req);
-        Box::pin(answer)
+        Box::pin(self.inner.call(req))
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn results_reach_a_controller_without_complete_batch_one_by_one() -> anyhow::Result<()> {
+/// A standalone controller (the real service) on 127.0.0.1 that refuses
+/// `path` as unknown: its address, its count of refusals, and the stop of
+/// its server.
+async fn controller_without(
+    path: &'static str,
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+)> {
     use barrage_controller::ControllerService;
     use barrage_controller::ownership::Ownership;
     use barrage_controller::state::{ControllerState, Membership};
     use barrage_controller::streams::{StreamConfig, Streams};
     use barrage_proto::v1::controller_server::ControllerServer;
-    use barrage_proto::v1::{CompleteRequest, ResolveRequest, ResolveTarget};
-    use barrage_push_manager::complete::Completer;
 
     let state = std::sync::Arc::new(parking_lot::Mutex::new(ControllerState {
         members: Membership::new(),
@@ -785,9 +799,12 @@ async fn results_reach_a_controller_without_complete_batch_one_by_one() -> anyho
         ownership: Ownership::standalone("old-controller"),
     }));
     let metrics = barrage_controller::Metrics::new(&prometheus::Registry::new())?;
-    let service = WithoutCompleteBatch(ControllerServer::new(ControllerService::new(
-        state, metrics,
-    )));
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let service = Without {
+        path,
+        inner: ControllerServer::new(ControllerService::new(state, metrics)),
+        refused: refused.clone(),
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let stop = tokio_util::sync::CancellationToken::new();
@@ -800,6 +817,87 @@ async fn results_reach_a_controller_without_complete_batch_one_by_one() -> anyho
                 stop.cancelled_owned(),
             )
     });
+    Ok((addr, refused, stop, server))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_reach_a_controller_without_resolve_batch_one_by_one() -> anyhow::Result<()> {
+    use barrage_discovery::{Member, Members, Role};
+    use barrage_proto::v1::{ResolveRequest, ResolveTarget};
+    use barrage_push_manager::coalesce::BatchLimits;
+    use barrage_push_manager::pool::{ControllerRing, Dialer};
+
+    let (addr, refused, stop, server) =
+        controller_without("/barrage.v1.Controller/ResolveBatch").await?;
+    // One call in flight: the requests queued behind it go out together.
+    let ring = ControllerRing::new(
+        16,
+        Dialer {
+            connect_timeout: T,
+            call_timeout: T,
+            tls: barrage_proto::GrpcTls::plaintext(),
+            batching: BatchLimits {
+                max_in_flight: 1,
+                max_items: 64,
+                max_bytes: 1 << 20,
+            },
+            call_items: prometheus::HistogramVec::new(
+                prometheus::HistogramOpts::new("items", "items per call"),
+                &["peer"],
+            )?,
+            local: barrage_proto::LocalPeers::default(),
+        },
+    );
+    let member = Member {
+        id: "old-controller".into(),
+        role: Role::Controller,
+        grpc_addr: addr.to_string(),
+        http_addr: String::new(),
+        ws_addr: None,
+    };
+    ring.rebuild(&Members::from([(member.id.clone(), member)]));
+    let (_, resolver) = ring
+        .resolver("user:u")
+        .context("the controller is on the ring")?;
+    for wave in 0..3 {
+        let calls = (0..20).map(|i| {
+            let resolver = resolver.clone();
+            async move {
+                resolver
+                    .call(ResolveRequest {
+                        targets: vec![ResolveTarget {
+                            key: format!("user:w{wave}u{i}"),
+                        }],
+                        message_id: String::new(),
+                        body: None,
+                    })
+                    .await
+            }
+        });
+        for (i, r) in within(T, "a wave of resolves", futures::future::join_all(calls))
+            .await?
+            .into_iter()
+            .enumerate()
+        {
+            let resolved = r.map_err(anyhow::Error::msg)??;
+            assert_eq!(resolved.targets.len(), 1, "wave {wave} request {i}");
+        }
+    }
+    // Every wave queued requests behind a call, yet the controller was
+    // asked for a ResolveBatch once: after its answer they go one by one.
+    assert_eq!(refused.load(std::sync::atomic::Ordering::Relaxed), 1);
+    stop.cancel();
+    within(T, "server to stop", server).await???;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_reach_a_controller_without_complete_batch_one_by_one() -> anyhow::Result<()> {
+    use barrage_proto::v1::{CompleteRequest, ResolveRequest, ResolveTarget};
+    use barrage_push_manager::complete::Completer;
+
+    let (addr, _, stop, server) =
+        controller_without("/barrage.v1.Controller/CompleteBatch").await?;
     let mut client = controller_at(&addr.to_string()).await?;
     let resolve = |i: u32| ResolveRequest {
         targets: vec![ResolveTarget {

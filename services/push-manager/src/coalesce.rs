@@ -37,6 +37,41 @@ pub struct BatchLimits {
     pub max_bytes: usize,
 }
 
+/// Whether a peer serves a batch call (`ResolveBatch`, `CompleteBatch`),
+/// as far as it has said. Until it has served one, a caller keeps a copy
+/// of what it sends, to send it item by item should the peer not know the
+/// call; once the peer said so, the caller sends item by item at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum BatchCall {
+    /// Not asked yet (or the peer stopped serving it).
+    Unknown = 0,
+    /// The peer answered a batch call.
+    Served = 1,
+    /// The peer answered UNIMPLEMENTED.
+    Unimplemented = 2,
+}
+
+/// A [`BatchCall`] shared by calls that run at once.
+#[derive(Debug, Default)]
+pub(crate) struct SharedBatchCall(std::sync::atomic::AtomicU8);
+
+impl SharedBatchCall {
+    /// What the peer said last.
+    pub(crate) fn get(&self) -> BatchCall {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => BatchCall::Served,
+            2 => BatchCall::Unimplemented,
+            _ => BatchCall::Unknown,
+        }
+    }
+
+    /// Records what the peer said.
+    pub(crate) fn set(&self, b: BatchCall) {
+        self.0.store(b as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A call to the peer with a batch of items.
 type CallFn<T, R> =
     dyn Fn(Vec<T>) -> futures::future::BoxFuture<'static, Result<Vec<R>, String>> + Send + Sync;

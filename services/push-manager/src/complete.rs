@@ -26,6 +26,8 @@ use futures::future::join_all;
 use tokio::sync::mpsc;
 use tonic::Code;
 
+use crate::coalesce::BatchCall;
+
 /// How long the first record of a batch waits for others.
 pub const LINGER: Duration = Duration::from_millis(5);
 
@@ -56,21 +58,13 @@ impl Completer {
     }
 }
 
-/// Whether the controller serves `CompleteBatch`, as far as it has said.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Batching {
-    Unknown,
-    Served,
-    Unimplemented,
-}
-
 async fn drive(
     client: ControllerClient<PeerChannel>,
     mut rx: mpsc::Receiver<CompleteRequest>,
     timeout: Duration,
     linger: Duration,
 ) {
-    let mut batching = Batching::Unknown;
+    let mut batching = BatchCall::Unknown;
     while let Some(first) = rx.recv().await {
         let mut records = vec![first];
         // A full batch already waiting goes at once.
@@ -93,16 +87,16 @@ async fn send(
     client: &ControllerClient<PeerChannel>,
     records: Vec<CompleteRequest>,
     timeout: Duration,
-    batching: Batching,
-) -> Batching {
+    batching: BatchCall,
+) -> BatchCall {
     let n = records.len();
-    if batching == Batching::Unimplemented {
+    if batching == BatchCall::Unimplemented {
         one_by_one(client, records, timeout).await;
         return batching;
     }
     // Until the controller has served a batch, keep the records to send
     // them one by one should it not know the call.
-    let kept = (batching == Batching::Unknown).then(|| records.clone());
+    let kept = (batching == BatchCall::Unknown).then(|| records.clone());
     let req = crate::pool::request(
         CompleteBatchRequest {
             completions: records,
@@ -111,18 +105,18 @@ async fn send(
     );
     let answer = tokio::time::timeout(timeout, client.clone().complete_batch(req)).await;
     match answer {
-        Ok(Ok(_)) => Batching::Served,
+        Ok(Ok(_)) => BatchCall::Served,
         Ok(Err(s)) if s.code() == Code::Unimplemented => match kept {
             Some(records) => {
                 one_by_one(client, records, timeout).await;
-                Batching::Unimplemented
+                BatchCall::Unimplemented
             }
             None => {
                 tracing::warn!(
                     records = n,
                     "controller stopped serving CompleteBatch; these push results were not recorded"
                 );
-                Batching::Unknown
+                BatchCall::Unknown
             }
         },
         Ok(Err(s)) => {

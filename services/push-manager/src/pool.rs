@@ -23,7 +23,7 @@ use prometheus::IntGauge;
 use prost::Message as _;
 use tonic::{Code, Request, Status};
 
-use crate::coalesce::{BatchLimits, Coalescer};
+use crate::coalesce::{BatchCall, BatchLimits, Coalescer, SharedBatchCall};
 use crate::complete::{Completer, LINGER};
 
 /// How channels are dialled and calls made: deadlines, TLS, batching.
@@ -90,6 +90,7 @@ fn node_sender(client: ConnectNodeClient<PeerChannel>, dialer: &Dialer) -> NodeS
 fn resolver(client: ControllerClient<PeerChannel>, dialer: &Dialer) -> Resolver {
     let timeout = dialer.call_timeout;
     let items = dialer.call_items.with_label_values(&["controller"]);
+    let support = Arc::new(SharedBatchCall::default());
     Coalescer::new(
         dialer.batching,
         ResolveRequest::encoded_len,
@@ -102,20 +103,24 @@ fn resolver(client: ControllerClient<PeerChannel>, dialer: &Dialer) -> Resolver 
                 let req = span.in_scope(|| request(r, timeout));
                 async move { client.resolve(req).await.map(tonic::Response::into_inner) }
             };
-            let batch = (requests.len() > 1).then(|| {
+            let said = support.get();
+            // Several requests go as one ResolveBatch, unless the
+            // controller does not know it; they are copied only until it
+            // has served one, to be sent one by one should it not.
+            let (batch, kept) = if requests.len() > 1 && said != BatchCall::Unimplemented {
+                let kept = (said == BatchCall::Unknown).then(|| requests.clone());
                 let mut client = client.clone();
-                let req = request(
-                    ResolveBatchRequest {
-                        requests: requests.clone(),
-                    },
-                    timeout,
-                );
-                async move { client.resolve_batch(req).await }
-            });
+                let req = request(ResolveBatchRequest { requests }, timeout);
+                (Some(async move { client.resolve_batch(req).await }), kept)
+            } else {
+                (None, Some(requests))
+            };
+            let support = support.clone();
             async move {
                 if let Some(batch) = batch {
                     match batch.await {
                         Ok(resp) => {
+                            support.set(BatchCall::Served);
                             return Ok(resp
                                 .into_inner()
                                 .results
@@ -123,11 +128,21 @@ fn resolver(client: ControllerClient<PeerChannel>, dialer: &Dialer) -> Resolver 
                                 .map(from_result)
                                 .collect());
                         }
-                        Err(s) if s.code() == Code::Unimplemented => {}
+                        Err(s) if s.code() == Code::Unimplemented => support.set(match kept {
+                            Some(_) => BatchCall::Unimplemented,
+                            // It served one before: ask again next time.
+                            None => BatchCall::Unknown,
+                        }),
                         Err(s) => return Err(s.message().to_owned()),
                     }
                 }
-                Ok(join_all(requests.into_iter().map(one)).await)
+                match kept {
+                    Some(requests) => Ok(join_all(requests.into_iter().map(one)).await),
+                    None => Err(
+                        "the controller stopped serving ResolveBatch; nothing was delivered"
+                            .to_owned(),
+                    ),
+                }
             }
         },
     )
