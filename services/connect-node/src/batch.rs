@@ -7,24 +7,30 @@
 //! gather the same sequence: the first to finish builds (and, for binary
 //! connections, compresses) the frame, and the others take it from a small
 //! cache instead of building it again. A connection whose sequence differs
-//! (it joined later, recovery already sent part of it) builds its own.
+//! (it joined later, recovery already sent part of it) builds its own, and
+//! so does every connection for a batch over 64 KiB, which is not kept.
 
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Weak;
 
 use axum::extract::ws::Message;
 use barrage_protocol::binary;
 use parking_lot::Mutex;
 
-use crate::hub::{Outbound, Wire};
+use crate::hub::{Frame, Outbound, Wire};
 
 /// Slots of the cache: distinct batches that can be shared at once.
 const SLOTS: usize = 64;
 
-/// One built batch and the frames it holds. Holding the frames keeps
-/// their allocations alive, so a frame's address identifies it for as long
-/// as the entry exists.
+/// Larger batches are built by each connection: the cache holds at most
+/// `SLOTS` of these bytes after the traffic that made them has passed.
+const MAX_SHARED_BYTES: usize = 64 * 1024;
+
+/// One built batch and the frames it holds. The weak references keep the
+/// frames' allocations (not their contents) from being reused, so a
+/// frame's address identifies it for as long as the entry exists.
 struct Entry {
-    frames: Vec<Outbound>,
+    frames: Vec<Weak<Frame>>,
     wire: Wire,
     message: Message,
 }
@@ -65,17 +71,24 @@ impl BatchCache {
         if let Some(e) = &*slot.lock()
             && e.wire == wire
             && e.frames.len() == frames.len()
-            && e.frames.iter().zip(frames).all(|(a, b)| a.same(b))
+            && frames.iter().zip(&e.frames).all(|(f, w)| f.is(w))
         {
             return (e.message.clone(), true);
         }
         // Built outside the lock: compression can take a while.
         let message = build(frames, wire);
-        *slot.lock() = Some(Entry {
-            frames: frames.to_vec(),
-            wire,
-            message: message.clone(),
-        });
+        let bytes = match &message {
+            Message::Text(t) => t.len(),
+            Message::Binary(b) => b.len(),
+            _ => usize::MAX,
+        };
+        if bytes <= MAX_SHARED_BYTES {
+            *slot.lock() = Some(Entry {
+                frames: frames.iter().map(Outbound::downgrade).collect(),
+                wire,
+                message: message.clone(),
+            });
+        }
         (message, false)
     }
 }
@@ -174,6 +187,51 @@ mod tests {
         // identity, not equality, is what is shared.
         let (_, shared) = cache.get(&[a, message(2)], Wire::Json);
         assert!(!shared);
+    }
+
+    #[test]
+    fn large_batches_are_not_kept() {
+        let cache = BatchCache::default();
+        let big = "x".repeat(MAX_SHARED_BYTES / 2);
+        let frames: Vec<Outbound> = (1..=3)
+            .map(|seq| {
+                Outbound::message(
+                    &MessageParts {
+                        stream: "room:r",
+                        id: "m",
+                        epoch: 1,
+                        seq,
+                        event: "",
+                        content: &big,
+                        binary: &[],
+                        timestamp_ms: 0,
+                        from: "",
+                    },
+                    Compression::OFF,
+                )
+            })
+            .collect();
+        let (first, _) = cache.get(&frames, Wire::Json);
+        let (second, shared) = cache.get(&frames, Wire::Json);
+        assert!(
+            !shared,
+            "a batch over {MAX_SHARED_BYTES} bytes is built each time"
+        );
+        assert_eq!(first, second);
+    }
+
+    #[test]
+    fn a_frame_is_told_apart_from_one_made_after_it_was_dropped() {
+        let cache = BatchCache::default();
+        let (a, b) = (message(1), message(2));
+        let (_, shared) = cache.get(&[a, b], Wire::Json);
+        assert!(!shared);
+        // The first frames are gone; new ones may be allocated anywhere
+        // but where the entry still points.
+        for _ in 0..100 {
+            let (_, shared) = cache.get(&[message(3), message(4)], Wire::Json);
+            assert!(!shared);
+        }
     }
 
     #[test]

@@ -67,9 +67,14 @@ impl Outbound {
         Arc::as_ptr(&self.0) as usize
     }
 
-    /// Whether both are clones of one frame (not merely equal content).
-    pub fn same(&self, other: &Outbound) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+    /// A reference to this frame that does not keep its contents alive.
+    pub fn downgrade(&self) -> std::sync::Weak<Frame> {
+        Arc::downgrade(&self.0)
+    }
+
+    /// Whether `weak` refers to this very frame (not merely equal content).
+    pub fn is(&self, weak: &std::sync::Weak<Frame>) -> bool {
+        std::ptr::eq(Arc::as_ptr(&self.0), weak.as_ptr())
     }
 
     /// A JSON frame that is not a stream message (replies, errors).
