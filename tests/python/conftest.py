@@ -57,7 +57,7 @@ def free_block(n: int) -> int:
             continue
         socks = []
         try:
-            for p in range(base, base + n):
+            for p in ports:
                 s = socket.socket()
                 s.bind(("127.0.0.1", p))
                 socks.append(s)

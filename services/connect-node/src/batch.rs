@@ -124,8 +124,8 @@ mod tests {
 
     use super::*;
 
-    fn message(seq: u64) -> Outbound {
-        let data = format!("{{\"n\":{seq}}}");
+    /// Message `seq` of room `r`, with `content` as its data.
+    fn message_with(seq: u64, content: &str) -> Outbound {
         Outbound::message(
             &MessageParts {
                 stream: "room:r",
@@ -133,13 +133,17 @@ mod tests {
                 epoch: 1,
                 seq,
                 event: "",
-                content: &data,
+                content,
                 binary: &[],
                 timestamp_ms: 0,
                 from: "",
             },
             Compression::OFF,
         )
+    }
+
+    fn message(seq: u64) -> Outbound {
+        message_with(seq, &format!("{{\"n\":{seq}}}"))
     }
 
     fn text(m: &Message) -> &str {
@@ -193,24 +197,7 @@ mod tests {
     fn large_batches_are_not_kept() {
         let cache = BatchCache::default();
         let big = "x".repeat(MAX_SHARED_BYTES / 2);
-        let frames: Vec<Outbound> = (1..=3)
-            .map(|seq| {
-                Outbound::message(
-                    &MessageParts {
-                        stream: "room:r",
-                        id: "m",
-                        epoch: 1,
-                        seq,
-                        event: "",
-                        content: &big,
-                        binary: &[],
-                        timestamp_ms: 0,
-                        from: "",
-                    },
-                    Compression::OFF,
-                )
-            })
-            .collect();
+        let frames: Vec<Outbound> = (1..=3).map(|seq| message_with(seq, &big)).collect();
         let (first, _) = cache.get(&frames, Wire::Json);
         let (second, shared) = cache.get(&frames, Wire::Json);
         assert!(
