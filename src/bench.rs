@@ -26,8 +26,7 @@ use parking_lot::Mutex;
 use tokio::process::{Child, Command};
 
 use crate::cli::Peer;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use crate::reader::{self, OnText, Open, Readers};
 
 /// A bench run, validated.
 #[derive(Debug, Clone)]
@@ -404,6 +403,13 @@ fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Threads reading the subscribers' sockets: one per core, at most four.
+/// On two cores, one thread instead of two gave a broadcast to 1,000
+/// subscribers a p99 about a quarter higher (BENCHMARKS.md).
+fn reader_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().min(4))
+}
+
 fn now_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -416,71 +422,56 @@ struct Seen {
     latencies_us: Vec<u32>,
     seen: Vec<u8>,
     duplicates: u64,
+    /// Push `i` is this subscriber's `i / stride`-th.
+    stride: usize,
 }
 
+impl OnText for Seen {
+    fn text(&mut self, text: &str, now: u64) {
+        probe(text, |sent, i| {
+            let i = i as usize / self.stride;
+            if i < self.seen.len() {
+                if self.seen[i] == 0 {
+                    self.seen[i] = 1;
+                    self.latencies_us
+                        .push((now.saturating_sub(sent) / 1000).min(u64::from(u32::MAX)) as u32);
+                } else {
+                    self.duplicates += 1;
+                }
+            }
+        });
+    }
+}
+
+/// Opens subscriber `user`'s WebSocket from `source`; a barrage one once
+/// its `connected` frame has come. The bench's reader threads read it
+/// from then on.
 async fn subscriber(
     target: &Target,
     source: IpAddr,
     user: usize,
     max_pushes: usize,
     stride: usize,
-    stop: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<tokio::task::JoinHandle<Seen>> {
-    let ws_addr = target.ws_addr(user);
+) -> anyhow::Result<(Open, Seen)> {
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(source, 0))?;
-    let tcp = socket.connect(ws_addr).await?;
+    let tcp = socket.connect(target.ws_addr(user)).await?;
     let _ = tcp.set_nodelay(true);
-    let mut cfg = WebSocketConfig::default();
-    cfg.read_buffer_size = 4096;
-    cfg.write_buffer_size = 0;
-    let url = target.subscribe_url(user);
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, tcp, Some(cfg)).await?;
-    if let Target::Barrage(_) = target {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) if t.as_str().contains("\"connected\"") => {}
-            other => bail!("expected connected, got {other:?}"),
-        }
+    let barrage = matches!(target, Target::Barrage(_));
+    let (open, first) = reader::open(tcp, &target.subscribe_url(user), barrage).await?;
+    if barrage
+        && !first
+            .as_deref()
+            .is_some_and(|t| t.contains("\"connected\""))
+    {
+        bail!("expected connected, got {first:?}");
     }
-    let task = tokio::spawn(async move {
-        let mut s = Seen {
-            // Push `i` is this subscriber's `i / stride`-th.
-            seen: vec![0; max_pushes / stride + 1],
-            ..Seen::default()
-        };
-        // Made once: a new one per frame would lock the token and register
-        // with it again on every frame, on the cores the server uses too.
-        let stopped = stop.cancelled();
-        tokio::pin!(stopped);
-        loop {
-            let msg = tokio::select! {
-                _ = &mut stopped => break,
-                m = ws.next() => m,
-            };
-            let Some(Ok(Message::Text(t))) = msg else {
-                if matches!(msg, Some(Ok(_))) {
-                    continue;
-                }
-                break;
-            };
-            let now = now_nanos();
-            probe(t.as_str(), |sent, i| {
-                let i = i as usize / stride;
-                if i < s.seen.len() {
-                    if s.seen[i] == 0 {
-                        s.seen[i] = 1;
-                        s.latencies_us.push(
-                            (now.saturating_sub(sent) / 1000).min(u64::from(u32::MAX)) as u32,
-                        );
-                    } else {
-                        s.duplicates += 1;
-                    }
-                }
-            });
-        }
-        s
-    });
-    Ok(task)
+    let seen = Seen {
+        seen: vec![0; max_pushes / stride + 1],
+        stride,
+        ..Seen::default()
+    };
+    Ok((open, seen))
 }
 
 /// Calls `each` with the send time and push index of every payload
@@ -863,8 +854,6 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
     } else {
         1
     };
-    let stop = tokio_util::sync::CancellationToken::new();
-
     let connect_start = Instant::now();
     let sources: Vec<IpAddr> = (0..plan.sources.max(1))
         .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i)))
@@ -873,13 +862,13 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
     let mut connect_errors = 0usize;
     let mut conns = stream::iter(0..target.subscribers(plan))
         .map(|i| {
-            let (source, stop) = (sources[i % sources.len()], stop.clone());
-            async move { subscriber(target, source, i, max_pushes, stride, stop).await }
+            let source = sources[i % sources.len()];
+            async move { subscriber(target, source, i, max_pushes, stride).await }
         })
         .buffer_unordered(256);
     while let Some(r) = conns.next().await {
         match r {
-            Ok(task) => tasks.push(task),
+            Ok(conn) => tasks.push(conn),
             Err(e) => {
                 connect_errors += 1;
                 if plan.verbose && connect_errors <= 5 {
@@ -894,6 +883,7 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
     drop(conns);
     let connect_secs = connect_start.elapsed().as_secs_f64();
     let connected = tasks.len();
+    let readers = Readers::start(tasks, reader_threads(), now_nanos)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_connected = family_rss_bytes(pid).unwrap_or(0);
 
@@ -973,12 +963,10 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
     // Let the last frames arrive.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after = family_rss_bytes(pid).unwrap_or(0);
-    stop.cancel();
 
     let mut latencies: Vec<u32> = Vec::new();
     let (mut unique, mut duplicates) = (0u64, 0u64);
-    for t in tasks {
-        let s = t.await?;
+    for s in readers.stop()? {
         unique += s.seen.iter().map(|b| u64::from(*b)).sum::<u64>();
         duplicates += s.duplicates;
         latencies.extend(s.latencies_us);

@@ -8,6 +8,7 @@ mod bench;
 mod cli;
 mod idle;
 mod launch;
+mod reader;
 mod sub;
 
 use std::process::ExitCode;
