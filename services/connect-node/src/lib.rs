@@ -9,6 +9,7 @@
 pub mod batch;
 pub mod demo;
 pub mod fallback;
+mod gate;
 pub mod hub;
 pub mod listener;
 mod metrics;

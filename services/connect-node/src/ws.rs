@@ -24,12 +24,13 @@ use barrage_protocol::{
     ClientFrame, CloseCode, MessageParts, RoomId, ServerFrame, StreamKey, StreamPos, StreamState,
     UserId, binary, parse_client_frame, parse_positions,
 };
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use parking_lot::Mutex;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::gate::ReadGate;
 use crate::hub::{ConnHandle, Hub, Outbound, Wire};
 use crate::metrics::Metrics;
 
@@ -522,6 +523,8 @@ async fn run_session(
     // One client frame at a time: while one is handled, the next is not
     // read (backpressure), but frames to the client keep going out.
     let mut handling: Option<Handling<'_>> = None;
+    // The socket is read when it may have a frame, not on every wake-up.
+    let gate = ReadGate::new();
     loop {
         // Biased: closing first; a waiting read before the read deadline,
         // so a busy connection is never taken for a silent one; reads
@@ -543,7 +546,7 @@ async fn run_session(
                     expiry.as_mut().reset(session.deadline(settings.token_leeway).unwrap_or_else(never));
                 }
             }
-            next = socket.next(), if handling.is_none() => {
+            next = std::future::poll_fn(|cx| gate.poll_next(socket, cx)), if handling.is_none() => {
                 read_timer.as_mut().reset(tokio::time::Instant::now() + settings.read_timeout);
                 let msg = match next {
                     None => {
