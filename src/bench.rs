@@ -452,13 +452,14 @@ async fn subscriber(
     user: usize,
     max_pushes: usize,
     stride: usize,
+    mode: Mode,
 ) -> anyhow::Result<(Open, Seen)> {
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(source, 0))?;
     let tcp = socket.connect(target.ws_addr(user)).await?;
     let _ = tcp.set_nodelay(true);
     let barrage = matches!(target, Target::Barrage(_));
-    let (open, first) = reader::open(tcp, &target.subscribe_url(user), barrage).await?;
+    let (open, first) = reader::open(tcp, &target.subscribe_url(user, mode), barrage).await?;
     if barrage
         && !first
             .as_deref()
@@ -561,8 +562,9 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[idx.min(sorted.len() - 1)]) / 1000.0
 }
 
-/// Runs the room fan-out scenario (against barrage, and Nchan when asked)
-/// and prints its JSON summary.
+/// Runs a push scenario against barrage, and against a peer when asked
+/// (Nchan for rooms and users, the gRPC floor for users), and prints its
+/// JSON summary.
 pub async fn run(plan: BenchPlan) -> anyhow::Result<()> {
     let barrage = {
         let server = if plan.nodes == 0 {
@@ -598,7 +600,7 @@ pub async fn run(plan: BenchPlan) -> anyhow::Result<()> {
             let nchan = run_target(&plan, &Target::Nchan(start_nchan().await?)).await?;
             let ratio = |path: &[&str]| round(field(&barrage, path) / field(&nchan, path));
             serde_json::json!({
-                "scenario": "room-fanout",
+                "scenario": barrage["scenario"],
                 "barrage_over_nchan": {
                     "deliveries_per_sec": ratio(&["deliveries_per_sec"]),
                     "latency_p50": ratio(&["latency_ms", "p50"]),
@@ -663,13 +665,15 @@ impl Target {
         }
     }
 
-    fn subscribe_url(&self, user: usize) -> String {
+    /// Where subscriber `user` subscribes. On Nchan a user is a channel
+    /// of its own (`u<user>`), the room the channel `bench`.
+    fn subscribe_url(&self, user: usize, mode: Mode) -> String {
         match self {
             Target::Barrage(_) | Target::Floor(_) => format!(
                 "ws://{}/ws?user_id=bench-{user}&rooms=bench",
                 self.ws_addr(user)
             ),
-            Target::Nchan(n) => format!("ws://{}/sub/bench", n.addr),
+            Target::Nchan(n) => format!("ws://{}/sub/{}", n.addr, nchan_channel(mode, user)),
         }
     }
 
@@ -691,7 +695,14 @@ impl Target {
                     hyper_util::rt::TokioExecutor::new(),
                 )
                 .build_http(),
-                uri: format!("http://{}/pub/bench", n.addr).parse()?,
+                uris: match mode {
+                    Mode::User => (0..users.max(1)).collect(),
+                    _ => vec![0],
+                }
+                .into_iter()
+                .map(|u| format!("http://{}/pub/{}", n.addr, nchan_channel(mode, u)).parse())
+                .collect::<Result<Vec<hyper::Uri>, _>>()?
+                .into(),
             },
         })
     }
@@ -713,8 +724,17 @@ enum Pusher {
             hyper_util::client::legacy::connect::HttpConnector,
             http_body_util::Full<bytes::Bytes>,
         >,
-        uri: hyper::Uri,
+        /// Push `i` goes to `uris[i % uris.len()]`.
+        uris: Arc<[hyper::Uri]>,
     },
+}
+
+/// The Nchan channel standing for barrage's room, or for user `user`.
+fn nchan_channel(mode: Mode, user: usize) -> String {
+    match mode {
+        Mode::User => format!("u{user}"),
+        Mode::Room | Mode::Broadcast => "bench".to_owned(),
+    }
 }
 
 impl Pusher {
@@ -763,7 +783,8 @@ impl Pusher {
                 })
                 .await?;
             }
-            Pusher::Http { client, uri } => {
+            Pusher::Http { client, uris } => {
+                let uri = &uris[(i % uris.len() as u64) as usize];
                 let req = hyper::Request::post(uri.clone())
                     .header("content-type", "application/json")
                     .body(http_body_util::Full::new(bytes::Bytes::from(content)))?;
@@ -863,7 +884,7 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
     let mut conns = stream::iter(0..target.subscribers(plan))
         .map(|i| {
             let source = sources[i % sources.len()];
-            async move { subscriber(target, source, i, max_pushes, stride).await }
+            async move { subscriber(target, source, i, max_pushes, stride, plan.mode).await }
         })
         .buffer_unordered(256);
     while let Some(r) = conns.next().await {

@@ -189,8 +189,9 @@ struct BenchArgs {
     #[arg(long, default_value_t = 20)]
     storm_missed: u64,
     /// Run the scenario against this peer too, in the same run, and print
-    /// barrage/peer ratios: nchan with the room scenario (nginx-light +
-    /// libnginx-mod-nchan), grpc-floor with the user scenario.
+    /// barrage/peer ratios: nchan with the room and user scenarios
+    /// (nginx-light + libnginx-mod-nchan; a user is a channel of its own),
+    /// grpc-floor with the user scenario.
     #[arg(long, value_enum)]
     compare: Option<Peer>,
     /// Progress on stderr.
@@ -1326,10 +1327,13 @@ impl Cli {
             }
             Command::Bench(a) => {
                 match (a.compare, a.scenario) {
-                    (None, _) | (Some(Peer::Nchan), Scenario::Room) => {}
+                    (None, _) | (Some(Peer::Nchan), Scenario::Room | Scenario::User) => {}
                     (Some(Peer::GrpcFloor), Scenario::User) => {}
                     (Some(Peer::Nchan), _) => {
-                        return Err(bad("--compare", "nchan runs the room scenario only"));
+                        return Err(bad(
+                            "--compare",
+                            "nchan runs the room and user scenarios only",
+                        ));
                     }
                     (Some(Peer::GrpcFloor), _) => {
                         return Err(bad("--compare", "grpc-floor runs the user scenario only"));

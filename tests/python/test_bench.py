@@ -52,6 +52,22 @@ def test_bench_side_by_side_with_nchan(barrage_bin):
     assert ratios["deliveries_per_sec"] > 0
 
 
+def test_bench_push_to_user_side_by_side_with_nchan(barrage_bin):
+    """PushToUser against barrage, and against Nchan with a channel per
+    user, in one run: each push reaches its one user on both."""
+    s = run_bench(barrage_bin, "--scenario", "user", "--subscribers", "20", "--rate", "50", "--duration-secs", "2",
+                  "--sources", "2", "--compare", "nchan")
+    assert s["scenario"] == "push-to-user"
+    for server in ("barrage", "nchan"):
+        r = s[server]
+        assert r["server"] == server and r["scenario"] == "push-to-user", r
+        assert r["subscribers"] == 20 and r["connect_errors"] == 0, r
+        assert r["pushes"] == 100 and r["push_failures"] == 0, r
+        assert r["deliveries"] == r["deliveries_expected"] == 100, r
+        assert r["lost"] == 0 and r["duplicated"] == 0, r
+    assert s["barrage_over_nchan"]["latency_p99"] > 0
+
+
 def test_bench_bandwidth_counts_every_comment(barrage_bin):
     """Bytes per comment for every format; binary is smaller than JSON
     (byte counts of fixed inputs, not timings)."""
@@ -119,7 +135,7 @@ def test_bench_push_to_user_beside_the_grpc_floor(barrage_bin):
 
 
 def test_bench_refuses_a_peer_for_other_scenarios(barrage_bin):
-    for scenario, peer in [("user", "nchan"), ("room", "grpc-floor")]:
+    for scenario, peer in [("broadcast", "nchan"), ("room", "grpc-floor")]:
         p = subprocess.run([str(barrage_bin), "bench", "--scenario", scenario, "--compare", peer],
                            capture_output=True, text=True, timeout=30)
         assert p.returncode == 64 and "--compare" in p.stderr and peer in p.stderr, p.stderr
