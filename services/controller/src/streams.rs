@@ -7,6 +7,7 @@
 //! retried push is recognised and not delivered twice.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use indexmap::IndexMap;
@@ -126,12 +127,14 @@ const SWEEP_ROUNDS: usize = 60;
 pub struct Streams {
     cfg: StreamConfig,
     /// Indexed, so that a sweep can go on where the last one stopped.
-    streams: IndexMap<String, Stream>,
+    /// Keys are shared with `fronts`, which names a stream on every
+    /// message that leaves its history.
+    streams: IndexMap<Arc<str>, Stream>,
     /// Where the next sweep starts.
     sweep_cursor: usize,
     /// The oldest message of each stream that has one, by its place in
     /// append order: the global cap evicts from the first.
-    fronts: BTreeMap<u64, String>,
+    fronts: BTreeMap<u64, Arc<str>>,
     /// Place of the next message appended.
     next_order: u64,
     total: usize,
@@ -179,7 +182,7 @@ impl Streams {
         if !self.streams.contains_key(key) {
             let epoch = self.next_epoch();
             self.streams.insert(
-                key.to_owned(),
+                Arc::from(key),
                 Stream {
                     epoch,
                     seq: 0,
@@ -191,7 +194,7 @@ impl Streams {
             );
         }
         let retention = self.cfg.retention(key);
-        let stream = self.streams.get_mut(key).expect("inserted above");
+        let (_, shared_key, stream) = self.streams.get_full_mut(key).expect("inserted above");
         if !body.id.is_empty()
             && let Some(first) = stream.ids.get(&body.id)
         {
@@ -223,7 +226,7 @@ impl Streams {
                 offline,
             });
             if stream.history.len() == 1 {
-                self.fronts.insert(order, key.to_owned());
+                self.fronts.insert(order, shared_key.clone());
             }
             self.total += 1;
         }
@@ -252,17 +255,17 @@ impl Streams {
     /// Drops the oldest message of `stream` (named `key`), keeping the
     /// count and `fronts` in step.
     fn drop_front(
-        key: &str,
+        key: &Arc<str>,
         stream: &mut Stream,
         total: &mut usize,
-        fronts: &mut BTreeMap<u64, String>,
+        fronts: &mut BTreeMap<u64, Arc<str>>,
     ) {
         if let Some(old) = stream.history.pop_front() {
             stream.ids.remove(&old.body.id);
             *total -= 1;
             fronts.remove(&old.order);
             if let Some(next) = stream.history.front() {
-                fronts.insert(next.order, key.to_owned());
+                fronts.insert(next.order, key.clone());
             }
         }
     }
@@ -348,7 +351,7 @@ impl Streams {
             recovered: true,
             ..Default::default()
         };
-        let Some(stream) = self.streams.get_mut(&q.key) else {
+        let Some(stream) = self.streams.get_mut(q.key.as_str()) else {
             // Nothing was ever pushed here (or it was forgotten): a client
             // with a position has lost whatever that position referred to.
             out.recovered = !q.has_position || q.seq == 0;
@@ -583,7 +586,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(11 * 60)).await;
         s.sweep(Instant::now());
         assert_eq!(s.total_messages(), 1);
-        let fronts: Vec<_> = s.fronts.values().map(String::as_str).collect();
+        let fronts: Vec<&str> = s.fronts.values().map(|k| &**k).collect();
         assert_eq!(fronts, vec!["user:new"]);
     }
 
@@ -733,7 +736,7 @@ mod tests {
                 let kept: usize = s.streams.values().map(|st| st.history.len()).sum();
                 proptest::prop_assert_eq!(kept, s.total_messages());
                 proptest::prop_assert!(s.total_messages() <= 7);
-                let fronts: BTreeMap<u64, String> = s
+                let fronts: BTreeMap<u64, Arc<str>> = s
                     .streams
                     .iter()
                     .filter_map(|(k, st)| st.history.front().map(|m| (m.order, k.clone())))
