@@ -25,6 +25,7 @@ use barrage_protocol::{CloseCode, ServerFrame, StreamPos, format_positions};
 use tokio::sync::mpsc;
 
 use crate::hub::{ConnHandle, Hub, Outbound, Wire};
+use crate::queue;
 use crate::ws::{Admission, ConnectParams, Recovery, WsState, admit, recover};
 
 /// Longest hold of a long-poll request.
@@ -51,7 +52,7 @@ impl Drop for Registered {
 async fn open(
     state: &WsState,
     a: &Admission,
-) -> Result<(Registered, mpsc::Receiver<Outbound>, Recovery), Response> {
+) -> Result<(Registered, queue::Receiver<Outbound>, Recovery), Response> {
     let hub = state.hub.clone();
     let timeout = state.settings.ack_timeout;
     let (conn, rx, ack) = hub.connect(a.user.clone(), &a.rooms, Wire::Json);
@@ -83,7 +84,7 @@ async fn admit_and_open(
     params: ConnectParams,
     headers: &HeaderMap,
     peer: std::net::SocketAddr,
-) -> Result<(Admission, Registered, mpsc::Receiver<Outbound>, Recovery), Response> {
+) -> Result<(Admission, Registered, queue::Receiver<Outbound>, Recovery), Response> {
     let a = admit(state, params, headers, peer)?;
     let (registered, rx, recovery) = open(state, &a).await?;
     Ok((a, registered, rx, recovery))

@@ -20,11 +20,11 @@ use barrage_protocol::{
 };
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::BatchCache;
 use crate::metrics::Metrics;
+use crate::queue;
 use crate::reporter::{Ack, Change, Reporter};
 
 /// Id of a connection, unique within one connect-node process.
@@ -140,7 +140,7 @@ pub struct ConnHandle {
     pub user: UserId,
     /// The connection's frame format.
     pub wire: Wire,
-    tx: mpsc::Sender<Outbound>,
+    tx: queue::Sender<Outbound>,
     close: CancellationToken,
     /// Set, before `close` is cancelled, once the connection is asked to close.
     closed: AtomicBool,
@@ -172,14 +172,14 @@ impl ConnHandle {
     pub fn queue(&self, frame: Outbound) -> Queued {
         match self.tx.try_send(frame) {
             Ok(()) => Queued::Yes,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(queue::TrySendError::Full) => {
                 if self.close_with(CloseCode::SlowConsumer) {
                     Queued::SlowConsumer
                 } else {
                     Queued::Closed
                 }
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Queued::Closed,
+            Err(queue::TrySendError::Closed) => Queued::Closed,
         }
     }
 
@@ -198,7 +198,7 @@ impl ConnHandle {
 
     /// Frames waiting in the connection's send queue.
     pub fn queued(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.tx.len()
     }
 
     /// The code the connection is closing with, once asked to close.
@@ -377,8 +377,8 @@ impl Hub {
         user: UserId,
         rooms: &[RoomId],
         wire: Wire,
-    ) -> (Arc<ConnHandle>, mpsc::Receiver<Outbound>, Ack) {
-        let (tx, rx) = mpsc::channel(self.queue_len);
+    ) -> (Arc<ConnHandle>, queue::Receiver<Outbound>, Ack) {
+        let (tx, rx) = queue::channel(self.queue_len);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(ConnHandle {
             id,

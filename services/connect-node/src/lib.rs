@@ -14,6 +14,7 @@ pub mod hub;
 pub mod listener;
 mod metrics;
 pub mod publish;
+pub mod queue;
 mod reporter;
 pub mod sequencer;
 mod service;

@@ -14,6 +14,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::queue;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -27,7 +28,6 @@ use barrage_protocol::{
 use futures::SinkExt;
 use parking_lot::Mutex;
 use serde::Deserialize;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::gate::ReadGate;
@@ -345,7 +345,7 @@ pub async fn ws_handler(
 /// A session that is registered, recovered and told `connected`.
 struct Established {
     conn: Arc<ConnHandle>,
-    rx: mpsc::Receiver<Outbound>,
+    rx: queue::Receiver<Outbound>,
     socket: WebSocket,
     skip: Skip,
 }
@@ -493,7 +493,7 @@ type Handling<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Sen
 async fn run_session(
     state: &WsState,
     socket: &mut WebSocket,
-    mut rx: mpsc::Receiver<Outbound>,
+    mut rx: queue::Receiver<Outbound>,
     conn: &Arc<ConnHandle>,
     session: &Session,
     mut skip: Skip,
@@ -643,7 +643,7 @@ async fn run_session(
 /// Feeds `first` and every frame already queued behind it, then flushes once.
 async fn write_ready(
     sink: &mut WebSocket,
-    rx: &mut mpsc::Receiver<Outbound>,
+    rx: &mut queue::Receiver<Outbound>,
     skip: &mut Skip,
     first: Outbound,
     wire: Wire,
@@ -672,7 +672,7 @@ pub struct Batching {
 /// A non-message frame ends the batch and follows it, so order is kept.
 async fn write_batch(
     sink: &mut WebSocket,
-    rx: &mut mpsc::Receiver<Outbound>,
+    rx: &mut queue::Receiver<Outbound>,
     skip: &mut Skip,
     first: Outbound,
     b: Batching,
