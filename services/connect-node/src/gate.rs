@@ -1,80 +1,115 @@
-//! Reads a connection's socket only when it may have something to read.
+//! Polls a connection's socket and timers only when they may be ready.
 //!
 //! A connection's task wakes once for every frame queued to it, and its
-//! loop polls every source it waits on each time: the socket's read side
-//! too. Polling an idle WebSocket is not free: tungstenite prepares its
-//! read buffer, asks the socket, finds nothing and registers the task
-//! again, twice per delivered frame (the wake-up, then the poll that
-//! parks the task). The gate hands the socket a waker of its own and polls
-//! the socket only after that waker fired (the socket became readable or
-//! writable) or after the last poll returned a frame (more may be
-//! buffered); otherwise it answers `Pending` at once.
+//! loop polls every source it waits on each time. Polling an idle source
+//! is not free: for the socket, tungstenite prepares its read buffer, asks
+//! the socket, finds nothing and registers the task again; for a timer,
+//! tokio checks the deadline and registers the task again. And it happens
+//! twice per delivered frame (the wake-up, then the poll that parks the
+//! task).
+//!
+//! A [`Gate`] is a waker of the connection's own, handed to those sources
+//! instead of the task's: when one of them fires, the gate counts it and
+//! wakes the task. Each source sits behind a [`Door`], which polls it only
+//! if the gate fired since the source's last poll, or that poll returned
+//! `Ready` (a stream may have more buffered); otherwise it answers
+//! `Pending` at once. A source changed from outside (a timer reset) is
+//! let through once with [`Door::open`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use futures::task::{ArcWake, AtomicWaker, waker_ref};
-use futures::{Stream, StreamExt};
 
-/// The read gate of one connection. Poll it from one task.
+/// The waker a connection's sources get. Poll its doors from one task.
 #[derive(Debug)]
-pub(crate) struct ReadGate {
-    /// The socket's waker fired, or the last poll returned an item.
-    woken: AtomicBool,
-    /// The task to wake when the socket's waker fires.
+pub(crate) struct Gate {
+    /// How many times a source fired.
+    fired: AtomicU64,
+    /// The task to wake when one does.
     task: AtomicWaker,
 }
 
-impl ArcWake for ReadGate {
+impl ArcWake for Gate {
     fn wake_by_ref(gate: &Arc<Self>) {
-        gate.woken.store(true, Ordering::Release);
+        gate.fired.fetch_add(1, Ordering::AcqRel);
         gate.task.wake();
     }
 }
 
-impl ReadGate {
-    /// A gate that lets the first poll through.
+impl Gate {
     pub(crate) fn new() -> Arc<Self> {
-        Arc::new(ReadGate {
-            woken: AtomicBool::new(true),
+        Arc::new(Gate {
+            fired: AtomicU64::new(0),
             task: AtomicWaker::new(),
         })
     }
 
-    /// `stream.poll_next`, when the stream may have an item.
-    pub(crate) fn poll_next<S: Stream + Unpin>(
-        self: &Arc<Self>,
-        stream: &mut S,
+    /// A door for one source, open for its first poll.
+    pub(crate) fn door(self: &Arc<Self>) -> Door {
+        Door {
+            gate: self.clone(),
+            seen: 0,
+            open: true,
+        }
+    }
+}
+
+/// One source behind a [`Gate`].
+#[derive(Debug)]
+pub(crate) struct Door {
+    gate: Arc<Gate>,
+    /// `fired` at this source's last poll.
+    seen: u64,
+    /// The next poll goes through whatever the gate says.
+    open: bool,
+}
+
+impl Door {
+    /// `poll(cx)`, with the gate's waker in `cx`, when the source may be
+    /// ready.
+    pub(crate) fn poll<T>(
+        &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<S::Item>> {
-        // Registered before the flag is read: a wake-up from here on
-        // reaches this task.
-        self.task.register(cx.waker());
-        if !self.woken.swap(false, Ordering::AcqRel) {
+        poll: impl FnOnce(&mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        // Registered before the count is read: a source firing from here
+        // on wakes this task.
+        self.gate.task.register(cx.waker());
+        let fired = self.gate.fired.load(Ordering::Acquire);
+        if fired == self.seen && !self.open {
             return Poll::Pending;
         }
-        let waker = waker_ref(self);
-        let polled = stream.poll_next_unpin(&mut Context::from_waker(&waker));
-        if polled.is_ready() {
-            self.woken.store(true, Ordering::Release);
-        }
+        // Read before the poll: a source firing during it changes the
+        // count, so the next poll goes through too.
+        self.seen = fired;
+        let waker = waker_ref(&self.gate);
+        let polled = poll(&mut Context::from_waker(&waker));
+        self.open = polled.is_ready();
         polled
+    }
+
+    /// Lets the next poll through (the source was changed, e.g. a timer
+    /// reset to a new deadline).
+    pub(crate) fn open(&mut self) {
+        self.open = true;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
     use std::sync::atomic::AtomicUsize;
 
-    /// Counts the polls that reach the stream.
+    /// Counts the polls that reach a stream.
     struct Counted<S> {
         inner: S,
         polls: Arc<AtomicUsize>,
     }
 
-    impl<S: Stream + Unpin> Stream for Counted<S> {
+    impl<S: futures::Stream + Unpin> futures::Stream for Counted<S> {
         type Item = S::Item;
         fn poll_next(
             mut self: std::pin::Pin<&mut Self>,
@@ -93,7 +128,7 @@ mod tests {
     }
 
     #[test]
-    fn polls_the_stream_only_after_its_waker_fired_or_it_gave_an_item() {
+    fn polls_a_source_only_after_the_gate_fired_or_it_gave_an_item() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
         let polls = Arc::new(AtomicUsize::new(0));
         let mut stream = Counted {
@@ -103,14 +138,16 @@ mod tests {
         let task = Arc::new(Wakes(AtomicUsize::new(0)));
         let waker = futures::task::waker(task.clone());
         let mut cx = Context::from_waker(&waker);
-        let gate = ReadGate::new();
+        let gate = Gate::new();
+        let mut door = gate.door();
+        let mut next = |cx: &mut Context<'_>| door.poll(cx, |cx| stream.poll_next_unpin(cx));
 
         // The first poll reaches the stream, which is empty.
-        assert!(gate.poll_next(&mut stream, &mut cx).is_pending());
+        assert!(next(&mut cx).is_pending());
         assert_eq!(polls.load(Ordering::SeqCst), 1);
         // Woken for something else (a queued frame): the stream is left alone.
         for _ in 0..3 {
-            assert!(gate.poll_next(&mut stream, &mut cx).is_pending());
+            assert!(next(&mut cx).is_pending());
         }
         assert_eq!(polls.load(Ordering::SeqCst), 1);
 
@@ -118,17 +155,61 @@ mod tests {
         tx.send(7).unwrap();
         tx.send(8).unwrap();
         assert_eq!(task.0.load(Ordering::SeqCst), 1, "the task was woken");
-        assert_eq!(gate.poll_next(&mut stream, &mut cx), Poll::Ready(Some(7)));
+        assert_eq!(next(&mut cx), Poll::Ready(Some(7)));
         // After an item the stream is polled again without a wake-up.
-        assert_eq!(gate.poll_next(&mut stream, &mut cx), Poll::Ready(Some(8)));
-        assert!(gate.poll_next(&mut stream, &mut cx).is_pending());
+        assert_eq!(next(&mut cx), Poll::Ready(Some(8)));
+        assert!(next(&mut cx).is_pending());
         assert_eq!(polls.load(Ordering::SeqCst), 4);
-        assert!(gate.poll_next(&mut stream, &mut cx).is_pending());
+        assert!(next(&mut cx).is_pending());
         assert_eq!(polls.load(Ordering::SeqCst), 4);
 
         // The end of the stream comes through the same way.
         drop(tx);
         assert_eq!(task.0.load(Ordering::SeqCst), 2);
-        assert_eq!(gate.poll_next(&mut stream, &mut cx), Poll::Ready(None));
+        assert_eq!(next(&mut cx), Poll::Ready(None));
+    }
+
+    #[tokio::test]
+    async fn a_timer_behind_a_door_fires_and_a_reset_one_is_polled_again() {
+        use std::time::Duration;
+        let gate = Gate::new();
+        let (mut socket, mut timer) = (gate.door(), gate.door());
+        let sleep = tokio::time::sleep(Duration::from_millis(50));
+        tokio::pin!(sleep);
+        let started = tokio::time::Instant::now();
+        let quiet = std::future::poll_fn(|cx| socket.poll(cx, |_| Poll::<()>::Pending));
+        let fired = async {
+            tokio::select! {
+                () = quiet => unreachable!("the socket stays quiet"),
+                () = std::future::poll_fn(|cx| timer.poll(cx, |cx| sleep.as_mut().poll(cx))) => {}
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), fired)
+            .await
+            .expect("the timer fired");
+        assert!(
+            started.elapsed() >= Duration::from_millis(50),
+            "not before its deadline"
+        );
+
+        // A timer far off, polled once (its door then closed), reset to a
+        // near deadline: it fires at the new one.
+        let far = tokio::time::sleep(Duration::from_secs(600));
+        tokio::pin!(far);
+        let mut door = gate.door();
+        let first =
+            std::future::poll_fn(|cx| Poll::Ready(door.poll(cx, |cx| far.as_mut().poll(cx))));
+        assert!(first.await.is_pending());
+        let reset_at = tokio::time::Instant::now();
+        far.as_mut().reset(reset_at + Duration::from_millis(30));
+        door.open();
+        let again = std::future::poll_fn(|cx| door.poll(cx, |cx| far.as_mut().poll(cx)));
+        tokio::time::timeout(Duration::from_secs(10), again)
+            .await
+            .expect("the reset timer fired at its new deadline");
+        assert!(
+            reset_at.elapsed() >= Duration::from_millis(30),
+            "not before its new deadline"
+        );
     }
 }

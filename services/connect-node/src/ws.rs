@@ -25,12 +25,12 @@ use barrage_protocol::{
     ClientFrame, CloseCode, MessageParts, RoomId, ServerFrame, StreamKey, StreamPos, StreamState,
     UserId, binary, parse_client_frame, parse_positions,
 };
-use futures::SinkExt;
+use futures::{SinkExt, StreamExt};
 use parking_lot::Mutex;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::gate::ReadGate;
+use crate::gate::Gate;
 use crate::hub::{ConnHandle, Hub, Outbound, Wire};
 use crate::metrics::Metrics;
 
@@ -523,8 +523,11 @@ async fn run_session(
     // One client frame at a time: while one is handled, the next is not
     // read (backpressure), but frames to the client keep going out.
     let mut handling: Option<Handling<'_>> = None;
-    // The socket is read when it may have a frame, not on every wake-up.
-    let gate = ReadGate::new();
+    // The socket and the timers are polled when they may be ready, not on
+    // every wake-up for a queued frame.
+    let gate = Gate::new();
+    let (mut read_door, mut expiry_door) = (gate.door(), gate.door());
+    let (mut read_timer_door, mut ping_door) = (gate.door(), gate.door());
     loop {
         // Biased: closing first; a waiting read before the read deadline,
         // so a busy connection is never taken for a silent one; reads
@@ -532,7 +535,8 @@ async fn run_session(
         tokio::select! {
             biased;
             () = &mut closing => return true,
-            () = &mut expiry, if exp.is_some() => {
+            () = std::future::poll_fn(|cx| expiry_door.poll(cx, |cx| expiry.as_mut().poll(cx))),
+                if exp.is_some() => {
                 conn.close_with(CloseCode::TokenExpired);
                 return true;
             }
@@ -544,10 +548,13 @@ async fn run_session(
                 if now_exp != exp {
                     exp = now_exp;
                     expiry.as_mut().reset(session.deadline(settings.token_leeway).unwrap_or_else(never));
+                    expiry_door.open();
                 }
             }
-            next = std::future::poll_fn(|cx| gate.poll_next(socket, cx)), if handling.is_none() => {
+            next = std::future::poll_fn(|cx| read_door.poll(cx, |cx| socket.poll_next_unpin(cx))),
+                if handling.is_none() => {
                 read_timer.as_mut().reset(tokio::time::Instant::now() + settings.read_timeout);
+                read_timer_door.open();
                 let msg = match next {
                     None => {
                         conn.close_with(CloseCode::Normal);
@@ -598,7 +605,8 @@ async fn run_session(
                 }
             }
             // Not while a frame is handled: reads are paused by us then.
-            () = &mut read_timer, if handling.is_none() => {
+            () = std::future::poll_fn(|cx| read_timer_door.poll(cx, |cx| read_timer.as_mut().poll(cx))),
+                if handling.is_none() => {
                 conn.close_with(CloseCode::ReadTimeout);
                 return true;
             }
@@ -623,7 +631,7 @@ async fn run_session(
                     return false;
                 }
             }
-            _ = ping.tick() => {
+            _ = std::future::poll_fn(|cx| ping_door.poll(cx, |cx| ping.poll_tick(cx))) => {
                 // Like any write, a ping can block on a client that stopped
                 // reading; closing must still win.
                 let sent = tokio::select! {
