@@ -802,7 +802,37 @@ impl Pusher {
 struct Nginx {
     child: Child,
     addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    /// The binary and the configuration it runs, to stop it.
+    bin: &'static str,
+    conf: std::path::PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    /// Stops nginx the way it is meant to be stopped (`nginx -s stop`:
+    /// the master stops its workers, then exits). Killing the master
+    /// outright would leave its workers running, each holding its port and
+    /// its share of the run's memory.
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(self.bin)
+            .arg("-p")
+            .arg(self.dir.path())
+            .arg("-c")
+            .arg(&self.conf)
+            .args(["-s", "stop"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Still running: the master goes when `child` is dropped.
+    }
 }
 
 async fn start_nchan() -> anyhow::Result<Nginx> {
@@ -836,18 +866,21 @@ async fn start_nchan() -> anyhow::Result<Nginx> {
         .kill_on_drop(true)
         .spawn()
         .context("starting nginx")?;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    if let Err(e) = wait_ready(addr, "/healthz", "nginx").await {
+    let server = Nginx {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        bin: nginx,
+        conf: conf_path,
+        dir,
+    };
+    // On failure `server` is dropped, which stops nginx and its workers.
+    if let Err(e) = wait_ready(server.addr, "/healthz", "nginx").await {
         bail!(
             "{e}: {}",
-            std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+            std::fs::read_to_string(server.dir.path().join("error.log")).unwrap_or_default()
         );
     }
-    Ok(Nginx {
-        child,
-        addr,
-        _dir: dir,
-    })
+    Ok(server)
 }
 
 /// Whether `GET path` on `addr` answers 200.

@@ -2,6 +2,7 @@
 complete summary with nothing lost or repeated (no timing is asserted)."""
 
 import json
+import os
 import subprocess
 
 
@@ -34,11 +35,27 @@ def test_bench_refuses_unbounded_runs(barrage_bin):
         assert p.returncode == 64 and setting in p.stderr, (args, p.stderr)
 
 
+def nginx_processes():
+    """nginx masters and workers running now (they rename themselves
+    `nginx: master process …` and `nginx: worker process`)."""
+    n = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                n += f.read().startswith(b"nginx")
+        except OSError:
+            pass
+    return n
+
+
 def test_bench_side_by_side_with_nchan(barrage_bin):
     """The same small room fan-out against barrage and Nchan in one run;
-    both deliver everything and the summary carries the ratios."""
+    both deliver everything, the summary carries the ratios, and nginx is
+    gone afterwards, workers included."""
+    before = nginx_processes()
     s = run_bench(barrage_bin, "--subscribers", "30", "--rate", "20", "--duration-secs", "2", "--sources", "2",
                   "--compare", "nchan")
+    assert nginx_processes() == before, "nginx processes left behind"
     for server in ("barrage", "nchan"):
         r = s[server]
         assert r["server"] == server
@@ -55,8 +72,10 @@ def test_bench_side_by_side_with_nchan(barrage_bin):
 def test_bench_push_to_user_side_by_side_with_nchan(barrage_bin):
     """PushToUser against barrage, and against Nchan with a channel per
     user, in one run: each push reaches its one user on both."""
+    before = nginx_processes()
     s = run_bench(barrage_bin, "--scenario", "user", "--subscribers", "20", "--rate", "50", "--duration-secs", "2",
                   "--sources", "2", "--compare", "nchan")
+    assert nginx_processes() == before, "nginx processes left behind"
     assert s["scenario"] == "push-to-user"
     for server in ("barrage", "nchan"):
         r = s[server]
