@@ -597,7 +597,7 @@ pub async fn run(plan: BenchPlan) -> anyhow::Result<()> {
             })
         }
         Some(Peer::Nchan) => {
-            let nchan = run_target(&plan, &Target::Nchan(start_nchan().await?)).await?;
+            let nchan = run_target(&plan, &Target::Nchan(Box::new(start_nchan().await?))).await?;
             let ratio = |path: &[&str]| round(field(&barrage, path) / field(&nchan, path));
             serde_json::json!({
                 "scenario": barrage["scenario"],
@@ -628,7 +628,7 @@ fn field(v: &serde_json::Value, path: &[&str]) -> f64 {
 /// Where the pushes go and the subscribers listen.
 enum Target {
     Barrage(Server),
-    Nchan(Nginx),
+    Nchan(Box<Nginx>),
     /// The gRPC floor: pushes only, no subscribers.
     Floor(Server),
 }
