@@ -71,32 +71,55 @@ pub enum Mode {
     Broadcast,
 }
 
-/// Free loopback ports for the server.
-fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()?;
-    Ok(listeners
-        .iter()
-        .filter_map(|l| l.local_addr().ok().map(|a| a.port()))
-        .collect())
+/// Where the bench takes its servers' ports: below the kernel's ephemeral
+/// range (`ip_local_port_range`), so that no outgoing connection (the
+/// bench's own, or a role dialling another) can take a port between the
+/// check here and the server binding it.
+fn port_range() -> std::ops::Range<u16> {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    10_000..ephemeral.max(11_000)
 }
 
-/// The first of three consecutive free loopback ports.
-fn free_block3() -> anyhow::Result<u16> {
-    for _ in 0..100 {
-        let base = free_ports(1)?[0];
-        if base > 65_000 {
-            continue;
+/// `n` free ports on 127.0.0.1 for the bench's servers, consecutive if
+/// asked. The process walks the range from a place of its own and never
+/// hands out a port twice until it has gone all the way round.
+fn free_ports(n: usize, consecutive: bool) -> anyhow::Result<Vec<u16>> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let range = port_range();
+    let span = u32::from(range.end - range.start);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (now_nanos() % u64::from(span)) as u32,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    let mut held: Vec<std::net::TcpListener> = Vec::with_capacity(n);
+    for _ in 0..span {
+        let port = range.start + (NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if consecutive && port == range.start {
+            held.clear();
         }
-        let held: Result<Vec<_>, _> = (base..base + 3)
-            .map(|p| std::net::TcpListener::bind(("127.0.0.1", p)))
-            .collect();
-        if held.is_ok() {
-            return Ok(base);
+        match std::net::TcpListener::bind(("127.0.0.1", port)) {
+            Ok(l) => held.push(l),
+            Err(_) if consecutive => held.clear(),
+            Err(_) => {}
+        }
+        if held.len() == n {
+            return Ok(held
+                .iter()
+                .filter_map(|l| l.local_addr().ok().map(|a| a.port()))
+                .collect());
         }
     }
-    bail!("no three consecutive free ports")
+    bail!(
+        "fewer than {n} free ports on 127.0.0.1 between {} and {}",
+        range.start,
+        range.end
+    )
 }
 
 pub struct Server {
@@ -171,7 +194,7 @@ fn spawn_role(role: &'static str, env: &[(&str, String)]) -> anyhow::Result<(&'s
 /// own process (no etcd: the push-manager learns the nodes from the
 /// controller), and waits until all are ready.
 pub(crate) async fn start_cluster(nodes: usize) -> anyhow::Result<Server> {
-    let p = free_ports(4 + 3 * nodes)?;
+    let p = free_ports(4 + 3 * nodes, false)?;
     let localhost = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let controller = format!("127.0.0.1:{}", p[0]);
     let mut children = vec![spawn_role(
@@ -220,9 +243,9 @@ pub(crate) async fn start_cluster(nodes: usize) -> anyhow::Result<Server> {
 
 /// Starts `barrage dev` with `env` added, and waits until it is ready.
 pub(crate) async fn start_server(env: &[(&str, String)]) -> anyhow::Result<Server> {
-    let p = free_ports(4)?;
+    let p = free_ports(4, false)?;
     // `dev` serves HTTP on METRICS_PORT and the two ports below it.
-    let metrics = free_block3()? + 2;
+    let metrics = free_ports(3, true)?[2];
     let exe = std::env::current_exe().context("locating the barrage binary")?;
     let child = Command::new(exe)
         .args(["dev", "--log-format", "text"])
@@ -260,7 +283,7 @@ pub(crate) async fn start_server(env: &[(&str, String)]) -> anyhow::Result<Serve
 
 /// Starts `barrage bench-floor` and waits until it answers (at most 30 s).
 async fn start_floor() -> anyhow::Result<Server> {
-    let port = free_ports(1)?[0];
+    let port = free_ports(1, false)?[0];
     let children = vec![spawn_role(
         "bench-floor",
         &[("GRPC_PORT", port.to_string())],
@@ -847,7 +870,7 @@ async fn start_nchan() -> anyhow::Result<Nginx> {
         bail!("the Nchan module is missing: apt-get install libnginx-mod-nchan");
     }
     let dir = tempfile::tempdir()?;
-    let port = free_ports(1)?[0];
+    let port = free_ports(1, false)?[0];
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let conf = CONF
         .replace("@PREFIX@", &dir.path().display().to_string())
@@ -1110,7 +1133,7 @@ pub(crate) fn round(v: f64) -> f64 {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::{pace, probe};
+    use super::{free_ports, pace, port_range, probe};
 
     /// Receives what the pacer releases; bounded in time like every wait
     /// in a test.
@@ -1156,6 +1179,26 @@ mod tests {
         // Without the stop this thread would run for 60 s.
         let lags = pacer.join().unwrap();
         assert!(lags.is_empty(), "{} pushes sent to nobody", lags.len());
+    }
+
+    #[test]
+    fn free_ports_are_distinct_bindable_below_the_ephemeral_range_and_consecutive_when_asked() {
+        let range = port_range();
+        let mut all = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            let block = free_ports(3, true).unwrap();
+            assert_eq!(block.len(), 3);
+            assert_eq!(
+                [block[1], block[2]],
+                [block[0] + 1, block[0] + 2],
+                "{block:?}"
+            );
+            for p in free_ports(5, false).unwrap().into_iter().chain(block) {
+                assert!(range.contains(&p), "{p} not in {range:?}");
+                assert!(all.insert(p), "{p} handed out twice");
+                std::net::TcpListener::bind(("127.0.0.1", p)).unwrap();
+            }
+        }
     }
 
     fn probed(text: &str) -> Vec<(u64, u64)> {
