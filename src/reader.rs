@@ -12,7 +12,6 @@
 //! fragmented) are read, pings are answered with pongs, a close or the
 //! end of the stream ends the connection.
 
-use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
@@ -281,7 +280,7 @@ impl<H: OnText> Readers<H> {
         for (n, share) in shares.into_iter().enumerate() {
             let stop = stop.clone();
             let poll = Poll::new()?;
-            let mut conns = HashMap::with_capacity(share.len());
+            let mut conns = Vec::with_capacity(share.len());
             for (i, (open, handler)) in share.into_iter().enumerate() {
                 let mut stream = MioStream::from_std(open.stream);
                 poll.registry()
@@ -296,7 +295,7 @@ impl<H: OnText> Readers<H> {
                 let mut rest = Vec::new();
                 c.closed = !c.frames(&open.leftover, now(), &mut rest);
                 c.partial = rest;
-                conns.insert(i, c);
+                conns.push(c);
             }
             handles.push(
                 std::thread::Builder::new()
@@ -326,7 +325,7 @@ impl<H: OnText> Readers<H> {
 
 fn run<H: OnText>(
     mut poll: Poll,
-    mut conns: HashMap<usize, Conn<H>>,
+    mut conns: Vec<Conn<H>>,
     stop: &AtomicBool,
     now: fn() -> u64,
 ) -> std::io::Result<Vec<H>> {
@@ -339,7 +338,7 @@ fn run<H: OnText>(
             Err(e) => return Err(e),
         }
         for ev in &events {
-            if let Some(c) = conns.get_mut(&ev.token().0)
+            if let Some(c) = conns.get_mut(ev.token().0)
                 && !c.closed
                 && !c.read(&mut scratch, &now)
             {
@@ -349,9 +348,7 @@ fn run<H: OnText>(
             }
         }
     }
-    let mut all: Vec<(usize, Conn<H>)> = conns.into_iter().collect();
-    all.sort_unstable_by_key(|(i, _)| *i);
-    Ok(all.into_iter().map(|(_, c)| c.handler).collect())
+    Ok(conns.into_iter().map(|c| c.handler).collect())
 }
 
 #[cfg(test)]

@@ -91,6 +91,21 @@ struct Link {
     stop: CancellationToken,
 }
 
+impl Link {
+    /// Queues `changes` (possibly none) for the next report and wakes the
+    /// link; the receiver resolves once the controller has applied that
+    /// report (or the sync it rides on).
+    fn report(&self, changes: Vec<SessionChange>) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let mut q = self.queue.lock();
+        q.changes.extend(changes);
+        q.waiters.push(tx);
+        drop(q);
+        self.notify.notify_one();
+        rx
+    }
+}
+
 /// History queries bound for one controller: its client, the queries'
 /// positions in the caller's list, and the queries.
 type OwnerQueries = (ControllerClient<PeerChannel>, Vec<usize>, Vec<HistoryQuery>);
@@ -160,13 +175,7 @@ impl Reporter {
             }
         }
         for (_, (link, changes)) in by_link {
-            let (tx, rx) = oneshot::channel();
-            let mut q = link.queue.lock();
-            q.changes.extend(changes);
-            q.waiters.push(tx);
-            drop(q);
-            link.notify.notify_one();
-            acks.push(rx);
+            acks.push(link.report(changes));
         }
         Ack(acks)
     }
@@ -176,16 +185,10 @@ impl Reporter {
     /// on that sync or on the report after it.
     pub fn confirmed(&self) -> Ack {
         let ring = self.ring.read().clone();
-        let acks = ring
+        Ack(ring
             .members()
-            .map(|(_, link)| {
-                let (tx, rx) = oneshot::channel();
-                link.queue.lock().waiters.push(tx);
-                link.notify.notify_one();
-                rx
-            })
-            .collect();
-        Ack(acks)
+            .map(|(_, link)| link.report(Vec::new()))
+            .collect())
     }
 
     /// Asks the owning controllers for stream positions and missed

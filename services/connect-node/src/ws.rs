@@ -14,7 +14,6 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::queue;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -33,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::gate::Gate;
 use crate::hub::{ConnHandle, Hub, Outbound, Wire};
 use crate::metrics::Metrics;
+use crate::queue;
 
 /// Settings of the WebSocket endpoint.
 #[derive(Debug, Clone)]
