@@ -194,6 +194,15 @@ struct BenchArgs {
     /// grpc-floor with the user scenario.
     #[arg(long, value_enum)]
     compare: Option<Peer>,
+    /// Niceness (0–19) of the bench threads that read the subscribers'
+    /// sockets. At 19 they take a core only when the servers leave one,
+    /// as subscribers on other machines would: for latency at fixed rates
+    /// below saturation (arrival_latency_ms is taken by the kernel, so
+    /// their own delay is not counted). Not at max rate: readers that fall
+    /// behind make the servers' send queues overflow, and the run reports
+    /// the loss.
+    #[arg(long, default_value_t = 0)]
+    client_nice: u8,
     /// Progress on stderr.
     #[arg(long)]
     verbose: bool,
@@ -1370,6 +1379,9 @@ impl Cli {
                 if a.payload_bytes > 60_000 {
                     return Err(bad("--payload-bytes", "must be at most 60000"));
                 }
+                if a.client_nice > 19 {
+                    return Err(bad("--client-nice", "must be 0 to 19"));
+                }
                 Plan::Bench(crate::bench::BenchPlan {
                     subscribers: a.subscribers,
                     rate: a.rate.unwrap_or(20),
@@ -1387,6 +1399,7 @@ impl Cli {
                         _ => crate::bench::Mode::Room,
                     },
                     nodes,
+                    client_nice: a.client_nice,
                 })
             }
             Command::Sub(a) => Plan::Sub(crate::sub::SubPlan {

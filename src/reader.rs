@@ -11,8 +11,14 @@
 //! needs of the protocol is spoken: server frames (unmasked, possibly
 //! fragmented) are read, pings are answered with pongs, a close or the
 //! end of the stream ends the connection.
+//!
+//! Every message is handed on with two times: when the reader read it, and
+//! when it reached the socket. The second is the kernel's receive
+//! timestamp (`SO_TIMESTAMPNS`, Linux): it leaves out how long the frame
+//! waited in the socket buffer for a reader thread to get a core, which on
+//! a machine shared with the servers is the client's delay, not theirs.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -97,9 +103,19 @@ pub(crate) fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// When a message came, in nanoseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Came {
+    /// Read by the reader thread.
+    pub read: u64,
+    /// Reached the socket (the last of its bytes, by the kernel's receive
+    /// timestamp); the read time where the kernel gives none.
+    pub arrived: u64,
+}
+
 /// A text message, whole, as it came off one connection.
 pub(crate) trait OnText: Send + 'static {
-    fn text(&mut self, text: &str, now_nanos: u64);
+    fn text(&mut self, text: &str, came: Came);
 }
 
 /// One open WebSocket, handshake done: the socket and whatever was read
@@ -190,18 +206,22 @@ impl<H: OnText> Conn<H> {
     /// to the handler. Returns false once the connection is over.
     fn read(&mut self, scratch: &mut [u8], now: &impl Fn() -> u64) -> bool {
         loop {
-            match self.stream.read(scratch) {
-                Ok(0) => return false,
-                Ok(n) => {
-                    let t = now();
+            match recv(&mut self.stream, scratch) {
+                Ok((0, _)) => return false,
+                Ok((n, arrived)) => {
+                    let read = now();
+                    let came = Came {
+                        read,
+                        arrived: arrived.unwrap_or(read),
+                    };
                     let mut rest = Vec::new();
                     let ok = if self.partial.is_empty() {
                         // The usual case: whole frames, parsed where they were read.
-                        self.frames(&scratch[..n], t, &mut rest)
+                        self.frames(&scratch[..n], came, &mut rest)
                     } else {
                         let mut input = std::mem::take(&mut self.partial);
                         input.extend_from_slice(&scratch[..n]);
-                        self.frames(&input, t, &mut rest)
+                        self.frames(&input, came, &mut rest)
                     };
                     self.partial = rest;
                     if !ok {
@@ -217,7 +237,7 @@ impl<H: OnText> Conn<H> {
 
     /// Handles the complete frames of `input`; an incomplete tail goes to
     /// `rest`. Returns false on a close or a protocol error.
-    fn frames(&mut self, mut input: &[u8], now: u64, rest: &mut Vec<u8>) -> bool {
+    fn frames(&mut self, mut input: &[u8], came: Came, rest: &mut Vec<u8>) -> bool {
         loop {
             let (f, used) = match parse_frame(input) {
                 Ok(Some(x)) => x,
@@ -228,12 +248,12 @@ impl<H: OnText> Conn<H> {
                 Err(_) => return false,
             };
             match f.opcode {
-                1 if f.fin => self.text(f.payload, now),
+                1 if f.fin => self.text(f.payload, came),
                 1 | 0 => {
                     self.message.extend_from_slice(f.payload);
                     if f.fin && f.opcode == 0 {
                         let m = std::mem::take(&mut self.message);
-                        self.text(&m, now);
+                        self.text(&m, came);
                     }
                 }
                 8 => return false,
@@ -249,9 +269,9 @@ impl<H: OnText> Conn<H> {
         }
     }
 
-    fn text(&mut self, payload: &[u8], now: u64) {
+    fn text(&mut self, payload: &[u8], came: Came) {
         if let Ok(s) = std::str::from_utf8(payload) {
-            self.handler.text(s, now);
+            self.handler.text(s, came);
         }
     }
 }
@@ -263,11 +283,12 @@ pub(crate) struct Readers<H> {
 }
 
 impl<H: OnText> Readers<H> {
-    /// Starts `threads` readers and spreads `conns` over them. Each
-    /// connection's leftover bytes are handled first.
+    /// Starts `threads` readers at niceness `nice` and spreads `conns`
+    /// over them. Each connection's leftover bytes are handled first.
     pub(crate) fn start(
         conns: Vec<(Open, H)>,
         threads: usize,
+        nice: u8,
         now: fn() -> u64,
     ) -> anyhow::Result<Self> {
         let threads = threads.max(1);
@@ -282,6 +303,7 @@ impl<H: OnText> Readers<H> {
             let poll = Poll::new()?;
             let mut conns = Vec::with_capacity(share.len());
             for (i, (open, handler)) in share.into_iter().enumerate() {
+                stamp_arrivals(&open.stream)?;
                 let mut stream = MioStream::from_std(open.stream);
                 poll.registry()
                     .register(&mut stream, Token(i), Interest::READABLE)?;
@@ -293,14 +315,19 @@ impl<H: OnText> Readers<H> {
                     closed: false,
                 };
                 let mut rest = Vec::new();
-                c.closed = !c.frames(&open.leftover, now(), &mut rest);
+                let t = now();
+                let came = Came {
+                    read: t,
+                    arrived: t,
+                };
+                c.closed = !c.frames(&open.leftover, came, &mut rest);
                 c.partial = rest;
                 conns.push(c);
             }
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("bench-reader-{n}"))
-                    .spawn(move || run(poll, conns, &stop, now))?,
+                    .spawn(move || run(poll, conns, &stop, now, nice))?,
             );
         }
         Ok(Readers {
@@ -323,12 +350,72 @@ impl<H: OnText> Readers<H> {
     }
 }
 
+/// Asks the kernel to timestamp what `stream` receives.
+#[cfg(target_os = "linux")]
+fn stamp_arrivals(stream: &TcpStream) -> std::io::Result<()> {
+    nix::sys::socket::setsockopt(stream, nix::sys::socket::sockopt::ReceiveTimestampns, &true)
+        .map_err(std::io::Error::from)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn stamp_arrivals(_: &TcpStream) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// One read: the bytes, and the kernel's receive timestamp of the last of
+/// them (nanoseconds since the Unix epoch) when it gives one.
+#[cfg(target_os = "linux")]
+fn recv(stream: &mut MioStream, buf: &mut [u8]) -> std::io::Result<(usize, Option<u64>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::AsRawFd;
+    let mut cmsgs = [0u8; 64];
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsgs),
+        MsgFlags::empty(),
+    )
+    .map_err(std::io::Error::from)?;
+    let arrived = msg.cmsgs().ok().and_then(|mut all| {
+        all.find_map(|c| match c {
+            ControlMessageOwned::ScmTimestampns(t) => {
+                Some(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+            }
+            _ => None,
+        })
+    });
+    Ok((msg.bytes, arrived))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn recv(stream: &mut MioStream, buf: &mut [u8]) -> std::io::Result<(usize, Option<u64>)> {
+    Ok((std::io::Read::read(stream, buf)?, None))
+}
+
+/// Sets the calling thread's niceness (on Linux `setpriority` with no
+/// pid applies to the calling thread alone).
+#[cfg(target_os = "linux")]
+fn yield_cores(nice: u8) -> std::io::Result<()> {
+    if nice == 0 {
+        return Ok(());
+    }
+    rustix::process::setpriority_process(None, i32::from(nice)).map_err(std::io::Error::from)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn yield_cores(_: u8) -> std::io::Result<()> {
+    Ok(())
+}
+
 fn run<H: OnText>(
     mut poll: Poll,
     mut conns: Vec<Conn<H>>,
     stop: &AtomicBool,
     now: fn() -> u64,
+    nice: u8,
 ) -> std::io::Result<Vec<H>> {
+    yield_cores(nice)?;
     let mut events = Events::with_capacity(1024);
     let mut scratch = vec![0u8; 64 << 10];
     while !stop.load(Ordering::Acquire) {
@@ -354,6 +441,7 @@ fn run<H: OnText>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     fn server_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
         let mut out = vec![u8::from(fin) << 7 | opcode];
@@ -422,10 +510,10 @@ mod tests {
         }
     }
 
-    struct Texts(std::sync::mpsc::Sender<String>);
+    struct Texts(std::sync::mpsc::Sender<(String, Came)>);
     impl OnText for Texts {
-        fn text(&mut self, text: &str, _: u64) {
-            let _ = self.0.send(text.to_owned());
+        fn text(&mut self, text: &str, came: Came) {
+            let _ = self.0.send((text.to_owned(), came));
         }
     }
 
@@ -461,6 +549,7 @@ mod tests {
                 Texts(tx),
             )],
             1,
+            0,
             || 0,
         )
         .unwrap();
@@ -479,11 +568,34 @@ mod tests {
             0,
             "socket shut after the close"
         );
-        let texts: Vec<String> = rx.try_iter().collect();
+        let (texts, came): (Vec<String>, Vec<Came>) = rx.try_iter().unzip();
         assert_eq!(
             texts,
             vec!["first".to_owned(), "second".into(), "third".into(), big]
         );
+        // The reader's clock here always says 0; what came off the socket
+        // carries the kernel's receive time, the leftover its read time.
+        assert_eq!(
+            came[0],
+            Came {
+                read: 0,
+                arrived: 0
+            }
+        );
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        for c in &came[1..] {
+            assert_eq!(c.read, 0);
+            if cfg!(target_os = "linux") {
+                assert!(
+                    c.arrived > wall - 60_000_000_000 && c.arrived <= wall,
+                    "kernel receive time {} not within the last minute of {wall}",
+                    c.arrived
+                );
+            }
+        }
         readers.stop().unwrap();
     }
 }
