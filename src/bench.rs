@@ -511,8 +511,8 @@ async fn subscriber(
 /// (`BATCH_WINDOW_MS` on the server), the whole of an Nchan one.
 ///
 /// The payloads are the bench's own, so it looks for their exact opening
-/// rather than parsing the frame as JSON: one scan, a third of the cost
-/// of a parse, on a client that shares the cores with the servers. The
+/// rather than parsing the frame as JSON: one scan and no parse, on a
+/// client that shares the cores with the servers. The
 /// opening cannot occur elsewhere in a frame: no envelope field is named
 /// `t`, and inside a JSON string its quotes would be escaped.
 fn probe(text: &str, mut each: impl FnMut(u64, u64)) {

@@ -195,7 +195,7 @@ struct BenchArgs {
     #[arg(long, value_enum)]
     compare: Option<Peer>,
     /// Niceness (0–19) of the bench threads that read the subscribers'
-    /// sockets. At 19 they take a core only when the servers leave one,
+    /// sockets. At 19 they get a core mostly when the servers leave one,
     /// as subscribers on other machines would: for latency at fixed rates
     /// below saturation (arrival_latency_ms is taken by the kernel, so
     /// their own delay is not counted). Not at max rate: readers that fall
