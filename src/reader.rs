@@ -17,6 +17,9 @@
 //! timestamp (`SO_TIMESTAMPNS`, Linux): it leaves out how long the frame
 //! waited in the socket buffer for a reader thread to get a core, which on
 //! a machine shared with the servers is the client's delay, not theirs.
+//! The kernel turns stamping on for the whole system a moment after the
+//! first socket asks; a read without a stamp counts its read time. The
+//! bench waits half a second after starting the readers before it pushes.
 
 use std::io::{ErrorKind, Write};
 use std::net::TcpStream;
@@ -517,11 +520,43 @@ mod tests {
         }
     }
 
+    /// Returns once the kernel stamps what sockets receive, and a socket
+    /// pair that keeps it doing so while it lives. The kernel turns
+    /// stamping on for the whole system a moment after the first socket
+    /// asks for it; reads before that carry no timestamp.
+    #[cfg(target_os = "linux")]
+    fn receive_timestamps_on() -> (TcpStream, MioStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tx = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (rx, _) = listener.accept().unwrap();
+        stamp_arrivals(&rx).unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut rx = MioStream::from_std(rx);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            tx.write_all(b"x").unwrap();
+            let (n, stamp) = recv(&mut rx, &mut [0u8; 16]).unwrap();
+            assert_eq!(n, 1);
+            if stamp.is_some() {
+                return (tx, rx);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the kernel never stamped a received byte"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn receive_timestamps_on() {}
+
     /// Against a real loopback socket: frames split anywhere, fragmented
     /// messages, a ping answered with a pong, and a close that ends the
     /// connection (nothing after it is read, the socket is shut).
     #[test]
     fn reads_split_and_fragmented_frames_answers_pings_and_stops_at_close() {
+        let _stamping = receive_timestamps_on();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (mut server, _) = listener.accept().unwrap();
@@ -596,6 +631,47 @@ mod tests {
                 );
             }
         }
+        readers.stop().unwrap();
+    }
+
+    /// The readers run at the niceness they were started with.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn readers_run_at_the_niceness_asked_for() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        client.set_nonblocking(true).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let open = Open {
+            stream: client,
+            leftover: Vec::new(),
+        };
+        let readers = Readers::start(vec![(open, Texts(tx))], 1, 7, || 0).unwrap();
+        // Once a frame has been read the thread is past setting its niceness.
+        server.write_all(&server_frame(true, 1, b"hello")).unwrap();
+        let (text, _) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(text, "hello");
+        // Field 19 of a thread's stat, counted from the state after the
+        // command name's closing parenthesis, is its niceness.
+        let nice_of = |dir: &std::path::Path| -> Option<i32> {
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            let after = &stat[stat.rfind(')')? + 2..];
+            after.split(' ').nth(16)?.parse().ok()
+        };
+        // Other tests' readers (at 0) may be running beside this one.
+        let readers_nice: Vec<i32> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| {
+                let dir = t.ok()?.path();
+                let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+                (comm.trim() == "bench-reader-0").then(|| nice_of(&dir))?
+            })
+            .collect();
+        assert!(readers_nice.contains(&7), "{readers_nice:?}");
+        // Only the reader's own thread: the rest of the process keeps its
+        // priority.
+        assert_eq!(nice_of(std::path::Path::new("/proc/thread-self")), Some(0));
         readers.stop().unwrap();
     }
 }
