@@ -116,6 +116,16 @@ pub(crate) struct Came {
     pub arrived: u64,
 }
 
+impl Came {
+    /// Read at `read`; arrived when the kernel says, else then.
+    fn at(read: u64, arrived: Option<u64>) -> Self {
+        Came {
+            read,
+            arrived: arrived.unwrap_or(read),
+        }
+    }
+}
+
 /// A text message, whole, as it came off one connection.
 pub(crate) trait OnText: Send + 'static {
     fn text(&mut self, text: &str, came: Came);
@@ -212,11 +222,7 @@ impl<H: OnText> Conn<H> {
             match recv(&mut self.stream, scratch) {
                 Ok((0, _)) => return false,
                 Ok((n, arrived)) => {
-                    let read = now();
-                    let came = Came {
-                        read,
-                        arrived: arrived.unwrap_or(read),
-                    };
+                    let came = Came::at(now(), arrived);
                     let mut rest = Vec::new();
                     let ok = if self.partial.is_empty() {
                         // The usual case: whole frames, parsed where they were read.
@@ -318,12 +324,7 @@ impl<H: OnText> Readers<H> {
                     closed: false,
                 };
                 let mut rest = Vec::new();
-                let t = now();
-                let came = Came {
-                    read: t,
-                    arrived: t,
-                };
-                c.closed = !c.frames(&open.leftover, came, &mut rest);
+                c.closed = !c.frames(&open.leftover, Came::at(now(), None), &mut rest);
                 c.partial = rest;
                 conns.push(c);
             }
@@ -520,15 +521,21 @@ mod tests {
         }
     }
 
+    /// A connected loopback pair: (client, server), both blocking.
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+
     /// Returns once the kernel stamps what sockets receive, and a socket
     /// pair that keeps it doing so while it lives. The kernel turns
     /// stamping on for the whole system a moment after the first socket
     /// asks for it; reads before that carry no timestamp.
     #[cfg(target_os = "linux")]
     fn receive_timestamps_on() -> (TcpStream, MioStream) {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut tx = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (rx, _) = listener.accept().unwrap();
+        let (mut tx, rx) = pair();
         stamp_arrivals(&rx).unwrap();
         rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut rx = MioStream::from_std(rx);
@@ -557,9 +564,7 @@ mod tests {
     #[test]
     fn reads_split_and_fragmented_frames_answers_pings_and_stops_at_close() {
         let _stamping = receive_timestamps_on();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (mut server, _) = listener.accept().unwrap();
+        let (client, mut server) = pair();
         server
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
@@ -638,9 +643,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn readers_run_at_the_niceness_asked_for() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (mut server, _) = listener.accept().unwrap();
+        let (client, mut server) = pair();
         client.set_nonblocking(true).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let open = Open {
