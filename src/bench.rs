@@ -59,6 +59,10 @@ pub struct BenchPlan {
     pub nodes: usize,
     /// Niceness of the threads reading the subscribers' sockets (0–19).
     pub client_nice: u8,
+    /// The fan-out goal checked in one run: Nchan first at max rate, then
+    /// barrage paced at this many times Nchan's deliveries/s (with
+    /// `compare` Nchan and `rate` 0 only).
+    pub over_nchan: Option<f64>,
 }
 
 /// What each push targets.
@@ -607,15 +611,12 @@ fn spread(sorted: &[u32]) -> serde_json::Value {
 /// (Nchan for rooms and users, the gRPC floor for users), and prints its
 /// JSON summary.
 pub async fn run(plan: BenchPlan) -> anyhow::Result<()> {
-    let barrage = {
-        let server = if plan.nodes == 0 {
-            start_server(&[]).await?
-        } else {
-            start_cluster(plan.nodes).await?
-        };
-        let target = Target::Barrage(server);
-        run_target(&plan, &target).await?
-    };
+    if let Some(factor) = plan.over_nchan {
+        let summary = run_over_nchan(&plan, factor).await?;
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+    let barrage = run_barrage(&plan).await?;
     let summary = match plan.compare {
         None => barrage,
         Some(Peer::GrpcFloor) => {
@@ -638,26 +639,94 @@ pub async fn run(plan: BenchPlan) -> anyhow::Result<()> {
             })
         }
         Some(Peer::Nchan) => {
-            let nchan = run_target(&plan, &Target::Nchan(Box::new(start_nchan().await?))).await?;
-            let ratio = |path: &[&str]| round(field(&barrage, path) / field(&nchan, path));
-            serde_json::json!({
-                "scenario": barrage["scenario"],
-                "barrage_over_nchan": {
-                    "deliveries_per_sec": ratio(&["deliveries_per_sec"]),
-                    "latency_p50": ratio(&["latency_ms", "p50"]),
-                    "latency_p99": ratio(&["latency_ms", "p99"]),
-                    "arrival_latency_p50": ratio(&["arrival_latency_ms", "p50"]),
-                    "arrival_latency_p99": ratio(&["arrival_latency_ms", "p99"]),
-                    "server_cpu_cores": ratio(&["cpu_cores_used", "server"]),
-                    "server_rss_per_connection": ratio(&["server_rss_per_connection_bytes"]),
-                },
-                "barrage": barrage,
-                "nchan": nchan,
-            })
+            let nchan = run_nchan(&plan).await?;
+            side_by_side(barrage, nchan)
         }
     };
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
+}
+
+/// Runs the plan against barrage: `barrage dev`, or a cluster of
+/// `plan.nodes` connect-nodes.
+async fn run_barrage(plan: &BenchPlan) -> anyhow::Result<serde_json::Value> {
+    let server = if plan.nodes == 0 {
+        start_server(&[]).await?
+    } else {
+        start_cluster(plan.nodes).await?
+    };
+    run_target(plan, &Target::Barrage(server)).await
+}
+
+async fn run_nchan(plan: &BenchPlan) -> anyhow::Result<serde_json::Value> {
+    run_target(plan, &Target::Nchan(Box::new(start_nchan().await?))).await
+}
+
+/// Both summaries and the barrage/Nchan ratios.
+fn side_by_side(barrage: serde_json::Value, nchan: serde_json::Value) -> serde_json::Value {
+    let ratio = |path: &[&str]| round(field(&barrage, path) / field(&nchan, path));
+    serde_json::json!({
+        "scenario": barrage["scenario"],
+        "barrage_over_nchan": {
+            "deliveries_per_sec": ratio(&["deliveries_per_sec"]),
+            "latency_p50": ratio(&["latency_ms", "p50"]),
+            "latency_p99": ratio(&["latency_ms", "p99"]),
+            "arrival_latency_p50": ratio(&["arrival_latency_ms", "p50"]),
+            "arrival_latency_p99": ratio(&["arrival_latency_ms", "p99"]),
+            "server_cpu_cores": ratio(&["cpu_cores_used", "server"]),
+            "server_rss_per_connection": ratio(&["server_rss_per_connection_bytes"]),
+        },
+        "barrage": barrage,
+        "nchan": nchan,
+    })
+}
+
+/// The fan-out goal in one run: Nchan at max rate first, then
+/// barrage paced at `factor` times the deliveries/s Nchan reached. Met
+/// when barrage delivered at least that many per second, lost nothing, and
+/// its p99 was no worse than Nchan's, read and at the socket.
+async fn run_over_nchan(plan: &BenchPlan, factor: f64) -> anyhow::Result<serde_json::Value> {
+    let nchan = run_nchan(plan).await?;
+    let nchan_rate = field(&nchan, &["deliveries_per_sec"]);
+    let rate = paced_rate(plan.mode, plan.subscribers, nchan_rate, factor)?;
+    let barrage = run_barrage(&BenchPlan {
+        rate,
+        ..plan.clone()
+    })
+    .await?;
+    let deliveries = field(&barrage, &["deliveries_per_sec"]);
+    let no_worse = |path: &[&str]| field(&barrage, path) <= field(&nchan, path);
+    let met = deliveries >= factor * nchan_rate
+        && field(&barrage, &["lost"]) == 0.0
+        && no_worse(&["latency_ms", "p99"])
+        && no_worse(&["arrival_latency_ms", "p99"]);
+    let mut summary = side_by_side(barrage, nchan);
+    summary["goal"] = serde_json::json!({
+        "factor": factor,
+        "nchan_deliveries_per_sec": nchan_rate,
+        "barrage_pushes_per_sec": rate,
+        "met": met,
+    });
+    Ok(summary)
+}
+
+/// Pushes per second that deliver `factor` times `deliveries_per_sec`:
+/// every subscriber gets a room push, one subscriber a user push.
+fn paced_rate(
+    mode: Mode,
+    subscribers: usize,
+    deliveries_per_sec: f64,
+    factor: f64,
+) -> anyhow::Result<u32> {
+    let per_push = match mode {
+        Mode::User => 1.0,
+        Mode::Room | Mode::Broadcast => subscribers as f64,
+    };
+    let rate = (factor * deliveries_per_sec / per_push).ceil();
+    if !(1.0..=f64::from(u32::MAX)).contains(&rate) {
+        bail!("Nchan delivered {deliveries_per_sec} messages/s: no push rate to pace barrage at");
+    }
+    Ok(rate as u32)
 }
 
 /// The number at `path` in a summary (NaN when absent).
@@ -1155,7 +1224,20 @@ pub(crate) fn round(v: f64) -> f64 {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::{free_ports, pace, port_range, probe};
+    use super::{Mode, free_ports, pace, paced_rate, port_range, probe};
+
+    #[test]
+    fn paced_rate_delivers_the_factor_or_a_little_more() {
+        // 144,150 deliveries/s × 1.5 over a room of 10,000: 21.6 pushes/s.
+        assert_eq!(paced_rate(Mode::Room, 10_000, 144_150.0, 1.5).unwrap(), 22);
+        assert_eq!(
+            paced_rate(Mode::User, 10_000, 20_000.0, 1.5).unwrap(),
+            30_000
+        );
+        assert_eq!(paced_rate(Mode::Room, 100, 100.0, 1.0).unwrap(), 1);
+        assert!(paced_rate(Mode::Room, 10_000, 0.0, 1.5).is_err());
+        assert!(paced_rate(Mode::Room, 10_000, f64::NAN, 1.5).is_err());
+    }
 
     /// Receives what the pacer releases; bounded in time like every wait
     /// in a test.

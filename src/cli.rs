@@ -194,6 +194,12 @@ struct BenchArgs {
     /// grpc-floor with the user scenario.
     #[arg(long, value_enum)]
     compare: Option<Peer>,
+    /// With `--compare nchan --rate 0`: the fan-out goal in one run. Nchan
+    /// runs first at max rate; barrage then runs paced at FACTOR times the
+    /// deliveries/s Nchan reached (1–100), and `goal.met` says whether it
+    /// delivered that many with no loss and a p99 no worse than Nchan's.
+    #[arg(long, value_name = "FACTOR")]
+    over_nchan: Option<f64>,
     /// Niceness (0–19) of the bench threads that read the subscribers'
     /// sockets. At 19 they get a core mostly when the servers leave one,
     /// as subscribers on other machines would: for latency at fixed rates
@@ -1382,6 +1388,17 @@ impl Cli {
                 if a.client_nice > 19 {
                     return Err(bad("--client-nice", "must be 0 to 19"));
                 }
+                if let Some(f) = a.over_nchan {
+                    if !(1.0..=100.0).contains(&f) {
+                        return Err(bad("--over-nchan", "must be 1 to 100"));
+                    }
+                    if a.compare != Some(Peer::Nchan) || a.rate != Some(0) {
+                        return Err(bad(
+                            "--over-nchan",
+                            "needs --compare nchan and --rate 0 (Nchan runs at max rate)",
+                        ));
+                    }
+                }
                 Plan::Bench(crate::bench::BenchPlan {
                     subscribers: a.subscribers,
                     rate: a.rate.unwrap_or(20),
@@ -1400,6 +1417,7 @@ impl Cli {
                     },
                     nodes,
                     client_nice: a.client_nice,
+                    over_nchan: a.over_nchan,
                 })
             }
             Command::Sub(a) => Plan::Sub(crate::sub::SubPlan {
@@ -1471,6 +1489,39 @@ mod tests {
                 prefix: "/barrage".into()
             }
         );
+    }
+
+    #[test]
+    fn over_nchan_needs_nchan_at_max_rate() {
+        let nchan_max = |factor: &str| -> Vec<String> {
+            [
+                "bench",
+                "--compare",
+                "nchan",
+                "--rate",
+                "0",
+                "--over-nchan",
+                factor,
+            ]
+            .map(String::from)
+            .to_vec()
+        };
+        let run = |args: &[String]| plan(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let Ok(Plan::Bench(b)) = run(&nchan_max("1.5")) else {
+            panic!("not a bench plan")
+        };
+        assert_eq!((b.over_nchan, b.rate), (Some(1.5), 0));
+        let no_peer = ["bench", "--rate", "0", "--over-nchan", "1.5"].map(String::from);
+        let paced = ["bench", "--compare", "nchan", "--over-nchan", "1.5"].map(String::from);
+        for args in [
+            no_peer.to_vec(),
+            paced.to_vec(),
+            nchan_max("0.9"),
+            nchan_max("NaN"),
+        ] {
+            let err = run(&args).unwrap_err();
+            assert!(err.contains("--over-nchan"), "{args:?}: {err}");
+        }
     }
 
     #[test]

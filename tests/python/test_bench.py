@@ -34,7 +34,10 @@ def test_bench_smoke(barrage_bin):
 
 def test_bench_refuses_unbounded_runs(barrage_bin):
     for args, setting in [(["--duration-secs", "0"], "--duration-secs"), (["--subscribers", "1000000"], "--subscribers"),
-                          (["--max-pushes", "0"], "--max-pushes"), (["--client-nice", "20"], "--client-nice")]:
+                          (["--max-pushes", "0"], "--max-pushes"), (["--client-nice", "20"], "--client-nice"),
+                          (["--compare", "nchan", "--rate", "0", "--over-nchan", "0.5"], "--over-nchan"),
+                          (["--compare", "nchan", "--rate", "20", "--over-nchan", "1.5"], "--over-nchan"),
+                          (["--rate", "0", "--over-nchan", "1.5"], "--over-nchan")]:
         p = subprocess.run([str(barrage_bin), "bench", *args], capture_output=True, text=True, timeout=30)
         assert p.returncode == 64 and setting in p.stderr, (args, p.stderr)
 
@@ -89,6 +92,28 @@ def test_bench_push_to_user_side_by_side_with_nchan(barrage_bin):
         assert r["deliveries"] == r["deliveries_expected"] == 100, r
         assert r["lost"] == 0 and r["duplicated"] == 0, r
     assert s["barrage_over_nchan"]["latency_p99"] > 0
+
+
+def test_bench_over_nchan_paces_barrage_from_nchans_max(barrage_bin):
+    """The fan-out goal in one run: Nchan at max rate first, then barrage
+    paced at 1.5 times the deliveries/s Nchan reached. Whether the goal
+    is met is a timing and is not asserted; the pacing and the counts are."""
+    before = nginx_processes()
+    s = run_bench(barrage_bin, "--subscribers", "30", "--rate", "0", "--in-flight", "2", "--duration-secs", "2",
+                  "--max-pushes", "600", "--sources", "2", "--compare", "nchan", "--over-nchan", "1.5")
+    assert nginx_processes() == before, "nginx processes left behind"
+    nchan, barrage, goal = s["nchan"], s["barrage"], s["goal"]
+    for r in (nchan, barrage):
+        assert r["connect_errors"] == 0 and r["push_failures"] == 0, r
+        assert r["deliveries"] == r["deliveries_expected"] == r["pushes"] * 30, r
+        assert r["lost"] == 0 and r["duplicated"] == 0, r
+    assert nchan["target_rate"] == 0
+    assert goal["factor"] == 1.5 and goal["nchan_deliveries_per_sec"] == nchan["deliveries_per_sec"]
+    want = -(-1.5 * nchan["deliveries_per_sec"] // 30)  # ceiling
+    assert goal["barrage_pushes_per_sec"] == barrage["target_rate"] == want, (goal, barrage["rate"])
+    # Paced: the pushes the rate allows in 2 s, within the run's bound.
+    assert barrage["pushes"] == min(2 * want, 600), barrage
+    assert isinstance(goal["met"], bool)
 
 
 def test_bench_bandwidth_counts_every_comment(barrage_bin):
