@@ -681,7 +681,7 @@ fn side_by_side(barrage: serde_json::Value, nchan: serde_json::Value) -> serde_j
     })
 }
 
-/// The fan-out goal in one run: Nchan at max rate first, then
+/// The room fan-out goal of BENCHMARKS.md in one run: Nchan at max rate, then
 /// barrage paced at `factor` times the deliveries/s Nchan reached. Met
 /// when barrage delivered at least that many per second, lost nothing, and
 /// its p99 was no worse than Nchan's, read and at the socket.
