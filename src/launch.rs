@@ -126,11 +126,29 @@ async fn traced(
     r
 }
 
+/// Connections a listener holds between the handshake and `accept`,
+/// asked of the kernel, which caps it at `net.core.somaxconn` (4096 by
+/// default since Linux 5.4). When clients reconnect all at once (a node
+/// restarts, a load balancer fails over), a full queue drops handshakes
+/// and each dropped client waits a retransmission (1 s, then 3 s, 7 s…);
+/// Tokio's own default, like the standard library's, is 128.
+const LISTEN_BACKLOG: u32 = 65_535;
+
 async fn bind(ip: IpAddr, port: u16, setting: &str) -> anyhow::Result<TcpListener> {
     let addr = SocketAddr::new(ip, port);
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} ({setting})"))
+    listen(addr).with_context(|| format!("cannot listen on {addr} ({setting})"))
+}
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As `TcpListener::bind` does: a restarted process can listen again
+    // while the old one's connections are in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn discovery(base: &Base) -> anyhow::Result<Option<Discovery>> {

@@ -87,3 +87,23 @@ def test_huge_pages_are_off_unless_asked_for(dev, barrage_bin):
         assert thp_enabled(proc.p.pid) == ours, proc.output()
     finally:
         proc.stop()
+
+
+def listen_backlog(port):
+    """The accept backlog of the socket listening on `port`: `ss` shows it
+    as the Send-Q of a listening socket."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, timeout=10,
+                         check=True).stdout.split()
+    assert out and out[0] == "LISTEN", out
+    return int(out[2])
+
+
+def test_listeners_ask_for_the_largest_accept_backlog(dev):
+    """Every port of a role waits for as many unaccepted connections as the
+    kernel allows (net.core.somaxconn), not the 128 of Tokio and std: in a reconnect
+    storm a full backlog drops handshakes, and the clients wait seconds
+    for retransmissions."""
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    want = min(somaxconn, 65535)
+    for port in (dev.ws_port, dev.api_port, dev.controller_port, dev.node_port, dev.metrics_port):
+        assert listen_backlog(port) == want, port

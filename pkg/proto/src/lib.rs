@@ -44,6 +44,17 @@ pub fn reflection_services() -> Result<
     Ok((v1, v1alpha))
 }
 
+/// Calls one HTTP/2 connection may have open at once on a barrage gRPC
+/// server; a client with more waits for one to finish. Without a limit, a
+/// burst of small requests on one connection (every client of a node
+/// reconnecting at once, each asking the controller for its history)
+/// outruns the server's reading of them, and the HTTP/2 layer takes the
+/// unread small DATA frames for a flood: it ends the whole connection
+/// (GOAWAY `ENHANCE_YOUR_CALM`, "too_many_data_frames") and fails every
+/// call on it. A thousand unread requests stay well inside that budget
+/// (half the connection's flow-control window, 512 KiB).
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+
 /// A gRPC server with what every barrage port serves besides its own
 /// service: the standard health service and server reflection (v1 and
 /// v1alpha), over TLS when `tls` says so. Returns the health reporter to

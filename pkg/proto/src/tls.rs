@@ -130,9 +130,10 @@ impl GrpcTls {
 
     /// A server builder, with TLS when configured.
     pub fn server(&self) -> Result<Server, tonic::transport::Error> {
+        let builder = Server::builder().max_concurrent_streams(crate::MAX_CONCURRENT_STREAMS);
         match &self.server {
-            Some(cfg) => Server::builder().tls_config(cfg.clone()),
-            None => Ok(Server::builder()),
+            Some(cfg) => builder.tls_config(cfg.clone()),
+            None => Ok(builder),
         }
     }
 
