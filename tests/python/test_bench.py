@@ -97,23 +97,28 @@ def test_bench_push_to_user_side_by_side_with_nchan(barrage_bin):
 def test_bench_over_nchan_paces_barrage_from_nchans_max(barrage_bin):
     """The fan-out goal in one run: Nchan at max rate first, then barrage
     paced at 1.5 times the deliveries/s Nchan reached. Whether the goal
-    is met is a timing and is not asserted; the pacing and the counts are."""
+    is met is a timing and is not asserted; the pacing and barrage's counts
+    are. (Nchan at max rate is the peer measured, not the system under
+    test: its own losses are reported, not asserted.)"""
     before = nginx_processes()
     s = run_bench(barrage_bin, "--subscribers", "30", "--rate", "0", "--in-flight", "2", "--duration-secs", "2",
-                  "--max-pushes", "600", "--sources", "2", "--compare", "nchan", "--over-nchan", "1.5")
+                  "--max-pushes", "200", "--sources", "2", "--compare", "nchan", "--over-nchan", "1.5")
     assert nginx_processes() == before, "nginx processes left behind"
     nchan, barrage, goal = s["nchan"], s["barrage"], s["goal"]
-    for r in (nchan, barrage):
-        assert r["connect_errors"] == 0 and r["push_failures"] == 0, r
-        assert r["deliveries"] == r["deliveries_expected"] == r["pushes"] * 30, r
-        assert r["lost"] == 0 and r["duplicated"] == 0, r
-    assert nchan["target_rate"] == 0
+    assert nchan["target_rate"] == 0 and nchan["push_failures"] == 0 and nchan["pushes"] >= 1, nchan
+    assert 0 < nchan["deliveries"] <= nchan["deliveries_expected"] == nchan["pushes"] * 30, nchan
+    assert barrage["connect_errors"] == 0 and barrage["push_failures"] == 0, barrage
+    assert barrage["deliveries"] == barrage["deliveries_expected"] == barrage["pushes"] * 30, barrage
+    assert barrage["lost"] == 0 and barrage["duplicated"] == 0, barrage
     assert goal["factor"] == 1.5 and goal["nchan_deliveries_per_sec"] == nchan["deliveries_per_sec"]
     want = -(-1.5 * nchan["deliveries_per_sec"] // 30)  # ceiling
-    assert goal["barrage_pushes_per_sec"] == barrage["target_rate"] == want, (goal, barrage["rate"])
+    assert goal["barrage_pushes_per_sec"] == barrage["target_rate"] == want, (goal, barrage["target_rate"])
     # Paced: the pushes the rate allows in 2 s, within the run's bound.
-    assert barrage["pushes"] == min(2 * want, 600), barrage
+    assert barrage["pushes"] == min(2 * want, 200), barrage
     assert isinstance(goal["met"], bool)
+    # Nothing barrage lost, and p99s no worse than Nchan's, whenever met.
+    if goal["met"]:
+        assert barrage["latency_ms"]["p99"] <= nchan["latency_ms"]["p99"]
 
 
 def test_bench_bandwidth_counts_every_comment(barrage_bin):
