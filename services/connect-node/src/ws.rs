@@ -501,9 +501,16 @@ async fn run_session(
     let settings = &state.settings;
     let batching = settings.batching;
     let rate = NonZeroU32::new(settings.messages_per_sec).unwrap_or(NonZeroU32::MIN);
-    let limiter = governor::RateLimiter::direct(
+    // On the standard monotonic clock: governor's default clock probes the
+    // CPU (CPUID) each time one is made, which a virtual machine traps, and
+    // one is made per connection: a sixteenth of a node's CPU in a
+    // reconnect storm (BENCHMARKS.md). A client frame is checked at most
+    // `messages_per_sec` times a second; reading the clock costs nothing
+    // next to that.
+    let limiter = governor::RateLimiter::direct_with_clock(
         governor::Quota::per_second(rate)
             .allow_burst(rate.saturating_mul(NonZeroU32::MIN.saturating_add(1))),
+        governor::clock::MonotonicClock,
     );
     let mut ping = tokio::time::interval(settings.ping_interval);
     ping.reset();
