@@ -192,11 +192,12 @@ impl Reporter {
     }
 
     /// Asks the owning controllers for stream positions and missed
-    /// messages, one call per controller, concurrently. Results come back
-    /// in query order.
+    /// messages, one call per controller, concurrently, each with
+    /// `deadline`. Results come back in query order.
     pub async fn history(
         &self,
         queries: Vec<HistoryQuery>,
+        deadline: Duration,
     ) -> Result<Vec<HistoryResult>, tonic::Status> {
         let ring = self.ring.read().clone();
         let mut by_owner: BTreeMap<&str, OwnerQueries> = BTreeMap::new();
@@ -215,7 +216,7 @@ impl Reporter {
         }
         let calls = by_owner.into_values().map(|(mut client, idx, queries)| {
             let mut req = tonic::Request::new(HistoryRequest { queries });
-            req.set_timeout(self.cfg.call_timeout);
+            req.set_timeout(deadline);
             async move {
                 client
                     .history(req)

@@ -810,7 +810,10 @@ pub(crate) async fn recover(
             }
         })
         .collect();
-    let results = tokio::time::timeout(timeout, hub.reporter().history(queries))
+    // The whole of the session's set-up deadline: when every client of a
+    // node comes back at once, queries wait their turn at the controller,
+    // and a client told to reconnect would only queue again.
+    let results = tokio::time::timeout(timeout, hub.reporter().history(queries, timeout))
         .await
         .map_err(|_| "history request timed out".to_owned())?
         .map_err(|e| e.message().to_owned())?;
