@@ -134,7 +134,9 @@ async fn traced(
 /// Tokio's own default, like the standard library's, is 128.
 const LISTEN_BACKLOG: u32 = 65_535;
 
-async fn bind(ip: IpAddr, port: u16, setting: &str) -> anyhow::Result<TcpListener> {
+/// A listener on `ip`:`port`, as every role binds its ports; `setting`
+/// names the port in the error.
+pub(crate) async fn bind(ip: IpAddr, port: u16, setting: &str) -> anyhow::Result<TcpListener> {
     let addr = SocketAddr::new(ip, port);
     listen(addr).with_context(|| format!("cannot listen on {addr} ({setting})"))
 }
