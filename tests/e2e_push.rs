@@ -1057,3 +1057,67 @@ async fn roles_sharing_a_process_call_each_other_directly(
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sync_over_grpcs_default_size_limit_is_applied() -> anyhow::Result<()> {
+    // A connect-node holding 50,000 users with UUID ids, all in one room:
+    // its full sync is about 6 MiB, over the 4 MiB gRPC decodes by default.
+    use barrage_proto::v1::{KeyState, ResolveRequest, ResolveTarget, SyncRequest};
+    use prost::Message as _;
+    barrage_testkit::init_tracing();
+    let mut cluster = TestCluster::in_process();
+    cluster.start_controller("c").await?;
+    cluster.start_manager("m").await?;
+    let users: Vec<String> = (0..50_000u32)
+        .map(|i| format!("{i:08x}-0000-4000-8000-{:012x}", u64::from(i) * 7919))
+        .collect();
+    let mut keys: Vec<KeyState> = users
+        .iter()
+        .map(|u| KeyState {
+            key: format!("user:{u}"),
+            users: [(u.clone(), 1)].into(),
+        })
+        .collect();
+    keys.push(KeyState {
+        key: "room:crowd".into(),
+        users: users.iter().map(|u| (u.clone(), 1)).collect(),
+    });
+    let sync = SyncRequest {
+        node_id: "big-node".into(),
+        incarnation: "1".into(),
+        seq: 0,
+        full: true,
+        keys,
+        grpc_addr: "127.0.0.1:9".into(),
+        ring_id: barrage_discovery::ring::ring_id(["c"]),
+    };
+    ensure!(sync.encoded_len() > 4 << 20, "{} bytes", sync.encoded_len());
+    let mut controller = controller_at(&cluster.controllers[0].grpc_addr.to_string()).await?;
+    within(T, "Sync", controller.sync(sync)).await??;
+
+    let resolved = within(
+        T,
+        "Resolve",
+        controller.resolve(ResolveRequest {
+            targets: vec![ResolveTarget {
+                key: format!("user:{}", users[49_999]),
+            }],
+            ..Default::default()
+        }),
+    )
+    .await??
+    .into_inner();
+    assert_eq!(resolved.targets[0].node_ids, vec!["big-node".to_string()]);
+    let mut api = cluster.push_client().await?;
+    let room = within(
+        T,
+        "GetRoomInfo",
+        api.get_room_info(GetRoomInfoRequest {
+            room_id: "crowd".into(),
+        }),
+    )
+    .await??
+    .into_inner();
+    assert_eq!((room.member_count, room.connection_count), (50_000, 50_000));
+    Ok(())
+}

@@ -353,3 +353,153 @@ async fn the_subscriber_fails_over_to_another_node_and_recovers() -> anyhow::Res
     }
     Ok(())
 }
+
+/// A message of 60 KiB: under the default `MAX_CONTENT_BYTES` (64 KiB).
+fn large(i: usize) -> String {
+    format!("{i:04}{}", "x".repeat(60 * 1024))
+}
+
+/// The numbers `large` put at the front of each message, in arrival order.
+async fn large_ones(c: &mut Client, n: usize) -> anyhow::Result<Vec<usize>> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let m = next_msg(c).await?;
+        let text = m.data.as_ref().and_then(|d| d.as_str()).unwrap_or("");
+        ensure!(
+            text.len() > 60 * 1024,
+            "a whole message, got {} bytes",
+            text.len()
+        );
+        got.push(text[..4].parse()?);
+    }
+    Ok(got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missed_messages_over_grpcs_default_size_limit_are_recovered() -> anyhow::Result<()> {
+    // 100 messages of 60 KiB: about 6 MiB in one history answer, over the
+    // 4 MiB a gRPC peer decodes by default.
+    let cluster = cluster(1).await?;
+    let mut api = cluster.push_client().await?;
+    let url = connect_url(&cluster.nodes[0].ws_url(), "reader", &["big"]);
+    let mut c = connect(&url).await?;
+    within(T, "push", api.push_to_room(room_push("big", "first"))).await??;
+    let first = next_msg(&mut c).await?;
+    within(T, "close", c.close()).await??;
+    for i in 0..100 {
+        within(T, "push", api.push_to_room(room_push("big", &large(i)))).await??;
+    }
+    let at = BTreeMap::from([(
+        "room:big".to_string(),
+        StreamPos {
+            epoch: first.epoch,
+            seq: first.seq,
+        },
+    )]);
+    let mut c = connect(&with_positions(&url, &at)).await?;
+    let st = c.session().streams["room:big"];
+    assert_eq!((st.recovered, st.seq), (Some(true), first.seq + 100));
+    assert_eq!(large_ones(&mut c, 100).await?, (0..100).collect::<Vec<_>>());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_messages_over_grpcs_default_size_limit_all_arrive() -> anyhow::Result<()> {
+    let cluster = cluster(1).await?;
+    let mut api = cluster.push_client().await?;
+    for i in 0..80 {
+        let resp = within(
+            T,
+            "push",
+            api.push_to_user(PushToUserRequest {
+                user_id: "away".into(),
+                content: large(i),
+                ..Default::default()
+            }),
+        )
+        .await??
+        .into_inner();
+        assert_eq!(resp.stored_count, 1);
+    }
+    let url = connect_url(&cluster.nodes[0].ws_url(), "away", &[]);
+    let mut c = connect(&url).await?;
+    assert_eq!(large_ones(&mut c, 80).await?, (0..80).collect::<Vec<_>>());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_over_the_controllers_cap_is_not_recovered_and_keeps_offline_messages()
+-> anyhow::Result<()> {
+    barrage_testkit::init_tracing();
+    let mut cluster = TestCluster::in_process();
+    // Room for three of the large messages per answer.
+    cluster
+        .start_controller_with("c", |c| c.streams.max_history_bytes = 3 * 62 * 1024)
+        .await?;
+    cluster.start_node("n").await?;
+    cluster.start_manager("m").await?;
+    let mut api = cluster.push_client().await?;
+    let ws = cluster.nodes[0].ws_url();
+
+    // A room with four large missed messages and one with a small one.
+    let url = connect_url(&ws, "reader", &["big", "small"]);
+    let c = connect(&url).await?;
+    let at: BTreeMap<_, _> = c
+        .session()
+        .streams
+        .iter()
+        .filter(|(k, _)| k.starts_with("room:"))
+        .map(|(k, s)| {
+            (
+                k.clone(),
+                StreamPos {
+                    epoch: s.epoch,
+                    seq: s.seq,
+                },
+            )
+        })
+        .collect();
+    drop(c);
+    for i in 0..4 {
+        within(T, "push", api.push_to_room(room_push("big", &large(i)))).await??;
+    }
+    within(T, "push", api.push_to_room(room_push("small", "hi"))).await??;
+    let mut c = connect(&with_positions(&url, &at)).await?;
+    let streams = &c.session().streams;
+    assert_eq!(
+        streams["room:big"].recovered,
+        Some(false),
+        "too large: refetch"
+    );
+    assert_eq!(streams["room:small"].recovered, Some(true));
+    let m = next_msg(&mut c).await?;
+    assert_eq!(
+        (m.stream.as_str(), m.data),
+        ("room:small", Some("hi".into()))
+    );
+    let too_large =
+        cluster.controllers[0].metric(r#"controller_recoveries_total{outcome="too_large"}"#);
+    assert_eq!(too_large, 1.0);
+
+    // Five offline messages: three arrive on this connect, the other two
+    // on the next, none twice.
+    for i in 0..5 {
+        within(
+            T,
+            "push",
+            api.push_to_user(PushToUserRequest {
+                user_id: "away".into(),
+                content: large(i),
+                ..Default::default()
+            }),
+        )
+        .await??;
+    }
+    let away = connect_url(&ws, "away", &[]);
+    let mut first = connect(&away).await?;
+    assert_eq!(large_ones(&mut first, 3).await?, vec![0, 1, 2]);
+    within(T, "close", first.close()).await??;
+    let mut second = connect(&away).await?;
+    assert_eq!(large_ones(&mut second, 2).await?, vec![3, 4]);
+    Ok(())
+}

@@ -55,6 +55,16 @@ pub fn reflection_services() -> Result<
 /// (half the connection's flow-control window, 512 KiB).
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 
+/// Largest message one barrage role decodes from another (gRPC's own
+/// default is 4 MiB). Calls between roles carry whole states, not single
+/// pushes: a connect-node's full sync lists every user it holds (about
+/// 100 bytes per user with UUID ids: 4 MiB is some 40,000 users), and a
+/// returning client's missed messages can be hundreds of messages of up
+/// to `MAX_CONTENT_BYTES` each (controllers cap one answer at 64 MiB).
+/// Only other roles reach these services (mutual TLS in production); the
+/// public API keeps its own, smaller limit.
+pub const PEER_MESSAGE_LIMIT: usize = 256 << 20;
+
 /// A gRPC server with what every barrage port serves besides its own
 /// service: the standard health service and server reflection (v1 and
 /// v1alpha), over TLS when `tls` says so. Returns the health reporter to

@@ -244,7 +244,8 @@ pub async fn run(
         hub.clone(),
         metrics.clone(),
         sequencer.clone(),
-    ));
+    ))
+    .max_decoding_message_size(barrage_proto::PEER_MESSAGE_LIMIT);
     let local = cfg.local_peers.register(&grpc_addr, server.clone());
     let grpc = tokio::spawn(
         grpc_server

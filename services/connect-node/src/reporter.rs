@@ -319,7 +319,10 @@ impl Reporter {
                     let e = endpoint.as_ref()?;
                     Some(barrage_proto::local::network(e.connect_lazy()))
                 })
-                .map(ControllerClient::new)
+                .map(|ch| {
+                    ControllerClient::new(ch)
+                        .max_decoding_message_size(barrage_proto::PEER_MESSAGE_LIMIT)
+                })
         };
         let link = Arc::new(Link {
             id: id.to_owned(),

@@ -336,7 +336,12 @@ pub async fn ws_handler(
     upgrade
         .read_buffer_size(s.read_buffer)
         .write_buffer_size(s.io_buffer)
-        .max_write_buffer_size(s.io_buffer.max(s.max_frame_bytes) * 4)
+        // No cap on what one write may buffer: a frame is written whole,
+        // and one larger than a cap would fail the write and drop the
+        // connection, and the client, recovering from its position, would
+        // be sent the same frame again, forever. The buffer holds at most
+        // `io_buffer` and one frame: a write waits until it is drained.
+        .max_write_buffer_size(usize::MAX)
         .max_message_size(s.max_frame_bytes)
         .max_frame_size(s.max_frame_bytes)
         .on_upgrade(move |socket| serve(state, socket, wire, user, rooms, positions, claims))

@@ -136,7 +136,8 @@ pub async fn run(
         .set_serving::<ControllerServer<ControllerService>>()
         .await;
     let grpc_stop = CancellationToken::new();
-    let server = ControllerServer::new(service);
+    let server =
+        ControllerServer::new(service).max_decoding_message_size(barrage_proto::PEER_MESSAGE_LIMIT);
     let local = cfg.local_peers.register(&grpc_addr, server.clone());
     let grpc = grpc.add_service(server).serve_with_incoming_shutdown(
         barrage_proto::grpc_incoming(listeners.grpc),

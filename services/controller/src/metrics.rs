@@ -19,7 +19,8 @@ pub struct Metrics {
     pub history_evictions: IntCounter,
     /// Pushes recognised as repeats of an earlier message id.
     pub duplicates: IntCounter,
-    /// Recovery queries by outcome (recovered, not_recovered, fresh).
+    /// Recovery queries by outcome (recovered, not_recovered, too_large,
+    /// fresh).
     pub recoveries: IntCounterVec,
     /// Reports by outcome (applied, duplicate, resync).
     pub reports: IntCounterVec,
@@ -119,7 +120,7 @@ impl Metrics {
         for reason in ["settling", "not_owner"] {
             m.refused.with_label_values(&[reason]);
         }
-        for outcome in ["recovered", "not_recovered", "fresh"] {
+        for outcome in ["recovered", "not_recovered", "too_large", "fresh"] {
             m.recoveries.with_label_values(&[outcome]);
         }
         registry.register(Box::new(m.ring_changes.clone()))?;

@@ -249,13 +249,27 @@ impl Controller for ControllerService {
         }
         let now = tokio::time::Instant::now();
         let mut s = self.state.lock();
+        // One budget for the whole answer: it must reach the node.
+        let mut budget = s.streams.config().max_history_bytes;
         let results: Vec<_> = r
             .queries
             .iter()
             .map(|q| {
-                let res = s.streams.history(q, now);
+                let (res, left_out) = s.streams.history_within(q, now, &mut budget);
+                if left_out {
+                    tracing::warn!(
+                        key = %q.key,
+                        "missed messages exceed what one history answer carries; {}",
+                        if q.has_position {
+                            "the stream is answered not recovered"
+                        } else {
+                            "the rest of the offline messages wait for the next connect"
+                        }
+                    );
+                }
                 let outcome = match (q.has_position, res.recovered) {
                     (false, _) => "fresh",
+                    (true, _) if left_out => "too_large",
                     (true, true) => "recovered",
                     (true, false) => "not_recovered",
                 };

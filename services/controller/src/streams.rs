@@ -38,7 +38,17 @@ pub struct StreamConfig {
     /// A stream with no message for this long forgets its position too
     /// (its next message starts a new epoch).
     pub idle_ttl: Duration,
+    /// Bytes of messages one history answer (every stream of one
+    /// connecting client) carries at most. A stream whose missed messages
+    /// would not fit is answered `recovered: false`; offline messages that
+    /// do not fit stay for the user's next connect. Well under
+    /// [`barrage_proto::PEER_MESSAGE_LIMIT`], so the answer always reaches
+    /// the connect-node.
+    pub max_history_bytes: usize,
 }
+
+/// [`StreamConfig::max_history_bytes`] by default: 64 MiB.
+pub const MAX_HISTORY_BYTES: usize = 64 << 20;
 
 impl Default for StreamConfig {
     fn default() -> Self {
@@ -57,8 +67,15 @@ impl Default for StreamConfig {
             },
             max_total_messages: 1_000_000,
             idle_ttl: Duration::from_secs(24 * 3600),
+            max_history_bytes: MAX_HISTORY_BYTES,
         }
     }
+}
+
+/// Bytes `body` takes in a history answer at most: the body, its tag and
+/// length (6), the seq (11), and the entry's own tag and length (6).
+fn stored_len(body: &MessageBody) -> usize {
+    prost::Message::encoded_len(body) + 23
 }
 
 impl StreamConfig {
@@ -155,6 +172,11 @@ impl Streams {
             evicted: 0,
             last_epoch: 0,
         }
+    }
+
+    /// The settings these streams keep.
+    pub fn config(&self) -> &StreamConfig {
+        &self.cfg
     }
 
     /// A new epoch: distinct from every earlier one of this process and
@@ -343,8 +365,24 @@ impl Streams {
         }
     }
 
-    /// Answers one recovery query.
+    /// Answers one recovery query on its own, within the configured
+    /// [`StreamConfig::max_history_bytes`].
     pub fn history(&mut self, q: &HistoryQuery, now: Instant) -> HistoryResult {
+        let mut budget = self.cfg.max_history_bytes;
+        self.history_within(q, now, &mut budget).0
+    }
+
+    /// Answers one recovery query with at most `budget` bytes of messages,
+    /// taking what it uses from `budget` (one budget serves every query of
+    /// an answer). Also says whether messages were left out for want of
+    /// budget: the stream is then not recovered, or, for a user's offline
+    /// messages, the rest stay offline for the next connect.
+    pub fn history_within(
+        &mut self,
+        q: &HistoryQuery,
+        now: Instant,
+        budget: &mut usize,
+    ) -> (HistoryResult, bool) {
         self.trim(&q.key, now);
         let mut out = HistoryResult {
             key: q.key.clone(),
@@ -355,13 +393,21 @@ impl Streams {
             // Nothing was ever pushed here (or it was forgotten): a client
             // with a position has lost whatever that position referred to.
             out.recovered = !q.has_position || q.seq == 0;
-            return out;
+            return (out, false);
         };
         out.epoch = stream.epoch;
         out.seq = stream.seq;
         if !q.has_position {
+            let mut left_out = false;
             if q.key.starts_with("user:") {
+                // Oldest first, while they fit: the rest stay offline.
                 for m in stream.history.iter_mut().filter(|m| m.offline) {
+                    let size = stored_len(&m.body);
+                    if size > *budget {
+                        left_out = true;
+                        break;
+                    }
+                    *budget -= size;
                     m.offline = false;
                     out.messages.push(StoredMessage {
                         body: Some(m.body.clone()),
@@ -369,7 +415,7 @@ impl Streams {
                     });
                 }
             }
-            return out;
+            return (out, left_out);
         }
         // `0:0` is what a client holds for a stream that had no message when
         // it looked: everything since the stream's first message follows,
@@ -377,26 +423,31 @@ impl Streams {
         let from_the_start = q.epoch == 0 && q.seq == 0;
         if q.epoch != stream.epoch && !from_the_start {
             out.recovered = false;
-            return out;
+            return (out, false);
         }
         if q.seq >= stream.seq {
-            return out;
+            return (out, false);
         }
         let first = stream.history.front().map_or(stream.seq + 1, |m| m.seq);
         if q.seq + 1 < first {
             out.recovered = false;
-            return out;
+            return (out, false);
         }
-        out.messages = stream
-            .history
-            .iter()
-            .filter(|m| m.seq > q.seq)
+        let missed = || stream.history.iter().filter(|m| m.seq > q.seq);
+        let size: usize = missed().map(|m| stored_len(&m.body)).sum();
+        if size > *budget {
+            // All or nothing: a stream recovered in part would hide a gap.
+            out.recovered = false;
+            return (out, true);
+        }
+        *budget -= size;
+        out.messages = missed()
             .map(|m| StoredMessage {
                 body: Some(m.body.clone()),
                 seq: m.seq,
             })
             .collect();
-        out
+        (out, false)
     }
 
     /// Records that message `seq` of `key` goes to `nodes`; returns, per

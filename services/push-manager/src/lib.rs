@@ -182,12 +182,13 @@ pub async fn run(
     );
 
     let rest = rest::router(service.clone(), cfg.limits.max_content_bytes);
+    let request_limit = cfg.limits.grpc_request_bytes();
     let (health, grpc) = barrage_proto::grpc_server(&cfg.grpc_tls)?;
     health.set_serving::<PushManagerServer<PushService>>().await;
     let grpc_stop = CancellationToken::new();
     // Callers in this process (a connect-node's publishing in `barrage
     // dev`) reach the API directly.
-    let server = PushManagerServer::new(service);
+    let server = PushManagerServer::new(service).max_decoding_message_size(request_limit);
     let local = cfg.local_peers.register(&grpc_addr, server.clone());
     let grpc = tokio::spawn(grpc.add_service(server).serve_with_incoming_shutdown(
         barrage_proto::grpc_incoming(listeners.grpc),

@@ -202,7 +202,8 @@ struct Entry {
 
 impl Entry {
     fn new(addr: &str, dialer: &Dialer) -> Option<Entry> {
-        let client = ConnectNodeClient::new(dialer.channel(addr)?);
+        let client = ConnectNodeClient::new(dialer.channel(addr)?)
+            .max_decoding_message_size(barrage_proto::PEER_MESSAGE_LIMIT);
         Some(Entry {
             addr: addr.to_owned(),
             node: Node {
@@ -350,7 +351,8 @@ impl ControllerRing {
                 Some(e) => e,
                 None => match self.dialer.channel(&m.grpc_addr) {
                     Some(ch) => {
-                        let client = ControllerClient::new(ch);
+                        let client = ControllerClient::new(ch)
+                            .max_decoding_message_size(barrage_proto::PEER_MESSAGE_LIMIT);
                         ControllerEntry {
                             addr: m.grpc_addr.clone(),
                             resolver: Arc::new(resolver(client.clone(), &self.dialer)),

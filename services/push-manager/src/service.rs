@@ -37,6 +37,24 @@ pub struct Limits {
     pub max_exclude_user_ids: usize,
 }
 
+impl Limits {
+    /// The largest API request these limits accept must decode, so the
+    /// gRPC server's size limit follows them: both contents at their
+    /// largest and a full list of user ids, plus 1 MiB for the rest, and
+    /// never under gRPC's default of 4 MiB. A larger request fails with
+    /// OUT_OF_RANGE before it is read.
+    pub fn grpc_request_bytes(&self) -> usize {
+        let ids = self
+            .max_user_ids
+            .saturating_mul(barrage_protocol::MAX_ID_LEN + 3);
+        self.max_content_bytes
+            .saturating_mul(2)
+            .saturating_add(ids)
+            .saturating_add(1 << 20)
+            .max(4 << 20)
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
