@@ -65,6 +65,22 @@ def test_pushes_reach_websocket_clients(dev, api):
     run(scenario())
 
 
+
+def test_large_messages_reach_a_standard_websocket_client_whole(dev, api):
+    # Over 16 KiB the node sends a message in fragments; a standard
+    # client (Python's websockets) hands it over as one message, multibyte
+    # characters split across fragments included.
+    text = "弾幕€" * 7000  # 63,000 bytes of UTF-8
+
+    async def scenario():
+        bob = await WsClient.connect(f"{dev.ws}?user_id=bob&rooms=big-room")
+        status, r = call("POST", f"{api}/api/v1/push/room/big-room", {"content": text})
+        assert status == 200 and r["delivered_count"] == 1, r
+        assert (await bob.next_message())["data"] == text
+        await bob.close()
+
+    run(scenario())
+
 def test_admin_reads_and_closing_a_room(dev, api):
     async def scenario():
         bob = await WsClient.connect(f"{dev.ws}?user_id=bob&rooms=stage")

@@ -13,9 +13,9 @@
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Weak;
 
-use axum::extract::ws::Message;
 use barrage_protocol::binary;
 use parking_lot::Mutex;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::hub::{Frame, Outbound, Wire};
 

@@ -12,7 +12,6 @@ use std::hash::BuildHasher as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use axum::extract::ws::Utf8Bytes;
 use barrage_proto::v1::{KeyState, session_change::Kind};
 use barrage_protocol::binary::{self, Compression, FrameType};
 use barrage_protocol::{
@@ -20,6 +19,7 @@ use barrage_protocol::{
 };
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::BatchCache;

@@ -18,6 +18,7 @@ pub mod queue;
 mod reporter;
 pub mod sequencer;
 mod service;
+pub mod upgrade;
 pub mod ws;
 
 use std::sync::Arc;

@@ -14,7 +14,11 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+use crate::upgrade::{Socket as WebSocket, Upgrade, fragments};
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -313,7 +317,7 @@ pub async fn ws_handler(
     Query(params): Query<ConnectParams>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    upgrade: Upgrade,
 ) -> Response {
     let Admission {
         user,
@@ -333,18 +337,21 @@ pub async fn ws_handler(
         Some(p) if p == binary::SUBPROTOCOL => Wire::Binary(state.hub.compression()),
         _ => Wire::Json,
     };
-    upgrade
+    let config = WebSocketConfig::default()
         .read_buffer_size(s.read_buffer)
         .write_buffer_size(s.io_buffer)
-        // No cap on what one write may buffer: a frame is written whole,
-        // and one larger than a cap would fail the write and drop the
-        // connection, and the client, recovering from its position, would
-        // be sent the same frame again, forever. The buffer holds at most
-        // `io_buffer` and one frame: a write waits until it is drained.
+        // No cap on what one write may buffer: a cap a frame could exceed
+        // would fail the write and drop the connection, and the client,
+        // recovering from its position, would be sent the same frame
+        // again, forever. The node writes large messages in fragments
+        // (`upgrade::fragments`), and a write waits until the buffer is
+        // drained, so it holds at most `io_buffer` and one fragment.
         .max_write_buffer_size(usize::MAX)
-        .max_message_size(s.max_frame_bytes)
-        .max_frame_size(s.max_frame_bytes)
-        .on_upgrade(move |socket| serve(state, socket, wire, user, rooms, positions, claims))
+        .max_message_size(Some(s.max_frame_bytes))
+        .max_frame_size(Some(s.max_frame_bytes));
+    upgrade.on_upgrade(config, move |socket| {
+        serve(state, socket, wire, user, rooms, positions, claims)
+    })
 }
 
 /// A session that is registered, recovered and told `connected`.
@@ -450,9 +457,9 @@ async fn establish(
         Wire::Json => Message::Text(connected.to_json().into()),
         Wire::Binary(c) => Message::Binary(binary::encode_server_frame(&connected, c)),
     };
-    let mut sent = socket.feed(connected).await.is_ok();
+    let mut sent = feed(&mut socket, connected).await;
     for out in recovery.missed {
-        sent = sent && socket.feed(to_wire(out, wire)).await.is_ok();
+        sent = sent && feed(&mut socket, to_wire(out, wire)).await;
     }
     if !sent || socket.flush().await.is_err() {
         hub.disconnect(&conn);
@@ -474,6 +481,17 @@ async fn establish(
 }
 
 /// The WebSocket message for a queued frame in the connection's format.
+/// Feeds one message to the socket, in fragments when it is large
+/// (`upgrade::fragments`); false when the socket failed.
+async fn feed(sink: &mut WebSocket, message: Message) -> bool {
+    for m in fragments(message) {
+        if sink.feed(m).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
 fn to_wire(out: Outbound, wire: Wire) -> Message {
     match wire {
         Wire::Json => Message::Text(out.frame.clone()),
@@ -483,7 +501,7 @@ fn to_wire(out: Outbound, wire: Wire) -> Message {
 
 fn close_message(code: CloseCode, reason: &str) -> Message {
     Message::Close(Some(CloseFrame {
-        code: code.code(),
+        code: code.code().into(),
         reason: Utf8Bytes::from(reason),
     }))
 }
@@ -608,7 +626,8 @@ async fn run_session(
                         conn.close_with(CloseCode::Normal);
                         return true;
                     }
-                    Message::Ping(_) | Message::Pong(_) => continue,
+                    // Reads yield whole messages, never raw frames.
+                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
                 };
                 match frame {
                     // Boxed: rare, and larger than the rest of this loop.
@@ -670,7 +689,7 @@ async fn write_ready(
 ) -> bool {
     let mut next = Some(first);
     while let Some(frame) = next {
-        if !skip.already_sent(&frame) && sink.feed(to_wire(frame, wire)).await.is_err() {
+        if !skip.already_sent(&frame) && !feed(sink, to_wire(frame, wire)).await {
             return false;
         }
         next = rx.try_recv().ok();
@@ -715,10 +734,7 @@ async fn write_batch(
     frames.retain(|f| !skip.already_sent(f));
     let ok = match frames.len() {
         0 => true,
-        1 => sink
-            .feed(to_wire(frames.swap_remove(0), wire))
-            .await
-            .is_ok(),
+        1 => feed(sink, to_wire(frames.swap_remove(0), wire)).await,
         n => {
             let metrics = &state.metrics;
             metrics.batch_frames.inc();
@@ -727,7 +743,7 @@ async fn write_batch(
             if shared {
                 metrics.batch_frames_shared.inc();
             }
-            sink.feed(batch).await.is_ok()
+            feed(sink, batch).await
         }
     };
     if !ok {
@@ -735,7 +751,7 @@ async fn write_batch(
     }
     if let Some(f) = after
         && !skip.already_sent(&f)
-        && sink.feed(to_wire(f, wire)).await.is_err()
+        && !feed(sink, to_wire(f, wire)).await
     {
         return false;
     }
