@@ -368,7 +368,7 @@ impl PushManager for Floor {
 /// `barrage bench-floor`: serves [`Floor`] on 127.0.0.1:`port` until killed.
 pub async fn serve_floor(port: u16) -> anyhow::Result<()> {
     // Bound as barrage's own ports are (the same accept backlog).
-    let listener = crate::launch::bind([127, 0, 0, 1].into(), port, "GRPC_PORT").await?;
+    let listener = crate::launch::bind([127, 0, 0, 1].into(), port, "GRPC_PORT")?;
     let (_health, router) = barrage_proto::grpc_server(&barrage_proto::tls::GrpcTls::default())?;
     router
         .add_service(PushManagerServer::new(Floor))

@@ -22,8 +22,8 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
         } => {
             traced(base.log_format, "barrage-controller", async {
                 let listeners = barrage_controller::Listeners {
-                    grpc: bind(base.bind, grpc_port, "GRPC_PORT").await?,
-                    http: bind(base.bind, metrics_port, "METRICS_PORT").await?,
+                    grpc: bind(base.bind, grpc_port, "GRPC_PORT")?,
+                    http: bind(base.bind, metrics_port, "METRICS_PORT")?,
                 };
                 let discovery = discovery(&base).await?;
                 let shutdown = on_signal();
@@ -47,8 +47,8 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
         } => {
             traced(base.log_format, "barrage-push-manager", async {
                 let listeners = barrage_push_manager::Listeners {
-                    grpc: bind(base.bind, grpc_port, "GRPC_PORT").await?,
-                    http: bind(base.bind, metrics_port, "METRICS_PORT").await?,
+                    grpc: bind(base.bind, grpc_port, "GRPC_PORT")?,
+                    http: bind(base.bind, metrics_port, "METRICS_PORT")?,
                 };
                 let discovery = discovery(&base).await?;
                 let peers = barrage_push_manager::Peers {
@@ -80,9 +80,9 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
         } => {
             traced(base.log_format, "barrage-connect-node", async {
                 let listeners = barrage_connect_node::Listeners {
-                    ws: bind(base.bind, ws_port, "WS_PORT").await?,
-                    grpc: bind(base.bind, grpc_port, "GRPC_PORT").await?,
-                    http: bind(base.bind, metrics_port, "METRICS_PORT").await?,
+                    ws: bind(base.bind, ws_port, "WS_PORT")?,
+                    grpc: bind(base.bind, grpc_port, "GRPC_PORT")?,
+                    http: bind(base.bind, metrics_port, "METRICS_PORT")?,
                 };
                 let discovery = discovery(&base).await?;
                 let controllers = controllers(&base, discovery.as_ref()).await?;
@@ -136,7 +136,7 @@ const LISTEN_BACKLOG: u32 = 65_535;
 
 /// A listener on `ip`:`port`, as every role binds its ports; `setting`
 /// names the port in the error.
-pub(crate) async fn bind(ip: IpAddr, port: u16, setting: &str) -> anyhow::Result<TcpListener> {
+pub(crate) fn bind(ip: IpAddr, port: u16, setting: &str) -> anyhow::Result<TcpListener> {
     let addr = SocketAddr::new(ip, port);
     listen(addr).with_context(|| format!("cannot listen on {addr} ({setting})"))
 }
@@ -236,17 +236,17 @@ async fn dev(d: DevPlan) -> anyhow::Result<()> {
     let local_peers = barrage_proto::LocalPeers::default();
 
     let controller = barrage_controller::Listeners {
-        grpc: bind(d.bind, d.controller_grpc_port, "CONTROLLER_GRPC_PORT").await?,
-        http: bind(d.bind, d.metrics_port - 2, "METRICS_PORT").await?,
+        grpc: bind(d.bind, d.controller_grpc_port, "CONTROLLER_GRPC_PORT")?,
+        http: bind(d.bind, d.metrics_port - 2, "METRICS_PORT")?,
     };
     let node = barrage_connect_node::Listeners {
-        ws: bind(d.bind, d.ws_port, "WS_PORT").await?,
-        grpc: bind(d.bind, d.node_grpc_port, "NODE_GRPC_PORT").await?,
-        http: bind(d.bind, d.metrics_port - 1, "METRICS_PORT").await?,
+        ws: bind(d.bind, d.ws_port, "WS_PORT")?,
+        grpc: bind(d.bind, d.node_grpc_port, "NODE_GRPC_PORT")?,
+        http: bind(d.bind, d.metrics_port - 1, "METRICS_PORT")?,
     };
     let manager = barrage_push_manager::Listeners {
-        grpc: bind(d.bind, d.grpc_port, "GRPC_PORT").await?,
-        http: bind(d.bind, d.metrics_port, "METRICS_PORT").await?,
+        grpc: bind(d.bind, d.grpc_port, "GRPC_PORT")?,
+        http: bind(d.bind, d.metrics_port, "METRICS_PORT")?,
     };
     let ws_addr = node.ws.local_addr()?;
     let api_addr = manager.grpc.local_addr()?;
