@@ -360,6 +360,11 @@ struct HistoryArgs {
     /// evicted beyond it (controller_history_evictions_total).
     #[arg(long, env = "HISTORY_MAX_MESSAGES", default_value_t = 1_000_000)]
     history_max_messages: usize,
+    /// Bytes of messages (encoded bodies) kept over all streams of one
+    /// controller; the oldest are evicted beyond it, as for
+    /// HISTORY_MAX_MESSAGES (default 256 MiB).
+    #[arg(long, env = "HISTORY_MAX_BYTES", default_value_t = barrage_controller::MAX_TOTAL_BYTES)]
+    history_max_bytes: usize,
 }
 
 impl HistoryArgs {
@@ -368,6 +373,12 @@ impl HistoryArgs {
         if self.history_max_messages == 0 {
             return Err(bad(
                 "HISTORY_MAX_MESSAGES (--history-max-messages)",
+                "must be at least 1",
+            ));
+        }
+        if self.history_max_bytes == 0 {
+            return Err(bad(
+                "HISTORY_MAX_BYTES (--history-max-bytes)",
                 "must be at least 1",
             ));
         }
@@ -389,6 +400,7 @@ impl HistoryArgs {
                 )?,
             },
             max_total_messages: self.history_max_messages,
+            max_total_bytes: self.history_max_bytes,
             ..Default::default()
         })
     }
@@ -1459,6 +1471,16 @@ mod tests {
         assert_eq!(cfg.node_id, "c1");
         assert_eq!(cfg.advertise_addr, "127.0.0.1:50051");
         assert_eq!(base.cluster, Cluster::Static { controller: None });
+        assert_eq!(
+            (cfg.streams.max_total_messages, cfg.streams.max_total_bytes),
+            (1_000_000, 256 << 20)
+        );
+        let Ok(Plan::Controller { cfg, .. }) =
+            plan(&["controller", "--history-max-bytes", "1048576"])
+        else {
+            panic!("not a controller plan")
+        };
+        assert_eq!(cfg.streams.max_total_bytes, 1 << 20);
     }
 
     #[test]
@@ -1532,6 +1554,8 @@ mod tests {
         assert!(err.contains("LEASE_TTL_SECS"), "{err}");
         let err = plan(&["controller", "--node-id", "has space"]).unwrap_err();
         assert!(err.contains("NODE_ID"), "{err}");
+        let err = plan(&["controller", "--history-max-bytes", "0"]).unwrap_err();
+        assert!(err.contains("HISTORY_MAX_BYTES"), "{err}");
         let err = plan(&[
             "connect-node",
             "--controller-address",

@@ -52,6 +52,7 @@ def test_bad_configuration_exits_64_naming_the_setting(barrage_bin):
         (["push-manager", "--controller-address", "c:1"], {"RUNTIME_FLAVOR": "green-threads"}, "RUNTIME_FLAVOR"),
         (["connect-node"], {"CONTROLLER_ADDRESS": "c:1", "WS_READ_BUFFER_BYTES": "100"}, "WS_READ_BUFFER_BYTES"),
         (["controller"], {"TRANSPARENT_HUGE_PAGES": "always"}, "--transparent-huge-pages"),
+        (["controller"], {"HISTORY_MAX_BYTES": "0"}, "HISTORY_MAX_BYTES"),
     ]
     for args, env, setting in cases:
         p = run_bin(barrage_bin, *args, env=env)

@@ -15,7 +15,9 @@ pub struct Metrics {
     pub streams: IntGauge,
     /// Messages kept in stream histories.
     pub history_messages: IntGauge,
-    /// Messages evicted from history by the global cap.
+    /// Bytes of those messages (encoded bodies).
+    pub history_bytes: IntGauge,
+    /// Messages evicted from history by the global caps.
     pub history_evictions: IntCounter,
     /// Pushes recognised as repeats of an earlier message id.
     pub duplicates: IntCounter,
@@ -56,9 +58,13 @@ impl Metrics {
                 "controller_history_messages",
                 "Messages kept in stream histories for recovery",
             )?,
+            history_bytes: IntGauge::new(
+                "controller_history_bytes",
+                "Bytes of the messages kept in stream histories (encoded bodies)",
+            )?,
             history_evictions: IntCounter::new(
                 "controller_history_evictions_total",
-                "Messages evicted from history by the global cap",
+                "Messages evicted from history by the global caps",
             )?,
             duplicates: IntCounter::new(
                 "controller_duplicate_pushes_total",
@@ -129,6 +135,7 @@ impl Metrics {
         registry.register(Box::new(m.nodes.clone()))?;
         registry.register(Box::new(m.streams.clone()))?;
         registry.register(Box::new(m.history_messages.clone()))?;
+        registry.register(Box::new(m.history_bytes.clone()))?;
         registry.register(Box::new(m.history_evictions.clone()))?;
         registry.register(Box::new(m.duplicates.clone()))?;
         registry.register(Box::new(m.recoveries.clone()))?;
@@ -147,6 +154,7 @@ impl Metrics {
         self.nodes.set(s.members.node_count() as i64);
         self.streams.set(s.streams.len() as i64);
         self.history_messages.set(s.streams.total_messages() as i64);
+        self.history_bytes.set(s.streams.total_bytes() as i64);
         let evicted = s.streams.evicted();
         let seen = self.history_evictions.get();
         if evicted > seen {

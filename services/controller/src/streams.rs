@@ -35,6 +35,10 @@ pub struct StreamConfig {
     pub broadcast: Retention,
     /// Messages kept over all streams; beyond it the oldest are evicted.
     pub max_total_messages: usize,
+    /// Bytes of messages (their encoded bodies) kept over all streams;
+    /// beyond it the oldest are evicted, as for `max_total_messages`. The
+    /// message count alone does not bound memory when messages are large.
+    pub max_total_bytes: usize,
     /// A stream with no message for this long forgets its position too
     /// (its next message starts a new epoch).
     pub idle_ttl: Duration,
@@ -46,6 +50,9 @@ pub struct StreamConfig {
     /// the connect-node.
     pub max_history_bytes: usize,
 }
+
+/// [`StreamConfig::max_total_bytes`] by default: 256 MiB.
+pub const MAX_TOTAL_BYTES: usize = 256 << 20;
 
 /// [`StreamConfig::max_history_bytes`] by default: 64 MiB.
 pub const MAX_HISTORY_BYTES: usize = 64 << 20;
@@ -66,6 +73,7 @@ impl Default for StreamConfig {
                 ttl: Duration::from_secs(3600),
             },
             max_total_messages: 1_000_000,
+            max_total_bytes: MAX_TOTAL_BYTES,
             idle_ttl: Duration::from_secs(24 * 3600),
             max_history_bytes: MAX_HISTORY_BYTES,
         }
@@ -96,6 +104,8 @@ struct Stored {
     /// Place among the messages of every stream, in append order.
     order: u64,
     body: MessageBody,
+    /// `body`'s encoded size, counted in [`Totals::bytes`].
+    size: usize,
     at: Instant,
     /// Pushed to a user with no connection: handed out on the next connect.
     offline: bool,
@@ -131,6 +141,13 @@ pub struct Appended {
     pub first_delivered: Option<u32>,
 }
 
+/// What every history holds together, for the global caps.
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    messages: usize,
+    bytes: usize,
+}
+
 /// Fewest streams one [`Streams::sweep`] visits.
 const SWEEP_MIN_STREAMS: usize = 1024;
 
@@ -154,7 +171,7 @@ pub struct Streams {
     fronts: BTreeMap<u64, Arc<str>>,
     /// Place of the next message appended.
     next_order: u64,
-    total: usize,
+    total: Totals,
     evicted: u64,
     last_epoch: u64,
 }
@@ -168,7 +185,7 @@ impl Streams {
             sweep_cursor: 0,
             fronts: BTreeMap::new(),
             next_order: 0,
-            total: 0,
+            total: Totals::default(),
             evicted: 0,
             last_epoch: 0,
         }
@@ -240,17 +257,20 @@ impl Streams {
             );
             let order = self.next_order;
             self.next_order += 1;
+            let size = prost::Message::encoded_len(body);
             stream.history.push_back(Stored {
                 seq,
                 order,
                 body: body.clone(),
+                size,
                 at: now,
                 offline,
             });
             if stream.history.len() == 1 {
                 self.fronts.insert(order, shared_key.clone());
             }
-            self.total += 1;
+            self.total.messages += 1;
+            self.total.bytes += size;
         }
         let epoch = stream.epoch;
         self.trim(key, now);
@@ -275,16 +295,17 @@ impl Streams {
     }
 
     /// Drops the oldest message of `stream` (named `key`), keeping the
-    /// count and `fronts` in step.
+    /// totals and `fronts` in step.
     fn drop_front(
         key: &Arc<str>,
         stream: &mut Stream,
-        total: &mut usize,
+        total: &mut Totals,
         fronts: &mut BTreeMap<u64, Arc<str>>,
     ) {
         if let Some(old) = stream.history.pop_front() {
             stream.ids.remove(&old.body.id);
-            *total -= 1;
+            total.messages -= 1;
+            total.bytes -= old.size;
             fronts.remove(&old.order);
             if let Some(next) = stream.history.front() {
                 fronts.insert(next.order, key.clone());
@@ -326,7 +347,9 @@ impl Streams {
     }
 
     fn enforce_global_cap(&mut self) {
-        while self.total > self.cfg.max_total_messages {
+        while self.total.messages > self.cfg.max_total_messages
+            || self.total.bytes > self.cfg.max_total_bytes
+        {
             let Some((&order, key)) = self.fronts.first_key_value() else {
                 break;
             };
@@ -469,7 +492,12 @@ impl Streams {
 
     /// Messages retained over all streams.
     pub fn total_messages(&self) -> usize {
-        self.total
+        self.total.messages
+    }
+
+    /// Bytes of the messages kept over all streams (their encoded bodies).
+    pub fn total_bytes(&self) -> usize {
+        self.total.bytes
     }
 
     /// Messages evicted by the global cap so far.
@@ -493,7 +521,8 @@ impl Streams {
         self.streams.retain(|k, s| {
             let kept = keep(k);
             if !kept {
-                *total -= s.history.len();
+                total.messages -= s.history.len();
+                total.bytes -= s.history.iter().map(|m| m.size).sum::<usize>();
             }
             kept
         });
@@ -665,6 +694,39 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_byte_cap_evicts_the_oldest_across_streams() {
+        let big = |id: &str| MessageBody {
+            id: id.into(),
+            content: "x".repeat(1000),
+            ..Default::default()
+        };
+        let size = prost::Message::encoded_len(&big("a1"));
+        let cfg = StreamConfig {
+            max_total_bytes: 3 * size,
+            ..StreamConfig::default()
+        };
+        let mut s = Streams::new(cfg);
+        let now = Instant::now();
+        let ra = s.append("room:a", &big("a1"), false, now);
+        s.append("room:b", &big("b1"), false, now);
+        s.append("room:a", &big("a2"), false, now);
+        assert_eq!((s.total_bytes(), s.evicted()), (3 * size, 0));
+        // A fourth would pass the cap: the oldest (a1) goes.
+        s.append("room:b", &big("b2"), false, now);
+        assert_eq!((s.total_messages(), s.total_bytes()), (3, 3 * size));
+        assert_eq!(s.evicted(), 1);
+        assert!(!s.history(&q("room:a", Some((ra.epoch, 0))), now).recovered);
+        assert_eq!(
+            seqs(&s.history(&q("room:a", Some((ra.epoch, 1))), now)),
+            vec![2]
+        );
+        // A small message past the cap evicts the oldest too (b1).
+        s.append("room:c", &body("c1"), false, now);
+        assert_eq!(s.evicted(), 2);
+        assert!(s.total_bytes() <= 3 * size);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_global_cap_evicts_the_oldest_after_per_stream_trims_too() {
         let cfg = StreamConfig {
             room: Retention {
@@ -786,6 +848,13 @@ mod tests {
                 s.append(&key, &body(&format!("m{i}")), false, now);
                 let kept: usize = s.streams.values().map(|st| st.history.len()).sum();
                 proptest::prop_assert_eq!(kept, s.total_messages());
+                let bytes: usize = s
+                    .streams
+                    .values()
+                    .flat_map(|st| st.history.iter())
+                    .map(|m| prost::Message::encoded_len(&m.body))
+                    .sum();
+                proptest::prop_assert_eq!(bytes, s.total_bytes());
                 proptest::prop_assert!(s.total_messages() <= 7);
                 let fronts: BTreeMap<u64, Arc<str>> = s
                     .streams
