@@ -823,8 +823,8 @@ async fn controller_without(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_reach_a_controller_without_resolve_batch_one_by_one() -> anyhow::Result<()> {
     use barrage_discovery::{Member, Members, Role};
+    use barrage_proto::coalesce::BatchLimits;
     use barrage_proto::v1::{ResolveRequest, ResolveTarget};
-    use barrage_push_manager::coalesce::BatchLimits;
     use barrage_push_manager::pool::{ControllerRing, Dialer};
 
     let (addr, refused, stop, server) =

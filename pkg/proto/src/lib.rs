@@ -4,13 +4,28 @@
 //! from them at compile time and never edited by hand. [`FILE_DESCRIPTOR_SET`]
 //! feeds server reflection so grpcurl works without proto files.
 
-#![allow(missing_docs, clippy::all)]
-
 /// `barrage.v1`: the public push API and the internal services.
+#[allow(missing_docs, clippy::all)]
 pub mod v1 {
     tonic::include_proto!("barrage.v1");
 }
 
+impl v1::HistoryQuery {
+    /// A query for `key`'s stream, from `position` (`(epoch, seq)`) when
+    /// the client has one; `client` is set when queries of several clients
+    /// go in one call.
+    pub fn new(key: impl Into<String>, position: Option<(u64, u64)>) -> Self {
+        v1::HistoryQuery {
+            key: key.into(),
+            has_position: position.is_some(),
+            epoch: position.map_or(0, |p| p.0),
+            seq: position.map_or(0, |p| p.1),
+            client: 0,
+        }
+    }
+}
+
+pub mod coalesce;
 pub mod local;
 pub mod tls;
 pub use local::{LocalPeers, LocalRegistration, PeerChannel, PeerError};

@@ -220,6 +220,10 @@ pub async fn run(
             grpc_addr: grpc_addr.clone(),
             heartbeat: cfg.heartbeat,
             call_timeout: Duration::from_secs(5),
+            // A returning client's history query may take the whole of its
+            // session's set-up deadline: in a reconnect storm queries wait
+            // their turn, and a client told to reconnect only queues again.
+            history_timeout: cfg.ack_timeout,
             vnodes: cfg.ring_vnodes,
             tls: cfg.grpc_tls.clone(),
             local: cfg.local_peers.clone(),

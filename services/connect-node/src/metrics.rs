@@ -31,6 +31,8 @@ pub struct Metrics {
     pub recovered_messages: IntCounter,
     /// Time for a session report to be applied by its controller (report lag).
     pub report_duration: prometheus::Histogram,
+    /// Connecting clients whose history one `History` call asked for.
+    pub history_call_clients: prometheus::Histogram,
     /// TLS certificate reloads, by result (`ok`, `error`).
     pub tls_reloads: IntCounterVec,
     /// Client publishes by pipeline stage and outcome.
@@ -108,6 +110,13 @@ impl Metrics {
                     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
                 ]),
             )?,
+            history_call_clients: prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new(
+                    "connect_node_history_call_clients",
+                    "Connecting clients whose history one History call to a controller asked for",
+                )
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+            )?,
             tls_reloads: IntCounterVec::new(
                 Opts::new(
                     "connect_node_tls_reloads_total",
@@ -140,6 +149,7 @@ impl Metrics {
         registry.register(Box::new(m.batched_messages.clone()))?;
         registry.register(Box::new(m.batch_frames_shared.clone()))?;
         registry.register(Box::new(m.report_duration.clone()))?;
+        registry.register(Box::new(m.history_call_clients.clone()))?;
         registry.register(Box::new(m.tls_reloads.clone()))?;
         for result in ["ok", "error"] {
             m.tls_reloads.with_label_values(&[result]);

@@ -15,6 +15,7 @@ use std::time::Duration;
 use barrage_discovery::MemberWatch;
 use barrage_discovery::ring::Ring;
 use barrage_proto::PeerChannel;
+use barrage_proto::coalesce::{BatchLimits, Coalescer};
 use barrage_proto::v1::{
     HistoryQuery, HistoryRequest, HistoryResult, ReportRequest, SessionChange, SyncRequest,
     controller_client::ControllerClient, session_change::Kind,
@@ -75,13 +76,26 @@ struct Queue {
     full_sync: bool,
 }
 
+/// History queries to one controller: each item is one connecting
+/// client's queries, and the queries of clients that queue behind busy
+/// calls go together in one `History` call.
+type HistoryCalls = Coalescer<Vec<HistoryQuery>, Vec<HistoryResult>>;
+
+/// How history calls to one controller batch: a few calls at once (the
+/// controller answers one at a time anyway), each for up to 256 clients.
+const HISTORY_BATCHING: BatchLimits = BatchLimits {
+    max_in_flight: 4,
+    max_items: 256,
+    max_bytes: 256 * 1024,
+};
+
 /// The path to one controller.
 struct Link {
     id: String,
     addr: String,
-    /// History queries (one per connecting session, many at once in a
-    /// reconnect storm).
-    client: Option<ControllerClient<PeerChannel>>,
+    /// History queries (one item per connecting session, many at once in a
+    /// reconnect storm), on a connection of their own.
+    history: Option<HistoryCalls>,
     /// Reports and syncs, on a connection of their own: every connect
     /// waits for a report's answer, which must not queue behind the
     /// history queries' streams.
@@ -106,9 +120,9 @@ impl Link {
     }
 }
 
-/// History queries bound for one controller: its client, the queries'
+/// History queries bound for one controller: its link, the queries'
 /// positions in the caller's list, and the queries.
-type OwnerQueries = (ControllerClient<PeerChannel>, Vec<usize>, Vec<HistoryQuery>);
+type OwnerQueries<'a> = (&'a Arc<Link>, Vec<usize>, Vec<HistoryQuery>);
 
 /// Settings of the reporter.
 #[derive(Debug, Clone)]
@@ -123,6 +137,8 @@ pub struct ReporterConfig {
     pub heartbeat: Duration,
     /// Deadline of one report or sync call.
     pub call_timeout: Duration,
+    /// Deadline of one history call.
+    pub history_timeout: Duration,
     /// Virtual nodes per controller on the ring.
     pub vnodes: usize,
     /// TLS of the calls to controllers.
@@ -192,41 +208,37 @@ impl Reporter {
     }
 
     /// Asks the owning controllers for stream positions and missed
-    /// messages, one call per controller, concurrently, each with
-    /// `deadline`. Results come back in query order.
-    pub async fn history(
-        &self,
-        queries: Vec<HistoryQuery>,
-        deadline: Duration,
-    ) -> Result<Vec<HistoryResult>, tonic::Status> {
+    /// messages for one connecting client: one item per controller,
+    /// concurrently, each sent alone or with other clients' queries (see
+    /// [`HistoryCalls`]). Results come back in query order.
+    pub async fn history(&self, queries: Vec<HistoryQuery>) -> Result<Vec<HistoryResult>, String> {
         let ring = self.ring.read().clone();
-        let mut by_owner: BTreeMap<&str, OwnerQueries> = BTreeMap::new();
+        let mut by_owner: BTreeMap<&str, OwnerQueries<'_>> = BTreeMap::new();
         for (i, q) in queries.into_iter().enumerate() {
             let (id, link) = ring
                 .owner(&q.key)
-                .ok_or_else(|| tonic::Status::unavailable("no controller available"))?;
-            let client = link.client.clone().ok_or_else(|| {
-                tonic::Status::unavailable(format!("controller {id} has a bad address"))
-            })?;
+                .ok_or_else(|| "no controller available".to_owned())?;
             let e = by_owner
                 .entry(id)
-                .or_insert_with(|| (client, Vec::new(), Vec::new()));
+                .or_insert_with(|| (link, Vec::new(), Vec::new()));
             e.1.push(i);
             e.2.push(q);
         }
-        let calls = by_owner.into_values().map(|(mut client, idx, queries)| {
-            let mut req = tonic::Request::new(HistoryRequest { queries });
-            req.set_timeout(deadline);
-            async move {
-                client
-                    .history(req)
-                    .await
-                    .map(|r| (idx, r.into_inner().results))
-            }
-        });
+        let calls = by_owner
+            .into_iter()
+            .map(|(id, (link, idx, queries))| async move {
+                let calls = link
+                    .history
+                    .as_ref()
+                    .ok_or_else(|| format!("controller {id} has a bad address"))?;
+                calls.call(queries).await.map(|r| (idx, r))
+            });
         let mut out: Vec<Option<HistoryResult>> = Vec::new();
         for r in futures::future::join_all(calls).await {
             let (idx, results) = r?;
+            if idx.len() != results.len() {
+                return Err("controller answered fewer results than asked".to_owned());
+            }
             for (i, res) in idx.into_iter().zip(results) {
                 if out.len() <= i {
                     out.resize(i + 1, None);
@@ -235,11 +247,7 @@ impl Reporter {
             }
         }
         out.into_iter()
-            .map(|r| {
-                r.ok_or_else(|| {
-                    tonic::Status::internal("controller answered fewer results than asked")
-                })
-            })
+            .map(|r| r.ok_or_else(|| "controller answered fewer results than asked".to_owned()))
             .collect()
     }
 
@@ -324,10 +332,17 @@ impl Reporter {
                         .max_decoding_message_size(barrage_proto::PEER_MESSAGE_LIMIT)
                 })
         };
+        let history = channel().map(|client| {
+            history_calls(
+                client,
+                self.cfg.history_timeout,
+                self.metrics.history_call_clients.clone(),
+            )
+        });
         let link = Arc::new(Link {
             id: id.to_owned(),
             addr: addr.to_owned(),
-            client: channel(),
+            history,
             reports: channel(),
             queue: Mutex::new(Queue {
                 full_sync: true,
@@ -480,6 +495,71 @@ impl Reporter {
     }
 }
 
+/// History calls to `client`, batched across connecting clients.
+fn history_calls(
+    client: ControllerClient<PeerChannel>,
+    timeout: Duration,
+    clients: prometheus::Histogram,
+) -> HistoryCalls {
+    Coalescer::new(
+        HISTORY_BATCHING,
+        |queries: &Vec<HistoryQuery>| queries.iter().map(prost::Message::encoded_len).sum(),
+        clients,
+        move |items| history_rounds(client.clone(), items, timeout),
+    )
+}
+
+/// Asks for the history of every client in `items` (one list of queries
+/// each) in one call, then again for those the controller deferred (it
+/// answers at least one client per call), until all are answered.
+async fn history_rounds(
+    client: ControllerClient<PeerChannel>,
+    items: Vec<Vec<HistoryQuery>>,
+    timeout: Duration,
+) -> Result<Vec<Vec<HistoryResult>>, String> {
+    let mut out: Vec<Option<Vec<HistoryResult>>> = vec![None; items.len()];
+    let mut pending: Vec<usize> = (0..items.len()).collect();
+    while !pending.is_empty() {
+        let queries = pending
+            .iter()
+            .enumerate()
+            .flat_map(|(n, &i)| {
+                items[i].iter().map(move |q| HistoryQuery {
+                    client: n as u32,
+                    ..q.clone()
+                })
+            })
+            .collect();
+        let mut req = tonic::Request::new(HistoryRequest { queries });
+        req.set_timeout(timeout);
+        let mut results = client
+            .clone()
+            .history(req)
+            .await
+            .map_err(|s| s.message().to_owned())?
+            .into_inner()
+            .results
+            .into_iter();
+        let mut deferred = Vec::new();
+        for &i in &pending {
+            let mine: Vec<HistoryResult> = results.by_ref().take(items[i].len()).collect();
+            if mine.len() != items[i].len() {
+                return Err("controller answered fewer results than asked".to_owned());
+            }
+            if mine.iter().any(|r| r.deferred) {
+                deferred.push(i);
+            } else {
+                out[i] = Some(mine);
+            }
+        }
+        if deferred.len() == pending.len() {
+            return Err("controller deferred every query".to_owned());
+        }
+        pending = deferred;
+    }
+    Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+}
+
 /// Capped exponential backoff with jitter.
 struct Backoff(u32);
 
@@ -494,5 +574,93 @@ impl Backoff {
         let base = 100u64 << self.0.min(5);
         self.0 += 1;
         Duration::from_millis(base + rand::random::<u64>() % (base / 2 + 1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use barrage_controller::ownership::Ownership;
+    use barrage_controller::state::{ControllerState, Membership};
+    use barrage_controller::streams::Streams;
+    use barrage_controller::{ControllerService, StreamConfig};
+    use barrage_proto::v1::MessageBody;
+    use barrage_proto::v1::controller_server::ControllerServer;
+
+    const T: Duration = Duration::from_secs(5);
+
+    fn big(id: &str) -> MessageBody {
+        MessageBody {
+            id: id.into(),
+            content: "x".repeat(1000),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn clients_in_one_call_get_their_own_answers_and_deferred_ones_are_asked_again()
+    -> Result<(), Box<dyn std::error::Error>> {
+        // A real controller in this process, whose answers hold two of the
+        // large messages per client and three in all: of three clients
+        // missing two each, the first call answers one.
+        let streams = Streams::new(StreamConfig {
+            max_history_bytes: 2 * 1100,
+            max_answer_bytes: 3 * 1100,
+            ..StreamConfig::default()
+        });
+        let state = Arc::new(Mutex::new(ControllerState {
+            members: Membership::new(),
+            streams,
+            ownership: Ownership::standalone("c"),
+        }));
+        let now = tokio::time::Instant::now();
+        let epoch = {
+            let mut s = state.lock();
+            let a = s.streams.append("room:big", &big("m1"), false, now);
+            s.streams.append("room:big", &big("m2"), false, now);
+            a.epoch
+        };
+        let metrics = barrage_controller::Metrics::new(&prometheus::Registry::new())?;
+        let service = ControllerService::new(state.clone(), metrics.clone());
+        let peers = barrage_proto::LocalPeers::default();
+        let _registered = peers.register("c:1", ControllerServer::new(service));
+        let client = ControllerClient::new(peers.get("c:1", T).expect("registered"));
+
+        let items = vec![
+            vec![HistoryQuery::new("room:big", Some((epoch, 0)))],
+            vec![
+                HistoryQuery::new("user:b", None),
+                HistoryQuery::new("room:big", Some((epoch, 1))),
+            ],
+            vec![
+                HistoryQuery::new("broadcast", None),
+                HistoryQuery::new("room:big", Some((epoch, 0))),
+            ],
+        ];
+        let answers = tokio::time::timeout(T, history_rounds(client, items, T)).await??;
+        let got: Vec<Vec<(String, bool, Vec<u64>)>> = answers
+            .iter()
+            .map(|client| {
+                client
+                    .iter()
+                    .map(|r| {
+                        let seqs = r.messages.iter().map(|m| m.seq).collect();
+                        (r.key.clone(), r.deferred, seqs)
+                    })
+                    .collect()
+            })
+            .collect();
+        let big = |seqs: &[u64]| ("room:big".to_string(), false, seqs.to_vec());
+        assert_eq!(
+            got,
+            vec![
+                vec![big(&[1, 2])],
+                vec![("user:b".into(), false, vec![]), big(&[2])],
+                vec![("broadcast".into(), false, vec![]), big(&[1, 2])],
+            ]
+        );
+        let recovered = metrics.recoveries.with_label_values(&["recovered"]).get();
+        assert_eq!(recovered, 3, "each answered once, deferrals not counted");
+        Ok(())
     }
 }

@@ -821,23 +821,14 @@ pub(crate) async fn recover(
     keys.extend(rooms.iter().map(|r| StreamKey::Room(r.clone()).to_string()));
     let queries: Vec<HistoryQuery> = keys
         .iter()
-        .map(|k| {
-            let pos = positions.get(k);
-            HistoryQuery {
-                key: k.clone(),
-                has_position: pos.is_some(),
-                epoch: pos.map_or(0, |p| p.epoch),
-                seq: pos.map_or(0, |p| p.seq),
-            }
-        })
+        .map(|k| HistoryQuery::new(k.clone(), positions.get(k).map(|p| (p.epoch, p.seq))))
         .collect();
     // The whole of the session's set-up deadline: when every client of a
     // node comes back at once, queries wait their turn at the controller,
     // and a client told to reconnect would only queue again.
-    let results = tokio::time::timeout(timeout, hub.reporter().history(queries, timeout))
+    let results = tokio::time::timeout(timeout, hub.reporter().history(queries))
         .await
-        .map_err(|_| "history request timed out".to_owned())?
-        .map_err(|e| e.message().to_owned())?;
+        .map_err(|_| "history request timed out".to_owned())??;
     let mut out = Recovery {
         streams: BTreeMap::new(),
         missed: Vec::new(),

@@ -248,35 +248,32 @@ impl Controller for ControllerService {
                 .map_err(|e| invalid("queries.key", e))?;
         }
         let now = tokio::time::Instant::now();
-        let mut s = self.state.lock();
-        // One budget for the whole answer: it must reach the node.
-        let mut budget = s.streams.config().max_history_bytes;
-        let results: Vec<_> = r
-            .queries
-            .iter()
-            .map(|q| {
-                let (res, left_out) = s.streams.history_within(q, now, &mut budget);
-                if left_out {
-                    tracing::warn!(
-                        key = %q.key,
-                        "missed messages exceed what one history answer carries; {}",
-                        if q.has_position {
-                            "the stream is answered not recovered"
-                        } else {
-                            "the rest of the offline messages wait for the next connect"
-                        }
-                    );
-                }
-                let outcome = match (q.has_position, res.recovered) {
-                    (false, _) => "fresh",
-                    (true, _) if left_out => "too_large",
-                    (true, true) => "recovered",
-                    (true, false) => "not_recovered",
-                };
+        let answers = self.state.lock().streams.answer(&r.queries, now);
+        let mut results = Vec::with_capacity(answers.len());
+        for (q, a) in r.queries.iter().zip(answers) {
+            if a.left_out {
+                tracing::warn!(
+                    key = %q.key,
+                    "missed messages exceed what one history answer carries; {}",
+                    if q.has_position {
+                        "the stream is answered not recovered"
+                    } else {
+                        "the rest of the offline messages wait for the next connect"
+                    }
+                );
+            }
+            let outcome = match (q.has_position, a.result.recovered) {
+                _ if a.result.deferred => None,
+                (false, _) => Some("fresh"),
+                (true, _) if a.left_out => Some("too_large"),
+                (true, true) => Some("recovered"),
+                (true, false) => Some("not_recovered"),
+            };
+            if let Some(outcome) = outcome {
                 self.metrics.recoveries.with_label_values(&[outcome]).inc();
-                res
-            })
-            .collect();
+            }
+            results.push(a.result);
+        }
         Ok(Response::new(HistoryResponse { results }))
     }
 

@@ -49,6 +49,11 @@ pub struct StreamConfig {
     /// [`barrage_proto::PEER_MESSAGE_LIMIT`], so the answer always reaches
     /// the connect-node.
     pub max_history_bytes: usize,
+    /// Bytes of messages one history call (the queries of several
+    /// connecting clients) carries at most: a client whose full
+    /// `max_history_bytes` might not fit in what is left is deferred, and
+    /// the node asks again. Half of [`barrage_proto::PEER_MESSAGE_LIMIT`].
+    pub max_answer_bytes: usize,
 }
 
 /// [`StreamConfig::max_total_bytes`] by default: 256 MiB.
@@ -76,6 +81,7 @@ impl Default for StreamConfig {
             max_total_bytes: MAX_TOTAL_BYTES,
             idle_ttl: Duration::from_secs(24 * 3600),
             max_history_bytes: MAX_HISTORY_BYTES,
+            max_answer_bytes: barrage_proto::PEER_MESSAGE_LIMIT / 2,
         }
     }
 }
@@ -139,6 +145,16 @@ pub struct Appended {
     pub duplicate: bool,
     /// For a duplicate: connections the first attempt reached, once known.
     pub first_delivered: Option<u32>,
+}
+
+/// One query's answer from [`Streams::answer`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// What the node gets (`deferred` when the client must ask again).
+    pub result: HistoryResult,
+    /// Messages were left out for want of budget (see
+    /// [`Streams::history_within`]).
+    pub left_out: bool,
 }
 
 /// What every history holds together, for the global caps.
@@ -388,6 +404,48 @@ impl Streams {
         }
     }
 
+    /// Answers the recovery queries of one history call, which may be of
+    /// several connecting clients (`client`), in query order. Each client
+    /// has its own [`StreamConfig::max_history_bytes`]; a client is
+    /// deferred, untouched, when that much might not fit in what is left of
+    /// [`StreamConfig::max_answer_bytes`]. The first client is always
+    /// answered.
+    pub fn answer(&mut self, queries: &[HistoryQuery], now: Instant) -> Vec<Answer> {
+        let each = self.cfg.max_history_bytes;
+        let total = self.cfg.max_answer_bytes.max(each);
+        let mut clients: Vec<(u32, Vec<usize>)> = Vec::new();
+        for (i, q) in queries.iter().enumerate() {
+            match clients.iter_mut().find(|(c, _)| *c == q.client) {
+                Some((_, idx)) => idx.push(i),
+                None => clients.push((q.client, vec![i])),
+            }
+        }
+        let mut out: Vec<Answer> = queries
+            .iter()
+            .map(|q| Answer {
+                result: HistoryResult {
+                    key: q.key.clone(),
+                    deferred: true,
+                    ..Default::default()
+                },
+                left_out: false,
+            })
+            .collect();
+        let mut used = 0;
+        for (_, idx) in clients {
+            if used > 0 && used + each > total {
+                continue;
+            }
+            let mut budget = each;
+            for i in idx {
+                let (result, left_out) = self.history_within(&queries[i], now, &mut budget);
+                out[i] = Answer { result, left_out };
+            }
+            used += each - budget;
+        }
+        out
+    }
+
     /// Answers one recovery query on its own, within the configured
     /// [`StreamConfig::max_history_bytes`].
     pub fn history(&mut self, q: &HistoryQuery, now: Instant) -> HistoryResult {
@@ -545,12 +603,7 @@ mod tests {
     }
 
     fn q(key: &str, pos: Option<(u64, u64)>) -> HistoryQuery {
-        HistoryQuery {
-            key: key.into(),
-            has_position: pos.is_some(),
-            epoch: pos.map_or(0, |p| p.0),
-            seq: pos.map_or(0, |p| p.1),
-        }
+        HistoryQuery::new(key, pos)
     }
 
     fn seqs(r: &HistoryResult) -> Vec<u64> {
@@ -693,13 +746,87 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn the_byte_cap_evicts_the_oldest_across_streams() {
-        let big = |id: &str| MessageBody {
+    fn big(id: &str) -> MessageBody {
+        MessageBody {
             id: id.into(),
             content: "x".repeat(1000),
             ..Default::default()
+        }
+    }
+
+    fn of_client(client: u32, mut q: HistoryQuery) -> HistoryQuery {
+        q.client = client;
+        q
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_client_of_a_call_has_its_own_budget() {
+        let size = stored_len(&big("m1"));
+        let cfg = StreamConfig {
+            max_history_bytes: 3 * size,
+            ..StreamConfig::default()
         };
+        let mut s = Streams::new(cfg);
+        let now = Instant::now();
+        let a = s.append("room:big", &big("m1"), false, now);
+        s.append("room:big", &big("m2"), false, now);
+        s.append("room:big", &big("m3"), false, now);
+        let from_start = |c| of_client(c, q("room:big", Some((a.epoch, 0))));
+        let answers = s.answer(&[from_start(0), from_start(1), from_start(0)], now);
+        // Client 0 asked twice: its second query finds its budget spent.
+        let shape: Vec<_> = answers
+            .iter()
+            .map(|a| (a.result.recovered, a.result.messages.len(), a.left_out))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![(true, 3, false), (true, 3, false), (false, 0, true)]
+        );
+        assert!(answers.iter().all(|a| !a.result.deferred));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn clients_past_the_answer_cap_are_deferred_untouched() {
+        let size = stored_len(&big("m1"));
+        let cfg = StreamConfig {
+            max_history_bytes: 2 * size,
+            max_answer_bytes: 3 * size,
+            ..StreamConfig::default()
+        };
+        let mut s = Streams::new(cfg);
+        let now = Instant::now();
+        let a = s.append("room:big", &big("m1"), false, now);
+        s.append("room:big", &big("m2"), false, now);
+        s.append("user:away", &big("o1"), true, now);
+        let queries = [
+            of_client(7, q("room:big", Some((a.epoch, 0)))),
+            of_client(9, q("user:away", None)),
+            of_client(9, q("broadcast", None)),
+        ];
+        // Client 7 used 2 of the 3: client 9's full budget might not fit.
+        let answers = s.answer(&queries, now);
+        assert_eq!(seqs(&answers[0].result), vec![1, 2]);
+        assert!(!answers[0].result.deferred);
+        for d in &answers[1..] {
+            assert_eq!(
+                d.result,
+                HistoryResult {
+                    key: d.result.key.clone(),
+                    deferred: true,
+                    ..Default::default()
+                }
+            );
+        }
+        assert_eq!(answers[1].result.key, "user:away");
+        // Asked again on its own, client 9 gets its offline message.
+        let again = s.answer(&queries[1..], now);
+        assert!(again.iter().all(|a| !a.result.deferred));
+        assert_eq!(again[0].result.messages.len(), 1);
+        assert!(s.answer(&queries[1..2], now)[0].result.messages.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_byte_cap_evicts_the_oldest_across_streams() {
         let size = prost::Message::encoded_len(&big("a1"));
         let cfg = StreamConfig {
             max_total_bytes: 3 * size,

@@ -26,7 +26,7 @@ use futures::future::join_all;
 use tokio::sync::mpsc;
 use tonic::Code;
 
-use crate::coalesce::BatchCall;
+use barrage_proto::coalesce::BatchCall;
 
 /// How long the first record of a batch waits for others.
 pub const LINGER: Duration = Duration::from_millis(5);

@@ -6,7 +6,6 @@
 //! pooled channels kept in step with discovery. A room push costs one call
 //! per node, never one per user.
 
-pub mod coalesce;
 pub mod complete;
 mod metrics;
 pub mod pool;
@@ -140,7 +139,7 @@ pub async fn run(
         connect_timeout: Duration::from_secs(2),
         call_timeout: cfg.node_timeout,
         tls: cfg.grpc_tls.clone(),
-        batching: coalesce::BatchLimits {
+        batching: barrage_proto::coalesce::BatchLimits {
             max_in_flight: cfg.peer_calls_in_flight,
             max_items: MAX_BATCH_ITEMS,
             max_bytes: MAX_BATCH_BYTES,

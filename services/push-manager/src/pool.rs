@@ -23,8 +23,8 @@ use prometheus::IntGauge;
 use prost::Message as _;
 use tonic::{Code, Request, Status};
 
-use crate::coalesce::{BatchCall, BatchLimits, Coalescer, SharedBatchCall};
 use crate::complete::{Completer, LINGER};
+use barrage_proto::coalesce::{BatchCall, BatchLimits, Coalescer, SharedBatchCall};
 
 /// How channels are dialled and calls made: deadlines, TLS, batching.
 #[derive(Clone)]

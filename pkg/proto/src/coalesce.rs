@@ -43,7 +43,7 @@ pub struct BatchLimits {
 /// call; once the peer said so, the caller sends item by item at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub(crate) enum BatchCall {
+pub enum BatchCall {
     /// Not asked yet (or the peer stopped serving it).
     Unknown = 0,
     /// The peer answered a batch call.
@@ -54,11 +54,11 @@ pub(crate) enum BatchCall {
 
 /// A [`BatchCall`] shared by calls that run at once.
 #[derive(Debug, Default)]
-pub(crate) struct SharedBatchCall(std::sync::atomic::AtomicU8);
+pub struct SharedBatchCall(std::sync::atomic::AtomicU8);
 
 impl SharedBatchCall {
     /// What the peer said last.
-    pub(crate) fn get(&self) -> BatchCall {
+    pub fn get(&self) -> BatchCall {
         match self.0.load(std::sync::atomic::Ordering::Relaxed) {
             1 => BatchCall::Served,
             2 => BatchCall::Unimplemented,
@@ -67,7 +67,7 @@ impl SharedBatchCall {
     }
 
     /// Records what the peer said.
-    pub(crate) fn set(&self, b: BatchCall) {
+    pub fn set(&self, b: BatchCall) {
         self.0.store(b as u8, std::sync::atomic::Ordering::Relaxed);
     }
 }
