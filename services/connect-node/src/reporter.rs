@@ -112,11 +112,42 @@ impl Link {
     fn report(&self, changes: Vec<SessionChange>) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
         let mut q = self.queue.lock();
-        q.changes.extend(changes);
-        q.waiters.push(tx);
+        q.enqueue(changes, tx);
         drop(q);
         self.notify.notify_one();
         rx
+    }
+}
+
+/// Queued changes beyond which a link sends a full sync instead.
+const MAX_QUEUED_CHANGES: usize = 65_536;
+
+impl Queue {
+    /// Queues `changes` and a waiter for the report that carries them.
+    ///
+    /// While the controller cannot be reached, changes pile up with every
+    /// connect and disconnect, and would go out as one report as large as
+    /// the churn of the whole outage (past what a controller accepts,
+    /// after a long one). Beyond [`MAX_QUEUED_CHANGES`] they are dropped
+    /// for a full sync, which is as large as what the node holds now. With
+    /// a full sync pending, changes are not queued at all: the snapshot
+    /// will include them. Waiters whose sessions gave up are dropped too.
+    fn enqueue(&mut self, changes: Vec<SessionChange>, waiter: oneshot::Sender<()>) {
+        if !self.full_sync {
+            self.changes.extend(changes);
+            if self.changes.len() > MAX_QUEUED_CHANGES {
+                tracing::warn!(
+                    changes = self.changes.len(),
+                    "controller unreachable for long; a full sync will replace the queued changes"
+                );
+                self.changes = Vec::new();
+                self.full_sync = true;
+            }
+        }
+        if self.waiters.len() >= 1024 && self.waiters.len().is_power_of_two() {
+            self.waiters.retain(|w| !w.is_closed());
+        }
+        self.waiters.push(waiter);
     }
 }
 
@@ -595,6 +626,47 @@ mod tests {
             content: "x".repeat(1000),
             ..Default::default()
         }
+    }
+
+    fn change(i: usize) -> SessionChange {
+        SessionChange {
+            kind: Kind::Join as i32,
+            key: format!("user:u{i}"),
+            user_id: format!("u{i}"),
+        }
+    }
+
+    #[test]
+    fn an_outages_backlog_turns_into_one_full_sync() {
+        let mut q = Queue::default();
+        let mut waiting = Vec::new();
+        for i in 0..MAX_QUEUED_CHANGES {
+            let (tx, rx) = oneshot::channel();
+            q.enqueue(vec![change(i)], tx);
+            // Most sessions give up waiting; every tenth still waits.
+            if i % 10 == 0 {
+                waiting.push(rx);
+            }
+        }
+        assert_eq!((q.changes.len(), q.full_sync), (MAX_QUEUED_CHANGES, false));
+        assert!(
+            q.waiters.len() < MAX_QUEUED_CHANGES / 5,
+            "{}",
+            q.waiters.len()
+        );
+        let (tx, _rx) = oneshot::channel();
+        q.enqueue(vec![change(0)], tx);
+        assert_eq!((q.changes.len(), q.full_sync), (0, true));
+        // With the sync pending, changes are left to its snapshot.
+        let (tx, _rx) = oneshot::channel();
+        q.enqueue(vec![change(1), change(2)], tx);
+        assert!(q.changes.is_empty());
+        let open = q.waiters.iter().filter(|w| !w.is_closed()).count();
+        assert_eq!(
+            open,
+            waiting.len() + 2,
+            "every session still waiting is answered"
+        );
     }
 
     #[tokio::test]
