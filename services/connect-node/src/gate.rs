@@ -120,13 +120,6 @@ mod tests {
         }
     }
 
-    struct Wakes(AtomicUsize);
-    impl ArcWake for Wakes {
-        fn wake_by_ref(w: &Arc<Self>) {
-            w.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
     #[test]
     fn polls_a_source_only_after_the_gate_fired_or_it_gave_an_item() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
@@ -135,8 +128,7 @@ mod tests {
             inner: tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
             polls: polls.clone(),
         };
-        let task = Arc::new(Wakes(AtomicUsize::new(0)));
-        let waker = futures::task::waker(task.clone());
+        let (task, waker) = crate::wakes::Wakes::task();
         let mut cx = Context::from_waker(&waker);
         let gate = Gate::new();
         let mut door = gate.door();
@@ -154,7 +146,7 @@ mod tests {
         // An item wakes the stream's waker, which wakes the task.
         tx.send(7).unwrap();
         tx.send(8).unwrap();
-        assert_eq!(task.0.load(Ordering::SeqCst), 1, "the task was woken");
+        assert_eq!(task.count(), 1, "the task was woken");
         assert_eq!(next(&mut cx), Poll::Ready(Some(7)));
         // After an item the stream is polled again without a wake-up.
         assert_eq!(next(&mut cx), Poll::Ready(Some(8)));
@@ -165,7 +157,7 @@ mod tests {
 
         // The end of the stream comes through the same way.
         drop(tx);
-        assert_eq!(task.0.load(Ordering::SeqCst), 2);
+        assert_eq!(task.count(), 2);
         assert_eq!(next(&mut cx), Poll::Ready(None));
     }
 

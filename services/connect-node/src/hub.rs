@@ -786,20 +786,10 @@ mod tests {
         Outbound::control(s)
     }
 
-    /// Counts the wake-ups of a task.
-    struct Wakes(AtomicUsize);
-
-    impl futures::task::ArcWake for Wakes {
-        fn wake_by_ref(w: &Arc<Self>) {
-            w.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn poll_signal(signal: &mut CloseSignal<'_>, wakes: &Arc<Wakes>) -> std::task::Poll<()> {
-        let waker = futures::task::waker(wakes.clone());
+    fn poll_signal(signal: &mut CloseSignal<'_>, waker: &std::task::Waker) -> std::task::Poll<()> {
         std::future::Future::poll(
             std::pin::Pin::new(signal),
-            &mut std::task::Context::from_waker(&waker),
+            &mut std::task::Context::from_waker(waker),
         )
     }
 
@@ -807,18 +797,14 @@ mod tests {
     fn close_signal_wakes_the_task_that_polled_it() {
         let hub = hub(8);
         let (conn, _rx, _) = hub.connect(user("a"), &[], Wire::Json);
-        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let (wakes, waker) = crate::wakes::Wakes::task();
         let mut signal = conn.close_signal();
-        assert!(poll_signal(&mut signal, &wakes).is_pending());
-        assert!(poll_signal(&mut signal, &wakes).is_pending());
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
+        assert!(poll_signal(&mut signal, &waker).is_pending());
+        assert!(poll_signal(&mut signal, &waker).is_pending());
+        assert_eq!(wakes.count(), 0);
         assert!(conn.close_with(CloseCode::SlowConsumer));
-        assert_eq!(
-            wakes.0.load(Ordering::SeqCst),
-            1,
-            "the close wakes the task"
-        );
-        assert!(poll_signal(&mut signal, &wakes).is_ready());
+        assert_eq!(wakes.count(), 1, "the close wakes the task");
+        assert!(poll_signal(&mut signal, &waker).is_ready());
         // A second close changes nothing: the first code wins.
         assert!(!conn.close_with(CloseCode::Normal));
         assert_eq!(conn.close_code(), Some(CloseCode::SlowConsumer));
@@ -829,8 +815,8 @@ mod tests {
         let hub = hub(8);
         let (conn, _rx, _) = hub.connect(user("a"), &[], Wire::Json);
         assert!(conn.close_with(CloseCode::Normal));
-        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
-        assert!(poll_signal(&mut conn.close_signal(), &wakes).is_ready());
+        let (_, waker) = crate::wakes::Wakes::task();
+        assert!(poll_signal(&mut conn.close_signal(), &waker).is_ready());
     }
 
     #[test]

@@ -19,6 +19,8 @@ mod reporter;
 pub mod sequencer;
 mod service;
 pub mod upgrade;
+#[cfg(test)]
+mod wakes;
 pub mod ws;
 
 use std::sync::Arc;

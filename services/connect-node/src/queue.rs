@@ -184,20 +184,6 @@ impl<T> std::fmt::Debug for Receiver<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures::task::ArcWake;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    struct Wakes(AtomicUsize);
-    impl ArcWake for Wakes {
-        fn wake_by_ref(w: &Arc<Self>) {
-            w.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn task() -> (Arc<Wakes>, std::task::Waker) {
-        let w = Arc::new(Wakes(AtomicUsize::new(0)));
-        (w.clone(), futures::task::waker(w))
-    }
 
     #[test]
     fn keeps_order_and_refuses_past_capacity() {
@@ -218,31 +204,31 @@ mod tests {
     #[test]
     fn wakes_the_task_when_the_queue_stops_being_empty() {
         let (tx, mut rx) = channel(8);
-        let (wakes, waker) = task();
+        let (wakes, waker) = crate::wakes::Wakes::task();
         let mut cx = Context::from_waker(&waker);
         assert_eq!(rx.poll_recv(&mut cx), Poll::Pending);
         tx.try_send(1).unwrap();
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert_eq!(wakes.count(), 1);
         // Not empty: the task, already woken, will drain it.
         tx.try_send(2).unwrap();
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert_eq!(wakes.count(), 1);
         assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(Some(1)));
         assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(Some(2)));
         assert_eq!(rx.poll_recv(&mut cx), Poll::Pending);
         tx.try_send(3).unwrap();
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
+        assert_eq!(wakes.count(), 2);
     }
 
     #[test]
     fn a_gone_sender_ends_the_queue_after_what_it_queued() {
         let (tx, mut rx) = channel(8);
-        let (wakes, waker) = task();
+        let (wakes, waker) = crate::wakes::Wakes::task();
         let mut cx = Context::from_waker(&waker);
         tx.try_send("last").unwrap();
         assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(Some("last")));
         assert_eq!(rx.poll_recv(&mut cx), Poll::Pending);
         drop(tx);
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "the drop wakes the task");
+        assert_eq!(wakes.count(), 1, "the drop wakes the task");
         assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(None));
         assert_eq!(rx.try_recv(), Err(TryRecvError::Disconnected));
     }
