@@ -86,11 +86,10 @@ impl Default for StreamConfig {
     }
 }
 
-/// Bytes `body` takes in a history answer at most: the body, its tag and
-/// length (6), the seq (11), and the entry's own tag and length (6).
-fn stored_len(body: &MessageBody) -> usize {
-    prost::Message::encoded_len(body) + 23
-}
+/// Bytes a history answer spends on a message besides its encoded body, at
+/// most: the body's tag and length (6), the seq (11), and the entry's own
+/// tag and length (6).
+const ANSWER_OVERHEAD: usize = 23;
 
 impl StreamConfig {
     fn retention(&self, key: &str) -> Retention {
@@ -115,6 +114,13 @@ struct Stored {
     at: Instant,
     /// Pushed to a user with no connection: handed out on the next connect.
     offline: bool,
+}
+
+impl Stored {
+    /// Bytes this message takes in a history answer, at most.
+    fn answer_len(&self) -> usize {
+        self.size + ANSWER_OVERHEAD
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -152,8 +158,9 @@ pub struct Appended {
 pub struct Answer {
     /// What the node gets (`deferred` when the client must ask again).
     pub result: HistoryResult,
-    /// Messages were left out for want of budget (see
-    /// [`Streams::history_within`]).
+    /// Messages were left out for want of budget: the stream is answered
+    /// not recovered, or a user's remaining offline messages wait for the
+    /// next connect.
     pub left_out: bool,
 }
 
@@ -446,19 +453,12 @@ impl Streams {
         out
     }
 
-    /// Answers one recovery query on its own, within the configured
-    /// [`StreamConfig::max_history_bytes`].
-    pub fn history(&mut self, q: &HistoryQuery, now: Instant) -> HistoryResult {
-        let mut budget = self.cfg.max_history_bytes;
-        self.history_within(q, now, &mut budget).0
-    }
-
     /// Answers one recovery query with at most `budget` bytes of messages,
     /// taking what it uses from `budget` (one budget serves every query of
     /// an answer). Also says whether messages were left out for want of
     /// budget: the stream is then not recovered, or, for a user's offline
     /// messages, the rest stay offline for the next connect.
-    pub fn history_within(
+    fn history_within(
         &mut self,
         q: &HistoryQuery,
         now: Instant,
@@ -483,7 +483,7 @@ impl Streams {
             if q.key.starts_with("user:") {
                 // Oldest first, while they fit: the rest stay offline.
                 for m in stream.history.iter_mut().filter(|m| m.offline) {
-                    let size = stored_len(&m.body);
+                    let size = m.answer_len();
                     if size > *budget {
                         left_out = true;
                         break;
@@ -515,7 +515,7 @@ impl Streams {
             return (out, false);
         }
         let missed = || stream.history.iter().filter(|m| m.seq > q.seq);
-        let size: usize = missed().map(|m| stored_len(&m.body)).sum();
+        let size: usize = missed().map(Stored::answer_len).sum();
         if size > *budget {
             // All or nothing: a stream recovered in part would hide a gap.
             out.recovered = false;
@@ -606,6 +606,11 @@ mod tests {
         HistoryQuery::new(key, pos)
     }
 
+    /// `q` answered on its own, as a connect-node asks for one client.
+    fn history(s: &mut Streams, q: &HistoryQuery, now: Instant) -> HistoryResult {
+        s.answer(std::slice::from_ref(q), now).remove(0).result
+    }
+
     fn seqs(r: &HistoryResult) -> Vec<u64> {
         r.messages.iter().map(|m| m.seq).collect()
     }
@@ -623,15 +628,15 @@ mod tests {
         assert_eq!(other.seq, 1);
         assert_ne!(other.epoch, a.epoch, "every stream gets its own epoch");
 
-        let r = s.history(&q("room:r", Some((a.epoch, 1))), now);
+        let r = history(&mut s, &q("room:r", Some((a.epoch, 1))), now);
         assert!(r.recovered);
         assert_eq!(seqs(&r), vec![2, 3]);
         assert_eq!((r.epoch, r.seq), (a.epoch, 3));
-        let up_to_date = s.history(&q("room:r", Some((a.epoch, 3))), now);
+        let up_to_date = history(&mut s, &q("room:r", Some((a.epoch, 3))), now);
         assert!(up_to_date.recovered && up_to_date.messages.is_empty());
-        let wrong_epoch = s.history(&q("room:r", Some((a.epoch + 1, 1))), now);
+        let wrong_epoch = history(&mut s, &q("room:r", Some((a.epoch + 1, 1))), now);
         assert!(!wrong_epoch.recovered && wrong_epoch.messages.is_empty());
-        let fresh = s.history(&q("room:r", None), now);
+        let fresh = history(&mut s, &q("room:r", None), now);
         assert!(fresh.recovered && fresh.messages.is_empty());
         assert_eq!(fresh.seq, 3);
     }
@@ -649,8 +654,8 @@ mod tests {
                 .epoch;
         }
         assert_eq!(s.total_messages(), 3);
-        assert!(!s.history(&q("room:r", Some((epoch, 1))), now).recovered);
-        let r = s.history(&q("room:r", Some((epoch, 2))), now);
+        assert!(!history(&mut s, &q("room:r", Some((epoch, 1))), now).recovered);
+        let r = history(&mut s, &q("room:r", Some((epoch, 2))), now);
         assert!(r.recovered);
         assert_eq!(seqs(&r), vec![3, 4, 5]);
     }
@@ -666,13 +671,10 @@ mod tests {
         // 31 minutes for "old" (user TTL is 30), 11 for "new".
         s.sweep(Instant::now());
         assert_eq!(s.total_messages(), 1);
-        let r = s.history(&q("user:u", Some((a.epoch, 1))), Instant::now());
+        let r = history(&mut s, &q("user:u", Some((a.epoch, 1))), Instant::now());
         assert!(r.recovered, "seq 2 is still there");
         assert_eq!(seqs(&r), vec![2]);
-        assert!(
-            !s.history(&q("user:u", Some((a.epoch, 0))), Instant::now())
-                .recovered
-        );
+        assert!(!history(&mut s, &q("user:u", Some((a.epoch, 0))), Instant::now()).recovered);
     }
 
     #[tokio::test(start_paused = true)]
@@ -739,9 +741,9 @@ mod tests {
         assert_eq!(s.total_messages(), 4);
         assert_eq!(s.evicted(), 1);
         // a1 was the oldest: recovering from before it fails, after it works.
-        assert!(!s.history(&q("room:a", Some((ra.epoch, 0))), now).recovered);
+        assert!(!history(&mut s, &q("room:a", Some((ra.epoch, 0))), now).recovered);
         assert_eq!(
-            seqs(&s.history(&q("room:a", Some((ra.epoch, 1))), now)),
+            seqs(&history(&mut s, &q("room:a", Some((ra.epoch, 1))), now)),
             vec![2]
         );
     }
@@ -761,7 +763,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn each_client_of_a_call_has_its_own_budget() {
-        let size = stored_len(&big("m1"));
+        let size = prost::Message::encoded_len(&big("m1")) + ANSWER_OVERHEAD;
         let cfg = StreamConfig {
             max_history_bytes: 3 * size,
             ..StreamConfig::default()
@@ -787,7 +789,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn clients_past_the_answer_cap_are_deferred_untouched() {
-        let size = stored_len(&big("m1"));
+        let size = prost::Message::encoded_len(&big("m1")) + ANSWER_OVERHEAD;
         let cfg = StreamConfig {
             max_history_bytes: 2 * size,
             max_answer_bytes: 3 * size,
@@ -842,9 +844,9 @@ mod tests {
         s.append("room:b", &big("b2"), false, now);
         assert_eq!((s.total_messages(), s.total_bytes()), (3, 3 * size));
         assert_eq!(s.evicted(), 1);
-        assert!(!s.history(&q("room:a", Some((ra.epoch, 0))), now).recovered);
+        assert!(!history(&mut s, &q("room:a", Some((ra.epoch, 0))), now).recovered);
         assert_eq!(
-            seqs(&s.history(&q("room:a", Some((ra.epoch, 1))), now)),
+            seqs(&history(&mut s, &q("room:a", Some((ra.epoch, 1))), now)),
             vec![2]
         );
         // A small message past the cap evicts the oldest too (b1).
@@ -874,15 +876,15 @@ mod tests {
         s.append("room:c", &body("c2"), false, now);
         // Over the cap: a1 is the oldest message kept.
         assert_eq!((s.total_messages(), s.evicted()), (4, 1));
-        assert!(!s.history(&q("room:a", Some((ra.epoch, 0))), now).recovered);
+        assert!(!history(&mut s, &q("room:a", Some((ra.epoch, 0))), now).recovered);
         s.append("room:d", &body("d1"), false, now);
         // Then b2.
         assert_eq!(s.evicted(), 2);
         assert_eq!(
-            seqs(&s.history(&q("room:b", Some((rb.epoch, 2))), now)),
+            seqs(&history(&mut s, &q("room:b", Some((rb.epoch, 2))), now)),
             vec![3]
         );
-        assert!(!s.history(&q("room:b", Some((rb.epoch, 1))), now).recovered);
+        assert!(!history(&mut s, &q("room:b", Some((rb.epoch, 1))), now).recovered);
     }
 
     #[tokio::test(start_paused = true)]
@@ -913,9 +915,9 @@ mod tests {
         s.append("user:u", &body("while-away-1"), true, now);
         s.append("user:u", &body("seen"), false, now);
         s.append("user:u", &body("while-away-2"), true, now);
-        let r = s.history(&q("user:u", None), now);
+        let r = history(&mut s, &q("user:u", None), now);
         assert_eq!(seqs(&r), vec![1, 3]);
-        assert!(s.history(&q("user:u", None), now).messages.is_empty());
+        assert!(history(&mut s, &q("user:u", None), now).messages.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
@@ -926,7 +928,7 @@ mod tests {
         s.append("room:b", &body("2"), false, now);
         s.retain(|k| k == "room:b");
         assert_eq!((s.len(), s.total_messages()), (1, 1));
-        let r = s.history(&q("room:a", Some((1, 1))), now);
+        let r = history(&mut s, &q("room:a", Some((1, 1))), now);
         assert!(!r.recovered);
     }
 
@@ -934,22 +936,19 @@ mod tests {
     fn a_position_taken_before_the_first_message_recovers_from_the_start() {
         let mut s = Streams::new(StreamConfig::default());
         let now = Instant::now();
-        let empty = s.history(&q("room:new", Some((0, 0))), now);
+        let empty = history(&mut s, &q("room:new", Some((0, 0))), now);
         assert!(empty.recovered && empty.messages.is_empty());
         for i in 0..3 {
             s.append("room:new", &body(&format!("m{i}")), false, now);
         }
-        let r = s.history(&q("room:new", Some((0, 0))), now);
+        let r = history(&mut s, &q("room:new", Some((0, 0))), now);
         assert!(r.recovered);
         assert_eq!(
             r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
             vec![1, 2, 3]
         );
         // Another epoch than 0 still has to match.
-        assert!(
-            !s.history(&q("room:new", Some((r.epoch + 1, 0))), now)
-                .recovered
-        );
+        assert!(!history(&mut s, &q("room:new", Some((r.epoch + 1, 0))), now).recovered);
     }
 
     proptest::proptest! {
