@@ -38,7 +38,7 @@ pub struct Upgrade {
     key: HeaderValue,
     on_upgrade: OnUpgrade,
     /// Subprotocols the client offered, in its order.
-    offered: Vec<HeaderValue>,
+    offered: Vec<String>,
     selected: Option<HeaderValue>,
 }
 
@@ -58,11 +58,21 @@ fn header_is(headers: &HeaderMap, name: header::HeaderName, value: &str) -> bool
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(value.as_bytes()))
 }
 
+/// The comma-separated tokens of every `name` header, trimmed.
+pub(crate) fn header_tokens(
+    headers: &HeaderMap,
+    name: header::HeaderName,
+) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
+    header_tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
@@ -105,12 +115,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
             StatusCode::UPGRADE_REQUIRED,
             "this connection cannot be upgraded",
         ))?;
-        let offered = parts
-            .headers
-            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .filter_map(|p| HeaderValue::from_bytes(p.trim_ascii()).ok())
+        let offered = header_tokens(&parts.headers, header::SEC_WEBSOCKET_PROTOCOL)
+            .map(str::to_owned)
             .collect();
         Ok(Upgrade {
             key,
@@ -126,7 +132,7 @@ impl Upgrade {
     pub fn protocols(mut self, ours: impl IntoIterator<Item = &'static str>) -> Self {
         self.selected = ours
             .into_iter()
-            .find(|p| self.offered.iter().any(|o| o.as_bytes() == p.as_bytes()))
+            .find(|p| self.offered.iter().any(|o| o == p))
             .map(HeaderValue::from_static);
         self
     }

@@ -14,11 +14,6 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
-
-use crate::upgrade::{Socket as WebSocket, Upgrade, fragments};
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -31,12 +26,16 @@ use barrage_protocol::{
 use futures::{SinkExt, StreamExt};
 use parking_lot::Mutex;
 use serde::Deserialize;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
 use crate::gate::Gate;
 use crate::hub::{ConnHandle, Hub, Outbound, Wire};
 use crate::metrics::Metrics;
 use crate::queue;
+use crate::upgrade::{Socket as WebSocket, Upgrade, fragments, header_tokens};
 
 /// Settings of the WebSocket endpoint.
 #[derive(Debug, Clone)]
@@ -127,12 +126,8 @@ fn presented_token(params: &ConnectParams, headers: &HeaderMap) -> Option<String
     {
         return Some(t.trim().to_owned());
     }
-    headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .find_map(|p| p.trim().strip_prefix("bearer.").map(str::to_owned))
+    header_tokens(headers, header::SEC_WEBSOCKET_PROTOCOL)
+        .find_map(|p| p.strip_prefix("bearer.").map(str::to_owned))
 }
 
 /// Who is connecting, with what: the outcome of admission.
@@ -480,7 +475,6 @@ async fn establish(
     })
 }
 
-/// The WebSocket message for a queued frame in the connection's format.
 /// Feeds one message to the socket, in fragments when it is large
 /// (`upgrade::fragments`); false when the socket failed.
 async fn feed(sink: &mut WebSocket, message: Message) -> bool {
@@ -492,6 +486,7 @@ async fn feed(sink: &mut WebSocket, message: Message) -> bool {
     true
 }
 
+/// The WebSocket message for a queued frame in the connection's format.
 fn to_wire(out: Outbound, wire: Wire) -> Message {
     match wire {
         Wire::Json => Message::Text(out.frame.clone()),
