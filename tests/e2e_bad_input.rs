@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use barrage_client::{Client, Error as ClientError, connect_url};
+use barrage_proto::v1::push_manager_client::PushManagerClient;
 use barrage_proto::v1::{
     BroadcastRequest, GetRoomInfoRequest, GetUserNodeRequest, PushToRoomRequest, PushToUserRequest,
 };
@@ -11,6 +12,7 @@ use barrage_protocol::{ClientFrame, ServerFrame};
 use barrage_testkit::cluster::{TestCluster, within};
 use tokio_tungstenite::tungstenite::Message;
 use tonic::Code;
+use tonic::transport::Channel;
 
 const T: Duration = Duration::from_secs(10);
 
@@ -348,6 +350,26 @@ async fn a_silent_connection_is_closed_with_4001() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Pushes `content` to `room` and checks that `c` receives it whole.
+async fn delivered_whole(
+    api: &mut PushManagerClient<Channel>,
+    c: &mut Client,
+    room: &str,
+    content: &str,
+) -> anyhow::Result<()> {
+    let push = PushToRoomRequest {
+        room_id: room.into(),
+        content: content.into(),
+        ..Default::default()
+    };
+    within(T, "push", api.push_to_room(push)).await??;
+    let m = within(T, "the message", c.next_message())
+        .await??
+        .expect("a message before the connection ends");
+    assert_eq!(m.data.as_ref().and_then(|d| d.as_str()), Some(content));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_raised_content_limit_holds_on_every_hop() -> anyhow::Result<()> {
     // MAX_CONTENT_BYTES above gRPC's default 4 MiB message size: a push
@@ -363,24 +385,7 @@ async fn a_raised_content_limit_holds_on_every_hop() -> anyhow::Result<()> {
     let mut api = cluster.push_client().await?;
     let url = connect_url(&cluster.nodes[0].ws_url(), "viewer", &["big"]);
     let mut c = within(T, "connect", Client::connect(&url)).await??;
-    let content = "y".repeat(5 << 20);
-    within(
-        T,
-        "push",
-        api.push_to_room(PushToRoomRequest {
-            room_id: "big".into(),
-            content: content.clone(),
-            ..Default::default()
-        }),
-    )
-    .await??;
-    let m = within(T, "the message", c.next_message())
-        .await??
-        .expect("a message before the connection ends");
-    assert_eq!(
-        m.data.as_ref().and_then(|d| d.as_str()),
-        Some(content.as_str())
-    );
+    delivered_whole(&mut api, &mut c, "big", &"y".repeat(5 << 20)).await?;
     let over = within(
         T,
         "push",
@@ -406,23 +411,7 @@ async fn content_that_grows_when_escaped_reaches_json_clients() -> anyhow::Resul
     let mut c = within(T, "connect", Client::connect(&url)).await??;
     let content = "\u{1}".repeat(64 * 1024);
     for _ in 0..2 {
-        within(
-            T,
-            "push",
-            api.push_to_room(PushToRoomRequest {
-                room_id: "raw".into(),
-                content: content.clone(),
-                ..Default::default()
-            }),
-        )
-        .await??;
-        let m = within(T, "the message", c.next_message())
-            .await??
-            .expect("a message before the connection ends");
-        assert_eq!(
-            m.data.as_ref().and_then(|d| d.as_str()),
-            Some(content.as_str())
-        );
+        delivered_whole(&mut api, &mut c, "raw", &content).await?;
     }
     Ok(())
 }
