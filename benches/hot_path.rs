@@ -168,6 +168,7 @@ fn local_fanout(c: &mut Criterion) {
                 UserId::new(format!("u{i}")).expect("user"),
                 std::slice::from_ref(&room),
                 Wire::Json,
+                None,
             );
             queues.push(rx);
         }

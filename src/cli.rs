@@ -597,6 +597,10 @@ struct FrameArgs {
     /// bytes are sent DEFLATE-compressed; 0: never.
     #[arg(long, env = "BINARY_COMPRESS_BYTES", default_value_t = 0)]
     binary_compress_bytes: usize,
+    /// Let the fan-out write a frame straight to an idle plain-TCP
+    /// connection's socket instead of waking its task (off while batching).
+    #[arg(long, env = "DIRECT_WRITES", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    direct_writes: bool,
 }
 
 impl FrameArgs {
@@ -615,6 +619,7 @@ impl FrameArgs {
         }
         cfg.batch_window = Duration::from_millis(self.batch_window_ms);
         cfg.batch_max = self.batch_max_messages;
+        cfg.direct_writes = self.direct_writes;
         if self.binary_compress_bytes > 0 && self.binary_compress_bytes < 64 {
             return Err(bad(
                 "BINARY_COMPRESS_BYTES (--binary-compress-bytes)",

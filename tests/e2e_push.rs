@@ -1121,3 +1121,74 @@ async fn a_full_sync_over_grpcs_default_size_limit_is_applied() -> anyhow::Resul
     assert_eq!((room.member_count, room.connection_count), (50_000, 50_000));
     Ok(())
 }
+
+/// Pushes from the fan-out itself (`connect_node::direct`) and frames
+/// queued to the connection's task, interleaved on one connection: every
+/// message arrives once, whole, in stream order, with the connection's
+/// replies between them; with `DIRECT_WRITES` off, none is written
+/// directly and the same holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_written_by_the_fan_out_and_by_the_task_keep_their_order() -> anyhow::Result<()> {
+    barrage_testkit::init_tracing();
+    for direct in [true, false] {
+        let mut cluster = TestCluster::in_process();
+        cluster.start_controller("controller-1").await?;
+        cluster
+            .start_node_with("node-1", |c| c.direct_writes = direct)
+            .await?;
+        cluster.start_manager("manager-1").await?;
+        let url = cluster.nodes[0].ws_url();
+        let mut reader = connect(&url, "reader", &["small"]).await?;
+        let mut api = cluster.push_client().await?;
+        const N: usize = 200;
+        // Content of up to 20,000 bytes: the larger messages go through
+        // the queue (and in fragments), the rest may be written directly.
+        let content = |i: usize| format!("{i:06}").repeat(1 + (i * 97) % 3_333);
+        for i in 0..N {
+            let push = async {
+                if i % 2 == 0 {
+                    api.push_to_user(PushToUserRequest {
+                        user_id: "reader".into(),
+                        content: content(i),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|r| r.into_inner().success)
+                } else {
+                    api.push_to_room(room_push("small", &content(i)))
+                        .await
+                        .map(|r| r.into_inner().success)
+                }
+            };
+            ensure!(within(T, "push", push).await??, "push {i} failed");
+            if i % 50 == 25 {
+                // A reply of the connection's own, between the pushes.
+                within(T, "join", reader.join(&format!("extra-{i}"))).await??;
+            }
+        }
+        let mut last = std::collections::HashMap::new();
+        for i in 0..N {
+            let m = next_msg(&mut reader).await?;
+            assert_eq!(
+                m.data,
+                Some(serde_json::json!(content(i))),
+                "message {i} (direct writes {direct})"
+            );
+            let prev = last.insert(m.stream.clone(), m.seq);
+            if let Some(prev) = prev {
+                assert_eq!(m.seq, prev + 1, "{} in order", m.stream);
+            }
+        }
+        let node = &cluster.nodes[0];
+        let written = node.metric("connect_node_frames_written_direct_total");
+        let delivered = node.metric("connect_node_frames_delivered_total");
+        assert_eq!(delivered, N as f64);
+        if direct {
+            assert!(written > 0.0, "some frames were written directly");
+            assert!(written < delivered, "the large ones were queued");
+        } else {
+            assert_eq!(written, 0.0);
+        }
+    }
+    Ok(())
+}

@@ -55,7 +55,7 @@ async fn open(
 ) -> Result<(Registered, queue::Receiver<Outbound>, Recovery), Response> {
     let hub = state.hub.clone();
     let timeout = state.settings.ack_timeout;
-    let (conn, rx, ack) = hub.connect(a.user.clone(), &a.rooms, Wire::Json);
+    let (conn, rx, ack) = hub.connect(a.user.clone(), &a.rooms, Wire::Json, None);
     let registered = Registered {
         hub: hub.clone(),
         conn,

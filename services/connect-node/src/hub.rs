@@ -23,9 +23,14 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::BatchCache;
+use crate::direct::{Data, Sent, Way};
 use crate::metrics::Metrics;
 use crate::queue;
 use crate::reporter::{Ack, Change, Reporter};
+
+/// A fan-out to more connections than this is queued to every one of them,
+/// never written directly (see [`Hub::deliver`]).
+pub const DIRECT_MAX_RECIPIENTS: usize = 256;
 
 /// Id of a connection, unique within one connect-node process.
 pub type ConnId = u64;
@@ -141,6 +146,8 @@ pub struct ConnHandle {
     /// The connection's frame format.
     pub wire: Wire,
     tx: queue::Sender<Outbound>,
+    /// The socket itself, for frames written without the task (plain TCP).
+    way: Option<Arc<Way>>,
     close: CancellationToken,
     /// Set, before `close` is cancelled, once the connection is asked to close.
     closed: AtomicBool,
@@ -152,6 +159,8 @@ pub struct ConnHandle {
 pub enum Queued {
     /// The frame is in the connection's send queue.
     Yes,
+    /// The frame was written to the socket at once (see `direct`).
+    Written,
     /// The queue was full: the connection is being closed as a slow consumer.
     SlowConsumer,
     /// The connection is already closing.
@@ -167,9 +176,41 @@ impl ConnHandle {
         })
     }
 
-    /// Queues a frame without waiting. A full queue closes the connection
-    /// with [`CloseCode::SlowConsumer`] instead of slowing the fan-out.
+    /// Sends a frame without waiting: written to the socket at once when
+    /// the connection's task has nothing to write (see `direct`), else
+    /// queued. A full queue closes the connection with
+    /// [`CloseCode::SlowConsumer`] instead of slowing the fan-out.
     pub fn queue(&self, frame: Outbound) -> Queued {
+        match &self.way {
+            None => self.enqueue(frame),
+            Some(_) => self.offer(&frame, true),
+        }
+    }
+
+    /// Like [`ConnHandle::queue`], sharing `frame` only if it is queued;
+    /// never written at once unless `may_write`.
+    pub fn offer(&self, frame: &Outbound, may_write: bool) -> Queued {
+        let Some(way) = &self.way else {
+            return self.enqueue(frame.clone());
+        };
+        if !may_write {
+            return way.queue(|| self.enqueue(frame.clone()));
+        }
+        let (data, payload) = match self.wire {
+            Wire::Json => (Data::Text, frame.frame.as_bytes()),
+            Wire::Binary(_) => (Data::Binary, &frame.binary[..]),
+        };
+        match way.send_or_queue(data, payload, || self.enqueue(frame.clone())) {
+            Sent::Written => Queued::Written,
+            Sent::Partly => {
+                self.tx.wake();
+                Queued::Written
+            }
+            Sent::Queued(q) => q,
+        }
+    }
+
+    fn enqueue(&self, frame: Outbound) -> Queued {
         match self.tx.try_send(frame) {
             Ok(()) => Queued::Yes,
             Err(queue::TrySendError::Full) => {
@@ -377,6 +418,7 @@ impl Hub {
         user: UserId,
         rooms: &[RoomId],
         wire: Wire,
+        way: Option<Arc<Way>>,
     ) -> (Arc<ConnHandle>, queue::Receiver<Outbound>, Ack) {
         let (tx, rx) = queue::channel(self.queue_len);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -385,6 +427,7 @@ impl Hub {
             user: user.clone(),
             wire,
             tx,
+            way,
             close: CancellationToken::new(),
             closed: AtomicBool::new(false),
             close_code: Mutex::new(None),
@@ -464,10 +507,7 @@ impl Hub {
     /// Removes every local member from `room`, telling each with a `left`
     /// frame. Returns how many connections were removed.
     pub fn close_room(&self, room: &RoomId) -> usize {
-        let mut members: Vec<Arc<ConnHandle>> = Vec::new();
-        self.each_recipient(&StreamKey::Room(room.clone()), &HashSet::new(), |c| {
-            members.push(c.clone());
-        });
+        let members = self.recipients_of(&StreamKey::Room(room.clone()), &HashSet::new());
         let left = ServerFrame::Left {
             room: room.to_string(),
         };
@@ -609,17 +649,32 @@ impl Hub {
         exclude: &HashSet<&str>,
     ) -> Delivery {
         let mut d = Delivery::default();
-        let mut bytes = 0;
-        self.each_recipient(stream, exclude, |c| match c.queue(frame.clone()) {
-            Queued::Yes => {
-                d.delivered += 1;
-                bytes += frame.wire_len(c.wire) as u64;
+        let (mut bytes, mut direct) = (0, 0);
+        let conns = self.recipients_of(stream, exclude);
+        // A large fan-out goes through the queues: its connections' tasks
+        // then write in parallel, on every worker, where written here it
+        // would be one thread's serial work (see `direct`).
+        let may_write = conns.len() <= DIRECT_MAX_RECIPIENTS;
+        for c in &conns {
+            match c.offer(frame, may_write) {
+                Queued::Yes => {
+                    d.delivered += 1;
+                    bytes += frame.wire_len(c.wire) as u64;
+                }
+                Queued::Written => {
+                    d.delivered += 1;
+                    direct += 1;
+                    bytes += frame.wire_len(c.wire) as u64;
+                }
+                Queued::SlowConsumer => d.dropped += 1,
+                Queued::Closed => {}
             }
-            Queued::SlowConsumer => d.dropped += 1,
-            Queued::Closed => {}
-        });
+        }
         self.metrics.frames_delivered.inc_by(u64::from(d.delivered));
         self.metrics.bytes_delivered.inc_by(bytes);
+        if direct > 0 {
+            self.metrics.frames_written_direct.inc_by(direct);
+        }
         if d.dropped > 0 {
             self.metrics.slow_consumers.inc_by(u64::from(d.dropped));
         }
@@ -629,46 +684,44 @@ impl Hub {
     /// Connections of `stream` a frame would be queued to now, except users
     /// in `exclude`.
     pub fn recipients(&self, stream: &StreamKey, exclude: &HashSet<&str>) -> u32 {
-        let mut n = 0;
-        self.each_recipient(stream, exclude, |_| n += 1);
-        n
+        self.recipients_of(stream, exclude).len() as u32
     }
 
-    /// Calls `f` with every connection of `stream` except users in
-    /// `exclude`, reading one shard at a time.
-    fn each_recipient(
-        &self,
-        stream: &StreamKey,
-        exclude: &HashSet<&str>,
-        mut f: impl FnMut(&Arc<ConnHandle>),
-    ) {
-        let mut send = |c: &Arc<ConnHandle>| {
-            if exclude.is_empty() || !exclude.contains(c.user.as_str()) {
-                f(c);
-            }
-        };
+    /// Every connection of `stream` except users in `exclude`, collected
+    /// one shard at a time: the caller writes to them after the shards'
+    /// locks are released (joins, leaves and connects must not wait for
+    /// socket writes).
+    fn recipients_of(&self, stream: &StreamKey, exclude: &HashSet<&str>) -> Vec<Arc<ConnHandle>> {
+        fn collect(
+            out: &mut Vec<Arc<ConnHandle>>,
+            conns: Option<&HashMap<ConnId, Arc<ConnHandle>>>,
+            exclude: &HashSet<&str>,
+        ) {
+            let Some(m) = conns else { return };
+            out.extend(
+                m.values()
+                    .filter(|c| exclude.is_empty() || !exclude.contains(c.user.as_str()))
+                    .cloned(),
+            );
+        }
+        // Each statement that collects drops its shard's guard at its end.
+        let mut out = Vec::new();
         match stream {
             StreamKey::Room(r) => {
                 for shard in &self.shards {
-                    if let Some(m) = shard.read().rooms.get(r) {
-                        m.values().for_each(&mut send);
-                    }
+                    collect(&mut out, shard.read().rooms.get(r), exclude);
                 }
             }
-            StreamKey::User(u) => {
-                if let Some(m) = self.shard(u).read().users.get(u) {
-                    m.values().for_each(&mut send);
-                }
-            }
+            StreamKey::User(u) => collect(&mut out, self.shard(u).read().users.get(u), exclude),
             StreamKey::Broadcast => {
                 for shard in &self.shards {
-                    shard.read().conns.values().for_each(&mut send);
+                    collect(&mut out, Some(&shard.read().conns), exclude);
                 }
             }
         }
+        out
     }
 
-    /// Full state of the keys `owned` selects, from every shard.
     fn key_states(
         shards: &[RwLockReadGuard<'_, State>],
         owned: &dyn Fn(&str) -> bool,
@@ -719,11 +772,7 @@ impl Hub {
 
     /// Every open connection (for shutdown).
     pub fn connections(&self) -> Vec<Arc<ConnHandle>> {
-        let mut out = Vec::with_capacity(self.connection_count());
-        self.each_recipient(&StreamKey::Broadcast, &HashSet::new(), |c| {
-            out.push(c.clone());
-        });
-        out
+        self.recipients_of(&StreamKey::Broadcast, &HashSet::new())
     }
 
     /// Counts of connections, users and rooms.
@@ -796,7 +845,7 @@ mod tests {
     #[test]
     fn close_signal_wakes_the_task_that_polled_it() {
         let hub = hub(8);
-        let (conn, _rx, _) = hub.connect(user("a"), &[], Wire::Json);
+        let (conn, _rx, _) = hub.connect(user("a"), &[], Wire::Json, None);
         let (wakes, waker) = crate::wakes::Wakes::task();
         let mut signal = conn.close_signal();
         assert!(poll_signal(&mut signal, &waker).is_pending());
@@ -813,7 +862,7 @@ mod tests {
     #[test]
     fn close_signal_is_ready_when_the_close_came_first() {
         let hub = hub(8);
-        let (conn, _rx, _) = hub.connect(user("a"), &[], Wire::Json);
+        let (conn, _rx, _) = hub.connect(user("a"), &[], Wire::Json, None);
         assert!(conn.close_with(CloseCode::Normal));
         let (_, waker) = crate::wakes::Wakes::task();
         assert!(poll_signal(&mut conn.close_signal(), &waker).is_ready());
@@ -822,9 +871,9 @@ mod tests {
     #[test]
     fn room_delivery_skips_excluded_users_and_shares_the_frame() {
         let hub = hub(8);
-        let (_a, mut rx_a, _) = hub.connect(user("a"), &[room("r")], Wire::Json);
-        let (_b, mut rx_b, _) = hub.connect(user("b"), &[room("r")], Wire::Json);
-        let (_c, mut rx_c, _) = hub.connect(user("c"), &[room("other")], Wire::Json);
+        let (_a, mut rx_a, _) = hub.connect(user("a"), &[room("r")], Wire::Json, None);
+        let (_b, mut rx_b, _) = hub.connect(user("b"), &[room("r")], Wire::Json, None);
+        let (_c, mut rx_c, _) = hub.connect(user("c"), &[room("other")], Wire::Json, None);
         let key = StreamKey::Room(room("r"));
         let d = hub.deliver(&key, &frame("f1"), &["b"].into_iter().collect());
         assert_eq!(
@@ -845,8 +894,8 @@ mod tests {
     #[test]
     fn user_delivery_reaches_every_connection_of_the_user() {
         let hub = hub(8);
-        let (_tab1, mut rx1, _) = hub.connect(user("u"), &[], Wire::Json);
-        let (_tab2, mut rx2, _) = hub.connect(user("u"), &[], Wire::Json);
+        let (_tab1, mut rx1, _) = hub.connect(user("u"), &[], Wire::Json, None);
+        let (_tab2, mut rx2, _) = hub.connect(user("u"), &[], Wire::Json, None);
         let d = hub.deliver(&StreamKey::User(user("u")), &frame("x"), &HashSet::new());
         assert_eq!(d.delivered, 2);
         assert!(rx1.try_recv().is_ok() && rx2.try_recv().is_ok());
@@ -865,8 +914,8 @@ mod tests {
     #[test]
     fn a_full_queue_closes_that_connection_only() {
         let hub = hub(2);
-        let (slow, _rx_slow, _) = hub.connect(user("slow"), &[room("r")], Wire::Json);
-        let (fast, mut rx_fast, _) = hub.connect(user("fast"), &[room("r")], Wire::Json);
+        let (slow, _rx_slow, _) = hub.connect(user("slow"), &[room("r")], Wire::Json, None);
+        let (fast, mut rx_fast, _) = hub.connect(user("fast"), &[room("r")], Wire::Json, None);
         let key = StreamKey::Room(room("r"));
         for i in 0..3 {
             let d = hub.deliver(&key, &frame("m"), &HashSet::new());
@@ -915,7 +964,7 @@ mod tests {
                 } else {
                     vec![room("r")]
                 };
-                held.push(hub.connect(user(&format!("u{}", i % 40)), &rooms, Wire::Json));
+                held.push(hub.connect(user(&format!("u{}", i % 40)), &rooms, Wire::Json, None));
             }
             for (conn, _, _) in held.iter().step_by(5) {
                 hub.leave(conn, &room("r"));
@@ -965,8 +1014,8 @@ mod tests {
     #[test]
     fn join_leave_disconnect_keep_the_snapshot_exact() {
         let hub = hub(8);
-        let (a1, _r1, _) = hub.connect(user("a"), &[room("r")], Wire::Json);
-        let (a2, _r2, _) = hub.connect(user("a"), &[], Wire::Json);
+        let (a1, _r1, _) = hub.connect(user("a"), &[room("r")], Wire::Json, None);
+        let (a2, _r2, _) = hub.connect(user("a"), &[], Wire::Json, None);
         assert!(hub.join(&a2, &room("r")).is_some());
         assert!(
             hub.join(&a2, &room("r")).is_none(),

@@ -8,6 +8,7 @@
 
 pub mod batch;
 pub mod demo;
+pub mod direct;
 pub mod fallback;
 mod gate;
 pub mod hub;
@@ -105,6 +106,9 @@ pub struct Config {
     pub batch_max: usize,
     /// Compression of binary frames (`barrage.v1.bin` connections).
     pub binary_compression: barrage_protocol::binary::Compression,
+    /// Let the fan-out write frames to idle plain-TCP sockets itself
+    /// (`direct`); ignored while batching.
+    pub direct_writes: bool,
 }
 
 impl Default for Config {
@@ -140,6 +144,7 @@ impl Default for Config {
             batch_window: Duration::ZERO,
             batch_max: 50,
             binary_compression: barrage_protocol::binary::Compression::OFF,
+            direct_writes: true,
         }
     }
 }
@@ -298,6 +303,7 @@ pub async fn run(
                 window: cfg.batch_window,
                 max: cfg.batch_max,
             }),
+            direct_writes: cfg.direct_writes,
         }),
         metrics: metrics.clone(),
         draining: draining.clone(),

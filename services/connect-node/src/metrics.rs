@@ -19,6 +19,8 @@ pub struct Metrics {
     pub frames_delivered: IntCounter,
     /// Bytes of message frames queued to connections.
     pub bytes_delivered: IntCounter,
+    /// Of `frames_delivered`, those the fan-out wrote to the socket itself.
+    pub frames_written_direct: IntCounter,
     /// Connections closed because their send queue was full.
     pub slow_consumers: IntCounter,
     /// PushMessageBatch calls served.
@@ -77,6 +79,10 @@ impl Metrics {
             bytes_delivered: IntCounter::new(
                 "connect_node_bytes_delivered_total",
                 "Bytes of message frames queued to connections",
+            )?,
+            frames_written_direct: IntCounter::new(
+                "connect_node_frames_written_direct_total",
+                "Message frames the fan-out wrote to an idle connection's socket itself, without its task",
             )?,
             slow_consumers: IntCounter::new(
                 "connect_node_slow_consumers_total",
@@ -179,6 +185,7 @@ impl Metrics {
         registry.register(Box::new(m.rejected.clone()))?;
         registry.register(Box::new(m.frames_delivered.clone()))?;
         registry.register(Box::new(m.bytes_delivered.clone()))?;
+        registry.register(Box::new(m.frames_written_direct.clone()))?;
         registry.register(Box::new(m.slow_consumers.clone()))?;
         registry.register(Box::new(m.push_batches.clone()))?;
         registry.register(Box::new(m.report_failures.clone()))?;

@@ -99,6 +99,12 @@ impl<T> Sender<T> {
         self.0.state.lock().items.len()
     }
 
+    /// Wakes the receiving task without queueing anything (it has other
+    /// work: see `direct::Way`).
+    pub fn wake(&self) {
+        self.0.task.wake();
+    }
+
     /// Whether nothing is waiting.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -155,6 +161,11 @@ impl<T> Receiver<T> {
             Err(TryRecvError::Disconnected) => Poll::Ready(None),
             Err(TryRecvError::Empty) => Poll::Pending,
         }
+    }
+
+    /// Whether nothing is queued now.
+    pub fn is_empty(&self) -> bool {
+        self.0.state.lock().items.is_empty()
     }
 
     /// The next item, waiting for one; `None` once the queue is drained and

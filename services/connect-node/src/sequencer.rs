@@ -251,7 +251,7 @@ mod tests {
         let hub = Hub::detached(8, &prometheus::Registry::new()).unwrap();
         let user = barrage_protocol::UserId::new("u").unwrap();
         let mut conns: Vec<_> = (0..3)
-            .map(|_| hub.connect(user.clone(), &[], crate::hub::Wire::Json))
+            .map(|_| hub.connect(user.clone(), &[], crate::hub::Wire::Json, None))
             .collect();
         let s = Sequencer::default();
         let msg = |seq: u64, exclude: &[&str]| Ready {

@@ -18,16 +18,17 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use hyper::upgrade::{OnUpgrade, Upgraded};
-use hyper_util::rt::TokioIo;
+use hyper::upgrade::OnUpgrade;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
+use crate::direct::Io;
+
 /// An accepted WebSocket.
-pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
+pub type Socket = WebSocketStream<Io>;
 
 /// Payload of one fragment of a large message. A message up to this size
 /// goes as one frame.
@@ -143,8 +144,9 @@ impl Upgrade {
     }
 
     /// Answers 101 Switching Protocols and runs `serve` with the socket
-    /// once the client has it.
-    pub fn on_upgrade<F, Fut>(self, config: WebSocketConfig, serve: F) -> Response
+    /// once the client has it. With `direct`, a plain TCP socket can be
+    /// written by the fan-out itself (see `direct`).
+    pub fn on_upgrade<F, Fut>(self, config: WebSocketConfig, direct: bool, serve: F) -> Response
     where
         F: FnOnce(Socket) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -154,8 +156,10 @@ impl Upgrade {
             let Ok(upgraded) = on_upgrade.await else {
                 return;
             };
-            let socket = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
+            let (io, read_ahead) = Io::new(upgraded, direct);
+            let socket = WebSocketStream::from_partially_read(
+                io,
+                read_ahead.to_vec(),
                 Role::Server,
                 Some(config),
             )

@@ -31,6 +31,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
+use crate::direct::Way;
 use crate::gate::Gate;
 use crate::hub::{ConnHandle, Hub, Outbound, Wire};
 use crate::metrics::Metrics;
@@ -74,6 +75,9 @@ pub struct WsSettings {
     pub allowed_origins: Vec<String>,
     /// Coalesce messages into `batch` frames; `None`: one frame per message.
     pub batching: Option<Batching>,
+    /// Let the fan-out write frames to idle plain-TCP sockets itself
+    /// (`direct`); not while batching, which must see every message.
+    pub direct_writes: bool,
 }
 
 /// What the WebSocket handler needs.
@@ -344,7 +348,8 @@ pub async fn ws_handler(
         .max_write_buffer_size(usize::MAX)
         .max_message_size(Some(s.max_frame_bytes))
         .max_frame_size(Some(s.max_frame_bytes));
-    upgrade.on_upgrade(config, move |socket| {
+    let direct = s.direct_writes && s.batching.is_none();
+    upgrade.on_upgrade(config, direct, move |socket| {
         serve(state, socket, wire, user, rooms, positions, claims)
     })
 }
@@ -414,7 +419,8 @@ async fn establish(
 ) -> Option<Established> {
     let hub = &state.hub;
     let settings = &state.settings;
-    let (conn, rx, ack) = hub.connect(user.clone(), &rooms, wire);
+    let way = socket.get_ref().way().cloned();
+    let (conn, rx, ack) = hub.connect(user.clone(), &rooms, wire, way);
     // Registered first, then announced, then history fetched: every message
     // is either in the history answer or queued live (or both: deduplicated).
     let recovery = if ack.wait(settings.ack_timeout).await {
@@ -553,7 +559,12 @@ async fn run_session(
     let gate = Gate::new();
     let (mut read_door, mut expiry_door) = (gate.door(), gate.door());
     let (mut read_timer_door, mut ping_door) = (gate.door(), gate.door());
+    // The socket's way for frames the fan-out writes itself (`direct`),
+    // opened whenever this loop has nothing left to write.
+    let way = socket.get_ref().way().cloned();
     loop {
+        // Frames recovery already sent must still be dropped here.
+        let may_open = skip.is_empty();
         // Biased: closing first; a waiting read before the read deadline,
         // so a busy connection is never taken for a silent one; reads
         // before writes, so a backlog cannot starve them.
@@ -636,8 +647,25 @@ async fn run_session(
                 conn.close_with(CloseCode::ReadTimeout);
                 return true;
             }
-            frame = rx.recv() => {
-                let Some(frame) = frame else { return true };
+            out = std::future::poll_fn(|cx| poll_outbound(cx, &mut rx, way.as_deref(), may_open)) => {
+                let frame = match out {
+                    Next::Frame(f) => f,
+                    Next::Closed => return true,
+                    Next::Rest => {
+                        // The end of a frame the fan-out wrote in part:
+                        // flushing writes it (`direct::Io`).
+                        let flushed = tokio::select! {
+                            biased;
+                            () = &mut closing => return true,
+                            r = socket.flush() => r.is_ok(),
+                        };
+                        if !flushed {
+                            conn.close_with(CloseCode::Normal);
+                            return false;
+                        }
+                        continue;
+                    }
+                };
                 // A client that stops reading blocks this write; closing
                 // (e.g. as a slow consumer) must still win.
                 let written = tokio::select! {
@@ -671,6 +699,39 @@ async fn run_session(
                 }
             }
         }
+    }
+}
+
+/// What the session loop writes next.
+enum Next {
+    /// A queued frame.
+    Frame(Outbound),
+    /// The end of a frame the fan-out wrote only in part.
+    Rest,
+    /// The queue is drained and its sender gone.
+    Closed,
+}
+
+/// The next thing to write. With nothing queued, opens the connection's
+/// way (when `may_open`) so that the next frame is written by the fan-out
+/// itself (`direct`), without waking this task.
+fn poll_outbound(
+    cx: &mut std::task::Context<'_>,
+    rx: &mut queue::Receiver<Outbound>,
+    way: Option<&Way>,
+    may_open: bool,
+) -> std::task::Poll<Next> {
+    use std::task::Poll;
+    match rx.poll_recv(cx) {
+        Poll::Ready(Some(f)) => return Poll::Ready(Next::Frame(f)),
+        Poll::Ready(None) => return Poll::Ready(Next::Closed),
+        Poll::Pending => {}
+    }
+    match way {
+        // The task is registered for the queue's wake-ups (also sent for
+        // a partly written frame) before the way is looked at.
+        Some(way) if way.open_if(|| may_open && rx.is_empty()) => Poll::Ready(Next::Rest),
+        _ => Poll::Pending,
     }
 }
 
@@ -778,6 +839,11 @@ enum SkipRule {
 }
 
 impl Skip {
+    /// Whether no live frame needs checking any more.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     pub(crate) fn already_sent(&mut self, out: &Outbound) -> bool {
         if self.0.is_empty() {
             return false;
