@@ -1192,3 +1192,51 @@ async fn frames_written_by_the_fan_out_and_by_the_task_keep_their_order() -> any
     }
     Ok(())
 }
+
+/// A room large enough for its fan-out to be split over threads
+/// (`connect_node::fanout`): every member gets every message once, in
+/// order, written straight to its socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_room_written_by_several_threads_gets_every_message_in_order() -> anyhow::Result<()>
+{
+    barrage_testkit::init_tracing();
+    let mut cluster = TestCluster::in_process();
+    cluster.start_controller("controller-1").await?;
+    cluster
+        .start_node_with("node-1", |c| c.max_connections_per_user = 1)
+        .await?;
+    cluster.start_manager("manager-1").await?;
+    let url = cluster.nodes[0].ws_url();
+    const MEMBERS: usize = barrage_connect_node::fanout::MIN_PART * 3;
+    const PUSHES: usize = 20;
+    let mut members = Vec::with_capacity(MEMBERS);
+    for i in 0..MEMBERS {
+        members.push(connect(&url, &format!("m{i}"), &["big"]).await?);
+    }
+    let mut api = cluster.push_client().await?;
+    for i in 0..PUSHES {
+        let resp = within(
+            T,
+            "PushToRoom",
+            api.push_to_room(room_push("big", &format!("n{i}"))),
+        )
+        .await??
+        .into_inner();
+        ensure!(resp.success, "{}", resp.message);
+        assert_eq!(resp.delivered_count, MEMBERS as u32);
+    }
+    for (k, m) in members.iter_mut().enumerate() {
+        for i in 0..PUSHES {
+            let got = next_msg(m).await?;
+            assert_eq!(
+                got.data,
+                Some(serde_json::json!(format!("n{i}"))),
+                "member {k}"
+            );
+            assert_eq!(got.seq, i as u64 + 1, "member {k}");
+        }
+    }
+    let written = cluster.nodes[0].metric("connect_node_frames_written_direct_total");
+    assert!(written > 0.0, "frames were written by the fan-out");
+    Ok(())
+}

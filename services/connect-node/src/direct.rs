@@ -207,19 +207,20 @@ pub enum Io {
 }
 
 impl Io {
-    /// The stream of an upgraded HTTP connection, and the bytes the HTTP
-    /// server had already read past the request. Plain TCP gets a way when
-    /// `direct` is set.
-    pub fn new(upgraded: Upgraded, direct: bool) -> (Self, Bytes) {
+    /// The stream of an upgraded HTTP connection, and a copy of the bytes
+    /// the HTTP server had already read past the request (a copy: the
+    /// server's `Bytes` would keep its whole read buffer alive for as long
+    /// as the connection lives). Plain TCP gets a way when `direct` is set.
+    pub fn new(upgraded: Upgraded, direct: bool) -> (Self, Vec<u8>) {
         if !direct {
-            return (Io::Upgraded(TokioIo::new(upgraded)), Bytes::new());
+            return (Io::Upgraded(TokioIo::new(upgraded)), Vec::new());
         }
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
                 let way = Arc::new(Way::new(parts.io.into_inner()));
-                (Io::Direct(DirectIo::new(way)), parts.read_buf)
+                (Io::Direct(DirectIo::new(way)), parts.read_buf.to_vec())
             }
-            Err(upgraded) => (Io::Upgraded(TokioIo::new(upgraded)), Bytes::new()),
+            Err(upgraded) => (Io::Upgraded(TokioIo::new(upgraded)), Vec::new()),
         }
     }
 

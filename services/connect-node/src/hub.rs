@@ -24,13 +24,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::BatchCache;
 use crate::direct::{Data, Sent, Way};
+use crate::fanout::{self, Tally};
 use crate::metrics::Metrics;
 use crate::queue;
 use crate::reporter::{Ack, Change, Reporter};
-
-/// A fan-out to more connections than this is queued to every one of them,
-/// never written directly (see [`Hub::deliver`]).
-pub const DIRECT_MAX_RECIPIENTS: usize = 256;
 
 /// Id of a connection, unique within one connect-node process.
 pub type ConnId = u64;
@@ -352,6 +349,10 @@ pub struct Hub {
     queue_len: usize,
     compression: Compression,
     batches: BatchCache,
+    /// Whether fan-outs write to sockets themselves (see `direct`).
+    direct_writes: bool,
+    /// Threads sharing large fan-outs.
+    fanout: fanout::Pool,
 }
 
 impl Hub {
@@ -368,6 +369,8 @@ impl Hub {
             queue_len: queue_len.max(1),
             compression: Compression::OFF,
             batches: BatchCache::default(),
+            direct_writes: true,
+            fanout: fanout::Pool::for_this_machine(),
         }
     }
 
@@ -380,6 +383,20 @@ impl Hub {
     pub fn with_shards(mut self, n: usize) -> Self {
         debug_assert_eq!(self.connection_count(), 0);
         self.shards = Self::empty_shards(n);
+        self
+    }
+
+    /// Whether fan-outs write frames to idle connections' sockets
+    /// themselves, large ones over several threads (`direct`, `fanout`);
+    /// off, every frame is queued to the connection's task.
+    pub fn with_direct_writes(mut self, on: bool) -> Self {
+        self.direct_writes = on;
+        self
+    }
+
+    /// Fan-outs are split into at most `parts` parts written at once.
+    pub fn with_fanout_parts(mut self, parts: usize) -> Self {
+        self.fanout = fanout::Pool::new(parts);
         self
     }
 
@@ -648,28 +665,16 @@ impl Hub {
         frame: &Outbound,
         exclude: &HashSet<&str>,
     ) -> Delivery {
-        let mut d = Delivery::default();
-        let (mut bytes, mut direct) = (0, 0);
         let conns = self.recipients_of(stream, exclude);
-        // A large fan-out goes through the queues: its connections' tasks
-        // then write in parallel, on every worker, where written here it
-        // would be one thread's serial work (see `direct`).
-        let may_write = conns.len() <= DIRECT_MAX_RECIPIENTS;
-        for c in &conns {
-            match c.offer(frame, may_write) {
-                Queued::Yes => {
-                    d.delivered += 1;
-                    bytes += frame.wire_len(c.wire) as u64;
-                }
-                Queued::Written => {
-                    d.delivered += 1;
-                    direct += 1;
-                    bytes += frame.wire_len(c.wire) as u64;
-                }
-                Queued::SlowConsumer => d.dropped += 1,
-                Queued::Closed => {}
-            }
-        }
+        let Tally {
+            delivery: d,
+            bytes,
+            direct,
+        } = if self.direct_writes {
+            self.fanout.offer_all(conns, frame)
+        } else {
+            fanout::offer_all(&conns, frame, false)
+        };
         self.metrics.frames_delivered.inc_by(u64::from(d.delivered));
         self.metrics.bytes_delivered.inc_by(bytes);
         if direct > 0 {
@@ -889,6 +894,41 @@ mod tests {
         let all = hub.deliver(&StreamKey::Broadcast, &frame("f2"), &HashSet::new());
         assert_eq!(all.delivered, 3);
         assert_eq!(rx_c.try_recv().unwrap().frame, "f2");
+    }
+
+    #[test]
+    fn a_fan_out_split_over_threads_reaches_everyone_once_in_order() {
+        let hub = hub(8).with_fanout_parts(3);
+        let n = crate::fanout::MIN_PART * 3 + 7;
+        let mut rxs = Vec::new();
+        let mut conns = Vec::new();
+        for i in 0..n {
+            let (conn, rx, _) = hub.connect(user(&format!("u{i}")), &[room("r")], Wire::Json, None);
+            rxs.push(rx);
+            conns.push(conn);
+        }
+        // A member whose task is gone is not counted.
+        let _gone = hub.connect(user("gone"), &[room("r")], Wire::Json, None).0;
+        let key = StreamKey::Room(room("r"));
+        for f in ["f1", "f2", "f3"] {
+            let d = hub.deliver(&key, &frame(f), &["u0"].into_iter().collect());
+            assert_eq!(
+                d,
+                Delivery {
+                    delivered: n as u32 - 1,
+                    dropped: 0
+                },
+                "every member but the excluded and the gone, counted once over the parts"
+            );
+        }
+        assert!(rxs[0].try_recv().is_err(), "excluded");
+        for (i, rx) in rxs.iter_mut().enumerate().skip(1) {
+            let got: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok())
+                .map(|o| o.frame.to_string())
+                .collect();
+            assert_eq!(got, ["f1", "f2", "f3"], "connection {i}");
+        }
+        drop(conns);
     }
 
     #[test]

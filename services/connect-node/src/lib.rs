@@ -10,6 +10,7 @@ pub mod batch;
 pub mod demo;
 pub mod direct;
 pub mod fallback;
+pub mod fanout;
 mod gate;
 pub mod hub;
 pub mod listener;
@@ -237,9 +238,14 @@ pub async fn run(
         },
         metrics.clone(),
     );
+    let batching = (!cfg.batch_window.is_zero() && cfg.batch_max > 1).then_some(ws::Batching {
+        window: cfg.batch_window,
+        max: cfg.batch_max,
+    });
     let hub = Arc::new(
         hub::Hub::new(reporter.clone(), metrics.clone(), cfg.send_queue)
-            .with_compression(cfg.binary_compression),
+            .with_compression(cfg.binary_compression)
+            .with_direct_writes(cfg.direct_writes && batching.is_none()),
     );
     let tasks = CancellationToken::new();
     tokio::spawn(reporter.follow(&hub, controllers, tasks.clone()));
@@ -299,10 +305,7 @@ pub async fn run(
             max_connections_per_user: cfg.max_connections_per_user,
             messages_per_sec: cfg.messages_per_sec,
             allowed_origins: cfg.allowed_origins.clone(),
-            batching: (!cfg.batch_window.is_zero() && cfg.batch_max > 1).then_some(ws::Batching {
-                window: cfg.batch_window,
-                max: cfg.batch_max,
-            }),
+            batching,
             direct_writes: cfg.direct_writes,
         }),
         metrics: metrics.clone(),

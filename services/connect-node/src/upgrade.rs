@@ -157,13 +157,9 @@ impl Upgrade {
                 return;
             };
             let (io, read_ahead) = Io::new(upgraded, direct);
-            let socket = WebSocketStream::from_partially_read(
-                io,
-                read_ahead.to_vec(),
-                Role::Server,
-                Some(config),
-            )
-            .await;
+            let socket =
+                WebSocketStream::from_partially_read(io, read_ahead, Role::Server, Some(config))
+                    .await;
             serve(socket).await;
         });
         let accept =
