@@ -326,6 +326,32 @@ pub struct Delivery {
     pub dropped: u32,
 }
 
+/// Fan-outs to at most this many connections (a user's devices) are
+/// written directly even under load (see [`Hub::has_time_to_write`]).
+pub const DIRECT_UNDER_LOAD: usize = 8;
+
+/// Messages counted as waiting for delivery (see [`Hub::backlog`]).
+pub struct Backlog<'a> {
+    hub: &'a Hub,
+    left: usize,
+}
+
+impl Backlog<'_> {
+    /// One of the messages was delivered (or given up on).
+    pub fn done_one(&mut self) {
+        if self.left > 0 {
+            self.left -= 1;
+            self.hub.backlog.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Backlog<'_> {
+    fn drop(&mut self) {
+        self.hub.backlog.fetch_sub(self.left, Ordering::Relaxed);
+    }
+}
+
 /// Shards of a hub unless told otherwise.
 pub const DEFAULT_SHARDS: usize = 32;
 
@@ -351,6 +377,16 @@ pub struct Hub {
     batches: BatchCache,
     /// Whether fan-outs write to sockets themselves (see `direct`).
     direct_writes: bool,
+    /// Messages handed to this node for delivery and not delivered yet
+    /// (see [`Hub::backlog`]).
+    backlog: AtomicUsize,
+    /// When the last fan-out beyond a user's few connections started, in
+    /// nanoseconds since `epoch`.
+    large_start: AtomicU64,
+    /// What the last such fan-out written directly took per connection,
+    /// in nanoseconds.
+    direct_ns_per_conn: AtomicU64,
+    epoch: std::time::Instant,
     /// Threads sharing large fan-outs.
     fanout: fanout::Pool,
 }
@@ -370,6 +406,10 @@ impl Hub {
             compression: Compression::OFF,
             batches: BatchCache::default(),
             direct_writes: true,
+            backlog: AtomicUsize::new(0),
+            large_start: AtomicU64::new(0),
+            direct_ns_per_conn: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
             fanout: fanout::Pool::for_this_machine(),
         }
     }
@@ -670,10 +710,19 @@ impl Hub {
             delivery: d,
             bytes,
             direct,
-        } = if self.direct_writes {
-            self.fanout.offer_all(conns, frame)
+        } = if conns.len() <= DIRECT_UNDER_LOAD {
+            fanout::offer_all(&conns, frame, self.direct_writes)
         } else {
-            fanout::offer_all(&conns, frame, false)
+            let start = self.epoch.elapsed().as_nanos() as u64;
+            let n = conns.len() as u64;
+            if self.direct_writes && self.has_time_to_write(conns.len(), start) {
+                let t = self.fanout.offer_all(conns, frame);
+                let took = (self.epoch.elapsed().as_nanos() as u64).saturating_sub(start);
+                self.direct_ns_per_conn.store(took / n, Ordering::Relaxed);
+                t
+            } else {
+                fanout::offer_all(&conns, frame, false)
+            }
         };
         self.metrics.frames_delivered.inc_by(u64::from(d.delivered));
         self.metrics.bytes_delivered.inc_by(bytes);
@@ -684,6 +733,35 @@ impl Hub {
             self.metrics.slow_consumers.inc_by(u64::from(d.dropped));
         }
         d
+    }
+
+    /// Whether a fan-out to `n` connections (beyond a user's few),
+    /// starting `now`, may be written straight to the sockets: nothing
+    /// else waits to be delivered, and writing it directly would take,
+    /// at the cost per connection the last direct fan-out had, no longer
+    /// than the time since the previous such fan-out started. Otherwise the node is behind or would fall behind,
+    /// and the fan-out is queued: each connection's task then writes every
+    /// frame waiting for it with one flush, where direct writes would cost
+    /// a system call per frame and connection. Direct writes buy latency
+    /// with spare capacity only.
+    fn has_time_to_write(&self, n: usize, now: u64) -> bool {
+        let previous = self.large_start.swap(now, Ordering::Relaxed);
+        if self.backlog.load(Ordering::Relaxed) > 1 {
+            return false;
+        }
+        let per_conn = self.direct_ns_per_conn.load(Ordering::Relaxed);
+        let predicted = per_conn.saturating_mul(n as u64);
+        predicted <= now.saturating_sub(previous)
+    }
+
+    /// Counts `n` messages as waiting for delivery until each is marked
+    /// done on the returned guard (or the guard is dropped). While more
+    /// than one message waits, fan-outs beyond a user's few connections
+    /// are queued rather than written directly
+    /// (see [`Hub::has_time_to_write`]).
+    pub fn backlog(&self, n: usize) -> Backlog<'_> {
+        self.backlog.fetch_add(n, Ordering::Relaxed);
+        Backlog { hub: self, left: n }
     }
 
     /// Connections of `stream` a frame would be queued to now, except users
@@ -929,6 +1007,35 @@ mod tests {
             assert_eq!(got, ["f1", "f2", "f3"], "connection {i}");
         }
         drop(conns);
+    }
+
+    #[test]
+    fn large_fan_outs_are_written_directly_only_with_time_to_spare() {
+        let hub = hub(8);
+        let ms = 1_000_000;
+        // Nothing measured yet: direct.
+        assert!(hub.has_time_to_write(10_000, 100 * ms));
+        // 10 µs a connection: 1,000 connections take 10 ms.
+        hub.direct_ns_per_conn.store(10_000, Ordering::Relaxed);
+        assert!(
+            hub.has_time_to_write(1_000, 120 * ms),
+            "20 ms since the last"
+        );
+        assert!(
+            !hub.has_time_to_write(1_000, 125 * ms),
+            "5 ms since the last: behind"
+        );
+        assert!(
+            hub.has_time_to_write(100, 127 * ms),
+            "a smaller one fits in 2 ms"
+        );
+        // Messages waiting behind this one: queued, however idle.
+        let mut waiting = hub.backlog(2);
+        assert!(!hub.has_time_to_write(1_000, 1_000 * ms));
+        waiting.done_one();
+        assert!(hub.has_time_to_write(1_000, 2_000 * ms), "only itself left");
+        drop(waiting);
+        assert_eq!(hub.backlog.load(Ordering::Relaxed), 0);
     }
 
     #[test]

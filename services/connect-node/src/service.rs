@@ -66,6 +66,9 @@ impl ConnectNode for ConnectNodeService {
             plans.push((body, targets));
         }
         let mut results = Vec::with_capacity(plans.len());
+        let mut backlog = self
+            .hub
+            .backlog(plans.iter().map(|(_, targets)| targets.len()).sum());
         for (body, targets) in plans {
             let mut result = MessageResult {
                 message_id: body.id.clone(),
@@ -95,6 +98,7 @@ impl ConnectNode for ConnectNodeService {
                 result.delivered += self
                     .sequencer
                     .deliver_in_order(&self.hub, &t.stream, t.epoch, t.prev_seq, ready);
+                backlog.done_one();
             }
             results.push(result);
         }

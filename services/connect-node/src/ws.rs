@@ -861,7 +861,18 @@ impl Skip {
                     true
                 }
             }
-            Some((e, SkipRule::Seqs(seqs))) if e == epoch => seqs.contains(seq),
+            Some((e, SkipRule::Seqs(seqs))) if e == epoch => {
+                if seqs.contains(seq) {
+                    true
+                } else {
+                    // A stream's live frames come in order: past the
+                    // highest seq handed out, none of them can follow.
+                    if seqs.iter().all(|s| s < seq) {
+                        self.0.remove(&**stream);
+                    }
+                    false
+                }
+            }
             _ => false,
         }
     }
@@ -1071,5 +1082,56 @@ async fn handle_frame(
                 send_error(state, conn, "not_joined", format!("not a member of {room}"));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(stream: &str, epoch: u64, seq: u64) -> Outbound {
+        Outbound::message(
+            &MessageParts {
+                stream,
+                id: "m",
+                epoch,
+                seq,
+                event: "",
+                content: "x",
+                binary: &[],
+                timestamp_ms: 0,
+                from: "",
+            },
+            barrage_protocol::binary::Compression::OFF,
+        )
+    }
+
+    #[test]
+    fn skip_drops_what_recovery_sent_and_empties_once_past_it() {
+        let mut skip = Skip::default();
+        skip.0.insert("room:a".into(), (1, SkipRule::UpTo(5)));
+        skip.0.insert(
+            "user:u".into(),
+            (1, SkipRule::Seqs([3, 7].into_iter().collect())),
+        );
+        assert!(skip.already_sent(&live("room:a", 1, 5)));
+        assert!(
+            !skip.already_sent(&live("room:a", 2, 1)),
+            "another epoch is new"
+        );
+        assert!(skip.already_sent(&live("user:u", 1, 3)));
+        assert!(!skip.already_sent(&live("user:u", 1, 4)));
+        assert!(skip.already_sent(&live("user:u", 1, 7)));
+        assert!(!skip.already_sent(&live("room:a", 1, 6)));
+        assert!(
+            !skip.is_empty(),
+            "user:u may still repeat an offline message"
+        );
+        assert!(!skip.already_sent(&live("user:u", 1, 8)));
+        assert!(
+            skip.is_empty(),
+            "past every recovered message: nothing left to drop"
+        );
+        assert!(!skip.already_sent(&live("user:u", 1, 7)));
     }
 }
