@@ -383,9 +383,10 @@ pub struct Hub {
     /// When the last fan-out beyond a user's few connections started, in
     /// nanoseconds since `epoch`.
     large_start: AtomicU64,
-    /// What the last such fan-out written directly took per connection,
-    /// in nanoseconds.
+    /// What the last such fan-out written directly took per connection
+    /// it wrote to, in nanoseconds, and when it ended (since `epoch`).
     direct_ns_per_conn: AtomicU64,
+    direct_measured: AtomicU64,
     epoch: std::time::Instant,
     /// Threads sharing large fan-outs.
     fanout: fanout::Pool,
@@ -409,6 +410,7 @@ impl Hub {
             backlog: AtomicUsize::new(0),
             large_start: AtomicU64::new(0),
             direct_ns_per_conn: AtomicU64::new(0),
+            direct_measured: AtomicU64::new(0),
             epoch: std::time::Instant::now(),
             fanout: fanout::Pool::for_this_machine(),
         }
@@ -714,11 +716,15 @@ impl Hub {
             fanout::offer_all(&conns, frame, self.direct_writes)
         } else {
             let start = self.epoch.elapsed().as_nanos() as u64;
-            let n = conns.len() as u64;
             if self.direct_writes && self.has_time_to_write(conns.len(), start) {
                 let t = self.fanout.offer_all(conns, frame);
-                let took = (self.epoch.elapsed().as_nanos() as u64).saturating_sub(start);
-                self.direct_ns_per_conn.store(took / n, Ordering::Relaxed);
+                let end = self.epoch.elapsed().as_nanos() as u64;
+                // Per connection written to: queueing to the others (whose
+                // tasks were still writing) is cheap, and would make the
+                // system calls look cheaper than they are.
+                let per_conn = end.saturating_sub(start) / t.direct.max(1);
+                self.direct_ns_per_conn.store(per_conn, Ordering::Relaxed);
+                self.direct_measured.store(end, Ordering::Relaxed);
                 t
             } else {
                 fanout::offer_all(&conns, frame, false)
@@ -739,17 +745,26 @@ impl Hub {
     /// starting `now`, may be written straight to the sockets: nothing
     /// else waits to be delivered, and writing it directly would take,
     /// at the cost per connection the last direct fan-out had, no longer
-    /// than the time since the previous such fan-out started. Otherwise the node is behind or would fall behind,
-    /// and the fan-out is queued: each connection's task then writes every
-    /// frame waiting for it with one flush, where direct writes would cost
-    /// a system call per frame and connection. Direct writes buy latency
-    /// with spare capacity only.
+    /// than the time since the previous such fan-out started. Otherwise
+    /// the node is behind or would fall behind, and the fan-out is queued:
+    /// each connection's task then writes every frame waiting for it with
+    /// one flush, where direct writes would cost a system call per frame
+    /// and connection. Direct writes buy latency with spare capacity only.
+    ///
+    /// The cost measured last counts half for every second since, so a
+    /// node that measured it in a busy moment tries again.
     fn has_time_to_write(&self, n: usize, now: u64) -> bool {
         let previous = self.large_start.swap(now, Ordering::Relaxed);
         if self.backlog.load(Ordering::Relaxed) > 1 {
             return false;
         }
-        let per_conn = self.direct_ns_per_conn.load(Ordering::Relaxed);
+        let age_secs =
+            now.saturating_sub(self.direct_measured.load(Ordering::Relaxed)) / 1_000_000_000;
+        let per_conn = self
+            .direct_ns_per_conn
+            .load(Ordering::Relaxed)
+            .checked_shr(u32::try_from(age_secs).unwrap_or(u32::MAX))
+            .unwrap_or(0);
         let predicted = per_conn.saturating_mul(n as u64);
         predicted <= now.saturating_sub(previous)
     }
@@ -1015,8 +1030,10 @@ mod tests {
         let ms = 1_000_000;
         // Nothing measured yet: direct.
         assert!(hub.has_time_to_write(10_000, 100 * ms));
-        // 10 µs a connection: 1,000 connections take 10 ms.
+        // 10 µs a connection, measured at 110 ms: 1,000 connections take
+        // 10 ms.
         hub.direct_ns_per_conn.store(10_000, Ordering::Relaxed);
+        hub.direct_measured.store(110 * ms, Ordering::Relaxed);
         assert!(
             hub.has_time_to_write(1_000, 120 * ms),
             "20 ms since the last"
@@ -1033,7 +1050,20 @@ mod tests {
         let mut waiting = hub.backlog(2);
         assert!(!hub.has_time_to_write(1_000, 1_000 * ms));
         waiting.done_one();
-        assert!(hub.has_time_to_write(1_000, 2_000 * ms), "only itself left");
+        assert!(
+            !hub.has_time_to_write(1_000, 1_005 * ms),
+            "5 ms since the last: behind"
+        );
+        assert!(hub.has_time_to_write(1_000, 1_200 * ms), "only itself left");
+        // Measured over a second ago, the cost counts half: 5 ms.
+        assert!(
+            hub.has_time_to_write(1_000, 1_206 * ms),
+            "6 ms since the last"
+        );
+        assert!(
+            !hub.has_time_to_write(1_000, 1_210 * ms),
+            "4 ms since the last"
+        );
         drop(waiting);
         assert_eq!(hub.backlog.load(Ordering::Relaxed), 0);
     }
