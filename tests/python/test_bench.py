@@ -2,6 +2,7 @@
 complete summary with nothing lost or repeated (no timing is asserted)."""
 
 import json
+import math
 import os
 import subprocess
 
@@ -96,7 +97,7 @@ def test_bench_push_to_user_side_by_side_with_nchan(barrage_bin):
 
 def test_bench_over_nchan_paces_barrage_from_nchans_max(barrage_bin):
     """The fan-out goal in one run: Nchan at max rate first, then barrage
-    paced at 1.5 times the deliveries/s Nchan reached. Whether the goal
+    paced at 1.5 times the deliveries/s Nchan reached (2 % above). Whether the goal
     is met is a timing and is not asserted; the pacing and barrage's counts
     are. (Nchan at max rate is the peer measured, not the system under
     test: its own losses are reported, not asserted.)"""
@@ -111,7 +112,9 @@ def test_bench_over_nchan_paces_barrage_from_nchans_max(barrage_bin):
     assert barrage["deliveries"] == barrage["deliveries_expected"] == barrage["pushes"] * 30, barrage
     assert barrage["lost"] == 0 and barrage["duplicated"] == 0, barrage
     assert goal["factor"] == 1.5 and goal["nchan_deliveries_per_sec"] == nchan["deliveries_per_sec"]
-    want = -(-1.5 * nchan["deliveries_per_sec"] // 30)  # ceiling
+    # 1.5 times Nchan's deliveries/s, and 2 % more (a run delivers a
+    # little under its push rate), in pushes/s, rounded up.
+    want = math.ceil(1.5 * 1.02 * nchan["deliveries_per_sec"] / 30)
     assert goal["barrage_pushes_per_sec"] == barrage["target_rate"] == want, (goal, barrage["target_rate"])
     # Paced: the pushes the rate allows in 2 s, within the run's bound.
     assert barrage["pushes"] == min(2 * want, 200), barrage
