@@ -2,9 +2,11 @@
 //!
 //! A frame for a connection normally goes into its send queue, and the
 //! connection's task is woken to write it. For a frame that finds the
-//! queue empty and the socket idle, that hand-over costs more than the
-//! write: waking the task, polling it, and its trip through the runtime's
-//! run queue. So when the connection's task has nothing left to write, it
+//! queue empty and the socket idle, that hand-over is work on top of the
+//! write: waking the task, its trip through the runtime's run queue, and
+//! polling it (in a room fan-out, about half of a node's user-space CPU;
+//! BENCHMARKS.md). So when the connection's task has nothing left to
+//! write, it
 //! *opens the way* ([`Way`]): the next frame is written to the socket at
 //! once by whoever fans it out, with one `writev` of its header and its
 //! shared payload, and the task is not woken at all.
@@ -18,7 +20,9 @@
 //! connection, so frames keep their order and never interleave.
 //!
 //! Only plain TCP connections have a way; TLS connections (and the
-//! SSE/long-poll fallback) always use the queue.
+//! SSE/long-poll fallback) always use the queue. Under load a node queues
+//! fan-outs beyond a user's few connections even to open ways, since the
+//! task then writes all its waiting frames with one flush (`Hub::deliver`).
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;

@@ -1,8 +1,9 @@
 //! Large fan-outs written by several threads at once.
 //!
-//! A frame for a room is written straight to each member's socket by the
-//! fan-out (see `direct`): one `writev` per member, with no task to wake.
-//! For a large room that is many system calls in a row, so the members are
+//! While a node has time to spare (`Hub::deliver` decides), a frame for a
+//! room is written straight to each member's socket by the fan-out (see
+//! `direct`): one `writev` per member, with no task to wake. For a large
+//! room that is many system calls in a row, so the members are
 //! split into parts: the caller writes the first part itself while helper
 //! threads write the others, and the fan-out returns once every part is
 //! done. Returning only then keeps each connection's frames in order:

@@ -327,7 +327,7 @@ pub struct Delivery {
 }
 
 /// Fan-outs to at most this many connections (a user's devices) are
-/// written directly even under load (see [`Hub::has_time_to_write`]).
+/// written directly even under load (see `Hub::has_time_to_write`).
 pub const DIRECT_UNDER_LOAD: usize = 8;
 
 /// Messages counted as waiting for delivery (see [`Hub::backlog`]).
@@ -773,7 +773,7 @@ impl Hub {
     /// done on the returned guard (or the guard is dropped). While more
     /// than one message waits, fan-outs beyond a user's few connections
     /// are queued rather than written directly
-    /// (see [`Hub::has_time_to_write`]).
+    /// (see `Hub::has_time_to_write`).
     pub fn backlog(&self, n: usize) -> Backlog<'_> {
         self.backlog.fetch_add(n, Ordering::Relaxed);
         Backlog { hub: self, left: n }
