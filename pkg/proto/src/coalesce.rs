@@ -286,24 +286,25 @@ mod tests {
         })
     }
 
-    /// A peer that records the batches it was sent and answers each item
-    /// doubled, after `gate` opens.
-    fn doubling(
-        max_in_flight: usize,
-        max_batch: usize,
+    /// A coalescer over a peer that records the batches it was sent
+    /// (`seen`) and answers each item doubled, after `gate` opens.
+    struct Doubling {
+        c: Arc<Coalescer<u32, u32>>,
         gate: Arc<tokio::sync::Notify>,
         seen: Arc<Mutex<Vec<Vec<u32>>>>,
-    ) -> Coalescer<u32, u32> {
+    }
+
+    fn doubling(max_in_flight: usize, max_batch: usize) -> Doubling {
         let limits = BatchLimits {
             max_in_flight,
             max_items: max_batch,
             max_bytes: 100,
         };
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(tokio::sync::Notify::new());
         // An item weighs its value.
-        Coalescer::new(
-            limits,
-            |i| *i as usize,
-            histogram(),
+        let c = Coalescer::new(limits, |i| *i as usize, histogram(), {
+            let (gate, seen) = (gate.clone(), seen.clone());
             move |items: Vec<u32>| {
                 let (gate, seen) = (gate.clone(), seen.clone());
                 async move {
@@ -311,16 +312,19 @@ mod tests {
                     gate.notified().await;
                     Ok(items.iter().map(|i| i * 2).collect())
                 }
-            },
-        )
+            }
+        });
+        Doubling {
+            c: Arc::new(c),
+            gate,
+            seen,
+        }
     }
 
     #[tokio::test]
     async fn a_lone_call_goes_out_at_once_and_gets_its_own_result() {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let gate = Arc::new(tokio::sync::Notify::new());
+        let Doubling { c, gate, seen } = doubling(2, 64);
         gate.notify_one();
-        let c = doubling(2, 64, gate, seen.clone());
         let r = tokio::time::timeout(WAIT, c.call(21)).await.unwrap();
         assert_eq!(r, Ok(42));
         assert_eq!(*seen.lock(), vec![vec![21]]);
@@ -328,9 +332,7 @@ mod tests {
 
     #[tokio::test]
     async fn calls_queued_behind_busy_slots_go_out_together_in_order() {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let gate = Arc::new(tokio::sync::Notify::new());
-        let c = Arc::new(doubling(1, 64, gate.clone(), seen.clone()));
+        let Doubling { c, gate, seen } = doubling(1, 64);
         // The first call takes the only slot and waits at the gate.
         let first = spawn_call(&c, 1);
         until_calls(&seen, 1).await;
@@ -352,9 +354,7 @@ mod tests {
 
     #[tokio::test]
     async fn batches_are_capped_at_max_batch() {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let gate = Arc::new(tokio::sync::Notify::new());
-        let c = Arc::new(doubling(1, 3, gate.clone(), seen.clone()));
+        let Doubling { c, gate, seen } = doubling(1, 3);
         let calls: Vec<_> = (0..7).map(|i| spawn_call(&c, i)).collect();
         let opener = keep_opening(gate);
         let results = results_of(calls).await;
@@ -368,9 +368,7 @@ mod tests {
 
     #[tokio::test]
     async fn batches_are_capped_in_bytes_and_an_oversized_item_goes_alone() {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let gate = Arc::new(tokio::sync::Notify::new());
-        let c = Arc::new(doubling(1, 64, gate.clone(), seen.clone()));
+        let Doubling { c, gate, seen } = doubling(1, 64);
         let first = spawn_call(&c, 1);
         until_calls(&seen, 1).await;
         // Queued behind the first: 60 + 30 fit in 100 bytes, 50 does not
@@ -396,9 +394,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_item_whose_caller_gave_up_is_not_sent() {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let gate = Arc::new(tokio::sync::Notify::new());
-        let c = Arc::new(doubling(1, 64, gate.clone(), seen.clone()));
+        let Doubling { c, gate, seen } = doubling(1, 64);
         let first = spawn_call(&c, 1);
         until_calls(&seen, 1).await;
         // Queued behind the busy slot, then abandoned.
