@@ -122,40 +122,37 @@ impl Way {
         queue: impl FnOnce() -> R,
     ) -> Sent<R> {
         let mut st = self.state.lock();
-        if !st.open || payload.len() >= MAX_DIRECT {
-            // Closed first: nothing may overtake what is queued.
-            st.open = false;
-            return Sent::Queued(queue());
-        }
-        let (h, used) = header(data, payload.len());
-        let head = &h[..used];
-        let total = used + payload.len();
-        let written = self
-            .sock
-            .try_write_vectored(&[IoSlice::new(head), IoSlice::new(payload)]);
-        match written {
-            Ok(n) if n >= total => Sent::Written,
-            Ok(n) if n > 0 => {
-                // The frame is started on the wire: its end must follow
-                // before any other byte, whatever the queue holds.
-                let mut rest = Vec::with_capacity(total - n);
-                if n < used {
-                    rest.extend_from_slice(&head[n..]);
-                    rest.extend_from_slice(payload);
-                } else {
-                    rest.extend_from_slice(&payload[n - used..]);
+        if st.open && payload.len() < MAX_DIRECT {
+            let (h, used) = header(data, payload.len());
+            let head = &h[..used];
+            let total = used + payload.len();
+            let written = self
+                .sock
+                .try_write_vectored(&[IoSlice::new(head), IoSlice::new(payload)]);
+            match written {
+                Ok(n) if n >= total => return Sent::Written,
+                Ok(n) if n > 0 => {
+                    // The frame is started on the wire: its end must follow
+                    // before any other byte, whatever the queue holds.
+                    let mut rest = Vec::with_capacity(total - n);
+                    if n < used {
+                        rest.extend_from_slice(&head[n..]);
+                        rest.extend_from_slice(payload);
+                    } else {
+                        rest.extend_from_slice(&payload[n - used..]);
+                    }
+                    st.open = false;
+                    st.rest = Some(Bytes::from(rest));
+                    return Sent::Partly;
                 }
-                st.open = false;
-                st.rest = Some(Bytes::from(rest));
-                Sent::Partly
-            }
-            // Nothing written (a full socket buffer, or an error the task
-            // will meet on its own write): the task takes over.
-            _ => {
-                st.open = false;
-                Sent::Queued(queue())
+                // Nothing written (a full socket buffer, or an error the
+                // task will meet on its own write): the task takes over.
+                _ => {}
             }
         }
+        // Closed first: nothing may overtake what is queued.
+        st.open = false;
+        Sent::Queued(queue())
     }
 
     /// Runs `queue` with the way closed, so no frame written directly can
@@ -183,7 +180,8 @@ impl Way {
     }
 
     /// Whether the fan-out may write now.
-    pub fn is_open(&self) -> bool {
+    #[cfg(test)]
+    fn is_open(&self) -> bool {
         self.state.lock().open
     }
 

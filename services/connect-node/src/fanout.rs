@@ -53,13 +53,9 @@ pub fn offer_all(conns: &[Arc<ConnHandle>], frame: &Outbound, may_write: bool) -
     let mut t = Tally::default();
     for c in conns {
         match c.offer(frame, may_write) {
-            Queued::Yes => {
+            q @ (Queued::Yes | Queued::Written) => {
                 t.delivery.delivered += 1;
-                t.bytes += frame.wire_len(c.wire) as u64;
-            }
-            Queued::Written => {
-                t.delivery.delivered += 1;
-                t.direct += 1;
+                t.direct += u64::from(q == Queued::Written);
                 t.bytes += frame.wire_len(c.wire) as u64;
             }
             Queued::SlowConsumer => t.delivery.dropped += 1,

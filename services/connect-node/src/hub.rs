@@ -207,6 +207,11 @@ impl ConnHandle {
         }
     }
 
+    /// The socket's way, for a plain-TCP connection (see `direct`).
+    pub fn way(&self) -> Option<&Way> {
+        self.way.as_deref()
+    }
+
     fn enqueue(&self, frame: Outbound) -> Queued {
         match self.tx.try_send(frame) {
             Ok(()) => Queued::Yes,
@@ -434,6 +439,12 @@ impl Hub {
     pub fn with_direct_writes(mut self, on: bool) -> Self {
         self.direct_writes = on;
         self
+    }
+
+    /// Whether fan-outs write to sockets themselves: plain-TCP connections
+    /// are then given a way (`direct`).
+    pub fn direct_writes(&self) -> bool {
+        self.direct_writes
     }
 
     /// Fan-outs are split into at most `parts` parts written at once.

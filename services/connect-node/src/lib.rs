@@ -108,7 +108,7 @@ pub struct Config {
     /// Compression of binary frames (`barrage.v1.bin` connections).
     pub binary_compression: barrage_protocol::binary::Compression,
     /// Let the fan-out write frames to idle plain-TCP sockets itself
-    /// (`direct`); ignored while batching.
+    /// (`direct`); ignored while batching, which must see every message.
     pub direct_writes: bool,
 }
 
@@ -306,7 +306,6 @@ pub async fn run(
             messages_per_sec: cfg.messages_per_sec,
             allowed_origins: cfg.allowed_origins.clone(),
             batching,
-            direct_writes: cfg.direct_writes,
         }),
         metrics: metrics.clone(),
         draining: draining.clone(),

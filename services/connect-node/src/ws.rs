@@ -75,9 +75,6 @@ pub struct WsSettings {
     pub allowed_origins: Vec<String>,
     /// Coalesce messages into `batch` frames; `None`: one frame per message.
     pub batching: Option<Batching>,
-    /// Let the fan-out write frames to idle plain-TCP sockets itself
-    /// (`direct`); not while batching, which must see every message.
-    pub direct_writes: bool,
 }
 
 /// What the WebSocket handler needs.
@@ -348,8 +345,7 @@ pub async fn ws_handler(
         .max_write_buffer_size(usize::MAX)
         .max_message_size(Some(s.max_frame_bytes))
         .max_frame_size(Some(s.max_frame_bytes));
-    let direct = s.direct_writes && s.batching.is_none();
-    upgrade.on_upgrade(config, direct, move |socket| {
+    upgrade.on_upgrade(config, state.hub.direct_writes(), move |socket| {
         serve(state, socket, wire, user, rooms, positions, claims)
     })
 }
@@ -561,7 +557,7 @@ async fn run_session(
     let (mut read_timer_door, mut ping_door) = (gate.door(), gate.door());
     // The socket's way for frames the fan-out writes itself (`direct`),
     // opened whenever this loop has nothing left to write.
-    let way = socket.get_ref().way().cloned();
+    let way = conn.way();
     loop {
         // Frames recovery already sent must still be dropped here.
         let may_open = skip.is_empty();
@@ -647,7 +643,7 @@ async fn run_session(
                 conn.close_with(CloseCode::ReadTimeout);
                 return true;
             }
-            out = std::future::poll_fn(|cx| poll_outbound(cx, &mut rx, way.as_deref(), may_open)) => {
+            out = std::future::poll_fn(|cx| poll_outbound(cx, &mut rx, way, may_open)) => {
                 let frame = match out {
                     Next::Frame(f) => f,
                     Next::Closed => return true,
