@@ -27,6 +27,17 @@ pub struct Cli {
         default_value_t = RuntimeFlavor::MultiThread
     )]
     runtime_flavor: RuntimeFlavor,
+    /// Worker threads of the multi-thread runtime. Default: one per CPU the
+    /// process may use, which is the host's count when the container has
+    /// no CPU limit; set it to the CPUs the process is meant to use.
+    /// Ignored by the current-thread runtime.
+    #[arg(
+        long,
+        global = true,
+        env = "TOKIO_WORKER_THREADS",
+        value_name = "TOKIO_WORKER_THREADS"
+    )]
+    worker_threads: Option<std::num::NonZeroUsize>,
     /// Transparent huge pages for this process: off (the default: the heap
     /// grows in 4 KiB pages, so growing it never stalls a push for the
     /// milliseconds that zeroing a fresh 2 MiB page can take) or system
@@ -1177,6 +1188,11 @@ impl Cli {
     /// The scheduler to build the runtime with.
     pub fn runtime_flavor(&self) -> RuntimeFlavor {
         self.runtime_flavor
+    }
+
+    /// Worker threads asked for, if any (multi-thread runtime only).
+    pub fn worker_threads(&self) -> Option<usize> {
+        self.worker_threads.map(std::num::NonZeroUsize::get)
     }
 
     /// Whether the process may use transparent huge pages.

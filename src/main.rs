@@ -56,6 +56,7 @@ fn main() -> ExitCode {
         }
     };
     let flavor = cli.runtime_flavor();
+    let workers = cli.worker_threads();
     if cli.huge_pages() == cli::HugePages::Off
         && let Err(e) = disable_huge_pages()
     {
@@ -70,18 +71,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    // The runtime reads TOKIO_WORKER_THREADS itself (default: the CPUs
-    // available, cgroup quota included) and panics on a bad value.
-    if let Ok(v) = std::env::var("TOKIO_WORKER_THREADS")
-        && !v.parse::<usize>().is_ok_and(|n| n > 0)
-    {
-        eprintln!("error: TOKIO_WORKER_THREADS: {v:?} is not a positive number of threads");
-        return ExitCode::from(EXIT_CONFIG);
-    }
     let mut builder = match flavor {
         cli::RuntimeFlavor::MultiThread => tokio::runtime::Builder::new_multi_thread(),
         cli::RuntimeFlavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
     };
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -91,6 +91,28 @@ def test_huge_pages_are_off_unless_asked_for(dev, barrage_bin):
         proc.stop()
 
 
+def runtime_workers(pid):
+    """How many of the process's threads are Tokio's runtime workers."""
+    names = [(t / "comm").read_text().strip() for t in Path(f"/proc/{pid}/task").iterdir()]
+    return sum(1 for n in names if n == "tokio-rt-worker")
+
+
+@pytest.mark.parametrize("args, env, workers", [
+    (["--worker-threads", "3"], {}, 3),
+    ([], {"TOKIO_WORKER_THREADS": "1"}, 1),
+    (["--worker-threads", "3"], {"RUNTIME_FLAVOR": "current-thread"}, 0),
+])
+def test_worker_threads_are_what_was_asked(barrage_bin, args, env, workers):
+    base = free_block(2)
+    proc = Proc("controller-workers", [str(barrage_bin), "controller", "--node-id", "w", "--bind-addr", "127.0.0.1",
+                                       "--grpc-port", str(base), "--metrics-port", str(base + 1), *args], env=env)
+    try:
+        proc.wait_ready(base + 1)
+        assert runtime_workers(proc.p.pid) == workers, proc.output()
+    finally:
+        proc.stop()
+
+
 def listen_backlog(port):
     """The accept backlog of the socket listening on `port`: `ss` shows it
     as the Send-Q of a listening socket."""

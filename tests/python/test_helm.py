@@ -58,6 +58,8 @@ VARIANTS = {
                                     "blocklist": "troll\n", "mutes": "live-1 loud 4102444800\n",
                                     "moderation": {"hook": "moderator.biz:7000"}}},
     },
+    "threads": {"controller": {"workerThreads": 4}, "pushManager": {"runtimeFlavor": "multi-thread", "workerThreads": 2},
+                "connectNode": {"workerThreads": 8}},
     "existing-secrets": {
         "auth": {"jwt": {"existingSecret": "my-jwt", "existingSecretKeys": ["public-key.pem"]},
                  "apiTokensExistingSecret": "my-api-tokens"},
@@ -131,6 +133,16 @@ def test_variants_change_what_they_should():
     assert [d["metadata"]["name"] for d in by_kind(ds, "DaemonSet")] == ["demo-barrage-connect-node"]
     assert [h["spec"]["scaleTargetRef"]["name"] for h in by_kind(ds, "HorizontalPodAutoscaler")] == []
 
+    runtimes = {c["args"][0]: (env_of(c)["RUNTIME_FLAVOR"]["value"], "TOKIO_WORKER_THREADS" in env_of(c))
+                for _, c in containers(default) if c["name"] != "etcd"}
+    assert runtimes == {"controller": ("multi-thread", False), "push-manager": ("current-thread", False),
+                        "connect-node": ("multi-thread", False)}, "push-managers run on one thread unless asked"
+    threads, _ = render(VARIANTS["threads"])
+    runtimes = {c["args"][0]: (env_of(c)["RUNTIME_FLAVOR"]["value"], env_of(c)["TOKIO_WORKER_THREADS"]["value"])
+                for _, c in containers(threads) if c["name"] != "etcd"}
+    assert runtimes == {"controller": ("multi-thread", "4"), "push-manager": ("multi-thread", "2"),
+                        "connect-node": ("multi-thread", "8")}
+
     mon, _ = render(VARIANTS["monitoring"])
     rule = by_kind(mon, "PrometheusRule")[0]
     shipped = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
@@ -195,7 +207,8 @@ def test_the_chart_ships_the_same_alert_rules():
 def test_schema_rejects_bad_values():
     for bad in [{"connectNode": {"kind": "Pod"}}, {"logFormat": "xml"}, {"pushManager": {"grpcPort": 70000}},
                 {"controller": {"replicas": -1}}, {"typo": 1},
-                {"pushManager": {"runtimeFlavor": "green-threads"}},
+                {"pushManager": {"runtimeFlavor": "green-threads"}}, {"connectNode": {"workerThreads": 0}},
+                {"controller": {"workerThreads": "two"}},
                 {"transparentHugePages": False}, {"transparentHugePages": "always"}]:
         with pytest.raises(helm.HelmError):
             render(bad)
@@ -213,7 +226,7 @@ NOT_FOR_THE_CHART = {"CONTROLLER_ADDRESS"}
 
 def test_chart_env_matches_what_the_binary_reads(barrage_bin):
     chart_sets = {}
-    for variant in ("default", "tls-and-auth", "existing-secrets", "dev"):
+    for variant in ("default", "tls-and-auth", "existing-secrets", "dev", "threads"):
         docs, _ = render(VARIANTS[variant])
         for _, c in containers(docs):
             if c["name"] != "etcd":

@@ -71,6 +71,16 @@ http://{{ include "barrage.fullname" . }}-etcd:2379
 {{- end -}}
 
 {{/* Secret holding the chart-managed auth material. */}}
+{{/* The async runtime of one role: its flavor, and its worker threads when set. */}}
+{{- define "barrage.runtimeEnv" -}}
+- name: RUNTIME_FLAVOR
+  value: {{ .runtimeFlavor | quote }}
+{{- with .workerThreads }}
+- name: TOKIO_WORKER_THREADS
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+
 {{- define "barrage.authSecretName" -}}
 {{ include "barrage.fullname" . }}-auth
 {{- end -}}
