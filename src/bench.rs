@@ -63,6 +63,17 @@ pub struct BenchPlan {
     /// barrage paced at this many times Nchan's deliveries/s (with
     /// `compare` Nchan and `rate` 0 only).
     pub over_nchan: Option<f64>,
+    /// Environment variables for one role's processes of a cluster.
+    pub role_env: Vec<RoleEnv>,
+}
+
+/// An environment variable set for every process of one role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleEnv {
+    /// `controller`, `push-manager` or `connect-node`.
+    pub role: &'static str,
+    pub name: String,
+    pub value: String,
 }
 
 /// What each push targets.
@@ -177,8 +188,39 @@ async fn wait_until<F: Future<Output = bool>>(
     Ok(())
 }
 
-/// Starts one `barrage <role>` process with `env`.
-fn spawn_role(role: &'static str, env: &[(&str, String)]) -> anyhow::Result<(&'static str, Child)> {
+/// Waits until every address in `ready` answers `/readyz`, failing at once
+/// if one of `children` exits first (a setting it refused, a port taken).
+async fn children_ready(
+    children: &mut [(&'static str, Child)],
+    ready: &[SocketAddr],
+) -> anyhow::Result<()> {
+    for &addr in ready {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !http_ok(addr, "/readyz").await {
+            for (role, child) in children.iter_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "barrage {role} exited ({status}) before it was ready: \
+                         run it by hand with the same settings to see why"
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("a barrage process did not become ready on {addr}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Starts one `barrage <role>` process with `env`, then the variables of
+/// `role_env` meant for its role.
+fn spawn_role(
+    role: &'static str,
+    env: &[(&str, String)],
+    role_env: &[RoleEnv],
+) -> anyhow::Result<(&'static str, Child)> {
     let exe = std::env::current_exe().context("locating the barrage binary")?;
     let child = Command::new(exe)
         .arg(role)
@@ -187,6 +229,12 @@ fn spawn_role(role: &'static str, env: &[(&str, String)]) -> anyhow::Result<(&'s
         .env("LOG_FORMAT", "text")
         .env("BIND_ADDR", "127.0.0.1")
         .envs(env.iter().map(|(k, v)| (k, v)))
+        .envs(
+            role_env
+                .iter()
+                .filter(|e| e.role == role)
+                .map(|e| (&e.name, &e.value)),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -198,8 +246,9 @@ fn spawn_role(role: &'static str, env: &[(&str, String)]) -> anyhow::Result<(&'s
 
 /// Starts a controller, a push-manager and `nodes` connect-nodes, each its
 /// own process (no etcd: the push-manager learns the nodes from the
-/// controller), and waits until all are ready.
-pub(crate) async fn start_cluster(nodes: usize) -> anyhow::Result<Server> {
+/// controller), and waits until all are ready. `role_env` adds variables
+/// to one role's processes.
+pub(crate) async fn start_cluster(nodes: usize, role_env: &[RoleEnv]) -> anyhow::Result<Server> {
     let p = free_ports(4 + 3 * nodes, false)?;
     let localhost = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let controller = format!("127.0.0.1:{}", p[0]);
@@ -209,8 +258,9 @@ pub(crate) async fn start_cluster(nodes: usize) -> anyhow::Result<Server> {
             ("GRPC_PORT", p[0].to_string()),
             ("METRICS_PORT", p[1].to_string()),
         ],
+        role_env,
     )?];
-    wait_ready(localhost(p[1]), "/readyz", "the controller").await?;
+    children_ready(&mut children, &[localhost(p[1])]).await?;
     children.push(spawn_role(
         "push-manager",
         &[
@@ -218,6 +268,7 @@ pub(crate) async fn start_cluster(nodes: usize) -> anyhow::Result<Server> {
             ("METRICS_PORT", p[3].to_string()),
             ("CONTROLLER_ADDRESS", controller.clone()),
         ],
+        role_env,
     )?);
     let mut ws = Vec::with_capacity(nodes);
     let mut ready = vec![localhost(p[3])];
@@ -233,13 +284,12 @@ pub(crate) async fn start_cluster(nodes: usize) -> anyhow::Result<Server> {
                 ("NODE_ID", format!("bench-node-{n}")),
                 ("INSECURE_USER_ID", "true".into()),
             ],
+            role_env,
         )?);
         ws.push(localhost(wsp));
         ready.push(localhost(metrics));
     }
-    for addr in ready {
-        wait_ready(addr, "/readyz", "a barrage process").await?;
-    }
+    children_ready(&mut children, &ready).await?;
     Ok(Server {
         children,
         ws,
@@ -293,6 +343,7 @@ async fn start_floor() -> anyhow::Result<Server> {
     let children = vec![spawn_role(
         "bench-floor",
         &[("GRPC_PORT", port.to_string())],
+        &[],
     )?];
     let api = SocketAddr::from(([127, 0, 0, 1], port));
     let endpoint = barrage_proto::tls::GrpcTls::default().endpoint(&api.to_string())?;
@@ -652,7 +703,7 @@ async fn run_barrage(plan: &BenchPlan) -> anyhow::Result<serde_json::Value> {
     let server = if plan.nodes == 0 {
         start_server(&[]).await?
     } else {
-        start_cluster(plan.nodes).await?
+        start_cluster(plan.nodes, &plan.role_env).await?
     };
     run_target(plan, &Target::Barrage(server)).await
 }
@@ -1219,6 +1270,9 @@ async fn run_target(plan: &BenchPlan, target: &Target) -> anyhow::Result<serde_j
         "payload_bytes": plan.payload_bytes,
         "message_ids": plan.message_ids,
         "client_nice": plan.client_nice,
+        "role_env": plan.role_env.iter()
+            .map(|e| format!("{}:{}={}", e.role, e.name, e.value))
+            .collect::<Vec<_>>(),
         "cpu_cores_used": {
             "server": round(server_cpu / push_secs),
             "bench_client": round(client_cpu / push_secs),

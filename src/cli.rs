@@ -220,9 +220,47 @@ struct BenchArgs {
     /// the loss.
     #[arg(long, default_value_t = 0)]
     client_nice: u8,
+    /// An environment variable for one role's processes of a cluster
+    /// (`--nodes`), as ROLE:NAME=VALUE with ROLE controller, push-manager
+    /// or connect-node; repeatable. Example: `--role-env
+    /// push-manager:RUNTIME_FLAVOR=current-thread`, the push-manager as the
+    /// Helm chart runs it.
+    #[arg(long, value_name = "ROLE:NAME=VALUE")]
+    role_env: Vec<String>,
     /// Progress on stderr.
     #[arg(long)]
     verbose: bool,
+}
+
+/// Parses `--role-env` values: ROLE:NAME=VALUE.
+fn role_envs(values: &[String]) -> Result<Vec<crate::bench::RoleEnv>, ConfigError> {
+    values
+        .iter()
+        .map(|v| {
+            let bad_value = || {
+                bad(
+                    "--role-env",
+                    format!(
+                        "{v:?} is not ROLE:NAME=VALUE with ROLE controller, push-manager or connect-node"
+                    ),
+                )
+            };
+            let (role, assignment) = v.split_once(':').ok_or_else(bad_value)?;
+            let role = ["controller", "push-manager", "connect-node"]
+                .into_iter()
+                .find(|r| *r == role)
+                .ok_or_else(bad_value)?;
+            let (name, value) = assignment.split_once('=').ok_or_else(bad_value)?;
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                return Err(bad_value());
+            }
+            Ok(crate::bench::RoleEnv {
+                role,
+                name: name.to_owned(),
+                value: value.to_owned(),
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug, Args)]
@@ -1432,6 +1470,13 @@ impl Cli {
                         ));
                     }
                 }
+                let role_env = role_envs(&a.role_env)?;
+                if !role_env.is_empty() && nodes == 0 {
+                    return Err(bad(
+                        "--role-env",
+                        "sets a role's environment in a cluster: give --nodes too",
+                    ));
+                }
                 Plan::Bench(crate::bench::BenchPlan {
                     subscribers: a.subscribers,
                     rate: a.rate.unwrap_or(20),
@@ -1451,6 +1496,7 @@ impl Cli {
                     nodes,
                     client_nice: a.client_nice,
                     over_nchan: a.over_nchan,
+                    role_env,
                 })
             }
             Command::Sub(a) => Plan::Sub(crate::sub::SubPlan {
@@ -1565,6 +1611,54 @@ mod tests {
             let err = run(&args).unwrap_err();
             assert!(err.contains("--over-nchan"), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn role_env_goes_to_one_role_of_a_cluster() {
+        let Ok(Plan::Bench(b)) = plan(&[
+            "bench",
+            "--nodes",
+            "1",
+            "--role-env",
+            "push-manager:RUNTIME_FLAVOR=current-thread",
+            "--role-env",
+            "connect-node:DIRECT_WRITES=false",
+            "--role-env",
+            "controller:EMPTY=",
+        ]) else {
+            panic!("not a bench plan")
+        };
+        let got: Vec<_> = b
+            .role_env
+            .iter()
+            .map(|e| (e.role, e.name.as_str(), e.value.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("push-manager", "RUNTIME_FLAVOR", "current-thread"),
+                ("connect-node", "DIRECT_WRITES", "false"),
+                ("controller", "EMPTY", ""),
+            ]
+        );
+        for bad in [
+            "RUNTIME_FLAVOR=current-thread",
+            "pushmanager:RUNTIME_FLAVOR=x",
+            "push-manager:RUNTIME_FLAVOR",
+            "push-manager:=x",
+            "push-manager:A B=x",
+        ] {
+            let err = plan(&["bench", "--nodes", "1", "--role-env", bad]).unwrap_err();
+            assert!(
+                err.contains("--role-env") && err.contains(bad),
+                "{bad}: {err}"
+            );
+        }
+        let err = plan(&["bench", "--role-env", "controller:A=1"]).unwrap_err();
+        assert!(
+            err.contains("--role-env") && err.contains("--nodes"),
+            "{err}"
+        );
     }
 
     #[test]

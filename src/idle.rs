@@ -338,7 +338,7 @@ async fn reconnect_storm(
 
 /// Runs the scenario and prints its JSON summary.
 pub async fn run(plan: IdlePlan) -> anyhow::Result<()> {
-    let server = start_cluster(plan.nodes).await?;
+    let server = start_cluster(plan.nodes, &[]).await?;
     let pids = server.pids();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_idle = family_rss_bytes(&pids).unwrap_or(0);

@@ -157,6 +157,22 @@ def test_bench_push_to_user_with_message_ids(barrage_bin):
     assert s["lost"] == 0 and s["duplicated"] == 0
 
 
+def test_bench_role_env_reaches_only_its_role(barrage_bin):
+    """`--role-env` sets a variable for one role's processes: SEND_QUEUE=0
+    is a bad setting for a connect-node, which reads it, and nothing to a
+    controller, which does not."""
+    s = run_bench(barrage_bin, "--scenario", "user", "--nodes", "1", "--subscribers", "10", "--rate", "100",
+                  "--duration-secs", "1", "--sources", "1",
+                  "--role-env", "push-manager:RUNTIME_FLAVOR=current-thread", "--role-env", "controller:SEND_QUEUE=0")
+    assert s["role_env"] == ["push-manager:RUNTIME_FLAVOR=current-thread", "controller:SEND_QUEUE=0"]
+    assert s["deliveries"] == s["deliveries_expected"] == s["pushes"] > 0
+    assert s["lost"] == 0 and s["duplicated"] == 0
+    p = subprocess.run([str(barrage_bin), "bench", "--scenario", "user", "--nodes", "1", "--subscribers", "10",
+                        "--duration-secs", "1", "--role-env", "connect-node:SEND_QUEUE=0"],
+                       capture_output=True, text=True, timeout=25, stdin=subprocess.DEVNULL)
+    assert p.returncode != 0 and "barrage connect-node exited (exit status: 64)" in p.stderr, p.stderr
+
+
 def test_bench_broadcast_spans_several_node_processes(barrage_bin):
     # With the readers yielding the cores to the servers, as in the
     # latency runs of BENCHMARKS.md.
