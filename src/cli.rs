@@ -475,7 +475,8 @@ struct PushManagerArgs {
 /// Settings of the push API.
 #[derive(Debug, Args)]
 struct PushLimits {
-    /// Deadline of one PushMessageBatch to a connect-node, milliseconds.
+    /// Deadline of one PushMessageBatch to a connect-node, and of one call
+    /// to a controller, milliseconds.
     #[arg(long, env = "PUSH_TIMEOUT_MS", default_value_t = 3000)]
     push_timeout_ms: u64,
     /// Calls in flight to each connect-node and each controller; pushes

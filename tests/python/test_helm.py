@@ -208,7 +208,7 @@ def test_schema_rejects_bad_values():
     for bad in [{"connectNode": {"kind": "Pod"}}, {"logFormat": "xml"}, {"pushManager": {"grpcPort": 70000}},
                 {"controller": {"replicas": -1}}, {"typo": 1},
                 {"pushManager": {"runtimeFlavor": "green-threads"}}, {"connectNode": {"workerThreads": 0}},
-                {"controller": {"workerThreads": "two"}},
+                {"controller": {"workerThreads": "two"}}, {"connectNode": {"binaryCompressBytes": 32}},
                 {"transparentHugePages": False}, {"transparentHugePages": "always"}]:
         with pytest.raises(helm.HelmError):
             render(bad)

@@ -169,8 +169,22 @@ impl Metrics {
             "rate_limited",
             "node_full",
             "user_limit",
+            "tls",
+            "handshake_timeout",
         ] {
             m.rejected.with_label_values(&[reason]);
+        }
+        for code in [
+            "forbidden",
+            "invalid_frame",
+            "invalid_room",
+            "not_joined",
+            "rate_limited",
+            "too_many_rooms",
+            "unauthorized",
+            "unavailable",
+        ] {
+            m.frame_errors.with_label_values(&[code]);
         }
         for code in [
             "1000", "1009", "4000", "4001", "4002", "4100", "4400", "4405",
@@ -191,5 +205,60 @@ impl Metrics {
         registry.register(Box::new(m.report_failures.clone()))?;
         registry.register(Box::new(m.frame_errors.clone()))?;
         Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The label values a node can count, exported at 0 before any is
+    /// counted, so `rate()` and alerts see a series from the start.
+    #[test]
+    fn known_label_values_start_at_zero() {
+        let registry = Registry::new();
+        let _m = Metrics::new(&registry).expect("metrics register");
+        let families = registry.gather();
+        let zeros = |name: &str, label: &str| -> Vec<String> {
+            let f = families
+                .iter()
+                .find(|f| f.name() == name)
+                .unwrap_or_else(|| panic!("{name} is not exported"));
+            let mut values: Vec<String> = f
+                .get_metric()
+                .iter()
+                .filter(|m| m.get_counter().get_value() == 0.0)
+                .flat_map(|m| m.get_label().iter())
+                .filter(|l| l.name() == label)
+                .map(|l| l.value().to_owned())
+                .collect();
+            values.sort();
+            values
+        };
+        let rejected = zeros("connect_node_rejected_total", "reason");
+        for reason in ["tls", "handshake_timeout", "unauthorized", "user_limit"] {
+            assert!(
+                rejected.iter().any(|r| r == reason),
+                "{reason}: {rejected:?}"
+            );
+        }
+        assert_eq!(
+            zeros("connect_node_frame_errors_total", "code"),
+            [
+                "forbidden",
+                "invalid_frame",
+                "invalid_room",
+                "not_joined",
+                "rate_limited",
+                "too_many_rooms",
+                "unauthorized",
+                "unavailable"
+            ]
+        );
+        assert_eq!(
+            zeros("connect_node_disconnects_total", "code").len(),
+            8,
+            "every close code the node sends"
+        );
     }
 }

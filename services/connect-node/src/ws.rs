@@ -47,7 +47,7 @@ pub struct WsSettings {
     pub insecure_user_id: bool,
     /// Verifies connection tokens.
     pub auth: barrage_auth::ConnectAuth,
-    /// Grace after a token's expiry before the connection is closed (4401).
+    /// Grace after a token's expiry before the connection is closed (4405).
     pub token_leeway: Duration,
     /// Largest inbound frame in bytes; bigger ones close the connection with 1009.
     pub max_frame_bytes: usize,
