@@ -243,6 +243,29 @@ async fn expect_close(c: &mut Client, code: u16) -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_client_that_closes_gets_its_close_answered() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    for code in [1000u16, 1001, 4321] {
+        let mut c = connected(&cluster, "leaving").await?;
+        c.send_raw(Message::Close(Some(
+            tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: code.into(),
+                reason: "bye".into(),
+            },
+        )))
+        .await?;
+        // The answer echoes the client's code; a connection dropped without
+        // one reads as 1006.
+        match within(T, "the answer to a close", c.next_frame()).await? {
+            Ok(None) if code == 1000 => {}
+            Err(ClientError::Closed { code: got, .. }) if got == code && code != 1000 => {}
+            other => panic!("close {code} answered with {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn binary_and_oversized_frames_close_with_documented_codes() -> anyhow::Result<()> {
     let cluster = cluster().await?;
     let mut bin = connected(&cluster, "b1").await?;

@@ -388,10 +388,19 @@ async fn serve(
     let code = conn.close_code().unwrap_or(CloseCode::Normal);
     if usable {
         // A client that does not take the close frame is dropped.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            socket.send(close_message(code, code.reason())),
-        )
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            if socket
+                .send(close_message(code, code.reason()))
+                .await
+                .is_err()
+            {
+                // The client closed first: the WebSocket library refuses a
+                // close of our own and has queued the answer to the
+                // client's (its code echoed, RFC 6455 §5.5.1) for the next
+                // flush. Without it the client would see 1006.
+                let _ = socket.flush().await;
+            }
+        })
         .await;
     }
     state
