@@ -70,7 +70,10 @@ type Job = Box<dyn FnOnce() + Send>;
 /// The helper threads of large fan-outs.
 pub struct Pool {
     parts: usize,
-    jobs: OnceLock<mpsc::Sender<Job>>,
+    /// The helpers' job queue, once they are started; `None` if they could
+    /// not be (fan-outs then stay on the calling thread, without asking
+    /// the system again each time).
+    jobs: OnceLock<Option<mpsc::Sender<Job>>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -101,9 +104,12 @@ impl Pool {
     }
 
     fn jobs(&self) -> Option<&mpsc::Sender<Job>> {
-        if let Some(tx) = self.jobs.get() {
-            return Some(tx);
-        }
+        self.jobs.get_or_init(|| self.start_helpers()).as_ref()
+    }
+
+    /// Starts the helper threads; `None` (logged once) if the system
+    /// refuses one.
+    fn start_helpers(&self) -> Option<mpsc::Sender<Job>> {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         for i in 1..self.parts {
@@ -116,17 +122,22 @@ impl Pool {
                         // The lock is held only while waiting for a job.
                         let job = rx.lock().recv();
                         match job {
-                            Ok(job) => job(),
+                            // A part that panics (a bug) loses its tally,
+                            // which the caller reports; the helper stays.
+                            Ok(job) => {
+                                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                            }
                             Err(_) => return,
                         }
                     }
                 });
             if let Err(e) = started {
+                // The helpers started so far end when `tx` is dropped.
                 tracing::warn!(error = %e, "cannot start a fan-out thread; fan-outs stay on one thread");
                 return None;
             }
         }
-        Some(self.jobs.get_or_init(|| tx))
+        Some(tx)
     }
 
     /// Offers `frame` to every one of `conns`, in parts written at once
@@ -184,5 +195,24 @@ mod tests {
         assert_eq!(pool.parts_for(100_000), 3);
         assert_eq!(Pool::new(64).parts_for(100_000), MAX_PARTS);
         assert_eq!(Pool::new(0).parts_for(100_000), 1);
+    }
+
+    #[test]
+    fn a_helper_outlives_a_part_that_panics() {
+        // Two parts: one helper thread, so the second job runs only if the
+        // helper survived the first.
+        let pool = Pool::new(2);
+        let jobs = pool.jobs().expect("helpers start");
+        jobs.send(Box::new(|| panic!("a part that panics")))
+            .expect("queued");
+        let (tx, rx) = mpsc::channel();
+        jobs.send(Box::new(move || {
+            let _ = tx.send(std::thread::current().name().map(str::to_owned));
+        }))
+        .expect("queued");
+        let ran_on = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the helper ran the next part");
+        assert_eq!(ran_on.as_deref(), Some("fanout-1"));
     }
 }

@@ -729,13 +729,17 @@ impl Hub {
             let start = self.epoch.elapsed().as_nanos() as u64;
             if self.direct_writes && self.has_time_to_write(conns.len(), start) {
                 let t = self.fanout.offer_all(conns, frame);
-                let end = self.epoch.elapsed().as_nanos() as u64;
                 // Per connection written to: queueing to the others (whose
                 // tasks were still writing) is cheap, and would make the
-                // system calls look cheaper than they are.
-                let per_conn = end.saturating_sub(start) / t.direct.max(1);
-                self.direct_ns_per_conn.store(per_conn, Ordering::Relaxed);
-                self.direct_measured.store(end, Ordering::Relaxed);
+                // system calls look cheaper than they are. A fan-out that
+                // wrote to none measured no system call, and keeps the
+                // estimate as it was.
+                if t.direct > 0 {
+                    let end = self.epoch.elapsed().as_nanos() as u64;
+                    let per_conn = end.saturating_sub(start) / t.direct;
+                    self.direct_ns_per_conn.store(per_conn, Ordering::Relaxed);
+                    self.direct_measured.store(end, Ordering::Relaxed);
+                }
                 t
             } else {
                 fanout::offer_all(&conns, frame, false)
@@ -1077,6 +1081,21 @@ mod tests {
         );
         drop(waiting);
         assert_eq!(hub.backlog.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_fan_out_that_wrote_nothing_directly_keeps_the_cost_measured() {
+        let hub = hub(8).with_direct_writes(true);
+        // Connections without a way (as TLS ones): every frame is queued.
+        let held: Vec<_> = (0..DIRECT_UNDER_LOAD + 4)
+            .map(|i| hub.connect(user(&format!("u{i}")), &[room("r")], Wire::Json, None))
+            .collect();
+        hub.direct_ns_per_conn.store(7, Ordering::Relaxed);
+        hub.direct_measured.store(3, Ordering::Relaxed);
+        let d = hub.deliver(&StreamKey::Room(room("r")), &frame("x"), &HashSet::new());
+        assert_eq!(d.delivered as usize, held.len());
+        assert_eq!(hub.direct_ns_per_conn.load(Ordering::Relaxed), 7);
+        assert_eq!(hub.direct_measured.load(Ordering::Relaxed), 3);
     }
 
     #[test]
