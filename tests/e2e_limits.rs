@@ -282,6 +282,112 @@ async fn silent_and_slow_handshakes_are_dropped() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A client that stops reading while its queue is far from full: the
+/// node's write to it waits, and is given up after the read timeout with
+/// the slow-consumer code, instead of holding the connection for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_client_never_takes_is_given_up_after_the_read_timeout() -> anyhow::Result<()> {
+    let cluster = cluster_with(|c| {
+        c.send_queue = 1024;
+        c.ping_interval = Duration::from_secs(1);
+        c.read_timeout = Duration::from_secs(2);
+    })
+    .await?;
+    let n = node(&cluster);
+    let url = connect_url(&n.ws_url(), "stuck", &["r"]);
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let tcp = socket
+        .connect(n.ws_addr.clone().expect("ws addr").parse()?)
+        .await?;
+    let (mut stuck, _) = within(T, "upgrade", tokio_tungstenite::client_async(url, tcp)).await??;
+    let first = within(T, "connected", stuck.next())
+        .await?
+        .expect("frame")?;
+    assert!(first.to_text()?.contains("\"connected\""), "{first}");
+    // 120 messages of 60 KB: more than the socket buffers on both sides
+    // hold, far fewer than the queue does.
+    let body = "x".repeat(60_000);
+    for i in 0..120 {
+        assert_eq!(
+            push(&cluster, "r", format!("{i}:{body}")).await?,
+            1,
+            "push {i}"
+        );
+    }
+    eventually(T, "the stuck write to be given up", || async {
+        (n.metric(r#"connect_node_disconnects_total{code="4100"}"#) == 1.0).then_some(())
+    })
+    .await?;
+    assert_eq!(
+        n.metric("connect_node_slow_consumers_total"),
+        0.0,
+        "the queue never filled"
+    );
+    assert_eq!(
+        n.metric(r#"connect_node_disconnects_total{code="4001"}"#),
+        0.0
+    );
+    assert_eq!(n.metric("connect_node_connections"), 0.0);
+    drop(stuck);
+    Ok(())
+}
+
+/// The same for what a reconnecting client recovers: a client that takes
+/// none of it is dropped after the read timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_the_client_never_takes_is_given_up_after_the_read_timeout() -> anyhow::Result<()>
+{
+    let cluster = cluster_with(|c| {
+        c.ping_interval = Duration::from_secs(1);
+        c.read_timeout = Duration::from_secs(2);
+    })
+    .await?;
+    let n = node(&cluster);
+    let mut first = within(
+        T,
+        "connect",
+        Client::connect(&connect_url(&n.ws_url(), "stuck", &["r"])),
+    )
+    .await??;
+    assert_eq!(push(&cluster, "r", "seen".into()).await?, 1);
+    let seen = within(T, "message", first.next_message())
+        .await??
+        .expect("message");
+    within(T, "close", first.close()).await??;
+    let body = "x".repeat(60_000);
+    for i in 0..120 {
+        push(&cluster, "r", format!("{i}:{body}")).await?;
+    }
+    let positions = barrage_protocol::format_positions(
+        &[(
+            "room:r".to_string(),
+            barrage_protocol::StreamPos {
+                epoch: seen.epoch,
+                seq: seen.seq,
+            },
+        )]
+        .into(),
+    );
+    let url = format!(
+        "{}&positions={positions}",
+        connect_url(&n.ws_url(), "stuck", &["r"])
+    );
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let tcp = socket
+        .connect(n.ws_addr.clone().expect("ws addr").parse()?)
+        .await?;
+    let (stuck, _) = within(T, "upgrade", tokio_tungstenite::client_async(url, tcp)).await??;
+    eventually(T, "the stuck recovery to be given up", || async {
+        (n.metric(r#"connect_node_disconnects_total{code="4100"}"#) == 1.0).then_some(())
+    })
+    .await?;
+    assert_eq!(n.metric("connect_node_connections"), 0.0);
+    drop(stuck);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_never_reads_is_closed_as_slow_and_others_get_everything()
 -> anyhow::Result<()> {

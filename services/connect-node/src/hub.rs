@@ -734,9 +734,8 @@ impl Hub {
                 // system calls look cheaper than they are. A fan-out that
                 // wrote to none measured no system call, and keeps the
                 // estimate as it was.
-                if t.direct > 0 {
-                    let end = self.epoch.elapsed().as_nanos() as u64;
-                    let per_conn = end.saturating_sub(start) / t.direct;
+                let end = self.epoch.elapsed().as_nanos() as u64;
+                if let Some(per_conn) = end.saturating_sub(start).checked_div(t.direct) {
                     self.direct_ns_per_conn.store(per_conn, Ordering::Relaxed);
                     self.direct_measured.store(end, Ordering::Relaxed);
                 }

@@ -438,12 +438,15 @@ async fn establish(
         Err(why) => {
             tracing::warn!(user = %user, reason = %why, "cannot establish the session; closing");
             hub.disconnect(&conn);
-            let _ = socket
-                .send(close_message(
+            // A client that does not take the close frame is dropped.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                socket.send(close_message(
                     CloseCode::InternalError,
                     "no controller available, reconnect",
-                ))
-                .await;
+                )),
+            )
+            .await;
             state
                 .metrics
                 .disconnects
@@ -463,12 +466,26 @@ async fn establish(
         Wire::Json => Message::Text(connected.to_json().into()),
         Wire::Binary(c) => Message::Binary(binary::encode_server_frame(&connected, c)),
     };
-    let mut sent = feed(&mut socket, connected).await;
-    for out in recovery.missed {
-        sent = sent && feed(&mut socket, to_wire(out, wire)).await;
-    }
-    if !sent || socket.flush().await.is_err() {
+    // A client that has not taken all of it within the read timeout is
+    // dropped and counted as a slow consumer, as in the session loop.
+    let sent = tokio::time::timeout(settings.read_timeout, async {
+        let mut sent = feed(&mut socket, connected).await;
+        for out in recovery.missed {
+            sent = sent && feed(&mut socket, to_wire(out, wire)).await;
+        }
+        sent && socket.flush().await.is_ok()
+    })
+    .await;
+    if sent != Ok(true) {
         hub.disconnect(&conn);
+        if sent.is_err() {
+            conn.close_with(CloseCode::SlowConsumer);
+            state
+                .metrics
+                .disconnects
+                .with_label_values(&[&CloseCode::SlowConsumer.code().to_string()])
+                .inc();
+        }
         return None;
     }
     if recovery.recovered_messages > 0 {
@@ -548,6 +565,9 @@ async fn run_session(
     let mut closing = conn.close_signal();
     let read_timer = tokio::time::sleep(settings.read_timeout);
     tokio::pin!(read_timer);
+    // Armed only while a write waits for the client to take bytes.
+    let write_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(write_timer);
     let never = || tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400);
     let mut exp = session.expiry();
     let expiry = tokio::time::sleep_until(
@@ -659,10 +679,10 @@ async fn run_session(
                     Next::Rest => {
                         // The end of a frame the fan-out wrote in part:
                         // flushing writes it (`direct::Io`).
-                        let flushed = tokio::select! {
-                            biased;
-                            () = &mut closing => return true,
-                            r = socket.flush() => r.is_ok(),
+                        let flushed = match write_within(socket.flush(), &mut closing, write_timer.as_mut(), settings.read_timeout).await {
+                            Ended::Closing => return true,
+                            Ended::TimedOut => return stalled(conn),
+                            Ended::Done(r) => r.is_ok(),
                         };
                         if !flushed {
                             conn.close_with(CloseCode::Normal);
@@ -672,18 +692,20 @@ async fn run_session(
                     }
                 };
                 // A client that stops reading blocks this write; closing
-                // (e.g. as a slow consumer) must still win.
-                let written = tokio::select! {
-                    biased;
-                    () = &mut closing => return true,
-                    ok = async {
-                        match batching {
-                            Some(b) if frame.position.is_some() => {
-                                write_batch(socket, &mut rx, &mut skip, frame, b, state, conn.wire).await
-                            }
-                            _ => write_ready(socket, &mut rx, &mut skip, frame, conn.wire).await,
+                // (e.g. as a slow consumer) must still win, and a client
+                // that takes nothing for the read timeout is given up.
+                let write = async {
+                    match batching {
+                        Some(b) if frame.position.is_some() => {
+                            write_batch(socket, &mut rx, &mut skip, frame, b, state, conn.wire).await
                         }
-                    } => ok,
+                        _ => write_ready(socket, &mut rx, &mut skip, frame, conn.wire).await,
+                    }
+                };
+                let written = match write_within(write, &mut closing, write_timer.as_mut(), settings.read_timeout).await {
+                    Ended::Closing => return true,
+                    Ended::TimedOut => return stalled(conn),
+                    Ended::Done(ok) => ok,
                 };
                 if !written {
                     conn.close_with(CloseCode::Normal);
@@ -693,10 +715,11 @@ async fn run_session(
             _ = std::future::poll_fn(|cx| ping_door.poll(cx, |cx| ping.poll_tick(cx))) => {
                 // Like any write, a ping can block on a client that stopped
                 // reading; closing must still win.
-                let sent = tokio::select! {
-                    biased;
-                    () = &mut closing => return true,
-                    r = socket.send(Message::Ping(Default::default())) => r.is_ok(),
+                let ping = socket.send(Message::Ping(Default::default()));
+                let sent = match write_within(ping, &mut closing, write_timer.as_mut(), settings.read_timeout).await {
+                    Ended::Closing => return true,
+                    Ended::TimedOut => return stalled(conn),
+                    Ended::Done(r) => r.is_ok(),
                 };
                 if !sent {
                     conn.close_with(CloseCode::Normal);
@@ -946,6 +969,54 @@ pub(crate) async fn recover(
         }
     }
     Ok(out)
+}
+
+/// How a write of the session loop ended.
+enum Ended<T> {
+    Done(T),
+    /// The connection is closing (its close code is set).
+    Closing,
+    /// The client took nothing for the whole limit.
+    TimedOut,
+}
+
+/// Drives `write` until it is done, the connection starts closing, or
+/// `limit` passes with the write still waiting for the client. `timer` is
+/// armed only once the write has to wait, so writes the socket takes at
+/// once cost no timer.
+async fn write_within<F: std::future::Future>(
+    write: F,
+    closing: &mut crate::hub::CloseSignal<'_>,
+    mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    limit: Duration,
+) -> Ended<F::Output> {
+    let mut write = std::pin::pin!(write);
+    let mut armed = false;
+    std::future::poll_fn(|cx| {
+        if std::pin::Pin::new(&mut *closing).poll(cx).is_ready() {
+            return std::task::Poll::Ready(Ended::Closing);
+        }
+        if let std::task::Poll::Ready(out) = write.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Ended::Done(out));
+        }
+        if !armed {
+            timer.as_mut().reset(tokio::time::Instant::now() + limit);
+            armed = true;
+        }
+        timer.as_mut().poll(cx).map(|()| Ended::TimedOut)
+    })
+    .await
+}
+
+/// A client that has not taken a frame for the read timeout is treated as
+/// a slow consumer; its socket cannot take a close frame.
+fn stalled(conn: &ConnHandle) -> bool {
+    tracing::debug!(
+        conn = conn.id,
+        "the client took nothing for the read timeout"
+    );
+    conn.close_with(CloseCode::SlowConsumer);
+    false
 }
 
 fn send_error(state: &WsState, conn: &ConnHandle, code: &str, message: String) {
