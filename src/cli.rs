@@ -536,7 +536,8 @@ struct WsArgs {
     #[arg(long, env = "PING_INTERVAL_SECS", default_value_t = 25)]
     ping_interval_secs: u64,
     /// Close a connection silent for this many seconds (4001), and drop
-    /// one that takes no bytes of a frame for as long (counted as 4100).
+    /// one whose pending write has waited as long, checked at each ping
+    /// (counted as 4100).
     #[arg(long, env = "READ_TIMEOUT_SECS", default_value_t = 60)]
     read_timeout_secs: u64,
     /// Per-connection WebSocket write buffer, bytes.

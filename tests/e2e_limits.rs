@@ -333,6 +333,78 @@ async fn a_write_the_client_never_takes_is_given_up_after_the_read_timeout() -> 
     Ok(())
 }
 
+/// A client that pauses reading for less than the read timeout keeps its
+/// connection, and the server's pings go on once the wait is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_pauses_reading_keeps_its_connection_and_its_pings() -> anyhow::Result<()> {
+    let cluster = cluster_with(|c| {
+        c.send_queue = 1024;
+        c.ping_interval = Duration::from_secs(1);
+        c.read_timeout = Duration::from_secs(6);
+    })
+    .await?;
+    let n = node(&cluster);
+    let url = connect_url(&n.ws_url(), "pausing", &["r"]);
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let tcp = socket
+        .connect(n.ws_addr.clone().expect("ws addr").parse()?)
+        .await?;
+    let (mut ws, _) = within(T, "upgrade", tokio_tungstenite::client_async(url, tcp)).await??;
+    let first = within(T, "connected", ws.next()).await?.expect("frame")?;
+    assert!(first.to_text()?.contains("\"connected\""), "{first}");
+    const N: usize = 120;
+    let body = "x".repeat(60_000);
+    for i in 0..N {
+        assert_eq!(
+            push(&cluster, "r", format!("{i}:{body}")).await?,
+            1,
+            "push {i}"
+        );
+    }
+    // The node's write waits while this client does not read (and sends
+    // nothing: the pings that follow must come from the node's own timer).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (mut messages, mut pings) = (0, 0);
+    let quiet_until = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut quiet_from = None;
+    // Every message, then eight quiet seconds (past the read timeout) in
+    // which only pings arrive, each answered by the client library as it
+    // reads.
+    loop {
+        let deadline = quiet_from.map_or(quiet_until, |t: tokio::time::Instant| {
+            t + Duration::from_secs(8)
+        });
+        let next = match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) if quiet_from.is_some() => break,
+            Err(_) => anyhow::bail!("only {messages} of {N} messages in a minute"),
+            Ok(next) => next,
+        };
+        match next {
+            Some(Ok(Message::Text(_))) => {
+                messages += 1;
+                if messages == N {
+                    quiet_from = Some(tokio::time::Instant::now());
+                }
+            }
+            Some(Ok(Message::Ping(_))) if quiet_from.is_some() => pings += 1,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => anyhow::bail!("after {messages} messages: {other:?}"),
+        }
+    }
+    assert_eq!(messages, N);
+    assert!(pings >= 5, "{pings} pings in eight quiet seconds");
+    assert_eq!(
+        n.metric(r#"connect_node_disconnects_total{code="4100"}"#),
+        0.0
+    );
+    assert_eq!(
+        n.metric(r#"connect_node_disconnects_total{code="4001"}"#),
+        0.0
+    );
+    Ok(())
+}
+
 /// The same for what a reconnecting client recovers: a client that takes
 /// none of it is dropped after the read timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

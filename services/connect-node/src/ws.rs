@@ -565,9 +565,6 @@ async fn run_session(
     let mut closing = conn.close_signal();
     let read_timer = tokio::time::sleep(settings.read_timeout);
     tokio::pin!(read_timer);
-    // Armed only while a write waits for the client to take bytes.
-    let write_timer = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(write_timer);
     let never = || tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400);
     let mut exp = session.expiry();
     let expiry = tokio::time::sleep_until(
@@ -679,7 +676,7 @@ async fn run_session(
                     Next::Rest => {
                         // The end of a frame the fan-out wrote in part:
                         // flushing writes it (`direct::Io`).
-                        let flushed = match write_within(socket.flush(), &mut closing, write_timer.as_mut(), settings.read_timeout).await {
+                        let flushed = match write_within(socket.flush(), &mut closing, (&mut ping_door, &mut ping), settings.read_timeout).await {
                             Ended::Closing => return true,
                             Ended::TimedOut => return stalled(conn),
                             Ended::Done(r) => r.is_ok(),
@@ -702,7 +699,7 @@ async fn run_session(
                         _ => write_ready(socket, &mut rx, &mut skip, frame, conn.wire).await,
                     }
                 };
-                let written = match write_within(write, &mut closing, write_timer.as_mut(), settings.read_timeout).await {
+                let written = match write_within(write, &mut closing, (&mut ping_door, &mut ping), settings.read_timeout).await {
                     Ended::Closing => return true,
                     Ended::TimedOut => return stalled(conn),
                     Ended::Done(ok) => ok,
@@ -715,8 +712,8 @@ async fn run_session(
             _ = std::future::poll_fn(|cx| ping_door.poll(cx, |cx| ping.poll_tick(cx))) => {
                 // Like any write, a ping can block on a client that stopped
                 // reading; closing must still win.
-                let ping = socket.send(Message::Ping(Default::default()));
-                let sent = match write_within(ping, &mut closing, write_timer.as_mut(), settings.read_timeout).await {
+                let frame = socket.send(Message::Ping(Default::default()));
+                let sent = match write_within(frame, &mut closing, (&mut ping_door, &mut ping), settings.read_timeout).await {
                     Ended::Closing => return true,
                     Ended::TimedOut => return stalled(conn),
                     Ended::Done(r) => r.is_ok(),
@@ -981,29 +978,36 @@ enum Ended<T> {
 }
 
 /// Drives `write` until it is done, the connection starts closing, or
-/// `limit` passes with the write still waiting for the client. `timer` is
-/// armed only once the write has to wait, so writes the socket takes at
-/// once cost no timer.
+/// the write has waited for the client for `limit`. The wait is checked
+/// at the ticks of the connection's `ping` interval (behind its door) (no ping can be sent
+/// while a write waits anyway), so a write that waits costs no timer of
+/// its own, and one is given up between `limit` and `limit` plus one ping
+/// interval after it started waiting.
 async fn write_within<F: std::future::Future>(
     write: F,
     closing: &mut crate::hub::CloseSignal<'_>,
-    mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    (ping_door, ping): (&mut crate::gate::Door, &mut tokio::time::Interval),
     limit: Duration,
 ) -> Ended<F::Output> {
+    use std::task::Poll;
     let mut write = std::pin::pin!(write);
-    let mut armed = false;
+    let mut waiting_since = None;
     std::future::poll_fn(|cx| {
         if std::pin::Pin::new(&mut *closing).poll(cx).is_ready() {
-            return std::task::Poll::Ready(Ended::Closing);
+            return Poll::Ready(Ended::Closing);
         }
-        if let std::task::Poll::Ready(out) = write.as_mut().poll(cx) {
-            return std::task::Poll::Ready(Ended::Done(out));
+        if let Poll::Ready(out) = write.as_mut().poll(cx) {
+            return Poll::Ready(Ended::Done(out));
         }
-        if !armed {
-            timer.as_mut().reset(tokio::time::Instant::now() + limit);
-            armed = true;
+        let since = *waiting_since.get_or_insert_with(tokio::time::Instant::now);
+        // Through the door, as the session loop polls it, so the interval
+        // keeps waking the task through the gate.
+        while ping_door.poll(cx, |cx| ping.poll_tick(cx)).is_ready() {
+            if since.elapsed() >= limit {
+                return Poll::Ready(Ended::TimedOut);
+            }
         }
-        timer.as_mut().poll(cx).map(|()| Ended::TimedOut)
+        Poll::Pending
     })
     .await
 }
