@@ -405,6 +405,46 @@ async fn a_client_that_pauses_reading_keeps_its_connection_and_its_pings() -> an
     Ok(())
 }
 
+/// The same for an event stream (`/sse`) whose client stopped reading: it
+/// is given up after the read timeout, and its registration freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_the_client_never_reads_is_given_up() -> anyhow::Result<()> {
+    let cluster = cluster_with(|c| {
+        c.send_queue = 1024;
+        c.ping_interval = Duration::from_secs(1);
+        c.read_timeout = Duration::from_secs(2);
+    })
+    .await?;
+    let n = node(&cluster);
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let addr: SocketAddr = n.ws_addr.clone().expect("ws addr").parse()?;
+    let mut tcp = socket.connect(addr).await?;
+    tcp.write_all(
+        format!("GET /sse?user_id=stuck&rooms=r HTTP/1.1\r\nhost: {addr}\r\naccept: text/event-stream\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    eventually(T, "the event stream to be registered", || async {
+        (n.metric("connect_node_connections") == 1.0).then_some(())
+    })
+    .await?;
+    let body = "x".repeat(60_000);
+    for i in 0..120 {
+        assert_eq!(
+            push(&cluster, "r", format!("{i}:{body}")).await?,
+            1,
+            "push {i}"
+        );
+    }
+    eventually(T, "the stuck event stream to be given up", || async {
+        (n.metric("connect_node_connections") == 0.0).then_some(())
+    })
+    .await?;
+    drop(tcp);
+    Ok(())
+}
+
 /// The same for what a reconnecting client recovers: a client that takes
 /// none of it is dropped after the read timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

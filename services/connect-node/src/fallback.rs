@@ -161,14 +161,31 @@ pub async fn sse_handler(
     let connected = connected_frame(&state, &a, &registered.conn, &recovery);
     let mut positions = initial_positions(&a, &recovery);
     let (tx, events) = mpsc::channel::<Result<Event, Infallible>>(16);
+    let limit = state.settings.read_timeout;
     tokio::spawn(async move {
         let conn = registered.conn.clone();
+        // An event the response takes within the read timeout; a client
+        // that stopped reading fills the response and is given up then
+        // (its registration freed, counted as a slow consumer), rather
+        // than held for ever.
+        let hand_over = |ev: Event| {
+            let (tx, conn) = (&tx, &conn);
+            async move {
+                match tokio::time::timeout(limit, tx.send(Ok(ev))).await {
+                    Ok(sent) => sent.is_ok(),
+                    Err(_) => {
+                        conn.close_with(CloseCode::SlowConsumer);
+                        false
+                    }
+                }
+            }
+        };
         let first = Event::default()
             .event("connected")
             .id(format_positions(&positions))
             .retry(Duration::from_secs(1))
             .data(connected.to_json());
-        if tx.send(Ok(first)).await.is_err() {
+        if !hand_over(first).await {
             return;
         }
         let Recovery {
@@ -180,7 +197,7 @@ pub async fn sse_handler(
                 .event("message")
                 .id(format_positions(&positions))
                 .data(out.frame.as_str());
-            if tx.send(Ok(ev)).await.is_err() {
+            if !hand_over(ev).await {
                 return;
             }
         }
@@ -190,7 +207,7 @@ pub async fn sse_handler(
                 _ = conn.closing() => {
                     let code = conn.close_code().unwrap_or(CloseCode::Normal);
                     let data = serde_json::json!({ "code": code.code(), "reason": code.reason() });
-                    let _ = tx.send(Ok(Event::default().event("close").data(data.to_string()))).await;
+                    let _ = hand_over(Event::default().event("close").data(data.to_string())).await;
                     break;
                 }
                 _ = tx.closed() => break,
@@ -209,7 +226,7 @@ pub async fn sse_handler(
             if out.position.is_some() {
                 ev = ev.id(format_positions(&positions));
             }
-            if tx.send(Ok(ev)).await.is_err() {
+            if !hand_over(ev).await {
                 break;
             }
         }
