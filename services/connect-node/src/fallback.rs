@@ -166,7 +166,7 @@ pub async fn sse_handler(
         let conn = registered.conn.clone();
         // An event the response takes within the read timeout; a client
         // that stopped reading fills the response and is given up then
-        // (its registration freed, counted as a slow consumer), rather
+        // (closed as a slow consumer, its registration freed), rather
         // than held for ever.
         let hand_over = |ev: Event| {
             let (tx, conn) = (&tx, &conn);
