@@ -676,7 +676,8 @@ async fn run_session(
                     Next::Rest => {
                         // The end of a frame the fan-out wrote in part:
                         // flushing writes it (`direct::Io`).
-                        let flushed = match write_within(socket.flush(), &mut closing, (&mut ping_door, &mut ping), settings.read_timeout).await {
+                        let flush = std::pin::pin!(socket.flush());
+                        let flushed = match write_within(flush, &mut closing, (&mut ping_door, &mut ping), settings.read_timeout).await {
                             Ended::Closing => return true,
                             Ended::TimedOut => return stalled(conn),
                             Ended::Done(r) => r.is_ok(),
@@ -691,14 +692,14 @@ async fn run_session(
                 // A client that stops reading blocks this write; closing
                 // (e.g. as a slow consumer) must still win, and a client
                 // that takes nothing for the read timeout is given up.
-                let write = async {
+                let write = std::pin::pin!(async {
                     match batching {
                         Some(b) if frame.position.is_some() => {
                             write_batch(socket, &mut rx, &mut skip, frame, b, state, conn.wire).await
                         }
                         _ => write_ready(socket, &mut rx, &mut skip, frame, conn.wire).await,
                     }
-                };
+                });
                 let written = match write_within(write, &mut closing, (&mut ping_door, &mut ping), settings.read_timeout).await {
                     Ended::Closing => return true,
                     Ended::TimedOut => return stalled(conn),
@@ -712,7 +713,7 @@ async fn run_session(
             _ = std::future::poll_fn(|cx| ping_door.poll(cx, |cx| ping.poll_tick(cx))) => {
                 // Like any write, a ping can block on a client that stopped
                 // reading; closing must still win.
-                let frame = socket.send(Message::Ping(Default::default()));
+                let frame = std::pin::pin!(socket.send(Message::Ping(Default::default())));
                 let sent = match write_within(frame, &mut closing, (&mut ping_door, &mut ping), settings.read_timeout).await {
                     Ended::Closing => return true,
                     Ended::TimedOut => return stalled(conn),
@@ -983,16 +984,19 @@ enum Ended<T> {
 /// while a write waits anyway), so a write that waits costs no timer of
 /// its own, and one is given up between `limit` and `limit` plus one ping
 /// interval after it started waiting.
-async fn write_within<F: std::future::Future>(
-    write: F,
-    closing: &mut crate::hub::CloseSignal<'_>,
-    (ping_door, ping): (&mut crate::gate::Door, &mut tokio::time::Interval),
+fn write_within<'a, 's, F: std::future::Future>(
+    mut write: std::pin::Pin<&'a mut F>,
+    closing: &'a mut crate::hub::CloseSignal<'s>,
+    (ping_door, ping): (&'a mut crate::gate::Door, &'a mut tokio::time::Interval),
     limit: Duration,
-) -> Ended<F::Output> {
+) -> impl std::future::Future<Output = Ended<F::Output>> + 'a {
     use std::task::Poll;
-    let mut write = std::pin::pin!(write);
+    // A plain function returning the future, with `write` pinned where
+    // the caller made it: an `async fn` taking the future by value would
+    // hold it twice in the session's own future, which every connection
+    // keeps for its whole life.
     let mut waiting_since = None;
-    std::future::poll_fn(|cx| {
+    std::future::poll_fn(move |cx| {
         if std::pin::Pin::new(&mut *closing).poll(cx).is_ready() {
             return Poll::Ready(Ended::Closing);
         }
@@ -1009,7 +1013,6 @@ async fn write_within<F: std::future::Future>(
         }
         Poll::Pending
     })
-    .await
 }
 
 /// A client that has not taken a frame for the read timeout is treated as
