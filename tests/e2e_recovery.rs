@@ -503,3 +503,72 @@ async fn an_answer_over_the_controllers_cap_is_not_recovered_and_keeps_offline_m
     assert_eq!(large_ones(&mut second, 2).await?, vec![3, 4]);
     Ok(())
 }
+
+/// A client that recovered its streams gets later frames written straight
+/// to its socket, even while one of its recovered streams (here the quiet
+/// broadcast stream) still has a rule to drop copies of what recovery sent:
+/// the node checks those rules wherever a frame is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovered_client_gets_direct_writes_while_a_quiet_stream_is_still_checked()
+-> anyhow::Result<()> {
+    let cluster = cluster(1).await?;
+    let n = &cluster.nodes[0];
+    let mut api = cluster.push_client().await?;
+    let url = connect_url(&n.ws_url(), "rita", &["live"]);
+    let mut rita = connect(&url).await?;
+    let broadcast = rita.session().streams["broadcast"];
+    within(T, "push", api.push_to_room(room_push("live", "m1"))).await??;
+    let m1 = next_msg(&mut rita).await?;
+    within(T, "close", rita.close()).await??;
+    for m in ["m2", "m3"] {
+        within(T, "push", api.push_to_room(room_push("live", m))).await??;
+    }
+    let positions: BTreeMap<_, _> = [
+        (
+            "room:live".to_string(),
+            StreamPos {
+                epoch: m1.epoch,
+                seq: m1.seq,
+            },
+        ),
+        (
+            "broadcast".to_string(),
+            StreamPos {
+                epoch: broadcast.epoch,
+                seq: broadcast.seq,
+            },
+        ),
+    ]
+    .into();
+    let mut rita = connect(&with_positions(&url, &positions)).await?;
+    assert_eq!(rita.session().streams["broadcast"].recovered, Some(true));
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(next_msg(&mut rita).await?.data.unwrap_or_default());
+    }
+    let direct_before = n.metric("connect_node_frames_written_direct_total");
+    for m in ["m4", "m5"] {
+        within(T, "push", api.push_to_room(room_push("live", m))).await??;
+        got.push(next_msg(&mut rita).await?.data.unwrap_or_default());
+    }
+    assert_eq!(got, ["m2", "m3", "m4", "m5"].map(|m| serde_json::json!(m)));
+    assert_eq!(
+        n.metric("connect_node_frames_written_direct_total") - direct_before,
+        2.0,
+        "m4 and m5 written by the fan-out itself"
+    );
+    // A broadcast now: past the recovered position, delivered once.
+    within(
+        T,
+        "broadcast",
+        api.broadcast(barrage_proto::v1::BroadcastRequest {
+            content: "b1".into(),
+            ..Default::default()
+        }),
+    )
+    .await??;
+    let b1 = next_msg(&mut rita).await?;
+    assert_eq!(b1.data, Some(serde_json::json!("b1")));
+    assert_eq!(b1.seq, broadcast.seq + 1);
+    Ok(())
+}

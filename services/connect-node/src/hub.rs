@@ -28,6 +28,7 @@ use crate::fanout::{self, Tally};
 use crate::metrics::Metrics;
 use crate::queue;
 use crate::reporter::{Ack, Change, Reporter};
+use crate::skip::Skip;
 
 /// Id of a connection, unique within one connect-node process.
 pub type ConnId = u64;
@@ -149,6 +150,11 @@ pub struct ConnHandle {
     /// Set, before `close` is cancelled, once the connection is asked to close.
     closed: AtomicBool,
     close_code: Mutex<Option<CloseCode>>,
+    /// Live frames recovery already sent (see `skip`), dropped when offered,
+    /// so that frames written straight to the socket are checked too; the
+    /// flag says whether there are any, without the lock.
+    skip: Mutex<Option<Box<Skip>>>,
+    has_skip: AtomicBool,
 }
 
 /// Outcome of queueing a frame on a connection.
@@ -187,6 +193,10 @@ impl ConnHandle {
     /// Like [`ConnHandle::queue`], sharing `frame` only if it is queued;
     /// never written at once unless `may_write`.
     pub fn offer(&self, frame: &Outbound, may_write: bool) -> Queued {
+        if self.already_sent(frame) {
+            // A copy of a frame recovery sent: the client has it.
+            return Queued::Yes;
+        }
         let Some(way) = &self.way else {
             return self.enqueue(frame.clone());
         };
@@ -205,6 +215,34 @@ impl ConnHandle {
             }
             Sent::Queued(q) => q,
         }
+    }
+
+    /// From now on, drops the live frames `skip` names when they are
+    /// offered (recovery sent them already).
+    pub(crate) fn skip_recovered(&self, skip: &Skip) {
+        if skip.is_empty() {
+            return;
+        }
+        *self.skip.lock() = Some(Box::new(skip.clone()));
+        self.has_skip.store(true, Ordering::Release);
+    }
+
+    /// Whether `frame` is a copy of one recovery sent; the rules end as the
+    /// streams move past them.
+    fn already_sent(&self, frame: &Outbound) -> bool {
+        if frame.position.is_none() || !self.has_skip.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut slot = self.skip.lock();
+        let Some(skip) = slot.as_mut() else {
+            return false;
+        };
+        let sent = skip.already_sent(frame);
+        if skip.is_empty() {
+            *slot = None;
+            self.has_skip.store(false, Ordering::Release);
+        }
+        sent
     }
 
     /// The socket's way, for a plain-TCP connection (see `direct`).
@@ -501,6 +539,8 @@ impl Hub {
             close: CancellationToken::new(),
             closed: AtomicBool::new(false),
             close_code: Mutex::new(None),
+            skip: Mutex::new(None),
+            has_skip: AtomicBool::new(false),
         });
         let mut changes = vec![Change {
             kind: Kind::Connect,
@@ -1104,6 +1144,48 @@ mod tests {
             !hub.has_time_to_write(10_000, now),
             "{per_conn} ns a connection"
         );
+    }
+
+    #[test]
+    fn copies_of_recovered_frames_are_dropped_when_offered() {
+        let hub = hub(8);
+        let (conn, mut rx, _) = hub.connect(user("u"), &[room("a")], Wire::Json, None);
+        let mut skip = Skip::default();
+        skip.insert("room:a".into(), 1, crate::skip::SkipRule::UpTo(5));
+        conn.skip_recovered(&skip);
+        let at = |seq: u64| {
+            Outbound::message(
+                &MessageParts {
+                    stream: "room:a",
+                    id: "m",
+                    epoch: 1,
+                    seq,
+                    event: "",
+                    content: "x",
+                    binary: &[],
+                    timestamp_ms: 0,
+                    from: "",
+                },
+                binary::Compression::OFF,
+            )
+        };
+        // A copy is counted as queued (the client has it) but not queued.
+        assert_eq!(conn.offer(&at(5), true), Queued::Yes);
+        assert!(rx.try_recv().is_err(), "seq 5 was recovered");
+        assert_eq!(conn.offer(&at(6), true), Queued::Yes);
+        assert_eq!(
+            rx.try_recv()
+                .ok()
+                .and_then(|f| f.position.clone())
+                .map(|p| p.2),
+            Some(6)
+        );
+        assert!(
+            !conn.has_skip.load(Ordering::Relaxed),
+            "past the range: no rule left"
+        );
+        assert_eq!(conn.offer(&at(4), true), Queued::Yes);
+        assert!(rx.try_recv().is_ok(), "no rule checks it any more");
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod queue;
 mod reporter;
 pub mod sequencer;
 mod service;
+mod skip;
 pub mod upgrade;
 #[cfg(test)]
 mod wakes;

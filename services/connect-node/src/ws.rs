@@ -9,7 +9,7 @@
 //! a client frame that waits for a controller (a `join`) is handled
 //! alongside, so queued frames keep flowing meanwhile.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +36,7 @@ use crate::gate::Gate;
 use crate::hub::{ConnHandle, Hub, Outbound, Wire};
 use crate::metrics::Metrics;
 use crate::queue;
+use crate::skip::{Skip, SkipRule};
 use crate::upgrade::{Socket as WebSocket, Upgrade, fragments, header_tokens};
 
 /// Settings of the WebSocket endpoint.
@@ -434,7 +435,13 @@ async fn establish(
         Err("no controller confirmed the session".to_owned())
     };
     let recovery = match recovery {
-        Ok(r) => r,
+        Ok(r) => {
+            // Frames queued until now are checked by this task's copy of
+            // the rules; frames offered from now on, also those written to
+            // the socket directly, by the connection's.
+            conn.skip_recovered(&r.skip);
+            r
+        }
         Err(why) => {
             tracing::warn!(user = %user, reason = %why, "cannot establish the session; closing");
             hub.disconnect(&conn);
@@ -585,8 +592,6 @@ async fn run_session(
     // opened whenever this loop has nothing left to write.
     let way = conn.way();
     loop {
-        // Frames recovery already sent must still be dropped here.
-        let may_open = skip.is_empty();
         // Biased: closing first; a waiting read before the read deadline,
         // so a busy connection is never taken for a silent one; reads
         // before writes, so a backlog cannot starve them.
@@ -669,7 +674,7 @@ async fn run_session(
                 conn.close_with(CloseCode::ReadTimeout);
                 return true;
             }
-            out = std::future::poll_fn(|cx| poll_outbound(cx, &mut rx, way, may_open)) => {
+            out = std::future::poll_fn(|cx| poll_outbound(cx, &mut rx, way)) => {
                 let frame = match out {
                     Next::Frame(f) => f,
                     Next::Closed => return true,
@@ -739,13 +744,13 @@ enum Next {
 }
 
 /// The next thing to write. With nothing queued, opens the connection's
-/// way (when `may_open`) so that the next frame is written by the fan-out
-/// itself (`direct`), without waking this task.
+/// way so that the next frame is written by the fan-out itself (`direct`),
+/// without waking this task. Copies of frames recovery sent are dropped
+/// before either path (`ConnHandle::offer`).
 fn poll_outbound(
     cx: &mut std::task::Context<'_>,
     rx: &mut queue::Receiver<Outbound>,
     way: Option<&Way>,
-    may_open: bool,
 ) -> std::task::Poll<Next> {
     use std::task::Poll;
     match rx.poll_recv(cx) {
@@ -756,7 +761,7 @@ fn poll_outbound(
     match way {
         // The task is registered for the queue's wake-ups (also sent for
         // a partly written frame) before the way is looked at.
-        Some(way) if way.open_if(|| may_open && rx.is_empty()) => Poll::Ready(Next::Rest),
+        Some(way) if way.open_if(|| rx.is_empty()) => Poll::Ready(Next::Rest),
         _ => Poll::Pending,
     }
 }
@@ -853,57 +858,6 @@ pub(crate) struct Recovery {
     pub(crate) skip: Skip,
 }
 
-/// Live frames the writer must drop because recovery already sent them.
-#[derive(Default)]
-pub(crate) struct Skip(HashMap<String, (u64, SkipRule)>);
-
-enum SkipRule {
-    /// Everything up to this seq was recovered.
-    UpTo(u64),
-    /// These seqs were handed out from the offline store.
-    Seqs(HashSet<u64>),
-}
-
-impl Skip {
-    /// Whether no live frame needs checking any more.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    pub(crate) fn already_sent(&mut self, out: &Outbound) -> bool {
-        if self.0.is_empty() {
-            return false;
-        }
-        let Some((stream, epoch, seq)) = &out.position else {
-            return false;
-        };
-        match self.0.get(&**stream) {
-            Some((e, SkipRule::UpTo(max))) if e == epoch => {
-                if seq > max {
-                    // Past the recovered range: later frames are all new.
-                    self.0.remove(&**stream);
-                    false
-                } else {
-                    true
-                }
-            }
-            Some((e, SkipRule::Seqs(seqs))) if e == epoch => {
-                if seqs.contains(seq) {
-                    true
-                } else {
-                    // A stream's live frames come in order: past the
-                    // highest seq handed out, none of them can follow.
-                    if seqs.iter().all(|s| s < seq) {
-                        self.0.remove(&**stream);
-                    }
-                    false
-                }
-            }
-            _ => false,
-        }
-    }
-}
-
 /// Asks the owning controllers where each of the connection's streams
 /// stands and, for streams the client gave a position for (and the user's
 /// offline store), which messages it missed.
@@ -961,9 +915,9 @@ pub(crate) async fn recover(
         }
         out.recovered_messages += r.messages.len() as u64;
         if asked && r.recovered {
-            out.skip.0.insert(r.key, (r.epoch, SkipRule::UpTo(r.seq)));
+            out.skip.insert(r.key, r.epoch, SkipRule::UpTo(r.seq));
         } else if !seqs.is_empty() {
-            out.skip.0.insert(r.key, (r.epoch, SkipRule::Seqs(seqs)));
+            out.skip.insert(r.key, r.epoch, SkipRule::Seqs(seqs));
         }
     }
     Ok(out)
@@ -1165,56 +1119,5 @@ async fn handle_frame(
                 send_error(state, conn, "not_joined", format!("not a member of {room}"));
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn live(stream: &str, epoch: u64, seq: u64) -> Outbound {
-        Outbound::message(
-            &MessageParts {
-                stream,
-                id: "m",
-                epoch,
-                seq,
-                event: "",
-                content: "x",
-                binary: &[],
-                timestamp_ms: 0,
-                from: "",
-            },
-            barrage_protocol::binary::Compression::OFF,
-        )
-    }
-
-    #[test]
-    fn skip_drops_what_recovery_sent_and_empties_once_past_it() {
-        let mut skip = Skip::default();
-        skip.0.insert("room:a".into(), (1, SkipRule::UpTo(5)));
-        skip.0.insert(
-            "user:u".into(),
-            (1, SkipRule::Seqs([3, 7].into_iter().collect())),
-        );
-        assert!(skip.already_sent(&live("room:a", 1, 5)));
-        assert!(
-            !skip.already_sent(&live("room:a", 2, 1)),
-            "another epoch is new"
-        );
-        assert!(skip.already_sent(&live("user:u", 1, 3)));
-        assert!(!skip.already_sent(&live("user:u", 1, 4)));
-        assert!(skip.already_sent(&live("user:u", 1, 7)));
-        assert!(!skip.already_sent(&live("room:a", 1, 6)));
-        assert!(
-            !skip.is_empty(),
-            "user:u may still repeat an offline message"
-        );
-        assert!(!skip.already_sent(&live("user:u", 1, 8)));
-        assert!(
-            skip.is_empty(),
-            "past every recovered message: nothing left to drop"
-        );
-        assert!(!skip.already_sent(&live("user:u", 1, 7)));
     }
 }
