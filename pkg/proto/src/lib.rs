@@ -25,6 +25,14 @@ impl v1::HistoryQuery {
     }
 }
 
+/// How long a connect-node remembers a stream's delivery order (the seq
+/// of the last message it delivered) without a message. A controller names
+/// a message's predecessor on a node (`ResolvedTarget.prev_seqs`) only if
+/// it routed that predecessor there within half of this, so a node that
+/// has forgotten the stream is never told to wait for a message it will
+/// not see again.
+pub const ORDER_MEMORY: std::time::Duration = std::time::Duration::from_secs(600);
+
 pub mod coalesce;
 pub mod local;
 pub mod tls;

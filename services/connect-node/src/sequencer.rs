@@ -17,8 +17,9 @@ use crate::hub::{Hub, Outbound};
 
 /// Longest a message waits for its predecessor.
 pub const MAX_WAIT: Duration = Duration::from_secs(2);
-/// Streams idle this long are forgotten.
-const IDLE: Duration = Duration::from_secs(600);
+/// Streams idle this long are forgotten (controllers know it, see
+/// `ORDER_MEMORY`).
+const IDLE: Duration = barrage_proto::ORDER_MEMORY;
 
 /// A message ready to go to the stream's local connections.
 pub struct Ready {

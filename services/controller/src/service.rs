@@ -32,6 +32,26 @@ impl ControllerService {
         ControllerService { state, metrics }
     }
 
+    /// Who holds `key`, if this controller owns it and its membership is
+    /// settled; otherwise UNAVAILABLE, as for pushes: an empty answer then
+    /// would say a room or user has no connection when it may have some.
+    fn owned_info(&self, key: &str) -> Result<crate::state::KeyInfo, Status> {
+        let mut s = self.state.lock();
+        if !s.ownership.is_ready(tokio::time::Instant::now()) {
+            self.metrics.refused.with_label_values(&["settling"]).inc();
+            return Err(Status::unavailable(
+                "controller membership is changing and connect-nodes are re-syncing; retry shortly",
+            ));
+        }
+        if !s.ownership.owns(key) {
+            self.metrics.refused.with_label_values(&["not_owner"]).inc();
+            return Err(Status::unavailable(format!(
+                "{key} is owned by another controller (membership changing); retry shortly"
+            )));
+        }
+        Ok(s.members.info(key))
+    }
+
     /// Appends one message to each target's stream and says which nodes
     /// host the targets.
     fn resolve_one(&self, r: ResolveRequest) -> Result<ResolveResponse, Status> {
@@ -86,7 +106,7 @@ impl ControllerService {
             let prev_seqs = if appended.duplicate {
                 Vec::new()
             } else {
-                s.streams.route(&key, appended.seq, &node_ids)
+                s.streams.route(&key, appended.seq, &node_ids, now)
             };
             out.targets.push(pb::ResolvedTarget {
                 key,
@@ -282,11 +302,7 @@ impl Controller for ControllerService {
         req: Request<GetRoomInfoRequest>,
     ) -> Result<Response<GetRoomInfoResponse>, Status> {
         let room = RoomId::new(req.into_inner().room_id).map_err(|e| invalid("room_id", e))?;
-        let info = self
-            .state
-            .lock()
-            .members
-            .info(&StreamKey::Room(room.clone()).to_string());
+        let info = self.owned_info(&StreamKey::Room(room.clone()).to_string())?;
         if info.connections == 0 {
             return Err(Status::not_found(format!("room {room} has no members")));
         }
@@ -312,11 +328,7 @@ impl Controller for ControllerService {
         req: Request<GetUserNodeRequest>,
     ) -> Result<Response<GetUserNodeResponse>, Status> {
         let user = UserId::new(req.into_inner().user_id).map_err(|e| invalid("user_id", e))?;
-        let info = self
-            .state
-            .lock()
-            .members
-            .info(&StreamKey::User(user.clone()).to_string());
+        let info = self.owned_info(&StreamKey::User(user.clone()).to_string())?;
         if info.connections == 0 {
             return Err(Status::not_found(format!("user {user} has no connection")));
         }
@@ -333,5 +345,57 @@ impl Controller for ControllerService {
                 })
                 .collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ownership::Ownership;
+    use crate::state::Membership;
+    use crate::streams::{StreamConfig, Streams};
+
+    fn service(ownership: Ownership) -> ControllerService {
+        let state = ControllerState {
+            members: Membership::new(),
+            streams: Streams::new(StreamConfig::default()),
+            ownership,
+        };
+        let metrics = Metrics::new(&prometheus::Registry::new()).expect("metrics");
+        ControllerService::new(Arc::new(Mutex::new(state)), metrics)
+    }
+
+    /// While its membership is settling a controller cannot say that a room
+    /// or a user has no connection: it says UNAVAILABLE, as for pushes, not
+    /// NOT_FOUND (which a push-manager's CloseRoom reads as "nobody there").
+    #[tokio::test(start_paused = true)]
+    async fn admin_lookups_are_unavailable_while_membership_settles() {
+        // A live connect-node that has not re-sent its state yet.
+        let mut ownership = Ownership::on_ring("c1", std::time::Duration::from_secs(60));
+        ownership.set_alive(["n1".to_owned()].into());
+        let settling = service(ownership);
+        let room = settling
+            .get_room_info(Request::new(GetRoomInfoRequest {
+                room_id: "r".into(),
+            }))
+            .await
+            .expect_err("settling");
+        assert_eq!(room.code(), tonic::Code::Unavailable, "{room:?}");
+        let user = settling
+            .get_user_node(Request::new(GetUserNodeRequest {
+                user_id: "u".into(),
+            }))
+            .await
+            .expect_err("settling");
+        assert_eq!(user.code(), tonic::Code::Unavailable, "{user:?}");
+        // Settled, an empty room is NOT_FOUND.
+        let ready = service(Ownership::standalone("c1"));
+        let room = ready
+            .get_room_info(Request::new(GetRoomInfoRequest {
+                room_id: "r".into(),
+            }))
+            .await
+            .expect_err("no members");
+        assert_eq!(room.code(), tonic::Code::NotFound, "{room:?}");
     }
 }

@@ -133,8 +133,9 @@ struct IdEntry {
 struct Stream {
     epoch: u64,
     seq: u64,
-    /// Last seq routed to each connect-node, for in-order delivery there.
-    routed: HashMap<String, u64>,
+    /// Last seq routed to each connect-node, and when, for in-order
+    /// delivery there.
+    routed: HashMap<String, (u64, Instant)>,
     history: VecDeque<Stored>,
     ids: HashMap<String, IdEntry>,
     last_push: Instant,
@@ -528,21 +529,35 @@ impl Streams {
                 seq: m.seq,
             })
             .collect();
+        // Offline messages go to the first connection that comes, whether
+        // it asked with a position or without.
+        for m in stream.history.iter_mut().filter(|m| m.seq > q.seq) {
+            m.offline = false;
+        }
         (out, false)
     }
 
-    /// Records that message `seq` of `key` goes to `nodes`; returns, per
-    /// node, the seq of the previous message routed there (0: none).
-    pub fn route(&mut self, key: &str, seq: u64, nodes: &[String]) -> Vec<u64> {
+    /// Records that message `seq` of `key` goes to `nodes` at `now`;
+    /// returns, per node, the seq of the previous message routed there (0:
+    /// none). A message routed to a node longer ago than half of
+    /// `ORDER_MEMORY` is not named: that node may have forgotten the stream
+    /// and would hold this message for a predecessor it delivered long ago.
+    pub fn route(&mut self, key: &str, seq: u64, nodes: &[String], now: Instant) -> Vec<u64> {
         let Some(stream) = self.streams.get_mut(key) else {
             return vec![0; nodes.len()];
         };
+        let recent = barrage_proto::ORDER_MEMORY / 2;
+        // Nodes routed to long ago (replaced pods among them) are dropped.
+        stream
+            .routed
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) <= recent);
         nodes
             .iter()
             .map(|n| {
-                let last = stream.routed.entry(n.clone()).or_insert(0);
+                let (last, at) = stream.routed.entry(n.clone()).or_insert((0, now));
                 let prev = *last;
                 *last = prev.max(seq);
+                *at = now;
                 prev
             })
             .collect()
@@ -918,6 +933,39 @@ mod tests {
         let r = history(&mut s, &q("user:u", None), now);
         assert_eq!(seqs(&r), vec![1, 3]);
         assert!(history(&mut s, &q("user:u", None), now).messages.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn offline_messages_recovered_with_a_position_are_not_handed_out_again() {
+        let mut s = Streams::new(StreamConfig::default());
+        let now = Instant::now();
+        let first = s.append("user:u", &body("seen"), false, now);
+        s.append("user:u", &body("while-away-1"), true, now);
+        s.append("user:u", &body("while-away-2"), true, now);
+        // A device that comes back with its position gets both…
+        let r = history(&mut s, &q("user:u", Some((first.epoch, first.seq))), now);
+        assert_eq!(seqs(&r), vec![2, 3]);
+        // …so another without one (a new tab) is not given them again.
+        assert!(history(&mut s, &q("user:u", None), now).messages.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_predecessor_routed_long_ago_is_not_named() {
+        let mut s = Streams::new(StreamConfig::default());
+        let t0 = Instant::now();
+        let nodes = ["n1".to_string(), "n2".to_string()];
+        let m1 = s.append("user:u", &body("1"), false, t0);
+        assert_eq!(s.route("user:u", m1.seq, &nodes[..1], t0), vec![0]);
+        let t1 = t0 + Duration::from_secs(60);
+        let m2 = s.append("user:u", &body("2"), false, t1);
+        assert_eq!(s.route("user:u", m2.seq, &nodes, t1), vec![1, 0]);
+        // Past half of what a node remembers: n1 may have forgotten the
+        // stream, so neither node is told to wait for a predecessor.
+        let t2 = t1 + barrage_proto::ORDER_MEMORY / 2 + Duration::from_secs(1);
+        let m3 = s.append("user:u", &body("3"), false, t2);
+        assert_eq!(s.route("user:u", m3.seq, &nodes, t2), vec![0, 0]);
+        let m4 = s.append("user:u", &body("4"), false, t2);
+        assert_eq!(s.route("user:u", m4.seq, &nodes, t2), vec![3, 3]);
     }
 
     #[tokio::test(start_paused = true)]
