@@ -22,6 +22,9 @@ pub struct Ownership {
     since: Instant,
     synced: HashSet<String>,
     alive: HashSet<String>,
+    /// Discovery has said which connect-nodes are alive (perhaps none).
+    /// Until then an empty `alive` means "not known yet", not "no node".
+    alive_known: bool,
     warm: bool,
     warmup: Duration,
 }
@@ -35,6 +38,7 @@ impl Ownership {
             since: Instant::now(),
             synced: HashSet::new(),
             alive: HashSet::new(),
+            alive_known: true,
             warm: true,
             warmup: Duration::ZERO,
         }
@@ -48,6 +52,7 @@ impl Ownership {
             since: Instant::now(),
             synced: HashSet::new(),
             alive: HashSet::new(),
+            alive_known: false,
             warm: false,
             warmup,
         }
@@ -89,6 +94,7 @@ impl Ownership {
     /// The connect-nodes discovery lists.
     pub fn set_alive(&mut self, alive: HashSet<String>) {
         self.alive = alive;
+        self.alive_known = true;
     }
 
     /// A node sent its full state computed on ring `ring_id`.
@@ -107,8 +113,11 @@ impl Ownership {
 
     /// Whether pushes may be resolved now.
     pub fn is_ready(&mut self, now: Instant) -> bool {
+        // Before discovery has listed the live nodes, no node is known to
+        // have synced: only the warm-up makes the controller ready.
         if !self.warm
-            && (self.alive.is_subset(&self.synced) || now.duration_since(self.since) >= self.warmup)
+            && ((self.alive_known && self.alive.is_subset(&self.synced))
+                || now.duration_since(self.since) >= self.warmup)
         {
             self.warm = true;
         }
@@ -165,6 +174,22 @@ mod tests {
             "same members, same ring"
         );
         assert!(o.is_ready(now));
+    }
+
+    /// A controller that has just started does not take "no live node
+    /// listed yet" for "every live node synced".
+    #[tokio::test(start_paused = true)]
+    async fn not_ready_before_discovery_has_listed_the_live_nodes() {
+        let mut o = Ownership::on_ring("c1", Duration::from_secs(5));
+        assert!(!o.is_ready(Instant::now()));
+        o.set_alive(HashSet::new());
+        assert!(
+            o.is_ready(Instant::now()),
+            "no node alive: nothing to wait for"
+        );
+        let mut late = Ownership::on_ring("c1", Duration::from_secs(5));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(late.is_ready(Instant::now()), "the warm-up ends the wait");
     }
 
     #[tokio::test(start_paused = true)]
