@@ -92,8 +92,10 @@ impl ControllerService {
             self.metrics.resolves.with_label_values(&[kind]).inc();
             let key = key.to_string();
             let node_ids = s.members.nodes_for(&key);
-            // A user with no connection keeps the message for the next connect.
-            let stored = kind == "user" && node_ids.is_empty();
+            // A user with no connection keeps the message for the next
+            // connect, if user streams keep any history.
+            let stored =
+                kind == "user" && node_ids.is_empty() && s.streams.config().user.max_messages > 0;
             let appended = s.streams.append(&key, &body, stored, now);
             if appended.duplicate {
                 self.metrics.duplicates.inc();
@@ -363,6 +365,39 @@ mod tests {
         };
         let metrics = Metrics::new(&prometheus::Registry::new()).expect("metrics");
         ControllerService::new(Arc::new(Mutex::new(state)), metrics)
+    }
+
+    /// With no user history kept, a push to an offline user is not
+    /// reported as stored: nothing would deliver it on the next connect.
+    #[tokio::test(start_paused = true)]
+    async fn offline_users_are_stored_only_where_user_history_is_kept() {
+        for (kept, stored) in [(100, true), (0, false)] {
+            let state = ControllerState {
+                members: Membership::new(),
+                streams: Streams::new(StreamConfig {
+                    user: crate::streams::Retention {
+                        max_messages: kept,
+                        ttl: std::time::Duration::from_secs(60),
+                    },
+                    ..StreamConfig::default()
+                }),
+                ownership: Ownership::standalone("c1"),
+            };
+            let metrics = Metrics::new(&prometheus::Registry::new()).expect("metrics");
+            let svc = ControllerService::new(Arc::new(Mutex::new(state)), metrics);
+            let r = svc
+                .resolve(Request::new(ResolveRequest {
+                    targets: vec![pb::ResolveTarget {
+                        key: "user:away".into(),
+                    }],
+                    message_id: "m1".into(),
+                    body: None,
+                }))
+                .await
+                .expect("resolved")
+                .into_inner();
+            assert_eq!(r.targets[0].stored, stored, "USER_HISTORY_SIZE={kept}");
+        }
     }
 
     /// While its membership is settling a controller cannot say that a room
