@@ -1240,3 +1240,116 @@ async fn a_large_room_written_by_several_threads_gets_every_message_in_order() -
     assert!(written > 0.0, "frames were written by the fan-out");
     Ok(())
 }
+
+/// A push to users of two controllers, one of which does not answer: the
+/// users of the controller that answered get it at once, the call fails
+/// with UNAVAILABLE saying so, and a retry with the same message_id, once
+/// the silent controller has left the ring, reaches the rest without
+/// delivering it again to those it reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_resolved_push_reaches_the_answered_half_and_a_retry_the_rest() -> anyhow::Result<()>
+{
+    use barrage_discovery::ring::{DEFAULT_VNODES, Ring};
+    use barrage_discovery::{Member, Role};
+    barrage_testkit::init_tracing();
+    let mut cluster = TestCluster::in_process();
+    cluster.start(1).await?;
+    let mut api = cluster.push_client().await?;
+    // Users owned by controller-1 and by the silent one, on the ring of both.
+    let ring = Ring::new(
+        [("controller-1".to_string(), ()), ("ghost".to_string(), ())],
+        DEFAULT_VNODES,
+    );
+    let owned_by = |owner: &str| {
+        (0..)
+            .map(|i| format!("u{i}"))
+            .find(|u| {
+                ring.owner(&format!("user:{u}"))
+                    .is_some_and(|(id, _)| id == owner)
+            })
+            .expect("some user")
+    };
+    let (here, away) = (owned_by("controller-1"), owned_by("ghost"));
+    let mut client = within(
+        T,
+        "connect",
+        Client::connect(&connect_url(&cluster.nodes[0].ws_url(), &here, &[])),
+    )
+    .await??;
+    // A controller that never answers: registered, with nothing listening.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let ghost = cluster
+        .discovery()
+        .await?
+        .register(
+            Member {
+                id: "ghost".into(),
+                role: Role::Controller,
+                grpc_addr: silent.to_string(),
+                http_addr: String::new(),
+                ws_addr: None,
+            },
+            Duration::from_secs(30),
+        )
+        .await?;
+    let push = |content: &str| PushToUserRequest {
+        user_ids: vec![here.clone(), away.clone()],
+        content: content.into(),
+        message_id: "half-1".into(),
+        ..Default::default()
+    };
+    // Once the push-manager and controller-1 know the ghost (and
+    // controller-1 has settled), the push is half resolved.
+    let failed = eventually(T, "a half-resolved push", || {
+        let mut api = api.clone();
+        let req = push("half");
+        async move {
+            match api.push_to_user(req).await {
+                Err(s) if s.message().contains("ghost") => Some(s),
+                _ => None,
+            }
+        }
+    })
+    .await?;
+    assert_eq!(failed.code(), tonic::Code::Unavailable, "{failed:?}");
+    assert!(
+        failed.message().contains("retry with the same message_id"),
+        "{}",
+        failed.message()
+    );
+    let m = within(T, "the answered half", client.next_message())
+        .await??
+        .expect("message");
+    assert_eq!(m.data, Some(serde_json::json!("half")));
+    // The ghost leaves; the retry reaches the user it owned (offline, so
+    // stored) and is not delivered again here.
+    ghost.deregister().await;
+    let retried = eventually(T, "the retry to succeed", || {
+        let mut api = api.clone();
+        let req = push("half");
+        async move { api.push_to_user(req).await.ok() }
+    })
+    .await?
+    .into_inner();
+    assert!(retried.success, "{retried:?}");
+    assert_eq!(retried.stored_count, 1, "{retried:?}");
+    within(
+        T,
+        "marker push",
+        api.push_to_user(PushToUserRequest {
+            user_id: here.clone(),
+            content: "after".into(),
+            ..Default::default()
+        }),
+    )
+    .await??;
+    let next = within(T, "the marker", client.next_message())
+        .await??
+        .expect("message");
+    assert_eq!(
+        next.data,
+        Some(serde_json::json!("after")),
+        "no second copy"
+    );
+    Ok(())
+}

@@ -179,6 +179,14 @@ pub fn target_users(
 }
 
 /// How one push went.
+/// What the owning controllers answered for one push.
+struct Resolved {
+    targets: Vec<pb::ResolvedTarget>,
+    addrs: HashMap<String, String>,
+    /// Why each controller that did not answer failed.
+    unanswered: Vec<String>,
+}
+
 struct Outcome {
     delivered: u32,
     nodes: usize,
@@ -404,12 +412,11 @@ impl PushService {
     }
 
     /// Asks each key's owning controller for its stream position and nodes,
-    /// concurrently per controller.
-    async fn resolve(
-        &self,
-        keys: &[StreamKey],
-        body: &MessageBody,
-    ) -> Result<(Vec<pb::ResolvedTarget>, HashMap<String, String>), Status> {
+    /// concurrently per controller. A controller that does not answer does
+    /// not void the others' answers: their controllers have already taken
+    /// the message into their streams, so it must still go out to their
+    /// targets (`Resolved::unanswered` says who did not answer).
+    async fn resolve(&self, keys: &[StreamKey], body: &MessageBody) -> Result<Resolved, Status> {
         let mut by_owner: BTreeMap<String, (_, Vec<ResolveTarget>)> = BTreeMap::new();
         for key in keys {
             let key = key.to_string();
@@ -431,26 +438,35 @@ impl PushService {
                 body: Some(body.clone()),
             };
             async move {
-                let unavailable = |e: &str| {
-                    Status::unavailable(format!(
-                        "controller {id} unavailable, nothing was delivered: {e}"
-                    ))
-                };
                 match resolver.call(req).await {
                     Ok(Ok(r)) => Ok(r),
-                    Ok(Err(s)) => Err(unavailable(s.message())),
-                    Err(e) => Err(unavailable(&e)),
+                    Ok(Err(s)) => Err(format!("controller {id} unavailable: {}", s.message())),
+                    Err(e) => Err(format!("controller {id} unavailable: {e}")),
                 }
             }
         });
-        let mut targets = Vec::with_capacity(keys.len());
-        let mut addrs = HashMap::new();
+        let mut out = Resolved {
+            targets: Vec::with_capacity(keys.len()),
+            addrs: HashMap::new(),
+            unanswered: Vec::new(),
+        };
         for r in join_all(calls).await {
-            let r = r?;
-            targets.extend(r.targets);
-            addrs.extend(r.node_addrs);
+            match r {
+                Ok(r) => {
+                    out.targets.extend(r.targets);
+                    out.addrs.extend(r.node_addrs);
+                }
+                Err(e) => out.unanswered.push(e),
+            }
         }
-        Ok((targets, addrs))
+        if out.targets.is_empty()
+            && let Some(first) = out.unanswered.first()
+        {
+            return Err(Status::unavailable(format!(
+                "{first}; nothing was delivered"
+            )));
+        }
+        Ok(out)
     }
 
     /// Tells the owning controllers how the push went, so a retry with the
@@ -481,7 +497,11 @@ impl PushService {
         idempotent: bool,
     ) -> Result<Outcome, Status> {
         let inner = &self.inner;
-        let (targets, addrs) = match self.resolve(&keys, &body).await {
+        let Resolved {
+            targets,
+            addrs,
+            unanswered,
+        } = match self.resolve(&keys, &body).await {
             Ok(r) => r,
             Err(s) => {
                 inner.metrics.push_failed.inc();
@@ -529,7 +549,7 @@ impl PushService {
             duplicate: fresh_keys.is_empty() && duplicates > 0,
             position,
         };
-        if outcome.duplicate {
+        if outcome.duplicate && unanswered.is_empty() {
             outcome.delivered = first_delivered;
             return Ok(outcome);
         }
@@ -550,13 +570,24 @@ impl PushService {
                 }
             }
         }
-        if outcome.success() {
+        if outcome.success() && unanswered.is_empty() {
             inner.metrics.push_success.inc();
         } else {
             inner.metrics.push_failed.inc();
         }
         if idempotent {
             self.record_completion(fresh_keys, &body.id, outcome.delivered);
+        }
+        if let Some(first) = unanswered.first() {
+            // The targets of the controllers that answered have it; the
+            // others do not. A retry with the same message_id reaches
+            // those and is not delivered again to these.
+            return Err(Status::unavailable(format!(
+                "{first}; delivered only to the targets of the controllers that answered \
+                 ({} connection(s)); retry with the same message_id to reach the rest \
+                 (targets already reached are not delivered again)",
+                outcome.delivered
+            )));
         }
         Ok(outcome)
     }
