@@ -21,10 +21,9 @@ pub struct Ownership {
     ring: Option<Ring<()>>,
     since: Instant,
     synced: HashSet<String>,
-    alive: HashSet<String>,
-    /// Discovery has said which connect-nodes are alive (perhaps none).
-    /// Until then an empty `alive` means "not known yet", not "no node".
-    alive_known: bool,
+    /// The connect-nodes discovery lists as alive; `None` until it has
+    /// said (an empty set is "no node", not "not known yet").
+    alive: Option<HashSet<String>>,
     warm: bool,
     warmup: Duration,
 }
@@ -37,8 +36,7 @@ impl Ownership {
             ring: None,
             since: Instant::now(),
             synced: HashSet::new(),
-            alive: HashSet::new(),
-            alive_known: true,
+            alive: Some(HashSet::new()),
             warm: true,
             warmup: Duration::ZERO,
         }
@@ -51,8 +49,7 @@ impl Ownership {
             ring: Some(Ring::new([(self_id.to_owned(), ())], 1)),
             since: Instant::now(),
             synced: HashSet::new(),
-            alive: HashSet::new(),
-            alive_known: false,
+            alive: None,
             warm: false,
             warmup,
         }
@@ -93,8 +90,7 @@ impl Ownership {
 
     /// The connect-nodes discovery lists.
     pub fn set_alive(&mut self, alive: HashSet<String>) {
-        self.alive = alive;
-        self.alive_known = true;
+        self.alive = Some(alive);
     }
 
     /// A node sent its full state computed on ring `ring_id`.
@@ -116,7 +112,10 @@ impl Ownership {
         // Before discovery has listed the live nodes, no node is known to
         // have synced: only the warm-up makes the controller ready.
         if !self.warm
-            && ((self.alive_known && self.alive.is_subset(&self.synced))
+            && (self
+                .alive
+                .as_ref()
+                .is_some_and(|a| a.is_subset(&self.synced))
                 || now.duration_since(self.since) >= self.warmup)
         {
             self.warm = true;

@@ -32,23 +32,38 @@ impl ControllerService {
         ControllerService { state, metrics }
     }
 
-    /// Who holds `key`, if this controller owns it and its membership is
-    /// settled; otherwise UNAVAILABLE, as for pushes: an empty answer then
-    /// would say a room or user has no connection when it may have some.
-    fn owned_info(&self, key: &str) -> Result<crate::state::KeyInfo, Status> {
-        let mut s = self.state.lock();
-        if !s.ownership.is_ready(tokio::time::Instant::now()) {
+    /// UNAVAILABLE (and counted) unless this controller's membership is
+    /// settled and it owns every one of `keys`: until then what it knows of
+    /// them may be incomplete. `outcome` tells the caller what became of
+    /// its request, before "retry shortly".
+    fn check_serving(
+        &self,
+        s: &mut ControllerState,
+        keys: impl IntoIterator<Item = String>,
+        now: tokio::time::Instant,
+        outcome: &str,
+    ) -> Result<(), Status> {
+        if !s.ownership.is_ready(now) {
             self.metrics.refused.with_label_values(&["settling"]).inc();
-            return Err(Status::unavailable(
-                "controller membership is changing and connect-nodes are re-syncing; retry shortly",
-            ));
-        }
-        if !s.ownership.owns(key) {
-            self.metrics.refused.with_label_values(&["not_owner"]).inc();
             return Err(Status::unavailable(format!(
-                "{key} is owned by another controller (membership changing); retry shortly"
+                "controller membership is changing and connect-nodes are re-syncing; {outcome}retry shortly"
             )));
         }
+        if let Some(key) = keys.into_iter().find(|k| !s.ownership.owns(k)) {
+            self.metrics.refused.with_label_values(&["not_owner"]).inc();
+            return Err(Status::unavailable(format!(
+                "{key} is owned by another controller (membership changing); {outcome}retry shortly"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Who holds `key`, if this controller may answer for it (see
+    /// `check_serving`): an empty answer otherwise would say a room or
+    /// user has no connection when it may have some.
+    fn owned_info(&self, key: &str) -> Result<crate::state::KeyInfo, Status> {
+        let mut s = self.state.lock();
+        self.check_serving(&mut s, [key.to_owned()], tokio::time::Instant::now(), "")?;
         Ok(s.members.info(key))
     }
 
@@ -67,22 +82,12 @@ impl ControllerService {
         let mut out = ResolveResponse::default();
         let now = tokio::time::Instant::now();
         let mut s = self.state.lock();
-        if !s.ownership.is_ready(now) {
-            self.metrics.refused.with_label_values(&["settling"]).inc();
-            return Err(Status::unavailable(
-                "controller membership is changing and connect-nodes are re-syncing; nothing was delivered, retry shortly",
-            ));
-        }
-        if let Some(key) = keys
-            .iter()
-            .map(ToString::to_string)
-            .find(|k| !s.ownership.owns(k))
-        {
-            self.metrics.refused.with_label_values(&["not_owner"]).inc();
-            return Err(Status::unavailable(format!(
-                "{key} is owned by another controller (membership changing); nothing was delivered, retry shortly"
-            )));
-        }
+        self.check_serving(
+            &mut s,
+            keys.iter().map(ToString::to_string),
+            now,
+            "nothing was delivered, ",
+        )?;
         for key in keys {
             let kind = match key {
                 StreamKey::Room(_) => "room",
@@ -358,9 +363,13 @@ mod tests {
     use crate::streams::{StreamConfig, Streams};
 
     fn service(ownership: Ownership) -> ControllerService {
+        service_with(ownership, StreamConfig::default())
+    }
+
+    fn service_with(ownership: Ownership, streams: StreamConfig) -> ControllerService {
         let state = ControllerState {
             members: Membership::new(),
-            streams: Streams::new(StreamConfig::default()),
+            streams: Streams::new(streams),
             ownership,
         };
         let metrics = Metrics::new(&prometheus::Registry::new()).expect("metrics");
@@ -372,19 +381,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn offline_users_are_stored_only_where_user_history_is_kept() {
         for (kept, stored) in [(100, true), (0, false)] {
-            let state = ControllerState {
-                members: Membership::new(),
-                streams: Streams::new(StreamConfig {
+            let svc = service_with(
+                Ownership::standalone("c1"),
+                StreamConfig {
                     user: crate::streams::Retention {
                         max_messages: kept,
                         ttl: std::time::Duration::from_secs(60),
                     },
                     ..StreamConfig::default()
-                }),
-                ownership: Ownership::standalone("c1"),
-            };
-            let metrics = Metrics::new(&prometheus::Registry::new()).expect("metrics");
-            let svc = ControllerService::new(Arc::new(Mutex::new(state)), metrics);
+                },
+            );
             let r = svc
                 .resolve(Request::new(ResolveRequest {
                     targets: vec![pb::ResolveTarget {
