@@ -119,27 +119,13 @@ pub fn build(frames: &[Outbound], wire: Wire) -> Message {
 
 #[cfg(test)]
 mod tests {
-    use barrage_protocol::MessageParts;
     use barrage_protocol::binary::Compression;
 
     use super::*;
 
     /// Message `seq` of room `r`, with `content` as its data.
     fn message_with(seq: u64, content: &str) -> Outbound {
-        Outbound::message(
-            &MessageParts {
-                stream: "room:r",
-                id: &format!("m{seq}"),
-                epoch: 1,
-                seq,
-                event: "",
-                content,
-                binary: &[],
-                timestamp_ms: 0,
-                from: "",
-            },
-            Compression::OFF,
-        )
+        Outbound::test_message("room:r", 1, seq, content)
     }
 
     fn message(seq: u64) -> Outbound {

@@ -64,6 +64,28 @@ pub struct Frame {
     pub position: Option<(Arc<str>, u64, u64)>,
 }
 
+#[cfg(test)]
+impl Outbound {
+    /// Message `seq` of `stream` in `epoch`, with `content` as its data and
+    /// `m<seq>` as its id, for tests.
+    pub(crate) fn test_message(stream: &str, epoch: u64, seq: u64, content: &str) -> Outbound {
+        Outbound::message(
+            &MessageParts {
+                stream,
+                id: &format!("m{seq}"),
+                epoch,
+                seq,
+                event: "",
+                content,
+                binary: &[],
+                timestamp_ms: 0,
+                from: "",
+            },
+            Compression::OFF,
+        )
+    }
+}
+
 impl Outbound {
     /// The address of the shared frame: the same for every clone of it.
     pub fn identity(&self) -> usize {
@@ -1153,22 +1175,7 @@ mod tests {
         let mut skip = Skip::default();
         skip.insert("room:a".into(), 1, crate::skip::SkipRule::UpTo(5));
         conn.skip_recovered(&skip);
-        let at = |seq: u64| {
-            Outbound::message(
-                &MessageParts {
-                    stream: "room:a",
-                    id: "m",
-                    epoch: 1,
-                    seq,
-                    event: "",
-                    content: "x",
-                    binary: &[],
-                    timestamp_ms: 0,
-                    from: "",
-                },
-                binary::Compression::OFF,
-            )
-        };
+        let at = |seq: u64| Outbound::test_message("room:a", 1, seq, "x");
         // A copy is counted as queued (the client has it) but not queued.
         assert_eq!(conn.offer(&at(5), true), Queued::Yes);
         assert!(rx.try_recv().is_err(), "seq 5 was recovered");

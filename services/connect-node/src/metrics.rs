@@ -49,6 +49,13 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Counts a connection closed with `code`.
+    pub(crate) fn count_disconnect(&self, code: barrage_protocol::CloseCode) {
+        self.disconnects
+            .with_label_values(&[&code.code().to_string()])
+            .inc();
+    }
+
     /// Creates and registers the metrics.
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let m = Metrics {

@@ -70,23 +70,9 @@ impl Skip {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use barrage_protocol::MessageParts;
 
     fn live(stream: &str, epoch: u64, seq: u64) -> Outbound {
-        Outbound::message(
-            &MessageParts {
-                stream,
-                id: "m",
-                epoch,
-                seq,
-                event: "",
-                content: "x",
-                binary: &[],
-                timestamp_ms: 0,
-                from: "",
-            },
-            barrage_protocol::binary::Compression::OFF,
-        )
+        Outbound::test_message(stream, epoch, seq, "x")
     }
 
     #[test]

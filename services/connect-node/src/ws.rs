@@ -388,27 +388,9 @@ async fn serve(
     state.hub.disconnect(&conn);
     let code = conn.close_code().unwrap_or(CloseCode::Normal);
     if usable {
-        // A client that does not take the close frame is dropped.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            if socket
-                .send(close_message(code, code.reason()))
-                .await
-                .is_err()
-            {
-                // The client closed first: the WebSocket library refuses a
-                // close of our own and has queued the answer to the
-                // client's (its code echoed, RFC 6455 §5.5.1) for the next
-                // flush. Without it the client would see 1006.
-                let _ = socket.flush().await;
-            }
-        })
-        .await;
+        close_socket(&mut socket, code, code.reason()).await;
     }
-    state
-        .metrics
-        .disconnects
-        .with_label_values(&[&code.code().to_string()])
-        .inc();
+    state.metrics.count_disconnect(code);
     tracing::debug!(conn = conn.id, code = code.code(), "disconnected");
 }
 
@@ -445,20 +427,9 @@ async fn establish(
         Err(why) => {
             tracing::warn!(user = %user, reason = %why, "cannot establish the session; closing");
             hub.disconnect(&conn);
-            // A client that does not take the close frame is dropped.
-            let _ = tokio::time::timeout(
-                Duration::from_secs(2),
-                socket.send(close_message(
-                    CloseCode::InternalError,
-                    "no controller available, reconnect",
-                )),
-            )
-            .await;
-            state
-                .metrics
-                .disconnects
-                .with_label_values(&[&CloseCode::InternalError.code().to_string()])
-                .inc();
+            let code = CloseCode::InternalError;
+            close_socket(&mut socket, code, "no controller available, reconnect").await;
+            state.metrics.count_disconnect(code);
             return None;
         }
     };
@@ -487,11 +458,7 @@ async fn establish(
         hub.disconnect(&conn);
         if sent.is_err() {
             conn.close_with(CloseCode::SlowConsumer);
-            state
-                .metrics
-                .disconnects
-                .with_label_values(&[&CloseCode::SlowConsumer.code().to_string()])
-                .inc();
+            state.metrics.count_disconnect(CloseCode::SlowConsumer);
         }
         return None;
     }
@@ -527,6 +494,21 @@ fn to_wire(out: Outbound, wire: Wire) -> Message {
         Wire::Json => Message::Text(out.frame.clone()),
         Wire::Binary(_) => Message::Binary(out.binary.clone()),
     }
+}
+
+/// Sends a close frame with `code`, or, when the client closed first, the
+/// answer to its close; a client that takes neither within 2 s is dropped.
+async fn close_socket(socket: &mut WebSocket, code: CloseCode, reason: &str) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        if socket.send(close_message(code, reason)).await.is_err() {
+            // The client closed first: the WebSocket library refuses a
+            // close of our own and has queued the answer to the client's
+            // (its code echoed, RFC 6455 §5.5.1) for the next flush.
+            // Without it the client would see 1006.
+            let _ = socket.flush().await;
+        }
+    })
+    .await;
 }
 
 fn close_message(code: CloseCode, reason: &str) -> Message {
