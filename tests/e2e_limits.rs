@@ -64,6 +64,40 @@ fn node(cluster: &TestCluster) -> &Server {
     &cluster.nodes[0]
 }
 
+/// A cluster whose node pings every second and gives up on a client after
+/// `read_timeout`, with room for far more frames per connection than the
+/// socket buffers hold.
+async fn stalling_cluster(read_timeout: Duration) -> anyhow::Result<TestCluster> {
+    cluster_with(|c| {
+        c.send_queue = 1024;
+        c.ping_interval = Duration::from_secs(1);
+        c.read_timeout = read_timeout;
+    })
+    .await
+}
+
+/// A TCP connection to the node's WebSocket port with a small receive
+/// window, so that a client that does not read backs the socket up quickly.
+async fn small_window(n: &Server) -> anyhow::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    Ok(socket
+        .connect(n.ws_addr.clone().expect("ws addr").parse()?)
+        .await?)
+}
+
+/// 120 messages of 60 KB to room `r`: more than the socket buffers on both
+/// sides hold, far fewer than a stalling cluster's queue. Returns how many
+/// connections each reached.
+async fn more_than_buffers_hold(cluster: &TestCluster) -> anyhow::Result<Vec<u64>> {
+    let body = "x".repeat(60_000);
+    let mut reached = Vec::with_capacity(120);
+    for i in 0..120 {
+        reached.push(push(cluster, "r", format!("{i}:{body}")).await?);
+    }
+    Ok(reached)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_user_and_origin_limits_refuse_before_upgrade() -> anyhow::Result<()> {
     let cluster = cluster_with(|c| {
@@ -287,33 +321,21 @@ async fn silent_and_slow_handshakes_are_dropped() -> anyhow::Result<()> {
 /// the slow-consumer code, instead of holding the connection for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_the_client_never_takes_is_given_up_after_the_read_timeout() -> anyhow::Result<()> {
-    let cluster = cluster_with(|c| {
-        c.send_queue = 1024;
-        c.ping_interval = Duration::from_secs(1);
-        c.read_timeout = Duration::from_secs(2);
-    })
-    .await?;
+    let cluster = stalling_cluster(Duration::from_secs(2)).await?;
     let n = node(&cluster);
     let url = connect_url(&n.ws_url(), "stuck", &["r"]);
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(4096)?;
-    let tcp = socket
-        .connect(n.ws_addr.clone().expect("ws addr").parse()?)
-        .await?;
+    let tcp = small_window(n).await?;
     let (mut stuck, _) = within(T, "upgrade", tokio_tungstenite::client_async(url, tcp)).await??;
     let first = within(T, "connected", stuck.next())
         .await?
         .expect("frame")?;
     assert!(first.to_text()?.contains("\"connected\""), "{first}");
-    // 120 messages of 60 KB: more than the socket buffers on both sides
-    // hold, far fewer than the queue does.
-    let body = "x".repeat(60_000);
-    for i in 0..120 {
-        assert_eq!(
-            push(&cluster, "r", format!("{i}:{body}")).await?,
-            1,
-            "push {i}"
-        );
+    for (i, reached) in more_than_buffers_hold(&cluster)
+        .await?
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(reached, 1, "push {i}");
     }
     eventually(T, "the stuck write to be given up", || async {
         (n.metric(r#"connect_node_disconnects_total{code="4100"}"#) == 1.0).then_some(())
@@ -337,31 +359,18 @@ async fn a_write_the_client_never_takes_is_given_up_after_the_read_timeout() -> 
 /// connection, and the server's pings go on once the wait is over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_pauses_reading_keeps_its_connection_and_its_pings() -> anyhow::Result<()> {
-    let cluster = cluster_with(|c| {
-        c.send_queue = 1024;
-        c.ping_interval = Duration::from_secs(1);
-        c.read_timeout = Duration::from_secs(6);
-    })
-    .await?;
+    let cluster = stalling_cluster(Duration::from_secs(6)).await?;
     let n = node(&cluster);
     let url = connect_url(&n.ws_url(), "pausing", &["r"]);
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(4096)?;
-    let tcp = socket
-        .connect(n.ws_addr.clone().expect("ws addr").parse()?)
-        .await?;
+    let tcp = small_window(n).await?;
     let (mut ws, _) = within(T, "upgrade", tokio_tungstenite::client_async(url, tcp)).await??;
     let first = within(T, "connected", ws.next()).await?.expect("frame")?;
     assert!(first.to_text()?.contains("\"connected\""), "{first}");
-    const N: usize = 120;
-    let body = "x".repeat(60_000);
-    for i in 0..N {
-        assert_eq!(
-            push(&cluster, "r", format!("{i}:{body}")).await?,
-            1,
-            "push {i}"
-        );
+    let pushed = more_than_buffers_hold(&cluster).await?;
+    for (i, reached) in pushed.iter().enumerate() {
+        assert_eq!(*reached, 1, "push {i}");
     }
+    let n_messages = pushed.len();
     // The node's write waits while this client does not read (and sends
     // nothing: the pings that follow must come from the node's own timer).
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -377,13 +386,13 @@ async fn a_client_that_pauses_reading_keeps_its_connection_and_its_pings() -> an
         });
         let next = match tokio::time::timeout_at(deadline, ws.next()).await {
             Err(_) if quiet_from.is_some() => break,
-            Err(_) => anyhow::bail!("only {messages} of {N} messages in a minute"),
+            Err(_) => anyhow::bail!("only {messages} of {n_messages} messages in a minute"),
             Ok(next) => next,
         };
         match next {
             Some(Ok(Message::Text(_))) => {
                 messages += 1;
-                if messages == N {
+                if messages == n_messages {
                     quiet_from = Some(tokio::time::Instant::now());
                 }
             }
@@ -392,7 +401,7 @@ async fn a_client_that_pauses_reading_keeps_its_connection_and_its_pings() -> an
             other => anyhow::bail!("after {messages} messages: {other:?}"),
         }
     }
-    assert_eq!(messages, N);
+    assert_eq!(messages, n_messages);
     assert!(pings >= 5, "{pings} pings in eight quiet seconds");
     assert_eq!(
         n.metric(r#"connect_node_disconnects_total{code="4100"}"#),
@@ -409,17 +418,10 @@ async fn a_client_that_pauses_reading_keeps_its_connection_and_its_pings() -> an
 /// is given up after the read timeout, and its registration freed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_stream_the_client_never_reads_is_given_up() -> anyhow::Result<()> {
-    let cluster = cluster_with(|c| {
-        c.send_queue = 1024;
-        c.ping_interval = Duration::from_secs(1);
-        c.read_timeout = Duration::from_secs(2);
-    })
-    .await?;
+    let cluster = stalling_cluster(Duration::from_secs(2)).await?;
     let n = node(&cluster);
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(4096)?;
     let addr: SocketAddr = n.ws_addr.clone().expect("ws addr").parse()?;
-    let mut tcp = socket.connect(addr).await?;
+    let mut tcp = small_window(n).await?;
     tcp.write_all(
         format!("GET /sse?user_id=stuck&rooms=r HTTP/1.1\r\nhost: {addr}\r\naccept: text/event-stream\r\n\r\n")
             .as_bytes(),
@@ -429,13 +431,12 @@ async fn an_event_stream_the_client_never_reads_is_given_up() -> anyhow::Result<
         (n.metric("connect_node_connections") == 1.0).then_some(())
     })
     .await?;
-    let body = "x".repeat(60_000);
-    for i in 0..120 {
-        assert_eq!(
-            push(&cluster, "r", format!("{i}:{body}")).await?,
-            1,
-            "push {i}"
-        );
+    for (i, reached) in more_than_buffers_hold(&cluster)
+        .await?
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(reached, 1, "push {i}");
     }
     eventually(T, "the stuck event stream to be given up", || async {
         (n.metric("connect_node_connections") == 0.0).then_some(())
@@ -450,11 +451,7 @@ async fn an_event_stream_the_client_never_reads_is_given_up() -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recovery_the_client_never_takes_is_given_up_after_the_read_timeout() -> anyhow::Result<()>
 {
-    let cluster = cluster_with(|c| {
-        c.ping_interval = Duration::from_secs(1);
-        c.read_timeout = Duration::from_secs(2);
-    })
-    .await?;
+    let cluster = stalling_cluster(Duration::from_secs(2)).await?;
     let n = node(&cluster);
     let mut first = within(
         T,
@@ -467,10 +464,7 @@ async fn a_recovery_the_client_never_takes_is_given_up_after_the_read_timeout() 
         .await??
         .expect("message");
     within(T, "close", first.close()).await??;
-    let body = "x".repeat(60_000);
-    for i in 0..120 {
-        push(&cluster, "r", format!("{i}:{body}")).await?;
-    }
+    more_than_buffers_hold(&cluster).await?;
     let positions = barrage_protocol::format_positions(
         &[(
             "room:r".to_string(),
@@ -485,11 +479,7 @@ async fn a_recovery_the_client_never_takes_is_given_up_after_the_read_timeout() 
         "{}&positions={positions}",
         connect_url(&n.ws_url(), "stuck", &["r"])
     );
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(4096)?;
-    let tcp = socket
-        .connect(n.ws_addr.clone().expect("ws addr").parse()?)
-        .await?;
+    let tcp = small_window(n).await?;
     let (stuck, _) = within(T, "upgrade", tokio_tungstenite::client_async(url, tcp)).await??;
     eventually(T, "the stuck recovery to be given up", || async {
         (n.metric(r#"connect_node_disconnects_total{code="4100"}"#) == 1.0).then_some(())
@@ -506,12 +496,7 @@ async fn a_reader_that_never_reads_is_closed_as_slow_and_others_get_everything()
     let cluster = cluster_with(|c| c.send_queue = 8).await?;
     let n = node(&cluster);
     let url = connect_url(&n.ws_url(), "sloth", &["r"]);
-    // A small receive window so the socket backs up quickly.
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(4096)?;
-    let tcp = socket
-        .connect(n.ws_addr.clone().expect("ws addr").parse()?)
-        .await?;
+    let tcp = small_window(n).await?;
     let (mut sloth, _) = within(T, "upgrade", tokio_tungstenite::client_async(url, tcp)).await??;
     let first = within(T, "connected", sloth.next())
         .await?
