@@ -183,8 +183,8 @@ pub fn target_users(
 struct Resolved {
     targets: Vec<pb::ResolvedTarget>,
     addrs: HashMap<String, String>,
-    /// Why each controller that did not answer failed.
-    unanswered: Vec<String>,
+    /// Why the first controller that did not answer failed, if one did not.
+    unanswered: Option<String>,
 }
 
 struct Outcome {
@@ -448,7 +448,7 @@ impl PushService {
         let mut out = Resolved {
             targets: Vec::with_capacity(keys.len()),
             addrs: HashMap::new(),
-            unanswered: Vec::new(),
+            unanswered: None,
         };
         for r in join_all(calls).await {
             match r {
@@ -456,11 +456,13 @@ impl PushService {
                     out.targets.extend(r.targets);
                     out.addrs.extend(r.node_addrs);
                 }
-                Err(e) => out.unanswered.push(e),
+                Err(e) => {
+                    out.unanswered.get_or_insert(e);
+                }
             }
         }
         if out.targets.is_empty()
-            && let Some(first) = out.unanswered.first()
+            && let Some(first) = &out.unanswered
         {
             return Err(Status::unavailable(format!(
                 "{first}; nothing was delivered"
@@ -549,7 +551,7 @@ impl PushService {
             duplicate: fresh_keys.is_empty() && duplicates > 0,
             position,
         };
-        if outcome.duplicate && unanswered.is_empty() {
+        if outcome.duplicate && unanswered.is_none() {
             outcome.delivered = first_delivered;
             return Ok(outcome);
         }
@@ -570,7 +572,7 @@ impl PushService {
                 }
             }
         }
-        if outcome.success() && unanswered.is_empty() {
+        if outcome.success() && unanswered.is_none() {
             inner.metrics.push_success.inc();
         } else {
             inner.metrics.push_failed.inc();
@@ -578,7 +580,7 @@ impl PushService {
         if idempotent {
             self.record_completion(fresh_keys, &body.id, outcome.delivered);
         }
-        if let Some(first) = unanswered.first() {
+        if let Some(first) = unanswered {
             // The targets of the controllers that answered have it; the
             // others do not. A retry with the same message_id reaches
             // those and is not delivered again to these.
