@@ -127,11 +127,27 @@ async fn a_node_registers_once_its_controller_holds_its_state(
 async fn delaying_proxy(
     delay: Duration,
 ) -> anyhow::Result<(String, tokio::sync::watch::Sender<String>)> {
+    proxy(delay, false).await
+}
+
+/// A TCP proxy on loopback that closes each new connection at once until
+/// it is sent an address, then forwards them there.
+async fn refusing_proxy() -> anyhow::Result<(String, tokio::sync::watch::Sender<String>)> {
+    proxy(Duration::ZERO, true).await
+}
+
+async fn proxy(
+    delay: Duration,
+    refuse_until_set: bool,
+) -> anyhow::Result<(String, tokio::sync::watch::Sender<String>)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let (tx, rx) = tokio::sync::watch::channel(String::new());
     tokio::spawn(async move {
         while let Ok((mut inbound, _)) = listener.accept().await {
+            if refuse_until_set && rx.borrow().is_empty() {
+                continue;
+            }
             let mut upstream = rx.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
@@ -557,6 +573,7 @@ async fn resolve_batch_answers_each_request_on_its_own(
         targets: vec![ResolveTarget { key: key.into() }],
         message_id: id.into(),
         body: None,
+        ..Default::default()
     };
     eventually(T, "u1 known to the controller", || {
         let mut controller = controller.clone();
@@ -622,6 +639,7 @@ async fn complete_batch_records_each_result(mut cluster: TestCluster) -> anyhow:
         targets: vec![ResolveTarget { key: key.into() }],
         message_id: id.into(),
         body: None,
+        ..Default::default()
     };
     for (key, id) in [("room:r1", "a"), ("user:u1", "b"), ("room:r2", "c")] {
         within(T, "Resolve", controller.resolve(resolve(key, id))).await??;
@@ -630,6 +648,7 @@ async fn complete_batch_records_each_result(mut cluster: TestCluster) -> anyhow:
         key: key.into(),
         message_id: id.into(),
         delivered,
+        ..Default::default()
     };
     within(
         T,
@@ -870,6 +889,7 @@ async fn pushes_reach_a_controller_without_resolve_batch_one_by_one() -> anyhow:
                         }],
                         message_id: String::new(),
                         body: None,
+                        ..Default::default()
                     })
                     .await
             }
@@ -905,6 +925,7 @@ async fn results_reach_a_controller_without_complete_batch_one_by_one() -> anyho
         }],
         message_id: format!("id-{i}"),
         body: None,
+        ..Default::default()
     };
     for i in 0..5 {
         within(T, "Resolve", client.resolve(resolve(i))).await??;
@@ -915,6 +936,7 @@ async fn results_reach_a_controller_without_complete_batch_one_by_one() -> anyho
             key: format!("user:old{i}"),
             message_id: format!("id-{i}"),
             delivered: 10 + i,
+            ..Default::default()
         }));
     }
     // Refused as a batch, then sent one by one: every result arrives.
@@ -1322,7 +1344,8 @@ async fn a_half_resolved_push_reaches_the_answered_half_and_a_retry_the_rest() -
         .expect("message");
     assert_eq!(m.data, Some(serde_json::json!("half")));
     // The ghost leaves; the retry reaches the user it owned (offline, so
-    // stored) and is not delivered again here.
+    // stored: a retry failing on another count may have stored it first)
+    // and is not delivered again here.
     ghost.deregister().await;
     let retried = eventually(T, "the retry to succeed", || {
         let mut api = api.clone();
@@ -1332,24 +1355,216 @@ async fn a_half_resolved_push_reaches_the_answered_half_and_a_retry_the_rest() -
     .await?
     .into_inner();
     assert!(retried.success, "{retried:?}");
-    assert_eq!(retried.stored_count, 1, "{retried:?}");
-    within(
+    let mut offline = within(
         T,
-        "marker push",
-        api.push_to_user(PushToUserRequest {
-            user_id: here.clone(),
-            content: "after".into(),
+        "connect",
+        Client::connect(&connect_url(&cluster.nodes[0].ws_url(), &away, &[])),
+    )
+    .await??;
+    let kept = within(T, "the stored message", offline.next_message())
+        .await??
+        .expect("message");
+    assert_eq!(kept.data, Some(serde_json::json!("half")));
+    next_is_marker(&mut api, &mut client, &here).await
+}
+
+/// Waits until the controller places `user` on `node`.
+async fn placed(
+    api: &barrage_proto::v1::push_manager_client::PushManagerClient<Channel>,
+    user: &str,
+    node: &str,
+) -> anyhow::Result<()> {
+    eventually(T, "the user known to the controller", || {
+        let mut api = api.clone();
+        let req = GetUserNodeRequest {
+            user_id: user.into(),
+        };
+        async move {
+            let r = api.get_user_node(req).await.ok()?.into_inner();
+            r.nodes.iter().any(|n| n.node_id == node).then_some(())
+        }
+    })
+    .await
+}
+
+/// Pushes `marker` to `user` and checks that it is the next message
+/// `client` gets: nothing else (a second copy) came before it.
+async fn next_is_marker(
+    api: &mut barrage_proto::v1::push_manager_client::PushManagerClient<Channel>,
+    client: &mut Client,
+    user: &str,
+) -> anyhow::Result<()> {
+    let req = PushToUserRequest {
+        user_id: user.into(),
+        content: "marker".into(),
+        ..Default::default()
+    };
+    within(T, "marker push", api.push_to_user(req)).await??;
+    let next = next_msg(client).await?;
+    ensure!(
+        next.data == Some(serde_json::json!("marker")),
+        "a second copy came first: {next:?}"
+    );
+    Ok(())
+}
+
+/// A push whose push-manager stopped (or lost the controller's answer)
+/// right after the controller took it: nothing reached the nodes. A retry
+/// with the same message_id that comes while that attempt may still be
+/// under way is told so; one that comes later sends the message, at the
+/// position the first attempt took, and it arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_sends_a_push_whose_first_attempt_never_reached_the_nodes() -> anyhow::Result<()> {
+    use barrage_proto::v1::{MessageBody, ResolveRequest, ResolveTarget};
+    barrage_testkit::init_tracing();
+    let mut cluster = TestCluster::in_process();
+    cluster.set_options(barrage_testkit::cluster::ClusterOptions {
+        push_timeout: Duration::from_millis(300),
+        ..Default::default()
+    });
+    cluster.start(1).await?;
+    let mut api = cluster.push_client().await?;
+    let mut client = connect(&cluster.nodes[0].ws_url(), "o1", &[]).await?;
+    placed(&api, "o1", "node-1").await?;
+    // The first attempt: taken by the controller, then nothing more.
+    let mut controller = controller_at(&cluster.controllers[0].grpc_addr.to_string()).await?;
+    let taken = within(
+        T,
+        "Resolve",
+        controller.resolve(ResolveRequest {
+            targets: vec![ResolveTarget {
+                key: "user:o1".into(),
+            }],
+            message_id: "orphan-1".into(),
+            body: Some(MessageBody {
+                id: "orphan-1".into(),
+                event: "message".into(),
+                content: "orphaned".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
     )
-    .await??;
-    let next = within(T, "the marker", client.next_message())
-        .await??
-        .expect("message");
-    assert_eq!(
-        next.data,
-        Some(serde_json::json!("after")),
-        "no second copy"
+    .await??
+    .into_inner();
+    let first = &taken.targets[0];
+    ensure!(first.node_ids == ["node-1"], "{first:?}");
+    let push = PushToUserRequest {
+        user_id: "o1".into(),
+        content: "orphaned".into(),
+        message_id: "orphan-1".into(),
+        ..Default::default()
+    };
+    let early = within(T, "an early retry", api.push_to_user(push.clone()))
+        .await?
+        .expect_err("the first attempt may still be under way");
+    assert_eq!(early.code(), tonic::Code::Unavailable, "{early:?}");
+    assert!(
+        early.message().contains("still under way"),
+        "{}",
+        early.message()
     );
+    // After the push timeout and the margin for its record: sent again.
+    let retried = eventually(T, "the retry to send it again", || {
+        let mut api = api.clone();
+        let req = push.clone();
+        async move { api.push_to_user(req).await.ok() }
+    })
+    .await?
+    .into_inner();
+    assert!(retried.success && retried.duplicate, "{retried:?}");
+    assert_eq!(retried.delivered_count, 1, "{retried:?}");
+    assert!(
+        retried.message.contains("sent again"),
+        "{}",
+        retried.message
+    );
+    let m = next_msg(&mut client).await?;
+    assert_eq!(m.data, Some(serde_json::json!("orphaned")));
+    assert_eq!(
+        (m.id.as_str(), m.epoch, m.seq),
+        ("orphan-1", first.epoch, first.seq)
+    );
+    // The resend recorded its result: later retries are plain repeats.
+    let repeat = eventually(T, "the recorded result", || {
+        let mut api = api.clone();
+        let req = push.clone();
+        async move { api.push_to_user(req).await.ok() }
+    })
+    .await?
+    .into_inner();
+    assert!(
+        repeat.duplicate && repeat.delivered_count == 1,
+        "{repeat:?}"
+    );
+    assert!(
+        repeat.message.contains("not delivered again"),
+        "{}",
+        repeat.message
+    );
+    next_is_marker(&mut api, &mut client, "o1").await?;
+    let resends = cluster.controllers[0].metric("controller_push_resends_total");
+    assert_eq!(resends, 1.0);
+    Ok(())
+}
+
+/// A push that could not reach the only node hosting its user: the call
+/// fails naming the node, and a retry with the same message_id, once the
+/// node is reachable again, sends it there, and it arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_sends_a_push_again_to_the_node_it_failed_on() -> anyhow::Result<()> {
+    barrage_testkit::init_tracing();
+    let mut cluster = TestCluster::in_process();
+    cluster.set_options(barrage_testkit::cluster::ClusterOptions {
+        push_timeout: Duration::from_millis(300),
+        ..Default::default()
+    });
+    // The node's gRPC is reached through a proxy that closes every
+    // connection until it is told where to forward them.
+    let (proxy, upstream) = refusing_proxy().await?;
+    cluster.start_controller("controller-1").await?;
+    cluster
+        .start_node_with("node-1", |c| c.advertise_addr = proxy.clone())
+        .await?;
+    cluster.start_manager("manager-1").await?;
+    let mut api = cluster.push_client().await?;
+    let mut client = connect(&cluster.nodes[0].ws_url(), "f1", &[]).await?;
+    placed(&api, "f1", "node-1").await?;
+    let push = PushToUserRequest {
+        user_id: "f1".into(),
+        content: "held".into(),
+        message_id: "failed-1".into(),
+        ..Default::default()
+    };
+    let failed = within(T, "the first attempt", api.push_to_user(push.clone()))
+        .await??
+        .into_inner();
+    assert!(!failed.success && !failed.duplicate, "{failed:?}");
+    assert!(failed.message.contains("node-1"), "{}", failed.message);
+    let _ = upstream.send(cluster.nodes[0].grpc_addr.clone());
+    let retried = eventually(T, "the retry to reach the node", || {
+        let mut api = api.clone();
+        let req = push.clone();
+        async move {
+            let r = api.push_to_user(req).await.ok()?.into_inner();
+            r.success.then_some(r)
+        }
+    })
+    .await?;
+    assert!(
+        retried.duplicate && retried.delivered_count == 1,
+        "{retried:?}"
+    );
+    assert!(
+        retried.message.contains("sent again"),
+        "{}",
+        retried.message
+    );
+    let m = next_msg(&mut client).await?;
+    assert_eq!(
+        (m.id.as_str(), m.data),
+        ("failed-1", Some(serde_json::json!("held")))
+    );
+    next_is_marker(&mut api, &mut client, "f1").await?;
     Ok(())
 }

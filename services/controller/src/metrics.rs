@@ -21,6 +21,8 @@ pub struct Metrics {
     pub history_evictions: IntCounter,
     /// Pushes recognised as repeats of an earlier message id.
     pub duplicates: IntCounter,
+    /// Repeats answered with nodes to send the message to again.
+    pub resends: IntCounter,
     /// Recovery queries by outcome (recovered, not_recovered, too_large,
     /// fresh).
     pub recoveries: IntCounterVec,
@@ -69,6 +71,10 @@ impl Metrics {
             duplicates: IntCounter::new(
                 "controller_duplicate_pushes_total",
                 "Pushes recognised as repeats of an earlier message id",
+            )?,
+            resends: IntCounter::new(
+                "controller_push_resends_total",
+                "Repeated pushes answered with nodes to send the message to again (the first attempt did not reach them or recorded no result)",
             )?,
             recoveries: IntCounterVec::new(
                 Opts::new("controller_recoveries_total", "Recovery queries by outcome"),
@@ -138,6 +144,7 @@ impl Metrics {
         registry.register(Box::new(m.history_bytes.clone()))?;
         registry.register(Box::new(m.history_evictions.clone()))?;
         registry.register(Box::new(m.duplicates.clone()))?;
+        registry.register(Box::new(m.resends.clone()))?;
         registry.register(Box::new(m.recoveries.clone()))?;
         registry.register(Box::new(m.reports.clone()))?;
         registry.register(Box::new(m.syncs.clone()))?;

@@ -1,7 +1,7 @@
 //! The `barrage.v1.Controller` gRPC service over the shared [`Membership`].
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use barrage_proto::v1::{
     self as pb, CompleteBatchRequest, CompleteRequest, CompleteResponse, GetRoomInfoRequest,
@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::metrics::Metrics;
 use crate::state::{ControllerState, ReportOutcome};
+use crate::streams::{FirstAttempt, Streams};
 
 /// Members listed by GetRoomInfo at most.
 const MAX_LISTED_MEMBERS: usize = 1000;
@@ -75,6 +76,8 @@ impl ControllerService {
             let key: StreamKey = t.key.parse().map_err(|e| invalid("targets.key", e))?;
             keys.push(key);
         }
+        let resend_after =
+            (r.resend_after_ms > 0).then(|| Duration::from_millis(r.resend_after_ms));
         let body = r.body.unwrap_or_else(|| MessageBody {
             id: r.message_id.clone(),
             ..Default::default()
@@ -102,35 +105,90 @@ impl ControllerService {
             let stored =
                 kind == "user" && node_ids.is_empty() && s.streams.config().user.max_messages > 0;
             let appended = s.streams.append(&key, &body, stored, now);
-            if appended.duplicate {
-                self.metrics.duplicates.inc();
+            let mut target = pb::ResolvedTarget {
+                epoch: appended.epoch,
+                seq: appended.seq,
+                duplicate: appended.duplicate,
+                ..Default::default()
+            };
+            match appended.first {
+                None => {
+                    target.prev_seqs = s.streams.route(&key, appended.seq, &node_ids, now);
+                    target.node_ids = node_ids;
+                    target.stored = stored;
+                }
+                Some(first) => {
+                    self.metrics.duplicates.inc();
+                    let streams = &mut s.streams;
+                    answer_repeat(
+                        streams,
+                        &key,
+                        &body.id,
+                        first,
+                        node_ids,
+                        resend_after,
+                        now,
+                        &mut target,
+                    );
+                    if target.resend {
+                        self.metrics.resends.inc();
+                    }
+                }
             }
-            for n in &node_ids {
+            for n in &target.node_ids {
                 if let Some(addr) = s.members.node_addr(n) {
                     out.node_addrs.insert(n.clone(), addr.to_owned());
                 }
             }
-            let prev_seqs = if appended.duplicate {
-                Vec::new()
-            } else {
-                s.streams.route(&key, appended.seq, &node_ids, now)
-            };
-            out.targets.push(pb::ResolvedTarget {
-                key,
-                epoch: appended.epoch,
-                seq: appended.seq,
-                prev_seqs,
-                node_ids,
-                not_owner: false,
-                duplicate: appended.duplicate,
-                first_delivered: appended.first_delivered.unwrap_or(0),
-                first_completed: appended.first_delivered.is_some(),
-                stored: stored && !appended.duplicate,
-            });
+            target.key = key;
+            out.targets.push(target);
         }
         self.metrics.observe(&s);
         Ok(out)
     }
+}
+
+/// Answers a repeated message id from what became of its first attempt:
+/// with the connections it reached and, where it is due, the nodes now
+/// hosting the key (`hosting`) to send it to again: those the first
+/// attempt failed on, or all of them when it has recorded no result for
+/// `resend_after` (its push-manager stopped or lost this answer).
+#[allow(clippy::too_many_arguments)]
+fn answer_repeat(
+    streams: &mut Streams,
+    key: &str,
+    message_id: &str,
+    first: FirstAttempt,
+    hosting: Vec<String>,
+    resend_after: Option<Duration>,
+    now: tokio::time::Instant,
+    target: &mut pb::ResolvedTarget,
+) {
+    let Some(resend_after) = resend_after else {
+        // A caller that does not send again: the result as recorded.
+        if let FirstAttempt::Completed { delivered, .. } = first {
+            target.first_delivered = delivered;
+            target.first_completed = true;
+        }
+        return;
+    };
+    match first {
+        FirstAttempt::Completed { delivered, failed } => {
+            target.first_delivered = delivered;
+            target.first_completed = true;
+            target.node_ids = hosting.into_iter().filter(|n| failed.contains(n)).collect();
+        }
+        FirstAttempt::Pending { since } => {
+            let age = now.saturating_duration_since(since);
+            target.first_age_ms = age.as_millis() as u64;
+            if age >= resend_after && !hosting.is_empty() {
+                // This resend is now the attempt whose result is awaited.
+                streams.resending(key, message_id, now);
+                target.node_ids = hosting;
+            }
+        }
+    }
+    target.resend = !target.node_ids.is_empty();
 }
 
 fn invalid(field: &str, e: impl std::fmt::Display) -> Status {
@@ -246,7 +304,7 @@ impl Controller for ControllerService {
         self.state
             .lock()
             .streams
-            .complete(&r.key, &r.message_id, r.delivered);
+            .complete(&r.key, &r.message_id, r.delivered, r.failed_node_ids);
         Ok(Response::new(CompleteResponse {}))
     }
 
@@ -256,8 +314,10 @@ impl Controller for ControllerService {
     ) -> Result<Response<CompleteResponse>, Status> {
         let r = req.into_inner();
         let mut state = self.state.lock();
-        for c in &r.completions {
-            state.streams.complete(&c.key, &c.message_id, c.delivered);
+        for c in r.completions {
+            state
+                .streams
+                .complete(&c.key, &c.message_id, c.delivered, c.failed_node_ids);
         }
         Ok(Response::new(CompleteResponse {}))
     }
@@ -398,6 +458,7 @@ mod tests {
                     }],
                     message_id: "m1".into(),
                     body: None,
+                    ..Default::default()
                 }))
                 .await
                 .expect("resolved")
@@ -438,5 +499,107 @@ mod tests {
             .await
             .expect_err("no members");
         assert_eq!(room.code(), tonic::Code::NotFound, "{room:?}");
+    }
+
+    /// A repeated message id is sent again where its first attempt is not
+    /// known to have arrived: to the nodes it failed on, or to every node
+    /// hosting the key once it has recorded no result for
+    /// `resend_after_ms`; a completed attempt is never sent again.
+    #[tokio::test(start_paused = true)]
+    async fn repeats_are_sent_again_where_the_first_attempt_did_not_arrive() {
+        let svc = service(Ownership::standalone("c1"));
+        {
+            let mut s = svc.state.lock();
+            for node in ["n1", "n2"] {
+                let keys = [pb::KeyState {
+                    key: "room:r".into(),
+                    users: [("u".to_owned(), 1)].into(),
+                }];
+                s.members.sync(
+                    node,
+                    "i1",
+                    &format!("{node}:1"),
+                    0,
+                    true,
+                    &keys,
+                    Instant::now(),
+                );
+            }
+        }
+        let resolve = |id: &str, resend_after_ms: u64| {
+            let svc = svc.clone();
+            let id = id.to_owned();
+            async move {
+                let r = svc
+                    .resolve(Request::new(ResolveRequest {
+                        targets: vec![pb::ResolveTarget {
+                            key: "room:r".into(),
+                        }],
+                        message_id: id,
+                        body: None,
+                        resend_after_ms,
+                    }))
+                    .await
+                    .expect("resolved")
+                    .into_inner();
+                r.targets.into_iter().next().expect("one target")
+            }
+        };
+        let first = resolve("lost", 1000).await;
+        assert!(!first.duplicate && first.node_ids.len() == 2, "{first:?}");
+        // No result recorded: under way, not sent again yet.
+        tokio::time::advance(Duration::from_millis(400)).await;
+        let early = resolve("lost", 1000).await;
+        assert!(early.duplicate && !early.resend, "{early:?}");
+        assert!(
+            early.node_ids.is_empty() && !early.first_completed,
+            "{early:?}"
+        );
+        assert_eq!(early.first_age_ms, 400);
+        // A caller that never sends again is answered as before.
+        tokio::time::advance(Duration::from_millis(700)).await;
+        assert!(!resolve("lost", 0).await.resend);
+        // Long enough: sent again to every hosting node, at the first
+        // attempt's position; the resend is now the attempt awaited.
+        let due = resolve("lost", 1000).await;
+        assert!(due.duplicate && due.resend, "{due:?}");
+        assert_eq!(due.node_ids, ["n1", "n2"]);
+        assert_eq!((due.epoch, due.seq), (first.epoch, first.seq));
+        assert!(due.prev_seqs.is_empty(), "{due:?}");
+        assert!(!resolve("lost", 1000).await.resend, "awaiting the resend");
+        // Recorded with a failed node: sent again there only.
+        svc.complete_batch(Request::new(CompleteBatchRequest {
+            completions: vec![CompleteRequest {
+                key: "room:r".into(),
+                message_id: "lost".into(),
+                delivered: 1,
+                failed_node_ids: vec!["n2".into()],
+            }],
+        }))
+        .await
+        .expect("recorded");
+        let partial = resolve("lost", 1000).await;
+        assert!(partial.resend && partial.first_completed, "{partial:?}");
+        assert_eq!(
+            (partial.node_ids, partial.first_delivered),
+            (vec!["n2".to_owned()], 1)
+        );
+        // Recorded in full: a plain repeat.
+        svc.complete(Request::new(CompleteRequest {
+            key: "room:r".into(),
+            message_id: "lost".into(),
+            delivered: 2,
+            failed_node_ids: Vec::new(),
+        }))
+        .await
+        .expect("recorded");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let done = resolve("lost", 1000).await;
+        assert!(
+            done.duplicate && !done.resend && done.node_ids.is_empty(),
+            "{done:?}"
+        );
+        assert_eq!(done.first_delivered, 2);
+        assert_eq!(svc.metrics.resends.get(), 2);
     }
 }

@@ -123,10 +123,29 @@ impl Stored {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct IdEntry {
     seq: u64,
-    delivered: Option<u32>,
+    first: FirstAttempt,
+}
+
+/// What became of the first push of a message id, as its push-manager
+/// recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FirstAttempt {
+    /// No result recorded yet: still under way, or its push-manager
+    /// stopped (or lost the controller's answer) before it could record one.
+    Pending {
+        /// When that attempt (or the last resend) was resolved.
+        since: Instant,
+    },
+    /// Its result, as recorded.
+    Completed {
+        /// Connections it reached.
+        delivered: u32,
+        /// Nodes hosting the key that it failed on.
+        failed: Vec<String>,
+    },
 }
 
 #[derive(Debug)]
@@ -142,7 +161,7 @@ struct Stream {
 }
 
 /// Where a pushed message landed in its stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Appended {
     /// Stream epoch.
     pub epoch: u64,
@@ -150,8 +169,8 @@ pub struct Appended {
     pub seq: u64,
     /// The id was seen before: not appended again.
     pub duplicate: bool,
-    /// For a duplicate: connections the first attempt reached, once known.
-    pub first_delivered: Option<u32>,
+    /// For a duplicate: what became of the first attempt.
+    pub first: Option<FirstAttempt>,
 }
 
 /// One query's answer from [`Streams::answer`].
@@ -265,7 +284,7 @@ impl Streams {
                 epoch: stream.epoch,
                 seq: first.seq,
                 duplicate: true,
-                first_delivered: first.delivered,
+                first: Some(first.first.clone()),
             };
         }
         stream.seq += 1;
@@ -276,7 +295,7 @@ impl Streams {
                 body.id.clone(),
                 IdEntry {
                     seq,
-                    delivered: None,
+                    first: FirstAttempt::Pending { since: now },
                 },
             );
             let order = self.next_order;
@@ -303,18 +322,32 @@ impl Streams {
             epoch,
             seq,
             duplicate: false,
-            first_delivered: None,
+            first: None,
         }
     }
 
-    /// Records how many connections a message reached.
-    pub fn complete(&mut self, key: &str, message_id: &str, delivered: u32) {
+    /// Records how many connections a message reached, and the nodes it
+    /// failed on (a retry sends it there again).
+    pub fn complete(&mut self, key: &str, message_id: &str, delivered: u32, failed: Vec<String>) {
         if let Some(e) = self
             .streams
             .get_mut(key)
             .and_then(|s| s.ids.get_mut(message_id))
         {
-            e.delivered = Some(delivered);
+            e.first = FirstAttempt::Completed { delivered, failed };
+        }
+    }
+
+    /// Starts the wait for a result anew: a retry is sending the message
+    /// again, for a first attempt that recorded none.
+    pub fn resending(&mut self, key: &str, message_id: &str, now: Instant) {
+        if let Some(e) = self
+            .streams
+            .get_mut(key)
+            .and_then(|s| s.ids.get_mut(message_id))
+            && matches!(e.first, FirstAttempt::Pending { .. })
+        {
+            e.first = FirstAttempt::Pending { since: now };
         }
     }
 
@@ -910,15 +943,27 @@ mod tests {
         let again = s.append("room:r", &body("same"), false, now);
         assert!(again.duplicate);
         assert_eq!(
-            (again.epoch, again.seq, again.first_delivered),
-            (first.epoch, first.seq, None)
+            (again.epoch, again.seq, again.first),
+            (
+                first.epoch,
+                first.seq,
+                Some(FirstAttempt::Pending { since: now })
+            )
         );
-        s.complete("room:r", "same", 7);
+        s.complete("room:r", "same", 7, vec!["node-2".into()]);
         assert_eq!(
-            s.append("room:r", &body("same"), false, now)
-                .first_delivered,
-            Some(7)
+            s.append("room:r", &body("same"), false, now).first,
+            Some(FirstAttempt::Completed {
+                delivered: 7,
+                failed: vec!["node-2".into()]
+            })
         );
+        // A resend of a completed attempt does not make it pending again.
+        s.resending("room:r", "same", now);
+        assert!(matches!(
+            s.append("room:r", &body("same"), false, now).first,
+            Some(FirstAttempt::Completed { delivered: 7, .. })
+        ));
         assert_eq!(s.append("room:r", &body("other"), false, now).seq, 2);
         assert_eq!(s.total_messages(), 2);
     }

@@ -81,7 +81,16 @@ struct Inner {
     limits: Limits,
     node_timeout: Duration,
     controller_timeout: Duration,
+    /// A repeat whose first attempt has recorded no result for this long
+    /// is sent again (see [`RECORD_MARGIN`]).
+    resend_after: Duration,
 }
+
+/// How long after its node deadline a push's result may take to be
+/// recorded at its controllers. A retry of a push that has recorded none
+/// by then sends the message again: its push-manager stopped, or lost the
+/// controller's answer, before it could deliver it.
+const RECORD_MARGIN: Duration = Duration::from_secs(1);
 
 /// Resolved targets grouped into one batch per connect-node.
 #[derive(Debug, Default)]
@@ -92,24 +101,37 @@ pub struct Batches {
     pub first_delivered: u32,
     /// Targets that were repeats of an earlier push.
     pub duplicates: u32,
+    /// Repeats sent again, to nodes their first attempt did not reach.
+    pub resent: u32,
+    /// Of the repeats whose first attempt has recorded no result and that
+    /// are not sent again: the shortest time since it was resolved.
+    pub youngest_unrecorded_ms: Option<u64>,
     /// User targets with no connection whose stream kept the message.
     pub stored: u32,
-    /// Keys that take this push for the first time.
-    pub fresh_keys: Vec<String>,
+    /// Keys this push goes out to (for the first time, or sent again),
+    /// each with the nodes it goes to.
+    pub sent: Vec<(String, Vec<String>)>,
 }
 
-/// Groups resolved targets by the connect-nodes hosting them, skipping
-/// repeats of an earlier push.
+/// Groups resolved targets by the connect-nodes hosting them. Repeats of
+/// an earlier push are left out, except where the controller says to send
+/// them again: then at once, without waiting for a predecessor.
 pub fn assemble_batches(targets: Vec<pb::ResolvedTarget>, exclude: &[String]) -> Batches {
     let mut b = Batches::default();
     for t in targets {
         if t.duplicate {
-            // Already pushed under this id: never delivered twice.
             b.duplicates += 1;
             b.first_delivered = b.first_delivered.max(t.first_delivered);
-            continue;
-        }
-        if t.stored {
+            if !t.resend {
+                // Already pushed under this id: never delivered twice.
+                if !t.first_completed {
+                    let age = b.youngest_unrecorded_ms.get_or_insert(t.first_age_ms);
+                    *age = (*age).min(t.first_age_ms);
+                }
+                continue;
+            }
+            b.resent += 1;
+        } else if t.stored {
             b.stored += 1;
         }
         for (i, node) in t.node_ids.iter().enumerate() {
@@ -124,7 +146,7 @@ pub fn assemble_batches(targets: Vec<pb::ResolvedTarget>, exclude: &[String]) ->
                     prev_seq: t.prev_seqs.get(i).copied().unwrap_or(0),
                 });
         }
-        b.fresh_keys.push(t.key);
+        b.sent.push((t.key, t.node_ids));
     }
     b
 }
@@ -193,8 +215,11 @@ struct Outcome {
     failed: Vec<(String, String)>,
     /// Targets (users) with no connection whose stream kept the message.
     stored: u32,
-    /// Every target had seen this message id before: nothing was sent.
+    /// Every target had seen this message id before.
     duplicate: bool,
+    /// Connections reached by sending repeats again where their first
+    /// attempt had not arrived (`None`: nothing was sent again).
+    resent: Option<u32>,
     /// Position of the message in the first target's stream.
     position: (u64, u64),
 }
@@ -205,9 +230,31 @@ impl Outcome {
     }
 
     fn message(&self) -> String {
+        let failures = if self.failed.is_empty() {
+            String::new()
+        } else {
+            let names: Vec<String> = self
+                .failed
+                .iter()
+                .map(|(n, e)| format!("{n} ({e})"))
+                .collect();
+            format!(
+                "; failed on {} of {} node(s): {}",
+                self.failed.len(),
+                self.nodes,
+                names.join(", ")
+            )
+        };
         if self.duplicate {
+            let again = match self.resent {
+                Some(n) => format!(
+                    "sent again where its first attempt had not arrived: {n} connection(s) on {} node(s)",
+                    self.nodes
+                ),
+                None => "not delivered again".to_owned(),
+            };
             return format!(
-                "duplicate: message_id was pushed before (delivered to {} connection(s)); not delivered again",
+                "duplicate: message_id was pushed before (delivered to {} connection(s)); {again}{failures}",
                 self.delivered
             );
         }
@@ -225,17 +272,9 @@ impl Outcome {
                 self.delivered, self.nodes
             )
         } else {
-            let names: Vec<String> = self
-                .failed
-                .iter()
-                .map(|(n, e)| format!("{n} ({e})"))
-                .collect();
             format!(
-                "partial failure: delivered to {} connection(s); failed on {} of {} node(s): {}{stored}",
-                self.delivered,
-                self.failed.len(),
-                self.nodes,
-                names.join(", ")
+                "partial failure: delivered to {} connection(s){failures}{stored}",
+                self.delivered
             )
         }
     }
@@ -293,6 +332,7 @@ impl PushService {
                 limits,
                 node_timeout,
                 controller_timeout: node_timeout,
+                resend_after: node_timeout + RECORD_MARGIN,
             }),
         }
     }
@@ -436,6 +476,7 @@ impl PushService {
                 targets,
                 message_id: body.id.clone(),
                 body: Some(body.clone()),
+                resend_after_ms: self.inner.resend_after.as_millis() as u64,
             };
             async move {
                 match resolver.call(req).await {
@@ -472,17 +513,33 @@ impl PushService {
     }
 
     /// Tells the owning controllers how the push went, so a retry with the
-    /// same id is answered with this result. Best effort, off the reply
-    /// path: the records are gathered and sent a few at a time.
-    fn record_completion(&self, keys: Vec<String>, message_id: &str, delivered: u32) {
-        for key in keys {
+    /// same id is answered with this result and sent again only to the
+    /// nodes it failed on. Best effort, off the reply path: the records are
+    /// gathered and sent a few at a time.
+    fn record_completion(
+        &self,
+        sent: Vec<(String, Vec<String>)>,
+        message_id: &str,
+        delivered: u32,
+        failed: &[(String, String)],
+    ) {
+        for (key, nodes) in sent {
             let Some(completer) = self.inner.controllers.completer(&key) else {
                 continue;
+            };
+            let failed_node_ids = if failed.is_empty() {
+                Vec::new()
+            } else {
+                nodes
+                    .into_iter()
+                    .filter(|n| failed.iter().any(|(f, _)| f == n))
+                    .collect()
             };
             let recorded = completer.record(CompleteRequest {
                 key,
                 message_id: message_id.to_owned(),
                 delivered,
+                failed_node_ids,
             });
             if !recorded {
                 self.inner.metrics.completions_dropped.inc();
@@ -515,9 +572,25 @@ impl PushService {
             per_node,
             first_delivered,
             duplicates,
+            resent,
+            youngest_unrecorded_ms,
             stored,
-            fresh_keys,
+            sent,
         } = assemble_batches(targets, &exclude);
+        let fresh = sent.len() as u32 - resent;
+        // A repeat of a push still under way: what it will deliver is not
+        // known yet, and sending it too might deliver it twice.
+        let under_way = youngest_unrecorded_ms
+            .filter(|&ms| Duration::from_millis(ms) < inner.resend_after)
+            .map(|ms| {
+                format!(
+                    "the first push with message_id {:?} is still under way (resolved {ms} ms \
+                     ago) and has not recorded its result (a retry {} ms after it without one \
+                     sends the message again)",
+                    body.id,
+                    inner.resend_after.as_millis()
+                )
+            });
         inner.metrics.fanout_nodes.observe(per_node.len() as f64);
         let nodes = per_node.len();
         let calls = per_node.into_iter().map(|(node, targets)| {
@@ -543,15 +616,23 @@ impl PushService {
                 (node, r, start)
             }
         });
+        let duplicate = fresh == 0 && duplicates > 0;
         let mut outcome = Outcome {
             delivered: 0,
             nodes,
             failed: Vec::new(),
             stored,
-            duplicate: fresh_keys.is_empty() && duplicates > 0,
+            duplicate,
+            resent: None,
             position,
         };
-        if outcome.duplicate && unanswered.is_none() {
+        if sent.is_empty() && unanswered.is_none() {
+            if let Some(under_way) = under_way {
+                inner.metrics.push_failed.inc();
+                return Err(Status::unavailable(format!(
+                    "{under_way}; retry with the same message_id to learn its result"
+                )));
+            }
             outcome.delivered = first_delivered;
             return Ok(outcome);
         }
@@ -572,22 +653,26 @@ impl PushService {
                 }
             }
         }
-        if outcome.success() && unanswered.is_none() {
+        if duplicate {
+            outcome.resent = Some(outcome.delivered);
+            outcome.delivered += first_delivered;
+        }
+        if outcome.success() && unanswered.is_none() && under_way.is_none() {
             inner.metrics.push_success.inc();
         } else {
             inner.metrics.push_failed.inc();
         }
         if idempotent {
-            self.record_completion(fresh_keys, &body.id, outcome.delivered);
+            self.record_completion(sent, &body.id, outcome.delivered, &outcome.failed);
         }
-        if let Some(first) = unanswered {
+        if let Some(first) = unanswered.or(under_way) {
             // The targets of the controllers that answered have it; the
             // others do not. A retry with the same message_id reaches
             // those and is not delivered again to these.
             return Err(Status::unavailable(format!(
-                "{first}; delivered only to the targets of the controllers that answered \
-                 ({} connection(s)); retry with the same message_id to reach the rest \
-                 (targets already reached are not delivered again)",
+                "{first}; delivered only to the other targets ({} connection(s)); retry with \
+                 the same message_id to reach the rest (targets already reached are not \
+                 delivered again)",
                 outcome.delivered
             )));
         }
@@ -918,5 +1003,61 @@ mod tests {
         let users = target_users(String::new(), many.clone(), 1000).unwrap();
         assert_eq!(users.len(), 1000);
         assert!(users.iter().zip(&many).all(|(u, m)| u.as_str() == m));
+    }
+
+    /// Repeats stay out of the batches unless the controller says to send
+    /// them again; then they go at once (no predecessor) to the nodes it
+    /// names, and count as sent for the result record.
+    #[test]
+    fn repeats_are_batched_only_where_they_are_sent_again() {
+        let target = |key: &str, nodes: &[&str]| pb::ResolvedTarget {
+            key: key.into(),
+            epoch: 9,
+            seq: 4,
+            node_ids: nodes.iter().map(|n| n.to_string()).collect(),
+            prev_seqs: vec![3; nodes.len()],
+            ..Default::default()
+        };
+        let fresh = target("user:a", &["n1"]);
+        let plain = pb::ResolvedTarget {
+            duplicate: true,
+            first_completed: true,
+            first_delivered: 5,
+            ..target("user:b", &[])
+        };
+        let under_way = pb::ResolvedTarget {
+            duplicate: true,
+            first_age_ms: 120,
+            ..target("user:c", &[])
+        };
+        let again = pb::ResolvedTarget {
+            duplicate: true,
+            resend: true,
+            prev_seqs: Vec::new(),
+            ..target("user:d", &["n2"])
+        };
+        let b = assemble_batches(vec![fresh, plain, under_way, again], &[]);
+        assert_eq!((b.duplicates, b.resent, b.first_delivered), (3, 1, 5));
+        assert_eq!(b.youngest_unrecorded_ms, Some(120));
+        assert_eq!(
+            b.sent,
+            [
+                ("user:a".to_owned(), vec!["n1".to_owned()]),
+                ("user:d".to_owned(), vec!["n2".to_owned()])
+            ]
+        );
+        let nodes: Vec<_> = b.per_node.keys().cloned().collect();
+        assert_eq!(nodes, ["n1", "n2"]);
+        assert_eq!(b.per_node["n1"][0].prev_seq, 3);
+        let resent = &b.per_node["n2"][0];
+        assert_eq!(
+            (
+                resent.stream.as_str(),
+                resent.epoch,
+                resent.seq,
+                resent.prev_seq
+            ),
+            ("user:d", 9, 4, 0)
+        );
     }
 }
