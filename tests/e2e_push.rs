@@ -1568,3 +1568,37 @@ async fn a_retry_sends_a_push_again_to_the_node_it_failed_on() -> anyhow::Result
     next_is_marker(&mut api, &mut client, "f1").await?;
     Ok(())
 }
+
+/// A retry sent right after its first attempt answered, before that
+/// attempt's result is recorded at the controller (records are gathered
+/// for 5 ms), waits for the record: it is answered with the first
+/// attempt's count, not "still under way", and delivers nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_right_after_the_first_answer_gets_its_result() -> anyhow::Result<()> {
+    barrage_testkit::init_tracing();
+    let mut cluster = TestCluster::in_process();
+    cluster.start(1).await?;
+    let mut api = cluster.push_client().await?;
+    let mut client = connect(&cluster.nodes[0].ws_url(), "q1", &[]).await?;
+    placed(&api, "q1", "node-1").await?;
+    for i in 0..10 {
+        let push = PushToUserRequest {
+            user_id: "q1".into(),
+            content: format!("q{i}"),
+            message_id: format!("quick-{i}"),
+            ..Default::default()
+        };
+        let first = within(T, "push", api.push_to_user(push.clone()))
+            .await??
+            .into_inner();
+        let again = within(T, "retry", api.push_to_user(push))
+            .await??
+            .into_inner();
+        assert!(first.success && !first.duplicate, "{first:?}");
+        assert!(again.success && again.duplicate, "{again:?}");
+        assert_eq!(again.delivered_count, 1, "{again:?}");
+        let m = next_msg(&mut client).await?;
+        assert_eq!(m.data, Some(serde_json::json!(format!("q{i}"))));
+    }
+    next_is_marker(&mut api, &mut client, "q1").await
+}

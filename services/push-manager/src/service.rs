@@ -92,6 +92,12 @@ struct Inner {
 /// controller's answer, before it could deliver it.
 const RECORD_MARGIN: Duration = Duration::from_secs(1);
 
+/// How long a plain repeat waits for its first attempt's result to be
+/// recorded, asking every [`FIRST_RESULT_POLL`], before it answers "still
+/// under way".
+const FIRST_RESULT_WAIT: Duration = Duration::from_millis(250);
+const FIRST_RESULT_POLL: Duration = Duration::from_millis(5);
+
 /// Resolved targets grouped into one batch per connect-node.
 #[derive(Debug, Default)]
 pub struct Batches {
@@ -512,6 +518,35 @@ impl PushService {
         Ok(out)
     }
 
+    /// Resolves a push; a plain repeat of a push whose result is not
+    /// recorded yet is asked again for a short while. Such a repeat is
+    /// usually a caller's retry right after the first attempt answered,
+    /// whose record is still on its way (see [`crate::complete`]); the
+    /// wait answers it with the first attempt's result instead of "still
+    /// under way". Repeats of several targets of which some are new are
+    /// not asked again: that would find the new ones repeated too.
+    async fn resolve_awaiting_first_result(
+        &self,
+        keys: &[StreamKey],
+        body: &MessageBody,
+    ) -> Result<Resolved, Status> {
+        let resend_after = self.inner.resend_after.as_millis() as u64;
+        let mut waited = Duration::ZERO;
+        loop {
+            let r = self.resolve(keys, body).await?;
+            let awaits_record = r.unanswered.is_none()
+                && r.targets.iter().all(|t| t.duplicate && !t.resend)
+                && r.targets
+                    .iter()
+                    .any(|t| !t.first_completed && t.first_age_ms < resend_after);
+            if !awaits_record || waited >= FIRST_RESULT_WAIT {
+                return Ok(r);
+            }
+            tokio::time::sleep(FIRST_RESULT_POLL).await;
+            waited += FIRST_RESULT_POLL;
+        }
+    }
+
     /// Tells the owning controllers how the push went, so a retry with the
     /// same id is answered with this result and sent again only to the
     /// nodes it failed on. Best effort, off the reply path: the records are
@@ -560,7 +595,7 @@ impl PushService {
             targets,
             addrs,
             unanswered,
-        } = match self.resolve(&keys, &body).await {
+        } = match self.resolve_awaiting_first_result(&keys, &body).await {
             Ok(r) => r,
             Err(s) => {
                 inner.metrics.push_failed.inc();
