@@ -1602,3 +1602,68 @@ async fn a_retry_right_after_the_first_answer_gets_its_result() -> anyhow::Resul
     }
     next_is_marker(&mut api, &mut client, "q1").await
 }
+
+/// A push with a message_id whose caller goes away (its deadline passes)
+/// while the push-manager waits for the controller still runs to its end:
+/// the message is delivered, and a retry is answered with the recorded
+/// result at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_with_a_message_id_outlives_its_callers_deadline() -> anyhow::Result<()> {
+    barrage_testkit::init_tracing();
+    let mut cluster = TestCluster::in_process();
+    // The push-manager reaches the controller through a proxy that holds
+    // each new connection for a while: its first push waits that long.
+    let (proxy, upstream) = delaying_proxy(Duration::from_millis(700)).await?;
+    cluster
+        .start_controller_with("controller-1", |c| c.advertise_addr = proxy.clone())
+        .await?;
+    let _ = upstream.send(cluster.controllers[0].grpc_addr.clone());
+    cluster.start_node("node-1").await?;
+    cluster.start_manager("manager-1").await?;
+    let mut client = connect(&cluster.nodes[0].ws_url(), "d1", &[]).await?;
+    // Asked directly, so that the push-manager has not connected yet.
+    let controller = controller_at(&cluster.controllers[0].grpc_addr.to_string()).await?;
+    eventually(T, "the user known to the controller", || {
+        let mut controller = controller.clone();
+        async move {
+            let r = controller
+                .get_user_node(GetUserNodeRequest {
+                    user_id: "d1".into(),
+                })
+                .await
+                .ok()?;
+            r.into_inner().online.then_some(())
+        }
+    })
+    .await?;
+    let mut api = cluster.push_client().await?;
+    let push = PushToUserRequest {
+        user_id: "d1".into(),
+        content: "late".into(),
+        message_id: "deadline-1".into(),
+        ..Default::default()
+    };
+    let mut short = tonic::Request::new(push.clone());
+    short.set_timeout(Duration::from_millis(200));
+    let gone = within(T, "the short call", api.push_to_user(short))
+        .await?
+        .expect_err("the caller's deadline passes first");
+    assert!(
+        matches!(
+            gone.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{gone:?}"
+    );
+    let m = next_msg(&mut client).await?;
+    assert_eq!(
+        (m.id.as_str(), m.data),
+        ("deadline-1", Some(serde_json::json!("late")))
+    );
+    let retried = within(T, "the retry", api.push_to_user(push))
+        .await??
+        .into_inner();
+    assert!(retried.success && retried.duplicate, "{retried:?}");
+    assert_eq!(retried.delivered_count, 1, "{retried:?}");
+    next_is_marker(&mut api, &mut client, "d1").await
+}

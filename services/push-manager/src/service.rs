@@ -582,8 +582,30 @@ impl PushService {
         }
     }
 
-    /// Resolves, then sends one batch per node concurrently.
+    /// Pushes `body` to `keys`. A push with a caller's `message_id`
+    /// (`idempotent`) runs as a task of its own, to its end even when the
+    /// caller goes away (cancels, or its deadline passes): once a
+    /// controller has taken the message, it is delivered and its result
+    /// recorded, so that a retry is answered with that result at once.
     async fn push(
+        &self,
+        keys: Vec<StreamKey>,
+        body: MessageBody,
+        exclude: Vec<String>,
+        idempotent: bool,
+    ) -> Result<Outcome, Status> {
+        if !idempotent {
+            return self.push_now(keys, body, exclude, false).await;
+        }
+        let this = self.clone();
+        let task = async move { this.push_now(keys, body, exclude, true).await };
+        tokio::spawn(task.in_current_span())
+            .await
+            .unwrap_or_else(|e| Err(Status::internal(format!("push task failed: {e}"))))
+    }
+
+    /// Resolves, then sends one batch per node concurrently.
+    async fn push_now(
         &self,
         keys: Vec<StreamKey>,
         body: MessageBody,
