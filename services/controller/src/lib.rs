@@ -269,7 +269,7 @@ fn follow_nodes(
         let dropped = {
             let mut s = state.lock();
             s.ownership.set_alive(alive.clone());
-            s.members.retain_nodes(&alive)
+            s.members.retain_nodes(&alive, std::time::Instant::now())
         };
         for id in dropped {
             tracing::info!(node_id = %id, "connect-node left discovery; dropped its sessions");

@@ -65,10 +65,16 @@ pub struct Membership {
     /// (key, node, user) entries in `keys`, kept in step with it.
     members: usize,
     nodes: HashMap<String, NodeEntry>,
-    /// Incarnations of nodes that left discovery: their late reports are
-    /// ignored until discovery lists the node again.
-    departed: HashMap<String, String>,
+    /// Incarnations of nodes that left discovery, and when: their late
+    /// reports are ignored until discovery lists the node again, or for
+    /// [`DEPARTED_MEMORY`] (ids of replaced pods never come back).
+    departed: HashMap<String, (String, Instant)>,
 }
+
+/// How long a departed node's incarnation is remembered. Its reports stop
+/// within seconds of its leaving (it exits, or re-registers once it
+/// reaches discovery again), so an hour only bounds the map.
+pub const DEPARTED_MEMORY: Duration = Duration::from_secs(3600);
 
 impl Membership {
     /// Empty state.
@@ -77,7 +83,9 @@ impl Membership {
     }
 
     fn has_departed(&self, node_id: &str, incarnation: &str) -> bool {
-        self.departed.get(node_id).is_some_and(|i| i == incarnation)
+        self.departed
+            .get(node_id)
+            .is_some_and(|(i, _)| i == incarnation)
     }
 
     /// Applies a batch of session changes from a node.
@@ -246,9 +254,12 @@ impl Membership {
     }
 
     /// Drops every node not in `alive` (discovery's view) and ignores their
-    /// current incarnation until discovery lists them again; returns their ids.
-    pub fn retain_nodes(&mut self, alive: &HashSet<String>) -> Vec<String> {
-        self.departed.retain(|id, _| !alive.contains(id));
+    /// current incarnation until discovery lists them again (for
+    /// [`DEPARTED_MEMORY`] at most); returns their ids.
+    pub fn retain_nodes(&mut self, alive: &HashSet<String>, now: Instant) -> Vec<String> {
+        self.departed.retain(|id, (_, since)| {
+            !alive.contains(id) && now.saturating_duration_since(*since) < DEPARTED_MEMORY
+        });
         let dead: Vec<String> = self
             .nodes
             .keys()
@@ -257,7 +268,8 @@ impl Membership {
             .collect();
         for id in &dead {
             if let Some(n) = self.nodes.get(id) {
-                self.departed.insert(id.clone(), n.incarnation.clone());
+                self.departed
+                    .insert(id.clone(), (n.incarnation.clone(), now));
             }
             self.drop_node(id);
         }
@@ -477,7 +489,7 @@ mod tests {
         assert_eq!(dead, vec!["n1"]);
         assert_eq!(m.node_count(), 1);
         let alive: HashSet<String> = HashSet::new();
-        assert_eq!(m.retain_nodes(&alive), vec!["n2"]);
+        assert_eq!(m.retain_nodes(&alive, Instant::now()), vec!["n2"]);
     }
 
     #[test]
@@ -485,7 +497,7 @@ mod tests {
         let mut m = Membership::new();
         let now = Instant::now();
         m.sync("n1", "i1", "a", 0, true, &[], now);
-        m.retain_nodes(&HashSet::new());
+        m.retain_nodes(&HashSet::new(), now);
         assert_eq!(m.report("n1", "i1", 1, &[], now), ReportOutcome::Departed);
         assert!(!m.sync("n1", "i1", "a", 0, true, &[], now));
         assert_eq!(m.node_count(), 0);
@@ -493,8 +505,29 @@ mod tests {
         assert!(m.sync("n1", "i2", "a", 0, true, &[], now));
         m.drop_node("n1");
         // Listed again (e.g. re-registered after an etcd outage): welcome.
-        m.retain_nodes(&["n1".to_string()].into_iter().collect());
+        m.retain_nodes(&["n1".to_string()].into_iter().collect(), now);
         assert!(m.sync("n1", "i1", "a", 0, true, &[], now));
+    }
+
+    /// Ids of departed nodes that never come back (replaced pods) are
+    /// forgotten after `DEPARTED_MEMORY`, so the map does not only grow.
+    #[test]
+    fn departed_incarnations_are_forgotten_after_a_while() {
+        let mut m = Membership::new();
+        let now = Instant::now();
+        for i in 0..3 {
+            m.sync(&format!("pod-{i}"), "i1", "a", 0, true, &[], now);
+        }
+        m.retain_nodes(&HashSet::new(), now);
+        assert_eq!(m.departed.len(), 3);
+        let later = now + DEPARTED_MEMORY / 2;
+        m.retain_nodes(&HashSet::new(), later);
+        assert_eq!(
+            m.report("pod-0", "i1", 1, &[], later),
+            ReportOutcome::Departed
+        );
+        m.retain_nodes(&HashSet::new(), now + DEPARTED_MEMORY);
+        assert!(m.departed.is_empty());
     }
 
     proptest::proptest! {

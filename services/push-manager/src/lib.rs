@@ -158,6 +158,8 @@ pub async fn run(
     if let Some(w) = peers.nodes {
         let pool = nodes.clone();
         tokio::spawn(w.follow(tasks.clone(), move |m| pool.sync(m)));
+    } else {
+        tokio::spawn(forget_unused_nodes(nodes.clone(), tasks.clone()));
     }
     let stats = {
         let (nodes, controllers, node_id) =
@@ -242,4 +244,26 @@ pub async fn run(
     }
     tracing::info!(node_id = %cfg.node_id, "push-manager stopped");
     Ok(())
+}
+
+/// Without discovery, a push-manager learns connect-nodes from its
+/// controllers' answers. A node no push has asked for in this long is
+/// dropped from the pool (it left, or hosts nobody pushed to): a later
+/// answer that names it adds it again.
+pub const LEARNED_NODE_IDLE: Duration = Duration::from_secs(600);
+
+/// Drops unused learned nodes every minute until `stop`.
+async fn forget_unused_nodes(pool: std::sync::Arc<pool::NodePool>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {
+                for id in pool.forget_unused(LEARNED_NODE_IDLE) {
+                    tracing::info!(node_id = %id, "dropped a connect-node no push has asked for in 10 minutes");
+                }
+            }
+        }
+    }
 }

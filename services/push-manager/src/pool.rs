@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use barrage_discovery::Members;
@@ -194,14 +195,19 @@ pub struct Node {
     pub sender: Arc<NodeSender>,
 }
 
-#[derive(Clone)]
 struct Entry {
     addr: String,
     node: Node,
+    /// Learned from a controller's answer, not from discovery: kept while
+    /// pushes ask for it (see [`NodePool::forget_unused`]).
+    learned: bool,
+    /// When a push last asked for it, in seconds of the pool's clock
+    /// (learned entries only).
+    used: AtomicU64,
 }
 
 impl Entry {
-    fn new(addr: &str, dialer: &Dialer) -> Option<Entry> {
+    fn new(addr: &str, dialer: &Dialer, learned: Option<u64>) -> Option<Entry> {
         let client = ConnectNodeClient::new(dialer.channel(addr)?)
             .max_decoding_message_size(barrage_proto::PEER_MESSAGE_LIMIT);
         Some(Entry {
@@ -210,6 +216,8 @@ impl Entry {
                 sender: Arc::new(node_sender(client.clone(), dialer)),
                 client,
             },
+            learned: learned.is_some(),
+            used: AtomicU64::new(learned.unwrap_or(0)),
         })
     }
 }
@@ -219,6 +227,8 @@ pub struct NodePool {
     nodes: RwLock<HashMap<String, Entry>>,
     gauge: IntGauge,
     dialer: Dialer,
+    /// The pool's clock starts here.
+    start: tokio::time::Instant,
 }
 
 impl NodePool {
@@ -228,7 +238,31 @@ impl NodePool {
             nodes: RwLock::new(HashMap::new()),
             gauge,
             dialer,
+            start: tokio::time::Instant::now(),
         })
+    }
+
+    fn clock(&self) -> u64 {
+        self.start.elapsed().as_secs()
+    }
+
+    /// Drops the nodes learned from controllers' answers that no push has
+    /// asked for in `idle`: without discovery, nothing else tells that a
+    /// node is gone. Returns their ids.
+    pub fn forget_unused(&self, idle: Duration) -> Vec<String> {
+        let now = self.clock();
+        let mut nodes = self.nodes.write();
+        let mut gone = Vec::new();
+        nodes.retain(|id, e| {
+            let keep =
+                !e.learned || now.saturating_sub(e.used.load(Ordering::Relaxed)) < idle.as_secs();
+            if !keep {
+                gone.push(id.clone());
+            }
+            keep
+        });
+        self.gauge.set(nodes.len() as i64);
+        gone
     }
 
     /// The node `node_id`. When it is not pooled yet (discovery lags, or
@@ -238,6 +272,9 @@ impl NodePool {
         if let Some(e) = self.nodes.read().get(node_id)
             && addr_hint.is_none_or(|a| a == e.addr)
         {
+            if e.learned {
+                e.used.store(self.clock(), Ordering::Relaxed);
+            }
             return Some(e.node.clone());
         }
         let addr = addr_hint?;
@@ -248,7 +285,7 @@ impl NodePool {
         {
             return Some(e.node.clone());
         }
-        let entry = Entry::new(addr, &self.dialer)?;
+        let entry = Entry::new(addr, &self.dialer, Some(self.clock()))?;
         let node = entry.node.clone();
         nodes.insert(node_id.to_owned(), entry);
         self.gauge.set(nodes.len() as i64);
@@ -262,7 +299,7 @@ impl NodePool {
         nodes.retain(|id, e| members.get(id).is_some_and(|m| m.grpc_addr == e.addr));
         for (id, m) in members {
             if !nodes.contains_key(id)
-                && let Some(e) = Entry::new(&m.grpc_addr, &self.dialer)
+                && let Some(e) = Entry::new(&m.grpc_addr, &self.dialer, None)
             {
                 nodes.insert(id.clone(), e);
             }
@@ -370,5 +407,67 @@ impl ControllerRing {
             entries.push((id.clone(), entry));
         }
         *self.ring.write() = Arc::new(Ring::new(entries, self.vnodes));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> Arc<NodePool> {
+        let dialer = Dialer {
+            connect_timeout: Duration::from_secs(1),
+            call_timeout: Duration::from_secs(1),
+            tls: barrage_proto::GrpcTls::plaintext(),
+            batching: BatchLimits {
+                max_in_flight: 1,
+                max_items: 8,
+                max_bytes: 1 << 20,
+            },
+            call_items: prometheus::HistogramVec::new(
+                prometheus::HistogramOpts::new("items", "items per call"),
+                &["peer"],
+            )
+            .expect("histogram"),
+            local: barrage_proto::LocalPeers::default(),
+        };
+        NodePool::new(
+            IntGauge::new("nodes", "pooled nodes").expect("gauge"),
+            dialer,
+        )
+    }
+
+    /// Without discovery, nodes learned from controllers' answers are
+    /// dropped once no push has asked for them in a while; nodes from
+    /// discovery stay until discovery drops them.
+    #[tokio::test(start_paused = true)]
+    async fn learned_nodes_no_push_asks_for_are_forgotten() {
+        let pool = pool();
+        let listed: Members = [(
+            "listed".to_owned(),
+            barrage_discovery::Member {
+                id: "listed".into(),
+                role: barrage_discovery::Role::ConnectNode,
+                grpc_addr: "127.0.0.1:1".into(),
+                http_addr: String::new(),
+                ws_addr: None,
+            },
+        )]
+        .into_iter()
+        .collect();
+        pool.sync(&listed);
+        assert!(pool.get("busy", Some("127.0.0.1:2")).is_some());
+        assert!(pool.get("gone", Some("127.0.0.1:3")).is_some());
+        let idle = Duration::from_secs(600);
+        tokio::time::advance(Duration::from_secs(400)).await;
+        assert!(pool.get("busy", None).is_some(), "asked for again");
+        assert!(pool.forget_unused(idle).is_empty());
+        tokio::time::advance(Duration::from_secs(300)).await;
+        assert_eq!(pool.forget_unused(idle), ["gone"]);
+        assert_eq!(pool.node_ids(), ["busy", "listed"]);
+        assert_eq!(pool.gauge.get(), 2);
+        // A later answer naming it adds it again.
+        assert!(pool.get("gone", Some("127.0.0.1:3")).is_some());
+        assert_eq!(pool.node_ids(), ["busy", "gone", "listed"]);
     }
 }
