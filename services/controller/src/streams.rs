@@ -968,6 +968,27 @@ mod tests {
         assert_eq!(s.total_messages(), 2);
     }
 
+    /// A stream that keeps no history keeps no ids either: a repeat is a
+    /// new message (what README says of a history size of 0).
+    #[tokio::test(start_paused = true)]
+    async fn without_history_a_repeated_id_is_a_new_message() {
+        let mut s = Streams::new(StreamConfig {
+            user: Retention {
+                max_messages: 0,
+                ttl: Duration::from_secs(60),
+            },
+            ..StreamConfig::default()
+        });
+        let now = Instant::now();
+        let first = s.append("user:u", &body("same"), false, now);
+        let again = s.append("user:u", &body("same"), false, now);
+        assert!(!again.duplicate);
+        assert_eq!(again.seq, first.seq + 1);
+        // Rooms keep theirs.
+        s.append("room:r", &body("same"), false, now);
+        assert!(s.append("room:r", &body("same"), false, now).duplicate);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn offline_user_messages_are_handed_out_once() {
         let mut s = Streams::new(StreamConfig::default());
