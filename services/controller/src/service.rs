@@ -15,7 +15,6 @@ use tonic::{Request, Response, Status};
 
 use crate::metrics::Metrics;
 use crate::state::{ControllerState, ReportOutcome};
-use crate::streams::{FirstAttempt, Streams};
 
 /// Members listed by GetRoomInfo at most.
 const MAX_LISTED_MEMBERS: usize = 1000;
@@ -111,29 +110,25 @@ impl ControllerService {
                 duplicate: appended.duplicate,
                 ..Default::default()
             };
-            match appended.first {
-                None => {
-                    target.prev_seqs = s.streams.route(&key, appended.seq, &node_ids, now);
-                    target.node_ids = node_ids;
-                    target.stored = stored;
+            if appended.duplicate {
+                self.metrics.duplicates.inc();
+                let r = s
+                    .streams
+                    .repeat(&key, &body.id, node_ids, resend_after, now);
+                target.attempt = r.attempt;
+                target.first_delivered = r.delivered;
+                target.first_completed = r.recorded;
+                target.under_way = r.under_way.is_some();
+                target.first_age_ms = r.under_way.map_or(0, |a| a.as_millis() as u64);
+                target.resend = !r.resend.is_empty();
+                target.node_ids = r.resend;
+                if target.resend {
+                    self.metrics.resends.inc();
                 }
-                Some(first) => {
-                    self.metrics.duplicates.inc();
-                    let streams = &mut s.streams;
-                    answer_repeat(
-                        streams,
-                        &key,
-                        &body.id,
-                        first,
-                        node_ids,
-                        resend_after,
-                        now,
-                        &mut target,
-                    );
-                    if target.resend {
-                        self.metrics.resends.inc();
-                    }
-                }
+            } else {
+                target.prev_seqs = s.streams.route(&key, appended.seq, &node_ids, now);
+                target.node_ids = node_ids;
+                target.stored = stored;
             }
             for n in &target.node_ids {
                 if let Some(addr) = s.members.node_addr(n) {
@@ -146,49 +141,6 @@ impl ControllerService {
         self.metrics.observe(&s);
         Ok(out)
     }
-}
-
-/// Answers a repeated message id from what became of its first attempt:
-/// with the connections it reached and, where it is due, the nodes now
-/// hosting the key (`hosting`) to send it to again: those the first
-/// attempt failed on, or all of them when it has recorded no result for
-/// `resend_after` (its push-manager stopped or lost this answer).
-#[allow(clippy::too_many_arguments)]
-fn answer_repeat(
-    streams: &mut Streams,
-    key: &str,
-    message_id: &str,
-    first: FirstAttempt,
-    hosting: Vec<String>,
-    resend_after: Option<Duration>,
-    now: tokio::time::Instant,
-    target: &mut pb::ResolvedTarget,
-) {
-    let Some(resend_after) = resend_after else {
-        // A caller that does not send again: the result as recorded.
-        if let FirstAttempt::Completed { delivered, .. } = first {
-            target.first_delivered = delivered;
-            target.first_completed = true;
-        }
-        return;
-    };
-    match first {
-        FirstAttempt::Completed { delivered, failed } => {
-            target.first_delivered = delivered;
-            target.first_completed = true;
-            target.node_ids = hosting.into_iter().filter(|n| failed.contains(n)).collect();
-        }
-        FirstAttempt::Pending { since } => {
-            let age = now.saturating_duration_since(since);
-            target.first_age_ms = age.as_millis() as u64;
-            if age >= resend_after && !hosting.is_empty() {
-                // This resend is now the attempt whose result is awaited.
-                streams.resending(key, message_id, now);
-                target.node_ids = hosting;
-            }
-        }
-    }
-    target.resend = !target.node_ids.is_empty();
 }
 
 fn invalid(field: &str, e: impl std::fmt::Display) -> Status {
@@ -301,10 +253,13 @@ impl Controller for ControllerService {
         req: Request<CompleteRequest>,
     ) -> Result<Response<CompleteResponse>, Status> {
         let r = req.into_inner();
-        self.state
-            .lock()
-            .streams
-            .complete(&r.key, &r.message_id, r.delivered, r.failed_node_ids);
+        self.state.lock().streams.complete(
+            &r.key,
+            &r.message_id,
+            r.attempt,
+            r.delivered,
+            r.failed_node_ids,
+        );
         Ok(Response::new(CompleteResponse {}))
     }
 
@@ -315,9 +270,13 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         let mut state = self.state.lock();
         for c in r.completions {
-            state
-                .streams
-                .complete(&c.key, &c.message_id, c.delivered, c.failed_node_ids);
+            state.streams.complete(
+                &c.key,
+                &c.message_id,
+                c.attempt,
+                c.delivered,
+                c.failed_node_ids,
+            );
         }
         Ok(Response::new(CompleteResponse {}))
     }
@@ -550,36 +509,41 @@ mod tests {
         // No result recorded: under way, not sent again yet.
         tokio::time::advance(Duration::from_millis(400)).await;
         let early = resolve("lost", 1000).await;
-        assert!(early.duplicate && !early.resend, "{early:?}");
+        assert!(
+            early.duplicate && early.under_way && !early.resend,
+            "{early:?}"
+        );
         assert!(
             early.node_ids.is_empty() && !early.first_completed,
             "{early:?}"
         );
-        assert_eq!(early.first_age_ms, 400);
+        assert_eq!((early.first_age_ms, early.attempt), (400, 0));
         // A caller that never sends again is answered as before.
         tokio::time::advance(Duration::from_millis(700)).await;
         assert!(!resolve("lost", 0).await.resend);
         // Long enough: sent again to every hosting node, at the first
         // attempt's position; the resend is now the attempt awaited.
         let due = resolve("lost", 1000).await;
-        assert!(due.duplicate && due.resend, "{due:?}");
+        assert!(due.duplicate && due.resend && !due.under_way, "{due:?}");
+        assert_eq!(due.attempt, 1);
         assert_eq!(due.node_ids, ["n1", "n2"]);
         assert_eq!((due.epoch, due.seq), (first.epoch, first.seq));
         assert!(due.prev_seqs.is_empty(), "{due:?}");
-        assert!(!resolve("lost", 1000).await.resend, "awaiting the resend");
-        // Recorded with a failed node: sent again there only.
+        assert!(resolve("lost", 1000).await.under_way, "awaiting the resend");
+        // The resend recorded, with a failed node: sent again there only.
         svc.complete_batch(Request::new(CompleteBatchRequest {
             completions: vec![CompleteRequest {
                 key: "room:r".into(),
                 message_id: "lost".into(),
                 delivered: 1,
                 failed_node_ids: vec!["n2".into()],
+                attempt: 1,
             }],
         }))
         .await
         .expect("recorded");
         let partial = resolve("lost", 1000).await;
-        assert!(partial.resend && partial.first_completed, "{partial:?}");
+        assert!(partial.resend && partial.attempt == 2, "{partial:?}");
         assert_eq!(
             (partial.node_ids, partial.first_delivered),
             (vec!["n2".to_owned()], 1)
@@ -590,6 +554,7 @@ mod tests {
             message_id: "lost".into(),
             delivered: 2,
             failed_node_ids: Vec::new(),
+            attempt: 2,
         }))
         .await
         .expect("recorded");
@@ -599,7 +564,8 @@ mod tests {
             done.duplicate && !done.resend && done.node_ids.is_empty(),
             "{done:?}"
         );
-        assert_eq!(done.first_delivered, 2);
+        assert!(done.first_completed && !done.under_way, "{done:?}");
+        assert_eq!(done.first_delivered, 3);
         assert_eq!(svc.metrics.resends.get(), 2);
     }
 }

@@ -123,29 +123,43 @@ impl Stored {
     }
 }
 
+/// What a stream remembers of a message id: the attempts to deliver it.
+/// The first attempt is the push that appended it; a retry that finds it
+/// not arrived somewhere starts another (a resend).
 #[derive(Debug)]
 struct IdEntry {
     seq: u64,
-    first: FirstAttempt,
+    /// When the attempt under way began, in milliseconds of the streams'
+    /// clock; [`RECORDED`] once its result is recorded.
+    since_ms: u64,
+    /// The attempt under way or last recorded (0: the first). A record
+    /// names the attempt it reports; only the latest one's is taken.
+    attempt: u32,
+    /// Connections the recorded attempts reached.
+    delivered: u32,
+    /// The nodes the attempt under way sends to (`None`: every node that
+    /// hosts the key), or those the recorded one failed on (`None`: none).
+    nodes: Option<Box<[String]>>,
 }
 
-/// What became of the first push of a message id, as its push-manager
-/// recorded it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FirstAttempt {
-    /// No result recorded yet: still under way, or its push-manager
-    /// stopped (or lost the controller's answer) before it could record one.
-    Pending {
-        /// When that attempt (or the last resend) was resolved.
-        since: Instant,
-    },
-    /// Its result, as recorded.
-    Completed {
-        /// Connections it reached.
-        delivered: u32,
-        /// Nodes hosting the key that it failed on.
-        failed: Vec<String>,
-    },
+/// `IdEntry::since_ms` of an attempt whose result is recorded.
+const RECORDED: u64 = u64::MAX;
+
+/// How a repeated message id is answered ([`Streams::repeat`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Repeat {
+    /// The attempt a record of this answer's outcome must name.
+    pub attempt: u32,
+    /// Connections the recorded attempts reached.
+    pub delivered: u32,
+    /// The latest attempt has recorded its result.
+    pub recorded: bool,
+    /// An attempt is under way, begun this long ago, and not yet due to be
+    /// sent again.
+    pub under_way: Option<Duration>,
+    /// Nodes to send the message to again now (this answer begins that
+    /// attempt).
+    pub resend: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -167,10 +181,8 @@ pub struct Appended {
     pub epoch: u64,
     /// The message's sequence number.
     pub seq: u64,
-    /// The id was seen before: not appended again.
+    /// The id was seen before: not appended again (see [`Streams::repeat`]).
     pub duplicate: bool,
-    /// For a duplicate: what became of the first attempt.
-    pub first: Option<FirstAttempt>,
 }
 
 /// One query's answer from [`Streams::answer`].
@@ -217,6 +229,8 @@ pub struct Streams {
     total: Totals,
     evicted: u64,
     last_epoch: u64,
+    /// Where the clock of attempts (`IdEntry::since_ms`) starts.
+    origin: Instant,
 }
 
 impl Streams {
@@ -231,6 +245,7 @@ impl Streams {
             total: Totals::default(),
             evicted: 0,
             last_epoch: 0,
+            origin: Instant::now(),
         }
     }
 
@@ -276,6 +291,7 @@ impl Streams {
             );
         }
         let retention = self.cfg.retention(key);
+        let now_ms = self.clock_ms(now);
         let (_, shared_key, stream) = self.streams.get_full_mut(key).expect("inserted above");
         if !body.id.is_empty()
             && let Some(first) = stream.ids.get(&body.id)
@@ -284,7 +300,6 @@ impl Streams {
                 epoch: stream.epoch,
                 seq: first.seq,
                 duplicate: true,
-                first: Some(first.first.clone()),
             };
         }
         stream.seq += 1;
@@ -295,7 +310,10 @@ impl Streams {
                 body.id.clone(),
                 IdEntry {
                     seq,
-                    first: FirstAttempt::Pending { since: now },
+                    since_ms: now_ms,
+                    attempt: 0,
+                    delivered: 0,
+                    nodes: None,
                 },
             );
             let order = self.next_order;
@@ -322,32 +340,91 @@ impl Streams {
             epoch,
             seq,
             duplicate: false,
-            first: None,
         }
     }
 
-    /// Records how many connections a message reached, and the nodes it
-    /// failed on (a retry sends it there again).
-    pub fn complete(&mut self, key: &str, message_id: &str, delivered: u32, failed: Vec<String>) {
+    /// Milliseconds since these streams began (never [`RECORDED`]).
+    fn clock_ms(&self, now: Instant) -> u64 {
+        (now.saturating_duration_since(self.origin).as_millis() as u64).min(RECORDED - 1)
+    }
+
+    /// Answers a repeat of `message_id` in `key`'s stream, whose nodes are
+    /// now `hosting`. Where it is due, the message is sent again (a new
+    /// attempt): to the nodes the recorded attempt failed on; or, when the
+    /// attempt under way has recorded nothing for `resend_after` (its
+    /// push-manager stopped, or lost this controller's answer), to the
+    /// nodes it was sending to. `None`: the caller never sends again.
+    pub fn repeat(
+        &mut self,
+        key: &str,
+        message_id: &str,
+        hosting: Vec<String>,
+        resend_after: Option<Duration>,
+        now: Instant,
+    ) -> Repeat {
+        let now_ms = self.clock_ms(now);
+        let Some(e) = self
+            .streams
+            .get_mut(key)
+            .and_then(|s| s.ids.get_mut(message_id))
+        else {
+            return Repeat::default();
+        };
+        let mut r = Repeat {
+            attempt: e.attempt,
+            delivered: e.delivered,
+            recorded: e.since_ms == RECORDED,
+            ..Repeat::default()
+        };
+        let Some(resend_after) = resend_after else {
+            return r;
+        };
+        if !r.recorded {
+            let age = Duration::from_millis(now_ms.saturating_sub(e.since_ms));
+            if age < resend_after {
+                r.under_way = Some(age);
+                return r;
+            }
+        }
+        let targets: Vec<String> = match &e.nodes {
+            Some(only) => hosting.into_iter().filter(|n| only.contains(n)).collect(),
+            None if r.recorded => Vec::new(),
+            None => hosting,
+        };
+        if targets.is_empty() {
+            return r;
+        }
+        e.attempt += 1;
+        e.since_ms = now_ms;
+        e.nodes = Some(targets.clone().into_boxed_slice());
+        r.attempt = e.attempt;
+        r.recorded = false;
+        r.resend = targets;
+        r
+    }
+
+    /// Records what attempt `attempt` of a message reached: `delivered`
+    /// connections, failing on the nodes in `failed` (a retry sends it
+    /// there again). A record of an earlier attempt, or a second record of
+    /// one, is ignored.
+    pub fn complete(
+        &mut self,
+        key: &str,
+        message_id: &str,
+        attempt: u32,
+        delivered: u32,
+        failed: Vec<String>,
+    ) {
         if let Some(e) = self
             .streams
             .get_mut(key)
             .and_then(|s| s.ids.get_mut(message_id))
+            && e.attempt == attempt
+            && e.since_ms != RECORDED
         {
-            e.first = FirstAttempt::Completed { delivered, failed };
-        }
-    }
-
-    /// Starts the wait for a result anew: a retry is sending the message
-    /// again, for a first attempt that recorded none.
-    pub fn resending(&mut self, key: &str, message_id: &str, now: Instant) {
-        if let Some(e) = self
-            .streams
-            .get_mut(key)
-            .and_then(|s| s.ids.get_mut(message_id))
-            && matches!(e.first, FirstAttempt::Pending { .. })
-        {
-            e.first = FirstAttempt::Pending { since: now };
+            e.delivered = e.delivered.saturating_add(delivered);
+            e.since_ms = RECORDED;
+            e.nodes = (!failed.is_empty()).then(|| failed.into_boxed_slice());
         }
     }
 
@@ -942,30 +1019,68 @@ mod tests {
         let first = s.append("room:r", &body("same"), false, now);
         let again = s.append("room:r", &body("same"), false, now);
         assert!(again.duplicate);
+        assert_eq!((again.epoch, again.seq), (first.epoch, first.seq));
         assert_eq!(
-            (again.epoch, again.seq, again.first),
-            (
-                first.epoch,
-                first.seq,
-                Some(FirstAttempt::Pending { since: now })
-            )
+            s.repeat("room:r", "same", vec![], None, now),
+            Repeat::default()
         );
-        s.complete("room:r", "same", 7, vec!["node-2".into()]);
-        assert_eq!(
-            s.append("room:r", &body("same"), false, now).first,
-            Some(FirstAttempt::Completed {
-                delivered: 7,
-                failed: vec!["node-2".into()]
-            })
-        );
-        // A resend of a completed attempt does not make it pending again.
-        s.resending("room:r", "same", now);
-        assert!(matches!(
-            s.append("room:r", &body("same"), false, now).first,
-            Some(FirstAttempt::Completed { delivered: 7, .. })
-        ));
+        s.complete("room:r", "same", 0, 7, vec![]);
+        let r = s.repeat("room:r", "same", vec!["n1".into()], None, now);
+        assert_eq!((r.delivered, r.recorded), (7, true));
         assert_eq!(s.append("room:r", &body("other"), false, now).seq, 2);
         assert_eq!(s.total_messages(), 2);
+    }
+
+    /// Attempts of one id: a repeat is sent again where the last attempt
+    /// failed, or everywhere once the attempt under way has recorded
+    /// nothing for the wait; each resend is an attempt of its own, so
+    /// concurrent retries do not all send it, and a late record of an
+    /// earlier attempt changes nothing.
+    #[tokio::test(start_paused = true)]
+    async fn repeats_are_sent_again_once_per_attempt() {
+        let mut s = Streams::new(StreamConfig::default());
+        let wait = Some(Duration::from_secs(2));
+        let hosting = || vec!["n1".to_owned(), "n2".to_owned()];
+        let t0 = Instant::now();
+        s.append("room:r", &body("m"), false, t0);
+        // Under way: not sent again, however often asked.
+        let r = s.repeat("room:r", "m", hosting(), wait, t0 + Duration::from_secs(1));
+        assert_eq!(r.under_way, Some(Duration::from_secs(1)));
+        assert!(r.resend.is_empty());
+        // Nothing recorded for the wait: sent again to every hosting node,
+        // once; the next repeat waits for that attempt.
+        let t1 = t0 + Duration::from_secs(2);
+        let r = s.repeat("room:r", "m", hosting(), wait, t1);
+        assert_eq!((r.attempt, r.resend.clone()), (1, hosting()));
+        let r = s.repeat("room:r", "m", hosting(), wait, t1);
+        assert!(r.resend.is_empty() && r.under_way.is_some(), "{r:?}");
+        // The first attempt's late record is ignored; the resend's counts.
+        s.complete("room:r", "m", 0, 3, vec![]);
+        assert!(!s.repeat("room:r", "m", hosting(), None, t1).recorded);
+        s.complete("room:r", "m", 1, 2, vec!["n2".into()]);
+        s.complete("room:r", "m", 1, 9, vec![]);
+        let r = s.repeat("room:r", "m", hosting(), None, t1);
+        assert_eq!((r.recorded, r.delivered), (true, 2));
+        // Failed on n2: sent again there only, once.
+        let r = s.repeat("room:r", "m", hosting(), wait, t1);
+        assert_eq!((r.attempt, r.resend), (2, vec!["n2".to_owned()]));
+        assert!(
+            s.repeat("room:r", "m", hosting(), wait, t1)
+                .under_way
+                .is_some()
+        );
+        // That resend's push-manager stopped: after the wait, n2 again,
+        // not n1, which the first attempt reached.
+        let t2 = t1 + Duration::from_secs(2);
+        let r = s.repeat("room:r", "m", hosting(), wait, t2);
+        assert_eq!((r.attempt, r.resend), (3, vec!["n2".to_owned()]));
+        s.complete("room:r", "m", 3, 1, vec![]);
+        let r = s.repeat("room:r", "m", hosting(), wait, t2);
+        assert_eq!((r.recorded, r.delivered, r.resend.len()), (true, 3, 0));
+        // A node that no longer hosts the key is not sent to.
+        s.append("room:q", &body("m"), false, t2);
+        let r = s.repeat("room:q", "m", vec![], wait, t2 + Duration::from_secs(2));
+        assert!(r.resend.is_empty() && r.under_way.is_none(), "{r:?}");
     }
 
     /// A stream that keeps no history keeps no ids either: a repeat is a

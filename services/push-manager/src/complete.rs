@@ -1,21 +1,23 @@
 //! Recording of push results at the owning controllers.
 //!
 //! A push that carries a `message_id` is recorded at the controller owning
-//! each of its streams once it has been delivered, so that a retry with the
-//! same id is answered with the first attempt's result. The record is off
-//! the reply path and needs no answer, so a [`Completer`] gathers the
-//! records for one controller for up to [`LINGER`] and sends them in one
-//! `CompleteBatch` call: at thousands of pushes per second that is one
-//! call every few milliseconds instead of one per push.
+//! each of its streams once it has been delivered: the connections it
+//! reached and the nodes it failed on. A retry with the same id is then
+//! answered with that result, and sent again only to those nodes. The
+//! record is off the reply path and needs no answer, so a [`Completer`]
+//! gathers the records for one controller for up to [`LINGER`] and sends
+//! them in one `CompleteBatch` call: at thousands of pushes per second
+//! that is one call every few milliseconds instead of one per push.
 //!
-//! Recording is best effort, as it was with one call per push: a record
-//! dropped because the queue is full is counted
-//! (`push_manager_completions_dropped_total`), one the controller did not
-//! take is logged, and the only effect is that a retry of that push
-//! reports 0 connections reached instead of the first attempt's count. It
-//! is never delivered twice: the controller knows the id from `Resolve`.
-//! A controller that predates `CompleteBatch` is sent one `Complete` per
-//! record instead, once it has answered `UNIMPLEMENTED`.
+//! A record that does not arrive leaves its push "under way" at the
+//! controller, and a retry made after the push-manager's resend wait sends
+//! the message again to every node hosting its targets, including those
+//! that have it (clients drop the repeat by its id). So a call that fails
+//! is tried once more, records still queued are sent before the process
+//! stops ([`Completer::flush`]), and every record lost is logged as a
+//! warning or counted (`push_manager_completions_dropped_total`, when the
+//! queue is full). A controller that predates `CompleteBatch` is sent one
+//! `Complete` per record instead, once it has answered `UNIMPLEMENTED`.
 
 use std::time::Duration;
 
@@ -24,6 +26,8 @@ use barrage_proto::v1::controller_client::ControllerClient;
 use barrage_proto::v1::{CompleteBatchRequest, CompleteRequest};
 use futures::future::join_all;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::Code;
 
 use barrage_proto::coalesce::BatchCall;
@@ -37,24 +41,37 @@ const MAX_ITEMS: usize = 1024;
 /// Records waiting for their call, per controller; more are dropped.
 const QUEUE: usize = 64 * 1024;
 
+/// Pause before a failed call is tried again.
+const RETRY_AFTER: Duration = Duration::from_millis(100);
+
 /// Sends push results to one controller, gathered into batches.
 pub struct Completer {
     tx: mpsc::Sender<CompleteRequest>,
+    stop: CancellationToken,
+    driver: TaskTracker,
 }
 
 impl Completer {
-    /// A completer for `client`, each call bounded by `timeout`. Its task
-    /// sends what is still queued and ends when the completer is dropped.
+    /// A completer for `client`, each call bounded by `timeout`.
     pub fn new(client: ControllerClient<PeerChannel>, timeout: Duration, linger: Duration) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(drive(client, rx, timeout, linger));
-        Completer { tx }
+        let stop = CancellationToken::new();
+        let driver = TaskTracker::new();
+        driver.spawn(drive(client, rx, timeout, linger, stop.clone()));
+        driver.close();
+        Completer { tx, stop, driver }
     }
 
     /// Queues `record` for the next call; false when the queue is full and
     /// the record was dropped.
     pub fn record(&self, record: CompleteRequest) -> bool {
         self.tx.try_send(record).is_ok()
+    }
+
+    /// Sends what is queued now, without waiting for more, and stops.
+    pub async fn flush(&self) {
+        self.stop.cancel();
+        self.driver.wait().await;
     }
 }
 
@@ -63,13 +80,38 @@ async fn drive(
     mut rx: mpsc::Receiver<CompleteRequest>,
     timeout: Duration,
     linger: Duration,
+    stop: CancellationToken,
 ) {
     let mut batching = BatchCall::Unknown;
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => match r {
+                Some(r) => r,
+                None => return,
+            },
+            () = stop.cancelled() => {
+                // Drains what is queued, then ends.
+                loop {
+                    let mut records = Vec::new();
+                    while records.len() < MAX_ITEMS
+                        && let Ok(r) = rx.try_recv()
+                    {
+                        records.push(r);
+                    }
+                    if records.is_empty() {
+                        return;
+                    }
+                    batching = send(&client, records, timeout, batching).await;
+                }
+            }
+        };
         let mut records = vec![first];
         // A full batch already waiting goes at once.
         if rx.len() + 1 < MAX_ITEMS {
-            tokio::time::sleep(linger).await;
+            tokio::select! {
+                () = tokio::time::sleep(linger) => {}
+                () = stop.cancelled() => {}
+            }
         }
         while records.len() < MAX_ITEMS {
             match rx.try_recv() {
@@ -81,8 +123,9 @@ async fn drive(
     }
 }
 
-/// One call with `records` (or one per record for an older controller);
-/// what the controller said about `CompleteBatch`.
+/// One call with `records` (or one per record for an older controller),
+/// tried once more if it fails; what the controller said about
+/// `CompleteBatch`.
 async fn send(
     client: &ControllerClient<PeerChannel>,
     records: Vec<CompleteRequest>,
@@ -94,40 +137,38 @@ async fn send(
         one_by_one(client, records, timeout).await;
         return batching;
     }
-    // Until the controller has served a batch, keep the records to send
-    // them one by one should it not know the call.
-    let kept = (batching == BatchCall::Unknown).then(|| records.clone());
-    let req = crate::pool::request(
-        CompleteBatchRequest {
-            completions: records,
-        },
-        timeout,
-    );
-    let answer = tokio::time::timeout(timeout, client.clone().complete_batch(req)).await;
-    match answer {
-        Ok(Ok(_)) => BatchCall::Served,
-        Ok(Err(s)) if s.code() == Code::Unimplemented => match kept {
-            Some(records) => {
-                one_by_one(client, records, timeout).await;
-                BatchCall::Unimplemented
-            }
-            None => {
+    let mut error = String::new();
+    for _ in 0..2 {
+        let req = crate::pool::request(
+            CompleteBatchRequest {
+                completions: records.clone(),
+            },
+            timeout,
+        );
+        match tokio::time::timeout(timeout, client.clone().complete_batch(req)).await {
+            Ok(Ok(_)) => return BatchCall::Served,
+            Ok(Err(s)) if s.code() == Code::Unimplemented => {
+                if batching == BatchCall::Unknown {
+                    one_by_one(client, records, timeout).await;
+                    return BatchCall::Unimplemented;
+                }
                 tracing::warn!(
                     records = n,
                     "controller stopped serving CompleteBatch; these push results were not recorded"
                 );
-                BatchCall::Unknown
+                return BatchCall::Unknown;
             }
-        },
-        Ok(Err(s)) => {
-            tracing::debug!(records = n, error = %s, "could not record push results");
-            batching
+            Ok(Err(s)) => error = s.to_string(),
+            Err(_) => error = format!("timed out after {timeout:?}"),
         }
-        Err(_) => {
-            tracing::debug!(records = n, "recording push results timed out");
-            batching
-        }
+        tokio::time::sleep(RETRY_AFTER).await;
     }
+    tracing::warn!(
+        records = n,
+        %error,
+        "could not record push results: retries of these pushes will send them again"
+    );
+    batching
 }
 
 async fn one_by_one(
@@ -140,7 +181,7 @@ async fn one_by_one(
         let req = crate::pool::request(r, timeout);
         async move {
             if let Err(e) = client.complete(req).await {
-                tracing::debug!(error = %e, "could not record a push result");
+                tracing::warn!(error = %e, "could not record a push result: a retry of it will send it again");
             }
         }
     });

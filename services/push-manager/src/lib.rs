@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
-pub use service::{Batches, Limits, PushService, assemble_batches, target_users};
+pub use service::{Batches, Limits, PushService, Sent, assemble_batches, target_users};
 
 /// Default of [`Config::peer_calls_in_flight`].
 pub const DEFAULT_PEER_CALLS_IN_FLIGHT: usize = 4;
@@ -189,7 +189,7 @@ pub async fn run(
     let grpc_stop = CancellationToken::new();
     // Callers in this process (a connect-node's publishing in `barrage
     // dev`) reach the API directly.
-    let server = PushManagerServer::new(service).max_decoding_message_size(request_limit);
+    let server = PushManagerServer::new(service.clone()).max_decoding_message_size(request_limit);
     let local = cfg.local_peers.register(&grpc_addr, server.clone());
     let grpc = tokio::spawn(grpc.add_service(server).serve_with_incoming_shutdown(
         barrage_proto::grpc_incoming(listeners.grpc),
@@ -237,6 +237,9 @@ pub async fn run(
     http_stop.cancel();
     let grpc_result = grpc.await;
     let _ = http.await;
+    service
+        .drain(cfg.node_timeout * 2 + Duration::from_secs(1))
+        .await;
     tasks.cancel();
     match grpc_result {
         Ok(r) => r?,

@@ -265,7 +265,13 @@ impl NodePool {
         gone
     }
 
-    /// The node `node_id`. When it is not pooled yet (discovery lags, or
+    /// The pooled node `node_id`, for calls other than pushes: it does not
+    /// count as a use that keeps a learned node pooled.
+    pub fn peek(&self, node_id: &str) -> Option<Node> {
+        self.nodes.read().get(node_id).map(|e| e.node.clone())
+    }
+
+    /// The node `node_id`, for a push. When it is not pooled yet (discovery lags, or
     /// there is no discovery) and the controller told us its address, a
     /// channel is added for it.
     pub fn get(&self, node_id: &str, addr_hint: Option<&str>) -> Option<Node> {
@@ -375,6 +381,13 @@ impl ControllerRing {
         self.len() == 0
     }
 
+    /// Sends the push results still queued for each controller, and
+    /// stops recording.
+    pub async fn flush_records(&self) {
+        let ring = self.ring.read().clone();
+        join_all(ring.members().map(|(_, e)| e.completer.flush())).await;
+    }
+
     /// Puts `members` on the ring, keeping the channels of controllers that stay.
     pub fn rebuild(&self, members: &Members) {
         let old = self.ring.read().clone();
@@ -461,6 +474,7 @@ mod tests {
         let idle = Duration::from_secs(600);
         tokio::time::advance(Duration::from_secs(400)).await;
         assert!(pool.get("busy", None).is_some(), "asked for again");
+        assert!(pool.peek("gone").is_some(), "looked at, not used");
         assert!(pool.forget_unused(idle).is_empty());
         tokio::time::advance(Duration::from_secs(300)).await;
         assert_eq!(pool.forget_unused(idle), ["gone"]);

@@ -73,6 +73,7 @@ fn from_status(s: &Status) -> Response {
         Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "RESOURCE_EXHAUSTED"),
         Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "DEADLINE_EXCEEDED"),
         Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+        Code::Aborted => (StatusCode::CONFLICT, "ABORTED"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
     };
     // Validation messages start with the field: "room_id: must not be empty".

@@ -16,6 +16,7 @@ use barrage_proto::v1::{
 };
 use barrage_protocol::{RoomId, StreamKey, UserId};
 use futures::future::join_all;
+use tokio_util::task::TaskTracker;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument as _;
 
@@ -81,22 +82,26 @@ struct Inner {
     limits: Limits,
     node_timeout: Duration,
     controller_timeout: Duration,
-    /// A repeat whose first attempt has recorded no result for this long
-    /// is sent again (see [`RECORD_MARGIN`]).
+    /// A repeat whose attempt under way has recorded no result for this
+    /// long is sent again (see [`RECORD_MARGIN`]).
     resend_after: Duration,
+    /// Pushes that run as tasks of their own, waited for on drain.
+    tasks: TaskTracker,
 }
 
-/// How long after its node deadline a push's result may take to be
-/// recorded at its controllers. A retry of a push that has recorded none
-/// by then sends the message again: its push-manager stopped, or lost the
-/// controller's answer, before it could deliver it.
+/// How long after its deadlines a push's result may take to be recorded
+/// at its controllers. A push spends at most the controller deadline on
+/// resolving (the controller takes the message during that time) and the
+/// node deadline on delivering; a retry of a push that has recorded
+/// nothing that long after the controller took it sends the message again:
+/// its push-manager stopped, or lost the controller's answer.
 const RECORD_MARGIN: Duration = Duration::from_secs(1);
 
-/// How long a plain repeat waits for its first attempt's result to be
-/// recorded, asking every [`FIRST_RESULT_POLL`], before it answers "still
-/// under way".
+/// How long a plain repeat waits for the result of the attempt under way
+/// to be recorded, asking again every [`FIRST_RESULT_POLL`], before it
+/// answers "still under way".
 const FIRST_RESULT_WAIT: Duration = Duration::from_millis(250);
-const FIRST_RESULT_POLL: Duration = Duration::from_millis(5);
+const FIRST_RESULT_POLL: Duration = Duration::from_millis(10);
 
 /// Resolved targets grouped into one batch per connect-node.
 #[derive(Debug, Default)]
@@ -107,16 +112,26 @@ pub struct Batches {
     pub first_delivered: u32,
     /// Targets that were repeats of an earlier push.
     pub duplicates: u32,
-    /// Repeats sent again, to nodes their first attempt did not reach.
+    /// Repeats sent again, to nodes an earlier attempt did not reach.
     pub resent: u32,
-    /// Of the repeats whose first attempt has recorded no result and that
-    /// are not sent again: the shortest time since it was resolved.
-    pub youngest_unrecorded_ms: Option<u64>,
+    /// Repeats whose earlier attempt is still under way: the shortest time
+    /// since one began.
+    pub under_way_ms: Option<u64>,
     /// User targets with no connection whose stream kept the message.
     pub stored: u32,
-    /// Keys this push goes out to (for the first time, or sent again),
-    /// each with the nodes it goes to.
-    pub sent: Vec<(String, Vec<String>)>,
+    /// Keys this push goes out to (for the first time, or sent again).
+    pub sent: Vec<Sent>,
+}
+
+/// A key a push goes out to, as its result is recorded.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Sent {
+    /// The stream key.
+    pub key: String,
+    /// The nodes it goes to.
+    pub nodes: Vec<String>,
+    /// Which attempt of the message this is (0: the first).
+    pub attempt: u32,
 }
 
 /// Groups resolved targets by the connect-nodes hosting them. Repeats of
@@ -130,8 +145,8 @@ pub fn assemble_batches(targets: Vec<pb::ResolvedTarget>, exclude: &[String]) ->
             b.first_delivered = b.first_delivered.max(t.first_delivered);
             if !t.resend {
                 // Already pushed under this id: never delivered twice.
-                if !t.first_completed {
-                    let age = b.youngest_unrecorded_ms.get_or_insert(t.first_age_ms);
+                if t.under_way {
+                    let age = b.under_way_ms.get_or_insert(t.first_age_ms);
                     *age = (*age).min(t.first_age_ms);
                 }
                 continue;
@@ -152,7 +167,11 @@ pub fn assemble_batches(targets: Vec<pb::ResolvedTarget>, exclude: &[String]) ->
                     prev_seq: t.prev_seqs.get(i).copied().unwrap_or(0),
                 });
         }
-        b.sent.push((t.key, t.node_ids));
+        b.sent.push(Sent {
+            key: t.key,
+            nodes: t.node_ids,
+            attempt: t.attempt,
+        });
     }
     b
 }
@@ -223,9 +242,11 @@ struct Outcome {
     stored: u32,
     /// Every target had seen this message id before.
     duplicate: bool,
-    /// Connections reached by sending repeats again where their first
-    /// attempt had not arrived (`None`: nothing was sent again).
+    /// Every target a repeat: the connections reached by sending it again
+    /// where it had not arrived (`None`: nothing was sent again).
     resent: Option<u32>,
+    /// Some targets new: how many others were repeats sent again.
+    resent_repeats: u32,
     /// Position of the message in the first target's stream.
     position: (u64, u64),
 }
@@ -264,7 +285,7 @@ impl Outcome {
                 self.delivered
             );
         }
-        let stored = if self.stored > 0 {
+        let mut stored = if self.stored > 0 {
             format!(
                 "; stored for {} offline user(s), delivered on their next connect",
                 self.stored
@@ -272,6 +293,12 @@ impl Outcome {
         } else {
             String::new()
         };
+        if self.resent_repeats > 0 {
+            stored.push_str(&format!(
+                "; {} target(s) had this message_id before and were sent it again where it had not arrived",
+                self.resent_repeats
+            ));
+        }
         if self.failed.is_empty() {
             format!(
                 "delivered to {} connection(s) on {} node(s){stored}",
@@ -310,6 +337,7 @@ fn code_label(code: Code) -> &'static str {
         Code::InvalidArgument => "INVALID_ARGUMENT",
         Code::NotFound => "NOT_FOUND",
         Code::Unavailable => "UNAVAILABLE",
+        Code::Aborted => "ABORTED",
         Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
         Code::Unauthenticated => "UNAUTHENTICATED",
         Code::PermissionDenied => "PERMISSION_DENIED",
@@ -338,8 +366,28 @@ impl PushService {
                 limits,
                 node_timeout,
                 controller_timeout: node_timeout,
-                resend_after: node_timeout + RECORD_MARGIN,
+                resend_after: node_timeout * 2 + RECORD_MARGIN,
+                tasks: TaskTracker::new(),
             }),
+        }
+    }
+
+    /// Waits, at most `limit`, for the pushes still running as tasks of
+    /// their own (their callers may be gone) to end, then sends the push
+    /// results still queued: a result that never reaches its controller
+    /// makes a retry send the message again.
+    pub async fn drain(&self, limit: Duration) {
+        let inner = &self.inner;
+        inner.tasks.close();
+        let drained = async {
+            inner.tasks.wait().await;
+            inner.controllers.flush_records().await;
+        };
+        if tokio::time::timeout(limit, drained).await.is_err() {
+            tracing::warn!(
+                pushes = inner.tasks.len(),
+                "pushes or their results still unsent after the drain limit"
+            );
         }
     }
 
@@ -484,11 +532,17 @@ impl PushService {
                 body: Some(body.clone()),
                 resend_after_ms: self.inner.resend_after.as_millis() as u64,
             };
+            let timeout = self.inner.controller_timeout;
             async move {
-                match resolver.call(req).await {
-                    Ok(Ok(r)) => Ok(r),
-                    Ok(Err(s)) => Err(format!("controller {id} unavailable: {}", s.message())),
-                    Err(e) => Err(format!("controller {id} unavailable: {e}")),
+                // Bounds the wait behind busy calls too, so that a push is
+                // resolved within the controller deadline or not at all.
+                match tokio::time::timeout(timeout, resolver.call(req)).await {
+                    Ok(Ok(Ok(r))) => Ok(r),
+                    Ok(Ok(Err(s))) => Err(format!("controller {id} unavailable: {}", s.message())),
+                    Ok(Err(e)) => Err(format!("controller {id} unavailable: {e}")),
+                    Err(_) => Err(format!(
+                        "controller {id} unavailable: timed out after {timeout:?}"
+                    )),
                 }
             }
         });
@@ -530,35 +584,37 @@ impl PushService {
         keys: &[StreamKey],
         body: &MessageBody,
     ) -> Result<Resolved, Status> {
-        let resend_after = self.inner.resend_after.as_millis() as u64;
-        let mut waited = Duration::ZERO;
+        let until = Instant::now() + FIRST_RESULT_WAIT;
         loop {
             let r = self.resolve(keys, body).await?;
             let awaits_record = r.unanswered.is_none()
                 && r.targets.iter().all(|t| t.duplicate && !t.resend)
-                && r.targets
-                    .iter()
-                    .any(|t| !t.first_completed && t.first_age_ms < resend_after);
-            if !awaits_record || waited >= FIRST_RESULT_WAIT {
+                && r.targets.iter().any(|t| t.under_way);
+            if !awaits_record || Instant::now() + FIRST_RESULT_POLL > until {
                 return Ok(r);
             }
             tokio::time::sleep(FIRST_RESULT_POLL).await;
-            waited += FIRST_RESULT_POLL;
         }
     }
 
-    /// Tells the owning controllers how the push went, so a retry with the
-    /// same id is answered with this result and sent again only to the
-    /// nodes it failed on. Best effort, off the reply path: the records are
-    /// gathered and sent a few at a time.
+    /// Tells the owning controllers how this attempt went (`delivered`:
+    /// the connections it reached), so a retry with the same id is
+    /// answered with the result and sent again only to the nodes it failed
+    /// on. Off the reply path: the records are gathered and sent a few at
+    /// a time.
     fn record_completion(
         &self,
-        sent: Vec<(String, Vec<String>)>,
+        sent: Vec<Sent>,
         message_id: &str,
         delivered: u32,
         failed: &[(String, String)],
     ) {
-        for (key, nodes) in sent {
+        for Sent {
+            key,
+            nodes,
+            attempt,
+        } in sent
+        {
             let Some(completer) = self.inner.controllers.completer(&key) else {
                 continue;
             };
@@ -575,6 +631,7 @@ impl PushService {
                 message_id: message_id.to_owned(),
                 delivered,
                 failed_node_ids,
+                attempt,
             });
             if !recorded {
                 self.inner.metrics.completions_dropped.inc();
@@ -599,7 +656,9 @@ impl PushService {
         }
         let this = self.clone();
         let task = async move { this.push_now(keys, body, exclude, true).await };
-        tokio::spawn(task.in_current_span())
+        self.inner
+            .tasks
+            .spawn(task.in_current_span())
             .await
             .unwrap_or_else(|e| Err(Status::internal(format!("push task failed: {e}"))))
     }
@@ -630,24 +689,22 @@ impl PushService {
             first_delivered,
             duplicates,
             resent,
-            youngest_unrecorded_ms,
+            under_way_ms,
             stored,
             sent,
         } = assemble_batches(targets, &exclude);
         let fresh = sent.len() as u32 - resent;
         // A repeat of a push still under way: what it will deliver is not
         // known yet, and sending it too might deliver it twice.
-        let under_way = youngest_unrecorded_ms
-            .filter(|&ms| Duration::from_millis(ms) < inner.resend_after)
-            .map(|ms| {
-                format!(
-                    "the first push with message_id {:?} is still under way (resolved {ms} ms \
-                     ago) and has not recorded its result (a retry {} ms after it without one \
-                     sends the message again)",
-                    body.id,
-                    inner.resend_after.as_millis()
-                )
-            });
+        let under_way = under_way_ms.map(|ms| {
+            format!(
+                "a push with message_id {:?} is still under way (began {ms} ms ago) and has \
+                 not recorded its result (a retry {} ms after it began, without one, sends \
+                 the message again)",
+                body.id,
+                inner.resend_after.as_millis()
+            )
+        });
         inner.metrics.fanout_nodes.observe(per_node.len() as f64);
         let nodes = per_node.len();
         let calls = per_node.into_iter().map(|(node, targets)| {
@@ -681,12 +738,13 @@ impl PushService {
             stored,
             duplicate,
             resent: None,
+            resent_repeats: 0,
             position,
         };
         if sent.is_empty() && unanswered.is_none() {
             if let Some(under_way) = under_way {
                 inner.metrics.push_failed.inc();
-                return Err(Status::unavailable(format!(
+                return Err(Status::aborted(format!(
                     "{under_way}; retry with the same message_id to learn its result"
                 )));
             }
@@ -710,9 +768,13 @@ impl PushService {
                 }
             }
         }
+        // What this attempt reached, as recorded.
+        let reached = outcome.delivered;
         if duplicate {
-            outcome.resent = Some(outcome.delivered);
+            outcome.resent = Some(reached);
             outcome.delivered += first_delivered;
+        } else if resent > 0 {
+            outcome.resent_repeats = resent;
         }
         if outcome.success() && unanswered.is_none() && under_way.is_none() {
             inner.metrics.push_success.inc();
@@ -720,18 +782,26 @@ impl PushService {
             inner.metrics.push_failed.inc();
         }
         if idempotent {
-            self.record_completion(sent, &body.id, outcome.delivered, &outcome.failed);
+            self.record_completion(sent, &body.id, reached, &outcome.failed);
         }
-        if let Some(first) = unanswered.or(under_way) {
+        if let Some(first) = unanswered.as_ref().or(under_way.as_ref()) {
             // The targets of the controllers that answered have it; the
             // others do not. A retry with the same message_id reaches
             // those and is not delivered again to these.
-            return Err(Status::unavailable(format!(
-                "{first}; delivered only to the other targets ({} connection(s)); retry with \
+            let code = if unanswered.is_some() {
+                Code::Unavailable
+            } else {
+                Code::Aborted
+            };
+            return Err(Status::new(
+                code,
+                format!(
+                    "{first}; delivered only to the other targets ({} connection(s)); retry with \
                  the same message_id to reach the rest (targets already reached are not \
                  delivered again)",
-                outcome.delivered
-            )));
+                    outcome.delivered
+                ),
+            ));
         }
         Ok(outcome)
     }
@@ -913,7 +983,7 @@ impl PushManager for PushService {
                 Err(s) => return Err(controller_error(&id, s)),
             };
             let calls = info.nodes.iter().map(|n| {
-                let client = self.inner.nodes.get(&n.node_id, None).map(|n| n.client);
+                let client = self.inner.nodes.peek(&n.node_id).map(|n| n.client);
                 let mut req = Request::new(pb::CloseRoomRequest {
                     room_id: r.room_id.clone(),
                 });
@@ -970,7 +1040,7 @@ impl PushManager for PushService {
             allowed?;
             let ids = self.inner.nodes.node_ids();
             let calls = ids.into_iter().map(|node_id| {
-                let client = self.inner.nodes.get(&node_id, None).map(|n| n.client);
+                let client = self.inner.nodes.peek(&node_id).map(|n| n.client);
                 let mut req = Request::new(pb::StatsRequest {});
                 req.set_timeout(self.inner.node_timeout);
                 async move {
@@ -1084,23 +1154,33 @@ mod tests {
         };
         let under_way = pb::ResolvedTarget {
             duplicate: true,
+            under_way: true,
             first_age_ms: 120,
             ..target("user:c", &[])
         };
         let again = pb::ResolvedTarget {
             duplicate: true,
             resend: true,
+            attempt: 2,
             prev_seqs: Vec::new(),
             ..target("user:d", &["n2"])
         };
         let b = assemble_batches(vec![fresh, plain, under_way, again], &[]);
         assert_eq!((b.duplicates, b.resent, b.first_delivered), (3, 1, 5));
-        assert_eq!(b.youngest_unrecorded_ms, Some(120));
+        assert_eq!(b.under_way_ms, Some(120));
         assert_eq!(
             b.sent,
             [
-                ("user:a".to_owned(), vec!["n1".to_owned()]),
-                ("user:d".to_owned(), vec!["n2".to_owned()])
+                Sent {
+                    key: "user:a".into(),
+                    nodes: vec!["n1".into()],
+                    attempt: 0
+                },
+                Sent {
+                    key: "user:d".into(),
+                    nodes: vec!["n2".into()],
+                    attempt: 2
+                }
             ]
         );
         let nodes: Vec<_> = b.per_node.keys().cloned().collect();
