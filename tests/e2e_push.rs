@@ -1442,7 +1442,9 @@ async fn a_retry_sends_a_push_whose_first_attempt_never_reached_the_nodes() -> a
                 content: "orphaned".into(),
                 ..Default::default()
             }),
-            ..Default::default()
+            // As the push-manager asks for a push with the caller's id
+            // (2 x the 1 s push timeout + 1 s).
+            resend_after_ms: 3000,
         }),
     )
     .await??
@@ -1667,4 +1669,50 @@ async fn a_push_with_a_message_id_outlives_its_callers_deadline() -> anyhow::Res
     assert!(retried.success && retried.duplicate, "{retried:?}");
     assert_eq!(retried.delivered_count, 1, "{retried:?}");
     next_is_marker(&mut api, &mut client, "d1").await
+}
+
+/// A push without a message_id gets one made up, returned in its answer.
+/// That push records no result, so a later push with the returned id is a
+/// plain repeat at once: not "still under way", and never sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_of_a_made_up_message_id_is_a_plain_repeat() -> anyhow::Result<()> {
+    barrage_testkit::init_tracing();
+    let mut cluster = TestCluster::in_process();
+    cluster.set_options(barrage_testkit::cluster::ClusterOptions {
+        push_timeout: Duration::from_millis(200),
+        ..Default::default()
+    });
+    cluster.start(1).await?;
+    let mut api = cluster.push_client().await?;
+    let mut client = connect(&cluster.nodes[0].ws_url(), "m1", &[]).await?;
+    placed(&api, "m1", "node-1").await?;
+    let push = |message_id: String| PushToUserRequest {
+        user_id: "m1".into(),
+        content: "once".into(),
+        message_id,
+        ..Default::default()
+    };
+    let first = within(T, "push", api.push_to_user(push(String::new())))
+        .await??
+        .into_inner();
+    assert!(first.success && !first.message_id.is_empty(), "{first:?}");
+    next_msg(&mut client).await?;
+    // At once, and after the resend wait (2 x 200 ms + 1 s): plain repeats.
+    for wait in [Duration::ZERO, Duration::from_millis(1500)] {
+        tokio::time::sleep(wait).await;
+        let again = within(
+            T,
+            "repeat",
+            api.push_to_user(push(first.message_id.clone())),
+        )
+        .await??
+        .into_inner();
+        assert!(again.success && again.duplicate, "{again:?}");
+        assert!(
+            again.message.contains("not delivered again"),
+            "{}",
+            again.message
+        );
+    }
+    next_is_marker(&mut api, &mut client, "m1").await
 }

@@ -103,7 +103,8 @@ impl ControllerService {
             // connect, if user streams keep any history.
             let stored =
                 kind == "user" && node_ids.is_empty() && s.streams.config().user.max_messages > 0;
-            let appended = s.streams.append(&key, &body, stored, now);
+            let tracked = resend_after.is_some();
+            let appended = s.streams.append_with(&key, &body, stored, tracked, now);
             let mut target = pb::ResolvedTarget {
                 epoch: appended.epoch,
                 seq: appended.seq,

@@ -144,6 +144,10 @@ struct IdEntry {
 
 /// `IdEntry::since_ms` of an attempt whose result is recorded.
 const RECORDED: u64 = u64::MAX;
+/// `IdEntry::since_ms` of a first attempt that records no result (a push
+/// without the caller's id): a repeat is answered as if it had recorded
+/// reaching 0 connections, and a record, should one come, is taken.
+const UNTRACKED: u64 = u64::MAX - 1;
 
 /// How a repeated message id is answered ([`Streams::repeat`]).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -268,11 +272,27 @@ impl Streams {
 
     /// Appends `body` to `key`'s stream, or recognises a repeated id.
     /// `offline` marks a user message kept for the user's next connect.
+    /// Its push records its result (see [`Streams::append_with`]).
     pub fn append(
         &mut self,
         key: &str,
         body: &MessageBody,
         offline: bool,
+        now: Instant,
+    ) -> Appended {
+        self.append_with(key, body, offline, true, now)
+    }
+
+    /// [`Streams::append`], for a push that records its result
+    /// (`tracked`: it carries the caller's message id) or not (its id was
+    /// made up for it: a repeat of that id comes only after its answer, so
+    /// it is never under way, and never sent again).
+    pub fn append_with(
+        &mut self,
+        key: &str,
+        body: &MessageBody,
+        offline: bool,
+        tracked: bool,
         now: Instant,
     ) -> Appended {
         self.trim(key, now);
@@ -310,7 +330,7 @@ impl Streams {
                 body.id.clone(),
                 IdEntry {
                     seq,
-                    since_ms: now_ms,
+                    since_ms: if tracked { now_ms } else { UNTRACKED },
                     attempt: 0,
                     delivered: 0,
                     nodes: None,
@@ -343,9 +363,10 @@ impl Streams {
         }
     }
 
-    /// Milliseconds since these streams began (never [`RECORDED`]).
+    /// Milliseconds since these streams began (never [`RECORDED`] or
+    /// [`UNTRACKED`]).
     fn clock_ms(&self, now: Instant) -> u64 {
-        (now.saturating_duration_since(self.origin).as_millis() as u64).min(RECORDED - 1)
+        (now.saturating_duration_since(self.origin).as_millis() as u64).min(UNTRACKED - 1)
     }
 
     /// Answers a repeat of `message_id` in `key`'s stream, whose nodes are
@@ -373,7 +394,7 @@ impl Streams {
         let mut r = Repeat {
             attempt: e.attempt,
             delivered: e.delivered,
-            recorded: e.since_ms == RECORDED,
+            recorded: e.since_ms >= UNTRACKED,
             ..Repeat::default()
         };
         let Some(resend_after) = resend_after else {
@@ -1081,6 +1102,30 @@ mod tests {
         s.append("room:q", &body("m"), false, t2);
         let r = s.repeat("room:q", "m", vec![], wait, t2 + Duration::from_secs(2));
         assert!(r.resend.is_empty() && r.under_way.is_none(), "{r:?}");
+    }
+
+    /// A push without the caller's id records no result: a repeat of its
+    /// made-up id (taken from its answer) is a plain repeat, never under
+    /// way and never sent again.
+    #[tokio::test(start_paused = true)]
+    async fn repeats_of_untracked_pushes_are_plain_repeats() {
+        let mut s = Streams::new(StreamConfig::default());
+        let now = Instant::now();
+        s.append_with("room:r", &body("made-up"), false, false, now);
+        let wait = Some(Duration::from_secs(1));
+        for later in [Duration::ZERO, Duration::from_secs(60)] {
+            let r = s.repeat("room:r", "made-up", vec!["n1".into()], wait, now + later);
+            assert_eq!(
+                (r.recorded, r.under_way, r.resend.len(), r.delivered),
+                (true, None, 0, 0)
+            );
+        }
+        // A record that comes anyway is taken.
+        s.complete("room:r", "made-up", 0, 4, vec![]);
+        assert_eq!(
+            s.repeat("room:r", "made-up", vec![], wait, now).delivered,
+            4
+        );
     }
 
     /// A stream that keeps no history keeps no ids either: a repeat is a

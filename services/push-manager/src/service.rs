@@ -510,7 +510,12 @@ impl PushService {
     /// not void the others' answers: their controllers have already taken
     /// the message into their streams, so it must still go out to their
     /// targets (`Resolved::unanswered` says who did not answer).
-    async fn resolve(&self, keys: &[StreamKey], body: &MessageBody) -> Result<Resolved, Status> {
+    async fn resolve(
+        &self,
+        keys: &[StreamKey],
+        body: &MessageBody,
+        idempotent: bool,
+    ) -> Result<Resolved, Status> {
         let mut by_owner: BTreeMap<String, (_, Vec<ResolveTarget>)> = BTreeMap::new();
         for key in keys {
             let key = key.to_string();
@@ -530,7 +535,12 @@ impl PushService {
                 targets,
                 message_id: body.id.clone(),
                 body: Some(body.clone()),
-                resend_after_ms: self.inner.resend_after.as_millis() as u64,
+                // Only a push that records its result can be sent again.
+                resend_after_ms: if idempotent {
+                    self.inner.resend_after.as_millis() as u64
+                } else {
+                    0
+                },
             };
             let timeout = self.inner.controller_timeout;
             async move {
@@ -583,10 +593,11 @@ impl PushService {
         &self,
         keys: &[StreamKey],
         body: &MessageBody,
+        idempotent: bool,
     ) -> Result<Resolved, Status> {
         let until = Instant::now() + FIRST_RESULT_WAIT;
         loop {
-            let r = self.resolve(keys, body).await?;
+            let r = self.resolve(keys, body, idempotent).await?;
             let awaits_record = r.unanswered.is_none()
                 && r.targets.iter().all(|t| t.duplicate && !t.resend)
                 && r.targets.iter().any(|t| t.under_way);
@@ -676,7 +687,10 @@ impl PushService {
             targets,
             addrs,
             unanswered,
-        } = match self.resolve_awaiting_first_result(&keys, &body).await {
+        } = match self
+            .resolve_awaiting_first_result(&keys, &body, idempotent)
+            .await
+        {
             Ok(r) => r,
             Err(s) => {
                 inner.metrics.push_failed.inc();
