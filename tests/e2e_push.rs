@@ -1368,6 +1368,17 @@ async fn a_half_resolved_push_reaches_the_answered_half_and_a_retry_the_rest() -
     next_is_marker(&mut api, &mut client, &here).await
 }
 
+/// An in-process cluster whose push-managers give up on a node (and a
+/// controller) after `timeout`.
+fn with_push_timeout(timeout: Duration) -> TestCluster {
+    let mut cluster = TestCluster::in_process();
+    cluster.set_options(barrage_testkit::cluster::ClusterOptions {
+        push_timeout: timeout,
+        ..Default::default()
+    });
+    cluster
+}
+
 /// Waits until the controller places `user` on `node`.
 async fn placed(
     api: &barrage_proto::v1::push_manager_client::PushManagerClient<Channel>,
@@ -1417,11 +1428,7 @@ async fn next_is_marker(
 async fn a_retry_sends_a_push_whose_first_attempt_never_reached_the_nodes() -> anyhow::Result<()> {
     use barrage_proto::v1::{MessageBody, ResolveRequest, ResolveTarget};
     barrage_testkit::init_tracing();
-    let mut cluster = TestCluster::in_process();
-    cluster.set_options(barrage_testkit::cluster::ClusterOptions {
-        push_timeout: Duration::from_secs(1),
-        ..Default::default()
-    });
+    let mut cluster = with_push_timeout(Duration::from_secs(1));
     cluster.start(1).await?;
     let mut api = cluster.push_client().await?;
     let mut client = connect(&cluster.nodes[0].ws_url(), "o1", &[]).await?;
@@ -1517,11 +1524,7 @@ async fn a_retry_sends_a_push_whose_first_attempt_never_reached_the_nodes() -> a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_sends_a_push_again_to_the_node_it_failed_on() -> anyhow::Result<()> {
     barrage_testkit::init_tracing();
-    let mut cluster = TestCluster::in_process();
-    cluster.set_options(barrage_testkit::cluster::ClusterOptions {
-        push_timeout: Duration::from_secs(2),
-        ..Default::default()
-    });
+    let mut cluster = with_push_timeout(Duration::from_secs(2));
     // The node's gRPC is reached through a proxy that closes every
     // connection until it is told where to forward them.
     let (proxy, upstream) = refusing_proxy().await?;
@@ -1677,11 +1680,7 @@ async fn a_push_with_a_message_id_outlives_its_callers_deadline() -> anyhow::Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeat_of_a_made_up_message_id_is_a_plain_repeat() -> anyhow::Result<()> {
     barrage_testkit::init_tracing();
-    let mut cluster = TestCluster::in_process();
-    cluster.set_options(barrage_testkit::cluster::ClusterOptions {
-        push_timeout: Duration::from_millis(200),
-        ..Default::default()
-    });
+    let mut cluster = with_push_timeout(Duration::from_millis(200));
     cluster.start(1).await?;
     let mut api = cluster.push_client().await?;
     let mut client = connect(&cluster.nodes[0].ws_url(), "m1", &[]).await?;
