@@ -1450,8 +1450,9 @@ async fn a_retry_sends_a_push_whose_first_attempt_never_reached_the_nodes() -> a
                 ..Default::default()
             }),
             // As the push-manager asks for a push with the caller's id
-            // (2 x the 1 s push timeout + 1 s).
-            resend_after_ms: 3000,
+            // (3 x the 1 s push timeout + 1 s).
+            resend_after_ms: 4000,
+            ..Default::default()
         }),
     )
     .await??
@@ -1473,8 +1474,8 @@ async fn a_retry_sends_a_push_whose_first_attempt_never_reached_the_nodes() -> a
         "{}",
         early.message()
     );
-    // After twice the push timeout and the margin for its record: sent
-    // again.
+    // After three times the push timeout and the margin for its record:
+    // sent again.
     let retried = eventually(T, "the retry to send it again", || {
         let mut api = api.clone();
         let req = push.clone();
@@ -1680,7 +1681,7 @@ async fn a_push_with_a_message_id_outlives_its_callers_deadline() -> anyhow::Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeat_of_a_made_up_message_id_is_a_plain_repeat() -> anyhow::Result<()> {
     barrage_testkit::init_tracing();
-    let mut cluster = with_push_timeout(Duration::from_millis(200));
+    let mut cluster = with_push_timeout(Duration::from_secs(1));
     cluster.start(1).await?;
     let mut api = cluster.push_client().await?;
     let mut client = connect(&cluster.nodes[0].ws_url(), "m1", &[]).await?;
@@ -1696,8 +1697,8 @@ async fn a_repeat_of_a_made_up_message_id_is_a_plain_repeat() -> anyhow::Result<
         .into_inner();
     assert!(first.success && !first.message_id.is_empty(), "{first:?}");
     next_msg(&mut client).await?;
-    // At once, and after the resend wait (2 x 200 ms + 1 s): plain repeats.
-    for wait in [Duration::ZERO, Duration::from_millis(1500)] {
+    // At once, and after the resend wait (3 x 1 s + 1 s): plain repeats.
+    for wait in [Duration::ZERO, Duration::from_millis(4200)] {
         tokio::time::sleep(wait).await;
         let again = within(
             T,

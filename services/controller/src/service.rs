@@ -112,7 +112,9 @@ impl ControllerService {
                 ..Default::default()
             };
             if appended.duplicate {
-                self.metrics.duplicates.inc();
+                if !r.again {
+                    self.metrics.duplicates.inc();
+                }
                 let r = s
                     .streams
                     .repeat(&key, &body.id, node_ids, resend_after, now);
@@ -142,6 +144,12 @@ impl ControllerService {
         self.metrics.observe(&s);
         Ok(out)
     }
+}
+
+/// The position a record names, if it names one (older push-managers do
+/// not).
+fn position(r: &CompleteRequest) -> Option<(u64, u64)> {
+    (r.epoch != 0).then_some((r.epoch, r.seq))
 }
 
 fn invalid(field: &str, e: impl std::fmt::Display) -> Status {
@@ -257,6 +265,7 @@ impl Controller for ControllerService {
         self.state.lock().streams.complete(
             &r.key,
             &r.message_id,
+            position(&r),
             r.attempt,
             r.delivered,
             r.failed_node_ids,
@@ -274,6 +283,7 @@ impl Controller for ControllerService {
             state.streams.complete(
                 &c.key,
                 &c.message_id,
+                position(&c),
                 c.attempt,
                 c.delivered,
                 c.failed_node_ids,
@@ -498,6 +508,7 @@ mod tests {
                         message_id: id,
                         body: None,
                         resend_after_ms,
+                        again: false,
                     }))
                     .await
                     .expect("resolved")
@@ -539,6 +550,8 @@ mod tests {
                 delivered: 1,
                 failed_node_ids: vec!["n2".into()],
                 attempt: 1,
+                epoch: first.epoch,
+                seq: first.seq,
             }],
         }))
         .await
@@ -556,6 +569,7 @@ mod tests {
             delivered: 2,
             failed_node_ids: Vec::new(),
             attempt: 2,
+            ..Default::default()
         }))
         .await
         .expect("recorded");

@@ -424,22 +424,27 @@ impl Streams {
         r
     }
 
-    /// Records what attempt `attempt` of a message reached: `delivered`
-    /// connections, failing on the nodes in `failed` (a retry sends it
-    /// there again). A record of an earlier attempt, or a second record of
-    /// one, is ignored.
+    /// Records what attempt `attempt` of the message at `position`
+    /// (epoch, seq; `None`: not checked) reached: `delivered` connections,
+    /// failing on the nodes in `failed` (a retry sends it there again). A
+    /// record of an earlier attempt, a second record of one, or one for
+    /// another position (the stream began anew, at another controller) is
+    /// ignored.
     pub fn complete(
         &mut self,
         key: &str,
         message_id: &str,
+        position: Option<(u64, u64)>,
         attempt: u32,
         delivered: u32,
         failed: Vec<String>,
     ) {
-        if let Some(e) = self
-            .streams
-            .get_mut(key)
-            .and_then(|s| s.ids.get_mut(message_id))
+        let Some(stream) = self.streams.get_mut(key) else {
+            return;
+        };
+        let epoch = stream.epoch;
+        if let Some(e) = stream.ids.get_mut(message_id)
+            && position.is_none_or(|p| p == (epoch, e.seq))
             && e.attempt == attempt
             && e.since_ms != RECORDED
         {
@@ -1045,7 +1050,7 @@ mod tests {
             s.repeat("room:r", "same", vec![], None, now),
             Repeat::default()
         );
-        s.complete("room:r", "same", 0, 7, vec![]);
+        s.complete("room:r", "same", None, 0, 7, vec![]);
         let r = s.repeat("room:r", "same", vec!["n1".into()], None, now);
         assert_eq!((r.delivered, r.recorded), (7, true));
         assert_eq!(s.append("room:r", &body("other"), false, now).seq, 2);
@@ -1076,10 +1081,10 @@ mod tests {
         let r = s.repeat("room:r", "m", hosting(), wait, t1);
         assert!(r.resend.is_empty() && r.under_way.is_some(), "{r:?}");
         // The first attempt's late record is ignored; the resend's counts.
-        s.complete("room:r", "m", 0, 3, vec![]);
+        s.complete("room:r", "m", None, 0, 3, vec![]);
         assert!(!s.repeat("room:r", "m", hosting(), None, t1).recorded);
-        s.complete("room:r", "m", 1, 2, vec!["n2".into()]);
-        s.complete("room:r", "m", 1, 9, vec![]);
+        s.complete("room:r", "m", None, 1, 2, vec!["n2".into()]);
+        s.complete("room:r", "m", None, 1, 9, vec![]);
         let r = s.repeat("room:r", "m", hosting(), None, t1);
         assert_eq!((r.recorded, r.delivered), (true, 2));
         // Failed on n2: sent again there only, once.
@@ -1095,13 +1100,29 @@ mod tests {
         let t2 = t1 + Duration::from_secs(2);
         let r = s.repeat("room:r", "m", hosting(), wait, t2);
         assert_eq!((r.attempt, r.resend), (3, vec!["n2".to_owned()]));
-        s.complete("room:r", "m", 3, 1, vec![]);
+        s.complete("room:r", "m", None, 3, 1, vec![]);
         let r = s.repeat("room:r", "m", hosting(), wait, t2);
         assert_eq!((r.recorded, r.delivered, r.resend.len()), (true, 3, 0));
         // A node that no longer hosts the key is not sent to.
         s.append("room:q", &body("m"), false, t2);
         let r = s.repeat("room:q", "m", vec![], wait, t2 + Duration::from_secs(2));
         assert!(r.resend.is_empty() && r.under_way.is_none(), "{r:?}");
+    }
+
+    /// A record names the message's position: one for another epoch of
+    /// the stream (the push was resolved by its former controller) or
+    /// another message is ignored.
+    #[tokio::test(start_paused = true)]
+    async fn records_for_another_position_are_ignored() {
+        let mut s = Streams::new(StreamConfig::default());
+        let now = Instant::now();
+        let a = s.append("room:r", &body("m"), false, now);
+        s.complete("room:r", "m", Some((a.epoch + 1, a.seq)), 0, 5, vec![]);
+        s.complete("room:r", "m", Some((a.epoch, a.seq + 1)), 0, 5, vec![]);
+        assert!(!s.repeat("room:r", "m", vec![], None, now).recorded);
+        s.complete("room:r", "m", Some((a.epoch, a.seq)), 0, 5, vec![]);
+        let r = s.repeat("room:r", "m", vec![], None, now);
+        assert_eq!((r.recorded, r.delivered), (true, 5));
     }
 
     /// A push without the caller's id records no result: a repeat of its
@@ -1121,7 +1142,7 @@ mod tests {
             );
         }
         // A record that comes anyway is taken.
-        s.complete("room:r", "made-up", 0, 4, vec![]);
+        s.complete("room:r", "made-up", None, 0, 4, vec![]);
         assert_eq!(
             s.repeat("room:r", "made-up", vec![], wait, now).delivered,
             4

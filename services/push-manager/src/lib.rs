@@ -238,7 +238,7 @@ pub async fn run(
     let grpc_result = grpc.await;
     let _ = http.await;
     service
-        .drain(cfg.node_timeout * 2 + Duration::from_secs(1))
+        .drain(cfg.node_timeout * 3 + Duration::from_secs(1))
         .await;
     tasks.cancel();
     match grpc_result {

@@ -89,17 +89,18 @@ struct Inner {
     tasks: TaskTracker,
 }
 
-/// How long after its deadlines a push's result may take to be recorded
-/// at its controllers. A push spends at most the controller deadline on
-/// resolving (the controller takes the message during that time) and the
-/// node deadline on delivering; a retry of a push that has recorded
-/// nothing that long after the controller took it sends the message again:
-/// its push-manager stopped, or lost the controller's answer.
+/// How long past its deadlines a push's result may take to be recorded at
+/// its controllers. A push spends at most the controller deadline on
+/// resolving (the controller takes the message during that time), the
+/// node deadline on delivering, and the record's call is bounded by that
+/// deadline too; a retry of a push that has recorded nothing that long
+/// after the controller took it sends the message again: its push-manager
+/// stopped, or lost the controller's answer.
 const RECORD_MARGIN: Duration = Duration::from_secs(1);
 
 /// How long a plain repeat waits for the result of the attempt under way
-/// to be recorded, asking again every [`FIRST_RESULT_POLL`], before it
-/// answers "still under way".
+/// to be recorded, asking again after [`FIRST_RESULT_POLL`], then after
+/// twice as long each time, before it answers "still under way".
 const FIRST_RESULT_WAIT: Duration = Duration::from_millis(250);
 const FIRST_RESULT_POLL: Duration = Duration::from_millis(10);
 
@@ -132,6 +133,8 @@ pub struct Sent {
     pub nodes: Vec<String>,
     /// Which attempt of the message this is (0: the first).
     pub attempt: u32,
+    /// The message's position in the key's stream (epoch, seq).
+    pub position: (u64, u64),
 }
 
 /// Groups resolved targets by the connect-nodes hosting them. Repeats of
@@ -171,6 +174,7 @@ pub fn assemble_batches(targets: Vec<pb::ResolvedTarget>, exclude: &[String]) ->
             key: t.key,
             nodes: t.node_ids,
             attempt: t.attempt,
+            position: (t.epoch, t.seq),
         });
     }
     b
@@ -366,7 +370,7 @@ impl PushService {
                 limits,
                 node_timeout,
                 controller_timeout: node_timeout,
-                resend_after: node_timeout * 2 + RECORD_MARGIN,
+                resend_after: node_timeout * 3 + RECORD_MARGIN,
                 tasks: TaskTracker::new(),
             }),
         }
@@ -379,15 +383,20 @@ impl PushService {
     pub async fn drain(&self, limit: Duration) {
         let inner = &self.inner;
         inner.tasks.close();
-        let drained = async {
-            inner.tasks.wait().await;
-            inner.controllers.flush_records().await;
-        };
-        if tokio::time::timeout(limit, drained).await.is_err() {
+        if tokio::time::timeout(limit, inner.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 pushes = inner.tasks.len(),
-                "pushes or their results still unsent after the drain limit"
+                "pushes still running after the drain limit; their results are not recorded"
             );
+        }
+        if tokio::time::timeout(limit, inner.controllers.flush_records())
+            .await
+            .is_err()
+        {
+            tracing::warn!("push results still unsent after the drain limit");
         }
     }
 
@@ -515,6 +524,7 @@ impl PushService {
         keys: &[StreamKey],
         body: &MessageBody,
         idempotent: bool,
+        again: bool,
     ) -> Result<Resolved, Status> {
         let mut by_owner: BTreeMap<String, (_, Vec<ResolveTarget>)> = BTreeMap::new();
         for key in keys {
@@ -541,6 +551,7 @@ impl PushService {
                 } else {
                     0
                 },
+                again,
             };
             let timeout = self.inner.controller_timeout;
             async move {
@@ -596,15 +607,20 @@ impl PushService {
         idempotent: bool,
     ) -> Result<Resolved, Status> {
         let until = Instant::now() + FIRST_RESULT_WAIT;
+        let mut pause = FIRST_RESULT_POLL;
+        let mut again = false;
         loop {
-            let r = self.resolve(keys, body, idempotent).await?;
+            let r = self.resolve(keys, body, idempotent, again).await?;
             let awaits_record = r.unanswered.is_none()
                 && r.targets.iter().all(|t| t.duplicate && !t.resend)
                 && r.targets.iter().any(|t| t.under_way);
-            if !awaits_record || Instant::now() + FIRST_RESULT_POLL > until {
+            let left = until.saturating_duration_since(Instant::now());
+            if !awaits_record || left.is_zero() {
                 return Ok(r);
             }
-            tokio::time::sleep(FIRST_RESULT_POLL).await;
+            tokio::time::sleep(pause.min(left)).await;
+            pause *= 2;
+            again = true;
         }
     }
 
@@ -624,6 +640,7 @@ impl PushService {
             key,
             nodes,
             attempt,
+            position: (epoch, seq),
         } in sent
         {
             let Some(completer) = self.inner.controllers.completer(&key) else {
@@ -643,6 +660,8 @@ impl PushService {
                 delivered,
                 failed_node_ids,
                 attempt,
+                epoch,
+                seq,
             });
             if !recorded {
                 self.inner.metrics.completions_dropped.inc();
@@ -810,10 +829,9 @@ impl PushService {
             return Err(Status::new(
                 code,
                 format!(
-                    "{first}; delivered only to the other targets ({} connection(s)); retry with \
-                 the same message_id to reach the rest (targets already reached are not \
-                 delivered again)",
-                    outcome.delivered
+                    "{first}; delivered only to the other targets ({reached} connection(s)); \
+                     retry with the same message_id to reach the rest (targets already reached \
+                     are not delivered again)"
                 ),
             ));
         }
@@ -1188,12 +1206,14 @@ mod tests {
                 Sent {
                     key: "user:a".into(),
                     nodes: vec!["n1".into()],
-                    attempt: 0
+                    attempt: 0,
+                    position: (9, 4)
                 },
                 Sent {
                     key: "user:d".into(),
                     nodes: vec!["n2".into()],
-                    attempt: 2
+                    attempt: 2,
+                    position: (9, 4)
                 }
             ]
         );
