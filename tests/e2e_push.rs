@@ -957,6 +957,51 @@ async fn results_reach_a_controller_without_complete_batch_one_by_one() -> anyho
     Ok(())
 }
 
+/// A push-manager that drains sends the results still queued at once,
+/// without waiting out the gathering time: a result that never reaches
+/// its controller makes a retry send the message again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushing_a_completer_sends_what_is_queued_at_once() -> anyhow::Result<()> {
+    use barrage_proto::v1::{CompleteRequest, ResolveRequest, ResolveTarget};
+    use barrage_push_manager::complete::Completer;
+
+    let (addr, _, stop, server) = controller_without("/barrage.v1.Controller/None").await?;
+    let mut client = controller_at(&addr.to_string()).await?;
+    let resolve = |i: u32| ResolveRequest {
+        targets: vec![ResolveTarget {
+            key: format!("user:q{i}"),
+        }],
+        message_id: format!("id-{i}"),
+        resend_after_ms: 60_000,
+        ..Default::default()
+    };
+    for i in 0..3 {
+        within(T, "Resolve", client.resolve(resolve(i))).await??;
+    }
+    // Records would wait a minute for others to join them.
+    let completer = Completer::new(client.clone(), T, Duration::from_secs(60));
+    for i in 0..3 {
+        assert!(completer.record(CompleteRequest {
+            key: format!("user:q{i}"),
+            message_id: format!("id-{i}"),
+            delivered: 20 + i,
+            ..Default::default()
+        }));
+    }
+    within(T, "the flush", completer.flush()).await?;
+    for i in 0..3 {
+        let again = within(T, "Resolve again", client.resolve(resolve(i)))
+            .await??
+            .into_inner();
+        let t = &again.targets[0];
+        assert!(t.duplicate && t.first_completed && !t.under_way, "{t:?}");
+        assert_eq!(t.first_delivered, 20 + i);
+    }
+    stop.cancel();
+    within(T, "server to stop", server).await???;
+    Ok(())
+}
+
 on_both_registries!(roles_sharing_a_process_call_each_other_directly);
 /// Roles sharing a `LocalPeers` table (as in `barrage dev`) reach each
 /// other's services in-process: here the controller and the node advertise
