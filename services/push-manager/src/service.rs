@@ -147,7 +147,7 @@ pub fn assemble_batches(targets: Vec<pb::ResolvedTarget>, exclude: &[String]) ->
             b.duplicates += 1;
             b.first_delivered = b.first_delivered.max(t.first_delivered);
             if !t.resend {
-                // Already pushed under this id: never delivered twice.
+                // Not due to be sent again: left out.
                 if t.under_way {
                     let age = b.under_way_ms.get_or_insert(t.first_age_ms);
                     *age = (*age).min(t.first_age_ms);
@@ -289,7 +289,7 @@ impl Outcome {
                 self.delivered
             );
         }
-        let mut stored = if self.stored > 0 {
+        let mut notes = if self.stored > 0 {
             format!(
                 "; stored for {} offline user(s), delivered on their next connect",
                 self.stored
@@ -298,19 +298,19 @@ impl Outcome {
             String::new()
         };
         if self.resent_repeats > 0 {
-            stored.push_str(&format!(
+            notes.push_str(&format!(
                 "; {} target(s) had this message_id before and were sent it again where it had not arrived",
                 self.resent_repeats
             ));
         }
         if self.failed.is_empty() {
             format!(
-                "delivered to {} connection(s) on {} node(s){stored}",
+                "delivered to {} connection(s) on {} node(s){notes}",
                 self.delivered, self.nodes
             )
         } else {
             format!(
-                "partial failure: delivered to {} connection(s){failures}{stored}",
+                "partial failure: delivered to {} connection(s){failures}{notes}",
                 self.delivered
             )
         }
