@@ -476,7 +476,9 @@ struct PushManagerArgs {
 #[derive(Debug, Args)]
 struct PushLimits {
     /// Deadline of one PushMessageBatch to a connect-node, and of one call
-    /// to a controller, milliseconds.
+    /// to a controller, milliseconds. A retry of a push with a message_id
+    /// that recorded no result sends it again 3 x this + 1 s after it
+    /// began: give every push-manager the same value.
     #[arg(long, env = "PUSH_TIMEOUT_MS", default_value_t = 3000)]
     push_timeout_ms: u64,
     /// Calls in flight to each connect-node and each controller; pushes
