@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, WsClient, Proc, free_block, http_ok, run, wait_until
+from conftest import ROOT, WsClient, Proc, free_block, grpcurl, http_ok, run, wait_until
 
 OPENAPI = ROOT / "services" / "push-manager" / "openapi.json"
 
@@ -167,6 +167,23 @@ def test_rest_calls_count_in_the_api_metrics(api):
     before = count()
     assert call("POST", f"{api}/api/v1/push/room/metered", {"content": "x"})[0] == 200
     assert count() == before + 1
+
+
+def test_a_push_whose_message_id_is_still_under_way_is_a_conflict(dev, api):
+    """The controller took a push with this message_id (as a push-manager
+    that then crashed would leave it) and no result is recorded yet: the
+    same push over HTTP answers 409 ABORTED, "still under way", and sends
+    nothing."""
+    taken = json.loads(grpcurl(
+        "-plaintext", "-d",
+        json.dumps({"targets": [{"key": "room:conflict"}], "message_id": "busy-1",
+                    "body": {"id": "busy-1", "event": "message", "content": "x"},
+                    "resend_after_ms": 600000}),
+        f"127.0.0.1:{dev.controller_port}", "barrage.v1.Controller/Resolve").stdout)
+    assert taken["targets"][0]["key"] == "room:conflict", taken
+    status, r = call("POST", f"{api}/api/v1/push/room/conflict", {"content": "x", "message_id": "busy-1"})
+    assert status == 409, r
+    assert r["error"]["code"] == "ABORTED" and "still under way" in r["error"]["message"], r
 
 
 def test_the_openapi_document_is_served_as_checked_in(api):
