@@ -84,26 +84,14 @@ async fn drive(
 ) {
     let mut batching = BatchCall::Unknown;
     loop {
+        // Once stopped, what is queued goes out without lingering, then
+        // the driver ends.
         let first = tokio::select! {
-            r = rx.recv() => match r {
-                Some(r) => r,
-                None => return,
-            },
-            () = stop.cancelled() => {
-                // Drains what is queued, then ends.
-                loop {
-                    let mut records = Vec::new();
-                    while records.len() < MAX_ITEMS
-                        && let Ok(r) = rx.try_recv()
-                    {
-                        records.push(r);
-                    }
-                    if records.is_empty() {
-                        return;
-                    }
-                    batching = send(&client, records, timeout, batching).await;
-                }
-            }
+            r = rx.recv() => r,
+            () = stop.cancelled() => rx.try_recv().ok(),
+        };
+        let Some(first) = first else {
+            return;
         };
         let mut records = vec![first];
         // A full batch already waiting goes at once.
@@ -138,7 +126,10 @@ async fn send(
         return batching;
     }
     let mut error = String::new();
-    for _ in 0..2 {
+    for attempt in 0..2 {
+        if attempt > 0 {
+            tokio::time::sleep(RETRY_AFTER).await;
+        }
         let req = crate::pool::request(
             CompleteBatchRequest {
                 completions: records.clone(),
@@ -161,7 +152,6 @@ async fn send(
             Ok(Err(s)) => error = s.to_string(),
             Err(_) => error = format!("timed out after {timeout:?}"),
         }
-        tokio::time::sleep(RETRY_AFTER).await;
     }
     tracing::warn!(
         records = n,

@@ -237,9 +237,7 @@ pub async fn run(
     http_stop.cancel();
     let grpc_result = grpc.await;
     let _ = http.await;
-    service
-        .drain(cfg.node_timeout * 3 + Duration::from_secs(1))
-        .await;
+    service.drain().await;
     tasks.cancel();
     match grpc_result {
         Ok(r) => r?,
@@ -264,7 +262,11 @@ async fn forget_unused_nodes(pool: std::sync::Arc<pool::NodePool>, stop: Cancell
             () = stop.cancelled() => return,
             _ = tick.tick() => {
                 for id in pool.forget_unused(LEARNED_NODE_IDLE) {
-                    tracing::info!(node_id = %id, "dropped a connect-node no push has asked for in 10 minutes");
+                    tracing::info!(
+                        node_id = %id,
+                        idle_secs = LEARNED_NODE_IDLE.as_secs(),
+                        "dropped a connect-node no push has asked for"
+                    );
                 }
             }
         }

@@ -198,16 +198,14 @@ pub struct Node {
 struct Entry {
     addr: String,
     node: Node,
-    /// Learned from a controller's answer, not from discovery: kept while
-    /// pushes ask for it (see [`NodePool::forget_unused`]).
-    learned: bool,
-    /// When a push last asked for it, in seconds of the pool's clock
-    /// (learned entries only).
-    used: AtomicU64,
+    /// For a node learned from a controller's answer, not from discovery:
+    /// when a push last asked for it, in seconds of the pool's clock (it is
+    /// kept while pushes do, see [`NodePool::forget_unused`]).
+    used: Option<AtomicU64>,
 }
 
 impl Entry {
-    fn new(addr: &str, dialer: &Dialer, learned: Option<u64>) -> Option<Entry> {
+    fn new(addr: &str, dialer: &Dialer, learned_at: Option<u64>) -> Option<Entry> {
         let client = ConnectNodeClient::new(dialer.channel(addr)?)
             .max_decoding_message_size(barrage_proto::PEER_MESSAGE_LIMIT);
         Some(Entry {
@@ -216,8 +214,7 @@ impl Entry {
                 sender: Arc::new(node_sender(client.clone(), dialer)),
                 client,
             },
-            learned: learned.is_some(),
-            used: AtomicU64::new(learned.unwrap_or(0)),
+            used: learned_at.map(AtomicU64::new),
         })
     }
 }
@@ -254,8 +251,9 @@ impl NodePool {
         let mut nodes = self.nodes.write();
         let mut gone = Vec::new();
         nodes.retain(|id, e| {
-            let keep =
-                !e.learned || now.saturating_sub(e.used.load(Ordering::Relaxed)) < idle.as_secs();
+            let keep = e.used.as_ref().is_none_or(|used| {
+                now.saturating_sub(used.load(Ordering::Relaxed)) < idle.as_secs()
+            });
             if !keep {
                 gone.push(id.clone());
             }
@@ -278,8 +276,8 @@ impl NodePool {
         if let Some(e) = self.nodes.read().get(node_id)
             && addr_hint.is_none_or(|a| a == e.addr)
         {
-            if e.learned {
-                e.used.store(self.clock(), Ordering::Relaxed);
+            if let Some(used) = &e.used {
+                used.store(self.clock(), Ordering::Relaxed);
             }
             return Some(e.node.clone());
         }

@@ -246,11 +246,11 @@ struct Outcome {
     stored: u32,
     /// Every target had seen this message id before.
     duplicate: bool,
-    /// Every target a repeat: the connections reached by sending it again
-    /// where it had not arrived (`None`: nothing was sent again).
-    resent: Option<u32>,
-    /// Some targets new: how many others were repeats sent again.
-    resent_repeats: u32,
+    /// Connections this call reached (`delivered` adds, for a duplicate,
+    /// those of the attempts before).
+    reached: u32,
+    /// Targets that were repeats sent again where they had not arrived.
+    resent: u32,
     /// Position of the message in the first target's stream.
     position: (u64, u64),
 }
@@ -277,12 +277,13 @@ impl Outcome {
             )
         };
         if self.duplicate {
-            let again = match self.resent {
-                Some(n) => format!(
-                    "sent again where its first attempt had not arrived: {n} connection(s) on {} node(s)",
-                    self.nodes
-                ),
-                None => "not delivered again".to_owned(),
+            let again = if self.resent > 0 {
+                format!(
+                    "sent again where its first attempt had not arrived: {} connection(s) on {} node(s)",
+                    self.reached, self.nodes
+                )
+            } else {
+                "not delivered again".to_owned()
             };
             return format!(
                 "duplicate: message_id was pushed before (delivered to {} connection(s)); {again}{failures}",
@@ -297,10 +298,10 @@ impl Outcome {
         } else {
             String::new()
         };
-        if self.resent_repeats > 0 {
+        if self.resent > 0 {
             notes.push_str(&format!(
                 "; {} target(s) had this message_id before and were sent it again where it had not arrived",
-                self.resent_repeats
+                self.resent
             ));
         }
         if self.failed.is_empty() {
@@ -376,12 +377,14 @@ impl PushService {
         }
     }
 
-    /// Waits, at most `limit`, for the pushes still running as tasks of
-    /// their own (their callers may be gone) to end, then sends the push
-    /// results still queued: a result that never reaches its controller
-    /// makes a retry send the message again.
-    pub async fn drain(&self, limit: Duration) {
+    /// Waits for the pushes still running as tasks of their own (their
+    /// callers may be gone) to end, then sends the push results still
+    /// queued: a result that never reaches its controller makes a retry
+    /// send the message again. Each step is given as long as a push may
+    /// take to deliver and record its result (the resend wait).
+    pub async fn drain(&self) {
         let inner = &self.inner;
+        let limit = inner.resend_after;
         inner.tasks.close();
         if tokio::time::timeout(limit, inner.tasks.wait())
             .await
@@ -770,8 +773,8 @@ impl PushService {
             failed: Vec::new(),
             stored,
             duplicate,
-            resent: None,
-            resent_repeats: 0,
+            reached: 0,
+            resent,
             position,
         };
         if sent.is_empty() && unanswered.is_none() {
@@ -803,11 +806,9 @@ impl PushService {
         }
         // What this attempt reached, as recorded.
         let reached = outcome.delivered;
+        outcome.reached = reached;
         if duplicate {
-            outcome.resent = Some(reached);
             outcome.delivered += first_delivered;
-        } else if resent > 0 {
-            outcome.resent_repeats = resent;
         }
         if outcome.success() && unanswered.is_none() && under_way.is_none() {
             inner.metrics.push_success.inc();
