@@ -75,8 +75,12 @@ impl ControllerService {
             let key: StreamKey = t.key.parse().map_err(|e| invalid("targets.key", e))?;
             keys.push(key);
         }
+        // A push that records its result (it carries the caller's id) may
+        // be sent again; one with a made-up id is never repeated while
+        // under way.
         let resend_after =
             (r.resend_after_ms > 0).then(|| Duration::from_millis(r.resend_after_ms));
+        let tracked = resend_after.is_some();
         let body = r.body.unwrap_or_else(|| MessageBody {
             id: r.message_id.clone(),
             ..Default::default()
@@ -103,7 +107,6 @@ impl ControllerService {
             // connect, if user streams keep any history.
             let stored =
                 kind == "user" && node_ids.is_empty() && s.streams.config().user.max_messages > 0;
-            let tracked = resend_after.is_some();
             let appended = s.streams.append_with(&key, &body, stored, tracked, now);
             let mut target = pb::ResolvedTarget {
                 epoch: appended.epoch,
@@ -115,16 +118,16 @@ impl ControllerService {
                 if !r.again {
                     self.metrics.duplicates.inc();
                 }
-                let r = s
+                let repeat = s
                     .streams
                     .repeat(&key, &body.id, node_ids, resend_after, now);
-                target.attempt = r.attempt;
-                target.first_delivered = r.delivered;
-                target.first_completed = r.recorded;
-                target.under_way = r.under_way.is_some();
-                target.first_age_ms = r.under_way.map_or(0, |a| a.as_millis() as u64);
-                target.resend = !r.resend.is_empty();
-                target.node_ids = r.resend;
+                target.attempt = repeat.attempt;
+                target.first_delivered = repeat.delivered;
+                target.first_completed = repeat.recorded;
+                target.under_way = repeat.under_way.is_some();
+                target.first_age_ms = repeat.under_way.map_or(0, |a| a.as_millis() as u64);
+                target.resend = !repeat.resend.is_empty();
+                target.node_ids = repeat.resend;
                 if target.resend {
                     self.metrics.resends.inc();
                 }
