@@ -93,6 +93,7 @@ fn membership(c: &mut Criterion) {
                 kind: Kind::Join as i32,
                 key: format!("room:r{r}"),
                 user_id: format!("u{n}-{r}"),
+                ..Default::default()
             })
             .collect();
         m.report(&node, "i", 1, &changes, now);

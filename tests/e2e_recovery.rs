@@ -1,6 +1,7 @@
 //! Delivery guarantees: a client that reconnects with its positions gets
 //! every message it missed, in order, exactly once, or is told
-//! `recovered: false`; offline users get their messages on connect; a
+//! `recovered: false`; offline users get their messages on connect, until a
+//! connection has received them; a
 //! repeated message id is not delivered twice.
 
 use std::collections::BTreeMap;
@@ -10,7 +11,7 @@ use anyhow::{Context as _, ensure};
 use barrage_client::{Client, Event, Subscriber, SubscriberOptions, connect_url};
 use barrage_proto::v1::{PushToRoomRequest, PushToUserRequest};
 use barrage_protocol::{MessageFrame, StreamPos, format_positions};
-use barrage_testkit::cluster::{TestCluster, within};
+use barrage_testkit::cluster::{TestCluster, eventually, within};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -221,6 +222,24 @@ async fn recovery_during_a_stream_of_pushes_loses_and_repeats_nothing() -> anyho
     Ok(())
 }
 
+const RECEIPTS: &str = "controller_offline_receipts_total";
+
+/// Reads on for a moment, so that the client answers the ping the node
+/// sent after the messages kept for it (the client library answers pings
+/// as it reads), and waits until the controller has `receipts` in all.
+async fn answer_the_ping(
+    c: &mut Client,
+    cluster: &TestCluster,
+    receipts: f64,
+) -> anyhow::Result<()> {
+    let read = tokio::time::timeout(Duration::from_millis(200), c.next_frame()).await;
+    ensure!(read.is_err(), "no frame expected, got {read:?}");
+    eventually(T, "the receipt at the controller", || async {
+        (cluster.controllers[0].metric(RECEIPTS) >= receipts).then_some(())
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_for_an_offline_user_arrive_on_connect() -> anyhow::Result<()> {
     let cluster = cluster(1).await?;
@@ -245,13 +264,20 @@ async fn messages_for_an_offline_user_arrive_on_connect() -> anyhow::Result<()> 
     );
 
     let url = connect_url(&cluster.nodes[0].ws_url(), "sleeper", &[]);
+    // A connection that goes away before it has read the message (so it
+    // never answers the ping sent after it) has not received it…
+    let gone = connect(&url).await?;
+    drop(gone);
+    // …so the next one gets it too.
     let mut c = connect(&url).await?;
     let m = next_msg(&mut c).await?;
     assert_eq!(
         (m.stream.as_str(), m.data),
         ("user:sleeper", Some("while you were away".into()))
     );
-    // Handed out once: a second device connecting later does not get it again.
+    assert_eq!(cluster.controllers[0].metric(RECEIPTS), 0.0);
+    answer_the_ping(&mut c, &cluster, 1.0).await?;
+    // Received: a second device connecting later does not get it again.
     let mut second = connect(&url).await?;
     let resp = within(
         T,
@@ -498,6 +524,7 @@ async fn an_answer_over_the_controllers_cap_is_not_recovered_and_keeps_offline_m
     let away = connect_url(&ws, "away", &[]);
     let mut first = connect(&away).await?;
     assert_eq!(large_ones(&mut first, 3).await?, vec![0, 1, 2]);
+    answer_the_ping(&mut first, &cluster, 1.0).await?;
     within(T, "close", first.close()).await??;
     let mut second = connect(&away).await?;
     assert_eq!(large_ones(&mut second, 2).await?, vec![3, 4]);

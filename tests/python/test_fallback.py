@@ -21,6 +21,15 @@ def push(dev, room, text):
         return json.loads(r.read())
 
 
+def push_user(dev, user, text):
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{dev.metrics_port}/api/v1/push/user/{user}",
+        data=json.dumps({"content": {"text": text}}).encode(),
+        headers={"content-type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
 class Sse:
     """A minimal EventSource: reads `event:`/`id:`/`data:` blocks."""
 
@@ -153,3 +162,37 @@ def test_no_loss_and_no_duplicates_between_polls(dev):
         since = r["positions"]
     t.join(timeout=30)
     assert seqs == list(range(1, n + 1)), seqs
+
+
+def user_texts(answer):
+    return [m["data"]["text"] for m in answer["messages"] if m["stream"].startswith("user:")]
+
+
+def test_offline_messages_over_long_poll_wait_for_the_next_poll(dev):
+    assert push_user(dev, "lp-away", "while away")["stored_count"] == 1
+    first, _ = poll(dev, "lp-away", "lp-room")
+    assert user_texts(first) == ["while away"], first
+    # That answer may never have arrived: until a poll comes back with its
+    # positions, a poll without any is given the message again.
+    again, _ = poll(dev, "lp-away", "lp-room")
+    assert user_texts(again) == ["while away"], again
+    r, took = poll(dev, "lp-away", "lp-room", since=first["positions"], timeout_secs=1)
+    assert r["messages"] == [] and took >= 0.9, r
+    fresh, _ = poll(dev, "lp-away", "lp-room")
+    assert user_texts(fresh) == [], fresh
+
+
+def test_offline_messages_over_sse_count_as_received_once_sent(dev):
+    assert push_user(dev, "sse-away", "while away")["stored_count"] == 1
+    url = f"http://127.0.0.1:{dev.ws_port}/sse?user_id=sse-away&rooms=sse-away-room"
+    s = Sse(url)
+    ev, m = s.next_message()
+    assert (m["stream"], m["data"]) == ("user:sse-away", {"text": "while away"}), m
+    deadline = time.monotonic() + WAIT
+    while True:
+        fresh, _ = poll(dev, "sse-away", "sse-away-room")
+        if user_texts(fresh) == []:
+            break
+        assert time.monotonic() < deadline, "the event stream's receipt never reached the controller"
+        time.sleep(0.05)
+    s.close()

@@ -189,7 +189,10 @@ pub async fn sse_handler(
             return;
         }
         let Recovery {
-            missed, mut skip, ..
+            missed,
+            mut skip,
+            receipt,
+            ..
         } = recovery;
         for out in missed {
             advance(&mut positions, &out);
@@ -200,6 +203,13 @@ pub async fn sse_handler(
             if !hand_over(ev).await {
                 return;
             }
+        }
+        // An event stream has no way back from the client: messages kept
+        // for the user while offline count as received once handed to the
+        // response. (A long poll needs no receipt: the next poll's
+        // positions say what the client has.)
+        if let Some(r) = receipt {
+            r.report(&registered.hub, &conn.user);
         }
         loop {
             let out = tokio::select! {

@@ -213,6 +213,7 @@ impl Reporter {
                         kind: c.kind as i32,
                         key: c.key,
                         user_id: c.user.to_string(),
+                        ..Default::default()
                     }),
                 None => {
                     // Dropping the sender fails the ack: no controller to tell.
@@ -225,6 +226,25 @@ impl Reporter {
             acks.push(link.report(changes));
         }
         Ack(acks)
+    }
+
+    /// Tells the owner of user stream `key` that a connection of `user`
+    /// received its messages up to `seq` in `epoch`, so that the messages
+    /// kept for the user while offline are no longer handed out. Rides on
+    /// the next report and is not waited for: a receipt that is lost (a
+    /// full sync replaced the queued changes) only means that the next
+    /// connection without a position gets those messages again.
+    pub fn received(&self, key: String, user: &UserId, epoch: u64, seq: u64) {
+        let ring = self.ring.read().clone();
+        if let Some((_, link)) = ring.owner(&key) {
+            drop(link.report(vec![SessionChange {
+                kind: Kind::Received as i32,
+                key,
+                user_id: user.to_string(),
+                epoch,
+                seq,
+            }]));
+        }
     }
 
     /// Resolves once every controller known now has applied this node's
@@ -630,6 +650,7 @@ mod tests {
             kind: Kind::Join as i32,
             key: format!("user:u{i}"),
             user_id: format!("u{i}"),
+            ..Default::default()
         }
     }
 

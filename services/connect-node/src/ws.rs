@@ -357,6 +357,7 @@ struct Established {
     rx: queue::Receiver<Outbound>,
     socket: WebSocket,
     skip: Skip,
+    receipt: Option<Box<Receipt>>,
 }
 
 /// Serves one WebSocket for its whole life. Set-up runs in its own boxed
@@ -377,6 +378,7 @@ async fn serve(
         rx,
         mut socket,
         skip,
+        receipt,
     }) = Box::pin(establish(&state, socket, wire, user, rooms, positions)).await
     else {
         return;
@@ -384,7 +386,7 @@ async fn serve(
     let session = Session {
         claims: Mutex::new(claims),
     };
-    let usable = run_session(&state, &mut socket, rx, &conn, &session, skip).await;
+    let usable = run_session(&state, &mut socket, rx, &conn, &session, skip, receipt).await;
     state.hub.disconnect(&conn);
     let code = conn.close_code().unwrap_or(CloseCode::Normal);
     if usable {
@@ -451,6 +453,10 @@ async fn establish(
         for out in recovery.missed {
             sent = sent && feed(&mut socket, to_wire(out, wire)).await;
         }
+        if recovery.receipt.is_some() {
+            let ping = Message::Ping(bytes::Bytes::from_static(RECEIPT_PING));
+            sent = sent && socket.feed(ping).await.is_ok();
+        }
         sent && socket.flush().await.is_ok()
     })
     .await;
@@ -474,6 +480,7 @@ async fn establish(
         rx,
         socket,
         skip: recovery.skip,
+        receipt: recovery.receipt,
     })
 }
 
@@ -532,6 +539,7 @@ async fn run_session(
     conn: &Arc<ConnHandle>,
     session: &Session,
     mut skip: Skip,
+    mut receipt: Option<Box<Receipt>>,
 ) -> bool {
     let settings = &state.settings;
     let batching = settings.batching;
@@ -641,8 +649,16 @@ async fn run_session(
                         conn.close_with(CloseCode::Normal);
                         return true;
                     }
+                    Message::Pong(payload) => {
+                        if payload.as_ref() == RECEIPT_PING
+                            && let Some(r) = receipt.take()
+                        {
+                            r.report(&state.hub, &conn.user);
+                        }
+                        continue;
+                    }
                     // Reads yield whole messages, never raw frames.
-                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+                    Message::Ping(_) | Message::Frame(_) => continue,
                 };
                 match frame {
                     // Boxed: rare, and larger than the rest of this loop.
@@ -838,7 +854,32 @@ pub(crate) struct Recovery {
     pub(crate) missed: Vec<Outbound>,
     pub(crate) recovered_messages: u64,
     pub(crate) skip: Skip,
+    /// Messages kept for the user while offline are among `missed`: the
+    /// controller hands them out until this node reports them received.
+    pub(crate) receipt: Option<Box<Receipt>>,
 }
+
+/// A position of the user's stream to report received once the client
+/// has answered the ping sent after it (`RECEIPT_PING`).
+#[derive(Debug)]
+pub(crate) struct Receipt {
+    key: String,
+    epoch: u64,
+    seq: u64,
+}
+
+impl Receipt {
+    /// Tells the stream's controller that the client has these messages.
+    pub(crate) fn report(self, hub: &Hub, user: &UserId) {
+        hub.reporter()
+            .received(self.key, user, self.epoch, self.seq);
+    }
+}
+
+/// Payload of the ping sent after messages that await a receipt. A client
+/// answers pings in order, after reading every frame before them, so its
+/// pong says that it has those messages.
+const RECEIPT_PING: &[u8] = b"barrage-receipt";
 
 /// Asks the owning controllers where each of the connection's streams
 /// stands and, for streams the client gave a position for (and the user's
@@ -868,6 +909,7 @@ pub(crate) async fn recover(
         missed: Vec::new(),
         recovered_messages: 0,
         skip: Skip::default(),
+        receipt: None,
     };
     for r in results {
         let asked = positions.contains_key(&r.key);
@@ -896,6 +938,15 @@ pub(crate) async fn recover(
             seqs.insert(m.seq);
         }
         out.recovered_messages += r.messages.len() as u64;
+        if r.awaits_receipt
+            && let Some(seq) = r.messages.iter().map(|m| m.seq).max()
+        {
+            out.receipt = Some(Box::new(Receipt {
+                key: r.key.clone(),
+                epoch: r.epoch,
+                seq,
+            }));
+        }
         if asked && r.recovered {
             out.skip.insert(r.key, r.epoch, SkipRule::UpTo(r.seq));
         } else if !seqs.is_empty() {

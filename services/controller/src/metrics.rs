@@ -26,6 +26,8 @@ pub struct Metrics {
     /// Recovery queries by outcome (recovered, not_recovered, too_large,
     /// fresh).
     pub recoveries: IntCounterVec,
+    /// Receipts of messages kept for offline users, from connect-nodes.
+    pub offline_receipts: IntCounter,
     /// Reports by outcome (applied, duplicate, resync).
     pub reports: IntCounterVec,
     /// Full and partial syncs received.
@@ -79,6 +81,10 @@ impl Metrics {
             recoveries: IntCounterVec::new(
                 Opts::new("controller_recoveries_total", "Recovery queries by outcome"),
                 &["outcome"],
+            )?,
+            offline_receipts: IntCounter::new(
+                "controller_offline_receipts_total",
+                "Connections that received the messages kept for their user while offline (until one does, they are handed to every connect without a position)",
             )?,
             reports: IntCounterVec::new(
                 Opts::new(
@@ -146,6 +152,7 @@ impl Metrics {
         registry.register(Box::new(m.duplicates.clone()))?;
         registry.register(Box::new(m.resends.clone()))?;
         registry.register(Box::new(m.recoveries.clone()))?;
+        registry.register(Box::new(m.offline_receipts.clone()))?;
         registry.register(Box::new(m.reports.clone()))?;
         registry.register(Box::new(m.syncs.clone()))?;
         registry.register(Box::new(m.resolves.clone()))?;

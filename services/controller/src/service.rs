@@ -8,6 +8,7 @@ use barrage_proto::v1::{
     GetRoomInfoResponse, GetUserNodeRequest, GetUserNodeResponse, HistoryRequest, HistoryResponse,
     MessageBody, ReportRequest, ReportResponse, ResolveBatchRequest, ResolveBatchResponse,
     ResolveRequest, ResolveResponse, SyncRequest, SyncResponse, controller_server::Controller,
+    session_change::Kind,
 };
 use barrage_protocol::{RoomId, StreamKey, UserId};
 use parking_lot::Mutex;
@@ -175,6 +176,14 @@ impl Controller for ControllerService {
                 &r.changes,
                 Instant::now(),
             );
+            // Receipts are facts about streams, not membership: they hold
+            // whatever became of the report's numbering.
+            if o != ReportOutcome::Departed {
+                for c in r.changes.iter().filter(|c| c.kind() == Kind::Received) {
+                    s.streams.received(&c.key, c.epoch, c.seq);
+                    self.metrics.offline_receipts.inc();
+                }
+            }
             // A node whose full state this controller is still waiting for
             // (its sync was discarded by a ring change) is asked for it now,
             // instead of pushes being refused until the warm-up ends.

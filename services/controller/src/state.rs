@@ -118,7 +118,9 @@ impl Membership {
             let delta: i64 = match change.kind() {
                 Kind::Connect | Kind::Join => 1,
                 Kind::Disconnect | Kind::Leave => -1,
-                Kind::Unspecified => continue,
+                // Not about membership: the service applies receipts to
+                // the streams.
+                Kind::Received | Kind::Unspecified => continue,
             };
             self.apply(node_id, &change.key, &change.user_id, delta);
         }
@@ -357,6 +359,7 @@ mod tests {
             kind: kind as i32,
             key: key.into(),
             user_id: user.into(),
+            ..Default::default()
         }
     }
 

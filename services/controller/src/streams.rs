@@ -112,7 +112,8 @@ struct Stored {
     /// `body`'s encoded size, counted in [`Totals::bytes`].
     size: usize,
     at: Instant,
-    /// Pushed to a user with no connection: handed out on the next connect.
+    /// Pushed to a user with no connection: handed out to every connect
+    /// without a position until a connection has received it.
     offline: bool,
 }
 
@@ -176,6 +177,22 @@ struct Stream {
     history: VecDeque<Stored>,
     ids: HashMap<String, IdEntry>,
     last_push: Instant,
+}
+
+impl Stream {
+    /// Marks the offline messages up to `seq` received; says whether any
+    /// after it are still to be.
+    fn received(&mut self, seq: u64) -> bool {
+        let mut waiting = false;
+        for m in self.history.iter_mut().filter(|m| m.offline) {
+            if m.seq <= seq {
+                m.offline = false;
+            } else {
+                waiting = true;
+            }
+        }
+        waiting
+    }
 }
 
 /// Where a pushed message landed in its stream.
@@ -618,20 +635,22 @@ impl Streams {
         if !q.has_position {
             let mut left_out = false;
             if q.key.starts_with("user:") {
-                // Oldest first, while they fit: the rest stay offline.
-                for m in stream.history.iter_mut().filter(|m| m.offline) {
+                // Oldest first, while they fit: the rest wait for the next
+                // connect. Those handed out stay offline until the node
+                // reports them received (`received`).
+                for m in stream.history.iter().filter(|m| m.offline) {
                     let size = m.answer_len();
                     if size > *budget {
                         left_out = true;
                         break;
                     }
                     *budget -= size;
-                    m.offline = false;
                     out.messages.push(StoredMessage {
                         body: Some(m.body.clone()),
                         seq: m.seq,
                     });
                 }
+                out.awaits_receipt = !out.messages.is_empty();
             }
             return (out, left_out);
         }
@@ -643,6 +662,9 @@ impl Streams {
             out.recovered = false;
             return (out, false);
         }
+        // A client that holds a position has received everything up to it;
+        // offline messages after it are handed out again until received.
+        let waiting = q.key.starts_with("user:") && stream.received(q.seq);
         if q.seq >= stream.seq {
             return (out, false);
         }
@@ -665,12 +687,19 @@ impl Streams {
                 seq: m.seq,
             })
             .collect();
-        // Offline messages go to the first connection that comes, whether
-        // it asked with a position or without.
-        for m in stream.history.iter_mut().filter(|m| m.seq > q.seq) {
-            m.offline = false;
-        }
+        out.awaits_receipt = waiting;
         (out, false)
+    }
+
+    /// A connection received the messages of user stream `key` up to
+    /// `seq` in `epoch` (`SessionChange::RECEIVED`): those kept for the
+    /// user while offline are no longer handed out.
+    pub fn received(&mut self, key: &str, epoch: u64, seq: u64) {
+        if let Some(stream) = self.streams.get_mut(key)
+            && stream.epoch == epoch
+        {
+            stream.received(seq);
+        }
     }
 
     /// Records that message `seq` of `key` goes to `nodes` at `now`;
@@ -975,6 +1004,8 @@ mod tests {
         let again = s.answer(&queries[1..], now);
         assert!(again.iter().all(|a| !a.result.deferred));
         assert_eq!(again[0].result.messages.len(), 1);
+        let seq = again[0].result.messages[0].seq;
+        s.received("user:away", again[0].result.epoch, seq);
         assert!(s.answer(&queries[1..2], now)[0].result.messages.is_empty());
     }
 
@@ -1171,19 +1202,33 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn offline_user_messages_are_handed_out_once() {
+    async fn offline_user_messages_are_handed_out_until_received() {
         let mut s = Streams::new(StreamConfig::default());
         let now = Instant::now();
-        s.append("user:u", &body("while-away-1"), true, now);
+        let first = s.append("user:u", &body("while-away-1"), true, now);
         s.append("user:u", &body("seen"), false, now);
         s.append("user:u", &body("while-away-2"), true, now);
         let r = history(&mut s, &q("user:u", None), now);
         assert_eq!(seqs(&r), vec![1, 3]);
-        assert!(history(&mut s, &q("user:u", None), now).messages.is_empty());
+        assert!(r.awaits_receipt);
+        // That connection died before it had them: the next one gets them.
+        let again = history(&mut s, &q("user:u", None), now);
+        assert_eq!(seqs(&again), vec![1, 3]);
+        // A receipt of another epoch is not about these messages.
+        s.received("user:u", first.epoch + 1, 3);
+        assert_eq!(seqs(&history(&mut s, &q("user:u", None), now)), vec![1, 3]);
+        // Received up to 1: only 3 is still handed out.
+        s.received("user:u", first.epoch, 1);
+        let rest = history(&mut s, &q("user:u", None), now);
+        assert_eq!(seqs(&rest), vec![3]);
+        s.received("user:u", first.epoch, 3);
+        let none = history(&mut s, &q("user:u", None), now);
+        assert!(none.messages.is_empty());
+        assert!(!none.awaits_receipt);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn offline_messages_recovered_with_a_position_are_not_handed_out_again() {
+    async fn offline_messages_recovered_with_a_position_wait_for_their_receipt() {
         let mut s = Streams::new(StreamConfig::default());
         let now = Instant::now();
         let first = s.append("user:u", &body("seen"), false, now);
@@ -1192,8 +1237,27 @@ mod tests {
         // A device that comes back with its position gets both…
         let r = history(&mut s, &q("user:u", Some((first.epoch, first.seq))), now);
         assert_eq!(seqs(&r), vec![2, 3]);
-        // …so another without one (a new tab) is not given them again.
+        assert!(r.awaits_receipt);
+        // …and until it has received them, so does a new tab without one.
+        assert_eq!(seqs(&history(&mut s, &q("user:u", None), now)), vec![2, 3]);
+        // A position past a message says it was received.
+        let later = history(&mut s, &q("user:u", Some((first.epoch, 2))), now);
+        assert_eq!(seqs(&later), vec![3]);
+        assert_eq!(seqs(&history(&mut s, &q("user:u", None), now)), vec![3]);
+        let head = history(&mut s, &q("user:u", Some((first.epoch, 3))), now);
+        assert!(head.messages.is_empty() && !head.awaits_receipt && head.recovered);
         assert!(history(&mut s, &q("user:u", None), now).messages.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn room_recoveries_await_no_receipt() {
+        let mut s = Streams::new(StreamConfig::default());
+        let now = Instant::now();
+        let first = s.append("room:r", &body("1"), false, now);
+        s.append("room:r", &body("2"), false, now);
+        let r = history(&mut s, &q("room:r", Some((first.epoch, 0))), now);
+        assert_eq!(seqs(&r), vec![1, 2]);
+        assert!(!r.awaits_receipt);
     }
 
     #[tokio::test(start_paused = true)]
