@@ -7,6 +7,7 @@
 //! per node, never one per user.
 
 pub mod complete;
+mod finish;
 mod metrics;
 pub mod pool;
 pub mod rest;

@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument as _;
 
+use crate::finish::FinishOnDrop;
 use crate::metrics::Metrics;
 use crate::pool::{ControllerRing, NodePool};
 
@@ -85,7 +86,7 @@ struct Inner {
     /// A repeat whose attempt under way has recorded no result for this
     /// long is sent again (see [`RECORD_MARGIN`]).
     resend_after: Duration,
-    /// Pushes that run as tasks of their own, waited for on drain.
+    /// The rests of pushes whose callers went away, waited for on drain.
     tasks: TaskTracker,
 }
 
@@ -378,7 +379,7 @@ impl PushService {
     }
 
     /// Waits for the pushes still running as tasks of their own (their
-    /// callers may be gone) to end, then sends the push results still
+    /// callers went away) to end, then sends the push results still
     /// queued: a result that never reaches its controller makes a retry
     /// send the message again. Each step is given as long as a push may
     /// take to deliver and record its result (the resend wait).
@@ -672,11 +673,13 @@ impl PushService {
         }
     }
 
-    /// Pushes `body` to `keys`. A push with a caller's `message_id`
-    /// (`idempotent`) runs as a task of its own, to its end even when the
-    /// caller goes away (cancels, or its deadline passes): once a
-    /// controller has taken the message, it is delivered and its result
+    /// Pushes `body` to `keys`, to its end even when the caller goes away
+    /// (cancels, or its deadline passes): once a controller has taken the
+    /// message, it is sent to every node hosting its targets and, for a
+    /// push with a caller's `message_id` (`idempotent`), its result is
     /// recorded, so that a retry is answered with that result at once.
+    /// The push runs in the caller's task; only the rest of one whose
+    /// caller went away runs as a task of its own (`FinishOnDrop`).
     async fn push(
         &self,
         keys: Vec<StreamKey>,
@@ -684,16 +687,9 @@ impl PushService {
         exclude: Vec<String>,
         idempotent: bool,
     ) -> Result<Outcome, Status> {
-        if !idempotent {
-            return self.push_now(keys, body, exclude, false).await;
-        }
         let this = self.clone();
-        let task = async move { this.push_now(keys, body, exclude, true).await };
-        self.inner
-            .tasks
-            .spawn(task.in_current_span())
-            .await
-            .unwrap_or_else(|e| Err(Status::internal(format!("push task failed: {e}"))))
+        let push = async move { this.push_now(keys, body, exclude, idempotent).await };
+        FinishOnDrop::new(push.in_current_span(), &self.inner.tasks).await
     }
 
     /// Resolves, then sends one batch per node concurrently.
