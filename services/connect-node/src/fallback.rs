@@ -17,6 +17,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -25,6 +26,7 @@ use barrage_protocol::{CloseCode, ServerFrame, StreamPos, format_positions};
 use tokio::sync::mpsc;
 
 use crate::hub::{ConnHandle, Hub, Outbound, Wire};
+use crate::listener::ConnAbort;
 use crate::queue;
 use crate::ws::{Admission, ConnectParams, Recovery, WsState, admit, recover};
 
@@ -144,6 +146,7 @@ pub async fn sse_handler(
     State(state): State<WsState>,
     Query(mut params): Query<ConnectParams>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    abort: Option<Extension<ConnAbort>>,
     headers: HeaderMap,
 ) -> Response {
     if let Some(last) = headers
@@ -166,15 +169,18 @@ pub async fn sse_handler(
         let conn = registered.conn.clone();
         // An event the response takes within the read timeout; a client
         // that stopped reading fills the response and is given up then
-        // (closed as a slow consumer, its registration freed), rather
-        // than held for ever.
+        // (closed as a slow consumer, its registration freed, its HTTP
+        // connection dropped), rather than held for ever.
         let hand_over = |ev: Event| {
-            let (tx, conn) = (&tx, &conn);
+            let (tx, conn, abort) = (&tx, &conn, &abort);
             async move {
                 match tokio::time::timeout(limit, tx.send(Ok(ev))).await {
                     Ok(sent) => sent.is_ok(),
                     Err(_) => {
                         conn.close_with(CloseCode::SlowConsumer);
+                        if let Some(Extension(a)) = abort {
+                            a.abort();
+                        }
                         false
                     }
                 }

@@ -234,6 +234,21 @@ pub async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
 }
 
+/// Ends the HTTP connection a request came on, whatever hyper is doing
+/// with it. Every request carries one (as an extension). An event stream
+/// whose client stopped reading uses it: hyper has no deadline on writing
+/// a response, and would otherwise hold the socket for as long as the
+/// client keeps the connection open without reading.
+#[derive(Debug, Clone)]
+pub struct ConnAbort(CancellationToken);
+
+impl ConnAbort {
+    /// Drops the connection (its socket is closed).
+    pub fn abort(&self) {
+        self.0.cancel();
+    }
+}
+
 async fn http<IO>(
     io: IO,
     peer: SocketAddr,
@@ -244,8 +259,11 @@ async fn http<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let abort = CancellationToken::new();
+    let handle = ConnAbort(abort.clone());
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
+        req.extensions_mut().insert(handle.clone());
         router.clone().oneshot(req)
     });
     let left = deadline
@@ -259,9 +277,16 @@ async fn http<IO>(
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
+        () = abort.cancelled() => {
+            tracing::debug!(%peer, "HTTP connection dropped: its client stopped reading");
+            return;
+        }
         _ = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            conn.await
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = abort.cancelled() => return,
+            }
         }
     };
     if let Err(e) = result {
