@@ -12,9 +12,9 @@ import urllib.request
 from conftest import WAIT
 
 
-def push(dev, room, text):
+def push(dev, room, text, kind="room"):
     req = urllib.request.Request(
-        f"http://127.0.0.1:{dev.metrics_port}/api/v1/push/room/{room}",
+        f"http://127.0.0.1:{dev.metrics_port}/api/v1/push/{kind}/{room}",
         data=json.dumps({"content": {"text": text}}).encode(),
         headers={"content-type": "application/json"}, method="POST")
     with urllib.request.urlopen(req, timeout=10) as r:
@@ -22,12 +22,7 @@ def push(dev, room, text):
 
 
 def push_user(dev, user, text):
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{dev.metrics_port}/api/v1/push/user/{user}",
-        data=json.dumps({"content": {"text": text}}).encode(),
-        headers={"content-type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
+    return push(dev, user, text, kind="user")
 
 
 class Sse:
