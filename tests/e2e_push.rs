@@ -1671,19 +1671,23 @@ async fn a_push_without_a_message_id_outlives_its_callers_deadline() -> anyhow::
     a_push_outlives_its_callers_deadline("").await
 }
 
-async fn a_push_outlives_its_callers_deadline(message_id: &str) -> anyhow::Result<()> {
+/// A cluster whose push-manager reaches the controller through a proxy
+/// that holds each new connection for `delay` (so its first push waits
+/// that long), with user `user` connected and known to the controller.
+async fn slow_to_the_controller(
+    delay: Duration,
+    user: &str,
+) -> anyhow::Result<(TestCluster, Client)> {
     barrage_testkit::init_tracing();
     let mut cluster = TestCluster::in_process();
-    // The push-manager reaches the controller through a proxy that holds
-    // each new connection for a while: its first push waits that long.
-    let (proxy, upstream) = delaying_proxy(Duration::from_millis(700)).await?;
+    let (proxy, upstream) = delaying_proxy(delay).await?;
     cluster
         .start_controller_with("controller-1", |c| c.advertise_addr = proxy.clone())
         .await?;
     let _ = upstream.send(cluster.controllers[0].grpc_addr.clone());
     cluster.start_node("node-1").await?;
     cluster.start_manager("manager-1").await?;
-    let mut client = connect(&cluster.nodes[0].ws_url(), "d1", &[]).await?;
+    let client = connect(&cluster.nodes[0].ws_url(), user, &[]).await?;
     // Asked directly, so that the push-manager has not connected yet.
     let controller = controller_at(&cluster.controllers[0].grpc_addr.to_string()).await?;
     eventually(T, "the user known to the controller", || {
@@ -1691,7 +1695,7 @@ async fn a_push_outlives_its_callers_deadline(message_id: &str) -> anyhow::Resul
         async move {
             let r = controller
                 .get_user_node(GetUserNodeRequest {
-                    user_id: "d1".into(),
+                    user_id: user.into(),
                 })
                 .await
                 .ok()?;
@@ -1699,14 +1703,16 @@ async fn a_push_outlives_its_callers_deadline(message_id: &str) -> anyhow::Resul
         }
     })
     .await?;
-    let mut api = cluster.push_client().await?;
-    let push = PushToUserRequest {
-        user_id: "d1".into(),
-        content: "late".into(),
-        message_id: message_id.into(),
-        ..Default::default()
-    };
-    let mut short = tonic::Request::new(push.clone());
+    Ok((cluster, client))
+}
+
+/// Sends `push` with a deadline that passes while the push-manager still
+/// waits for the controller.
+async fn push_and_go_away(
+    api: &mut barrage_proto::v1::push_manager_client::PushManagerClient<Channel>,
+    push: PushToUserRequest,
+) -> anyhow::Result<()> {
+    let mut short = tonic::Request::new(push);
     short.set_timeout(Duration::from_millis(200));
     let gone = within(T, "the short call", api.push_to_user(short))
         .await?
@@ -1718,6 +1724,19 @@ async fn a_push_outlives_its_callers_deadline(message_id: &str) -> anyhow::Resul
         ),
         "{gone:?}"
     );
+    Ok(())
+}
+
+async fn a_push_outlives_its_callers_deadline(message_id: &str) -> anyhow::Result<()> {
+    let (cluster, mut client) = slow_to_the_controller(Duration::from_millis(700), "d1").await?;
+    let mut api = cluster.push_client().await?;
+    let push = PushToUserRequest {
+        user_id: "d1".into(),
+        content: "late".into(),
+        message_id: message_id.into(),
+        ..Default::default()
+    };
+    push_and_go_away(&mut api, push.clone()).await?;
     let m = next_msg(&mut client).await?;
     assert_eq!(m.data, Some(serde_json::json!("late")));
     if !message_id.is_empty() {
@@ -1729,6 +1748,31 @@ async fn a_push_outlives_its_callers_deadline(message_id: &str) -> anyhow::Resul
         assert_eq!(retried.delivered_count, 1, "{retried:?}");
     }
     next_is_marker(&mut api, &mut client, "d1").await
+}
+
+/// A push-manager that drains waits for the pushes whose callers went
+/// away: it exits only once they have reached the nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_push_manager_finishes_pushes_whose_callers_went_away() -> anyhow::Result<()> {
+    let (mut cluster, mut client) = slow_to_the_controller(Duration::from_secs(2), "d2").await?;
+    let mut api = cluster.push_client().await?;
+    let push = PushToUserRequest {
+        user_id: "d2".into(),
+        content: "drained".into(),
+        ..Default::default()
+    };
+    push_and_go_away(&mut api, push).await?;
+    let batches = "connect_node_push_batches_total";
+    assert_eq!(cluster.nodes[0].metric(batches), 0.0, "still at the proxy");
+    cluster.managers[0].stop().await?;
+    assert_eq!(
+        cluster.nodes[0].metric(batches),
+        1.0,
+        "the push reached the node before the push-manager exited"
+    );
+    let m = next_msg(&mut client).await?;
+    assert_eq!(m.data, Some(serde_json::json!("drained")));
+    Ok(())
 }
 
 /// A push without a message_id gets one made up, returned in its answer.
