@@ -565,8 +565,13 @@ impl PushService {
                     Ok(Ok(Ok(r))) => Ok(r),
                     Ok(Ok(Err(s))) => Err(format!("controller {id} unavailable: {}", s.message())),
                     Ok(Err(e)) => Err(format!("controller {id} unavailable: {e}")),
+                    // The call may have reached the controller: the
+                    // message may be in its stream without having been
+                    // sent anywhere.
                     Err(_) => Err(format!(
-                        "controller {id} unavailable: timed out after {timeout:?}"
+                        "controller {id} unavailable: timed out after {timeout:?} (it may \
+                         have stored the message; retried with the same message_id, a push \
+                         is delivered once)"
                     )),
                 }
             }
