@@ -133,7 +133,14 @@ impl ControllerService {
                     self.metrics.resends.inc();
                 }
             } else {
-                target.prev_seqs = s.streams.route(&key, appended.seq, &node_ids, now);
+                let st = &mut *s;
+                target.prev_seqs = st.streams.route(
+                    &key,
+                    appended.seq,
+                    &node_ids,
+                    |n| st.members.incarnation_of(n),
+                    now,
+                );
                 target.node_ids = node_ids;
                 target.stored = stored;
             }

@@ -307,6 +307,17 @@ impl Membership {
         }
     }
 
+    /// A number for the process a node runs now (from its incarnation),
+    /// different after each restart; 0 for a node not known.
+    pub fn incarnation_of(&self, node_id: &str) -> u64 {
+        self.nodes.get(node_id).map_or(0, |n| {
+            std::hash::BuildHasher::hash_one(
+                &std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default(),
+                &n.incarnation,
+            )
+        })
+    }
+
     /// gRPC address a node reported, if known.
     pub fn node_addr(&self, node_id: &str) -> Option<&str> {
         self.nodes
@@ -365,6 +376,28 @@ mod tests {
 
     fn synced(m: &mut Membership, node: &str) {
         m.sync(node, "inc", "127.0.0.1:1", 0, true, &[], Instant::now());
+    }
+
+    #[test]
+    fn a_nodes_process_number_changes_with_its_incarnation_only() {
+        let mut m = Membership::new();
+        assert_eq!(m.incarnation_of("n1"), 0);
+        synced(&mut m, "n1");
+        let first = m.incarnation_of("n1");
+        assert_ne!(first, 0);
+        // A full sync of the same process (a ring change, a gap) keeps it.
+        synced(&mut m, "n1");
+        assert_eq!(m.incarnation_of("n1"), first);
+        m.sync(
+            "n1",
+            "restarted",
+            "127.0.0.1:1",
+            0,
+            true,
+            &[],
+            Instant::now(),
+        );
+        assert_ne!(m.incarnation_of("n1"), first);
     }
 
     #[test]

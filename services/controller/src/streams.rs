@@ -171,12 +171,21 @@ pub struct Repeat {
 struct Stream {
     epoch: u64,
     seq: u64,
-    /// Last seq routed to each connect-node, and when, for in-order
-    /// delivery there.
-    routed: HashMap<String, (u64, Instant)>,
+    /// Last seq routed to each connect-node, when, and to which process
+    /// of the node (`Membership::incarnation_of`), for in-order delivery
+    /// there.
+    routed: HashMap<String, Routed>,
     history: VecDeque<Stored>,
     ids: HashMap<String, IdEntry>,
     last_push: Instant,
+}
+
+/// The last message of a stream routed to one connect-node.
+#[derive(Debug)]
+struct Routed {
+    seq: u64,
+    at: Instant,
+    incarnation: u64,
 }
 
 impl Stream {
@@ -707,7 +716,17 @@ impl Streams {
     /// none). A message routed to a node longer ago than half of
     /// `ORDER_MEMORY` is not named: that node may have forgotten the stream
     /// and would hold this message for a predecessor it delivered long ago.
-    pub fn route(&mut self, key: &str, seq: u64, nodes: &[String], now: Instant) -> Vec<u64> {
+    /// Nor is one routed to an earlier process of the node (`incarnation`
+    /// tells each node's process now): a node restarted under the same id
+    /// never gets it.
+    pub fn route(
+        &mut self,
+        key: &str,
+        seq: u64,
+        nodes: &[String],
+        incarnation: impl Fn(&str) -> u64,
+        now: Instant,
+    ) -> Vec<u64> {
         let Some(stream) = self.streams.get_mut(key) else {
             return vec![0; nodes.len()];
         };
@@ -715,14 +734,22 @@ impl Streams {
         // Nodes routed to long ago (replaced pods among them) are dropped.
         stream
             .routed
-            .retain(|_, (_, at)| now.saturating_duration_since(*at) <= recent);
+            .retain(|_, r| now.saturating_duration_since(r.at) <= recent);
         nodes
             .iter()
             .map(|n| {
-                let (last, at) = stream.routed.entry(n.clone()).or_insert((0, now));
-                let prev = *last;
-                *last = prev.max(seq);
-                *at = now;
+                let process = incarnation(n);
+                let r = stream.routed.entry(n.clone()).or_insert(Routed {
+                    seq: 0,
+                    at: now,
+                    incarnation: process,
+                });
+                let prev = if r.incarnation == process { r.seq } else { 0 };
+                *r = Routed {
+                    seq: prev.max(seq),
+                    at: now,
+                    incarnation: process,
+                };
                 prev
             })
             .collect()
@@ -1266,17 +1293,43 @@ mod tests {
         let t0 = Instant::now();
         let nodes = ["n1".to_string(), "n2".to_string()];
         let m1 = s.append("user:u", &body("1"), false, t0);
-        assert_eq!(s.route("user:u", m1.seq, &nodes[..1], t0), vec![0]);
+        assert_eq!(s.route("user:u", m1.seq, &nodes[..1], same, t0), vec![0]);
         let t1 = t0 + Duration::from_secs(60);
         let m2 = s.append("user:u", &body("2"), false, t1);
-        assert_eq!(s.route("user:u", m2.seq, &nodes, t1), vec![1, 0]);
+        assert_eq!(s.route("user:u", m2.seq, &nodes, same, t1), vec![1, 0]);
         // Past half of what a node remembers: n1 may have forgotten the
         // stream, so neither node is told to wait for a predecessor.
         let t2 = t1 + barrage_proto::ORDER_MEMORY / 2 + Duration::from_secs(1);
         let m3 = s.append("user:u", &body("3"), false, t2);
-        assert_eq!(s.route("user:u", m3.seq, &nodes, t2), vec![0, 0]);
+        assert_eq!(s.route("user:u", m3.seq, &nodes, same, t2), vec![0, 0]);
         let m4 = s.append("user:u", &body("4"), false, t2);
-        assert_eq!(s.route("user:u", m4.seq, &nodes, t2), vec![3, 3]);
+        assert_eq!(s.route("user:u", m4.seq, &nodes, same, t2), vec![3, 3]);
+    }
+
+    /// Every node runs the process it ran before.
+    fn same(_: &str) -> u64 {
+        1
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_predecessor_routed_to_an_earlier_process_of_the_node_is_not_named() {
+        let mut s = Streams::new(StreamConfig::default());
+        let now = Instant::now();
+        let nodes = ["n1".to_string(), "n2".to_string()];
+        let m1 = s.append("room:r", &body("1"), false, now);
+        assert_eq!(s.route("room:r", m1.seq, &nodes, same, now), vec![0, 0]);
+        // n1 restarted under the same id: its new process never saw m1.
+        let restarted = |n: &str| if n == "n1" { 2 } else { 1 };
+        let m2 = s.append("room:r", &body("2"), false, now);
+        assert_eq!(
+            s.route("room:r", m2.seq, &nodes, restarted, now),
+            vec![0, 1]
+        );
+        let m3 = s.append("room:r", &body("3"), false, now);
+        assert_eq!(
+            s.route("room:r", m3.seq, &nodes, restarted, now),
+            vec![2, 2]
+        );
     }
 
     #[tokio::test(start_paused = true)]
