@@ -1754,7 +1754,7 @@ async fn a_push_outlives_its_callers_deadline(message_id: &str) -> anyhow::Resul
 /// away: it exits only once they have reached the nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_push_manager_finishes_pushes_whose_callers_went_away() -> anyhow::Result<()> {
-    let (mut cluster, mut client) = slow_to_the_controller(Duration::from_secs(2), "d2").await?;
+    let (mut cluster, mut client) = slow_to_the_controller(Duration::from_secs(1), "d2").await?;
     let mut api = cluster.push_client().await?;
     let push = PushToUserRequest {
         user_id: "d2".into(),

@@ -296,6 +296,64 @@ async fn messages_for_an_offline_user_arrive_on_connect() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The positions a client library stores from `connected`.
+fn positions_of(c: &Client) -> BTreeMap<String, StreamPos> {
+    c.session()
+        .streams
+        .iter()
+        .map(|(k, s)| {
+            (
+                k.clone(),
+                StreamPos {
+                    epoch: s.epoch,
+                    seq: s.seq,
+                },
+            )
+        })
+        .collect()
+}
+
+/// A client that stores the positions `connected` gives (as the client
+/// libraries do) and goes away before it has read the messages kept for
+/// it asks from there when it comes back, and gets them then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_back_from_its_first_positions_still_gets_the_kept_messages() -> anyhow::Result<()>
+{
+    let cluster = cluster(1).await?;
+    let mut api = cluster.push_client().await?;
+    for text in ["kept-1", "kept-2"] {
+        let push = PushToUserRequest {
+            user_id: "keeper".into(),
+            content: text.into(),
+            ..Default::default()
+        };
+        let stored = within(T, "push", api.push_to_user(push)).await??;
+        assert_eq!(stored.into_inner().stored_count, 1);
+    }
+    let url = connect_url(&cluster.nodes[0].ws_url(), "keeper", &[]);
+    let first = connect(&url).await?;
+    let at = positions_of(&first);
+    assert_eq!(at["user:keeper"].seq, 0, "from before the kept messages");
+    drop(first);
+    let mut again = connect(&with_positions(&url, &at)).await?;
+    assert_eq!(again.session().streams["user:keeper"].recovered, Some(true));
+    for text in ["kept-1", "kept-2"] {
+        assert_eq!(next_msg(&mut again).await?.data, Some(text.into()));
+    }
+    answer_the_ping(&mut again, &cluster, 1.0).await?;
+    // Received: a new device is not given them.
+    let mut fresh = connect(&url).await?;
+    assert_eq!(fresh.session().streams["user:keeper"].seq, 2);
+    let push = PushToUserRequest {
+        user_id: "keeper".into(),
+        content: "live".into(),
+        ..Default::default()
+    };
+    within(T, "push", api.push_to_user(push)).await??;
+    assert_eq!(next_msg(&mut fresh).await?.data, Some("live".into()));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_message_id_is_not_delivered_twice() -> anyhow::Result<()> {
     let cluster = cluster(1).await?;

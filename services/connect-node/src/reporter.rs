@@ -578,7 +578,10 @@ async fn history_rounds(
                 })
             })
             .collect();
-        let mut req = tonic::Request::new(HistoryRequest { queries });
+        let mut req = tonic::Request::new(HistoryRequest {
+            queries,
+            receipts: true,
+        });
         req.set_timeout(timeout);
         let mut results = client
             .clone()

@@ -184,12 +184,11 @@ impl Controller for ControllerService {
                 Instant::now(),
             );
             // Receipts are facts about streams, not membership: they hold
-            // whatever became of the report's numbering.
-            if o != ReportOutcome::Departed {
-                for c in r.changes.iter().filter(|c| c.kind() == Kind::Received) {
-                    s.streams.received(&c.key, c.epoch, c.seq);
-                    self.metrics.offline_receipts.inc();
-                }
+            // whatever became of the report's numbering, also from a node
+            // that is leaving.
+            for c in r.changes.iter().filter(|c| c.kind() == Kind::Received) {
+                s.streams.received(&c.key, c.epoch, c.seq);
+                self.metrics.offline_receipts.inc();
             }
             // A node whose full state this controller is still waiting for
             // (its sync was discarded by a ring change) is asked for it now,
@@ -324,7 +323,11 @@ impl Controller for ControllerService {
                 .map_err(|e| invalid("queries.key", e))?;
         }
         let now = tokio::time::Instant::now();
-        let answers = self.state.lock().streams.answer(&r.queries, now);
+        let answers = self
+            .state
+            .lock()
+            .streams
+            .answer(&r.queries, r.receipts, now);
         let mut results = Vec::with_capacity(answers.len());
         for (q, a) in r.queries.iter().zip(answers) {
             if a.left_out {

@@ -28,6 +28,8 @@ type NodeUsers = HashMap<String, u32>;
 #[derive(Debug)]
 struct NodeEntry {
     incarnation: String,
+    /// `incarnation`, hashed once (see [`Membership::incarnation_of`]).
+    process: u64,
     seq: u64,
     grpc_addr: String,
     keys: HashSet<String>,
@@ -155,6 +157,10 @@ impl Membership {
             .entry(node_id.to_owned())
             .or_insert_with(|| NodeEntry {
                 incarnation: incarnation.to_owned(),
+                process: std::hash::BuildHasher::hash_one(
+                    &std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default(),
+                    incarnation,
+                ),
                 seq,
                 grpc_addr: grpc_addr.to_owned(),
                 keys: HashSet::new(),
@@ -310,12 +316,7 @@ impl Membership {
     /// A number for the process a node runs now (from its incarnation),
     /// different after each restart; 0 for a node not known.
     pub fn incarnation_of(&self, node_id: &str) -> u64 {
-        self.nodes.get(node_id).map_or(0, |n| {
-            std::hash::BuildHasher::hash_one(
-                &std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default(),
-                &n.incarnation,
-            )
-        })
+        self.nodes.get(node_id).map_or(0, |n| n.process)
     }
 
     /// gRPC address a node reported, if known.

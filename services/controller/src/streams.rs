@@ -189,6 +189,42 @@ struct Routed {
 }
 
 impl Stream {
+    /// Puts the messages kept for the stream's user while offline in
+    /// `out`, oldest first, while they fit `budget`; says whether some
+    /// were left out (they wait for the next connect). With `receipts`
+    /// (the node reports them) they stay kept until received, and `out`
+    /// gives as the stream's position the one before the first of them: a
+    /// client that stores it and connects again before it has them asks
+    /// from there and gets them again. Without, handed out is received.
+    fn hand_out_kept(
+        &mut self,
+        receipts: bool,
+        budget: &mut usize,
+        out: &mut HistoryResult,
+    ) -> bool {
+        let mut left_out = false;
+        let mut first = None;
+        for m in self.history.iter_mut().filter(|m| m.offline) {
+            first.get_or_insert(m.seq);
+            let size = m.answer_len();
+            if size > *budget {
+                left_out = true;
+                break;
+            }
+            *budget -= size;
+            m.offline = receipts;
+            out.messages.push(StoredMessage {
+                body: Some(m.body.clone()),
+                seq: m.seq,
+            });
+        }
+        if receipts && let Some(first) = first {
+            out.seq = first - 1;
+            out.awaits_receipt = !out.messages.is_empty();
+        }
+        left_out
+    }
+
     /// Marks the offline messages up to `seq` received; says whether any
     /// after it are still to be.
     fn received(&mut self, seq: u64) -> bool {
@@ -579,8 +615,15 @@ impl Streams {
     /// has its own [`StreamConfig::max_history_bytes`]; a client is
     /// deferred, untouched, when that much might not fit in what is left of
     /// [`StreamConfig::max_answer_bytes`]. The first client is always
-    /// answered.
-    pub fn answer(&mut self, queries: &[HistoryQuery], now: Instant) -> Vec<Answer> {
+    /// answered. `receipts`: the asking node reports what its clients
+    /// received (`HistoryRequest.receipts`), so messages kept for offline
+    /// users stay kept until then.
+    pub fn answer(
+        &mut self,
+        queries: &[HistoryQuery],
+        receipts: bool,
+        now: Instant,
+    ) -> Vec<Answer> {
         let each = self.cfg.max_history_bytes;
         let total = self.cfg.max_answer_bytes.max(each);
         let mut clients: Vec<(u32, Vec<usize>)> = Vec::new();
@@ -608,7 +651,8 @@ impl Streams {
             }
             let mut budget = each;
             for i in idx {
-                let (result, left_out) = self.history_within(&queries[i], now, &mut budget);
+                let (result, left_out) =
+                    self.history_within(&queries[i], receipts, now, &mut budget);
                 out[i] = Answer { result, left_out };
             }
             used += each - budget;
@@ -624,6 +668,7 @@ impl Streams {
     fn history_within(
         &mut self,
         q: &HistoryQuery,
+        receipts: bool,
         now: Instant,
         budget: &mut usize,
     ) -> (HistoryResult, bool) {
@@ -641,26 +686,9 @@ impl Streams {
         };
         out.epoch = stream.epoch;
         out.seq = stream.seq;
+        let user = q.key.starts_with("user:");
         if !q.has_position {
-            let mut left_out = false;
-            if q.key.starts_with("user:") {
-                // Oldest first, while they fit: the rest wait for the next
-                // connect. Those handed out stay offline until the node
-                // reports them received (`received`).
-                for m in stream.history.iter().filter(|m| m.offline) {
-                    let size = m.answer_len();
-                    if size > *budget {
-                        left_out = true;
-                        break;
-                    }
-                    *budget -= size;
-                    out.messages.push(StoredMessage {
-                        body: Some(m.body.clone()),
-                        seq: m.seq,
-                    });
-                }
-                out.awaits_receipt = !out.messages.is_empty();
-            }
+            let left_out = user && stream.hand_out_kept(receipts, budget, &mut out);
             return (out, left_out);
         }
         // `0:0` is what a client holds for a stream that had no message when
@@ -669,18 +697,21 @@ impl Streams {
         let from_the_start = q.epoch == 0 && q.seq == 0;
         if q.epoch != stream.epoch && !from_the_start {
             out.recovered = false;
-            return (out, false);
+            // What was kept for the user in this epoch still goes out.
+            let left_out = user && stream.hand_out_kept(receipts, budget, &mut out);
+            return (out, left_out);
         }
         // A client that holds a position has received everything up to it;
         // offline messages after it are handed out again until received.
-        let waiting = q.key.starts_with("user:") && stream.received(q.seq);
+        let waiting = user && stream.received(q.seq);
         if q.seq >= stream.seq {
             return (out, false);
         }
         let first = stream.history.front().map_or(stream.seq + 1, |m| m.seq);
         if q.seq + 1 < first {
             out.recovered = false;
-            return (out, false);
+            let left_out = user && stream.hand_out_kept(receipts, budget, &mut out);
+            return (out, left_out);
         }
         let missed = || stream.history.iter().filter(|m| m.seq > q.seq);
         let size: usize = missed().map(Stored::answer_len).sum();
@@ -696,7 +727,11 @@ impl Streams {
                 seq: m.seq,
             })
             .collect();
-        out.awaits_receipt = waiting;
+        if waiting && !receipts {
+            // A node that reports no receipts: handed out is received.
+            stream.received(stream.seq);
+        }
+        out.awaits_receipt = waiting && receipts;
         (out, false)
     }
 
@@ -815,7 +850,9 @@ mod tests {
 
     /// `q` answered on its own, as a connect-node asks for one client.
     fn history(s: &mut Streams, q: &HistoryQuery, now: Instant) -> HistoryResult {
-        s.answer(std::slice::from_ref(q), now).remove(0).result
+        s.answer(std::slice::from_ref(q), true, now)
+            .remove(0)
+            .result
     }
 
     fn seqs(r: &HistoryResult) -> Vec<u64> {
@@ -981,7 +1018,7 @@ mod tests {
         s.append("room:big", &big("m2"), false, now);
         s.append("room:big", &big("m3"), false, now);
         let from_start = |c| of_client(c, q("room:big", Some((a.epoch, 0))));
-        let answers = s.answer(&[from_start(0), from_start(1), from_start(0)], now);
+        let answers = s.answer(&[from_start(0), from_start(1), from_start(0)], true, now);
         // Client 0 asked twice: its second query finds its budget spent.
         let shape: Vec<_> = answers
             .iter()
@@ -1013,7 +1050,7 @@ mod tests {
             of_client(9, q("broadcast", None)),
         ];
         // Client 7 used 2 of the 3: client 9's full budget might not fit.
-        let answers = s.answer(&queries, now);
+        let answers = s.answer(&queries, true, now);
         assert_eq!(seqs(&answers[0].result), vec![1, 2]);
         assert!(!answers[0].result.deferred);
         for d in &answers[1..] {
@@ -1028,12 +1065,17 @@ mod tests {
         }
         assert_eq!(answers[1].result.key, "user:away");
         // Asked again on its own, client 9 gets its offline message.
-        let again = s.answer(&queries[1..], now);
+        let again = s.answer(&queries[1..], true, now);
         assert!(again.iter().all(|a| !a.result.deferred));
         assert_eq!(again[0].result.messages.len(), 1);
         let seq = again[0].result.messages[0].seq;
         s.received("user:away", again[0].result.epoch, seq);
-        assert!(s.answer(&queries[1..2], now)[0].result.messages.is_empty());
+        assert!(
+            s.answer(&queries[1..2], true, now)[0]
+                .result
+                .messages
+                .is_empty()
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -1238,6 +1280,8 @@ mod tests {
         let r = history(&mut s, &q("user:u", None), now);
         assert_eq!(seqs(&r), vec![1, 3]);
         assert!(r.awaits_receipt);
+        // A client that starts from the position given asks for them again.
+        assert_eq!((r.epoch, r.seq), (first.epoch, 0));
         // That connection died before it had them: the next one gets them.
         let again = history(&mut s, &q("user:u", None), now);
         assert_eq!(seqs(&again), vec![1, 3]);
@@ -1273,6 +1317,55 @@ mod tests {
         assert_eq!(seqs(&history(&mut s, &q("user:u", None), now)), vec![3]);
         let head = history(&mut s, &q("user:u", Some((first.epoch, 3))), now);
         assert!(head.messages.is_empty() && !head.awaits_receipt && head.recovered);
+        assert!(history(&mut s, &q("user:u", None), now).messages.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_back_from_beyond_the_retention_still_gets_what_was_kept() {
+        let cfg = StreamConfig {
+            user: Retention {
+                max_messages: 2,
+                ..StreamConfig::default().user
+            },
+            ..StreamConfig::default()
+        };
+        let mut s = Streams::new(cfg);
+        let now = Instant::now();
+        let seen = s.append("user:u", &body("seen"), false, now);
+        for text in ["away-1", "away-2", "away-3"] {
+            s.append("user:u", &body(text), true, now);
+        }
+        // Its position is older than the history: not recovered, but the
+        // two messages still kept for it come, from before the first.
+        let r = history(&mut s, &q("user:u", Some((seen.epoch, seen.seq))), now);
+        assert!(!r.recovered);
+        assert_eq!(seqs(&r), vec![3, 4]);
+        assert_eq!(r.seq, 2);
+        assert!(r.awaits_receipt);
+        // So does one whose epoch is gone.
+        let other = history(&mut s, &q("user:u", Some((seen.epoch + 9, 1))), now);
+        assert!(!other.recovered);
+        assert_eq!(seqs(&other), vec![3, 4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn for_a_node_without_receipts_handed_out_is_received() {
+        let mut s = Streams::new(StreamConfig::default());
+        let now = Instant::now();
+        let first = s.append("user:u", &body("seen"), false, now);
+        s.append("user:u", &body("away-1"), true, now);
+        let old_node = |s: &mut Streams, pos: Option<(u64, u64)>| {
+            s.answer(&[q("user:u", pos)], false, now).remove(0).result
+        };
+        let r = old_node(&mut s, None);
+        assert_eq!(seqs(&r), vec![2]);
+        assert!(!r.awaits_receipt);
+        assert_eq!(r.seq, 2, "the stream's own position");
+        assert!(old_node(&mut s, None).messages.is_empty());
+        s.append("user:u", &body("away-2"), true, now);
+        let r = old_node(&mut s, Some((first.epoch, 2)));
+        assert_eq!(seqs(&r), vec![3]);
+        assert!(!r.awaits_receipt);
         assert!(history(&mut s, &q("user:u", None), now).messages.is_empty());
     }
 

@@ -8,33 +8,67 @@
 //! for the one that never came. [`FinishOnDrop`] runs the push in the
 //! caller's task, at no extra cost while the caller waits; only when it is
 //! dropped unfinished does the rest go on as a task of its own, tracked so
-//! that a draining push-manager waits for it.
+//! that a draining push-manager waits for it (at most [`MAX_DETACHED`]
+//! at once).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use prometheus::IntCounterVec;
 use tokio_util::task::TaskTracker;
 
+/// Rests of abandoned pushes running at once at most; beyond, an
+/// abandoned push stops where it is (counted as `cut_short`). Each holds
+/// its message for at most the push's deadlines, and callers that cancel
+/// at once no longer count against the server's limit on calls in flight.
+pub const MAX_DETACHED: usize = 4096;
+
+/// Where the rests of pushes whose callers went away run.
+#[derive(Clone)]
+pub struct Detached {
+    tracker: TaskTracker,
+    limit: usize,
+    /// `push_manager_abandoned_pushes_total{outcome}`.
+    abandoned: IntCounterVec,
+}
+
+impl Detached {
+    /// Rests run on `tracker`, at most `limit` at once, counted in
+    /// `abandoned` by outcome (`finished`: went on; `cut_short`).
+    pub fn new(tracker: TaskTracker, limit: usize, abandoned: IntCounterVec) -> Self {
+        Detached {
+            tracker,
+            limit,
+            abandoned,
+        }
+    }
+
+    /// The tracker the rests run on (a draining push-manager waits for it).
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+}
+
 /// Polls a future in place; if dropped before it is done, spawns the rest
-/// of it on `tracker` (its output then goes unread).
+/// of it on `detached` (its output then goes unread).
 pub struct FinishOnDrop<'a, F: Future + Send + 'static>
 where
     F::Output: Send + 'static,
 {
     fut: Option<Pin<Box<F>>>,
-    tracker: &'a TaskTracker,
+    detached: &'a Detached,
 }
 
 impl<'a, F: Future + Send + 'static> FinishOnDrop<'a, F>
 where
     F::Output: Send + 'static,
 {
-    /// Wraps `fut`; tasks for unfinished rests go on `tracker`.
-    pub fn new(fut: F, tracker: &'a TaskTracker) -> Self {
+    /// Wraps `fut`; an unfinished rest goes to `detached`.
+    pub fn new(fut: F, detached: &'a Detached) -> Self {
         FinishOnDrop {
             fut: Some(Box::pin(fut)),
-            tracker,
+            detached,
         }
     }
 }
@@ -46,12 +80,18 @@ where
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let Some(fut) = self.fut.as_mut() else {
-            panic!("FinishOnDrop polled after it completed");
+        // Out while polled: a future that panics is not spawned again
+        // when the unwinding drops this.
+        let Some(mut fut) = self.fut.take() else {
+            return Poll::Pending;
         };
-        let out = std::task::ready!(fut.as_mut().poll(cx));
-        self.fut = None;
-        Poll::Ready(out)
+        match fut.as_mut().poll(cx) {
+            Poll::Ready(out) => Poll::Ready(out),
+            Poll::Pending => {
+                self.fut = Some(fut);
+                Poll::Pending
+            }
+        }
     }
 }
 
@@ -63,9 +103,15 @@ where
         let Some(fut) = self.fut.take() else {
             return;
         };
+        let d = self.detached;
         // Outside a runtime (it is shutting down) there is nowhere to go on.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            self.tracker.spawn_on(fut, &runtime);
+        let runtime = tokio::runtime::Handle::try_current();
+        match runtime {
+            Ok(runtime) if d.tracker.len() < d.limit => {
+                d.abandoned.with_label_values(&["finished"]).inc();
+                d.tracker.spawn_on(fut, &runtime);
+            }
+            _ => d.abandoned.with_label_values(&["cut_short"]).inc(),
         }
     }
 }
@@ -78,6 +124,12 @@ mod tests {
 
     use super::*;
 
+    fn detached(limit: usize) -> Detached {
+        let abandoned =
+            IntCounterVec::new(prometheus::Opts::new("a", "a"), &["outcome"]).expect("counter");
+        Detached::new(TaskTracker::new(), limit, abandoned)
+    }
+
     /// Sets its flag after `wait`.
     async fn flag_after(wait: Duration, flag: Arc<AtomicBool>) -> u32 {
         tokio::time::sleep(wait).await;
@@ -87,38 +139,62 @@ mod tests {
 
     #[tokio::test]
     async fn a_future_that_completes_in_place_leaves_no_task() {
-        let tracker = TaskTracker::new();
+        let d = detached(1);
         let done = Arc::new(AtomicBool::new(false));
         let out = tokio::time::timeout(
             Duration::from_secs(10),
-            FinishOnDrop::new(flag_after(Duration::ZERO, done.clone()), &tracker),
+            FinishOnDrop::new(flag_after(Duration::ZERO, done.clone()), &d),
         )
         .await
         .expect("completes");
         assert_eq!(out, 7);
         assert!(done.load(Ordering::SeqCst));
-        assert!(tracker.is_empty());
+        assert!(d.tracker().is_empty());
+        assert_eq!(d.abandoned.with_label_values(&["finished"]).get(), 0);
     }
 
     #[tokio::test]
     async fn a_future_dropped_unfinished_finishes_as_a_task() {
-        let tracker = TaskTracker::new();
+        let d = detached(1);
+        let abandon = |flag: &Arc<AtomicBool>| {
+            tokio::time::timeout(
+                Duration::from_millis(20),
+                FinishOnDrop::new(flag_after(Duration::from_millis(200), flag.clone()), &d),
+            )
+        };
         let done = Arc::new(AtomicBool::new(false));
-        let waited = tokio::time::timeout(
-            Duration::from_millis(20),
-            FinishOnDrop::new(
-                flag_after(Duration::from_millis(200), done.clone()),
-                &tracker,
-            ),
-        )
-        .await;
-        assert!(waited.is_err(), "the caller gives up first");
+        assert!(abandon(&done).await.is_err(), "the caller gives up first");
         assert!(!done.load(Ordering::SeqCst));
-        assert_eq!(tracker.len(), 1);
-        tracker.close();
-        tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        assert_eq!(d.tracker().len(), 1);
+        // Over the limit: a second abandoned future stops where it is.
+        let other = Arc::new(AtomicBool::new(false));
+        assert!(abandon(&other).await.is_err());
+        assert_eq!(d.tracker().len(), 1);
+        assert_eq!(d.abandoned.with_label_values(&["finished"]).get(), 1);
+        assert_eq!(d.abandoned.with_label_values(&["cut_short"]).get(), 1);
+        d.tracker().close();
+        tokio::time::timeout(Duration::from_secs(10), d.tracker().wait())
             .await
             .expect("the rest finishes");
         assert!(done.load(Ordering::SeqCst));
+        assert!(!other.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_future_that_panics_is_not_spawned_again() {
+        let d = detached(1);
+        let panics = async {
+            panic!("a push that panics");
+        };
+        let caught = std::panic::AssertUnwindSafe(FinishOnDrop::new(panics, &d));
+        let out = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures::FutureExt::catch_unwind(caught),
+        )
+        .await
+        .expect("polled");
+        assert!(out.is_err(), "the panic reaches the caller");
+        assert!(d.tracker().is_empty());
+        assert_eq!(d.abandoned.with_label_values(&["finished"]).get(), 0);
     }
 }

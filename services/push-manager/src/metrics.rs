@@ -26,6 +26,10 @@ pub struct Metrics {
     /// Push results not recorded at their controller because its queue was
     /// full (a retry of such a push reports 0 connections reached).
     pub completions_dropped: IntCounter,
+    /// Pushes whose callers went away before they ended, by what became
+    /// of them (`finished` as a task of its own, or `cut_short` with too
+    /// many such tasks running).
+    pub abandoned: IntCounterVec,
     /// Pushes carried by one call to a peer (`connect-node`: messages in a
     /// PushMessageBatch; `controller`: requests in a ResolveBatch).
     pub peer_call_items: HistogramVec,
@@ -89,6 +93,13 @@ impl Metrics {
                 "push_manager_completions_dropped_total",
                 "Push results not recorded at their controller because its queue was full",
             )?,
+            abandoned: IntCounterVec::new(
+                Opts::new(
+                    "push_manager_abandoned_pushes_total",
+                    "Pushes whose callers went away before they ended, by outcome (finished: went on as a task of its own; cut_short: too many such tasks running)",
+                ),
+                &["outcome"],
+            )?,
             peer_call_items: HistogramVec::new(
                 HistogramOpts::new(
                     "push_manager_peer_call_items",
@@ -107,6 +118,10 @@ impl Metrics {
         registry.register(Box::new(m.node_batch_errors.clone()))?;
         registry.register(Box::new(m.fanout_nodes.clone()))?;
         registry.register(Box::new(m.completions_dropped.clone()))?;
+        registry.register(Box::new(m.abandoned.clone()))?;
+        for outcome in ["finished", "cut_short"] {
+            m.abandoned.with_label_values(&[outcome]);
+        }
         registry.register(Box::new(m.peer_call_items.clone()))?;
         Ok(m)
     }

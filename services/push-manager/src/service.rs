@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument as _;
 
-use crate::finish::FinishOnDrop;
+use crate::finish::{Detached, FinishOnDrop, MAX_DETACHED};
 use crate::metrics::Metrics;
 use crate::pool::{ControllerRing, NodePool};
 
@@ -87,7 +87,7 @@ struct Inner {
     /// long is sent again (see [`RECORD_MARGIN`]).
     resend_after: Duration,
     /// The rests of pushes whose callers went away, waited for on drain.
-    tasks: TaskTracker,
+    detached: Detached,
 }
 
 /// How long past its deadlines a push's result may take to be recorded at
@@ -363,6 +363,7 @@ impl PushService {
         node_timeout: Duration,
         api_auth: barrage_auth::ApiAuth,
     ) -> Self {
+        let detached = Detached::new(TaskTracker::new(), MAX_DETACHED, metrics.abandoned.clone());
         PushService {
             inner: Arc::new(Inner {
                 api_auth,
@@ -373,7 +374,7 @@ impl PushService {
                 node_timeout,
                 controller_timeout: node_timeout,
                 resend_after: node_timeout * 3 + RECORD_MARGIN,
-                tasks: TaskTracker::new(),
+                detached,
             }),
         }
     }
@@ -386,13 +387,11 @@ impl PushService {
     pub async fn drain(&self) {
         let inner = &self.inner;
         let limit = inner.resend_after;
-        inner.tasks.close();
-        if tokio::time::timeout(limit, inner.tasks.wait())
-            .await
-            .is_err()
-        {
+        let tasks = inner.detached.tracker();
+        tasks.close();
+        if tokio::time::timeout(limit, tasks.wait()).await.is_err() {
             tracing::warn!(
-                pushes = inner.tasks.len(),
+                pushes = tasks.len(),
                 "pushes still running after the drain limit; their results are not recorded"
             );
         }
@@ -694,7 +693,7 @@ impl PushService {
     ) -> Result<Outcome, Status> {
         let this = self.clone();
         let push = async move { this.push_now(keys, body, exclude, idempotent).await };
-        FinishOnDrop::new(push.in_current_span(), &self.inner.tasks).await
+        FinishOnDrop::new(push.in_current_span(), &self.inner.detached).await
     }
 
     /// Resolves, then sends one batch per node concurrently.
