@@ -2,7 +2,7 @@
 // grpcurl for pushes, deadline-bounded waits. Used by the end-to-end tests.
 
 import { spawn, execFile } from "node:child_process";
-import { existsSync, mkdirSync, openSync } from "node:fs";
+import { existsSync, mkdirSync, openSync, readFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
@@ -20,20 +20,51 @@ export function grpcurlBin() {
   return "grpcurl";
 }
 
-/** A port nothing listens on right now. */
-export function freePort() {
-  return new Promise((res, rej) => {
+/** The first port of the kernel's ephemeral range. */
+function ephemeralLow() {
+  try {
+    return Number(readFileSync("/proc/sys/net/ipv4/ip_local_port_range", "utf8").trim().split(/\s+/)[0]) || 32768;
+  } catch {
+    return 32768;
+  }
+}
+
+const LOWEST = 10000;
+const given = new Set();
+
+/** Whether a server could bind `port` on 127.0.0.1 now. */
+function bindable(port) {
+  return new Promise((res) => {
     const s = createServer();
     s.unref();
-    s.on("error", rej);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => res(port));
-    });
+    s.once("error", () => res(false));
+    s.listen(port, "127.0.0.1", () => s.close(() => res(true)));
   });
 }
 
-/** Polls `check` until it returns something truthy; fails after `ms`. */
+/**
+ * A free port on 127.0.0.1 for a server started later (bound here, then
+ * released). It comes from below the kernel's ephemeral range, so no
+ * outgoing connection can take it before the server binds it, and no port
+ * is handed out twice in one run (as the Rust and Python test kits do).
+ */
+export async function freePort() {
+  const below = Math.max(ephemeralLow(), LOWEST + 1000);
+  for (let attempt = 0; attempt < 500; attempt++) {
+    const port = LOWEST + Math.floor(Math.random() * (below - LOWEST));
+    if (given.has(port)) continue;
+    if (await bindable(port)) {
+      given.add(port);
+      return port;
+    }
+  }
+  throw new Error(`no free port on 127.0.0.1 between ${LOWEST} and ${below}`);
+}
+
+/**
+ * Polls `check` until it returns something truthy; fails after `ms`, or at
+ * once when `check` throws an error marked `fatal`.
+ */
 export async function until(what, check, ms = 20000) {
   const deadline = Date.now() + ms;
   let last;
@@ -42,6 +73,7 @@ export async function until(what, check, ms = 20000) {
       const v = await check();
       if (v) return v;
     } catch (e) {
+      if (e.fatal) throw e;
       last = e;
     }
     await new Promise((r) => setTimeout(r, 50));
@@ -77,16 +109,25 @@ export class Role {
 
   async start() {
     mkdirSync(ARTIFACTS, { recursive: true });
-    const log = openSync(join(tmpdir(), `barrage-js-${this.name}.log`), "a");
+    const logPath = join(tmpdir(), `barrage-js-${this.name}.log`);
+    const log = openSync(logPath, "a");
     const env = { ...process.env, RUST_LOG: "info", ...this.env };
     for (const k of ["ETCD_ENDPOINTS", "NODE_ID", "MANAGER_ID"]) if (!(k in this.env)) delete env[k];
     this.proc = spawn(BARRAGE, this.args, { env, stdio: ["ignore", log, log] });
     const exited = new Promise((res) => this.proc.once("exit", res));
     this.exited = exited;
-    await until(`${this.name} /readyz`, async () => {
-      if (this.proc.exitCode !== null) throw new Error(`${this.name} exited with ${this.proc.exitCode}`);
-      return ready(this.metricsPort);
-    });
+    try {
+      await until(`${this.name} /readyz`, async () => {
+        if (this.proc.exitCode !== null) {
+          throw Object.assign(new Error(`${this.name} exited with ${this.proc.exitCode} (log: ${logPath})`), { fatal: true });
+        }
+        return ready(this.metricsPort);
+      });
+    } catch (e) {
+      // A process left running would keep the test file from ending.
+      await this.kill();
+      throw e;
+    }
     return this;
   }
 
@@ -124,9 +165,15 @@ export async function startCluster({ nodeEnv = {} } = {}) {
     INSECURE_USER_ID: "true", DEMO_PAGE: "true", DEMO_PUBLISH_API: `127.0.0.1:${p.mGrpc}`, NODE_ID: "node-a",
     PUBLISH_ROOMS: "*", PUBLISH_API: `127.0.0.1:${p.mGrpc}`, ...nodeEnv,
   }, p.nHttp);
-  await controller.start();
-  await manager.start();
-  await node.start();
+  try {
+    await controller.start();
+    await manager.start();
+    await node.start();
+  } catch (e) {
+    // Those started are stopped, or the test file would never end.
+    for (const r of [node, manager, controller]) await r.kill().catch(() => {});
+    throw e;
+  }
   return {
     ports: p,
     controller,
