@@ -382,8 +382,9 @@ struct ControllerArgs {
     /// Drop a connect-node not heard from for this many seconds.
     #[arg(long, env = "NODE_TIMEOUT_SECS", default_value_t = 10)]
     node_timeout_secs: u64,
-    /// After the controller ring changes, refuse pushes (UNAVAILABLE) for at
-    /// most this many seconds while connect-nodes re-send their sessions.
+    /// After the controller ring changes, or a controller without etcd
+    /// starts, refuse pushes (UNAVAILABLE) for at most this many seconds
+    /// while connect-nodes re-send their sessions.
     #[arg(long, env = "WARMUP_SECS", default_value_t = 5)]
     warmup_secs: u64,
     #[command(flatten)]

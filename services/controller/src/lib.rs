@@ -120,7 +120,7 @@ pub async fn run(
     let metrics = Metrics::new(&registry)?;
     let ownership = match &discovery {
         Some(_) => Ownership::on_ring(&cfg.node_id, cfg.warmup),
-        None => Ownership::standalone(&cfg.node_id),
+        None => Ownership::alone(&cfg.node_id, cfg.warmup),
     };
     let state = Arc::new(Mutex::new(ControllerState {
         members: Membership::new(),

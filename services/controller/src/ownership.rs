@@ -29,7 +29,22 @@ pub struct Ownership {
 }
 
 impl Ownership {
-    /// A controller that owns everything (no discovery) and is ready.
+    /// A controller that owns every key (no discovery) and is not ready
+    /// until a connect-node has sent its state or `warmup` has passed: one
+    /// that just (re)started knows no session, and would take every user
+    /// for offline and every room for empty. Without discovery it cannot
+    /// know how many nodes there are; they re-send their state at their
+    /// next report (each heartbeat), when told to.
+    pub fn alone(self_id: &str, warmup: Duration) -> Self {
+        Ownership {
+            warm: false,
+            alive: None,
+            warmup,
+            ..Self::standalone(self_id)
+        }
+    }
+
+    /// A controller that owns every key (no discovery) and is ready.
     pub fn standalone(self_id: &str) -> Self {
         Ownership {
             self_id: self_id.to_owned(),
@@ -95,7 +110,7 @@ impl Ownership {
 
     /// A node sent its full state computed on ring `ring_id`.
     pub fn synced(&mut self, node: &str, ring_id: u64) {
-        if self.ring_id() == Some(ring_id) {
+        if self.ring.is_none() || self.ring_id() == Some(ring_id) {
             self.synced.insert(node.to_owned());
         }
     }
@@ -116,6 +131,7 @@ impl Ownership {
                 .alive
                 .as_ref()
                 .is_some_and(|a| a.is_subset(&self.synced))
+                || (self.ring.is_none() && !self.synced.is_empty())
                 || now.duration_since(self.since) >= self.warmup)
         {
             self.warm = true;
@@ -130,6 +146,20 @@ mod tests {
 
     fn ids(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_controller_alone_serves_once_a_node_has_synced() {
+        let mut o = Ownership::alone("c1", Duration::from_secs(5));
+        assert!(!o.is_ready(Instant::now()));
+        // A node that reports is asked for its state.
+        assert!(o.awaits_sync("n1", Instant::now()));
+        o.synced("n1", 0);
+        assert!(o.is_ready(Instant::now()));
+        // With no node at all, the warm-up ends the wait.
+        let mut empty = Ownership::alone("c1", Duration::from_secs(5));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(empty.is_ready(Instant::now()));
     }
 
     #[tokio::test(start_paused = true)]

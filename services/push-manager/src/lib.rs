@@ -155,7 +155,14 @@ pub async fn run(
         let ring = controllers.clone();
         move |m| ring.rebuild(m)
     }));
-    let nodes = pool::NodePool::new(metrics.node_connections.clone(), dialer);
+    let nodes = pool::NodePool::new(
+        metrics.node_connections.clone(),
+        pool::PerNodeSeries {
+            duration: metrics.node_batch_duration.clone(),
+            errors: metrics.node_batch_errors.clone(),
+        },
+        dialer,
+    );
     if let Some(w) = peers.nodes {
         let pool = nodes.clone();
         tokio::spawn(w.follow(tasks.clone(), move |m| pool.sync(m)));

@@ -219,21 +219,41 @@ impl Entry {
     }
 }
 
+/// Metric series kept per connect-node (labelled `node`), dropped when
+/// the node leaves the pool so that replaced pods leave no series behind.
+#[derive(Clone)]
+pub struct PerNodeSeries {
+    /// `push_manager_node_batch_duration_seconds{node}`.
+    pub duration: prometheus::HistogramVec,
+    /// `push_manager_node_batch_errors_total{node}`.
+    pub errors: prometheus::IntCounterVec,
+}
+
+impl PerNodeSeries {
+    fn forget(&self, node_id: &str) {
+        let _ = self.duration.remove_label_values(&[node_id]);
+        let _ = self.errors.remove_label_values(&[node_id]);
+    }
+}
+
 /// Channels to connect-nodes by node id.
 pub struct NodePool {
     nodes: RwLock<HashMap<String, Entry>>,
     gauge: IntGauge,
+    series: PerNodeSeries,
     dialer: Dialer,
     /// The pool's clock starts here.
     start: tokio::time::Instant,
 }
 
 impl NodePool {
-    /// An empty pool; its size is exported on `gauge`.
-    pub fn new(gauge: IntGauge, dialer: Dialer) -> Arc<Self> {
+    /// An empty pool; its size is exported on `gauge`, and a node's
+    /// `series` are dropped when it leaves.
+    pub fn new(gauge: IntGauge, series: PerNodeSeries, dialer: Dialer) -> Arc<Self> {
         Arc::new(NodePool {
             nodes: RwLock::new(HashMap::new()),
             gauge,
+            series,
             dialer,
             start: tokio::time::Instant::now(),
         })
@@ -260,6 +280,9 @@ impl NodePool {
             keep
         });
         self.gauge.set(nodes.len() as i64);
+        for id in &gone {
+            self.series.forget(id);
+        }
         gone
     }
 
@@ -300,7 +323,13 @@ impl NodePool {
     /// addresses a new one, departed nodes lose theirs.
     pub fn sync(&self, members: &Members) {
         let mut nodes = self.nodes.write();
-        nodes.retain(|id, e| members.get(id).is_some_and(|m| m.grpc_addr == e.addr));
+        nodes.retain(|id, e| {
+            let keep = members.get(id).is_some_and(|m| m.grpc_addr == e.addr);
+            if !keep && !members.contains_key(id) {
+                self.series.forget(id);
+            }
+            keep
+        });
         for (id, m) in members {
             if !nodes.contains_key(id)
                 && let Some(e) = Entry::new(&m.grpc_addr, &self.dialer, None)
@@ -425,7 +454,26 @@ impl ControllerRing {
 mod tests {
     use super::*;
 
+    fn series() -> PerNodeSeries {
+        PerNodeSeries {
+            duration: prometheus::HistogramVec::new(
+                prometheus::HistogramOpts::new("duration", "per node"),
+                &["node"],
+            )
+            .expect("histogram"),
+            errors: prometheus::IntCounterVec::new(
+                prometheus::Opts::new("errors", "per node"),
+                &["node"],
+            )
+            .expect("counter"),
+        }
+    }
+
     fn pool() -> Arc<NodePool> {
+        pool_with(series())
+    }
+
+    fn pool_with(series: PerNodeSeries) -> Arc<NodePool> {
         let dialer = Dialer {
             connect_timeout: Duration::from_secs(1),
             call_timeout: Duration::from_secs(1),
@@ -444,8 +492,50 @@ mod tests {
         };
         NodePool::new(
             IntGauge::new("nodes", "pooled nodes").expect("gauge"),
+            series,
             dialer,
         )
+    }
+
+    fn member(id: &str, addr: &str) -> (String, barrage_discovery::Member) {
+        (
+            id.to_owned(),
+            barrage_discovery::Member {
+                id: id.into(),
+                role: barrage_discovery::Role::ConnectNode,
+                grpc_addr: addr.into(),
+                http_addr: String::new(),
+                ws_addr: None,
+            },
+        )
+    }
+
+    /// A node's series go with it: replaced pods leave none behind. One
+    /// that only moved to a new address keeps them.
+    #[tokio::test]
+    async fn a_node_that_leaves_takes_its_series_with_it() {
+        let s = series();
+        let pool = pool_with(s.clone());
+        let both: Members = [member("a", "127.0.0.1:1"), member("b", "127.0.0.1:2")]
+            .into_iter()
+            .collect();
+        pool.sync(&both);
+        for id in ["a", "b"] {
+            s.duration.with_label_values(&[id]).observe(0.001);
+            s.errors.with_label_values(&[id]).inc();
+        }
+        let b_moved: Members = [member("b", "127.0.0.1:3")].into_iter().collect();
+        pool.sync(&b_moved);
+        assert_eq!(pool.node_ids(), vec!["b".to_owned()]);
+        assert!(s.duration.get_metric_with_label_values(&["b"]).is_ok());
+        let names = |v: &prometheus::IntCounterVec| {
+            prometheus::core::Collector::collect(v)
+                .iter()
+                .flat_map(|f| f.get_metric().to_vec())
+                .map(|m| m.get_label()[0].value().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&s.errors), vec!["b".to_owned()]);
     }
 
     /// Without discovery, nodes learned from controllers' answers are

@@ -557,6 +557,15 @@ impl PushService {
                 again,
             };
             let timeout = self.inner.controller_timeout;
+            // The call may have reached the controller: the message may be
+            // in its stream without having been sent anywhere. Only a push
+            // with the caller's own id can be retried safely.
+            let stored = if idempotent {
+                "it may have stored the message: a retry with the same message_id delivers it once"
+            } else {
+                "it may have stored the message, which reconnecting clients then recover; \
+                 give pushes a message_id to retry them safely"
+            };
             async move {
                 // Bounds the wait behind busy calls too, so that a push is
                 // resolved within the controller deadline or not at all.
@@ -564,13 +573,8 @@ impl PushService {
                     Ok(Ok(Ok(r))) => Ok(r),
                     Ok(Ok(Err(s))) => Err(format!("controller {id} unavailable: {}", s.message())),
                     Ok(Err(e)) => Err(format!("controller {id} unavailable: {e}")),
-                    // The call may have reached the controller: the
-                    // message may be in its stream without having been
-                    // sent anywhere.
                     Err(_) => Err(format!(
-                        "controller {id} unavailable: timed out after {timeout:?} (it may \
-                         have stored the message; retried with the same message_id, a push \
-                         is delivered once)"
+                        "controller {id} unavailable: timed out after {timeout:?} ({stored})"
                     )),
                 }
             }
