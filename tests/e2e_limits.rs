@@ -414,6 +414,50 @@ async fn a_client_that_pauses_reading_keeps_its_connection_and_its_pings() -> an
     Ok(())
 }
 
+/// A client that sends nothing of its own but answers pings stays
+/// connected while its connection always has frames to write: messages
+/// keep coming, in batches that each wait for the batching window, and
+/// the node still pings it within the read timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_connection_is_still_pinged() -> anyhow::Result<()> {
+    let cluster = cluster_with(|c| {
+        c.ping_interval = Duration::from_millis(200);
+        c.read_timeout = Duration::from_secs(1);
+        c.batch_window = Duration::from_millis(300);
+    })
+    .await?;
+    let n = node(&cluster);
+    let url = connect_url(&n.ws_url(), "busy", &["hot"]);
+    let mut client = within(T, "connect", Client::connect(&url)).await??;
+    let pushes = 400;
+    let api = cluster.push_client().await?;
+    let pusher = tokio::spawn(async move {
+        let mut api = api;
+        for i in 0..pushes {
+            let push = PushToRoomRequest {
+                room_id: "hot".into(),
+                content: format!("{i}"),
+                ..Default::default()
+            };
+            within(T, "push", api.push_to_room(push)).await??;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        anyhow::Ok(())
+    });
+    for i in 0..pushes {
+        let m = within(T, "a message", client.next_message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("closed after {i} messages"))?;
+        assert_eq!(m.data, Some(serde_json::json!(i)));
+    }
+    within(T, "the pusher", pusher).await???;
+    assert_eq!(
+        n.metric(r#"connect_node_disconnects_total{code="4001"}"#),
+        0.0
+    );
+    Ok(())
+}
+
 /// The same for an event stream (`/sse`) whose client stopped reading: it
 /// is given up after the read timeout, its registration freed and its
 /// connection dropped.

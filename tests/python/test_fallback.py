@@ -191,3 +191,12 @@ def test_offline_messages_over_sse_count_as_received_once_sent(dev):
         assert time.monotonic() < deadline, "the event stream's receipt never reached the controller"
         time.sleep(0.05)
     s.close()
+
+
+def test_a_poll_that_cannot_resume_answers_at_once(dev):
+    # A position of an epoch the stream never had: not recoverable, so the
+    # client is told at once to refetch, rather than after the hold.
+    push(dev, "lp-gap-room", "one")
+    r, took = poll(dev, "lp-gap", "lp-gap-room", since="room:lp-gap-room@424242:1", timeout_secs=20)
+    assert r["recovered"] is False and r["messages"] == [], r
+    assert took < 10, took

@@ -132,6 +132,17 @@ fn connected_frame(state: &WsState, a: &Admission, conn: &ConnHandle, r: &Recove
     }
 }
 
+/// Whether a stream of `connected` could not be resumed from the client's
+/// position.
+fn connected_unrecovered(connected: &ServerFrame) -> bool {
+    match connected {
+        ServerFrame::Connected { streams, .. } => {
+            streams.values().any(|s| s.recovered == Some(false))
+        }
+        _ => false,
+    }
+}
+
 /// The `type` of an encoded frame (`message`, `left`, …).
 fn frame_type(frame: &str) -> String {
     #[derive(serde::Deserialize)]
@@ -283,8 +294,10 @@ pub async fn poll_handler(
         advance(&mut positions, &out);
         frames.push(out.frame.to_string());
     }
-    // A first poll (no positions) answers at once with where to start.
-    if frames.is_empty() && !a.positions.is_empty() && hold > 0 {
+    // A first poll (no positions) answers at once with where to start, and
+    // so does one that must be told it cannot resume (`recovered: false`).
+    let unrecovered = connected_unrecovered(&connected);
+    if frames.is_empty() && !a.positions.is_empty() && !unrecovered && hold > 0 {
         let deadline = tokio::time::sleep(Duration::from_secs(hold));
         tokio::pin!(deadline);
         loop {

@@ -59,11 +59,14 @@ impl Metrics {
     /// Creates and registers the metrics.
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let m = Metrics {
-            connections: IntGauge::new("connect_node_connections", "Open WebSocket connections")?,
+            connections: IntGauge::new(
+                "connect_node_connections",
+                "Open client connections (WebSockets, event streams and long polls held open)",
+            )?,
             rooms: IntGauge::new("connect_node_rooms", "Rooms with at least one local member")?,
             connects: IntCounter::new(
                 "connect_node_connects_total",
-                "WebSocket connections accepted",
+                "Client connections accepted (WebSockets, event streams and long polls)",
             )?,
             disconnects: IntCounterVec::new(
                 Opts::new(

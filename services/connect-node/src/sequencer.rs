@@ -185,7 +185,12 @@ impl Sequencer {
 
     fn forget_idle(&self, now: Instant) {
         self.streams.lock().retain(|_, o| {
-            let o = o.lock();
+            // A stream whose lock is held is busy delivering (a large
+            // fan-out can take a while): not idle, and waiting for it
+            // here would hold every other stream's delivery up.
+            let Some(o) = o.try_lock() else {
+                return true;
+            };
             !o.waiting.is_empty() || o.touched.is_some_and(|t| now.duration_since(t) < IDLE)
         });
     }

@@ -557,6 +557,8 @@ async fn run_session(
     );
     let mut ping = tokio::time::interval(settings.ping_interval);
     ping.reset();
+    // A tick a write took while it waited: its ping is sent next.
+    let mut ping_owed = false;
     // Timers and the close signal live across iterations: a delivered
     // frame wakes this loop, and must not register new timers each time.
     let mut closing = conn.close_signal();
@@ -672,6 +674,29 @@ async fn run_session(
                 conn.close_with(CloseCode::ReadTimeout);
                 return true;
             }
+            // Before the frames: a connection that always has one to
+            // write is pinged too (its client may be silent, and pongs are
+            // what keep it from the read timeout).
+            _ = std::future::poll_fn(|cx| {
+                if ping_owed {
+                    return std::task::Poll::Ready(());
+                }
+                ping_door.poll(cx, |cx| ping.poll_tick(cx)).map(drop)
+            }) => {
+                ping_owed = false;
+                // Like any write, a ping can block on a client that stopped
+                // reading; closing must still win.
+                let frame = std::pin::pin!(socket.send(Message::Ping(Default::default())));
+                let sent = match write_within(frame, &mut closing, (&mut ping_door, &mut ping, &mut ping_owed), settings.read_timeout).await {
+                    Ended::Closing => return true,
+                    Ended::TimedOut => return stalled(conn),
+                    Ended::Done(r) => r.is_ok(),
+                };
+                if !sent {
+                    conn.close_with(CloseCode::Normal);
+                    return false;
+                }
+            }
             out = std::future::poll_fn(|cx| poll_outbound(cx, &mut rx, way)) => {
                 let frame = match out {
                     Next::Frame(f) => f,
@@ -680,7 +705,7 @@ async fn run_session(
                         // The end of a frame the fan-out wrote in part:
                         // flushing writes it (`direct::Io`).
                         let flush = std::pin::pin!(socket.flush());
-                        let flushed = match write_within(flush, &mut closing, (&mut ping_door, &mut ping), settings.read_timeout).await {
+                        let flushed = match write_within(flush, &mut closing, (&mut ping_door, &mut ping, &mut ping_owed), settings.read_timeout).await {
                             Ended::Closing => return true,
                             Ended::TimedOut => return stalled(conn),
                             Ended::Done(r) => r.is_ok(),
@@ -703,26 +728,12 @@ async fn run_session(
                         _ => write_ready(socket, &mut rx, &mut skip, frame, conn.wire).await,
                     }
                 });
-                let written = match write_within(write, &mut closing, (&mut ping_door, &mut ping), settings.read_timeout).await {
+                let written = match write_within(write, &mut closing, (&mut ping_door, &mut ping, &mut ping_owed), settings.read_timeout).await {
                     Ended::Closing => return true,
                     Ended::TimedOut => return stalled(conn),
                     Ended::Done(ok) => ok,
                 };
                 if !written {
-                    conn.close_with(CloseCode::Normal);
-                    return false;
-                }
-            }
-            _ = std::future::poll_fn(|cx| ping_door.poll(cx, |cx| ping.poll_tick(cx))) => {
-                // Like any write, a ping can block on a client that stopped
-                // reading; closing must still win.
-                let frame = std::pin::pin!(socket.send(Message::Ping(Default::default())));
-                let sent = match write_within(frame, &mut closing, (&mut ping_door, &mut ping), settings.read_timeout).await {
-                    Ended::Closing => return true,
-                    Ended::TimedOut => return stalled(conn),
-                    Ended::Done(r) => r.is_ok(),
-                };
-                if !sent {
                     conn.close_with(CloseCode::Normal);
                     return false;
                 }
@@ -773,14 +784,22 @@ async fn write_ready(
     wire: Wire,
 ) -> bool {
     let mut next = Some(first);
+    // At most this many per call: a client that takes frames about as
+    // fast as they are queued would otherwise keep one write going past
+    // the read timeout and be dropped as stalled, and pings would wait.
+    let mut left = MAX_FRAMES_PER_WRITE;
     while let Some(frame) = next {
         if !skip.already_sent(&frame) && !feed(sink, to_wire(frame, wire)).await {
             return false;
         }
-        next = rx.try_recv().ok();
+        left -= 1;
+        next = if left == 0 { None } else { rx.try_recv().ok() };
     }
     sink.flush().await.is_ok()
 }
+
+/// Frames one write of the session loop takes from the queue at most.
+const MAX_FRAMES_PER_WRITE: usize = 64;
 
 /// Coalescing of message frames into `batch` frames.
 #[derive(Debug, Clone, Copy)]
@@ -970,11 +989,17 @@ enum Ended<T> {
 /// at the ticks of the connection's `ping` interval (behind its door) (no ping can be sent
 /// while a write waits anyway), so a write that waits costs no timer of
 /// its own, and one is given up between `limit` and `limit` plus one ping
-/// interval after it started waiting.
+/// interval after it started waiting. A tick taken this way sets
+/// `ping_owed`: its ping goes out when the write is done, so that a busy
+/// connection is pinged too.
 fn write_within<'a, 's, F: std::future::Future>(
     mut write: std::pin::Pin<&'a mut F>,
     closing: &'a mut crate::hub::CloseSignal<'s>,
-    (ping_door, ping): (&'a mut crate::gate::Door, &'a mut tokio::time::Interval),
+    (ping_door, ping, ping_owed): (
+        &'a mut crate::gate::Door,
+        &'a mut tokio::time::Interval,
+        &'a mut bool,
+    ),
     limit: Duration,
 ) -> impl std::future::Future<Output = Ended<F::Output>> + 'a {
     use std::task::Poll;
@@ -994,6 +1019,8 @@ fn write_within<'a, 's, F: std::future::Future>(
         // Through the door, as the session loop polls it, so the interval
         // keeps waking the task through the gate.
         while ping_door.poll(cx, |cx| ping.poll_tick(cx)).is_ready() {
+            // The tick's ping is sent once the write is done.
+            *ping_owed = true;
             if since.elapsed() >= limit {
                 return Poll::Ready(Ended::TimedOut);
             }
