@@ -197,8 +197,20 @@ impl Sequencer {
 
     fn expire_locked(o: &mut Order, now: Instant) -> Vec<Ready> {
         let mut out = Vec::new();
+        // The latest in stream order of those that waited too long: it is
+        // released, and with it, in order, every one before it, also those
+        // that came later and have not waited as long.
+        let Some(upto) = o
+            .waiting
+            .iter()
+            .rev()
+            .find(|(_, w)| now.duration_since(w.since) >= MAX_WAIT)
+            .map(|(prev, _)| *prev)
+        else {
+            return out;
+        };
         while let Some(entry) = o.waiting.first_entry() {
-            if now.duration_since(entry.get().since) < MAX_WAIT {
+            if *entry.key() > upto {
                 break;
             }
             let w = entry.remove();
@@ -315,5 +327,22 @@ mod tests {
         let later = Instant::now() + MAX_WAIT + Duration::from_millis(1);
         assert_eq!(seqs(&s.expire(later)), vec![3, 4]);
         assert_eq!(seqs(&s.admit("room:r", 7, 4, ready(5))), vec![5]);
+    }
+
+    /// A message that waited too long is released even when one before
+    /// it in the stream came later and has not waited as long: both go,
+    /// in order.
+    #[test]
+    fn a_later_arrival_before_it_does_not_hold_an_expired_message() {
+        let s = Sequencer::default();
+        assert_eq!(seqs(&s.admit("room:r", 7, 0, ready(1))), vec![1]);
+        assert!(s.admit("room:r", 7, 7, ready(8)).is_empty());
+        let t0 = Instant::now();
+        // 6 (after a lost 5) arrives a while after 8.
+        assert!(s.admit("room:r", 7, 5, ready(6)).is_empty());
+        let order = s.order("room:r");
+        order.lock().waiting.get_mut(&5).expect("6 waits").since = t0 + MAX_WAIT / 2;
+        let expired_8 = t0 + MAX_WAIT + Duration::from_millis(1);
+        assert_eq!(seqs(&s.expire(expired_8)), vec![6, 8]);
     }
 }
