@@ -462,10 +462,15 @@ async fn establish(
     .await;
     if sent != Ok(true) {
         hub.disconnect(&conn);
-        if sent.is_err() {
-            conn.close_with(CloseCode::SlowConsumer);
-            state.metrics.count_disconnect(CloseCode::SlowConsumer);
-        }
+        // Counted like a session that ends: too slow, or the socket failed
+        // (as a read failure is, 1000).
+        let code = if sent.is_err() {
+            CloseCode::SlowConsumer
+        } else {
+            CloseCode::Normal
+        };
+        conn.close_with(code);
+        state.metrics.count_disconnect(code);
         return None;
     }
     if recovery.recovered_messages > 0 {
