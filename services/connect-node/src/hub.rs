@@ -215,6 +215,10 @@ impl ConnHandle {
     /// Like [`ConnHandle::queue`], sharing `frame` only if it is queued;
     /// never written at once unless `may_write`.
     pub fn offer(&self, frame: &Outbound, may_write: bool) -> Queued {
+        // Closing: its task writes nothing more, whatever is queued.
+        if self.closed.load(Ordering::Acquire) {
+            return Queued::Closed;
+        }
         if self.already_sent(frame) {
             // A copy of a frame recovery sent: the client has it.
             return Queued::Yes;
@@ -1193,6 +1197,21 @@ mod tests {
         );
         assert_eq!(conn.offer(&at(4), true), Queued::Yes);
         assert!(rx.try_recv().is_ok(), "no rule checks it any more");
+    }
+
+    /// A connection that is closing gets nothing more, and a delivery
+    /// does not count it.
+    #[test]
+    fn a_closing_connection_is_not_counted_as_reached() {
+        let hub = hub(8);
+        let (open, mut rx1, _) = hub.connect(user("u"), &[], Wire::Json, None);
+        let (closing, mut rx2, _) = hub.connect(user("u"), &[], Wire::Json, None);
+        closing.close_with(CloseCode::Shutdown);
+        let d = hub.deliver(&StreamKey::User(user("u")), &frame("x"), &HashSet::new());
+        assert_eq!(d.delivered, 1);
+        assert!(rx1.try_recv().is_ok());
+        assert!(rx2.try_recv().is_err());
+        drop(open);
     }
 
     #[test]
