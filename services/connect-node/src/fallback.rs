@@ -132,17 +132,6 @@ fn connected_frame(state: &WsState, a: &Admission, conn: &ConnHandle, r: &Recove
     }
 }
 
-/// Whether a stream of `connected` could not be resumed from the client's
-/// position.
-fn connected_unrecovered(connected: &ServerFrame) -> bool {
-    match connected {
-        ServerFrame::Connected { streams, .. } => {
-            streams.values().any(|s| s.recovered == Some(false))
-        }
-        _ => false,
-    }
-}
-
 /// The `type` of an encoded frame (`message`, `left`, …).
 fn frame_type(frame: &str) -> String {
     #[derive(serde::Deserialize)]
@@ -286,6 +275,10 @@ pub async fn poll_handler(
         };
     let connected = connected_frame(&state, &a, &registered.conn, &recovery);
     let mut positions = initial_positions(&a, &recovery);
+    let recovered = recovery
+        .streams
+        .values()
+        .all(|s| s.recovered != Some(false));
     let Recovery {
         missed, mut skip, ..
     } = recovery;
@@ -296,8 +289,7 @@ pub async fn poll_handler(
     }
     // A first poll (no positions) answers at once with where to start, and
     // so does one that must be told it cannot resume (`recovered: false`).
-    let unrecovered = connected_unrecovered(&connected);
-    if frames.is_empty() && !a.positions.is_empty() && !unrecovered && hold > 0 {
+    if frames.is_empty() && !a.positions.is_empty() && recovered && hold > 0 {
         let deadline = tokio::time::sleep(Duration::from_secs(hold));
         tokio::pin!(deadline);
         loop {
@@ -334,7 +326,6 @@ pub async fn poll_handler(
     else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
-    let recovered = streams.values().all(|s| s.recovered != Some(false));
     let head = serde_json::json!({
         "user_id": user_id,
         "node_id": node_id,

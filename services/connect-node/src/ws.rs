@@ -692,14 +692,9 @@ async fn run_session(
                 // Like any write, a ping can block on a client that stopped
                 // reading; closing must still win.
                 let frame = std::pin::pin!(socket.send(Message::Ping(Default::default())));
-                let sent = match write_within(frame, &mut closing, (&mut ping_door, &mut ping, &mut ping_owed), settings.read_timeout).await {
-                    Ended::Closing => return true,
-                    Ended::TimedOut => return stalled(conn),
-                    Ended::Done(r) => r.is_ok(),
-                };
-                if !sent {
-                    conn.close_with(CloseCode::Normal);
-                    return false;
+                let sent = write_within(frame, &mut closing, (&mut ping_door, &mut ping, &mut ping_owed), settings.read_timeout).await;
+                if let Some(usable) = after_write(sent.map(|r| r.is_ok()), conn) {
+                    return usable;
                 }
             }
             out = std::future::poll_fn(|cx| poll_outbound(cx, &mut rx, way)) => {
@@ -710,14 +705,9 @@ async fn run_session(
                         // The end of a frame the fan-out wrote in part:
                         // flushing writes it (`direct::Io`).
                         let flush = std::pin::pin!(socket.flush());
-                        let flushed = match write_within(flush, &mut closing, (&mut ping_door, &mut ping, &mut ping_owed), settings.read_timeout).await {
-                            Ended::Closing => return true,
-                            Ended::TimedOut => return stalled(conn),
-                            Ended::Done(r) => r.is_ok(),
-                        };
-                        if !flushed {
-                            conn.close_with(CloseCode::Normal);
-                            return false;
+                        let flushed = write_within(flush, &mut closing, (&mut ping_door, &mut ping, &mut ping_owed), settings.read_timeout).await;
+                        if let Some(usable) = after_write(flushed.map(|r| r.is_ok()), conn) {
+                            return usable;
                         }
                         continue;
                     }
@@ -733,14 +723,9 @@ async fn run_session(
                         _ => write_ready(socket, &mut rx, &mut skip, frame, conn.wire).await,
                     }
                 });
-                let written = match write_within(write, &mut closing, (&mut ping_door, &mut ping, &mut ping_owed), settings.read_timeout).await {
-                    Ended::Closing => return true,
-                    Ended::TimedOut => return stalled(conn),
-                    Ended::Done(ok) => ok,
-                };
-                if !written {
-                    conn.close_with(CloseCode::Normal);
-                    return false;
+                let written = write_within(write, &mut closing, (&mut ping_door, &mut ping, &mut ping_owed), settings.read_timeout).await;
+                if let Some(usable) = after_write(written, conn) {
+                    return usable;
                 }
             }
         }
@@ -987,6 +972,31 @@ enum Ended<T> {
     Closing,
     /// The client took nothing for the whole limit.
     TimedOut,
+}
+
+impl<T> Ended<T> {
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Ended<U> {
+        match self {
+            Ended::Done(t) => Ended::Done(f(t)),
+            Ended::Closing => Ended::Closing,
+            Ended::TimedOut => Ended::TimedOut,
+        }
+    }
+}
+
+/// What the end of a write of the session loop (`true`: it succeeded)
+/// means for the session: `None` to go on, or that it ends, with whether
+/// the socket can still take a close frame.
+fn after_write(ended: Ended<bool>, conn: &ConnHandle) -> Option<bool> {
+    match ended {
+        Ended::Done(true) => None,
+        Ended::Done(false) => {
+            conn.close_with(CloseCode::Normal);
+            Some(false)
+        }
+        Ended::Closing => Some(true),
+        Ended::TimedOut => Some(stalled(conn)),
+    }
 }
 
 /// Drives `write` until it is done, the connection starts closing, or

@@ -34,11 +34,11 @@ pub struct Detached {
 }
 
 impl Detached {
-    /// Rests run on `tracker`, at most `limit` at once, counted in
-    /// `abandoned` by outcome (`finished`: went on; `cut_short`).
-    pub fn new(tracker: TaskTracker, limit: usize, abandoned: IntCounterVec) -> Self {
+    /// Rests run at most `limit` at once, counted in `abandoned` by
+    /// outcome (`finished`: went on; `cut_short`).
+    pub fn new(limit: usize, abandoned: IntCounterVec) -> Self {
         Detached {
-            tracker,
+            tracker: TaskTracker::new(),
             limit,
             abandoned,
         }
@@ -127,7 +127,7 @@ mod tests {
     fn detached(limit: usize) -> Detached {
         let abandoned =
             IntCounterVec::new(prometheus::Opts::new("a", "a"), &["outcome"]).expect("counter");
-        Detached::new(TaskTracker::new(), limit, abandoned)
+        Detached::new(limit, abandoned)
     }
 
     /// Sets its flag after `wait`.

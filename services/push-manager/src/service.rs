@@ -16,7 +16,6 @@ use barrage_proto::v1::{
 };
 use barrage_protocol::{RoomId, StreamKey, UserId};
 use futures::future::join_all;
-use tokio_util::task::TaskTracker;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument as _;
 
@@ -363,7 +362,7 @@ impl PushService {
         node_timeout: Duration,
         api_auth: barrage_auth::ApiAuth,
     ) -> Self {
-        let detached = Detached::new(TaskTracker::new(), MAX_DETACHED, metrics.abandoned.clone());
+        let detached = Detached::new(MAX_DETACHED, metrics.abandoned.clone());
         PushService {
             inner: Arc::new(Inner {
                 api_auth,
