@@ -414,6 +414,207 @@ async fn stopped_node_leaves_the_pool_and_the_controller(
     Ok(())
 }
 
+on_both_registries!(a_node_dropped_from_discovery_has_its_clients_recover_what_it_missed);
+/// A connect-node whose discovery key went away while it kept running (a
+/// lease lost to a long stall or a partition, a key deleted by hand) was
+/// routed nothing until it was back. Its connections are then closed with
+/// 4101, and they recover what they missed: every message arrives, in
+/// order, once.
+async fn a_node_dropped_from_discovery_has_its_clients_recover_what_it_missed(
+    mut cluster: TestCluster,
+) -> anyhow::Result<()> {
+    use barrage_client::{Event, Subscriber, SubscriberOptions};
+    use barrage_discovery::Role;
+    cluster.start(1).await?;
+    let api = cluster.push_client().await?;
+    let mut opts = SubscriberOptions::new(&cluster.nodes[0].ws_url(), "ann", &["news"]);
+    opts.min_backoff = Duration::from_millis(20);
+    let mut sub = within(T, "subscribe", Subscriber::connect(opts)).await??;
+    let mut events = Vec::new();
+    let push = |content: String| {
+        let mut api = api.clone();
+        async move {
+            let resp = within(
+                T,
+                "PushToRoom",
+                api.push_to_room(room_push("news", &content)),
+            )
+            .await??
+            .into_inner();
+            anyhow::Ok(resp.delivered_count)
+        }
+    };
+    push("m1".into()).await?;
+
+    let d = cluster.discovery().await?;
+    let mut nodes = d.watch(Role::ConnectNode).await?;
+    d.backend()
+        .delete(&d.key(Role::ConnectNode, "node-1"))
+        .await?;
+    within(T, "node-1 to leave discovery", async {
+        while nodes.current().contains_key("node-1") {
+            nodes.changed().await?;
+        }
+        anyhow::Ok(())
+    })
+    .await??;
+    // The controller routes these to nobody until node-1 is back.
+    let mut unrouted = 0;
+    for i in 2..=6 {
+        if push(format!("m{i}")).await? == 0 {
+            unrouted += 1;
+        }
+    }
+    tracing::info!(unrouted, "pushes while node-1 was out of discovery");
+
+    // Back in discovery, the node closes the connection with 4101 and the
+    // subscriber reconnects with its positions.
+    let recovered = loop {
+        match within(T, "an event", sub.next_event()).await?? {
+            Event::Connected { recovered, .. } if !recovered.is_empty() => break recovered,
+            e => events.push(e),
+        }
+    };
+    assert_eq!(recovered.get("room:news"), Some(&true), "{events:?}");
+    ensure!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Disconnected { code: 4101, .. })),
+        "closed with 4101: {events:?}"
+    );
+    push("m7".into()).await?;
+    let mut got: Vec<(u64, serde_json::Value)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message(m) => Some((m.seq, m.data.clone().unwrap_or_default())),
+            _ => None,
+        })
+        .collect();
+    while got.last().is_none_or(|(seq, _)| *seq < 7) {
+        if let Event::Message(m) = within(T, "a message", sub.next_event()).await?? {
+            got.push((m.seq, m.data.unwrap_or_default()));
+        }
+    }
+    let want: Vec<(u64, serde_json::Value)> =
+        (1..=7).map(|i| (i, format!("m{i}").into())).collect();
+    assert_eq!(got, want);
+    assert!(cluster.nodes[0].metric("connect_node_dropped_by_controller_total") >= 1.0);
+    Ok(())
+}
+
+on_both_registries!(clients_of_a_node_flapping_in_discovery_lose_nothing);
+/// A connect-node drops out of discovery again and again (its key deleted
+/// each time it comes back, for a while) as pushes flow and subscribers
+/// connect. Every subscriber ends with every message after the position it
+/// first connected at, in order, once.
+async fn clients_of_a_node_flapping_in_discovery_lose_nothing(
+    mut cluster: TestCluster,
+) -> anyhow::Result<()> {
+    use barrage_client::{Event, Subscriber, SubscriberOptions};
+    use barrage_discovery::Role;
+    cluster.start(1).await?;
+    let api = cluster.push_client().await?;
+    let ws = cluster.nodes[0].ws_url();
+    let d = cluster.discovery().await?;
+    let key = d.key(Role::ConnectNode, "node-1");
+    let flapping = Duration::from_millis(2500);
+
+    /// Follows one subscriber until the message "last"; returns the seq it
+    /// started after and every seq it got. Says on `up` when it connected.
+    async fn follow(
+        ws: String,
+        user: String,
+        up: tokio::sync::mpsc::UnboundedSender<()>,
+    ) -> anyhow::Result<(u64, Vec<u64>)> {
+        let mut opts = SubscriberOptions::new(&ws, &user, &["flap"]);
+        opts.min_backoff = Duration::from_millis(20);
+        let mut sub = Subscriber::connect(opts).await?;
+        let mut start = None;
+        let mut seqs = Vec::new();
+        loop {
+            match sub.next_event().await? {
+                Event::Connected { session, recovered } => {
+                    ensure!(
+                        recovered.values().all(|ok| *ok),
+                        "{user}: not recovered: {recovered:?}"
+                    );
+                    if start.is_none() {
+                        start = Some(session.streams["room:flap"].seq);
+                        let _ = up.send(());
+                    }
+                }
+                Event::Message(m) => {
+                    seqs.push(m.seq);
+                    if m.data == Some("last".into()) {
+                        return Ok((start.context("connected first")?, seqs));
+                    }
+                }
+                Event::Disconnected { .. } => {}
+            }
+        }
+    }
+
+    let (up, mut connected) = tokio::sync::mpsc::unbounded_channel();
+    let mut subscribers = vec![tokio::spawn(follow(ws.clone(), "sub-0".into(), up.clone()))];
+    let pushes = {
+        let mut api = api.clone();
+        tokio::spawn(async move {
+            let end = tokio::time::Instant::now() + flapping + Duration::from_millis(300);
+            let mut unrouted = 0;
+            while tokio::time::Instant::now() < end {
+                let r = within(T, "PushToRoom", api.push_to_room(room_push("flap", "p")))
+                    .await??
+                    .into_inner();
+                if r.delivered_count == 0 {
+                    unrouted += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            anyhow::Ok(unrouted)
+        })
+    };
+    let mut nodes = d.watch(Role::ConnectNode).await?;
+    let end = tokio::time::Instant::now() + flapping;
+    let mut episodes = 0;
+    for delay in [0u64, 120, 40, 250, 80].into_iter().cycle() {
+        if tokio::time::Instant::now() >= end {
+            break;
+        }
+        // Wait until the node is back, let it stay a little, delete again.
+        within(T, "node-1 back in discovery", async {
+            while !nodes.current().contains_key("node-1") {
+                nodes.changed().await?;
+            }
+            anyhow::Ok(())
+        })
+        .await??;
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        let user = format!("sub-{episodes}-a");
+        subscribers.push(tokio::spawn(follow(ws.clone(), user, up.clone())));
+        d.backend().delete(&key).await?;
+        episodes += 1;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let user = format!("sub-{episodes}-b");
+        subscribers.push(tokio::spawn(follow(ws.clone(), user, up.clone())));
+    }
+    let unrouted = within(T, "pushes", pushes).await???;
+    tracing::info!(episodes, unrouted, "flapping done");
+    ensure!(unrouted > 0, "no push fell into a window out of discovery");
+    // Every subscriber has a position before "last" is pushed.
+    for _ in 0..subscribers.len() {
+        within(T, "a subscriber to connect", connected.recv()).await?;
+    }
+    let mut api = api.clone();
+    within(T, "PushToRoom", api.push_to_room(room_push("flap", "last"))).await??;
+    for s in subscribers {
+        let (start, seqs) = within(Duration::from_secs(30), "a subscriber", s).await???;
+        let last = *seqs.last().context("no message")?;
+        let want: Vec<u64> = (start + 1..=last).collect();
+        assert_eq!(seqs, want, "every message after {start}, in order, once");
+    }
+    Ok(())
+}
+
 on_both_registries!(push_manager_started_after_the_nodes_discovers_them);
 async fn push_manager_started_after_the_nodes_discovers_them(
     mut cluster: TestCluster,

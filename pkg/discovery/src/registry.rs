@@ -1,8 +1,8 @@
 //! Registration with keep-alive, and membership watches, on any [`Backend`].
 //!
 //! A [`Registration`] keeps its lease alive in the background; when the
-//! lease is lost (etcd restarted, the process stalled past its TTL) it
-//! registers again, and while the backend is unreachable it keeps trying
+//! lease is lost (etcd restarted, the process stalled past its TTL) or its
+//! key was deleted behind its back, it registers again, and while the backend is unreachable it keeps trying
 //! without stopping the process. A [`MemberWatch`] lists a role once, then
 //! follows changes; when the watch breaks it re-lists, keeping the last
 //! known members meanwhile.
@@ -124,6 +124,18 @@ async fn put_with_lease(
     Ok(lease)
 }
 
+/// Puts `key` back under `lease` when it went away while the lease
+/// lives (deleted by hand, or by a tool): without it the member would stay
+/// out of discovery for as long as it runs.
+async fn ensure_present(backend: &dyn Backend, key: &str, value: &[u8], lease: i64) -> Result<()> {
+    let (items, _) = backend.list(key).await?;
+    if items.iter().any(|(k, _)| k == key) {
+        return Ok(());
+    }
+    tracing::warn!(%key, "discovery key removed while its lease lives; registering again");
+    backend.put(key, value.to_vec(), Some(lease)).await
+}
+
 async fn keep_alive(
     backend: Arc<dyn Backend>,
     key: String,
@@ -155,6 +167,7 @@ async fn keep_alive(
                     Err(e) => Err(e),
                 }
             }
+            Ok(()) => ensure_present(&*backend, &key, &value, id).await,
             other => other,
         };
         match result {

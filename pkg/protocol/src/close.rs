@@ -23,6 +23,10 @@ pub enum CloseCode {
     /// 4100: the connection's send queue overflowed (slow consumer);
     /// reconnect and recover from the last position.
     SlowConsumer = 4100,
+    /// 4101: the cluster stopped routing pushes to this node for a while
+    /// (it was dropped from discovery, or silent to a controller), so the
+    /// connection may have missed messages; reconnect and recover.
+    MissedPushes = 4101,
     /// 4400: the client sent something that is not a barrage frame
     /// (e.g. a binary frame on a JSON connection).
     InvalidFrame = 4400,
@@ -52,6 +56,7 @@ impl CloseCode {
             ReadTimeout,
             InternalError,
             SlowConsumer,
+            MissedPushes,
             InvalidFrame,
             Unauthorized,
             Forbidden,
@@ -81,6 +86,7 @@ impl CloseCode {
             CloseCode::ReadTimeout => "read timeout",
             CloseCode::InternalError => "internal error",
             CloseCode::SlowConsumer => "slow consumer, reconnect and recover",
+            CloseCode::MissedPushes => "node was cut off from the cluster, reconnect and recover",
             CloseCode::InvalidFrame => "invalid frame",
             CloseCode::Unauthorized => "unauthorized",
             CloseCode::Forbidden => "forbidden",
@@ -103,6 +109,8 @@ mod tests {
         assert!(!CloseCode::should_reconnect(CloseCode::Unauthorized.code()));
         assert!(!CloseCode::should_reconnect(CloseCode::Normal.code()));
         assert_eq!(CloseCode::from_code(4100), Some(CloseCode::SlowConsumer));
+        assert_eq!(CloseCode::from_code(4101), Some(CloseCode::MissedPushes));
+        assert!(CloseCode::should_recover(CloseCode::MissedPushes.code()));
         assert_eq!(CloseCode::from_code(4999), None);
     }
 }

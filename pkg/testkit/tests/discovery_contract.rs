@@ -121,6 +121,28 @@ async fn a_lost_lease_is_registered_again(
     Ok(())
 }
 
+contract!(a_key_deleted_behind_its_back_is_registered_again);
+async fn a_key_deleted_behind_its_back_is_registered_again(
+    d: Discovery,
+    _etcd: Option<EtcdServer>,
+) -> anyhow::Result<()> {
+    let mut w = d.watch(Role::ConnectNode).await?;
+    let reg = d
+        .register(member("n1", "a:1"), Duration::from_secs(3))
+        .await?;
+    wait(&mut w, "n1 registered", |m| m.contains_key("n1")).await?;
+    let lease = reg.lease();
+    // Deleted while its lease lives (by hand, or by a tool).
+    d.backend().delete(&d.key(Role::ConnectNode, "n1")).await?;
+    wait(&mut w, "n1 deleted", |m| !m.contains_key("n1")).await?;
+    wait(&mut w, "n1 registered again", |m| {
+        m.get("n1").is_some_and(|n| n.grpc_addr == "a:1")
+    })
+    .await?;
+    assert_eq!(reg.lease(), lease, "put back under the same lease");
+    Ok(())
+}
+
 contract!(updates_arrive_in_order_and_bad_values_are_skipped);
 async fn updates_arrive_in_order_and_bad_values_are_skipped(
     d: Discovery,

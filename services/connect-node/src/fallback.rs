@@ -197,9 +197,13 @@ pub async fn sse_handler(
         let Recovery {
             missed,
             mut skip,
+            fresh,
             receipt,
             ..
         } = recovery;
+        // This task reads every live frame itself: the rules for streams
+        // started fresh apply for as long as it runs.
+        skip.extend(fresh);
         for out in missed {
             advance(&mut positions, &out);
             let ev = Event::default()
@@ -280,8 +284,12 @@ pub async fn poll_handler(
         .values()
         .all(|s| s.recovered != Some(false));
     let Recovery {
-        missed, mut skip, ..
+        missed,
+        mut skip,
+        fresh,
+        ..
     } = recovery;
+    skip.extend(fresh);
     let mut frames: Vec<String> = Vec::new();
     for out in missed {
         advance(&mut positions, &out);

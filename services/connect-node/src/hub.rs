@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use barrage_proto::v1::{KeyState, session_change::Kind};
 use barrage_protocol::binary::{self, Compression, FrameType};
@@ -30,6 +31,11 @@ use crate::queue;
 use crate::reporter::{Ack, Change, Reporter};
 use crate::skip::Skip;
 
+/// How long a connection checks live frames against what recovery sent
+/// (or what `connected` started after): long past the time a push in
+/// flight at connect can take to arrive (`PUSH_TIMEOUT_MS`, then the
+/// sequencer's wait for a predecessor).
+pub const SKIP_MEMORY: Duration = Duration::from_secs(30);
 /// Id of a connection, unique within one connect-node process.
 pub type ConnId = u64;
 
@@ -175,7 +181,7 @@ pub struct ConnHandle {
     /// Live frames recovery already sent (see `skip`), dropped when offered,
     /// so that frames written straight to the socket are checked too; the
     /// flag says whether there are any, without the lock.
-    skip: Mutex<Option<Box<Skip>>>,
+    skip: Mutex<Option<Box<(Instant, Skip)>>>,
     has_skip: AtomicBool,
 }
 
@@ -249,8 +255,26 @@ impl ConnHandle {
         if skip.is_empty() {
             return;
         }
-        *self.skip.lock() = Some(Box::new(skip.clone()));
+        *self.skip.lock() = Some(Box::new((Instant::now(), skip.clone())));
         self.has_skip.store(true, Ordering::Release);
+    }
+
+    /// Drops the rules of [`ConnHandle::skip_recovered`] once they are
+    /// older than [`SKIP_MEMORY`]: every frame they could name has arrived
+    /// by then, and a quiet stream would otherwise keep them for as long
+    /// as the connection lives.
+    pub(crate) fn forget_old_skip(&self, now: Instant) {
+        if !self.has_skip.load(Ordering::Acquire) {
+            return;
+        }
+        let mut slot = self.skip.lock();
+        if slot
+            .as_ref()
+            .is_some_and(|s| now.saturating_duration_since(s.0) >= SKIP_MEMORY)
+        {
+            *slot = None;
+            self.has_skip.store(false, Ordering::Release);
+        }
     }
 
     /// Whether `frame` is a copy of one recovery sent; the rules end as the
@@ -260,7 +284,7 @@ impl ConnHandle {
             return false;
         }
         let mut slot = self.skip.lock();
-        let Some(skip) = slot.as_mut() else {
+        let Some(skip) = slot.as_mut().map(|s| &mut s.1) else {
             return false;
         };
         let sent = skip.already_sent(frame);
@@ -1170,6 +1194,26 @@ mod tests {
             !hub.has_time_to_write(10_000, now),
             "{per_conn} ns a connection"
         );
+    }
+
+    /// Rules for a quiet stream (no frame past them ever comes) are
+    /// dropped once they are older than `SKIP_MEMORY`.
+    #[test]
+    fn old_skip_rules_are_forgotten() {
+        let hub = hub(8);
+        let (conn, mut rx, _) = hub.connect(user("u"), &[room("a")], Wire::Json, None);
+        let mut skip = Skip::default();
+        skip.insert("broadcast".into(), 1, crate::skip::SkipRule::UpTo(5));
+        conn.skip_recovered(&skip);
+        let now = Instant::now();
+        conn.forget_old_skip(now);
+        assert!(conn.has_skip.load(Ordering::Relaxed), "still young");
+        conn.forget_old_skip(now + SKIP_MEMORY);
+        assert!(!conn.has_skip.load(Ordering::Relaxed));
+        assert!(conn.skip.lock().is_none());
+        let at = Outbound::test_message("broadcast", 1, 5, "x");
+        assert_eq!(conn.offer(&at, true), Queued::Yes);
+        assert!(rx.try_recv().is_ok(), "no rule checks it any more");
     }
 
     #[test]

@@ -250,6 +250,12 @@ pub async fn run(
     );
     let tasks = CancellationToken::new();
     tokio::spawn(reporter.follow(&hub, controllers, tasks.clone()));
+    tokio::spawn(recover_missed(
+        hub.clone(),
+        reporter.missed_pushes(),
+        cfg.drain_timeout,
+        tasks.clone(),
+    ));
 
     let sequencer = Arc::new(sequencer::Sequencer::default());
     tokio::spawn(sequencer.clone().run(hub.clone(), tasks.clone()));
@@ -403,18 +409,7 @@ pub async fn run(
     if let Some(r) = registration {
         r.deregister().await;
     }
-    // Spread the closes over the drain window so clients do not all
-    // reconnect in the same instant.
-    let conns = hub.connections();
-    if !conns.is_empty() {
-        let step = cfg.drain_timeout / (conns.len() as u32 + 1);
-        for c in conns {
-            c.close_with(CloseCode::Shutdown);
-            if !step.is_zero() {
-                tokio::time::sleep(step).await;
-            }
-        }
-    }
+    close_spread(hub.connections(), CloseCode::Shutdown, cfg.drain_timeout).await;
     ws_stop.cancel();
     let _ = tokio::time::timeout(cfg.drain_timeout, ws).await;
     drop(local);
@@ -428,4 +423,45 @@ pub async fn run(
     }
     tracing::info!(node_id = %cfg.node_id, "connect-node stopped");
     Ok(())
+}
+
+/// Closes `conns` with `code`, spread over `window` so that their clients
+/// do not all reconnect in the same instant.
+async fn close_spread(conns: Vec<Arc<hub::ConnHandle>>, code: CloseCode, window: Duration) {
+    let step = window / (conns.len() as u32 + 1);
+    for c in conns {
+        c.close_with(code);
+        if !step.is_zero() {
+            tokio::time::sleep(step).await;
+        }
+    }
+}
+
+/// Whenever a controller says it had dropped this node's sessions (the node
+/// left discovery, or went silent to it), pushes meanwhile did not reach
+/// the connections open now: they are closed with 4101, spread over
+/// `window`, so that their clients reconnect and recover what they missed.
+/// Connections opened since wait for the controller to take the node back
+/// before they are told `connected`, so they missed nothing.
+async fn recover_missed(
+    hub: Arc<hub::Hub>,
+    missed: Arc<tokio::sync::Notify>,
+    window: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = missed.notified() => {}
+        }
+        let conns = hub.connections();
+        tracing::warn!(
+            connections = conns.len(),
+            "closing connections with 4101 so that their clients recover the pushes they missed"
+        );
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = close_spread(conns, CloseCode::MissedPushes, window) => {}
+        }
+    }
 }

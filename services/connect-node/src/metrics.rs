@@ -27,6 +27,9 @@ pub struct Metrics {
     pub push_batches: IntCounter,
     /// Failed report or sync calls to controllers.
     pub report_failures: IntCounter,
+    /// Times a controller said it had dropped this node's sessions, so that
+    /// its connections were closed to recover (4101).
+    pub dropped_by_controller: IntCounter,
     /// Client frames refused with an `error` frame, by code.
     pub frame_errors: IntCounterVec,
     /// Missed messages sent to reconnecting clients (and offline users).
@@ -105,6 +108,10 @@ impl Metrics {
             report_failures: IntCounter::new(
                 "connect_node_report_failures_total",
                 "Failed report or sync calls to controllers",
+            )?,
+            dropped_by_controller: IntCounter::new(
+                "connect_node_dropped_by_controller_total",
+                "Times a controller had dropped this node's sessions (it left discovery or went silent); each closes the node's connections with 4101 to recover",
             )?,
             frame_errors: IntCounterVec::new(
                 Opts::new(
@@ -197,7 +204,7 @@ impl Metrics {
             m.frame_errors.with_label_values(&[code]);
         }
         for code in [
-            "1000", "1009", "4000", "4001", "4002", "4100", "4400", "4405",
+            "1000", "1009", "4000", "4001", "4002", "4100", "4101", "4400", "4405",
         ] {
             m.disconnects.with_label_values(&[code]);
         }
@@ -213,6 +220,7 @@ impl Metrics {
         registry.register(Box::new(m.slow_consumers.clone()))?;
         registry.register(Box::new(m.push_batches.clone()))?;
         registry.register(Box::new(m.report_failures.clone()))?;
+        registry.register(Box::new(m.dropped_by_controller.clone()))?;
         registry.register(Box::new(m.frame_errors.clone()))?;
         Ok(m)
     }

@@ -9,6 +9,7 @@
 //! restarted or saw a gap), and whenever the ring changes.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -103,6 +104,11 @@ struct Link {
     queue: Mutex<Queue>,
     notify: Notify,
     stop: CancellationToken,
+    /// The controller said it dropped this node's sessions, and has not
+    /// accepted a full sync since: it routes nothing here. The connections
+    /// open when it said so were told to recover; new ones wait for it too
+    /// (see [`Reporter::enqueue`]). Changed under the queue's lock.
+    dropped: AtomicBool,
 }
 
 impl Link {
@@ -184,6 +190,18 @@ pub struct Reporter {
     ring: RwLock<Arc<Ring<Arc<Link>>>>,
     hub: Mutex<Weak<Hub>>,
     metrics: Metrics,
+    /// Notified when a controller says it dropped this node's sessions:
+    /// the connections open now may have missed pushes.
+    missed: Arc<Notify>,
+}
+
+/// The error a link retries on while its controller counts this node as
+/// gone from discovery.
+fn departed_error(controller: &str) -> tonic::Status {
+    tonic::Status::unavailable(format!(
+        "controller {controller} counts this node as gone from discovery; \
+         retrying until discovery lists it again"
+    ))
 }
 
 impl Reporter {
@@ -194,7 +212,31 @@ impl Reporter {
             cfg,
             hub: Mutex::new(Weak::new()),
             metrics,
+            missed: Arc::new(Notify::new()),
         })
+    }
+
+    /// Notified (one stored permit) whenever a controller says it had
+    /// dropped this node's sessions (see [`Reporter::dropped`]).
+    pub fn missed_pushes(&self) -> Arc<Notify> {
+        self.missed.clone()
+    }
+
+    /// A controller answered that it dropped this node's sessions since
+    /// the node's last full sync to it (the node left discovery, or went
+    /// silent): it routed no pushes here meanwhile. The first such answer
+    /// of an episode tells the node to have its connections recover; the
+    /// flag clears when the controller accepts a full sync again.
+    fn dropped(&self, link: &Link) {
+        if link.dropped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.metrics.dropped_by_controller.inc();
+        tracing::warn!(
+            controller = %link.id,
+            "the controller had dropped this node's sessions: clients may have missed pushes"
+        );
+        self.missed.notify_one();
     }
 
     /// Queues changes on the links of their owners. Called with the hub
@@ -220,6 +262,14 @@ impl Reporter {
                     let (_tx, rx) = oneshot::channel();
                     acks.push(rx);
                 }
+            }
+        }
+        // A controller that dropped this node's sessions routes nothing
+        // here, broadcasts included, which no change names: until it takes
+        // the node back, a new session waits for it as well.
+        for (id, link) in ring.members() {
+            if link.dropped.load(Ordering::SeqCst) && !by_link.contains_key(id) {
+                acks.push(link.report(Vec::new()));
             }
         }
         for (_, (link, changes)) in by_link {
@@ -398,6 +448,7 @@ impl Reporter {
             }),
             notify: Notify::new(),
             stop: CancellationToken::new(),
+            dropped: AtomicBool::new(false),
         });
         tokio::spawn(self.clone().link_task(link.clone()));
         link
@@ -479,9 +530,17 @@ impl Reporter {
             .report_duration
             .observe(started.elapsed().as_secs_f64());
         let mut q = link.queue.lock();
+        if resp.dropped {
+            self.dropped(link);
+        }
         if resp.resync_required {
             q.full_sync = true;
             return Ok(true);
+        }
+        if resp.dropped {
+            // Applied nothing: the batch stays in flight, and its sessions
+            // keep waiting, until the controller takes this node back.
+            return Err(departed_error(&link.id));
         }
         if let Some(f) = q.inflight.take() {
             for w in f.waiters {
@@ -523,23 +582,27 @@ impl Reporter {
         });
         let mut r = tonic::Request::new(req);
         r.set_timeout(self.cfg.call_timeout);
-        match client.clone().sync(r).await {
-            Ok(_) => {
-                tracing::debug!(controller = %link.id, "full sync sent");
-                for w in waiters {
-                    let _ = w.send(());
-                }
-                Ok(!link.queue.lock().changes.is_empty())
+        // Ok(true): the controller still counts this node as gone from
+        // discovery and ignored the sync.
+        let sent = client.clone().sync(r).await.map(|r| r.into_inner().dropped);
+        if let Ok(false) = sent {
+            tracing::debug!(controller = %link.id, "full sync sent");
+            for w in waiters {
+                let _ = w.send(());
             }
-            Err(e) => {
-                let mut q = link.queue.lock();
-                q.full_sync = true;
-                let mut w = waiters;
-                w.append(&mut q.waiters);
-                q.waiters = w;
-                Err(e)
-            }
+            let q = link.queue.lock();
+            link.dropped.store(false, Ordering::SeqCst);
+            return Ok(!q.changes.is_empty());
         }
+        let mut q = link.queue.lock();
+        if let Ok(true) = sent {
+            self.dropped(link);
+        }
+        q.full_sync = true;
+        let mut w = waiters;
+        w.append(&mut q.waiters);
+        q.waiters = w;
+        Err(sent.err().unwrap_or_else(|| departed_error(&link.id)))
     }
 }
 

@@ -28,6 +28,11 @@ impl Skip {
         self.0.insert(stream, (epoch, rule));
     }
 
+    /// Adds `other`'s rules (they name other streams).
+    pub(crate) fn extend(&mut self, other: Skip) {
+        self.0.extend(other.0);
+    }
+
     /// Whether no live frame needs checking any more.
     pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
@@ -42,13 +47,13 @@ impl Skip {
         };
         match self.0.get(&**stream) {
             Some((e, SkipRule::UpTo(max))) if e == epoch => {
-                if seq > max {
-                    // Past the recovered range: later frames are all new.
+                let sent = seq <= max;
+                if seq >= max {
+                    // The end of the range (or past it): later frames are
+                    // all new.
                     self.0.remove(&**stream);
-                    false
-                } else {
-                    true
                 }
+                sent
             }
             Some((e, SkipRule::Seqs(seqs))) if e == epoch => {
                 if seqs.contains(seq) {
@@ -102,5 +107,17 @@ mod tests {
             "past every recovered message: nothing left to drop"
         );
         assert!(!skip.already_sent(&live("user:u", 1, 7)));
+    }
+
+    /// The last frame a rule names ends it: a quiet stream keeps no rule
+    /// once the frames that were on their way have come.
+    #[test]
+    fn a_rule_ends_with_the_last_frame_it_names() {
+        let mut skip = Skip::default();
+        skip.insert("room:a".into(), 1, SkipRule::UpTo(5));
+        assert!(skip.already_sent(&live("room:a", 1, 4)));
+        assert!(!skip.is_empty());
+        assert!(skip.already_sent(&live("room:a", 1, 5)));
+        assert!(skip.is_empty());
     }
 }

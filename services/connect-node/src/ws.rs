@@ -410,7 +410,7 @@ async fn establish(
     let hub = &state.hub;
     let settings = &state.settings;
     let way = socket.get_ref().way().cloned();
-    let (conn, rx, ack) = hub.connect(user.clone(), &rooms, wire, way);
+    let (conn, mut rx, ack) = hub.connect(user.clone(), &rooms, wire, way);
     // Registered first, then announced, then history fetched: every message
     // is either in the history answer or queued live (or both: deduplicated).
     let recovery = if ack.wait(settings.ack_timeout).await {
@@ -418,12 +418,14 @@ async fn establish(
     } else {
         Err("no controller confirmed the session".to_owned())
     };
-    let recovery = match recovery {
+    let mut recovery = match recovery {
         Ok(r) => {
             // Frames queued until now are checked by this task's copy of
             // the rules; frames offered from now on, also those written to
             // the socket directly, by the connection's.
-            conn.skip_recovered(&r.skip);
+            let mut both = r.skip.clone();
+            both.extend(r.fresh.clone());
+            conn.skip_recovered(&both);
             r
         }
         Err(why) => {
@@ -446,6 +448,15 @@ async fn establish(
         Wire::Json => Message::Text(connected.to_json().into()),
         Wire::Binary(c) => Message::Binary(binary::encode_server_frame(&connected, c)),
     };
+    // Live frames queued while the session was set up (for as long as its
+    // controllers took to confirm it) go right after; those older than
+    // where `connected` starts a stream are dropped.
+    let mut queued = Vec::new();
+    while let Ok(out) = rx.try_recv() {
+        if !recovery.fresh.already_sent(&out) && !recovery.skip.already_sent(&out) {
+            queued.push(out);
+        }
+    }
     // A client that has not taken all of it within the read timeout is
     // dropped and counted as a slow consumer, as in the session loop.
     let sent = tokio::time::timeout(settings.read_timeout, async {
@@ -456,6 +467,9 @@ async fn establish(
         if recovery.receipt.is_some() {
             let ping = Message::Ping(bytes::Bytes::from_static(RECEIPT_PING));
             sent = sent && socket.feed(ping).await.is_ok();
+        }
+        for out in queued {
+            sent = sent && feed(&mut socket, to_wire(out, wire)).await;
         }
         sent && socket.flush().await.is_ok()
     })
@@ -689,6 +703,7 @@ async fn run_session(
                 ping_door.poll(cx, |cx| ping.poll_tick(cx)).map(drop)
             }) => {
                 ping_owed = false;
+                conn.forget_old_skip(std::time::Instant::now());
                 // Like any write, a ping can block on a client that stopped
                 // reading; closing must still win.
                 let frame = std::pin::pin!(socket.send(Message::Ping(Default::default())));
@@ -863,6 +878,11 @@ pub(crate) struct Recovery {
     pub(crate) missed: Vec<Outbound>,
     pub(crate) recovered_messages: u64,
     pub(crate) skip: Skip,
+    /// Live frames at or below a position `connected` gives for a stream
+    /// the client gave no position for (or one that could not be resumed):
+    /// they were on their way as the stream's history was read, and are
+    /// older than where the client starts.
+    pub(crate) fresh: Skip,
     /// Messages kept for the user while offline are among `missed`: the
     /// controller hands them out until this node reports them received.
     pub(crate) receipt: Option<Box<Receipt>>,
@@ -918,6 +938,7 @@ pub(crate) async fn recover(
         missed: Vec::new(),
         recovered_messages: 0,
         skip: Skip::default(),
+        fresh: Skip::default(),
         receipt: None,
     };
     for r in results {
@@ -960,6 +981,8 @@ pub(crate) async fn recover(
             out.skip.insert(r.key, r.epoch, SkipRule::UpTo(r.seq));
         } else if !seqs.is_empty() {
             out.skip.insert(r.key, r.epoch, SkipRule::Seqs(seqs));
+        } else if r.seq > 0 {
+            out.fresh.insert(r.key, r.epoch, SkipRule::UpTo(r.seq));
         }
     }
     Ok(out)

@@ -123,7 +123,7 @@ impl Metrics {
                 &["reason"],
             )?,
         };
-        for outcome in ["applied", "duplicate", "resync", "departed"] {
+        for outcome in ["applied", "duplicate", "resync", "dropped", "departed"] {
             m.reports.with_label_values(&[outcome]);
         }
         for kind in ["full", "partial"] {

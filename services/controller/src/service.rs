@@ -203,14 +203,27 @@ impl Controller for ControllerService {
             ReportOutcome::Applied => "applied",
             ReportOutcome::Duplicate => "duplicate",
             ReportOutcome::ResyncRequired => "resync",
+            ReportOutcome::Dropped => "dropped",
             ReportOutcome::Departed => "departed",
         };
         self.metrics.reports.with_label_values(&[label]).inc();
-        if outcome == ReportOutcome::ResyncRequired {
-            tracing::debug!(node_id = %r.node_id, seq = r.seq, "asking connect-node for a full sync");
+        let dropped = matches!(outcome, ReportOutcome::Dropped | ReportOutcome::Departed);
+        let resync_required = matches!(
+            outcome,
+            ReportOutcome::ResyncRequired | ReportOutcome::Dropped
+        ) || (awaits_sync && outcome != ReportOutcome::Departed);
+        match outcome {
+            ReportOutcome::ResyncRequired => {
+                tracing::debug!(node_id = %r.node_id, seq = r.seq, "asking connect-node for a full sync");
+            }
+            ReportOutcome::Dropped => {
+                tracing::info!(node_id = %r.node_id, "connect-node is back after its sessions were dropped; telling it to resync and have its clients recover");
+            }
+            _ => {}
         }
         Ok(Response::new(ReportResponse {
-            resync_required: outcome == ReportOutcome::ResyncRequired || awaits_sync,
+            resync_required,
+            dropped,
         }))
     }
 
@@ -235,12 +248,12 @@ impl Controller for ControllerService {
         };
         if !accepted {
             tracing::debug!(node_id = %r.node_id, "ignored a sync from a node that left discovery");
-            return Ok(Response::new(SyncResponse {}));
+            return Ok(Response::new(SyncResponse { dropped: true }));
         }
         let kind = if r.full { "full" } else { "partial" };
         self.metrics.syncs.with_label_values(&[kind]).inc();
         tracing::debug!(node_id = %r.node_id, keys = r.keys.len(), kind, "sync applied");
-        Ok(Response::new(SyncResponse {}))
+        Ok(Response::new(SyncResponse { dropped: false }))
     }
 
     async fn resolve(

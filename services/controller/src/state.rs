@@ -45,8 +45,24 @@ pub enum ReportOutcome {
     Duplicate,
     /// The controller cannot apply it; the node must send a full sync.
     ResyncRequired,
-    /// The node left discovery; its late reports are ignored.
+    /// As `ResyncRequired`, and this controller dropped the node's
+    /// sessions since its last full sync (it left discovery and came back,
+    /// or went silent past the node timeout): pushes in between did not
+    /// reach it, so its clients must recover.
+    Dropped,
+    /// The node left discovery; its reports are ignored until discovery
+    /// lists it again.
     Departed,
+}
+
+/// A node incarnation whose sessions this controller dropped, and which
+/// has not sent a full sync since.
+#[derive(Debug)]
+struct DroppedNode {
+    incarnation: String,
+    since: Instant,
+    /// Still absent from discovery: its reports and syncs are ignored.
+    departed: bool,
 }
 
 /// Per-node breakdown of a key.
@@ -67,15 +83,18 @@ pub struct Membership {
     /// (key, node, user) entries in `keys`, kept in step with it.
     members: usize,
     nodes: HashMap<String, NodeEntry>,
-    /// Incarnations of nodes that left discovery, and when: their late
-    /// reports are ignored until discovery lists the node again, or for
-    /// [`DEPARTED_MEMORY`] (ids of replaced pods never come back).
-    departed: HashMap<String, (String, Instant)>,
+    /// Incarnations whose sessions were dropped (the node left discovery
+    /// or went silent), until they send a full sync or for
+    /// [`DEPARTED_MEMORY`] (ids of replaced pods never come back). Their
+    /// next report is told so ([`ReportOutcome::Dropped`]), and while the
+    /// node is absent from discovery its reports and syncs are ignored.
+    dropped: HashMap<String, DroppedNode>,
 }
 
-/// How long a departed node's incarnation is remembered. Its reports stop
-/// within seconds of its leaving (it exits, or re-registers once it
-/// reaches discovery again), so an hour only bounds the map.
+/// How long a dropped node's incarnation is remembered. A node that is
+/// still running hears of it within a heartbeat of coming back (it
+/// re-registers once it reaches discovery again), so an hour only bounds
+/// the map.
 pub const DEPARTED_MEMORY: Duration = Duration::from_secs(3600);
 
 impl Membership {
@@ -84,10 +103,33 @@ impl Membership {
         Self::default()
     }
 
-    fn has_departed(&self, node_id: &str, incarnation: &str) -> bool {
-        self.departed
+    /// Whether this incarnation's sessions were dropped since its last
+    /// full sync; `Some(true)` while it is also absent from discovery.
+    fn dropped(&self, node_id: &str, incarnation: &str) -> Option<bool> {
+        self.dropped
             .get(node_id)
-            .is_some_and(|(i, _)| i == incarnation)
+            .filter(|d| d.incarnation == incarnation)
+            .map(|d| d.departed)
+    }
+
+    fn has_departed(&self, node_id: &str, incarnation: &str) -> bool {
+        self.dropped(node_id, incarnation) == Some(true)
+    }
+
+    /// Forgets a node's sessions and remembers that its incarnation has to
+    /// be told ([`ReportOutcome::Dropped`]).
+    fn drop_incarnation(&mut self, node_id: &str, departed: bool, now: Instant) {
+        if let Some(n) = self.nodes.get(node_id) {
+            self.dropped.insert(
+                node_id.to_owned(),
+                DroppedNode {
+                    incarnation: n.incarnation.clone(),
+                    since: now,
+                    departed,
+                },
+            );
+        }
+        self.drop_node(node_id);
     }
 
     /// Applies a batch of session changes from a node.
@@ -99,8 +141,10 @@ impl Membership {
         changes: &[SessionChange],
         now: Instant,
     ) -> ReportOutcome {
-        if self.has_departed(node_id, incarnation) {
-            return ReportOutcome::Departed;
+        match self.dropped(node_id, incarnation) {
+            Some(true) => return ReportOutcome::Departed,
+            Some(false) => return ReportOutcome::Dropped,
+            None => {}
         }
         let Some(node) = self.nodes.get_mut(node_id) else {
             return ReportOutcome::ResyncRequired;
@@ -144,6 +188,9 @@ impl Membership {
     ) -> bool {
         if self.has_departed(node_id, incarnation) {
             return false;
+        }
+        if full && self.dropped(node_id, incarnation).is_some() {
+            self.dropped.remove(node_id);
         }
         let fresh = self
             .nodes
@@ -256,7 +303,7 @@ impl Membership {
             .map(|(id, _)| id.clone())
             .collect();
         for id in &dead {
-            self.drop_node(id);
+            self.drop_incarnation(id, false, now);
         }
         dead
     }
@@ -265,8 +312,11 @@ impl Membership {
     /// current incarnation until discovery lists them again (for
     /// [`DEPARTED_MEMORY`] at most); returns their ids.
     pub fn retain_nodes(&mut self, alive: &HashSet<String>, now: Instant) -> Vec<String> {
-        self.departed.retain(|id, (_, since)| {
-            !alive.contains(id) && now.saturating_duration_since(*since) < DEPARTED_MEMORY
+        self.dropped.retain(|id, d| {
+            if alive.contains(id) {
+                d.departed = false;
+            }
+            now.saturating_duration_since(d.since) < DEPARTED_MEMORY
         });
         let dead: Vec<String> = self
             .nodes
@@ -275,11 +325,7 @@ impl Membership {
             .cloned()
             .collect();
         for id in &dead {
-            if let Some(n) = self.nodes.get(id) {
-                self.departed
-                    .insert(id.clone(), (n.incarnation.clone(), now));
-            }
-            self.drop_node(id);
+            self.drop_incarnation(id, true, now);
         }
         dead
     }
@@ -546,6 +592,54 @@ mod tests {
         assert!(m.sync("n1", "i1", "a", 0, true, &[], now));
     }
 
+    /// A node dropped while it kept running missed the pushes in between:
+    /// every report of that incarnation says so until its full sync.
+    #[test]
+    fn a_node_back_from_departure_is_told_it_was_dropped_until_it_syncs() {
+        let mut m = Membership::new();
+        let now = Instant::now();
+        m.sync("n1", "i1", "a", 0, true, &[], now);
+        assert_eq!(
+            m.report("n1", "i1", 1, &[change(Kind::Join, "room:r", "u")], now),
+            ReportOutcome::Applied
+        );
+        m.retain_nodes(&HashSet::new(), now);
+        assert_eq!(m.report("n1", "i1", 2, &[], now), ReportOutcome::Departed);
+        m.retain_nodes(&["n1".to_string()].into_iter().collect(), now);
+        // Asked again (the first answer may have been lost): same answer.
+        for _ in 0..2 {
+            assert_eq!(m.report("n1", "i1", 2, &[], now), ReportOutcome::Dropped);
+        }
+        assert!(m.nodes_for("room:r").is_empty());
+        // A partial sync is not the whole state: still dropped.
+        assert!(m.sync("n1", "i1", "a", 1, false, &[], now));
+        assert_eq!(m.report("n1", "i1", 2, &[], now), ReportOutcome::Dropped);
+        let ks = KeyState {
+            key: "room:r".into(),
+            users: [("u".to_string(), 1)].into_iter().collect(),
+        };
+        assert!(m.sync("n1", "i1", "a", 1, true, &[ks], now));
+        assert_eq!(m.report("n1", "i1", 2, &[], now), ReportOutcome::Applied);
+        assert_eq!(m.nodes_for("room:r"), vec!["n1"]);
+    }
+
+    /// A node silent past the timeout (a stall, a partition) is dropped
+    /// while discovery still lists it: its next report is told so.
+    #[test]
+    fn a_silent_node_that_speaks_again_is_told_it_was_dropped() {
+        let mut m = Membership::new();
+        let t0 = Instant::now();
+        m.sync("n1", "i1", "a", 0, true, &[], t0);
+        let later = t0 + Duration::from_secs(11);
+        assert_eq!(m.expire(later, Duration::from_secs(10)), vec!["n1"]);
+        assert_eq!(m.report("n1", "i1", 1, &[], later), ReportOutcome::Dropped);
+        // Another incarnation's full sync does not clear it.
+        assert!(m.sync("n1", "i2", "a", 0, true, &[], later));
+        assert_eq!(m.report("n1", "i1", 1, &[], later), ReportOutcome::Dropped);
+        assert!(m.sync("n1", "i1", "a", 0, true, &[], later));
+        assert_eq!(m.report("n1", "i1", 1, &[], later), ReportOutcome::Applied);
+    }
+
     /// Ids of departed nodes that never come back (replaced pods) are
     /// forgotten after `DEPARTED_MEMORY`, so the map does not only grow.
     #[test]
@@ -556,7 +650,7 @@ mod tests {
             m.sync(&format!("pod-{i}"), "i1", "a", 0, true, &[], now);
         }
         m.retain_nodes(&HashSet::new(), now);
-        assert_eq!(m.departed.len(), 3);
+        assert_eq!(m.dropped.len(), 3);
         let later = now + DEPARTED_MEMORY / 2;
         m.retain_nodes(&HashSet::new(), later);
         assert_eq!(
@@ -564,7 +658,7 @@ mod tests {
             ReportOutcome::Departed
         );
         m.retain_nodes(&HashSet::new(), now + DEPARTED_MEMORY);
-        assert!(m.departed.is_empty());
+        assert!(m.dropped.is_empty());
     }
 
     proptest::proptest! {
