@@ -425,6 +425,12 @@ async fn a_node_dropped_from_discovery_has_its_clients_recover_what_it_missed(
 ) -> anyhow::Result<()> {
     use barrage_client::{Event, Subscriber, SubscriberOptions};
     use barrage_discovery::Role;
+    // A long lease: the key is put back at a keep-alive (every 3 s), long
+    // after the controller has seen it go.
+    cluster.set_options(barrage_testkit::cluster::ClusterOptions {
+        lease_ttl: Duration::from_secs(9),
+        ..Default::default()
+    });
     cluster.start(1).await?;
     let api = cluster.push_client().await?;
     let mut opts = SubscriberOptions::new(&cluster.nodes[0].ws_url(), "ann", &["news"]);
@@ -446,18 +452,19 @@ async fn a_node_dropped_from_discovery_has_its_clients_recover_what_it_missed(
     };
     push("m1".into()).await?;
 
-    let d = cluster.discovery().await?;
-    let mut nodes = d.watch(Role::ConnectNode).await?;
-    d.backend()
-        .delete(&d.key(Role::ConnectNode, "node-1"))
-        .await?;
-    within(T, "node-1 to leave discovery", async {
-        while nodes.current().contains_key("node-1") {
-            nodes.changed().await?;
-        }
-        anyhow::Ok(())
-    })
+    let d = within(T, "discovery", cluster.discovery()).await??;
+    within(
+        T,
+        "delete node-1's key",
+        d.backend().delete(&d.key(Role::ConnectNode, "node-1")),
+    )
     .await??;
+    eventually(T, "the controller to drop node-1", || async {
+        (cluster.controllers[0].metric(r#"controller_nodes_dropped_total{reason="deregistered"}"#)
+            >= 1.0)
+            .then_some(())
+    })
+    .await?;
     // The controller routes these to nobody until node-1 is back.
     let mut unrouted = 0;
     for i in 2..=6 {
@@ -465,7 +472,7 @@ async fn a_node_dropped_from_discovery_has_its_clients_recover_what_it_missed(
             unrouted += 1;
         }
     }
-    tracing::info!(unrouted, "pushes while node-1 was out of discovery");
+    ensure!(unrouted > 0, "no push went to nobody");
 
     // Back in discovery, the node closes the connection with 4101 and the
     // subscriber reconnects with its positions.

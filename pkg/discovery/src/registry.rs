@@ -128,7 +128,14 @@ async fn put_with_lease(
 /// lives (deleted by hand, or by a tool): without it the member would stay
 /// out of discovery for as long as it runs.
 async fn ensure_present(backend: &dyn Backend, key: &str, value: &[u8], lease: i64) -> Result<()> {
-    let (items, _) = backend.list(key).await?;
+    // The lease is alive: a failed check waits for the next keep-alive.
+    let (items, _) = match backend.list(key).await {
+        Ok(listed) => listed,
+        Err(e) => {
+            tracing::debug!(%key, error = %e, "could not check the discovery key");
+            return Ok(());
+        }
+    };
     if items.iter().any(|(k, _)| k == key) {
         return Ok(());
     }

@@ -177,6 +177,9 @@ pub struct ConnHandle {
     close: CancellationToken,
     /// Set, before `close` is cancelled, once the connection is asked to close.
     closed: AtomicBool,
+    /// Takes no more frames: it may have missed some, and is closed soon
+    /// (see [`ConnHandle::mute`]).
+    muted: AtomicBool,
     close_code: Mutex<Option<CloseCode>>,
     /// Live frames recovery already sent (see `skip`), dropped when offered,
     /// so that frames written straight to the socket are checked too; the
@@ -222,7 +225,7 @@ impl ConnHandle {
     /// never written at once unless `may_write`.
     pub fn offer(&self, frame: &Outbound, may_write: bool) -> Queued {
         // Closing: its task writes nothing more, whatever is queued.
-        if self.closed.load(Ordering::Acquire) {
+        if self.closed.load(Ordering::Acquire) || self.muted.load(Ordering::Acquire) {
             return Queued::Closed;
         }
         if self.already_sent(frame) {
@@ -325,6 +328,18 @@ impl ConnHandle {
         self.closed.store(true, Ordering::Release);
         self.close.cancel();
         true
+    }
+
+    /// Stops offering frames to the connection, which will be closed: it
+    /// may have missed some, and its client is to recover from its last
+    /// position. A frame after the gap would move that position past it.
+    pub fn mute(&self) {
+        self.muted.store(true, Ordering::Release);
+    }
+
+    /// Whether [`ConnHandle::mute`] was called.
+    pub fn is_muted(&self) -> bool {
+        self.muted.load(Ordering::Acquire)
     }
 
     /// Frames waiting in the connection's send queue.
@@ -588,6 +603,7 @@ impl Hub {
             way,
             close: CancellationToken::new(),
             closed: AtomicBool::new(false),
+            muted: AtomicBool::new(false),
             close_code: Mutex::new(None),
             skip: Mutex::new(None),
             has_skip: AtomicBool::new(false),
@@ -1194,6 +1210,20 @@ mod tests {
             !hub.has_time_to_write(10_000, now),
             "{per_conn} ns a connection"
         );
+    }
+
+    /// A muted connection takes no more frames (it will be closed to
+    /// recover: a frame after a gap would move its client past the gap).
+    #[test]
+    fn a_muted_connection_takes_no_frames() {
+        let hub = hub(8);
+        let (conn, mut rx, _) = hub.connect(user("u"), &[room("a")], Wire::Json, None);
+        conn.mute();
+        assert!(conn.is_muted());
+        let at = Outbound::test_message("room:a", 1, 1, "x");
+        assert_eq!(conn.offer(&at, true), Queued::Closed);
+        assert!(rx.try_recv().is_err());
+        assert_eq!(conn.close_code(), None, "closed later, by the node");
     }
 
     /// Rules for a quiet stream (no frame past them ever comes) are

@@ -425,24 +425,30 @@ pub async fn run(
     Ok(())
 }
 
-/// Closes `conns` with `code`, spread over `window` so that their clients
-/// do not all reconnect in the same instant.
+/// Closes `conns` with `code`, spread over `window` (in a few batches
+/// every 10 ms) so that their clients do not all reconnect in the same
+/// instant.
 async fn close_spread(conns: Vec<Arc<hub::ConnHandle>>, code: CloseCode, window: Duration) {
-    let step = window / (conns.len() as u32 + 1);
-    for c in conns {
-        c.close_with(code);
-        if !step.is_zero() {
-            tokio::time::sleep(step).await;
+    const TICK: Duration = Duration::from_millis(10);
+    let ticks = (window.as_millis() / TICK.as_millis()).max(1) as usize;
+    let per_tick = conns.len().div_ceil(ticks).max(1);
+    for batch in conns.chunks(per_tick) {
+        for c in batch {
+            c.close_with(code);
+        }
+        if batch.len() < conns.len() {
+            tokio::time::sleep(TICK).await;
         }
     }
 }
 
 /// Whenever a controller says it had dropped this node's sessions (the node
 /// left discovery, or went silent to it), pushes meanwhile did not reach
-/// the connections open now: they are closed with 4101, spread over
-/// `window`, so that their clients reconnect and recover what they missed.
-/// Connections opened since wait for the controller to take the node back
-/// before they are told `connected`, so they missed nothing.
+/// the connections open then. The reporter mutes them at once (see
+/// [`hub::ConnHandle::mute`]); this closes them with 4101, spread over
+/// `window`, so that their clients reconnect and recover what they
+/// missed. Connections opened since wait for the controller to take the
+/// node back before they are told `connected`, so they missed nothing.
 async fn recover_missed(
     hub: Arc<hub::Hub>,
     missed: Arc<tokio::sync::Notify>,
@@ -454,7 +460,11 @@ async fn recover_missed(
             _ = stop.cancelled() => return,
             _ = missed.notified() => {}
         }
-        let conns = hub.connections();
+        let conns: Vec<_> = hub
+            .connections()
+            .into_iter()
+            .filter(|c| c.is_muted() && c.close_code().is_none())
+            .collect();
         tracing::warn!(
             connections = conns.len(),
             "closing connections with 4101 so that their clients recover the pushes they missed"

@@ -111,7 +111,7 @@ impl Metrics {
             )?,
             dropped_by_controller: IntCounter::new(
                 "connect_node_dropped_by_controller_total",
-                "Times a controller had dropped this node's sessions (it left discovery or went silent); each closes the node's connections with 4101 to recover",
+                "Times a controller had dropped this node's sessions (it left discovery or went silent), once per controller and episode; the connections open then are closed with 4101 to recover",
             )?,
             frame_errors: IntCounterVec::new(
                 Opts::new(

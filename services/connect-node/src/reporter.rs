@@ -195,15 +195,6 @@ pub struct Reporter {
     missed: Arc<Notify>,
 }
 
-/// The error a link retries on while its controller counts this node as
-/// gone from discovery.
-fn departed_error(controller: &str) -> tonic::Status {
-    tonic::Status::unavailable(format!(
-        "controller {controller} counts this node as gone from discovery; \
-         retrying until discovery lists it again"
-    ))
-}
-
 impl Reporter {
     /// A reporter with no controllers yet; call [`Reporter::run`] to follow them.
     pub fn new(cfg: ReporterConfig, metrics: Metrics) -> Arc<Self> {
@@ -225,17 +216,30 @@ impl Reporter {
     /// A controller answered that it dropped this node's sessions since
     /// the node's last full sync to it (the node left discovery, or went
     /// silent): it routed no pushes here meanwhile. The first such answer
-    /// of an episode tells the node to have its connections recover; the
-    /// flag clears when the controller accepts a full sync again.
-    fn dropped(&self, link: &Link) {
+    /// of an episode returns true; the flag clears when the controller
+    /// accepts a full sync again. Called with the link's queue locked.
+    fn dropped(&self, link: &Link) -> bool {
         if link.dropped.swap(true, Ordering::SeqCst) {
-            return;
+            return false;
         }
         self.metrics.dropped_by_controller.inc();
         tracing::warn!(
             controller = %link.id,
             "the controller had dropped this node's sessions: clients may have missed pushes"
         );
+        true
+    }
+
+    /// Mutes every connection open now (they may have missed pushes, and a
+    /// frame after the gap would move a client's position past it) and has
+    /// them closed with 4101, so that they recover. Called before the
+    /// link's full sync, which makes the controller route pushes here again.
+    fn recover_connections(&self) {
+        if let Some(hub) = self.hub.lock().upgrade() {
+            for c in hub.connections() {
+                c.mute();
+            }
+        }
         self.missed.notify_one();
     }
 
@@ -531,16 +535,23 @@ impl Reporter {
             .observe(started.elapsed().as_secs_f64());
         let mut q = link.queue.lock();
         if resp.dropped {
-            self.dropped(link);
+            let first = self.dropped(link);
+            if resp.resync_required {
+                q.full_sync = true;
+            }
+            drop(q);
+            if first {
+                self.recover_connections();
+            }
+            // Without a resync the controller applied nothing: the batch
+            // stays in flight, and its sessions keep waiting, until the
+            // controller takes this node back (tried again at the next
+            // heartbeat or change).
+            return Ok(resp.resync_required);
         }
         if resp.resync_required {
             q.full_sync = true;
             return Ok(true);
-        }
-        if resp.dropped {
-            // Applied nothing: the batch stays in flight, and its sessions
-            // keep waiting, until the controller takes this node back.
-            return Err(departed_error(&link.id));
         }
         if let Some(f) = q.inflight.take() {
             for w in f.waiters {
@@ -595,14 +606,18 @@ impl Reporter {
             return Ok(!q.changes.is_empty());
         }
         let mut q = link.queue.lock();
-        if let Ok(true) = sent {
-            self.dropped(link);
-        }
+        let first = matches!(sent, Ok(true)) && self.dropped(link);
         q.full_sync = true;
         let mut w = waiters;
         w.append(&mut q.waiters);
         q.waiters = w;
-        Err(sent.err().unwrap_or_else(|| departed_error(&link.id)))
+        drop(q);
+        if first {
+            self.recover_connections();
+        }
+        // Ok(true): ignored while the controller counts this node as gone
+        // from discovery; tried again at the next heartbeat or change.
+        sent.map(|_| false)
     }
 }
 

@@ -34,6 +34,10 @@ struct NodeEntry {
     grpc_addr: String,
     keys: HashSet<String>,
     last_seen: Instant,
+    /// Discovery has listed this node since it synced. A node syncs before
+    /// it registers, so one never listed that is absent from discovery is
+    /// still starting, not gone.
+    listed: bool,
 }
 
 /// What happened to a report.
@@ -89,6 +93,8 @@ pub struct Membership {
     /// next report is told so ([`ReportOutcome::Dropped`]), and while the
     /// node is absent from discovery its reports and syncs are ignored.
     dropped: HashMap<String, DroppedNode>,
+    /// Discovery's latest view of the connect-nodes.
+    alive: HashSet<String>,
 }
 
 /// How long a dropped node's incarnation is remembered. A node that is
@@ -212,6 +218,7 @@ impl Membership {
                 grpc_addr: grpc_addr.to_owned(),
                 keys: HashSet::new(),
                 last_seen: now,
+                listed: self.alive.contains(node_id),
             });
         node.seq = seq;
         node.last_seen = now;
@@ -305,6 +312,8 @@ impl Membership {
         for id in &dead {
             self.drop_incarnation(id, false, now);
         }
+        self.dropped
+            .retain(|_, d| now.saturating_duration_since(d.since) < DEPARTED_MEMORY);
         dead
     }
 
@@ -313,21 +322,29 @@ impl Membership {
     /// [`DEPARTED_MEMORY`] at most); returns their ids.
     pub fn retain_nodes(&mut self, alive: &HashSet<String>, now: Instant) -> Vec<String> {
         self.dropped.retain(|id, d| {
-            if alive.contains(id) {
-                d.departed = false;
-            }
+            d.departed = !alive.contains(id);
             now.saturating_duration_since(d.since) < DEPARTED_MEMORY
         });
-        let dead: Vec<String> = self
-            .nodes
-            .keys()
-            .filter(|id| !alive.contains(*id))
-            .cloned()
-            .collect();
-        for id in &dead {
-            self.drop_incarnation(id, true, now);
+        self.alive.clone_from(alive);
+        let mut dead = Vec::new();
+        for (id, n) in &mut self.nodes {
+            if alive.contains(id) {
+                n.listed = true;
+            } else {
+                dead.push((id.clone(), n.listed));
+            }
         }
-        dead
+        dead.sort();
+        for (id, listed) in &dead {
+            if *listed {
+                self.drop_incarnation(id, true, now);
+            } else {
+                // Synced but not registered yet: it is starting. It syncs
+                // again when asked, and is told nothing was dropped.
+                self.drop_node(id);
+            }
+        }
+        dead.into_iter().map(|(id, _)| id).collect()
     }
 
     /// The nodes hosting `key` (every known node for `broadcast`), sorted.
@@ -580,6 +597,7 @@ mod tests {
         let mut m = Membership::new();
         let now = Instant::now();
         m.sync("n1", "i1", "a", 0, true, &[], now);
+        m.retain_nodes(&["n1".to_string()].into_iter().collect(), now);
         m.retain_nodes(&HashSet::new(), now);
         assert_eq!(m.report("n1", "i1", 1, &[], now), ReportOutcome::Departed);
         assert!(!m.sync("n1", "i1", "a", 0, true, &[], now));
@@ -598,6 +616,7 @@ mod tests {
     fn a_node_back_from_departure_is_told_it_was_dropped_until_it_syncs() {
         let mut m = Membership::new();
         let now = Instant::now();
+        m.retain_nodes(&["n1".to_string()].into_iter().collect(), now);
         m.sync("n1", "i1", "a", 0, true, &[], now);
         assert_eq!(
             m.report("n1", "i1", 1, &[change(Kind::Join, "room:r", "u")], now),
@@ -623,6 +642,25 @@ mod tests {
         assert_eq!(m.nodes_for("room:r"), vec!["n1"]);
     }
 
+    /// A node syncs before it registers: dropped while discovery has not
+    /// listed it yet, it is not told that pushes went missing (it had no
+    /// clients), and is not refused either.
+    #[test]
+    fn a_node_not_yet_listed_is_not_counted_as_departed() {
+        let mut m = Membership::new();
+        let now = Instant::now();
+        m.sync("n1", "i1", "a", 0, true, &[], now);
+        assert_eq!(m.retain_nodes(&HashSet::new(), now), vec!["n1"]);
+        assert_eq!(
+            m.report("n1", "i1", 1, &[], now),
+            ReportOutcome::ResyncRequired
+        );
+        assert!(m.sync("n1", "i1", "a", 0, true, &[], now));
+        m.retain_nodes(&["n1".to_string()].into_iter().collect(), now);
+        m.retain_nodes(&HashSet::new(), now);
+        assert_eq!(m.report("n1", "i1", 1, &[], now), ReportOutcome::Departed);
+    }
+
     /// A node silent past the timeout (a stall, a partition) is dropped
     /// while discovery still lists it: its next report is told so.
     #[test]
@@ -646,8 +684,10 @@ mod tests {
     fn departed_incarnations_are_forgotten_after_a_while() {
         let mut m = Membership::new();
         let now = Instant::now();
-        for i in 0..3 {
-            m.sync(&format!("pod-{i}"), "i1", "a", 0, true, &[], now);
+        let pods: HashSet<String> = (0..3).map(|i| format!("pod-{i}")).collect();
+        m.retain_nodes(&pods, now);
+        for pod in &pods {
+            m.sync(pod, "i1", "a", 0, true, &[], now);
         }
         m.retain_nodes(&HashSet::new(), now);
         assert_eq!(m.dropped.len(), 3);
