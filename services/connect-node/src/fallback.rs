@@ -203,7 +203,9 @@ pub async fn sse_handler(
         } = recovery;
         // This task reads every live frame itself: the rules for streams
         // started fresh apply for as long as it runs.
-        skip.extend(fresh);
+        if let Some(fresh) = fresh {
+            skip.extend(*fresh);
+        }
         for out in missed {
             advance(&mut positions, &out);
             let ev = Event::default()
@@ -289,7 +291,9 @@ pub async fn poll_handler(
         fresh,
         ..
     } = recovery;
-    skip.extend(fresh);
+    if let Some(fresh) = fresh {
+        skip.extend(*fresh);
+    }
     let mut frames: Vec<String> = Vec::new();
     for out in missed {
         advance(&mut positions, &out);

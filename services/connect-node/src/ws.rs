@@ -423,9 +423,14 @@ async fn establish(
             // Frames queued until now are checked by this task's copy of
             // the rules; frames offered from now on, also those written to
             // the socket directly, by the connection's.
-            let mut both = r.skip.clone();
-            both.extend(r.fresh.clone());
-            conn.skip_recovered(&both);
+            match &r.fresh {
+                Some(fresh) => {
+                    let mut both = r.skip.clone();
+                    both.extend((**fresh).clone());
+                    conn.skip_recovered(&both);
+                }
+                None => conn.skip_recovered(&r.skip),
+            }
             r
         }
         Err(why) => {
@@ -449,14 +454,17 @@ async fn establish(
         Wire::Binary(c) => Message::Binary(binary::encode_server_frame(&connected, c)),
     };
     // Live frames queued while the session was set up (for as long as its
-    // controllers took to confirm it) go right after; those older than
-    // where `connected` starts a stream are dropped.
-    let mut queued = Vec::new();
+    // controllers took to confirm it) go right after the missed ones;
+    // those older than where `connected` starts a stream are dropped.
+    let mut fresh = recovery.fresh.take();
     while let Ok(out) = rx.try_recv() {
-        if !recovery.fresh.already_sent(&out) && !recovery.skip.already_sent(&out) {
-            queued.push(out);
+        if !fresh.as_mut().is_some_and(|f| f.already_sent(&out))
+            && !recovery.skip.already_sent(&out)
+        {
+            recovery.missed.push(out);
         }
     }
+    drop(fresh);
     // A client that has not taken all of it within the read timeout is
     // dropped and counted as a slow consumer, as in the session loop.
     let sent = tokio::time::timeout(settings.read_timeout, async {
@@ -467,9 +475,6 @@ async fn establish(
         if recovery.receipt.is_some() {
             let ping = Message::Ping(bytes::Bytes::from_static(RECEIPT_PING));
             sent = sent && socket.feed(ping).await.is_ok();
-        }
-        for out in queued {
-            sent = sent && feed(&mut socket, to_wire(out, wire)).await;
         }
         sent && socket.flush().await.is_ok()
     })
@@ -882,7 +887,9 @@ pub(crate) struct Recovery {
     /// the client gave no position for (or one that could not be resumed):
     /// they were on their way as the stream's history was read, and are
     /// older than where the client starts.
-    pub(crate) fresh: Skip,
+    /// (Boxed: a connection's task keeps its set-up state for as long as
+    /// it lives, and most connections have none.)
+    pub(crate) fresh: Option<Box<Skip>>,
     /// Messages kept for the user while offline are among `missed`: the
     /// controller hands them out until this node reports them received.
     pub(crate) receipt: Option<Box<Receipt>>,
@@ -938,7 +945,7 @@ pub(crate) async fn recover(
         missed: Vec::new(),
         recovered_messages: 0,
         skip: Skip::default(),
-        fresh: Skip::default(),
+        fresh: None,
         receipt: None,
     };
     for r in results {
@@ -982,7 +989,9 @@ pub(crate) async fn recover(
         } else if !seqs.is_empty() {
             out.skip.insert(r.key, r.epoch, SkipRule::Seqs(seqs));
         } else if r.seq > 0 {
-            out.fresh.insert(r.key, r.epoch, SkipRule::UpTo(r.seq));
+            out.fresh
+                .get_or_insert_default()
+                .insert(r.key, r.epoch, SkipRule::UpTo(r.seq));
         }
     }
     Ok(out)
