@@ -522,12 +522,13 @@ async fn clients_of_a_node_flapping_in_discovery_lose_nothing(
     cluster.start(1).await?;
     let api = cluster.push_client().await?;
     let ws = cluster.nodes[0].ws_url();
-    let d = cluster.discovery().await?;
+    let d = within(T, "discovery", cluster.discovery()).await??;
     let key = d.key(Role::ConnectNode, "node-1");
     let flapping = Duration::from_millis(2500);
 
     /// Follows one subscriber until the message "last"; returns the seq it
     /// started after and every seq it got. Says on `up` when it connected.
+    /// (Bounded as a whole where it is awaited.)
     async fn follow(
         ws: String,
         user: String,
@@ -580,7 +581,7 @@ async fn clients_of_a_node_flapping_in_discovery_lose_nothing(
             anyhow::Ok(unrouted)
         })
     };
-    let mut nodes = d.watch(Role::ConnectNode).await?;
+    let mut nodes = within(T, "a discovery watch", d.watch(Role::ConnectNode)).await??;
     let end = tokio::time::Instant::now() + flapping;
     let mut episodes = 0;
     for delay in [0u64, 120, 40, 250, 80].into_iter().cycle() {
@@ -598,7 +599,7 @@ async fn clients_of_a_node_flapping_in_discovery_lose_nothing(
         tokio::time::sleep(Duration::from_millis(delay)).await;
         let user = format!("sub-{episodes}-a");
         subscribers.push(tokio::spawn(follow(ws.clone(), user, up.clone())));
-        d.backend().delete(&key).await?;
+        within(T, "delete node-1's key", d.backend().delete(&key)).await??;
         episodes += 1;
         tokio::time::sleep(Duration::from_millis(30)).await;
         let user = format!("sub-{episodes}-b");
