@@ -485,9 +485,12 @@ impl Reporter {
                     }
                 }
             }
+            // While the controller counts this node as gone, what queues
+            // meanwhile cannot change its answer: ask again at the heartbeat.
+            let departed = link.dropped.load(Ordering::SeqCst);
             tokio::select! {
                 _ = link.stop.cancelled() => return,
-                _ = link.notify.notified() => {}
+                _ = link.notify.notified(), if !departed => {}
                 _ = tokio::time::sleep(self.cfg.heartbeat) => {}
             }
         }
@@ -545,8 +548,8 @@ impl Reporter {
             }
             // Without a resync the controller applied nothing: the batch
             // stays in flight, and its sessions keep waiting, until the
-            // controller takes this node back (tried again at the next
-            // heartbeat or change).
+            // controller takes this node back (asked again at the next
+            // heartbeat).
             return Ok(resp.resync_required);
         }
         if resp.resync_required {
@@ -616,7 +619,7 @@ impl Reporter {
             self.recover_connections();
         }
         // Ok(true): ignored while the controller counts this node as gone
-        // from discovery; tried again at the next heartbeat or change.
+        // from discovery; asked again at the next heartbeat.
         sent.map(|_| false)
     }
 }
