@@ -1366,6 +1366,7 @@ async fn a_full_sync_over_grpcs_default_size_limit_is_applied() -> anyhow::Resul
         keys,
         grpc_addr: "127.0.0.1:9".into(),
         ring_id: barrage_discovery::ring::ring_id(["c"]),
+        ..Default::default()
     };
     ensure!(sync.encoded_len() > 4 << 20, "{} bytes", sync.encoded_len());
     let mut controller = controller_at(&cluster.controllers[0].grpc_addr.to_string()).await?;

@@ -591,6 +591,8 @@ impl Reporter {
                 keys,
                 grpc_addr: self.cfg.grpc_addr.clone(),
                 ring_id: ring.id(),
+                handles_dropped: true,
+                knows_dropped: link.dropped.load(Ordering::SeqCst),
             };
             (req, waiters)
         });
@@ -616,7 +618,9 @@ impl Reporter {
         q.waiters = w;
         drop(q);
         if first {
+            // Told now: the next sync says so, at once.
             self.recover_connections();
+            return Ok(true);
         }
         // Ok(true): ignored while the controller counts this node as gone
         // from discovery; asked again at the next heartbeat.

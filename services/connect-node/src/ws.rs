@@ -464,7 +464,12 @@ async fn establish(
             recovery.missed.push(out);
         }
     }
-    drop(fresh);
+    // A frame offered as the rules were installed may still be queued
+    // after this: the task's copy checks it (and is forgotten with the
+    // connection's, see `SKIP_MEMORY`).
+    if let Some(fresh) = fresh {
+        recovery.skip.extend(*fresh);
+    }
     // A client that has not taken all of it within the read timeout is
     // dropped and counted as a slow consumer, as in the session loop.
     let sent = tokio::time::timeout(settings.read_timeout, async {
@@ -581,6 +586,8 @@ async fn run_session(
     );
     let mut ping = tokio::time::interval(settings.ping_interval);
     ping.reset();
+    // When this task's copy of the skip rules was made (see `SKIP_MEMORY`).
+    let skip_since = std::time::Instant::now();
     // A tick a write took while it waited: its ping is sent next.
     let mut ping_owed = false;
     // Timers and the close signal live across iterations: a delivered
@@ -708,7 +715,11 @@ async fn run_session(
                 ping_door.poll(cx, |cx| ping.poll_tick(cx)).map(drop)
             }) => {
                 ping_owed = false;
-                conn.forget_old_skip(std::time::Instant::now());
+                let now = std::time::Instant::now();
+                conn.forget_old_skip(now);
+                if !skip.is_empty() && now.saturating_duration_since(skip_since) >= crate::hub::SKIP_MEMORY {
+                    skip = Skip::default();
+                }
                 // Like any write, a ping can block on a client that stopped
                 // reading; closing must still win.
                 let frame = std::pin::pin!(socket.send(Message::Ping(Default::default())));

@@ -231,23 +231,30 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         let accepted = {
             let mut s = self.state.lock();
-            if r.full {
+            // A node that has not been told that its sessions were dropped
+            // is told first (its clients must recover): a full sync would
+            // otherwise take it back silently.
+            let untold = r.handles_dropped
+                && !r.knows_dropped
+                && s.members.was_dropped(&r.node_id, &r.incarnation);
+            let accepted = !untold
+                && s.members.sync(
+                    &r.node_id,
+                    &r.incarnation,
+                    &r.grpc_addr,
+                    r.seq,
+                    r.full,
+                    &r.keys,
+                    Instant::now(),
+                );
+            if accepted && r.full {
                 s.ownership.synced(&r.node_id, r.ring_id);
             }
-            let accepted = s.members.sync(
-                &r.node_id,
-                &r.incarnation,
-                &r.grpc_addr,
-                r.seq,
-                r.full,
-                &r.keys,
-                Instant::now(),
-            );
             self.metrics.observe(&s);
             accepted
         };
         if !accepted {
-            tracing::debug!(node_id = %r.node_id, "ignored a sync from a node that left discovery");
+            tracing::debug!(node_id = %r.node_id, "ignored a sync from a node that left discovery or was not told it was dropped");
             return Ok(Response::new(SyncResponse { dropped: true }));
         }
         let kind = if r.full { "full" } else { "partial" };
@@ -439,6 +446,51 @@ mod tests {
         };
         let metrics = Metrics::new(&prometheus::Registry::new()).expect("metrics");
         ControllerService::new(Arc::new(Mutex::new(state)), metrics)
+    }
+
+    /// A node dropped while it ran whose first call afterwards is a full
+    /// sync (its ring changed meanwhile) is told before its state is taken
+    /// back, so that its clients recover; older nodes, which cannot act on
+    /// it, are answered as before.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_sync_from_a_node_not_told_it_was_dropped_is_refused_once() {
+        let svc = service(Ownership::standalone("c1"));
+        let sync = |knows: bool, handles: bool| {
+            Request::new(SyncRequest {
+                node_id: "n1".into(),
+                incarnation: "i1".into(),
+                full: true,
+                handles_dropped: handles,
+                knows_dropped: knows,
+                keys: vec![pb::KeyState {
+                    key: "room:r".into(),
+                    users: [("u".to_string(), 1)].into(),
+                }],
+                ..Default::default()
+            })
+        };
+        let answer = |knows, handles| {
+            let r = sync(knows, handles);
+            let svc = &svc;
+            async move { svc.sync(r).await.expect("answered").into_inner().dropped }
+        };
+        assert!(!answer(false, true).await, "first contact");
+        let later = Instant::now() + std::time::Duration::from_secs(60);
+        svc.state
+            .lock()
+            .members
+            .expire(later, std::time::Duration::from_secs(10));
+        assert!(answer(false, true).await, "not told yet: refused");
+        assert!(svc.state.lock().members.nodes_for("room:r").is_empty());
+        assert!(!answer(true, true).await, "told: taken back");
+        assert_eq!(svc.state.lock().members.nodes_for("room:r"), vec!["n1"]);
+        // An older node never says it knows: answered as before.
+        svc.state.lock().members.expire(
+            later + std::time::Duration::from_secs(60),
+            std::time::Duration::from_secs(10),
+        );
+        assert!(!answer(false, false).await);
+        assert_eq!(svc.state.lock().members.nodes_for("room:r"), vec!["n1"]);
     }
 
     /// With no user history kept, a push to an offline user is not

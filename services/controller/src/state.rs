@@ -122,6 +122,12 @@ impl Membership {
         self.dropped(node_id, incarnation) == Some(true)
     }
 
+    /// Whether this incarnation's sessions were dropped since its last
+    /// full sync (it is to be told before its state is taken back).
+    pub fn was_dropped(&self, node_id: &str, incarnation: &str) -> bool {
+        self.dropped(node_id, incarnation).is_some()
+    }
+
     /// Forgets a node's sessions and remembers that its incarnation has to
     /// be told ([`ReportOutcome::Dropped`]).
     fn drop_incarnation(&mut self, node_id: &str, departed: bool, now: Instant) {
@@ -335,16 +341,24 @@ impl Membership {
             }
         }
         dead.sort();
-        for (id, listed) in &dead {
-            if *listed {
-                self.drop_incarnation(id, true, now);
+        let mut dropped = Vec::new();
+        for (id, listed) in dead {
+            if listed {
+                self.drop_incarnation(&id, true, now);
+                dropped.push(id);
+            } else if self.nodes.get(&id).is_some_and(|n| !n.keys.is_empty()) {
+                // Synced but not registered yet (it is starting), with
+                // clients already: they may miss pushes until it syncs
+                // again, so it is told, but not refused.
+                self.drop_incarnation(&id, false, now);
+                dropped.push(id);
             } else {
-                // Synced but not registered yet: it is starting. It syncs
-                // again when asked, and is told nothing was dropped.
-                self.drop_node(id);
+                // Starting, with nobody to miss anything: it syncs again
+                // when asked.
+                self.drop_node(&id);
             }
         }
-        dead.into_iter().map(|(id, _)| id).collect()
+        dropped
     }
 
     /// The nodes hosting `key` (every known node for `broadcast`), sorted.
@@ -588,8 +602,10 @@ mod tests {
         let dead = m.expire(t0 + Duration::from_secs(11), Duration::from_secs(10));
         assert_eq!(dead, vec!["n1"]);
         assert_eq!(m.node_count(), 1);
-        let alive: HashSet<String> = HashSet::new();
-        assert_eq!(m.retain_nodes(&alive, Instant::now()), vec!["n2"]);
+        let alive: HashSet<String> = ["n2".to_string()].into_iter().collect();
+        m.retain_nodes(&alive, Instant::now());
+        assert_eq!(m.retain_nodes(&HashSet::new(), Instant::now()), vec!["n2"]);
+        assert_eq!(m.node_count(), 0);
     }
 
     #[test]
@@ -650,7 +666,8 @@ mod tests {
         let mut m = Membership::new();
         let now = Instant::now();
         m.sync("n1", "i1", "a", 0, true, &[], now);
-        assert_eq!(m.retain_nodes(&HashSet::new(), now), vec!["n1"]);
+        assert!(m.retain_nodes(&HashSet::new(), now).is_empty());
+        assert_eq!(m.node_count(), 0);
         assert_eq!(
             m.report("n1", "i1", 1, &[], now),
             ReportOutcome::ResyncRequired
@@ -659,6 +676,24 @@ mod tests {
         m.retain_nodes(&["n1".to_string()].into_iter().collect(), now);
         m.retain_nodes(&HashSet::new(), now);
         assert_eq!(m.report("n1", "i1", 1, &[], now), ReportOutcome::Departed);
+    }
+
+    /// A node not listed yet that already has clients (it serves before it
+    /// registers) is told when it is dropped, but not refused.
+    #[test]
+    fn a_node_not_yet_listed_with_clients_is_told_it_was_dropped() {
+        let mut m = Membership::new();
+        let now = Instant::now();
+        let ks = KeyState {
+            key: "room:r".into(),
+            users: [("u".to_string(), 1)].into_iter().collect(),
+        };
+        m.sync("n1", "i1", "a", 0, true, &[ks], now);
+        assert_eq!(m.retain_nodes(&HashSet::new(), now), vec!["n1"]);
+        assert_eq!(m.report("n1", "i1", 1, &[], now), ReportOutcome::Dropped);
+        assert!(m.was_dropped("n1", "i1"));
+        assert!(m.sync("n1", "i1", "a", 0, true, &[], now));
+        assert!(!m.was_dropped("n1", "i1"));
     }
 
     /// A node silent past the timeout (a stall, a partition) is dropped
