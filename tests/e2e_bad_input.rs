@@ -438,3 +438,27 @@ async fn content_that_grows_when_escaped_reaches_json_clients() -> anyhow::Resul
     }
     Ok(())
 }
+
+/// A client that says goodbye is counted as 1000; one whose connection
+/// just ends (no close frame) as 1006, so that operators can tell the two
+/// apart.
+#[tokio::test]
+async fn a_connection_lost_without_a_close_frame_is_counted_as_1006() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let url = |user: &str| connect_url(&cluster.nodes[0].ws_url(), user, &[]);
+    let polite = within(T, "connect", Client::connect(&url("polite"))).await??;
+    within(T, "close", polite.close()).await??;
+    let gone = within(T, "connect", Client::connect(&url("gone"))).await??;
+    drop(gone);
+    let counted = |code: &str| {
+        cluster.nodes[0].metric(&format!(
+            r#"connect_node_disconnects_total{{code="{code}"}}"#
+        ))
+    };
+    barrage_testkit::cluster::eventually(T, "both disconnects counted", || async {
+        (counted("1000") + counted("1006") >= 2.0).then_some(())
+    })
+    .await?;
+    assert_eq!((counted("1000"), counted("1006")), (1.0, 1.0));
+    Ok(())
+}

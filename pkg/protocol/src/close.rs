@@ -12,6 +12,9 @@
 pub enum CloseCode {
     /// 1000: normal closure (the client asked to leave).
     Normal = 1000,
+    /// 1006: the connection ended without a close frame (the network
+    /// failed, or the client went away). Never sent: only counted.
+    Abnormal = 1006,
     /// 1009: a frame exceeded the server's inbound size limit.
     MessageTooBig = 1009,
     /// 4000: the node is shutting down; reconnect, preferably elsewhere.
@@ -51,6 +54,7 @@ impl CloseCode {
         use CloseCode::*;
         [
             Normal,
+            Abnormal,
             MessageTooBig,
             Shutdown,
             ReadTimeout,
@@ -81,6 +85,7 @@ impl CloseCode {
     pub fn reason(self) -> &'static str {
         match self {
             CloseCode::Normal => "bye",
+            CloseCode::Abnormal => "connection lost",
             CloseCode::MessageTooBig => "frame too big",
             CloseCode::Shutdown => "server shutting down, reconnect",
             CloseCode::ReadTimeout => "read timeout",

@@ -204,7 +204,7 @@ impl Metrics {
             m.frame_errors.with_label_values(&[code]);
         }
         for code in [
-            "1000", "1009", "4000", "4001", "4002", "4100", "4101", "4400", "4405",
+            "1000", "1006", "1009", "4000", "4001", "4002", "4100", "4101", "4400", "4405",
         ] {
             m.disconnects.with_label_values(&[code]);
         }
@@ -276,7 +276,7 @@ mod tests {
         assert_eq!(
             zeros("connect_node_disconnects_total", "code"),
             [
-                "1000", "1009", "4000", "4001", "4002", "4100", "4101", "4400", "4405"
+                "1000", "1006", "1009", "4000", "4001", "4002", "4100", "4101", "4400", "4405"
             ],
             "every close code the node sends"
         );

@@ -487,11 +487,11 @@ async fn establish(
     if sent != Ok(true) {
         hub.disconnect(&conn);
         // Counted like a session that ends: too slow, or the socket failed
-        // (as a read failure is, 1000).
+        // (as a read failure is, 1006).
         let code = if sent.is_err() {
             CloseCode::SlowConsumer
         } else {
-            CloseCode::Normal
+            CloseCode::Abnormal
         };
         conn.close_with(code);
         state.metrics.count_disconnect(code);
@@ -535,6 +535,10 @@ fn to_wire(out: Outbound, wire: Wire) -> Message {
 /// Sends a close frame with `code`, or, when the client closed first, the
 /// answer to its close; a client that takes neither within 2 s is dropped.
 async fn close_socket(socket: &mut WebSocket, code: CloseCode, reason: &str) {
+    if code == CloseCode::Abnormal {
+        // Not a code to send (RFC 6455 §7.4.1): the socket is gone anyway.
+        return;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         if socket.send(close_message(code, reason)).await.is_err() {
             // The client closed first: the WebSocket library refuses a
@@ -643,7 +647,7 @@ async fn run_session(
                 read_timer_door.open();
                 let msg = match next {
                     None => {
-                        conn.close_with(CloseCode::Normal);
+                        conn.close_with(CloseCode::Abnormal);
                         return false;
                     }
                     Some(Err(e)) => {
@@ -653,7 +657,7 @@ async fn run_session(
                             return true;
                         }
                         tracing::debug!(conn = conn.id, error = %text, "websocket read failed");
-                        conn.close_with(CloseCode::Normal);
+                        conn.close_with(CloseCode::Abnormal);
                         return false;
                     }
                     Some(Ok(m)) => m,
@@ -1034,7 +1038,7 @@ fn after_write(ended: Ended<bool>, conn: &ConnHandle) -> Option<bool> {
     match ended {
         Ended::Done(true) => None,
         Ended::Done(false) => {
-            conn.close_with(CloseCode::Normal);
+            conn.close_with(CloseCode::Abnormal);
             Some(false)
         }
         Ended::Closing => Some(true),
