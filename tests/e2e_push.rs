@@ -515,11 +515,28 @@ on_both_registries!(clients_of_a_node_flapping_in_discovery_lose_nothing);
 /// connect. Every subscriber ends with every message after the position it
 /// first connected at, in order, once.
 async fn clients_of_a_node_flapping_in_discovery_lose_nothing(
-    mut cluster: TestCluster,
+    cluster: TestCluster,
 ) -> anyhow::Result<()> {
+    flapping(cluster, 1).await
+}
+
+on_both_registries!(clients_of_a_node_flapping_with_two_controllers_lose_nothing);
+/// As above with two controllers: each drops the node on its own and
+/// tells it on its own.
+async fn clients_of_a_node_flapping_with_two_controllers_lose_nothing(
+    cluster: TestCluster,
+) -> anyhow::Result<()> {
+    flapping(cluster, 2).await
+}
+
+async fn flapping(mut cluster: TestCluster, controllers: usize) -> anyhow::Result<()> {
     use barrage_client::{Event, Subscriber, SubscriberOptions};
     use barrage_discovery::Role;
-    cluster.start(1).await?;
+    for i in 1..=controllers {
+        cluster.start_controller(&format!("controller-{i}")).await?;
+    }
+    cluster.start_node("node-1").await?;
+    cluster.start_manager("manager-1").await?;
     let api = cluster.push_client().await?;
     let ws = cluster.nodes[0].ws_url();
     let d = within(T, "discovery", cluster.discovery()).await??;
