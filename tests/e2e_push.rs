@@ -2,6 +2,7 @@
 //! connect-node → WebSocket, with real servers on loopback over a real etcd
 //! (and the same tests over the in-process registry).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
@@ -543,19 +544,24 @@ async fn flapping(mut cluster: TestCluster, controllers: usize) -> anyhow::Resul
     let key = d.key(Role::ConnectNode, "node-1");
     let flapping = Duration::from_millis(2500);
 
-    /// Follows one subscriber until the message "last"; returns the seq it
-    /// started after and every seq it got. Says on `up` when it connected.
-    /// (Bounded as a whole where it is awaited.)
+    /// The streams pushed to: a room, and broadcasts (which no session
+    /// change names, and whose owner may be another controller).
+    const STREAMS: [&str; 2] = ["room:flap", "broadcast"];
+
+    /// Follows one subscriber until the message "last" on every stream;
+    /// returns, per stream, the seq it started after and every seq it got.
+    /// Says on `up` when it connected. (Bounded as a whole where it is
+    /// awaited.)
     async fn follow(
         ws: String,
         user: String,
         up: tokio::sync::mpsc::UnboundedSender<()>,
-    ) -> anyhow::Result<(u64, Vec<u64>)> {
+    ) -> anyhow::Result<BTreeMap<String, (u64, Vec<u64>)>> {
         let mut opts = SubscriberOptions::new(&ws, &user, &["flap"]);
         opts.min_backoff = Duration::from_millis(20);
         let mut sub = Subscriber::connect(opts).await?;
-        let mut start = None;
-        let mut seqs = Vec::new();
+        let mut got: BTreeMap<String, (u64, Vec<u64>)> = BTreeMap::new();
+        let mut done = 0;
         loop {
             match sub.next_event().await? {
                 Event::Connected { session, recovered } => {
@@ -563,15 +569,21 @@ async fn flapping(mut cluster: TestCluster, controllers: usize) -> anyhow::Resul
                         recovered.values().all(|ok| *ok),
                         "{user}: not recovered: {recovered:?}"
                     );
-                    if start.is_none() {
-                        start = Some(session.streams["room:flap"].seq);
+                    if got.is_empty() {
+                        for s in STREAMS {
+                            got.insert(s.to_owned(), (session.streams[s].seq, Vec::new()));
+                        }
                         let _ = up.send(());
                     }
                 }
                 Event::Message(m) => {
-                    seqs.push(m.seq);
+                    let stream = got.get_mut(&m.stream).context("a stream pushed to")?;
+                    stream.1.push(m.seq);
                     if m.data == Some("last".into()) {
-                        return Ok((start.context("connected first")?, seqs));
+                        done += 1;
+                        if done == STREAMS.len() {
+                            return Ok(got);
+                        }
                     }
                 }
                 Event::Disconnected { .. } => {}
@@ -593,6 +605,11 @@ async fn flapping(mut cluster: TestCluster, controllers: usize) -> anyhow::Resul
                 if r.delivered_count == 0 {
                     unrouted += 1;
                 }
+                let broadcast = BroadcastRequest {
+                    content: "p".into(),
+                    ..Default::default()
+                };
+                within(T, "Broadcast", api.broadcast(broadcast)).await??;
                 tokio::time::sleep(Duration::from_millis(15)).await;
             }
             anyhow::Ok(unrouted)
@@ -631,11 +648,21 @@ async fn flapping(mut cluster: TestCluster, controllers: usize) -> anyhow::Resul
     }
     let mut api = api.clone();
     within(T, "PushToRoom", api.push_to_room(room_push("flap", "last"))).await??;
+    let last = BroadcastRequest {
+        content: "last".into(),
+        ..Default::default()
+    };
+    within(T, "Broadcast", api.broadcast(last)).await??;
     for s in subscribers {
-        let (start, seqs) = within(Duration::from_secs(30), "a subscriber", s).await???;
-        let last = *seqs.last().context("no message")?;
-        let want: Vec<u64> = (start + 1..=last).collect();
-        assert_eq!(seqs, want, "every message after {start}, in order, once");
+        let got = within(Duration::from_secs(30), "a subscriber", s).await???;
+        for (stream, (start, seqs)) in got {
+            let last = *seqs.last().context("no message")?;
+            let want: Vec<u64> = (start + 1..=last).collect();
+            assert_eq!(
+                seqs, want,
+                "{stream}: every message after {start}, in order, once"
+            );
+        }
     }
     Ok(())
 }

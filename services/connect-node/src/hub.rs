@@ -723,6 +723,12 @@ impl Hub {
         Ok(Hub::new(reporter, metrics, queue_len))
     }
 
+    /// The id the next connection will get: every connection registered
+    /// so far has a lower one.
+    pub fn next_conn_id(&self) -> ConnId {
+        self.next_id.load(Ordering::SeqCst)
+    }
+
     /// Open connections on this node.
     pub fn connection_count(&self) -> usize {
         self.connections.load(Ordering::Relaxed)

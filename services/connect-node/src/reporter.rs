@@ -9,7 +9,7 @@
 //! restarted or saw a gap), and whenever the ring changes.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -65,6 +65,8 @@ struct Inflight {
     seq: u64,
     changes: Vec<SessionChange>,
     waiters: Vec<oneshot::Sender<()>>,
+    /// Every connection whose changes are in the batch has a lower id.
+    upto: u64,
 }
 
 #[derive(Default)]
@@ -109,6 +111,10 @@ struct Link {
     /// open when it said so were told to recover; new ones wait for it too
     /// (see [`Reporter::enqueue`]). Changed under the queue's lock.
     dropped: AtomicBool,
+    /// Connections with a lower id may have been confirmed by this
+    /// controller; those with a higher one wait for it (see
+    /// [`Reporter::recover_connections`]).
+    applied_upto: AtomicU64,
 }
 
 impl Link {
@@ -124,6 +130,9 @@ impl Link {
         rx
     }
 }
+
+/// The key of the broadcast stream, on the ring like any other.
+const BROADCAST_KEY: &str = "broadcast";
 
 /// Queued changes beyond which a link sends a full sync instead.
 const MAX_QUEUED_CHANGES: usize = 65_536;
@@ -230,17 +239,33 @@ impl Reporter {
         true
     }
 
-    /// Mutes every connection open now (they may have missed pushes, and a
-    /// frame after the gap would move a client's position past it) and has
-    /// them closed with 4101, so that they recover. Called before the
-    /// link's full sync, which makes the controller route pushes here again.
-    fn recover_connections(&self) {
+    /// Mutes the connections `link`'s controller may have confirmed (they
+    /// may have missed pushes, and a frame after the gap would move a
+    /// client's position past it) and has them closed with 4101, so that
+    /// they recover. Connections registered since the last batch that
+    /// controller applied wait for it (every new session waits for the
+    /// owner of the broadcast stream too, see [`Reporter::enqueue`]), so
+    /// they missed nothing. Called before the link's full sync, which
+    /// makes the controller route pushes here again.
+    fn recover_connections(&self, link: &Link) {
+        let upto = link.applied_upto.load(Ordering::SeqCst);
         if let Some(hub) = self.hub.lock().upgrade() {
             for c in hub.connections() {
-                c.mute();
+                if c.id < upto {
+                    c.mute();
+                }
             }
         }
         self.missed.notify_one();
+    }
+
+    /// Every connection registered so far has a lower id (all of them when
+    /// there is no hub yet).
+    fn conn_ids_now(&self) -> u64 {
+        self.hub
+            .lock()
+            .upgrade()
+            .map_or(u64::MAX, |h| h.next_conn_id())
     }
 
     /// Queues changes on the links of their owners. Called with the hub
@@ -268,11 +293,17 @@ impl Reporter {
                 }
             }
         }
-        // A controller that dropped this node's sessions routes nothing
-        // here, broadcasts included, which no change names: until it takes
-        // the node back, a new session waits for it as well.
+        // A new session also waits for the owner of the broadcast stream,
+        // which no change names: a controller that dropped this node routes
+        // it nothing, broadcasts included, until it takes the node back.
+        // And while one has dropped it, every session waits for that one.
+        let connects = by_link
+            .values()
+            .any(|(_, cs)| cs.iter().any(|c| c.kind() == Kind::Connect));
+        let broadcast = ring.owner(BROADCAST_KEY).map(|(id, _)| id);
         for (id, link) in ring.members() {
-            if link.dropped.load(Ordering::SeqCst) && !by_link.contains_key(id) {
+            let waits = link.dropped.load(Ordering::SeqCst) || (connects && broadcast == Some(id));
+            if waits && !by_link.contains_key(id) {
                 acks.push(link.report(Vec::new()));
             }
         }
@@ -453,6 +484,7 @@ impl Reporter {
             notify: Notify::new(),
             stop: CancellationToken::new(),
             dropped: AtomicBool::new(false),
+            applied_upto: AtomicU64::new(0),
         });
         tokio::spawn(self.clone().link_task(link.clone()));
         link
@@ -516,6 +548,7 @@ impl Reporter {
                     seq: q.seq,
                     changes,
                     waiters,
+                    upto: self.conn_ids_now(),
                 });
             }
             let f = q.inflight.as_ref().map(|f| (f.seq, f.changes.clone()));
@@ -544,7 +577,7 @@ impl Reporter {
             }
             drop(q);
             if first {
-                self.recover_connections();
+                self.recover_connections(link);
             }
             // Without a resync the controller applied nothing: the batch
             // stays in flight, and its sessions keep waiting, until the
@@ -557,6 +590,7 @@ impl Reporter {
             return Ok(true);
         }
         if let Some(f) = q.inflight.take() {
+            link.applied_upto.fetch_max(f.upto, Ordering::SeqCst);
             for w in f.waiters {
                 let _ = w.send(());
             }
@@ -596,6 +630,8 @@ impl Reporter {
             };
             (req, waiters)
         });
+        // Read after the snapshot: every connection in it has a lower id.
+        let upto = hub.next_conn_id();
         let mut r = tonic::Request::new(req);
         r.set_timeout(self.cfg.call_timeout);
         // Ok(true): the controller still counts this node as gone from
@@ -603,6 +639,7 @@ impl Reporter {
         let sent = client.clone().sync(r).await.map(|r| r.into_inner().dropped);
         if let Ok(false) = sent {
             tracing::debug!(controller = %link.id, "full sync sent");
+            link.applied_upto.fetch_max(upto, Ordering::SeqCst);
             for w in waiters {
                 let _ = w.send(());
             }
@@ -619,7 +656,7 @@ impl Reporter {
         drop(q);
         if first {
             // Told now: the next sync says so, at once.
-            self.recover_connections();
+            self.recover_connections(link);
             return Ok(true);
         }
         // Ok(true): ignored while the controller counts this node as gone
