@@ -197,15 +197,9 @@ pub async fn sse_handler(
         let Recovery {
             missed,
             mut skip,
-            fresh,
             receipt,
             ..
         } = recovery;
-        // This task reads every live frame itself: the rules for streams
-        // started fresh apply for as long as it runs.
-        if let Some(fresh) = fresh {
-            skip.extend(*fresh);
-        }
         for out in missed {
             advance(&mut positions, &out);
             let ev = Event::default()
@@ -286,14 +280,8 @@ pub async fn poll_handler(
         .values()
         .all(|s| s.recovered != Some(false));
     let Recovery {
-        missed,
-        mut skip,
-        fresh,
-        ..
+        missed, mut skip, ..
     } = recovery;
-    if let Some(fresh) = fresh {
-        skip.extend(*fresh);
-    }
     let mut frames: Vec<String> = Vec::new();
     for out in missed {
         advance(&mut positions, &out);

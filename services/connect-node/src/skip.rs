@@ -3,8 +3,10 @@
 //! A client that reconnects with its positions gets what it missed from
 //! history, while live frames of the same streams keep arriving; those up
 //! to the recovered position (or handed out from the user's offline
-//! store) are copies of frames it already has. A [`Skip`] names them, per
-//! stream, until the stream has moved past them.
+//! store) are copies of frames it already has. So are, for a stream the
+//! client gave no position for, live frames at or below where `connected`
+//! starts it. A [`Skip`] names them, per stream, until the stream has
+//! moved past them.
 
 use std::collections::{HashMap, HashSet};
 
@@ -26,11 +28,6 @@ impl Skip {
     /// Drops live frames of `stream` in `epoch` that `rule` names.
     pub(crate) fn insert(&mut self, stream: String, epoch: u64, rule: SkipRule) {
         self.0.insert(stream, (epoch, rule));
-    }
-
-    /// Adds `other`'s rules (they name other streams).
-    pub(crate) fn extend(&mut self, other: Skip) {
-        self.0.extend(other.0);
     }
 
     /// Whether no live frame needs checking any more.

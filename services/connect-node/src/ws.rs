@@ -423,14 +423,7 @@ async fn establish(
             // Frames queued until now are checked by this task's copy of
             // the rules; frames offered from now on, also those written to
             // the socket directly, by the connection's.
-            match &r.fresh {
-                Some(fresh) => {
-                    let mut both = r.skip.clone();
-                    both.extend((**fresh).clone());
-                    conn.skip_recovered(&both);
-                }
-                None => conn.skip_recovered(&r.skip),
-            }
+            conn.skip_recovered(&r.skip);
             r
         }
         Err(why) => {
@@ -455,20 +448,14 @@ async fn establish(
     };
     // Live frames queued while the session was set up (for as long as its
     // controllers took to confirm it) go right after the missed ones;
-    // those older than where `connected` starts a stream are dropped.
-    let mut fresh = recovery.fresh.take();
+    // those recovery sent, or older than where `connected` starts a
+    // stream, are dropped. A frame offered as the connection's rules were
+    // installed may still be queued after this: the task's copy checks it
+    // (and is forgotten with the connection's, see `SKIP_MEMORY`).
     while let Ok(out) = rx.try_recv() {
-        if !fresh.as_mut().is_some_and(|f| f.already_sent(&out))
-            && !recovery.skip.already_sent(&out)
-        {
+        if !recovery.skip.already_sent(&out) {
             recovery.missed.push(out);
         }
-    }
-    // A frame offered as the rules were installed may still be queued
-    // after this: the task's copy checks it (and is forgotten with the
-    // connection's, see `SKIP_MEMORY`).
-    if let Some(fresh) = fresh {
-        recovery.skip.extend(*fresh);
     }
     // A client that has not taken all of it within the read timeout is
     // dropped and counted as a slow consumer, as in the session loop.
@@ -898,13 +885,6 @@ pub(crate) struct Recovery {
     pub(crate) missed: Vec<Outbound>,
     pub(crate) recovered_messages: u64,
     pub(crate) skip: Skip,
-    /// Live frames at or below a position `connected` gives for a stream
-    /// the client gave no position for (or one that could not be resumed):
-    /// they were on their way as the stream's history was read, and are
-    /// older than where the client starts.
-    /// (Boxed: a connection's task keeps its set-up state for as long as
-    /// it lives, and most connections have none.)
-    pub(crate) fresh: Option<Box<Skip>>,
     /// Messages kept for the user while offline are among `missed`: the
     /// controller hands them out until this node reports them received.
     pub(crate) receipt: Option<Box<Receipt>>,
@@ -960,7 +940,6 @@ pub(crate) async fn recover(
         missed: Vec::new(),
         recovered_messages: 0,
         skip: Skip::default(),
-        fresh: None,
         receipt: None,
     };
     for r in results {
@@ -1004,9 +983,10 @@ pub(crate) async fn recover(
         } else if !seqs.is_empty() {
             out.skip.insert(r.key, r.epoch, SkipRule::Seqs(seqs));
         } else if r.seq > 0 {
-            out.fresh
-                .get_or_insert_default()
-                .insert(r.key, r.epoch, SkipRule::UpTo(r.seq));
+            // Given no position (or one that could not be resumed), the
+            // client starts after `r.seq`: a live frame at or below it was
+            // on its way as the history was read, and is older than that.
+            out.skip.insert(r.key, r.epoch, SkipRule::UpTo(r.seq));
         }
     }
     Ok(out)
