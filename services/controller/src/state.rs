@@ -34,10 +34,6 @@ struct NodeEntry {
     grpc_addr: String,
     keys: HashSet<String>,
     last_seen: Instant,
-    /// Discovery has listed this node since it synced. A node syncs before
-    /// it registers, so one never listed that is absent from discovery is
-    /// still starting, not gone.
-    listed: bool,
 }
 
 /// What happened to a report.
@@ -93,7 +89,10 @@ pub struct Membership {
     /// next report is told so ([`ReportOutcome::Dropped`]), and while the
     /// node is absent from discovery its reports and syncs are ignored.
     dropped: HashMap<String, DroppedNode>,
-    /// Discovery's latest view of the connect-nodes.
+    /// Discovery's latest view of the connect-nodes. A node absent from a
+    /// view is dropped, so one still known was in the last view, unless it
+    /// synced since: a node syncs before it registers, and one never
+    /// listed that is absent from discovery is still starting, not gone.
     alive: HashSet<String>,
 }
 
@@ -224,7 +223,6 @@ impl Membership {
                 grpc_addr: grpc_addr.to_owned(),
                 keys: HashSet::new(),
                 last_seen: now,
-                listed: self.alive.contains(node_id),
             });
         node.seq = seq;
         node.last_seen = now;
@@ -331,16 +329,14 @@ impl Membership {
             d.departed = !alive.contains(id);
             now.saturating_duration_since(d.since) < DEPARTED_MEMORY
         });
-        self.alive.clone_from(alive);
-        let mut dead = Vec::new();
-        for (id, n) in &mut self.nodes {
-            if alive.contains(id) {
-                n.listed = true;
-            } else {
-                dead.push((id.clone(), n.listed));
-            }
-        }
+        let mut dead: Vec<(String, bool)> = self
+            .nodes
+            .keys()
+            .filter(|id| !alive.contains(*id))
+            .map(|id| (id.clone(), self.alive.contains(id)))
+            .collect();
         dead.sort();
+        self.alive.clone_from(alive);
         let mut dropped = Vec::new();
         for (id, listed) in dead {
             if listed {
