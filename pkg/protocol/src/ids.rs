@@ -112,6 +112,9 @@ pub enum StreamKey {
 }
 
 impl StreamKey {
+    /// The text of [`StreamKey::Broadcast`].
+    pub const BROADCAST: &'static str = "broadcast";
+
     /// The key's room, if it is a room key.
     pub fn room(&self) -> Option<&RoomId> {
         match self {
@@ -126,7 +129,7 @@ impl fmt::Display for StreamKey {
         match self {
             StreamKey::Room(r) => write!(f, "room:{r}"),
             StreamKey::User(u) => write!(f, "user:{u}"),
-            StreamKey::Broadcast => f.write_str("broadcast"),
+            StreamKey::Broadcast => f.write_str(Self::BROADCAST),
         }
     }
 }
@@ -134,7 +137,7 @@ impl fmt::Display for StreamKey {
 impl FromStr for StreamKey {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, IdError> {
-        if s == "broadcast" {
+        if s == Self::BROADCAST {
             return Ok(StreamKey::Broadcast);
         }
         match s.split_once(':') {

@@ -21,7 +21,7 @@ use barrage_proto::v1::{
     HistoryQuery, HistoryRequest, HistoryResult, ReportRequest, SessionChange, SyncRequest,
     controller_client::ControllerClient, session_change::Kind,
 };
-use barrage_protocol::UserId;
+use barrage_protocol::{StreamKey, UserId};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -130,9 +130,6 @@ impl Link {
         rx
     }
 }
-
-/// The key of the broadcast stream, on the ring like any other.
-const BROADCAST_KEY: &str = "broadcast";
 
 /// Queued changes beyond which a link sends a full sync instead.
 const MAX_QUEUED_CHANGES: usize = 65_536;
@@ -300,7 +297,7 @@ impl Reporter {
         let connects = by_link
             .values()
             .any(|(_, cs)| cs.iter().any(|c| c.kind() == Kind::Connect));
-        let broadcast = ring.owner(BROADCAST_KEY).map(|(id, _)| id);
+        let broadcast = ring.owner(StreamKey::BROADCAST).map(|(id, _)| id);
         for (id, link) in ring.members() {
             let waits = link.dropped.load(Ordering::SeqCst) || (connects && broadcast == Some(id));
             if waits && !by_link.contains_key(id) {

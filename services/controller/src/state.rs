@@ -359,7 +359,7 @@ impl Membership {
 
     /// The nodes hosting `key` (every known node for `broadcast`), sorted.
     pub fn nodes_for(&self, key: &str) -> Vec<String> {
-        let mut node_ids: Vec<String> = if key == "broadcast" {
+        let mut node_ids: Vec<String> = if key == barrage_protocol::StreamKey::BROADCAST {
             self.nodes.keys().cloned().collect()
         } else {
             self.keys
