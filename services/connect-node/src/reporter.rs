@@ -631,8 +631,9 @@ impl Reporter {
         let upto = hub.next_conn_id();
         let mut r = tonic::Request::new(req);
         r.set_timeout(self.cfg.call_timeout);
-        // Ok(true): the controller still counts this node as gone from
-        // discovery and ignored the sync.
+        // Ok(true): the controller ignored the sync. It still counts this
+        // node as gone from discovery, or it dropped the node's sessions and
+        // the node did not know yet (`knows_dropped`).
         let sent = client.clone().sync(r).await.map(|r| r.into_inner().dropped);
         if let Ok(false) = sent {
             tracing::debug!(controller = %link.id, "full sync sent");
