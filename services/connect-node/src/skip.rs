@@ -3,9 +3,9 @@
 //! A client that reconnects with its positions gets what it missed from
 //! history, while live frames of the same streams keep arriving; those up
 //! to the recovered position (or handed out from the user's offline
-//! store) are copies of frames it already has. So are, for a stream the
-//! client gave no position for, live frames at or below where `connected`
-//! starts it. A [`Skip`] names them, per stream, until the stream has
+//! store) are copies of frames it already has. So are, for a room or the
+//! broadcast stream the client gave no position for, live frames at or
+//! below where `connected` starts it. A [`Skip`] names them, per stream, until the stream has
 //! moved past them.
 
 use std::collections::{HashMap, HashSet};

@@ -978,18 +978,33 @@ pub(crate) async fn recover(
                 seq,
             }));
         }
-        if asked && r.recovered {
-            out.skip.insert(r.key, r.epoch, SkipRule::UpTo(r.seq));
-        } else if !seqs.is_empty() {
-            out.skip.insert(r.key, r.epoch, SkipRule::Seqs(seqs));
-        } else if r.seq > 0 {
-            // Given no position (or one that could not be resumed), the
-            // client starts after `r.seq`: a live frame at or below it was
-            // on its way as the history was read, and is older than that.
-            out.skip.insert(r.key, r.epoch, SkipRule::UpTo(r.seq));
+        if let Some(rule) = skip_rule(&r.key, asked && r.recovered, r.seq, seqs) {
+            out.skip.insert(r.key, r.epoch, rule);
         }
     }
     Ok(out)
+}
+
+/// Which live frames of stream `key` a new connection drops, given its
+/// recovery answer: `recovered` (the client's position was resumed up
+/// to `seq`), or the seqs the answer handed out.
+fn skip_rule(key: &str, recovered: bool, seq: u64, handed_out: HashSet<u64>) -> Option<SkipRule> {
+    if recovered {
+        // Everything up to `seq` was sent from the history.
+        Some(SkipRule::UpTo(seq))
+    } else if !handed_out.is_empty() {
+        Some(SkipRule::Seqs(handed_out))
+    } else if seq > 0 && !key.starts_with("user:") {
+        // Given no position (or one that could not be resumed), the
+        // client starts after `seq`: a live frame at or below it was on
+        // its way as the history was read, and is older than that. Not
+        // for the user's own stream: a message pushed to the user once
+        // this connection was registered is not kept for later (the user
+        // was online), so this connection is where it goes.
+        Some(SkipRule::UpTo(seq))
+    } else {
+        None
+    }
 }
 
 /// How a write of the session loop ended.
@@ -1221,5 +1236,33 @@ async fn handle_frame(
                 send_error(state, conn, "not_joined", format!("not a member of {room}"));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drops(rule: &Option<SkipRule>, seq: u64) -> bool {
+        let mut skip = Skip::default();
+        if let Some(rule) = rule {
+            skip.insert("s".into(), 1, rule.clone());
+        }
+        skip.already_sent(&Outbound::test_message("s", 1, seq, "x"))
+    }
+
+    #[test]
+    fn a_fresh_room_drops_frames_from_before_connected_but_the_user_stream_keeps_them() {
+        let room = skip_rule("room:r", false, 7, HashSet::new());
+        assert!(drops(&room, 7) && !drops(&room, 8));
+        // A push to the user that raced the history read is not kept for
+        // a later connect: dropping it here would lose it.
+        let user = skip_rule("user:u", false, 7, HashSet::new());
+        assert!(user.is_none());
+        // What recovery sent is dropped on every stream.
+        let recovered = skip_rule("user:u", true, 7, HashSet::new());
+        assert!(drops(&recovered, 7) && !drops(&recovered, 8));
+        let kept = skip_rule("user:u", false, 7, HashSet::from([3, 5]));
+        assert!(drops(&kept, 5) && !drops(&kept, 4) && !drops(&kept, 7));
     }
 }

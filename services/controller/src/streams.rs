@@ -681,7 +681,10 @@ impl Streams {
         let Some(stream) = self.streams.get_mut(q.key.as_str()) else {
             // Nothing was ever pushed here (or it was forgotten): a client
             // with a position has lost whatever that position referred to.
-            out.recovered = !q.has_position || q.seq == 0;
+            // Only `0:0`, a stream that had no message when the client
+            // looked, refers to nothing; `E:0` is the position before
+            // messages kept in epoch E, which went with the stream.
+            out.recovered = !q.has_position || (q.epoch == 0 && q.seq == 0);
             return (out, false);
         };
         out.epoch = stream.epoch;
@@ -717,7 +720,13 @@ impl Streams {
         let size: usize = missed().map(Stored::answer_len).sum();
         if size > *budget {
             // All or nothing: a stream recovered in part would hide a gap.
+            // What was kept for the user still goes out, as when the gap is
+            // beyond the history, and the position given is before it, so
+            // that the next connect does not count it as received.
             out.recovered = false;
+            if user {
+                stream.hand_out_kept(receipts, budget, &mut out);
+            }
             return (out, true);
         }
         *budget -= size;
@@ -1346,6 +1355,52 @@ mod tests {
         let other = history(&mut s, &q("user:u", Some((seen.epoch + 9, 1))), now);
         assert!(!other.recovered);
         assert_eq!(seqs(&other), vec![3, 4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_position_before_kept_messages_is_not_recovered_once_the_stream_is_gone() {
+        let mut s = Streams::new(StreamConfig::default());
+        let now = Instant::now();
+        let kept = s.append("user:u", &body("away"), true, now);
+        // `connected` gives the position before the kept message: E:0.
+        let r = history(&mut s, &q("user:u", None), now);
+        assert_eq!((r.epoch, r.seq), (kept.epoch, 0));
+        // The stream's owner restarted without it before the receipt: the
+        // kept message is gone, and the client must be told.
+        let mut restarted = Streams::new(StreamConfig::default());
+        let back = history(&mut restarted, &q("user:u", Some((r.epoch, r.seq))), now);
+        assert!(!back.recovered);
+        // `0:0` (a stream that had no message) still refers to nothing lost.
+        assert!(history(&mut restarted, &q("room:quiet", Some((0, 0))), now).recovered);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gap_over_the_budget_still_hands_out_what_was_kept() {
+        let size = prost::Message::encoded_len(&big("m1")) + ANSWER_OVERHEAD;
+        let cfg = StreamConfig {
+            max_history_bytes: 2 * size,
+            ..StreamConfig::default()
+        };
+        let mut s = Streams::new(cfg);
+        let now = Instant::now();
+        let seen = s.append("user:u", &big("s1"), false, now);
+        s.append("user:u", &big("l1"), false, now);
+        for id in ["a1", "a2", "a3"] {
+            s.append("user:u", &big(id), true, now);
+        }
+        // Four missed messages do not fit in two messages' budget.
+        let answer = s
+            .answer(&[q("user:u", Some((seen.epoch, seen.seq)))], true, now)
+            .remove(0);
+        let r = answer.result;
+        assert!(!r.recovered && answer.left_out);
+        // The kept ones go out as far as the budget goes, after a position
+        // before them, so the next connect asks for the rest again.
+        assert_eq!(seqs(&r), vec![3, 4]);
+        assert_eq!(r.seq, 2);
+        assert!(r.awaits_receipt);
+        let next = history(&mut s, &q("user:u", Some((r.epoch, 4))), now);
+        assert_eq!(seqs(&next), vec![5]);
     }
 
     #[tokio::test(start_paused = true)]
