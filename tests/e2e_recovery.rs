@@ -110,6 +110,56 @@ async fn reconnecting_with_positions_recovers_what_was_missed_in_order() -> anyh
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_joined_live_is_recovered_from_the_join_even_with_nothing_received()
+-> anyhow::Result<()> {
+    let cluster = cluster(1).await?;
+    let mut api = cluster.push_client().await?;
+    for i in 1..=2 {
+        let before = room_push("stage", &format!("before-{i}"));
+        within(T, "push", api.push_to_room(before)).await??;
+    }
+    let url = connect_url(&cluster.nodes[0].ws_url(), "bea", &[]);
+    let mut bea = connect(&url).await?;
+    // `joined` says where the room stood: after the two messages before.
+    let at_join = within(T, "join", bea.join("stage"))
+        .await??
+        .context("joined gave no position")?;
+    assert_eq!(at_join.seq, 2);
+    // The connection drops before anything else arrives, and the room
+    // moves on meanwhile.
+    within(T, "close", bea.close()).await??;
+    for i in 1..=3 {
+        let after = room_push("stage", &format!("after-{i}"));
+        within(T, "push", api.push_to_room(after)).await??;
+    }
+    let positions: BTreeMap<_, _> = [("room:stage".to_string(), at_join)].into();
+    let url = connect_url(&cluster.nodes[0].ws_url(), "bea", &["stage"]);
+    let mut bea = connect(&with_positions(&url, &positions)).await?;
+    let st = bea.session().streams["room:stage"];
+    assert_eq!(st.recovered, Some(true));
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let m = next_msg(&mut bea).await?;
+        got.push((m.seq, m.data.unwrap_or_default()));
+    }
+    assert_eq!(
+        got,
+        vec![
+            (3, "after-1".into()),
+            (4, "after-2".into()),
+            (5, "after-3".into())
+        ]
+    );
+    // A room nothing was pushed to yet starts at 0:0, which recovers from
+    // its first message.
+    let quiet = within(T, "join", bea.join("quiet"))
+        .await??
+        .context("joined gave no position")?;
+    assert_eq!((quiet.epoch, quiet.seq), (0, 0));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_epochs_and_gaps_beyond_retention_are_not_recovered() -> anyhow::Result<()> {
     barrage_testkit::init_tracing();
     let mut cluster = TestCluster::in_process();

@@ -183,7 +183,12 @@ function decodeBody(type, body) {
       const c = pbFields(body, { 1: "conn_id", 2: "user_id", 3: "node_id", 4: "rooms", 5: "streams" }, { rooms: str, streams: entry });
       return { type, conn_id: str(c.conn_id), user_id: str(c.user_id), node_id: str(c.node_id), rooms: c.rooms ?? [], streams: Object.fromEntries(c.streams ?? []) };
     }
-    case "joined":
+    case "joined": {
+      const j = pbFields(body, { 1: "room", 2: "epoch", 3: "seq" });
+      const out = { type, room: str(j.room) };
+      if (j.epoch !== undefined && j.seq !== undefined) Object.assign(out, { epoch: j.epoch, seq: j.seq });
+      return out;
+    }
     case "left":
       return { type, room: str(pbFields(body, { 1: "room" }).room) };
     case "error": {
@@ -550,7 +555,7 @@ export class BarrageClient {
         for (const m of frame.messages ?? []) this.onMessage(m);
         break;
       case "joined":
-        this.emit("joined", { room: frame.room });
+        this.onJoined(frame);
         break;
       case "left":
         this.rooms.delete(frame.room);
@@ -610,6 +615,20 @@ export class BarrageClient {
       if (!frame.rooms.includes(room)) this.send({ type: "join", room });
     }
     this.startHeartbeat();
+  }
+
+  onJoined(frame) {
+    // Where the room stood at the join: stored like a message's position,
+    // so a reconnect recovers what was pushed after the join even when
+    // nothing arrived in between (unless a message already moved past it).
+    if (frame.epoch !== undefined && frame.seq !== undefined) {
+      const stream = `room:${frame.room}`;
+      const pos = this.positions[stream];
+      if (!pos || pos.epoch !== frame.epoch || frame.seq > pos.seq) {
+        this.positions[stream] = { epoch: frame.epoch, seq: frame.seq };
+      }
+    }
+    this.emit("joined", { room: frame.room });
   }
 
   onMessage(m) {

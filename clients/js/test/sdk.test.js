@@ -206,6 +206,26 @@ test("joins made while connecting are sent once connected; leave forgets the roo
   assert.deepEqual(ws.closed, { code: 1000, reason: "bye" });
 });
 
+test("a room joined live is resumed from the position joined gives", async () => {
+  const c = await client({ userId: "alice" });
+  const [ws] = ScriptedSocket.all;
+  connected(ws);
+  c.join("quiet");
+  ws.frame({ type: "joined", room: "quiet", epoch: 7, seq: 4 });
+  assert.deepEqual(c.positions["room:quiet"], { epoch: 7, seq: 4 });
+  // A message that arrived before `joined` and is past it keeps its place.
+  c.join("busy");
+  ws.frame(message("room:busy", 9, "m9", 1));
+  ws.frame({ type: "joined", room: "busy", epoch: 1, seq: 8 });
+  assert.deepEqual(c.positions["room:busy"], { epoch: 1, seq: 9 });
+  ws.serverClose(1006);
+  await until("a new socket", () => ScriptedSocket.all.length >= 2);
+  const resumed = parsePositions(ScriptedSocket.all[1].url.searchParams.get("positions"));
+  assert.deepEqual(resumed["room:quiet"], { epoch: 7, seq: 4 });
+  assert.deepEqual(resumed["room:busy"], { epoch: 1, seq: 9 });
+  c.close();
+});
+
 test("a silent connection is detected by the heartbeat and replaced", async () => {
   const c = await client({ userId: "alice", heartbeatMs: 300 });
   const [ws] = ScriptedSocket.all;

@@ -16,7 +16,7 @@ mod subscriber;
 
 use std::collections::{BTreeMap, VecDeque};
 
-use barrage_protocol::{ClientFrame, MessageFrame, ServerFrame, StreamState, binary};
+use barrage_protocol::{ClientFrame, MessageFrame, ServerFrame, StreamPos, StreamState, binary};
 use futures::{SinkExt, StreamExt};
 pub use subscriber::{Event, Subscriber, SubscriberOptions, Transport};
 use tokio::net::TcpStream;
@@ -208,11 +208,24 @@ impl Client {
         &self.session
     }
 
-    /// Joins a room and waits for `joined`; frames arriving meanwhile are kept.
-    pub async fn join(&mut self, room: &str) -> Result<()> {
+    /// Joins a room and waits for `joined`; frames arriving meanwhile are
+    /// kept. Returns the room's position as of the join, when the server
+    /// gave one: store it as the room's position (unless a message of the
+    /// room already moved past it), so that a reconnect recovers what was
+    /// pushed after the join.
+    pub async fn join(&mut self, room: &str) -> Result<Option<StreamPos>> {
         self.send(&ClientFrame::Join { room: room.into() }).await?;
-        self.await_reply(|f| matches!(f, ServerFrame::Joined { room: r } if r == room))
-            .await
+        let joined = self
+            .await_reply(|f| matches!(f, ServerFrame::Joined { room: r, .. } if r == room))
+            .await?;
+        Ok(match joined {
+            ServerFrame::Joined {
+                epoch: Some(epoch),
+                seq: Some(seq),
+                ..
+            } => Some(StreamPos { epoch, seq }),
+            _ => None,
+        })
     }
 
     /// Leaves a room and waits for `left`.
@@ -220,6 +233,7 @@ impl Client {
         self.send(&ClientFrame::Leave { room: room.into() }).await?;
         self.await_reply(|f| matches!(f, ServerFrame::Left { room: r } if r == room))
             .await
+            .map(drop)
     }
 
     /// Sends a client frame in the connection's format.
@@ -241,11 +255,11 @@ impl Client {
         Ok(())
     }
 
-    async fn await_reply(&mut self, want: impl Fn(&ServerFrame) -> bool) -> Result<()> {
+    async fn await_reply(&mut self, want: impl Fn(&ServerFrame) -> bool) -> Result<ServerFrame> {
         let mut held = VecDeque::new();
         let result = loop {
             match read_frame(&mut self.ws).await {
-                Ok(f) if want(&f) => break Ok(()),
+                Ok(f) if want(&f) => break Ok(f),
                 Ok(ServerFrame::Error { code, message }) => {
                     break Err(Error::Server { code, message });
                 }

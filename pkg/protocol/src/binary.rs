@@ -420,9 +420,14 @@ pub fn encode_server_frame(f: &ServerFrame, compression: Compression) -> Bytes {
             }
             .encode_to_vec(),
         ),
-        ServerFrame::Joined { room } => (
+        ServerFrame::Joined { room, epoch, seq } => (
             FrameType::Joined,
-            pb::JoinedFrame { room: room.clone() }.encode_to_vec(),
+            pb::JoinedFrame {
+                room: room.clone(),
+                epoch: *epoch,
+                seq: *seq,
+            }
+            .encode_to_vec(),
         ),
         ServerFrame::Left { room } => (
             FrameType::Left,
@@ -516,9 +521,14 @@ pub fn decode_server_frame(buf: &[u8], max_body: usize) -> Result<ServerFrame, F
                 .map(message_from_pb)
                 .collect(),
         },
-        FrameType::Joined => ServerFrame::Joined {
-            room: decode::<pb::JoinedFrame>(kind, &body)?.room,
-        },
+        FrameType::Joined => {
+            let j = decode::<pb::JoinedFrame>(kind, &body)?;
+            ServerFrame::Joined {
+                room: j.room,
+                epoch: j.epoch,
+                seq: j.seq,
+            }
+        }
         FrameType::Left => ServerFrame::Left {
             room: decode::<pb::LeftFrame>(kind, &body)?.room,
         },
@@ -718,7 +728,16 @@ mod tests {
             ServerFrame::Batch {
                 messages: vec![json_message(&parts("hi", &[]))],
             },
-            ServerFrame::Joined { room: "r".into() },
+            ServerFrame::Joined {
+                room: "r".into(),
+                epoch: None,
+                seq: None,
+            },
+            ServerFrame::Joined {
+                room: "r".into(),
+                epoch: Some(1_838_642_512_266_569),
+                seq: Some(0),
+            },
             ServerFrame::Left { room: "r".into() },
             ServerFrame::error("invalid_room", "why"),
             ServerFrame::Pong,

@@ -149,6 +149,14 @@ pub enum ServerFrame {
     Joined {
         /// The room joined.
         room: String,
+        /// The room's epoch as of the join (with `seq`; absent when its
+        /// controller did not say in time).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<u64>,
+        /// The room's seq as of the join: a client stores `epoch:seq` as
+        /// the room's position, so a reconnect recovers what followed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
     },
     /// The connection left a room.
     Left {

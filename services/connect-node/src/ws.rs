@@ -985,6 +985,24 @@ pub(crate) async fn recover(
     Ok(out)
 }
 
+/// Where `room`'s stream stands (epoch, seq), asked of its controller
+/// after a join: a client that stores it recovers, at its next connect,
+/// what was pushed to the room after the join, even when nothing arrived
+/// in between.
+async fn room_position(state: &WsState, room: &RoomId) -> Result<(u64, u64), String> {
+    let key = StreamKey::Room(room.clone()).to_string();
+    let query = HistoryQuery::new(key, None);
+    let asked = state.hub.reporter().history(vec![query]);
+    let results = tokio::time::timeout(state.settings.ack_timeout, asked)
+        .await
+        .map_err(|_| "history request timed out".to_owned())??;
+    let r = results
+        .into_iter()
+        .next()
+        .ok_or_else(|| "no answer from the room's controller".to_owned())?;
+    Ok((r.epoch, r.seq))
+}
+
 /// Which live frames of stream `key` a new connection drops, given its
 /// recovery answer: `recovered` (the client's position was resumed up
 /// to `seq`), or the seqs the answer handed out.
@@ -1186,10 +1204,21 @@ async fn handle_frame(
                     format!("could not join {room}: no controller confirmed it, try again"),
                 );
             }
+            let (epoch, seq) = match room_position(state, &room).await {
+                Ok((epoch, seq)) => (Some(epoch), Some(seq)),
+                Err(e) => {
+                    // Joined all the same: pushes reach the connection, and
+                    // its first message gives the client a position.
+                    tracing::warn!(%room, error = %e, "no position for a joined room");
+                    (None, None)
+                }
+            };
             send_frame(
                 conn,
                 ServerFrame::Joined {
                     room: room.to_string(),
+                    epoch,
+                    seq,
                 },
             );
         }
