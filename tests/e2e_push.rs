@@ -1875,6 +1875,96 @@ async fn a_retry_sends_a_push_again_to_the_node_it_failed_on() -> anyhow::Result
     Ok(())
 }
 
+/// A TCP proxy on loopback to the address it is sent, which can be cut
+/// (every connection through it closed, new ones refused) and restored.
+async fn cuttable_proxy() -> anyhow::Result<(
+    String,
+    tokio::sync::watch::Sender<String>,
+    tokio::sync::watch::Sender<bool>,
+)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let (to_tx, to_rx) = tokio::sync::watch::channel(String::new());
+    let (up_tx, up_rx) = tokio::sync::watch::channel(true);
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            if !*up_rx.borrow() {
+                continue;
+            }
+            let (mut to, mut up) = (to_rx.clone(), up_rx.clone());
+            tokio::spawn(async move {
+                let Ok(target) = to.wait_for(|a| !a.is_empty()).await.map(|a| a.clone()) else {
+                    return;
+                };
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    _ = up.wait_for(|up| !*up) => {}
+                }
+            });
+        }
+    });
+    Ok((addr, to_tx, up_tx))
+}
+
+/// A room push whose batch never reached a node leaves a gap there: the
+/// next push to the room waits for it, and then the node delivers the
+/// missing message from the controller's history before it, so the
+/// members' positions never pass a message they did not get.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_left_by_a_failed_batch_is_filled_from_the_history() -> anyhow::Result<()> {
+    barrage_testkit::init_tracing();
+    let mut cluster = with_push_timeout(Duration::from_secs(2));
+    let (proxy, upstream, up) = cuttable_proxy().await?;
+    cluster.start_controller("controller-1").await?;
+    cluster
+        .start_node_with("node-1", |c| c.advertise_addr = proxy.clone())
+        .await?;
+    let _ = upstream.send(cluster.nodes[0].grpc_addr.clone());
+    cluster.start_manager("manager-1").await?;
+    let mut api = cluster.push_client().await?;
+    let mut client = connect(&cluster.nodes[0].ws_url(), "g1", &["gaps"]).await?;
+    let first = within(T, "m1", api.push_to_room(room_push("gaps", "m1")))
+        .await??
+        .into_inner();
+    ensure!(first.success, "{first:?}");
+    assert_eq!(next_msg(&mut client).await?.data, Some("m1".into()));
+    // m2's batch cannot reach the node.
+    let _ = up.send(false);
+    let lost = within(T, "m2", api.push_to_room(room_push("gaps", "m2")))
+        .await??
+        .into_inner();
+    assert!(!lost.success, "{lost:?}");
+    let _ = up.send(true);
+    // m3 arrives after the node is reachable again (retried under one id
+    // until it is), and waits for m2, which the node takes from the history.
+    let mut m3 = room_push("gaps", "m3");
+    m3.message_id = "gap-m3".into();
+    eventually(T, "m3 to reach the node", || {
+        let mut api = api.clone();
+        let req = m3.clone();
+        async move {
+            let r = api.push_to_room(req).await.ok()?.into_inner();
+            r.success.then_some(())
+        }
+    })
+    .await?;
+    let got: Vec<_> = [next_msg(&mut client).await?, next_msg(&mut client).await?]
+        .into_iter()
+        .map(|m| (m.seq, m.data))
+        .collect();
+    assert_eq!(got, vec![(2, Some("m2".into())), (3, Some("m3".into()))]);
+    let node = &cluster.nodes[0];
+    assert_eq!(
+        node.metric(r#"connect_node_order_gaps_total{outcome="filled"}"#),
+        1.0
+    );
+    assert_eq!(node.metric("connect_node_gap_filled_messages_total"), 1.0);
+    Ok(())
+}
+
 /// A retry sent right after its first attempt answered, before that
 /// attempt's result is recorded at the controller (records are gathered
 /// for 5 ms), waits for the record: it is answered with the first

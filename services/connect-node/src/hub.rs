@@ -698,6 +698,10 @@ impl Hub {
     }
 
     /// The reporter, for history queries to the controllers.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     pub(crate) fn reporter(&self) -> &Arc<Reporter> {
         &self.reporter
     }

@@ -34,6 +34,11 @@ pub struct Metrics {
     pub frame_errors: IntCounterVec,
     /// Missed messages sent to reconnecting clients (and offline users).
     pub recovered_messages: IntCounter,
+    /// Gaps in a stream's delivery order on this node (a batch that never
+    /// came), by whether the history filled them.
+    pub order_gaps: IntCounterVec,
+    /// Messages delivered from the history to fill such gaps.
+    pub gap_filled_messages: IntCounter,
     /// Time for a session report to be applied by its controller (report lag).
     pub report_duration: prometheus::Histogram,
     /// Connecting clients whose history one `History` call asked for.
@@ -124,6 +129,17 @@ impl Metrics {
                 "connect_node_recovered_messages_total",
                 "Missed messages sent to reconnecting clients and offline users",
             )?,
+            order_gaps: IntCounterVec::new(
+                Opts::new(
+                    "connect_node_order_gaps_total",
+                    "Messages of a room or the broadcast stream that waited for a predecessor that never came, by outcome: filled (the missing messages were delivered from the history first) or released (the history no longer held them or did not answer: the clients' positions pass a gap)",
+                ),
+                &["outcome"],
+            )?,
+            gap_filled_messages: IntCounter::new(
+                "connect_node_gap_filled_messages_total",
+                "Messages delivered from the history to fill gaps in a stream's delivery order",
+            )?,
             report_duration: prometheus::Histogram::with_opts(
                 prometheus::HistogramOpts::new(
                     "connect_node_report_duration_seconds",
@@ -208,7 +224,12 @@ impl Metrics {
         ] {
             m.disconnects.with_label_values(&[code]);
         }
+        for outcome in ["filled", "released"] {
+            m.order_gaps.with_label_values(&[outcome]);
+        }
         registry.register(Box::new(m.recovered_messages.clone()))?;
+        registry.register(Box::new(m.order_gaps.clone()))?;
+        registry.register(Box::new(m.gap_filled_messages.clone()))?;
         registry.register(Box::new(m.connections.clone()))?;
         registry.register(Box::new(m.rooms.clone()))?;
         registry.register(Box::new(m.connects.clone()))?;

@@ -4,6 +4,13 @@
 //! message, the seq of the previous message of the stream it routed to this
 //! node; a message whose predecessor has not been delivered yet waits for
 //! it, at most [`MAX_WAIT`] (a predecessor whose batch failed never comes).
+//!
+//! When a room's or the broadcast stream's message has waited that long,
+//! the node asks the stream's controller for what it is missing and
+//! delivers it first, from the history, so that its clients' positions
+//! never move past a message they did not get. Only what the history no
+//! longer holds (or a controller that does not answer) leaves a gap, and
+//! `connect_node_order_gaps_total{outcome="released"}` counts it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -13,6 +20,10 @@ use barrage_protocol::StreamKey;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use barrage_proto::v1::HistoryQuery;
+
+use barrage_protocol::MessageParts;
+
 use crate::hub::{Hub, Outbound};
 
 /// Longest a message waits for its predecessor.
@@ -20,6 +31,8 @@ pub const MAX_WAIT: Duration = Duration::from_secs(2);
 /// Streams idle this long are forgotten (controllers know it, see
 /// `ORDER_MEMORY`).
 const IDLE: Duration = barrage_proto::ORDER_MEMORY;
+/// Longest the node waits for the history that fills a gap.
+const FILL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A message ready to go to the stream's local connections.
 pub struct Ready {
@@ -46,6 +59,19 @@ struct Order {
     /// Messages waiting, by the seq they follow.
     waiting: BTreeMap<u64, Waiting>,
     touched: Option<Instant>,
+    /// The history that fills a gap has been asked for: the fill
+    /// releases what waits once it has its answer.
+    filling: bool,
+}
+
+/// Messages missing from a stream on this node: those after `from` up to
+/// and including `to`, in `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Gap {
+    key: StreamKey,
+    epoch: u64,
+    from: u64,
+    to: u64,
 }
 
 impl Order {
@@ -195,6 +221,99 @@ impl Sequencer {
         });
     }
 
+    /// The gap to fill before messages that waited too long are released:
+    /// the messages between the last delivered and the first waiting, of a
+    /// room or the broadcast stream whose position here is known. (A
+    /// user's stream is not asked: a recovery query there also counts the
+    /// user's kept messages as received.)
+    fn gap_locked(o: &Order, now: Instant) -> Option<Gap> {
+        if !o.seen || o.filling {
+            return None;
+        }
+        let (&prev, first) = o.waiting.first_key_value()?;
+        let expired = o
+            .waiting
+            .values()
+            .any(|w| now.duration_since(w.since) >= MAX_WAIT);
+        if !expired || prev <= o.last || matches!(first.ready.key, StreamKey::User(_)) {
+            return None;
+        }
+        Some(Gap {
+            key: first.ready.key.clone(),
+            epoch: o.epoch,
+            from: o.last,
+            to: prev,
+        })
+    }
+
+    /// Asks the controller for the messages of `gap`, delivers those it
+    /// still has in order, then releases what waited for them.
+    async fn fill(order: Arc<Mutex<Order>>, hub: Arc<Hub>, gap: Gap) {
+        let key = gap.key.to_string();
+        let query = HistoryQuery::new(key.clone(), Some((gap.epoch, gap.from)));
+        let answer = tokio::time::timeout(FILL_TIMEOUT, hub.reporter().history(vec![query])).await;
+        let history = match answer {
+            Ok(Ok(mut results)) if !results.is_empty() => Some(results.swap_remove(0)),
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => {
+                tracing::warn!(stream = %key, error = %e, "cannot fill a gap from the history");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(stream = %key, "the history to fill a gap did not come in time");
+                None
+            }
+        };
+        let mut o = order.lock();
+        o.filling = false;
+        let mut out = Vec::new();
+        if let Some(h) = history
+            && h.recovered
+            && h.epoch == gap.epoch
+            && o.epoch == gap.epoch
+        {
+            for m in &h.messages {
+                let Some(body) = &m.body else { continue };
+                if m.seq <= o.last || m.seq > gap.to {
+                    continue;
+                }
+                let frame = hub.message(&MessageParts {
+                    stream: &key,
+                    id: &body.id,
+                    epoch: gap.epoch,
+                    seq: m.seq,
+                    event: &body.event,
+                    content: &body.content,
+                    binary: &body.binary_content,
+                    timestamp_ms: body.timestamp_ms,
+                    from: &body.sender,
+                });
+                o.last = m.seq;
+                out.push(Ready {
+                    key: gap.key.clone(),
+                    seq: m.seq,
+                    frame,
+                    exclude: Vec::new(),
+                });
+            }
+        }
+        let filled = out.len() as u64;
+        let outcome = if o.last >= gap.to {
+            "filled"
+        } else {
+            "released"
+        };
+        hub.metrics().order_gaps.with_label_values(&[outcome]).inc();
+        if filled > 0 {
+            hub.metrics().gap_filled_messages.inc_by(filled);
+        }
+        o.drain(&mut out);
+        out.extend(Self::expire_locked(&mut o, Instant::now()));
+        for r in &out {
+            deliver(&hub, r);
+        }
+    }
+
     fn expire_locked(o: &mut Order, now: Instant) -> Vec<Ready> {
         let mut out = Vec::new();
         // The latest in stream order of those that waited too long: it is
@@ -232,6 +351,14 @@ impl Sequencer {
             let now = Instant::now();
             for order in self.all() {
                 let mut o = order.lock();
+                if let Some(gap) = Self::gap_locked(&o, now) {
+                    o.filling = true;
+                    tokio::spawn(Self::fill(order.clone(), hub.clone(), gap));
+                    continue;
+                }
+                if o.filling {
+                    continue;
+                }
                 for r in Self::expire_locked(&mut o, now) {
                     deliver(&hub, &r);
                 }
