@@ -415,6 +415,11 @@ struct HistoryArgs {
     /// HISTORY_MAX_MESSAGES (default 256 MiB).
     #[arg(long, env = "HISTORY_MAX_BYTES", default_value_t = barrage_controller::MAX_TOTAL_BYTES)]
     history_max_bytes: usize,
+    /// Streams (positions) kept over all of one controller's keys; beyond
+    /// it, streams with no message left are forgotten before their 24
+    /// idle hours (controller_streams_forgotten_over_cap_total).
+    #[arg(long, env = "HISTORY_MAX_STREAMS", default_value_t = barrage_controller::MAX_STREAMS)]
+    history_max_streams: usize,
 }
 
 impl HistoryArgs {
@@ -429,6 +434,12 @@ impl HistoryArgs {
         if self.history_max_bytes == 0 {
             return Err(bad(
                 "HISTORY_MAX_BYTES (--history-max-bytes)",
+                "must be at least 1",
+            ));
+        }
+        if self.history_max_streams == 0 {
+            return Err(bad(
+                "HISTORY_MAX_STREAMS (--history-max-streams)",
                 "must be at least 1",
             ));
         }
@@ -451,6 +462,7 @@ impl HistoryArgs {
             },
             max_total_messages: self.history_max_messages,
             max_total_bytes: self.history_max_bytes,
+            max_streams: self.history_max_streams,
             ..Default::default()
         })
     }
@@ -1677,6 +1689,8 @@ mod tests {
         assert!(err.contains("NODE_ID"), "{err}");
         let err = plan(&["controller", "--history-max-bytes", "0"]).unwrap_err();
         assert!(err.contains("HISTORY_MAX_BYTES"), "{err}");
+        let err = plan(&["controller", "--history-max-streams", "0"]).unwrap_err();
+        assert!(err.contains("HISTORY_MAX_STREAMS"), "{err}");
         let err = plan(&[
             "connect-node",
             "--controller-address",

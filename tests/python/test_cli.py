@@ -53,6 +53,7 @@ def test_bad_configuration_exits_64_naming_the_setting(barrage_bin):
         (["connect-node"], {"CONTROLLER_ADDRESS": "c:1", "WS_READ_BUFFER_BYTES": "100"}, "WS_READ_BUFFER_BYTES"),
         (["controller"], {"TRANSPARENT_HUGE_PAGES": "always"}, "--transparent-huge-pages"),
         (["controller"], {"HISTORY_MAX_BYTES": "0"}, "HISTORY_MAX_BYTES"),
+        (["controller"], {"HISTORY_MAX_STREAMS": "0"}, "HISTORY_MAX_STREAMS"),
         (["connect-node"], {"CONTROLLER_ADDRESS": "c:1", "DIRECT_WRITES": "sometimes"}, "DIRECT_WRITES"),
     ]
     for args, env, setting in cases:

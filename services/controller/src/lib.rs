@@ -29,7 +29,7 @@ use ownership::Ownership;
 pub use service::ControllerService;
 use state::{ControllerState, Membership};
 use streams::Streams;
-pub use streams::{MAX_TOTAL_BYTES, Retention, StreamConfig};
+pub use streams::{MAX_STREAMS, MAX_TOTAL_BYTES, Retention, StreamConfig};
 
 /// Controller settings.
 #[derive(Debug, Clone)]

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub history_bytes: IntGauge,
     /// Messages evicted from history by the global caps.
     pub history_evictions: IntCounter,
+    /// Streams with no message left forgotten early, over the stream cap.
+    pub streams_over_cap: IntCounter,
     /// Pushes recognised as repeats of an earlier message id.
     pub duplicates: IntCounter,
     /// Repeats answered with nodes to send the message to again.
@@ -69,6 +71,10 @@ impl Metrics {
             history_evictions: IntCounter::new(
                 "controller_history_evictions_total",
                 "Messages evicted from history by the global caps",
+            )?,
+            streams_over_cap: IntCounter::new(
+                "controller_streams_forgotten_over_cap_total",
+                "Streams with no message left forgotten before their 24 idle hours because the controller held more than HISTORY_MAX_STREAMS (a client resuming one is told recovered: false)",
             )?,
             duplicates: IntCounter::new(
                 "controller_duplicate_pushes_total",
@@ -149,6 +155,7 @@ impl Metrics {
         registry.register(Box::new(m.history_messages.clone()))?;
         registry.register(Box::new(m.history_bytes.clone()))?;
         registry.register(Box::new(m.history_evictions.clone()))?;
+        registry.register(Box::new(m.streams_over_cap.clone()))?;
         registry.register(Box::new(m.duplicates.clone()))?;
         registry.register(Box::new(m.resends.clone()))?;
         registry.register(Box::new(m.recoveries.clone()))?;
@@ -173,6 +180,11 @@ impl Metrics {
         let seen = self.history_evictions.get();
         if evicted > seen {
             self.history_evictions.inc_by(evicted - seen);
+        }
+        let forgotten = s.streams.forgotten_over_cap();
+        let seen = self.streams_over_cap.get();
+        if forgotten > seen {
+            self.streams_over_cap.inc_by(forgotten - seen);
         }
     }
 }

@@ -42,6 +42,12 @@ pub struct StreamConfig {
     /// A stream with no message for this long forgets its position too
     /// (its next message starts a new epoch).
     pub idle_ttl: Duration,
+    /// Streams kept at most. Beyond it, streams with no message left are
+    /// forgotten before `idle_ttl` (as the sweep reaches them), so that
+    /// pushes to ever new users or rooms do not grow the controller
+    /// without bound. Streams with messages are bounded by
+    /// `max_total_messages`.
+    pub max_streams: usize,
     /// Bytes of messages one history answer (every stream of one
     /// connecting client) carries at most. A stream whose missed messages
     /// would not fit is answered `recovered: false`; offline messages that
@@ -58,6 +64,9 @@ pub struct StreamConfig {
 
 /// [`StreamConfig::max_total_bytes`] by default: 256 MiB.
 pub const MAX_TOTAL_BYTES: usize = 256 << 20;
+
+/// [`StreamConfig::max_streams`] by default.
+pub const MAX_STREAMS: usize = 1_000_000;
 
 /// [`StreamConfig::max_history_bytes`] by default: 64 MiB.
 pub const MAX_HISTORY_BYTES: usize = 64 << 20;
@@ -80,6 +89,7 @@ impl Default for StreamConfig {
             max_total_messages: 1_000_000,
             max_total_bytes: MAX_TOTAL_BYTES,
             idle_ttl: Duration::from_secs(24 * 3600),
+            max_streams: MAX_STREAMS,
             max_history_bytes: MAX_HISTORY_BYTES,
             max_answer_bytes: barrage_proto::PEER_MESSAGE_LIMIT / 2,
         }
@@ -294,6 +304,9 @@ pub struct Streams {
     next_order: u64,
     total: Totals,
     evicted: u64,
+    /// Streams forgotten before `idle_ttl` because there were more than
+    /// `max_streams`.
+    forgotten_over_cap: u64,
     last_epoch: u64,
     /// Where the clock of attempts (`IdEntry::since_ms`) starts.
     origin: Instant,
@@ -310,6 +323,7 @@ impl Streams {
             next_order: 0,
             total: Totals::default(),
             evicted: 0,
+            forgotten_over_cap: 0,
             last_epoch: 0,
             origin: Instant::now(),
         }
@@ -559,10 +573,16 @@ impl Streams {
         {
             Self::drop_front(key, stream, &mut self.total, &mut self.fronts);
         }
-        if stream.history.is_empty()
-            && now.saturating_duration_since(stream.last_push) > self.cfg.idle_ttl
-        {
+        if !stream.history.is_empty() {
+            return false;
+        }
+        let idle = now.saturating_duration_since(stream.last_push) > self.cfg.idle_ttl;
+        let over_cap = self.streams.len() > self.cfg.max_streams;
+        if idle || over_cap {
             self.streams.swap_remove_index(index);
+            if !idle {
+                self.forgotten_over_cap += 1;
+            }
             return true;
         }
         false
@@ -814,6 +834,12 @@ impl Streams {
         self.evicted
     }
 
+    /// Streams forgotten early because there were more than
+    /// [`StreamConfig::max_streams`].
+    pub fn forgotten_over_cap(&self) -> u64 {
+        self.forgotten_over_cap
+    }
+
     /// Streams with a position.
     pub fn len(&self) -> usize {
         self.streams.len()
@@ -962,6 +988,39 @@ mod tests {
             s.sweep(Instant::now());
         }
         assert_eq!(s.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn over_the_stream_cap_streams_with_no_message_left_are_forgotten() {
+        let cfg = StreamConfig {
+            max_streams: 3,
+            user: Retention {
+                max_messages: 100,
+                ttl: Duration::from_secs(60),
+            },
+            ..StreamConfig::default()
+        };
+        let mut s = Streams::new(cfg);
+        let start = Instant::now();
+        for u in 0..5 {
+            s.append(&format!("user:old-{u}"), &body("m"), false, start);
+        }
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let fresh = s.append("user:fresh", &body("f"), false, Instant::now());
+        tokio::time::advance(Duration::from_secs(31)).await;
+        // The five old streams' messages are past their age: the sweep
+        // forgets them, though far from their 24 idle hours, while there
+        // are more streams than the cap; the one with a message stays.
+        s.sweep(Instant::now());
+        assert_eq!(s.len(), 3);
+        assert_eq!(s.forgotten_over_cap(), 3);
+        let now = Instant::now();
+        let r = history(&mut s, &q("user:fresh", Some((fresh.epoch, 0))), now);
+        assert!(r.recovered);
+        assert_eq!(seqs(&r), vec![1]);
+        // Within the cap, an emptied stream keeps its position.
+        s.sweep(now);
+        assert_eq!((s.len(), s.forgotten_over_cap()), (3, 3));
     }
 
     #[tokio::test(start_paused = true)]
