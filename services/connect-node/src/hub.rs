@@ -583,6 +583,27 @@ impl Hub {
         Outbound::message(p, self.compression)
     }
 
+    /// The `message` frame of `body` at `seq` in `epoch` of `stream`.
+    pub fn message_of(
+        &self,
+        stream: &str,
+        epoch: u64,
+        seq: u64,
+        body: &barrage_proto::v1::MessageBody,
+    ) -> Outbound {
+        self.message(&MessageParts {
+            stream,
+            id: &body.id,
+            epoch,
+            seq,
+            event: &body.event,
+            content: &body.content,
+            binary: &body.binary_content,
+            timestamp_ms: body.timestamp_ms,
+            from: &body.sender,
+        })
+    }
+
     /// Adds a connection of `user` in `rooms`. Returns its handle, the
     /// receiving end of its send queue, and an ack that resolves once the
     /// controllers know about it.

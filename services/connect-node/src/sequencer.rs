@@ -22,8 +22,6 @@ use tokio_util::sync::CancellationToken;
 
 use barrage_proto::v1::HistoryQuery;
 
-use barrage_protocol::MessageParts;
-
 use crate::hub::{Hub, Outbound};
 
 /// Longest a message waits for its predecessor.
@@ -277,17 +275,7 @@ impl Sequencer {
                 if m.seq <= o.last || m.seq > gap.to {
                     continue;
                 }
-                let frame = hub.message(&MessageParts {
-                    stream: &key,
-                    id: &body.id,
-                    epoch: gap.epoch,
-                    seq: m.seq,
-                    event: &body.event,
-                    content: &body.content,
-                    binary: &body.binary_content,
-                    timestamp_ms: body.timestamp_ms,
-                    from: &body.sender,
-                });
+                let frame = hub.message_of(&key, gap.epoch, m.seq, body);
                 o.last = m.seq;
                 out.push(Ready {
                     key: gap.key.clone(),

@@ -7,7 +7,7 @@ use barrage_proto::v1::{
     CloseRoomRequest, CloseRoomResponse, MessageResult, PushMessageBatchRequest,
     PushMessageBatchResponse, StatsRequest, StatsResponse, connect_node_server::ConnectNode,
 };
-use barrage_protocol::{MessageParts, StreamKey};
+use barrage_protocol::StreamKey;
 use tonic::{Request, Response, Status};
 
 use crate::hub::Hub;
@@ -76,17 +76,7 @@ impl ConnectNode for ConnectNodeService {
             };
             for (key, t) in targets {
                 // Encoded once per target stream; every recipient shares it.
-                let frame = self.hub.message(&MessageParts {
-                    stream: &t.stream,
-                    id: &body.id,
-                    epoch: t.epoch,
-                    seq: t.seq,
-                    event: &body.event,
-                    content: &body.content,
-                    binary: &body.binary_content,
-                    timestamp_ms: body.timestamp_ms,
-                    from: &body.sender,
-                });
+                let frame = self.hub.message_of(&t.stream, t.epoch, t.seq, body);
                 let ready = Ready {
                     key,
                     seq: t.seq,

@@ -20,8 +20,8 @@ use axum::response::{IntoResponse, Response};
 use barrage_auth::{AuthError, Claims};
 use barrage_proto::v1::HistoryQuery;
 use barrage_protocol::{
-    ClientFrame, CloseCode, MessageParts, RoomId, ServerFrame, StreamKey, StreamPos, StreamState,
-    UserId, binary, parse_client_frame, parse_positions,
+    ClientFrame, CloseCode, RoomId, ServerFrame, StreamKey, StreamPos, StreamState, UserId, binary,
+    parse_client_frame, parse_positions,
 };
 use futures::{SinkExt, StreamExt};
 use parking_lot::Mutex;
@@ -955,17 +955,8 @@ pub(crate) async fn recover(
         let mut seqs = HashSet::new();
         for m in &r.messages {
             let Some(body) = &m.body else { continue };
-            out.missed.push(hub.message(&MessageParts {
-                stream: &r.key,
-                id: &body.id,
-                epoch: r.epoch,
-                seq: m.seq,
-                event: &body.event,
-                content: &body.content,
-                binary: &body.binary_content,
-                timestamp_ms: body.timestamp_ms,
-                from: &body.sender,
-            }));
+            out.missed
+                .push(hub.message_of(&r.key, r.epoch, m.seq, body));
             seqs.insert(m.seq);
         }
         out.recovered_messages += r.messages.len() as u64;
