@@ -1956,12 +1956,41 @@ async fn a_gap_left_by_a_failed_batch_is_filled_from_the_history() -> anyhow::Re
         .map(|m| (m.seq, m.data))
         .collect();
     assert_eq!(got, vec![(2, Some("m2".into())), (3, Some("m3".into()))]);
-    let node = &cluster.nodes[0];
+    // The same on the user's own stream.
+    let user_push = |content: &str, id: &str| PushToUserRequest {
+        user_id: "g1".into(),
+        content: content.into(),
+        message_id: id.into(),
+        ..Default::default()
+    };
+    let _ = up.send(false);
+    let lost = within(T, "u1", api.push_to_user(user_push("u1", "")))
+        .await??
+        .into_inner();
+    assert!(!lost.success, "{lost:?}");
+    let _ = up.send(true);
+    eventually(T, "u2 to reach the node", || {
+        let mut api = api.clone();
+        let req = user_push("u2", "gap-u2");
+        async move {
+            let r = api.push_to_user(req).await.ok()?.into_inner();
+            r.success.then_some(())
+        }
+    })
+    .await?;
+    let got: Vec<_> = [next_msg(&mut client).await?, next_msg(&mut client).await?]
+        .into_iter()
+        .map(|m| (m.stream, m.data))
+        .collect();
+    let user = || "user:g1".to_string();
     assert_eq!(
-        node.metric(r#"connect_node_order_gaps_total{outcome="filled"}"#),
-        1.0
+        got,
+        vec![(user(), Some("u1".into())), (user(), Some("u2".into()))]
     );
-    assert_eq!(node.metric("connect_node_gap_filled_messages_total"), 1.0);
+    let node = &cluster.nodes[0];
+    let filled = r#"connect_node_order_gaps_total{outcome="filled"}"#;
+    assert_eq!(node.metric(filled), 2.0);
+    assert_eq!(node.metric("connect_node_gap_filled_messages_total"), 2.0);
     Ok(())
 }
 

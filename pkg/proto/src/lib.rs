@@ -21,6 +21,7 @@ impl v1::HistoryQuery {
             epoch: position.map_or(0, |p| p.0),
             seq: position.map_or(0, |p| p.1),
             client: 0,
+            gap_fill: false,
         }
     }
 }

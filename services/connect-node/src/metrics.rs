@@ -132,7 +132,7 @@ impl Metrics {
             order_gaps: IntCounterVec::new(
                 Opts::new(
                     "connect_node_order_gaps_total",
-                    "Messages of a room or the broadcast stream that waited for a predecessor that never came, by outcome: filled (the missing messages were delivered from the history first) or released (the history no longer held them or did not answer: the clients' positions pass a gap)",
+                    "Messages that waited for a predecessor that never came, by outcome: filled (the missing messages were delivered from the history first) or released (the history no longer held them or did not answer: the clients' positions pass a gap)",
                 ),
                 &["outcome"],
             )?,

@@ -5,8 +5,8 @@
 //! node; a message whose predecessor has not been delivered yet waits for
 //! it, at most [`MAX_WAIT`] (a predecessor whose batch failed never comes).
 //!
-//! When a room's or the broadcast stream's message has waited that long,
-//! the node asks the stream's controller for what it is missing and
+//! When a stream's message has waited that long, the node asks the
+//! stream's controller for what it is missing and
 //! delivers it first, from the history, so that its clients' positions
 //! never move past a message they did not get. Only what the history no
 //! longer holds (or a controller that does not answer) leaves a gap, and
@@ -220,12 +220,12 @@ impl Sequencer {
     }
 
     /// The gap to fill before messages that waited too long are released:
-    /// the messages between the last delivered and the first waiting, of a
-    /// room or the broadcast stream whose position here is known. (A
-    /// user's stream is not asked: a recovery query there also counts the
-    /// user's kept messages as received.)
+    /// the messages between the last delivered and the first waiting. Of a
+    /// stream this node has delivered nothing of (in this epoch), only the
+    /// named predecessor is known to be missing: what came before it here,
+    /// if anything, was long enough ago for the node to have forgotten it.
     fn gap_locked(o: &Order, now: Instant) -> Option<Gap> {
-        if !o.seen || o.filling {
+        if o.filling {
             return None;
         }
         let (&prev, first) = o.waiting.first_key_value()?;
@@ -233,13 +233,13 @@ impl Sequencer {
             .waiting
             .values()
             .any(|w| now.duration_since(w.since) >= MAX_WAIT);
-        if !expired || prev <= o.last || matches!(first.ready.key, StreamKey::User(_)) {
+        if !expired || prev == 0 || (o.seen && prev <= o.last) {
             return None;
         }
         Some(Gap {
             key: first.ready.key.clone(),
             epoch: o.epoch,
-            from: o.last,
+            from: if o.seen { o.last } else { prev - 1 },
             to: prev,
         })
     }
@@ -248,7 +248,8 @@ impl Sequencer {
     /// still has in order, then releases what waited for them.
     async fn fill(order: Arc<Mutex<Order>>, hub: Arc<Hub>, gap: Gap) {
         let key = gap.key.to_string();
-        let query = HistoryQuery::new(key.clone(), Some((gap.epoch, gap.from)));
+        let mut query = HistoryQuery::new(key.clone(), Some((gap.epoch, gap.from)));
+        query.gap_fill = true;
         let answer = tokio::time::timeout(FILL_TIMEOUT, hub.reporter().history(vec![query])).await;
         let history = match answer {
             Ok(Ok(mut results)) if !results.is_empty() => Some(results.swap_remove(0)),
@@ -272,10 +273,11 @@ impl Sequencer {
         {
             for m in &h.messages {
                 let Some(body) = &m.body else { continue };
-                if m.seq <= o.last || m.seq > gap.to {
+                if m.seq <= gap.from.max(o.last) || m.seq > gap.to {
                     continue;
                 }
                 let frame = hub.message_of(&key, gap.epoch, m.seq, body);
+                o.seen = true;
                 o.last = m.seq;
                 out.push(Ready {
                     key: gap.key.clone(),
@@ -286,7 +288,7 @@ impl Sequencer {
             }
         }
         let filled = out.len() as u64;
-        let outcome = if o.last >= gap.to {
+        let outcome = if o.seen && o.last >= gap.to {
             "filled"
         } else {
             "released"

@@ -726,7 +726,8 @@ impl Streams {
         }
         // A client that holds a position has received everything up to it;
         // offline messages after it are handed out again until received.
-        let waiting = user && stream.received(q.seq);
+        // (A node filling a gap holds no client's position.)
+        let waiting = user && !q.gap_fill && stream.received(q.seq);
         if q.seq >= stream.seq {
             return (out, false);
         }
@@ -1431,6 +1432,24 @@ mod tests {
         assert!(!back.recovered);
         // `0:0` (a stream that had no message) still refers to nothing lost.
         assert!(history(&mut restarted, &q("room:quiet", Some((0, 0))), now).recovered);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gap_fill_counts_nothing_as_received() {
+        let mut s = Streams::new(StreamConfig::default());
+        let now = Instant::now();
+        let kept = s.append("user:u", &body("away"), true, now);
+        s.append("user:u", &body("live-1"), false, now);
+        s.append("user:u", &body("live-2"), false, now);
+        // A node fills the gap after live-1: it gets live-2 …
+        let mut fill = q("user:u", Some((kept.epoch, 2)));
+        fill.gap_fill = true;
+        assert_eq!(seqs(&history(&mut s, &fill, now)), vec![3]);
+        // … and the message kept for the user is still handed out.
+        assert_eq!(seqs(&history(&mut s, &q("user:u", None), now)), vec![1]);
+        // A client's position past it says it was received.
+        history(&mut s, &q("user:u", Some((kept.epoch, 2))), now);
+        assert!(history(&mut s, &q("user:u", None), now).messages.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
