@@ -1562,20 +1562,25 @@ async fn a_large_room_written_by_several_threads_gets_every_message_in_order() -
     Ok(())
 }
 
-/// A push to users of two controllers, one of which does not answer: the
-/// users of the controller that answered get it at once, the call fails
-/// with UNAVAILABLE saying so, and a retry with the same message_id, once
-/// the silent controller has left the ring, reaches the rest without
-/// delivering it again to those it reached.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_half_resolved_push_reaches_the_answered_half_and_a_retry_the_rest() -> anyhow::Result<()>
-{
+/// Users of two controllers in an in-process cluster: `here` belongs to
+/// controller-1 and has a connection (`client`); `away` belongs to
+/// "ghost", a controller registered with nothing listening at its address,
+/// which never answers until it leaves (`ghost.deregister()`).
+struct HalfResolved {
+    cluster: TestCluster,
+    api: barrage_proto::v1::push_manager_client::PushManagerClient<Channel>,
+    here: String,
+    away: String,
+    client: Client,
+    ghost: barrage_discovery::Registration,
+}
+
+async fn half_resolved() -> anyhow::Result<HalfResolved> {
     use barrage_discovery::ring::{DEFAULT_VNODES, Ring};
     use barrage_discovery::{Member, Role};
-    barrage_testkit::init_tracing();
     let mut cluster = TestCluster::in_process();
     cluster.start(1).await?;
-    let mut api = cluster.push_client().await?;
+    let api = cluster.push_client().await?;
     // Users owned by controller-1 and by the silent one, on the ring of both.
     let ring = Ring::new(
         [("controller-1".to_string(), ()), ("ghost".to_string(), ())],
@@ -1591,7 +1596,7 @@ async fn a_half_resolved_push_reaches_the_answered_half_and_a_retry_the_rest() -
             .expect("some user")
     };
     let (here, away) = (owned_by("controller-1"), owned_by("ghost"));
-    let mut client = within(
+    let client = within(
         T,
         "connect",
         Client::connect(&connect_url(&cluster.nodes[0].ws_url(), &here, &[])),
@@ -1613,6 +1618,33 @@ async fn a_half_resolved_push_reaches_the_answered_half_and_a_retry_the_rest() -
             Duration::from_secs(30),
         )
         .await?;
+    Ok(HalfResolved {
+        cluster,
+        api,
+        here,
+        away,
+        client,
+        ghost,
+    })
+}
+
+/// A push to users of two controllers, one of which does not answer: the
+/// users of the controller that answered get it at once, the call fails
+/// with UNAVAILABLE saying so, and a retry with the same message_id, once
+/// the silent controller has left the ring, reaches the rest without
+/// delivering it again to those it reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_resolved_push_reaches_the_answered_half_and_a_retry_the_rest() -> anyhow::Result<()>
+{
+    barrage_testkit::init_tracing();
+    let HalfResolved {
+        cluster,
+        mut api,
+        here,
+        away,
+        mut client,
+        ghost,
+    } = half_resolved().await?;
     let push = |content: &str| PushToUserRequest {
         user_ids: vec![here.clone(), away.clone()],
         content: content.into(),
@@ -1634,9 +1666,19 @@ async fn a_half_resolved_push_reaches_the_answered_half_and_a_retry_the_rest() -
     .await?;
     assert_eq!(failed.code(), tonic::Code::Unavailable, "{failed:?}");
     assert!(
-        failed.message().contains("retry with the same message_id"),
+        failed
+            .message()
+            .contains("retry with the same message_id (\"half-1\")"),
         "{}",
         failed.message()
+    );
+    assert_eq!(
+        failed
+            .metadata()
+            .get("x-message-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("half-1"),
+        "{failed:?}"
     );
     let m = within(T, "the answered half", client.next_message())
         .await??
@@ -1664,6 +1706,97 @@ async fn a_half_resolved_push_reaches_the_answered_half_and_a_retry_the_rest() -
         .await??
         .expect("message");
     assert_eq!(kept.data, Some(serde_json::json!("half")));
+    next_is_marker(&mut api, &mut client, &here).await
+}
+
+/// The same half-resolved push without a message_id: the error names the
+/// id the push was given, in its message and in `x-message-id`, and says
+/// what a retry with it does; a retry with it, once the silent controller
+/// has left, reaches the rest and is not delivered again to those the
+/// first attempt reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_resolved_push_without_a_message_id_names_the_one_it_was_given() -> anyhow::Result<()>
+{
+    barrage_testkit::init_tracing();
+    let HalfResolved {
+        cluster,
+        mut api,
+        here,
+        away,
+        mut client,
+        ghost,
+    } = half_resolved().await?;
+    // Every attempt has a fresh id and content of its own; those made
+    // before the ghost is known reach `here` in full.
+    let attempt = std::sync::atomic::AtomicU32::new(0);
+    let failed = eventually(T, "a half-resolved push", || {
+        let mut api = api.clone();
+        let n = attempt.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let req = PushToUserRequest {
+            user_ids: vec![here.clone(), away.clone()],
+            content: format!("attempt-{n}"),
+            ..Default::default()
+        };
+        async move {
+            match api.push_to_user(req).await {
+                Err(s) if s.message().contains("ghost") => Some((s, n)),
+                _ => None,
+            }
+        }
+    })
+    .await?;
+    let (failed, n) = failed;
+    assert_eq!(failed.code(), tonic::Code::Unavailable, "{failed:?}");
+    let id = failed
+        .metadata()
+        .get("x-message-id")
+        .and_then(|v| v.to_str().ok())
+        .with_context(|| format!("no x-message-id in {failed:?}"))?
+        .to_owned();
+    assert!(
+        failed
+            .message()
+            .contains(&format!("the push had no message_id and was given {id:?}"))
+            && failed
+                .message()
+                .contains(&format!("a retry with message_id {id:?} reaches")),
+        "{}",
+        failed.message()
+    );
+    // The answered half got the message under that id.
+    let content = format!("attempt-{n}");
+    let reached = loop {
+        let m = next_msg(&mut client).await?;
+        if m.data == Some(serde_json::json!(content)) {
+            break m;
+        }
+    };
+    assert_eq!(reached.id, id);
+    ghost.deregister().await;
+    let retried = eventually(T, "the retry to succeed", || {
+        let mut api = api.clone();
+        let req = PushToUserRequest {
+            user_ids: vec![here.clone(), away.clone()],
+            content: content.clone(),
+            message_id: id.clone(),
+            ..Default::default()
+        };
+        async move { api.push_to_user(req).await.ok() }
+    })
+    .await?
+    .into_inner();
+    assert!(retried.success, "{retried:?}");
+    assert_eq!(retried.message_id, id);
+    let mut offline = within(
+        T,
+        "connect",
+        Client::connect(&connect_url(&cluster.nodes[0].ws_url(), &away, &[])),
+    )
+    .await??;
+    let kept = within(T, "the stored message", offline.next_message())
+        .await??
+        .expect("message");
+    assert_eq!((kept.id, kept.data), (id, Some(serde_json::json!(content))));
     next_is_marker(&mut api, &mut client, &here).await
 }
 

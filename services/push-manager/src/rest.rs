@@ -2,10 +2,12 @@
 //! `/metrics`. Every endpoint calls the gRPC service in process, so
 //! validation, API-token auth, metrics and traces are the gRPC ones.
 //!
-//! Errors are JSON: `{"error": {"code", "field"?, "message"}}` with 400
-//! (invalid argument, naming the field), 401/403 (API token), 404 (unknown
-//! room or user in admin reads), 413 (body too large), 503 (cluster not
-//! reachable).
+//! Errors are JSON: `{"error": {"code", "field"?, "message", "message_id"?}}`
+//! with 400 (invalid argument, naming the field), 401/403 (API token), 404
+//! (unknown room or user in admin reads), 409 (a push still under way),
+//! 413 (body too large), 503 (cluster not reachable). `message_id` names
+//! the message of a push that reached only some of its targets, to retry
+//! with.
 
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
@@ -56,11 +58,20 @@ async fn openapi() -> Response {
 }
 
 fn error(status: StatusCode, code: &str, field: Option<&str>, message: &str) -> Response {
+    error_reply(status, error_body(code, field, message))
+}
+
+/// The `error` object of an error answer.
+fn error_body(code: &str, field: Option<&str>, message: &str) -> Value {
     let mut e = json!({ "code": code, "message": message });
     if let Some(f) = field {
         e["field"] = json!(f);
     }
-    (status, axum::Json(json!({ "error": e }))).into_response()
+    e
+}
+
+fn error_reply(status: StatusCode, error: Value) -> Response {
+    (status, axum::Json(json!({ "error": error }))).into_response()
 }
 
 /// A gRPC status as the HTTP answer a caller can act on.
@@ -91,7 +102,13 @@ fn from_status(s: &Status) -> Response {
                 .flatten()
         })
         .filter(|f| !f.is_empty() && f.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
-    error(http, code, field, s.message())
+    let mut e = error_body(code, field, s.message());
+    // A push that reached only some of its targets names its message id,
+    // to retry with.
+    if let Some(id) = crate::service::message_id_of(s) {
+        e["message_id"] = json!(id);
+    }
+    error_reply(http, e)
 }
 
 fn bad_body(rejection: &JsonRejection) -> Response {
@@ -435,4 +452,35 @@ async fn user(
         "nodes": nodes,
     }))
     .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body(r: Response) -> Value {
+        let bytes = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            axum::body::to_bytes(r.into_body(), 1 << 20),
+        )
+        .await
+        .expect("body within the deadline")
+        .expect("body");
+        serde_json::from_slice(&bytes).expect("JSON")
+    }
+
+    /// A push that reached only some of its targets names its message id
+    /// in the HTTP error too, printable or not.
+    #[tokio::test]
+    async fn a_partial_failure_names_the_message_id() {
+        for id in ["0190f6c1-0000-7000-8000-000000000000", "commentaire-é"] {
+            let s = crate::service::with_message_id(Status::unavailable("partly"), id);
+            let r = from_status(&s);
+            assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+            let b = body(r).await;
+            assert_eq!(b["error"]["message_id"], json!(id), "{b}");
+        }
+        let plain = body(from_status(&Status::unavailable("down"))).await;
+        assert!(plain["error"].get("message_id").is_none(), "{plain}");
+    }
 }

@@ -16,6 +16,7 @@ use barrage_proto::v1::{
 };
 use barrage_protocol::{RoomId, StreamKey, UserId};
 use futures::future::join_all;
+use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument as _;
 
@@ -830,17 +831,69 @@ impl PushService {
             } else {
                 Code::Aborted
             };
-            return Err(Status::new(
+            let retry = retry_advice(&body.id, idempotent);
+            let status = Status::new(
                 code,
                 format!(
-                    "{first}; delivered only to the other targets ({reached} connection(s)); \
-                     retry with the same message_id to reach the rest (targets already reached \
-                     are not delivered again)"
+                    "{first}; delivered only to the other targets ({reached} connection(s)); {retry}"
                 ),
-            ));
+            );
+            return Err(with_message_id(status, &body.id));
         }
         Ok(outcome)
     }
+}
+
+/// What a retry of a push that reached only some of its targets does,
+/// naming the message id to retry with. A push without the caller's
+/// `message_id` had one made up, which the caller learns only here; it
+/// recorded no result, so a retry with that id is a plain repeat for the
+/// targets whose controllers took the message.
+fn retry_advice(id: &str, idempotent: bool) -> String {
+    if idempotent {
+        format!(
+            "retry with the same message_id ({id:?}) to reach the rest (targets already \
+             reached are not delivered again)"
+        )
+    } else {
+        format!(
+            "the push had no message_id and was given {id:?} (also in the {MESSAGE_ID_KEY} \
+             metadata): a retry with message_id {id:?} reaches the targets whose controller \
+             had not taken the message and is not delivered again to the targets already \
+             reached; having no message_id, this push recorded no result, so the retry does \
+             not send it again to the nodes it failed on"
+        )
+    }
+}
+
+/// The metadata entry of a failed push's message id.
+pub(crate) const MESSAGE_ID_KEY: &str = "x-message-id";
+
+/// `status` with the push's message id in its metadata ([`MESSAGE_ID_KEY`],
+/// or `x-message-id-bin` for an id that is not printable ASCII), for the
+/// caller to retry with.
+pub(crate) fn with_message_id(mut status: Status, id: &str) -> Status {
+    let metadata = status.metadata_mut();
+    // Header values may carry other bytes too, but only ASCII reads back.
+    match MetadataValue::try_from(id) {
+        Ok(v) if id.is_ascii() => {
+            metadata.insert(MESSAGE_ID_KEY, v);
+        }
+        _ => {
+            metadata.insert_bin("x-message-id-bin", MetadataValue::from_bytes(id.as_bytes()));
+        }
+    }
+    status
+}
+
+/// The message id a failed push's status carries ([`with_message_id`]).
+pub(crate) fn message_id_of(status: &Status) -> Option<String> {
+    let metadata = status.metadata();
+    if let Some(v) = metadata.get(MESSAGE_ID_KEY) {
+        return v.to_str().ok().map(str::to_owned);
+    }
+    let bytes = metadata.get_bin("x-message-id-bin")?.to_bytes().ok()?;
+    String::from_utf8(bytes.to_vec()).ok()
 }
 
 #[tonic::async_trait]
