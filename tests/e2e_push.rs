@@ -1800,6 +1800,82 @@ async fn a_half_resolved_push_without_a_message_id_names_the_one_it_was_given() 
     next_is_marker(&mut api, &mut client, &here).await
 }
 
+/// API calls whose callers stop waiting are counted all the same, with the
+/// time they ran: one whose deadline passed as DEADLINE_EXCEEDED, one its
+/// caller cancelled as CANCELLED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_their_callers_give_up_on_are_counted() -> anyhow::Result<()> {
+    use barrage_discovery::{Member, Role};
+    use barrage_testkit::cluster::metric;
+    barrage_testkit::init_tracing();
+    let mut cluster = TestCluster::in_process();
+    // The one controller takes connections and never answers: every push
+    // waits for it.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let _silent = cluster
+        .discovery()
+        .await?
+        .register(
+            Member {
+                id: "silent".into(),
+                role: Role::Controller,
+                grpc_addr: silent.local_addr()?.to_string(),
+                http_addr: String::new(),
+                ws_addr: None,
+            },
+            Duration::from_secs(30),
+        )
+        .await?;
+    cluster.start_manager("manager-1").await?;
+    let registry = cluster.managers[0].registry.clone();
+    let mut api = cluster.push_client().await?;
+    let counted = |status: &'static str| {
+        let registry = registry.clone();
+        move || {
+            let series =
+                format!(r#"push_manager_api_requests_total{{api="PushToRoom",status="{status}"}}"#);
+            let n = metric(&registry, &series);
+            async move { (n > 0.0).then_some(n) }
+        }
+    };
+
+    let deadline = Duration::from_millis(300);
+    let mut req = tonic::Request::new(room_push("r1", "late"));
+    req.set_timeout(deadline);
+    let late = within(T, "a push past its deadline", api.push_to_room(req)).await?;
+    assert!(late.is_err(), "{late:?}");
+    let n = eventually(
+        T,
+        "the call past its deadline counted",
+        counted("DEADLINE_EXCEEDED"),
+    )
+    .await?;
+    assert_eq!(n, 1.0);
+    let took = metric(
+        &registry,
+        r#"push_manager_api_duration_seconds_sum{api="PushToRoom"}"#,
+    );
+    assert!(took >= 0.25, "the call ran {took} s");
+
+    // The caller gives up with no deadline given: its call is cancelled.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(200),
+        api.push_to_room(room_push("r1", "x")),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the push waits for the silent controller");
+    let n = eventually(T, "the cancelled call counted", counted("CANCELLED")).await?;
+    assert_eq!(n, 1.0);
+    let calls = metric(
+        &registry,
+        r#"push_manager_api_duration_seconds_count{api="PushToRoom"}"#,
+    );
+    assert_eq!(calls, 2.0);
+    let late = r#"push_manager_api_requests_total{api="PushToRoom",status="DEADLINE_EXCEEDED"}"#;
+    assert_eq!(metric(&registry, late), 1.0);
+    Ok(())
+}
+
 /// An in-process cluster whose push-managers give up on a node (and a
 /// controller) after `timeout`.
 fn with_push_timeout(timeout: Duration) -> TestCluster {

@@ -340,6 +340,7 @@ fn controller_error(id: &str, s: Status) -> Status {
 fn code_label(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
         Code::InvalidArgument => "INVALID_ARGUMENT",
         Code::NotFound => "NOT_FOUND",
         Code::Unavailable => "UNAVAILABLE",
@@ -351,6 +352,87 @@ fn code_label(code: Code) -> &'static str {
         Code::Internal => "INTERNAL",
         _ => "OTHER",
     }
+}
+
+/// A call dropped this close to its deadline, or later, counts as
+/// `DEADLINE_EXCEEDED`: the deadline is measured from when the handler
+/// began, a little after the server's timer (and the caller's) started.
+const DEADLINE_SLACK: Duration = Duration::from_millis(10);
+
+/// One API call's entry in the metrics: its duration and status, recorded
+/// once, when it answers or, if it never does, when it is dropped.
+struct CallRecord<'a> {
+    metrics: &'a Metrics,
+    api: &'static str,
+    start: Instant,
+    /// When the caller's deadline passes, if it gave one.
+    deadline: Option<Instant>,
+    recorded: bool,
+}
+
+impl<'a> CallRecord<'a> {
+    fn new(metrics: &'a Metrics, api: &'static str, timeout: Option<Duration>) -> Self {
+        let start = Instant::now();
+        CallRecord {
+            metrics,
+            api,
+            start,
+            deadline: timeout.and_then(|t| start.checked_add(t)),
+            recorded: false,
+        }
+    }
+
+    fn record(&mut self, code: Code) {
+        self.recorded = true;
+        self.metrics
+            .api_duration
+            .with_label_values(&[self.api])
+            .observe(self.start.elapsed().as_secs_f64());
+        self.metrics
+            .api_requests
+            .with_label_values(&[self.api, code_label(code)])
+            .inc();
+    }
+}
+
+impl Drop for CallRecord<'_> {
+    fn drop(&mut self) {
+        if self.recorded {
+            return;
+        }
+        let code = if std::thread::panicking() {
+            Code::Internal
+        } else if self
+            .deadline
+            .is_some_and(|d| Instant::now() + DEADLINE_SLACK >= d)
+        {
+            Code::DeadlineExceeded
+        } else {
+            Code::Cancelled
+        };
+        self.record(code);
+    }
+}
+
+/// The deadline a gRPC caller gave its call (`grpc-timeout`: at most 8
+/// digits and a unit), if it gave a valid one.
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let split = v.len().checked_sub(1).filter(|&n| (1..=8).contains(&n))?;
+    let (digits, unit) = v.split_at(split);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 impl PushService {
@@ -403,21 +485,20 @@ impl PushService {
         }
     }
 
+    /// Runs the call `f` of `api`, recording its duration and status. A
+    /// call that tonic or axum drops unanswered (its caller cancelled, or
+    /// `timeout`, its deadline, passed) is recorded too, as `CANCELLED` or
+    /// `DEADLINE_EXCEEDED`, with the time it ran.
     async fn observed<T>(
         &self,
         api: &'static str,
+        timeout: Option<Duration>,
         f: impl Future<Output = Result<T, Status>>,
     ) -> Result<Response<T>, Status> {
-        let start = Instant::now();
+        let mut call = CallRecord::new(&self.inner.metrics, api, timeout);
         let r = f.await;
-        let m = &self.inner.metrics;
-        m.api_duration
-            .with_label_values(&[api])
-            .observe(start.elapsed().as_secs_f64());
         let code = r.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
-        m.api_requests
-            .with_label_values(&[api, code_label(code)])
-            .inc();
+        call.record(code);
         if let Err(s) = &r
             && s.code() != Code::InvalidArgument
         {
@@ -903,9 +984,10 @@ impl PushManager for PushService {
         req: Request<PushToRoomRequest>,
     ) -> Result<Response<PushToRoomResponse>, Status> {
         let span = barrage_telemetry::server_span("PushToRoom", req.metadata());
+        let timeout = grpc_timeout(req.metadata());
         let allowed = self.authorize(&req, Scope::PushRoom);
         let r = req.into_inner();
-        self.observed("PushToRoom", async {
+        self.observed("PushToRoom", timeout, async {
             allowed?;
             let room = RoomId::new(r.room_id).map_err(|e| invalid("room_id", e))?;
             if r.exclude_user_ids.len() > self.inner.limits.max_exclude_user_ids {
@@ -954,9 +1036,10 @@ impl PushManager for PushService {
         req: Request<PushToUserRequest>,
     ) -> Result<Response<PushToUserResponse>, Status> {
         let span = barrage_telemetry::server_span("PushToUser", req.metadata());
+        let timeout = grpc_timeout(req.metadata());
         let allowed = self.authorize(&req, Scope::PushUser);
         let r = req.into_inner();
-        self.observed("PushToUser", async {
+        self.observed("PushToUser", timeout, async {
             allowed?;
             let users = target_users(r.user_id, r.user_ids, self.inner.limits.max_user_ids)?;
             let idempotent = !r.message_id.is_empty();
@@ -983,9 +1066,10 @@ impl PushManager for PushService {
         req: Request<BroadcastRequest>,
     ) -> Result<Response<BroadcastResponse>, Status> {
         let span = barrage_telemetry::server_span("Broadcast", req.metadata());
+        let timeout = grpc_timeout(req.metadata());
         let allowed = self.authorize(&req, Scope::Broadcast);
         let r = req.into_inner();
-        self.observed("Broadcast", async {
+        self.observed("Broadcast", timeout, async {
             allowed?;
             let idempotent = !r.message_id.is_empty();
             let body = self.body(r.content, r.binary_content, r.event, r.message_id)?;
@@ -1012,9 +1096,10 @@ impl PushManager for PushService {
         req: Request<GetRoomInfoRequest>,
     ) -> Result<Response<GetRoomInfoResponse>, Status> {
         let span = barrage_telemetry::server_span("GetRoomInfo", req.metadata());
+        let timeout = grpc_timeout(req.metadata());
         let allowed = self.authorize(&req, Scope::Admin);
         let r = req.into_inner();
-        self.observed("GetRoomInfo", async {
+        self.observed("GetRoomInfo", timeout, async {
             allowed?;
             let room = RoomId::new(r.room_id.as_str()).map_err(|e| invalid("room_id", e))?;
             let (id, mut client) = self.owner(&StreamKey::Room(room).to_string())?;
@@ -1033,9 +1118,10 @@ impl PushManager for PushService {
         req: Request<GetUserNodeRequest>,
     ) -> Result<Response<GetUserNodeResponse>, Status> {
         let span = barrage_telemetry::server_span("GetUserNode", req.metadata());
+        let timeout = grpc_timeout(req.metadata());
         let allowed = self.authorize(&req, Scope::Admin);
         let r = req.into_inner();
-        self.observed("GetUserNode", async {
+        self.observed("GetUserNode", timeout, async {
             allowed?;
             let user = UserId::new(r.user_id.as_str()).map_err(|e| invalid("user_id", e))?;
             let (id, mut client) = self.owner(&StreamKey::User(user).to_string())?;
@@ -1054,9 +1140,10 @@ impl PushManager for PushService {
         req: Request<pb::CloseRoomRequest>,
     ) -> Result<Response<pb::CloseRoomResponse>, Status> {
         let span = barrage_telemetry::server_span("CloseRoom", req.metadata());
+        let timeout = grpc_timeout(req.metadata());
         let allowed = self.authorize(&req, Scope::Admin);
         let r = req.into_inner();
-        self.observed("CloseRoom", async {
+        self.observed("CloseRoom", timeout, async {
             allowed?;
             let room = RoomId::new(r.room_id.as_str()).map_err(|e| invalid("room_id", e))?;
             let (id, mut controller) = self.owner(&StreamKey::Room(room).to_string())?;
@@ -1124,8 +1211,9 @@ impl PushManager for PushService {
         req: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
         let span = barrage_telemetry::server_span("GetStatus", req.metadata());
+        let timeout = grpc_timeout(req.metadata());
         let allowed = self.authorize(&req, Scope::Admin);
-        self.observed("GetStatus", async {
+        self.observed("GetStatus", timeout, async {
             allowed?;
             let ids = self.inner.nodes.node_ids();
             let calls = ids.into_iter().map(|node_id| {
@@ -1171,6 +1259,26 @@ mod tests {
 
     fn ids(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn grpc_timeout_reads_valid_deadlines_and_ignores_the_rest() {
+        let read = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().expect("ascii"));
+            grpc_timeout(&m)
+        };
+        assert_eq!(read("300m"), Some(Duration::from_millis(300)));
+        assert_eq!(read("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(
+            read("99999999H"),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+        assert_eq!(read("7u"), Some(Duration::from_micros(7)));
+        for bad in ["", "S", "m5", "123456789S", "5x", "+5S", "-1S", " 5S"] {
+            assert_eq!(read(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
     }
 
     #[test]
