@@ -1876,6 +1876,58 @@ async fn calls_their_callers_give_up_on_are_counted() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A connect-node that leaves while a push to it is under way takes its
+/// per-node series with it: the push ending afterwards does not bring
+/// them back for a node that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_leaves_during_a_push_leaves_no_series_behind() -> anyhow::Result<()> {
+    use barrage_testkit::cluster::metric;
+    barrage_testkit::init_tracing();
+    let mut cluster = TestCluster::in_process();
+    cluster.start_controller("controller-1").await?;
+    // The push-manager reaches node-1 at an address where connections are
+    // held until the test lets them go.
+    let held = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = held.local_addr()?.to_string();
+    cluster
+        .start_node_with("node-1", |c| c.advertise_addr = addr)
+        .await?;
+    cluster.start_manager("manager-1").await?;
+    let registry = cluster.managers[0].registry.clone();
+    let _leaver = connect(&cluster.nodes[0].ws_url(), "leaver", &[]).await?;
+    let api = cluster.push_client().await?;
+    placed(&api, "leaver", "node-1").await?;
+    let push = tokio::spawn({
+        let mut api = api.clone();
+        async move {
+            api.push_to_user(PushToUserRequest {
+                user_id: "leaver".into(),
+                content: "x".into(),
+                ..Default::default()
+            })
+            .await
+        }
+    });
+    let (to_node, _) = within(T, "the push to reach node-1", held.accept()).await??;
+    cluster.node("node-1")?.stop().await?;
+    eventually(T, "the push-manager to drop node-1", || {
+        let pooled = metric(&registry, "push_manager_node_connections");
+        async move { (pooled == 0.0).then_some(()) }
+    })
+    .await?;
+    // node-1 is gone: the push's call to it fails.
+    drop(to_node);
+    drop(held);
+    let resp = within(T, "the push", push).await???.into_inner();
+    assert!(!resp.success && resp.message.contains("node-1"), "{resp:?}");
+    let text = cluster.managers[0].metrics();
+    assert!(
+        !text.contains(r#"node="node-1""#),
+        "series of node-1, which left: {text}"
+    );
+    Ok(())
+}
+
 /// An in-process cluster whose push-managers give up on a node (and a
 /// controller) after `timeout`.
 fn with_push_timeout(timeout: Duration) -> TestCluster {

@@ -829,26 +829,30 @@ impl PushService {
         inner.metrics.fanout_nodes.observe(per_node.len() as f64);
         let nodes = per_node.len();
         let calls = per_node.into_iter().map(|(node, targets)| {
-            let sender = inner
-                .nodes
-                .get(&node, addrs.get(&node).map(String::as_str))
-                .map(|n| n.sender);
+            let pooled = inner.nodes.get(&node, addrs.get(&node).map(String::as_str));
             let message = BatchMessage {
                 body: Some(body.clone()),
                 targets,
             };
             let timeout = inner.node_timeout;
             async move {
-                let start = Instant::now();
-                let Some(sender) = sender else {
-                    return (node, Err("no address known".to_owned()), start);
+                let Some(pooled) = pooled else {
+                    return (node, Err("no address known".to_owned()));
                 };
+                let start = Instant::now();
                 // Bounds the wait behind busy calls too; a message whose
                 // push gave up is not sent later.
-                let r = tokio::time::timeout(timeout, sender.call(message))
+                let r = tokio::time::timeout(timeout, pooled.sender.call(message))
                     .await
                     .unwrap_or_else(|_| Err(format!("timed out after {timeout:?}")));
-                (node, r, start)
+                // Through the pool entry's series: a node dropped from the
+                // pool meanwhile does not get them back.
+                let series = &pooled.series;
+                series.duration.observe(start.elapsed().as_secs_f64());
+                if r.is_err() {
+                    series.errors.inc();
+                }
+                (node, r)
             }
         });
         let duplicate = fresh == 0 && duplicates > 0;
@@ -872,18 +876,10 @@ impl PushService {
             outcome.delivered = first_delivered;
             return Ok(outcome);
         }
-        for (node, r, start) in join_all(calls).await {
-            inner
-                .metrics
-                .node_batch_duration
-                .with_label_values(&[&node])
-                .observe(start.elapsed().as_secs_f64());
-            // Exported from the first batch on, so a node's error rate is 0, not absent.
-            let errors = inner.metrics.node_batch_errors.with_label_values(&[&node]);
+        for (node, r) in join_all(calls).await {
             match r {
                 Ok(n) => outcome.delivered += n,
                 Err(e) => {
-                    errors.inc();
                     tracing::warn!(node = %node, error = %e, message_id = %body.id, "batch to connect-node failed");
                     outcome.failed.push((node, e));
                 }
