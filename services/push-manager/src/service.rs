@@ -43,8 +43,9 @@ impl Limits {
     /// The largest API request these limits accept must decode, so the
     /// gRPC server's size limit follows them: both contents at their
     /// largest and a full list of user ids, plus 1 MiB for the rest, and
-    /// never under gRPC's default of 4 MiB. A larger request fails with
-    /// OUT_OF_RANGE before it is read.
+    /// never under gRPC's default of 4 MiB. A larger request is refused
+    /// before it is read, with INVALID_ARGUMENT naming `content` and its
+    /// limit (see `read_limit`).
     pub fn grpc_request_bytes(&self) -> usize {
         let ids = self
             .max_user_ids
