@@ -21,6 +21,7 @@ use barrage_proto::v1::{
     GetUserNodeRequest, PushToRoomRequest, PushToUserRequest,
 };
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tonic::{Code, Status};
 
@@ -144,14 +145,20 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     }
 }
 
-/// A gRPC request carrying the caller's `Authorization` header.
+/// The caller's headers a gRPC request carries: its API token and its W3C
+/// trace context, so that the push joins the caller's trace.
+const FORWARDED: [&str; 3] = ["authorization", "traceparent", "tracestate"];
+
+/// A gRPC request carrying the caller's [`FORWARDED`] headers.
 fn request<T>(headers: &HeaderMap, msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
-    if let Some(v) = headers.get(header::AUTHORIZATION)
-        && let Ok(v) = v.to_str()
-        && let Ok(v) = v.parse()
-    {
-        req.metadata_mut().insert("authorization", v);
+    for name in FORWARDED {
+        if let Some(v) = headers.get(name)
+            && let Ok(v) = v.to_str()
+            && let Ok(v) = v.parse()
+        {
+            req.metadata_mut().insert(name, v);
+        }
     }
     req
 }
@@ -165,49 +172,53 @@ fn reply<T>(r: Result<tonic::Response<T>, Status>, ok: impl FnOnce(T) -> Value) 
     }
 }
 
-/// `content` may be a string (sent as is) or any JSON value (sent as its
-/// JSON text).
-fn content_text(v: Option<Value>) -> String {
+/// `content` may be a string (sent as is) or any other JSON value, sent as
+/// its JSON text exactly as the caller wrote it: key order, number
+/// precision and all. Absent or `null`: empty (refused as such).
+fn content_text(v: Option<Box<RawValue>>) -> Result<String, serde_json::Error> {
     match v {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) => s,
-        Some(other) => other.to_string(),
+        None => Ok(String::new()),
+        Some(raw) if raw.get().starts_with('"') => serde_json::from_str(raw.get()),
+        Some(raw) => Ok(raw.get().to_owned()),
     }
 }
 
+/// A `content` string that is JSON but not text (a lone surrogate escape).
+fn bad_content(e: &serde_json::Error) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "INVALID_ARGUMENT",
+        Some("content"),
+        &format!("content: {e}"),
+    )
+}
+
+// In the bodies below, optional fields take `null` as absent.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RoomPush {
-    content: Option<Value>,
-    #[serde(default)]
-    event: String,
-    #[serde(default)]
-    message_id: String,
-    #[serde(default)]
-    exclude_user_ids: Vec<String>,
+    content: Option<Box<RawValue>>,
+    event: Option<String>,
+    message_id: Option<String>,
+    exclude_user_ids: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UserPush {
-    content: Option<Value>,
-    #[serde(default)]
-    event: String,
-    #[serde(default)]
-    message_id: String,
+    content: Option<Box<RawValue>>,
+    event: Option<String>,
+    message_id: Option<String>,
     /// More users besides the one in the path.
-    #[serde(default)]
-    user_ids: Vec<String>,
+    user_ids: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BroadcastPush {
-    content: Option<Value>,
-    #[serde(default)]
-    event: String,
-    #[serde(default)]
-    message_id: String,
+    content: Option<Box<RawValue>>,
+    event: Option<String>,
+    message_id: Option<String>,
 }
 
 async fn push_room(
@@ -216,14 +227,18 @@ async fn push_room(
     headers: HeaderMap,
     JsonBody(b): JsonBody<RoomPush>,
 ) -> Response {
+    let content = match content_text(b.content) {
+        Ok(c) => c,
+        Err(e) => return bad_content(&e),
+    };
     let req = request(
         &headers,
         PushToRoomRequest {
             room_id,
-            content: content_text(b.content),
-            event: b.event,
-            message_id: b.message_id,
-            exclude_user_ids: b.exclude_user_ids,
+            content,
+            event: b.event.unwrap_or_default(),
+            message_id: b.message_id.unwrap_or_default(),
+            exclude_user_ids: b.exclude_user_ids.unwrap_or_default(),
             binary_content: Vec::new(),
             sender: String::new(),
         },
@@ -245,14 +260,18 @@ async fn push_user(
     headers: HeaderMap,
     JsonBody(b): JsonBody<UserPush>,
 ) -> Response {
+    let content = match content_text(b.content) {
+        Ok(c) => c,
+        Err(e) => return bad_content(&e),
+    };
     let req = request(
         &headers,
         PushToUserRequest {
             user_id,
-            content: content_text(b.content),
-            event: b.event,
-            message_id: b.message_id,
-            user_ids: b.user_ids,
+            content,
+            event: b.event.unwrap_or_default(),
+            message_id: b.message_id.unwrap_or_default(),
+            user_ids: b.user_ids.unwrap_or_default(),
             binary_content: Vec::new(),
         },
     );
@@ -273,12 +292,16 @@ async fn broadcast(
     headers: HeaderMap,
     JsonBody(b): JsonBody<BroadcastPush>,
 ) -> Response {
+    let content = match content_text(b.content) {
+        Ok(c) => c,
+        Err(e) => return bad_content(&e),
+    };
     let req = request(
         &headers,
         BroadcastRequest {
-            content: content_text(b.content),
-            event: b.event,
-            message_id: b.message_id,
+            content,
+            event: b.event.unwrap_or_default(),
+            message_id: b.message_id.unwrap_or_default(),
             binary_content: Vec::new(),
         },
     );
