@@ -470,11 +470,10 @@ impl PushService {
     pub async fn drain(&self) {
         let inner = &self.inner;
         let limit = inner.resend_after;
-        let tasks = inner.detached.tracker();
-        tasks.close();
-        if tokio::time::timeout(limit, tasks.wait()).await.is_err() {
+        let pushes = &inner.detached;
+        if tokio::time::timeout(limit, pushes.wait()).await.is_err() {
             tracing::warn!(
-                pushes = tasks.len(),
+                pushes = pushes.running(),
                 "pushes still running after the drain limit; their results are not recorded"
             );
         }
