@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
-use prometheus::{HistogramVec, IntCounterVec};
 use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::{Code, Status};
@@ -34,8 +33,7 @@ struct Shared {
     request_bytes: usize,
     /// The largest `content` (or `binary_content`), in bytes.
     content_bytes: usize,
-    api_requests: IntCounterVec,
-    api_duration: HistogramVec,
+    metrics: Metrics,
 }
 
 impl<S> ReadLimit<S> {
@@ -47,8 +45,7 @@ impl<S> ReadLimit<S> {
             shared: Arc::new(Shared {
                 request_bytes: limits.grpc_request_bytes(),
                 content_bytes: limits.max_content_bytes,
-                api_requests: metrics.api_requests.clone(),
-                api_duration: metrics.api_duration.clone(),
+                metrics: metrics.clone(),
             }),
         }
     }
@@ -136,12 +133,7 @@ impl Shared {
             }
         };
         if let Some(api) = api {
-            self.api_duration
-                .with_label_values(&[api])
-                .observe(start.elapsed().as_secs_f64());
-            self.api_requests
-                .with_label_values(&[api, "INVALID_ARGUMENT"])
-                .inc();
+            crate::service::record_call(&self.metrics, api, Code::InvalidArgument, start.elapsed());
         }
         Status::invalid_argument(message).into_http()
     }

@@ -385,15 +385,21 @@ impl<'a> CallRecord<'a> {
 
     fn record(&mut self, code: Code) {
         self.recorded = true;
-        self.metrics
-            .api_duration
-            .with_label_values(&[self.api])
-            .observe(self.start.elapsed().as_secs_f64());
-        self.metrics
-            .api_requests
-            .with_label_values(&[self.api, code_label(code)])
-            .inc();
+        record_call(self.metrics, self.api, code, self.start.elapsed());
     }
+}
+
+/// Counts one call of `api` that answered `code` after `took` in the API
+/// metrics.
+pub(crate) fn record_call(metrics: &Metrics, api: &str, code: Code, took: Duration) {
+    metrics
+        .api_duration
+        .with_label_values(&[api])
+        .observe(took.as_secs_f64());
+    metrics
+        .api_requests
+        .with_label_values(&[api, code_label(code)])
+        .inc();
 }
 
 impl Drop for CallRecord<'_> {
