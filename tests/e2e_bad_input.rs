@@ -138,6 +138,54 @@ async fn invalid_push_requests_name_the_field() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A push too large for the gRPC port to read at all (over 4 MiB with the
+/// default limits) is refused as content over the limit is: with
+/// INVALID_ARGUMENT naming `content` and the setting, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_too_large_to_read_is_refused_naming_content() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let mut api = cluster.push_client().await?;
+    let huge = PushToRoomRequest {
+        room_id: "r1".into(),
+        content: "x".repeat(5 << 20),
+        ..Default::default()
+    };
+    let r = within(T, "push", api.push_to_room(huge)).await?;
+    let s = r.as_ref().expect_err("refused");
+    assert!(
+        s.message()
+            .contains("at most 65536 bytes (push-manager --max-content-bytes)"),
+        "{s:?}"
+    );
+    expect_invalid(r, "content");
+    let user = PushToUserRequest {
+        user_id: "u1".into(),
+        binary_content: vec![0; 5 << 20],
+        ..Default::default()
+    };
+    expect_invalid(within(T, "push", api.push_to_user(user)).await?, "content");
+    let metrics = cluster.managers[0].metrics();
+    for api in ["PushToRoom", "PushToUser"] {
+        let series = format!(
+            r#"push_manager_api_requests_total{{api="{api}",status="INVALID_ARGUMENT"}} 1"#
+        );
+        assert!(metrics.contains(&series), "{metrics}");
+    }
+    // The connection serves pushes as before.
+    let ok = within(
+        T,
+        "push",
+        api.push_to_room(PushToRoomRequest {
+            room_id: "r1".into(),
+            content: "x".into(),
+            ..Default::default()
+        }),
+    )
+    .await?;
+    assert!(ok.is_ok(), "{ok:?}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn empty_targets_are_success_or_not_found() -> anyhow::Result<()> {
     let cluster = cluster().await?;

@@ -1562,20 +1562,25 @@ async fn a_large_room_written_by_several_threads_gets_every_message_in_order() -
     Ok(())
 }
 
-/// A push to users of two controllers, one of which does not answer: the
-/// users of the controller that answered get it at once, the call fails
-/// with UNAVAILABLE saying so, and a retry with the same message_id, once
-/// the silent controller has left the ring, reaches the rest without
-/// delivering it again to those it reached.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_half_resolved_push_reaches_the_answered_half_and_a_retry_the_rest() -> anyhow::Result<()>
-{
+/// Users of two controllers in an in-process cluster: `here` belongs to
+/// controller-1 and has a connection (`client`); `away` belongs to
+/// "ghost", a controller registered with nothing listening at its address,
+/// which never answers until it leaves (`ghost.deregister()`).
+struct HalfResolved {
+    cluster: TestCluster,
+    api: barrage_proto::v1::push_manager_client::PushManagerClient<Channel>,
+    here: String,
+    away: String,
+    client: Client,
+    ghost: barrage_discovery::Registration,
+}
+
+async fn half_resolved() -> anyhow::Result<HalfResolved> {
     use barrage_discovery::ring::{DEFAULT_VNODES, Ring};
     use barrage_discovery::{Member, Role};
-    barrage_testkit::init_tracing();
     let mut cluster = TestCluster::in_process();
     cluster.start(1).await?;
-    let mut api = cluster.push_client().await?;
+    let api = cluster.push_client().await?;
     // Users owned by controller-1 and by the silent one, on the ring of both.
     let ring = Ring::new(
         [("controller-1".to_string(), ()), ("ghost".to_string(), ())],
@@ -1591,7 +1596,7 @@ async fn a_half_resolved_push_reaches_the_answered_half_and_a_retry_the_rest() -
             .expect("some user")
     };
     let (here, away) = (owned_by("controller-1"), owned_by("ghost"));
-    let mut client = within(
+    let client = within(
         T,
         "connect",
         Client::connect(&connect_url(&cluster.nodes[0].ws_url(), &here, &[])),
@@ -1613,6 +1618,33 @@ async fn a_half_resolved_push_reaches_the_answered_half_and_a_retry_the_rest() -
             Duration::from_secs(30),
         )
         .await?;
+    Ok(HalfResolved {
+        cluster,
+        api,
+        here,
+        away,
+        client,
+        ghost,
+    })
+}
+
+/// A push to users of two controllers, one of which does not answer: the
+/// users of the controller that answered get it at once, the call fails
+/// with UNAVAILABLE saying so, and a retry with the same message_id, once
+/// the silent controller has left the ring, reaches the rest without
+/// delivering it again to those it reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_resolved_push_reaches_the_answered_half_and_a_retry_the_rest() -> anyhow::Result<()>
+{
+    barrage_testkit::init_tracing();
+    let HalfResolved {
+        cluster,
+        mut api,
+        here,
+        away,
+        mut client,
+        ghost,
+    } = half_resolved().await?;
     let push = |content: &str| PushToUserRequest {
         user_ids: vec![here.clone(), away.clone()],
         content: content.into(),
@@ -1634,9 +1666,19 @@ async fn a_half_resolved_push_reaches_the_answered_half_and_a_retry_the_rest() -
     .await?;
     assert_eq!(failed.code(), tonic::Code::Unavailable, "{failed:?}");
     assert!(
-        failed.message().contains("retry with the same message_id"),
+        failed
+            .message()
+            .contains("retry with the same message_id (\"half-1\")"),
         "{}",
         failed.message()
+    );
+    assert_eq!(
+        failed
+            .metadata()
+            .get("x-message-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("half-1"),
+        "{failed:?}"
     );
     let m = within(T, "the answered half", client.next_message())
         .await??
@@ -1665,6 +1707,225 @@ async fn a_half_resolved_push_reaches_the_answered_half_and_a_retry_the_rest() -
         .expect("message");
     assert_eq!(kept.data, Some(serde_json::json!("half")));
     next_is_marker(&mut api, &mut client, &here).await
+}
+
+/// The same half-resolved push without a message_id: the error names the
+/// id the push was given, in its message and in `x-message-id`, and says
+/// what a retry with it does; a retry with it, once the silent controller
+/// has left, reaches the rest and is not delivered again to those the
+/// first attempt reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_resolved_push_without_a_message_id_names_the_one_it_was_given() -> anyhow::Result<()>
+{
+    barrage_testkit::init_tracing();
+    let HalfResolved {
+        cluster,
+        mut api,
+        here,
+        away,
+        mut client,
+        ghost,
+    } = half_resolved().await?;
+    // Every attempt has a fresh id and content of its own; those made
+    // before the ghost is known reach `here` in full.
+    let attempt = std::sync::atomic::AtomicU32::new(0);
+    let failed = eventually(T, "a half-resolved push", || {
+        let mut api = api.clone();
+        let n = attempt.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let req = PushToUserRequest {
+            user_ids: vec![here.clone(), away.clone()],
+            content: format!("attempt-{n}"),
+            ..Default::default()
+        };
+        async move {
+            match api.push_to_user(req).await {
+                Err(s) if s.message().contains("ghost") => Some((s, n)),
+                _ => None,
+            }
+        }
+    })
+    .await?;
+    let (failed, n) = failed;
+    assert_eq!(failed.code(), tonic::Code::Unavailable, "{failed:?}");
+    let id = failed
+        .metadata()
+        .get("x-message-id")
+        .and_then(|v| v.to_str().ok())
+        .with_context(|| format!("no x-message-id in {failed:?}"))?
+        .to_owned();
+    assert!(
+        failed
+            .message()
+            .contains(&format!("the push had no message_id and was given {id:?}"))
+            && failed
+                .message()
+                .contains(&format!("a retry with message_id {id:?} reaches")),
+        "{}",
+        failed.message()
+    );
+    // The answered half got the message under that id.
+    let content = format!("attempt-{n}");
+    let reached = loop {
+        let m = next_msg(&mut client).await?;
+        if m.data == Some(serde_json::json!(content)) {
+            break m;
+        }
+    };
+    assert_eq!(reached.id, id);
+    ghost.deregister().await;
+    let retried = eventually(T, "the retry to succeed", || {
+        let mut api = api.clone();
+        let req = PushToUserRequest {
+            user_ids: vec![here.clone(), away.clone()],
+            content: content.clone(),
+            message_id: id.clone(),
+            ..Default::default()
+        };
+        async move { api.push_to_user(req).await.ok() }
+    })
+    .await?
+    .into_inner();
+    assert!(retried.success, "{retried:?}");
+    assert_eq!(retried.message_id, id);
+    let mut offline = within(
+        T,
+        "connect",
+        Client::connect(&connect_url(&cluster.nodes[0].ws_url(), &away, &[])),
+    )
+    .await??;
+    let kept = within(T, "the stored message", offline.next_message())
+        .await??
+        .expect("message");
+    assert_eq!((kept.id, kept.data), (id, Some(serde_json::json!(content))));
+    next_is_marker(&mut api, &mut client, &here).await
+}
+
+/// API calls whose callers stop waiting are counted all the same, with the
+/// time they ran: one whose deadline passed as DEADLINE_EXCEEDED, one its
+/// caller cancelled as CANCELLED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_their_callers_give_up_on_are_counted() -> anyhow::Result<()> {
+    use barrage_discovery::{Member, Role};
+    use barrage_testkit::cluster::metric;
+    barrage_testkit::init_tracing();
+    let mut cluster = TestCluster::in_process();
+    // The one controller takes connections and never answers: every push
+    // waits for it.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let _silent = cluster
+        .discovery()
+        .await?
+        .register(
+            Member {
+                id: "silent".into(),
+                role: Role::Controller,
+                grpc_addr: silent.local_addr()?.to_string(),
+                http_addr: String::new(),
+                ws_addr: None,
+            },
+            Duration::from_secs(30),
+        )
+        .await?;
+    cluster.start_manager("manager-1").await?;
+    let registry = cluster.managers[0].registry.clone();
+    let mut api = cluster.push_client().await?;
+    let counted = |status: &'static str| {
+        let registry = registry.clone();
+        move || {
+            let series =
+                format!(r#"push_manager_api_requests_total{{api="PushToRoom",status="{status}"}}"#);
+            let n = metric(&registry, &series);
+            async move { (n > 0.0).then_some(n) }
+        }
+    };
+
+    let deadline = Duration::from_millis(300);
+    let mut req = tonic::Request::new(room_push("r1", "late"));
+    req.set_timeout(deadline);
+    let late = within(T, "a push past its deadline", api.push_to_room(req)).await?;
+    assert!(late.is_err(), "{late:?}");
+    let n = eventually(
+        T,
+        "the call past its deadline counted",
+        counted("DEADLINE_EXCEEDED"),
+    )
+    .await?;
+    assert_eq!(n, 1.0);
+    let took = metric(
+        &registry,
+        r#"push_manager_api_duration_seconds_sum{api="PushToRoom"}"#,
+    );
+    assert!(took >= 0.25, "the call ran {took} s");
+
+    // The caller gives up with no deadline given: its call is cancelled.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(200),
+        api.push_to_room(room_push("r1", "x")),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the push waits for the silent controller");
+    let n = eventually(T, "the cancelled call counted", counted("CANCELLED")).await?;
+    assert_eq!(n, 1.0);
+    let calls = metric(
+        &registry,
+        r#"push_manager_api_duration_seconds_count{api="PushToRoom"}"#,
+    );
+    assert_eq!(calls, 2.0);
+    let late = r#"push_manager_api_requests_total{api="PushToRoom",status="DEADLINE_EXCEEDED"}"#;
+    assert_eq!(metric(&registry, late), 1.0);
+    Ok(())
+}
+
+/// A connect-node that leaves while a push to it is under way takes its
+/// per-node series with it: the push ending afterwards does not bring
+/// them back for a node that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_leaves_during_a_push_leaves_no_series_behind() -> anyhow::Result<()> {
+    use barrage_testkit::cluster::metric;
+    barrage_testkit::init_tracing();
+    let mut cluster = TestCluster::in_process();
+    cluster.start_controller("controller-1").await?;
+    // The push-manager reaches node-1 at an address where connections are
+    // held until the test lets them go.
+    let held = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = held.local_addr()?.to_string();
+    cluster
+        .start_node_with("node-1", |c| c.advertise_addr = addr)
+        .await?;
+    cluster.start_manager("manager-1").await?;
+    let registry = cluster.managers[0].registry.clone();
+    let _leaver = connect(&cluster.nodes[0].ws_url(), "leaver", &[]).await?;
+    let api = cluster.push_client().await?;
+    placed(&api, "leaver", "node-1").await?;
+    let push = tokio::spawn({
+        let mut api = api.clone();
+        async move {
+            api.push_to_user(PushToUserRequest {
+                user_id: "leaver".into(),
+                content: "x".into(),
+                ..Default::default()
+            })
+            .await
+        }
+    });
+    let (to_node, _) = within(T, "the push to reach node-1", held.accept()).await??;
+    cluster.node("node-1")?.stop().await?;
+    eventually(T, "the push-manager to drop node-1", || {
+        let pooled = metric(&registry, "push_manager_node_connections");
+        async move { (pooled == 0.0).then_some(()) }
+    })
+    .await?;
+    // node-1 is gone: the push's call to it fails.
+    drop(to_node);
+    drop(held);
+    let resp = within(T, "the push", push).await???.into_inner();
+    assert!(!resp.success && resp.message.contains("node-1"), "{resp:?}");
+    let text = cluster.managers[0].metrics();
+    assert!(
+        !text.contains(r#"node="node-1""#),
+        "series of node-1, which left: {text}"
+    );
+    Ok(())
 }
 
 /// An in-process cluster whose push-managers give up on a node (and a

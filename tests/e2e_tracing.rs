@@ -104,6 +104,7 @@ struct Cluster {
     _controller: Proc,
     n_ws: u16,
     m_grpc: u16,
+    m_http: u16,
 }
 
 /// Starts the roles; `manager_env` is added to the push-manager's environment.
@@ -182,6 +183,7 @@ async fn start(manager_env: &[(&str, String)]) -> anyhow::Result<Cluster> {
         _controller: controller,
         n_ws,
         m_grpc,
+        m_http,
     })
 }
 
@@ -214,8 +216,13 @@ async fn push_traced(c: &Cluster) -> anyhow::Result<()> {
 
 /// Span names in the caller's trace, by service.
 fn traced_spans(collector: &Collector) -> BTreeMap<String, BTreeSet<String>> {
+    spans_in(collector, TRACE_ID)
+}
+
+/// Span names in the trace `trace_id` (hex), by service.
+fn spans_in(collector: &Collector, trace_id: &str) -> BTreeMap<String, BTreeSet<String>> {
     let want: Vec<u8> = (0..16)
-        .map(|i| u8::from_str_radix(&TRACE_ID[2 * i..2 * i + 2], 16).unwrap_or_default())
+        .map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).unwrap_or_default())
         .collect();
     let mut by_service: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (svc, _, name) in collector.0.lock().iter().filter(|(_, t, _)| *t == want) {
@@ -279,6 +286,50 @@ async fn one_push_is_one_trace_across_all_three_roles() -> anyhow::Result<()> {
             "no {span} span in {services:?}"
         );
     }
+    Ok(())
+}
+
+/// A push over the HTTP API carrying the caller's `traceparent` (and
+/// `tracestate`) is part of the caller's trace, as a gRPC push is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_push_joins_the_callers_trace() -> anyhow::Result<()> {
+    const HTTP_TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
+    barrage_testkit::init_tracing();
+    let c = start(&[]).await?;
+    let url = connect_url(
+        &format!("ws://127.0.0.1:{}/ws", c.n_ws),
+        "h",
+        &["over-http"],
+    );
+    let mut client = within(T, "connect", Client::connect(&url)).await??;
+    let body = r#"{"content":"x"}"#;
+    let request = format!(
+        "POST /api/v1/push/room/over-http HTTP/1.1\r\nHost: x\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\
+         traceparent: 00-{HTTP_TRACE_ID}-b7ad6b7169203331-01\r\n\
+         tracestate: vendor=opaque\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = within(T, "the HTTP push", async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", c.m_http)).await?;
+        s.write_all(request.as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
+    })
+    .await??;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    within(T, "message", client.next_message())
+        .await??
+        .context("message")?;
+    let services = eventually(T, "spans of all three roles in the caller's trace", || {
+        let spans = spans_in(&c.collector, HTTP_TRACE_ID);
+        async move { (spans.len() == 3).then_some(spans) }
+    })
+    .await
+    .with_context(|| all_spans(&c.collector))?;
+    let manager = service(&services, "barrage-push-manager").context("push-manager spans")?;
+    assert!(manager.contains("PushToRoom"), "{services:?}");
     Ok(())
 }
 

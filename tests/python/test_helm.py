@@ -200,6 +200,27 @@ def test_tls_and_auth_come_from_secrets():
     assert "no client can connect yet" in out["barrage/templates/NOTES.txt"]
 
 
+def test_roles_that_drain_wait_for_load_balancers_first():
+    """Push-managers and connect-nodes sleep in preStop, while Services stop
+    sending them work, and are given longer than that to drain."""
+    def drains(values):
+        docs, _ = render(values)
+        out = {}
+        for workload, c in containers(docs):
+            if c["name"] in ("push-manager", "connect-node"):
+                command = c["lifecycle"]["preStop"]["exec"]["command"]
+                grace = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+                out[c["name"]] = (command, grace)
+        return out
+
+    assert drains({}) == {"push-manager": (["sleep", "5"], 30), "connect-node": (["sleep", "5"], 30)}
+    tuned = drains({"pushManager": {"preStopSleepSecs": 15, "terminationGracePeriodSeconds": 60}})
+    assert tuned["push-manager"] == (["sleep", "15"], 60)
+    for role in ("pushManager", "connectNode"):
+        with pytest.raises(helm.HelmError, match="must be above"):
+            render({role: {"preStopSleepSecs": 30, "terminationGracePeriodSeconds": 30}})
+
+
 def test_the_chart_ships_the_same_alert_rules():
     assert (CHART / "files" / "alerts.yml").read_text() == (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()
 

@@ -133,6 +133,40 @@ def test_errors_name_what_is_wrong(api):
     assert status == 404 and r["error"]["field"] == "room_id", r
 
 
+def test_json_content_is_sent_as_written_and_null_fields_are_absent(dev, api):
+    """A JSON `content` reaches clients as the caller wrote it (key order,
+    integers beyond 64 bits); `null` optional fields count as absent."""
+    content = '{"zeta":1,"alpha":123456789012345678901234567890,"nested":{"b":[1.50,2],"a":null}}'
+
+    async def scenario():
+        carol = await WsClient.connect(f"{dev.ws}?user_id=carol&rooms=as-written")
+        body = ('{"content":%s,"event":null,"message_id":null,"exclude_user_ids":null}' % content).encode()
+        status, r = call("POST", f"{api}/api/v1/push/room/as-written", raw=body)
+        assert status == 200 and r["delivered_count"] == 1, r
+        m = await carol.next_message()
+        assert m["event"] == "message" and m["id"] == r["message_id"], m
+        assert list(m["data"]) == ["zeta", "alpha", "nested"], m
+        assert m["data"]["alpha"] == 123456789012345678901234567890, m
+        assert list(m["data"]["nested"]) == ["b", "a"], m
+
+        status, r = call("POST", f"{api}/api/v1/push/user/carol",
+                         raw=b'{"content":"plain","event":null,"message_id":null,"user_ids":null}')
+        assert status == 200 and r["delivered_count"] == 1, r
+        assert (await carol.next_message())["data"] == "plain"
+        status, r = call("POST", f"{api}/api/v1/push/broadcast",
+                         raw=b'{"content":[3,2,1],"event":null,"message_id":null}')
+        assert status == 200, r
+        assert (await carol.next_message())["data"] == [3, 2, 1]
+        await carol.close()
+
+    run(scenario())
+    status, r = call("POST", f"{api}/api/v1/push/room/as-written", raw=b'{"content":null}')
+    assert status == 400 and r["error"]["field"] == "content", r
+    # JSON, but not text: a lone surrogate.
+    status, r = call("POST", f"{api}/api/v1/push/room/as-written", raw=b'{"content":"\\ud800"}')
+    assert status == 400 and r["error"]["code"] == "INVALID_ARGUMENT", r
+
+
 def test_the_readme_curl_line_works(dev, api):
     import re
     import shlex

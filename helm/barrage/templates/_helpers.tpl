@@ -145,3 +145,22 @@ affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end -}}
+
+{{/*
+The preStop sleep of a role that drains (`role`: its values, `name`: its
+key in values.yaml): Services and load balancers stop sending it new
+connections and calls while it still serves, then SIGTERM starts the
+drain. The grace period must outlast the sleep, or the pod is killed
+before it drains.
+*/}}
+{{- define "barrage.preStop" -}}
+{{- $sleep := int .role.preStopSleepSecs -}}
+{{- $grace := int .role.terminationGracePeriodSeconds -}}
+{{- if and (gt $sleep 0) (le $grace $sleep) -}}
+{{- fail (printf "%s.terminationGracePeriodSeconds (%d) must be above %s.preStopSleepSecs (%d): the pod would be killed before it drains" .name $grace .name $sleep) -}}
+{{- end -}}
+lifecycle:
+  preStop:
+    exec:
+      command: ["sleep", "{{ $sleep }}"]
+{{- end -}}

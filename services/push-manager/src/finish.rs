@@ -9,7 +9,10 @@
 //! caller's task, at no extra cost while the caller waits; only when it is
 //! dropped unfinished does the rest go on as a task of its own, tracked so
 //! that a draining push-manager waits for it (at most [`MAX_DETACHED`]
-//! at once).
+//! at once). A draining push-manager also waits for the pushes still in
+//! their callers' tasks: a call's answer can reach its caller (the
+//! deadline passed) a moment before the server drops the push, and the
+//! rest of it must not start after the drain has looked.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,6 +20,7 @@ use std::task::{Context, Poll};
 
 use prometheus::IntCounterVec;
 use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 /// Rests of abandoned pushes running at once at most; beyond, an
 /// abandoned push stops where it is (counted as `cut_short`). Each holds
@@ -28,6 +32,8 @@ pub const MAX_DETACHED: usize = 4096;
 #[derive(Clone)]
 pub struct Detached {
     tracker: TaskTracker,
+    /// Pushes running in their callers' tasks ([`FinishOnDrop`]s alive).
+    in_place: TaskTracker,
     limit: usize,
     /// `push_manager_abandoned_pushes_total{outcome}`.
     abandoned: IntCounterVec,
@@ -39,14 +45,24 @@ impl Detached {
     pub fn new(limit: usize, abandoned: IntCounterVec) -> Self {
         Detached {
             tracker: TaskTracker::new(),
+            in_place: TaskTracker::new(),
             limit,
             abandoned,
         }
     }
 
-    /// The tracker the rests run on (a draining push-manager waits for it).
-    pub fn tracker(&self) -> &TaskTracker {
-        &self.tracker
+    /// Waits until no push runs, in its caller's task or as a rest of its
+    /// own: those in callers' tasks end or hand their rests over first.
+    pub async fn wait(&self) {
+        self.in_place.close();
+        self.tracker.close();
+        self.in_place.wait().await;
+        self.tracker.wait().await;
+    }
+
+    /// Pushes running, in callers' tasks or as rests of their own.
+    pub fn running(&self) -> usize {
+        self.in_place.len() + self.tracker.len()
     }
 }
 
@@ -58,6 +74,8 @@ where
 {
     fut: Option<Pin<Box<F>>>,
     detached: &'a Detached,
+    /// Held until after `drop` has handed an unfinished rest over.
+    _in_place: TaskTrackerToken,
 }
 
 impl<'a, F: Future + Send + 'static> FinishOnDrop<'a, F>
@@ -69,6 +87,7 @@ where
         FinishOnDrop {
             fut: Some(Box::pin(fut)),
             detached,
+            _in_place: detached.in_place.token(),
         }
     }
 }
@@ -149,7 +168,7 @@ mod tests {
         .expect("completes");
         assert_eq!(out, 7);
         assert!(done.load(Ordering::SeqCst));
-        assert!(d.tracker().is_empty());
+        assert_eq!(d.running(), 0);
         assert_eq!(d.abandoned.with_label_values(&["finished"]).get(), 0);
     }
 
@@ -165,19 +184,38 @@ mod tests {
         let done = Arc::new(AtomicBool::new(false));
         assert!(abandon(&done).await.is_err(), "the caller gives up first");
         assert!(!done.load(Ordering::SeqCst));
-        assert_eq!(d.tracker().len(), 1);
+        assert_eq!(d.tracker.len(), 1);
         // Over the limit: a second abandoned future stops where it is.
         let other = Arc::new(AtomicBool::new(false));
         assert!(abandon(&other).await.is_err());
-        assert_eq!(d.tracker().len(), 1);
+        assert_eq!(d.tracker.len(), 1);
         assert_eq!(d.abandoned.with_label_values(&["finished"]).get(), 1);
         assert_eq!(d.abandoned.with_label_values(&["cut_short"]).get(), 1);
-        d.tracker().close();
-        tokio::time::timeout(Duration::from_secs(10), d.tracker().wait())
+        tokio::time::timeout(Duration::from_secs(10), d.wait())
             .await
             .expect("the rest finishes");
         assert!(done.load(Ordering::SeqCst));
         assert!(!other.load(Ordering::SeqCst));
+    }
+
+    /// The wait covers a push still in its caller's task: a caller that
+    /// goes away after the wait began hands its rest over, and the wait
+    /// ends once that is done.
+    #[tokio::test]
+    async fn the_wait_covers_pushes_still_in_their_callers_tasks() {
+        let d = detached(1);
+        let done = Arc::new(AtomicBool::new(false));
+        let push = FinishOnDrop::new(flag_after(Duration::from_millis(100), done.clone()), &d);
+        let wait = d.wait();
+        tokio::pin!(wait);
+        let early = tokio::time::timeout(Duration::from_millis(20), &mut wait).await;
+        assert!(early.is_err(), "a push is still in its caller's task");
+        drop(push);
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("the rest finishes");
+        assert!(done.load(Ordering::SeqCst));
+        assert_eq!(d.abandoned.with_label_values(&["finished"]).get(), 1);
     }
 
     #[tokio::test]
@@ -194,7 +232,7 @@ mod tests {
         .await
         .expect("polled");
         assert!(out.is_err(), "the panic reaches the caller");
-        assert!(d.tracker().is_empty());
+        assert_eq!(d.running(), 0);
         assert_eq!(d.abandoned.with_label_values(&["finished"]).get(), 0);
     }
 }

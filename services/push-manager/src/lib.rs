@@ -10,6 +10,7 @@ pub mod complete;
 mod finish;
 mod metrics;
 pub mod pool;
+mod read_limit;
 pub mod rest;
 mod service;
 
@@ -197,7 +198,11 @@ pub async fn run(
     let grpc_stop = CancellationToken::new();
     // Callers in this process (a connect-node's publishing in `barrage
     // dev`) reach the API directly.
-    let server = PushManagerServer::new(service.clone()).max_decoding_message_size(request_limit);
+    let server = read_limit::ReadLimit::new(
+        PushManagerServer::new(service.clone()).max_decoding_message_size(request_limit),
+        &cfg.limits,
+        &metrics,
+    );
     let local = cfg.local_peers.register(&grpc_addr, server.clone());
     let grpc = tokio::spawn(grpc.add_service(server).serve_with_incoming_shutdown(
         barrage_proto::grpc_incoming(listeners.grpc),

@@ -186,13 +186,27 @@ fn channel(addr: &str, dialer: &Dialer) -> Option<tonic::transport::Channel> {
     }
 }
 
-/// A pooled connect-node: its client, and the sender pushes go through.
+/// A pooled connect-node: its client, the sender pushes go through, and
+/// its metric series.
 #[derive(Clone)]
 pub struct Node {
     /// For calls other than deliveries.
     pub client: ConnectNodeClient<PeerChannel>,
     /// Deliveries, merged while calls are busy.
     pub sender: Arc<NodeSender>,
+    /// Its series, for pushes to observe. A push that ends after the node
+    /// left the pool writes to series no longer exported, instead of
+    /// bringing them back for a node that is gone.
+    pub series: NodeSeries,
+}
+
+/// One connect-node's series of [`PerNodeSeries`].
+#[derive(Clone)]
+pub struct NodeSeries {
+    /// `push_manager_node_batch_duration_seconds{node}`.
+    pub duration: prometheus::Histogram,
+    /// `push_manager_node_batch_errors_total{node}`.
+    pub errors: prometheus::IntCounter,
 }
 
 struct Entry {
@@ -205,7 +219,8 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(addr: &str, dialer: &Dialer, learned_at: Option<u64>) -> Option<Entry> {
+    fn new(node_id: &str, addr: &str, pool: &NodePool, learned_at: Option<u64>) -> Option<Entry> {
+        let dialer = &pool.dialer;
         let client = ConnectNodeClient::new(dialer.channel(addr)?)
             .max_decoding_message_size(barrage_proto::PEER_MESSAGE_LIMIT);
         Some(Entry {
@@ -213,14 +228,17 @@ impl Entry {
             node: Node {
                 sender: Arc::new(node_sender(client.clone(), dialer)),
                 client,
+                series: pool.series.of(node_id),
             },
             used: learned_at.map(AtomicU64::new),
         })
     }
 }
 
-/// Metric series kept per connect-node (labelled `node`), dropped when
-/// the node leaves the pool so that replaced pods leave no series behind.
+/// Metric series kept per connect-node (labelled `node`): they exist while
+/// the node is pooled, from the moment it is (so that its error rate is 0,
+/// not absent), and are dropped when it leaves, so that replaced pods leave
+/// no series behind.
 #[derive(Clone)]
 pub struct PerNodeSeries {
     /// `push_manager_node_batch_duration_seconds{node}`.
@@ -230,6 +248,13 @@ pub struct PerNodeSeries {
 }
 
 impl PerNodeSeries {
+    fn of(&self, node_id: &str) -> NodeSeries {
+        NodeSeries {
+            duration: self.duration.with_label_values(&[node_id]),
+            errors: self.errors.with_label_values(&[node_id]),
+        }
+    }
+
     fn forget(&self, node_id: &str) {
         let _ = self.duration.remove_label_values(&[node_id]);
         let _ = self.errors.remove_label_values(&[node_id]);
@@ -312,7 +337,7 @@ impl NodePool {
         {
             return Some(e.node.clone());
         }
-        let entry = Entry::new(addr, &self.dialer, Some(self.clock()))?;
+        let entry = Entry::new(node_id, addr, self, Some(self.clock()))?;
         let node = entry.node.clone();
         nodes.insert(node_id.to_owned(), entry);
         self.gauge.set(nodes.len() as i64);
@@ -332,7 +357,7 @@ impl NodePool {
         });
         for (id, m) in members {
             if !nodes.contains_key(id)
-                && let Some(e) = Entry::new(&m.grpc_addr, &self.dialer, None)
+                && let Some(e) = Entry::new(id, &m.grpc_addr, self, None)
             {
                 nodes.insert(id.clone(), e);
             }
@@ -510,8 +535,9 @@ mod tests {
         )
     }
 
-    /// A node's series go with it: replaced pods leave none behind. One
-    /// that only moved to a new address keeps them.
+    /// A node's series go with it: replaced pods leave none behind, even
+    /// when a push to one ends after it left. One that only moved to a new
+    /// address keeps them.
     #[tokio::test]
     async fn a_node_that_leaves_takes_its_series_with_it() {
         let s = series();
@@ -520,22 +546,29 @@ mod tests {
             .into_iter()
             .collect();
         pool.sync(&both);
+        let a = pool.get("a", None).expect("a is pooled");
         for id in ["a", "b"] {
-            s.duration.with_label_values(&[id]).observe(0.001);
-            s.errors.with_label_values(&[id]).inc();
+            let node = pool.get(id, None).expect("pooled");
+            node.series.duration.observe(0.001);
+            node.series.errors.inc();
         }
         let b_moved: Members = [member("b", "127.0.0.1:3")].into_iter().collect();
         pool.sync(&b_moved);
+        // A push to `a` that was under way ends now.
+        a.series.duration.observe(0.002);
+        a.series.errors.inc();
         assert_eq!(pool.node_ids(), vec!["b".to_owned()]);
         assert!(s.duration.get_metric_with_label_values(&["b"]).is_ok());
-        let names = |v: &prometheus::IntCounterVec| {
-            prometheus::core::Collector::collect(v)
+        let names = |v: &dyn prometheus::core::Collector| {
+            v.collect()
                 .iter()
                 .flat_map(|f| f.get_metric().to_vec())
                 .map(|m| m.get_label()[0].value().to_owned())
                 .collect::<Vec<_>>()
         };
         assert_eq!(names(&s.errors), vec!["b".to_owned()]);
+        assert_eq!(names(&s.duration), vec!["b".to_owned()]);
+        assert_eq!(s.errors.with_label_values(&["b"]).get(), 1, "kept");
     }
 
     /// Without discovery, nodes learned from controllers' answers are

@@ -2,10 +2,12 @@
 //! `/metrics`. Every endpoint calls the gRPC service in process, so
 //! validation, API-token auth, metrics and traces are the gRPC ones.
 //!
-//! Errors are JSON: `{"error": {"code", "field"?, "message"}}` with 400
-//! (invalid argument, naming the field), 401/403 (API token), 404 (unknown
-//! room or user in admin reads), 413 (body too large), 503 (cluster not
-//! reachable).
+//! Errors are JSON: `{"error": {"code", "field"?, "message", "message_id"?}}`
+//! with 400 (invalid argument, naming the field), 401/403 (API token), 404
+//! (unknown room or user in admin reads), 409 (a push still under way),
+//! 413 (body too large), 503 (cluster not reachable). `message_id` names
+//! the message of a push that reached only some of its targets, to retry
+//! with.
 
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
@@ -19,6 +21,7 @@ use barrage_proto::v1::{
     GetUserNodeRequest, PushToRoomRequest, PushToUserRequest,
 };
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tonic::{Code, Status};
 
@@ -56,11 +59,20 @@ async fn openapi() -> Response {
 }
 
 fn error(status: StatusCode, code: &str, field: Option<&str>, message: &str) -> Response {
+    error_reply(status, error_body(code, field, message))
+}
+
+/// The `error` object of an error answer.
+fn error_body(code: &str, field: Option<&str>, message: &str) -> Value {
     let mut e = json!({ "code": code, "message": message });
     if let Some(f) = field {
         e["field"] = json!(f);
     }
-    (status, axum::Json(json!({ "error": e }))).into_response()
+    e
+}
+
+fn error_reply(status: StatusCode, error: Value) -> Response {
+    (status, axum::Json(json!({ "error": error }))).into_response()
 }
 
 /// A gRPC status as the HTTP answer a caller can act on.
@@ -91,7 +103,13 @@ fn from_status(s: &Status) -> Response {
                 .flatten()
         })
         .filter(|f| !f.is_empty() && f.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
-    error(http, code, field, s.message())
+    let mut e = error_body(code, field, s.message());
+    // A push that reached only some of its targets names its message id,
+    // to retry with.
+    if let Some(id) = crate::service::message_id_of(s) {
+        e["message_id"] = json!(id);
+    }
+    error_reply(http, e)
 }
 
 fn bad_body(rejection: &JsonRejection) -> Response {
@@ -127,14 +145,20 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     }
 }
 
-/// A gRPC request carrying the caller's `Authorization` header.
+/// The caller's headers a gRPC request carries: its API token and its W3C
+/// trace context, so that the push joins the caller's trace.
+const FORWARDED: [&str; 3] = ["authorization", "traceparent", "tracestate"];
+
+/// A gRPC request carrying the caller's [`FORWARDED`] headers.
 fn request<T>(headers: &HeaderMap, msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
-    if let Some(v) = headers.get(header::AUTHORIZATION)
-        && let Ok(v) = v.to_str()
-        && let Ok(v) = v.parse()
-    {
-        req.metadata_mut().insert("authorization", v);
+    for name in FORWARDED {
+        if let Some(v) = headers.get(name)
+            && let Ok(v) = v.to_str()
+            && let Ok(v) = v.parse()
+        {
+            req.metadata_mut().insert(name, v);
+        }
     }
     req
 }
@@ -148,49 +172,53 @@ fn reply<T>(r: Result<tonic::Response<T>, Status>, ok: impl FnOnce(T) -> Value) 
     }
 }
 
-/// `content` may be a string (sent as is) or any JSON value (sent as its
-/// JSON text).
-fn content_text(v: Option<Value>) -> String {
+/// `content` may be a string (sent as is) or any other JSON value, sent as
+/// its JSON text exactly as the caller wrote it: key order, number
+/// precision and all. Absent or `null`: empty (refused as such).
+fn content_text(v: Option<Box<RawValue>>) -> Result<String, serde_json::Error> {
     match v {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) => s,
-        Some(other) => other.to_string(),
+        None => Ok(String::new()),
+        Some(raw) if raw.get().starts_with('"') => serde_json::from_str(raw.get()),
+        Some(raw) => Ok(raw.get().to_owned()),
     }
 }
 
+/// A `content` string that is JSON but not text (a lone surrogate escape).
+fn bad_content(e: &serde_json::Error) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "INVALID_ARGUMENT",
+        Some("content"),
+        &format!("content: {e}"),
+    )
+}
+
+// In the bodies below, optional fields take `null` as absent.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RoomPush {
-    content: Option<Value>,
-    #[serde(default)]
-    event: String,
-    #[serde(default)]
-    message_id: String,
-    #[serde(default)]
-    exclude_user_ids: Vec<String>,
+    content: Option<Box<RawValue>>,
+    event: Option<String>,
+    message_id: Option<String>,
+    exclude_user_ids: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UserPush {
-    content: Option<Value>,
-    #[serde(default)]
-    event: String,
-    #[serde(default)]
-    message_id: String,
+    content: Option<Box<RawValue>>,
+    event: Option<String>,
+    message_id: Option<String>,
     /// More users besides the one in the path.
-    #[serde(default)]
-    user_ids: Vec<String>,
+    user_ids: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BroadcastPush {
-    content: Option<Value>,
-    #[serde(default)]
-    event: String,
-    #[serde(default)]
-    message_id: String,
+    content: Option<Box<RawValue>>,
+    event: Option<String>,
+    message_id: Option<String>,
 }
 
 async fn push_room(
@@ -199,14 +227,18 @@ async fn push_room(
     headers: HeaderMap,
     JsonBody(b): JsonBody<RoomPush>,
 ) -> Response {
+    let content = match content_text(b.content) {
+        Ok(c) => c,
+        Err(e) => return bad_content(&e),
+    };
     let req = request(
         &headers,
         PushToRoomRequest {
             room_id,
-            content: content_text(b.content),
-            event: b.event,
-            message_id: b.message_id,
-            exclude_user_ids: b.exclude_user_ids,
+            content,
+            event: b.event.unwrap_or_default(),
+            message_id: b.message_id.unwrap_or_default(),
+            exclude_user_ids: b.exclude_user_ids.unwrap_or_default(),
             binary_content: Vec::new(),
             sender: String::new(),
         },
@@ -228,14 +260,18 @@ async fn push_user(
     headers: HeaderMap,
     JsonBody(b): JsonBody<UserPush>,
 ) -> Response {
+    let content = match content_text(b.content) {
+        Ok(c) => c,
+        Err(e) => return bad_content(&e),
+    };
     let req = request(
         &headers,
         PushToUserRequest {
             user_id,
-            content: content_text(b.content),
-            event: b.event,
-            message_id: b.message_id,
-            user_ids: b.user_ids,
+            content,
+            event: b.event.unwrap_or_default(),
+            message_id: b.message_id.unwrap_or_default(),
+            user_ids: b.user_ids.unwrap_or_default(),
             binary_content: Vec::new(),
         },
     );
@@ -256,12 +292,16 @@ async fn broadcast(
     headers: HeaderMap,
     JsonBody(b): JsonBody<BroadcastPush>,
 ) -> Response {
+    let content = match content_text(b.content) {
+        Ok(c) => c,
+        Err(e) => return bad_content(&e),
+    };
     let req = request(
         &headers,
         BroadcastRequest {
-            content: content_text(b.content),
-            event: b.event,
-            message_id: b.message_id,
+            content,
+            event: b.event.unwrap_or_default(),
+            message_id: b.message_id.unwrap_or_default(),
             binary_content: Vec::new(),
         },
     );
@@ -435,4 +475,35 @@ async fn user(
         "nodes": nodes,
     }))
     .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body(r: Response) -> Value {
+        let bytes = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            axum::body::to_bytes(r.into_body(), 1 << 20),
+        )
+        .await
+        .expect("body within the deadline")
+        .expect("body");
+        serde_json::from_slice(&bytes).expect("JSON")
+    }
+
+    /// A push that reached only some of its targets names its message id
+    /// in the HTTP error too, printable or not.
+    #[tokio::test]
+    async fn a_partial_failure_names_the_message_id() {
+        for id in ["0190f6c1-0000-7000-8000-000000000000", "commentaire-é"] {
+            let s = crate::service::with_message_id(Status::unavailable("partly"), id);
+            let r = from_status(&s);
+            assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+            let b = body(r).await;
+            assert_eq!(b["error"]["message_id"], json!(id), "{b}");
+        }
+        let plain = body(from_status(&Status::unavailable("down"))).await;
+        assert!(plain["error"].get("message_id").is_none(), "{plain}");
+    }
 }

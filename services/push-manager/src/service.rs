@@ -16,6 +16,7 @@ use barrage_proto::v1::{
 };
 use barrage_protocol::{RoomId, StreamKey, UserId};
 use futures::future::join_all;
+use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument as _;
 
@@ -42,8 +43,9 @@ impl Limits {
     /// The largest API request these limits accept must decode, so the
     /// gRPC server's size limit follows them: both contents at their
     /// largest and a full list of user ids, plus 1 MiB for the rest, and
-    /// never under gRPC's default of 4 MiB. A larger request fails with
-    /// OUT_OF_RANGE before it is read.
+    /// never under gRPC's default of 4 MiB. A larger request is refused
+    /// before it is read, with INVALID_ARGUMENT naming `content` and its
+    /// limit (see `read_limit`).
     pub fn grpc_request_bytes(&self) -> usize {
         let ids = self
             .max_user_ids
@@ -339,6 +341,7 @@ fn controller_error(id: &str, s: Status) -> Status {
 fn code_label(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
         Code::InvalidArgument => "INVALID_ARGUMENT",
         Code::NotFound => "NOT_FOUND",
         Code::Unavailable => "UNAVAILABLE",
@@ -350,6 +353,93 @@ fn code_label(code: Code) -> &'static str {
         Code::Internal => "INTERNAL",
         _ => "OTHER",
     }
+}
+
+/// A call dropped this close to its deadline, or later, counts as
+/// `DEADLINE_EXCEEDED`: the deadline is measured from when the handler
+/// began, a little after the server's timer (and the caller's) started.
+const DEADLINE_SLACK: Duration = Duration::from_millis(10);
+
+/// One API call's entry in the metrics: its duration and status, recorded
+/// once, when it answers or, if it never does, when it is dropped.
+struct CallRecord<'a> {
+    metrics: &'a Metrics,
+    api: &'static str,
+    start: Instant,
+    /// When the caller's deadline passes, if it gave one.
+    deadline: Option<Instant>,
+    recorded: bool,
+}
+
+impl<'a> CallRecord<'a> {
+    fn new(metrics: &'a Metrics, api: &'static str, timeout: Option<Duration>) -> Self {
+        let start = Instant::now();
+        CallRecord {
+            metrics,
+            api,
+            start,
+            deadline: timeout.and_then(|t| start.checked_add(t)),
+            recorded: false,
+        }
+    }
+
+    fn record(&mut self, code: Code) {
+        self.recorded = true;
+        record_call(self.metrics, self.api, code, self.start.elapsed());
+    }
+}
+
+/// Counts one call of `api` that answered `code` after `took` in the API
+/// metrics.
+pub(crate) fn record_call(metrics: &Metrics, api: &str, code: Code, took: Duration) {
+    metrics
+        .api_duration
+        .with_label_values(&[api])
+        .observe(took.as_secs_f64());
+    metrics
+        .api_requests
+        .with_label_values(&[api, code_label(code)])
+        .inc();
+}
+
+impl Drop for CallRecord<'_> {
+    fn drop(&mut self) {
+        if self.recorded {
+            return;
+        }
+        let code = if std::thread::panicking() {
+            Code::Internal
+        } else if self
+            .deadline
+            .is_some_and(|d| Instant::now() + DEADLINE_SLACK >= d)
+        {
+            Code::DeadlineExceeded
+        } else {
+            Code::Cancelled
+        };
+        self.record(code);
+    }
+}
+
+/// The deadline a gRPC caller gave its call (`grpc-timeout`: at most 8
+/// digits and a unit), if it gave a valid one.
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let split = v.len().checked_sub(1).filter(|&n| (1..=8).contains(&n))?;
+    let (digits, unit) = v.split_at(split);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 impl PushService {
@@ -386,11 +476,10 @@ impl PushService {
     pub async fn drain(&self) {
         let inner = &self.inner;
         let limit = inner.resend_after;
-        let tasks = inner.detached.tracker();
-        tasks.close();
-        if tokio::time::timeout(limit, tasks.wait()).await.is_err() {
+        let pushes = &inner.detached;
+        if tokio::time::timeout(limit, pushes.wait()).await.is_err() {
             tracing::warn!(
-                pushes = tasks.len(),
+                pushes = pushes.running(),
                 "pushes still running after the drain limit; their results are not recorded"
             );
         }
@@ -402,21 +491,20 @@ impl PushService {
         }
     }
 
+    /// Runs the call `f` of `api`, recording its duration and status. A
+    /// call that tonic or axum drops unanswered (its caller cancelled, or
+    /// `timeout`, its deadline, passed) is recorded too, as `CANCELLED` or
+    /// `DEADLINE_EXCEEDED`, with the time it ran.
     async fn observed<T>(
         &self,
         api: &'static str,
+        timeout: Option<Duration>,
         f: impl Future<Output = Result<T, Status>>,
     ) -> Result<Response<T>, Status> {
-        let start = Instant::now();
+        let mut call = CallRecord::new(&self.inner.metrics, api, timeout);
         let r = f.await;
-        let m = &self.inner.metrics;
-        m.api_duration
-            .with_label_values(&[api])
-            .observe(start.elapsed().as_secs_f64());
         let code = r.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
-        m.api_requests
-            .with_label_values(&[api, code_label(code)])
-            .inc();
+        call.record(code);
         if let Err(s) = &r
             && s.code() != Code::InvalidArgument
         {
@@ -747,26 +835,30 @@ impl PushService {
         inner.metrics.fanout_nodes.observe(per_node.len() as f64);
         let nodes = per_node.len();
         let calls = per_node.into_iter().map(|(node, targets)| {
-            let sender = inner
-                .nodes
-                .get(&node, addrs.get(&node).map(String::as_str))
-                .map(|n| n.sender);
+            let pooled = inner.nodes.get(&node, addrs.get(&node).map(String::as_str));
             let message = BatchMessage {
                 body: Some(body.clone()),
                 targets,
             };
             let timeout = inner.node_timeout;
             async move {
-                let start = Instant::now();
-                let Some(sender) = sender else {
-                    return (node, Err("no address known".to_owned()), start);
+                let Some(pooled) = pooled else {
+                    return (node, Err("no address known".to_owned()));
                 };
+                let start = Instant::now();
                 // Bounds the wait behind busy calls too; a message whose
                 // push gave up is not sent later.
-                let r = tokio::time::timeout(timeout, sender.call(message))
+                let r = tokio::time::timeout(timeout, pooled.sender.call(message))
                     .await
                     .unwrap_or_else(|_| Err(format!("timed out after {timeout:?}")));
-                (node, r, start)
+                // Through the pool entry's series: a node dropped from the
+                // pool meanwhile does not get them back.
+                let series = &pooled.series;
+                series.duration.observe(start.elapsed().as_secs_f64());
+                if r.is_err() {
+                    series.errors.inc();
+                }
+                (node, r)
             }
         });
         let duplicate = fresh == 0 && duplicates > 0;
@@ -790,18 +882,10 @@ impl PushService {
             outcome.delivered = first_delivered;
             return Ok(outcome);
         }
-        for (node, r, start) in join_all(calls).await {
-            inner
-                .metrics
-                .node_batch_duration
-                .with_label_values(&[&node])
-                .observe(start.elapsed().as_secs_f64());
-            // Exported from the first batch on, so a node's error rate is 0, not absent.
-            let errors = inner.metrics.node_batch_errors.with_label_values(&[&node]);
+        for (node, r) in join_all(calls).await {
             match r {
                 Ok(n) => outcome.delivered += n,
                 Err(e) => {
-                    errors.inc();
                     tracing::warn!(node = %node, error = %e, message_id = %body.id, "batch to connect-node failed");
                     outcome.failed.push((node, e));
                 }
@@ -830,17 +914,69 @@ impl PushService {
             } else {
                 Code::Aborted
             };
-            return Err(Status::new(
+            let retry = retry_advice(&body.id, idempotent);
+            let status = Status::new(
                 code,
                 format!(
-                    "{first}; delivered only to the other targets ({reached} connection(s)); \
-                     retry with the same message_id to reach the rest (targets already reached \
-                     are not delivered again)"
+                    "{first}; delivered only to the other targets ({reached} connection(s)); {retry}"
                 ),
-            ));
+            );
+            return Err(with_message_id(status, &body.id));
         }
         Ok(outcome)
     }
+}
+
+/// What a retry of a push that reached only some of its targets does,
+/// naming the message id to retry with. A push without the caller's
+/// `message_id` had one made up, which the caller learns only here; it
+/// recorded no result, so a retry with that id is a plain repeat for the
+/// targets whose controllers took the message.
+fn retry_advice(id: &str, idempotent: bool) -> String {
+    if idempotent {
+        format!(
+            "retry with the same message_id ({id:?}) to reach the rest (targets already \
+             reached are not delivered again)"
+        )
+    } else {
+        format!(
+            "the push had no message_id and was given {id:?} (also in the {MESSAGE_ID_KEY} \
+             metadata): a retry with message_id {id:?} reaches the targets whose controller \
+             had not taken the message and is not delivered again to the targets already \
+             reached; having no message_id, this push recorded no result, so the retry does \
+             not send it again to the nodes it failed on"
+        )
+    }
+}
+
+/// The metadata entry of a failed push's message id.
+pub(crate) const MESSAGE_ID_KEY: &str = "x-message-id";
+
+/// `status` with the push's message id in its metadata ([`MESSAGE_ID_KEY`],
+/// or `x-message-id-bin` for an id that is not printable ASCII), for the
+/// caller to retry with.
+pub(crate) fn with_message_id(mut status: Status, id: &str) -> Status {
+    let metadata = status.metadata_mut();
+    // Header values may carry other bytes too, but only ASCII reads back.
+    match MetadataValue::try_from(id) {
+        Ok(v) if id.is_ascii() => {
+            metadata.insert(MESSAGE_ID_KEY, v);
+        }
+        _ => {
+            metadata.insert_bin("x-message-id-bin", MetadataValue::from_bytes(id.as_bytes()));
+        }
+    }
+    status
+}
+
+/// The message id a failed push's status carries ([`with_message_id`]).
+pub(crate) fn message_id_of(status: &Status) -> Option<String> {
+    let metadata = status.metadata();
+    if let Some(v) = metadata.get(MESSAGE_ID_KEY) {
+        return v.to_str().ok().map(str::to_owned);
+    }
+    let bytes = metadata.get_bin("x-message-id-bin")?.to_bytes().ok()?;
+    String::from_utf8(bytes.to_vec()).ok()
 }
 
 #[tonic::async_trait]
@@ -850,9 +986,10 @@ impl PushManager for PushService {
         req: Request<PushToRoomRequest>,
     ) -> Result<Response<PushToRoomResponse>, Status> {
         let span = barrage_telemetry::server_span("PushToRoom", req.metadata());
+        let timeout = grpc_timeout(req.metadata());
         let allowed = self.authorize(&req, Scope::PushRoom);
         let r = req.into_inner();
-        self.observed("PushToRoom", async {
+        self.observed("PushToRoom", timeout, async {
             allowed?;
             let room = RoomId::new(r.room_id).map_err(|e| invalid("room_id", e))?;
             if r.exclude_user_ids.len() > self.inner.limits.max_exclude_user_ids {
@@ -901,9 +1038,10 @@ impl PushManager for PushService {
         req: Request<PushToUserRequest>,
     ) -> Result<Response<PushToUserResponse>, Status> {
         let span = barrage_telemetry::server_span("PushToUser", req.metadata());
+        let timeout = grpc_timeout(req.metadata());
         let allowed = self.authorize(&req, Scope::PushUser);
         let r = req.into_inner();
-        self.observed("PushToUser", async {
+        self.observed("PushToUser", timeout, async {
             allowed?;
             let users = target_users(r.user_id, r.user_ids, self.inner.limits.max_user_ids)?;
             let idempotent = !r.message_id.is_empty();
@@ -930,9 +1068,10 @@ impl PushManager for PushService {
         req: Request<BroadcastRequest>,
     ) -> Result<Response<BroadcastResponse>, Status> {
         let span = barrage_telemetry::server_span("Broadcast", req.metadata());
+        let timeout = grpc_timeout(req.metadata());
         let allowed = self.authorize(&req, Scope::Broadcast);
         let r = req.into_inner();
-        self.observed("Broadcast", async {
+        self.observed("Broadcast", timeout, async {
             allowed?;
             let idempotent = !r.message_id.is_empty();
             let body = self.body(r.content, r.binary_content, r.event, r.message_id)?;
@@ -959,9 +1098,10 @@ impl PushManager for PushService {
         req: Request<GetRoomInfoRequest>,
     ) -> Result<Response<GetRoomInfoResponse>, Status> {
         let span = barrage_telemetry::server_span("GetRoomInfo", req.metadata());
+        let timeout = grpc_timeout(req.metadata());
         let allowed = self.authorize(&req, Scope::Admin);
         let r = req.into_inner();
-        self.observed("GetRoomInfo", async {
+        self.observed("GetRoomInfo", timeout, async {
             allowed?;
             let room = RoomId::new(r.room_id.as_str()).map_err(|e| invalid("room_id", e))?;
             let (id, mut client) = self.owner(&StreamKey::Room(room).to_string())?;
@@ -980,9 +1120,10 @@ impl PushManager for PushService {
         req: Request<GetUserNodeRequest>,
     ) -> Result<Response<GetUserNodeResponse>, Status> {
         let span = barrage_telemetry::server_span("GetUserNode", req.metadata());
+        let timeout = grpc_timeout(req.metadata());
         let allowed = self.authorize(&req, Scope::Admin);
         let r = req.into_inner();
-        self.observed("GetUserNode", async {
+        self.observed("GetUserNode", timeout, async {
             allowed?;
             let user = UserId::new(r.user_id.as_str()).map_err(|e| invalid("user_id", e))?;
             let (id, mut client) = self.owner(&StreamKey::User(user).to_string())?;
@@ -1001,9 +1142,10 @@ impl PushManager for PushService {
         req: Request<pb::CloseRoomRequest>,
     ) -> Result<Response<pb::CloseRoomResponse>, Status> {
         let span = barrage_telemetry::server_span("CloseRoom", req.metadata());
+        let timeout = grpc_timeout(req.metadata());
         let allowed = self.authorize(&req, Scope::Admin);
         let r = req.into_inner();
-        self.observed("CloseRoom", async {
+        self.observed("CloseRoom", timeout, async {
             allowed?;
             let room = RoomId::new(r.room_id.as_str()).map_err(|e| invalid("room_id", e))?;
             let (id, mut controller) = self.owner(&StreamKey::Room(room).to_string())?;
@@ -1071,8 +1213,9 @@ impl PushManager for PushService {
         req: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
         let span = barrage_telemetry::server_span("GetStatus", req.metadata());
+        let timeout = grpc_timeout(req.metadata());
         let allowed = self.authorize(&req, Scope::Admin);
-        self.observed("GetStatus", async {
+        self.observed("GetStatus", timeout, async {
             allowed?;
             let ids = self.inner.nodes.node_ids();
             let calls = ids.into_iter().map(|node_id| {
@@ -1118,6 +1261,26 @@ mod tests {
 
     fn ids(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn grpc_timeout_reads_valid_deadlines_and_ignores_the_rest() {
+        let read = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().expect("ascii"));
+            grpc_timeout(&m)
+        };
+        assert_eq!(read("300m"), Some(Duration::from_millis(300)));
+        assert_eq!(read("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(
+            read("99999999H"),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+        assert_eq!(read("7u"), Some(Duration::from_micros(7)));
+        for bad in ["", "S", "m5", "123456789S", "5x", "+5S", "-1S", " 5S"] {
+            assert_eq!(read(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
     }
 
     #[test]
