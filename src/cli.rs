@@ -292,13 +292,22 @@ struct JwtArgs {
     /// JWKS file with RS256/ES256 public keys for connection tokens.
     #[arg(long, env = "JWT_JWKS_FILE")]
     jwt_jwks_file: Option<std::path::PathBuf>,
-    /// Clock skew allowed on `exp`, seconds.
+    /// Clock skew allowed on `exp` and `nbf`, seconds (at most 3600).
     #[arg(long, env = "JWT_LEEWAY_SECS", default_value_t = 5)]
     jwt_leeway_secs: u64,
 }
 
+/// Most clock skew `JWT_LEEWAY_SECS` may allow: an hour.
+const MAX_JWT_LEEWAY_SECS: u64 = 3600;
+
 impl JwtArgs {
     fn auth(&self) -> Result<barrage_auth::ConnectAuth, ConfigError> {
+        if self.jwt_leeway_secs > MAX_JWT_LEEWAY_SECS {
+            return Err(bad(
+                "JWT_LEEWAY_SECS (--jwt-leeway-secs)",
+                format!("must be at most {MAX_JWT_LEEWAY_SECS} (seconds of clock skew)"),
+            ));
+        }
         let mut auth = barrage_auth::ConnectAuth::new(Duration::from_secs(self.jwt_leeway_secs));
         if let Some(s) = self.jwt_hs256_secret.as_deref().filter(|s| !s.is_empty()) {
             auth = auth
@@ -1728,6 +1737,7 @@ mod tests {
                 &["--handshake-timeout-secs", "0"][..],
                 "HANDSHAKE_TIMEOUT_SECS",
             ),
+            (&["--jwt-leeway-secs", "3601"][..], "JWT_LEEWAY_SECS"),
             (
                 &["--tls-cert-file", "/nonexistent/cert.pem"][..],
                 "TLS_KEY_FILE",
@@ -1756,6 +1766,20 @@ mod tests {
             ])
             .is_ok()
         );
+    }
+
+    #[test]
+    fn the_jwt_leeway_reaches_the_connect_node() {
+        let Ok(Plan::ConnectNode { cfg, .. }) = plan(&[
+            "connect-node",
+            "--controller-address",
+            "c:1",
+            "--jwt-leeway-secs",
+            "30",
+        ]) else {
+            panic!("not a connect-node plan")
+        };
+        assert_eq!(cfg.auth.leeway(), Duration::from_secs(30));
     }
 
     #[test]

@@ -340,7 +340,8 @@ async fn api_tokens_and_scopes() -> anyhow::Result<()> {
 async fn a_refreshed_connection_outlives_its_first_token() -> anyhow::Result<()> {
     let cluster = secure_cluster().await?;
     let ws = cluster.nodes[0].ws_url();
-    // Expires in 1 s; with the node's 5 s leeway it would close after ~6 s.
+    // Expires in 1 s; without the refresh the node (no leeway) would close
+    // it about then.
     let mut c = within(
         T,
         "connect",
@@ -365,5 +366,68 @@ async fn a_refreshed_connection_outlives_its_first_token() -> anyhow::Result<()>
             other => panic!("expected pong on a refreshed connection, got {other:?}"),
         }
     }
+    Ok(())
+}
+
+/// A token signed with the test secret carrying `exp`.
+fn token_expiring_at(user: &str, exp: u64) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &Claims {
+            sub: user.into(),
+            exp,
+            rooms: None,
+            publish: None,
+        },
+        &EncodingKey::from_secret(SECRET),
+    )
+    .expect("encode")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_connection_closes_after_the_configured_leeway() -> anyhow::Result<()> {
+    // "secure" allows no clock skew; "lenient" allows 3 s.
+    let mut cluster = secure_cluster().await?;
+    cluster
+        .start_node_with("lenient", |cfg| {
+            cfg.insecure_user_id = false;
+            cfg.auth = ConnectAuth::new(Duration::from_secs(3))
+                .with_hs256_secret(SECRET)
+                .expect("secret");
+        })
+        .await?;
+    let expiry = |url: String| async move {
+        let start = tokio::time::Instant::now();
+        let exp = now_secs() + 1;
+        let mut c = within(
+            T,
+            "connect",
+            Client::connect(&format!("{url}?token={}", token_expiring_at("gail", exp))),
+        )
+        .await??;
+        loop {
+            match within(T, "close", c.next_frame()).await? {
+                Err(ClientError::Closed { code, .. }) => {
+                    assert_eq!(code, 4405);
+                    return anyhow::Ok(start.elapsed());
+                }
+                Ok(Some(_)) => continue,
+                other => anyhow::bail!("expected close 4405, got {other:?}"),
+            }
+        }
+    };
+    let (strict, lenient) = tokio::try_join!(
+        expiry(cluster.nodes[0].ws_url()),
+        expiry(cluster.nodes[1].ws_url())
+    )?;
+    // The token runs out within a second of the connect.
+    assert!(
+        strict < Duration::from_millis(2500),
+        "no leeway: {strict:?}"
+    );
+    assert!(
+        lenient >= Duration::from_secs(3) && lenient < Duration::from_millis(5500),
+        "3 s leeway: {lenient:?}"
+    );
     Ok(())
 }

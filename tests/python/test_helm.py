@@ -209,7 +209,8 @@ def test_schema_rejects_bad_values():
                 {"controller": {"replicas": -1}}, {"typo": 1},
                 {"pushManager": {"runtimeFlavor": "green-threads"}}, {"connectNode": {"workerThreads": 0}},
                 {"controller": {"workerThreads": "two"}}, {"connectNode": {"binaryCompressBytes": 32}},
-                {"transparentHugePages": False}, {"transparentHugePages": "always"}]:
+                {"transparentHugePages": False}, {"transparentHugePages": "always"},
+                {"auth": {"jwt": {"leewaySecs": 3601}}}]:
         with pytest.raises(helm.HelmError):
             render(bad)
 

@@ -300,7 +300,7 @@ pub async fn run(
             node_id: cfg.node_id.clone(),
             insecure_user_id: cfg.insecure_user_id,
             auth: cfg.auth.clone(),
-            token_leeway: Duration::from_secs(5),
+            token_leeway: cfg.auth.leeway(),
             max_frame_bytes: cfg.max_frame_bytes,
             max_rooms: cfg.max_rooms,
             ping_interval: cfg.ping_interval,
