@@ -384,6 +384,52 @@ fn token_expiring_at(user: &str, exp: u64) -> String {
     .expect("encode")
 }
 
+/// Sends a ping and waits for its pong, past any other frame.
+async fn answers_ping(c: &mut Client) -> anyhow::Result<()> {
+    c.send(&ClientFrame::Ping).await?;
+    loop {
+        match within(T, "pong", c.next_frame()).await? {
+            Ok(Some(ServerFrame::Pong)) => return Ok(()),
+            Ok(Some(_)) => continue,
+            other => anyhow::bail!("expected pong, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_never_expires_keeps_its_connection_and_leaves_no_trace() -> anyhow::Result<()>
+{
+    let cluster = secure_cluster().await?;
+    let ws = cluster.nodes[0].ws_url();
+    // `exp` at the top of its range: further ahead than any clock counts.
+    let forever = token_expiring_at("frank", u64::MAX);
+    let mut c = within(
+        T,
+        "connect",
+        Client::connect(&format!("{ws}?token={forever}&rooms=lobby")),
+    )
+    .await??;
+    answers_ping(&mut c).await?;
+    // A refresh to such a token is taken as well.
+    c.send(&ClientFrame::Refresh {
+        token: token_expiring_at("frank", u64::MAX - 1),
+    })
+    .await?;
+    match within(T, "refreshed", c.next_frame()).await?? {
+        Some(ServerFrame::Refreshed { expires_at }) => assert_eq!(expires_at, u64::MAX - 1),
+        other => panic!("expected refreshed, got {other:?}"),
+    }
+    answers_ping(&mut c).await?;
+    // Once the client goes, the node holds nothing of it.
+    within(T, "close", c.close()).await??;
+    let node = &cluster.nodes[0];
+    barrage_testkit::cluster::eventually(T, "the connection to leave the hub", || async {
+        (node.metric("connect_node_connections") == 0.0).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_connection_closes_after_the_configured_leeway() -> anyhow::Result<()> {
     // "secure" allows no clock skew; "lenient" allows 3 s.

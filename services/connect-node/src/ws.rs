@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::direct::Way;
 use crate::gate::Gate;
-use crate::hub::{ConnHandle, Hub, Outbound, Wire};
+use crate::hub::{ConnHandle, Hub, Outbound, Registered, Wire};
 use crate::metrics::Metrics;
 use crate::queue;
 use crate::skip::{Skip, SkipRule};
@@ -353,7 +353,7 @@ pub async fn ws_handler(
 
 /// A session that is registered, recovered and told `connected`.
 struct Established {
-    conn: Arc<ConnHandle>,
+    registered: Registered,
     rx: queue::Receiver<Outbound>,
     socket: WebSocket,
     skip: Skip,
@@ -374,7 +374,7 @@ async fn serve(
     claims: Option<Claims>,
 ) {
     let Some(Established {
-        conn,
+        registered,
         rx,
         mut socket,
         skip,
@@ -386,8 +386,19 @@ async fn serve(
     let session = Session {
         claims: Mutex::new(claims),
     };
-    let usable = run_session(&state, &mut socket, rx, &conn, &session, skip, receipt).await;
-    state.hub.disconnect(&conn);
+    let usable = run_session(
+        &state,
+        &mut socket,
+        rx,
+        &registered.conn,
+        &session,
+        skip,
+        receipt,
+    )
+    .await;
+    let conn = registered.conn.clone();
+    // Out of the hub before the close handshake, which may take a while.
+    drop(registered);
     let code = conn.close_code().unwrap_or(CloseCode::Normal);
     if usable {
         close_socket(&mut socket, code, code.reason()).await;
@@ -411,6 +422,11 @@ async fn establish(
     let settings = &state.settings;
     let way = socket.get_ref().way().cloned();
     let (conn, mut rx, ack) = hub.connect(user.clone(), &rooms, wire, way);
+    // Left on every way out of this task, a panic included.
+    let registered = Registered {
+        hub: hub.clone(),
+        conn: conn.clone(),
+    };
     // Registered first, then announced, then history fetched: every message
     // is either in the history answer or queued live (or both: deduplicated).
     let recovery = if ack.wait(settings.ack_timeout).await {
@@ -428,7 +444,7 @@ async fn establish(
         }
         Err(why) => {
             tracing::warn!(user = %user, reason = %why, "cannot establish the session; closing");
-            hub.disconnect(&conn);
+            drop(registered);
             let code = CloseCode::InternalError;
             close_socket(&mut socket, code, "no controller available, reconnect").await;
             state.metrics.count_disconnect(code);
@@ -472,7 +488,7 @@ async fn establish(
     })
     .await;
     if sent != Ok(true) {
-        hub.disconnect(&conn);
+        drop(registered);
         // Counted like a session that ends: too slow, or the socket failed
         // (as a read failure is, 1006).
         let code = if sent.is_err() {
@@ -492,7 +508,7 @@ async fn establish(
     }
     tracing::debug!(conn = conn.id, user = %user, rooms = rooms.len(), "connected");
     Some(Established {
-        conn,
+        registered,
         rx,
         socket,
         skip: recovery.skip,
@@ -586,7 +602,7 @@ async fn run_session(
     let mut closing = conn.close_signal();
     let read_timer = tokio::time::sleep(settings.read_timeout);
     tokio::pin!(read_timer);
-    let never = || tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400);
+    let never = || tokio::time::Instant::now() + NEVER;
     let mut exp = session.expiry();
     let expiry = tokio::time::sleep_until(
         session
@@ -1087,22 +1103,31 @@ fn send_error(state: &WsState, conn: &ConnHandle, code: &str, message: String) {
     send_frame(conn, ServerFrame::error(code, message));
 }
 
+/// A token expiring this far ahead, or further, never closes its
+/// connection: a hundred years.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 /// What a connection proved about itself.
 struct Session {
     claims: Mutex<Option<Claims>>,
 }
 
 impl Session {
-    /// When the connection must close unless its token is refreshed.
     /// The token's expiry (seconds since the epoch), when there is a token.
     fn expiry(&self) -> Option<u64> {
         self.claims.lock().as_ref().map(|c| c.exp)
     }
 
+    /// When the connection must close unless its token is refreshed: the
+    /// token's expiry plus `leeway`. None without a token, and for an
+    /// expiry [`NEVER`] or more ahead (a token may say `exp: 2^64-1`,
+    /// further ahead than a clock can count).
     fn deadline(&self, leeway: Duration) -> Option<tokio::time::Instant> {
         let exp = self.claims.lock().as_ref()?.exp;
-        let left = exp.saturating_sub(barrage_auth::now_secs());
-        Some(tokio::time::Instant::now() + Duration::from_secs(left) + leeway)
+        let left = Duration::from_secs(exp.saturating_sub(barrage_auth::now_secs()))
+            .checked_add(leeway)
+            .filter(|left| *left < NEVER)?;
+        Some(tokio::time::Instant::now() + left)
     }
 
     fn allows_room(&self, room: &str) -> bool {
