@@ -246,7 +246,10 @@ pub(crate) fn admit(
             ),
         );
     }
+    // Refused as soon as the list passes the limit: the query string is
+    // the client's, and may hold far more names than a connection may join.
     let mut rooms = Vec::new();
+    let mut seen = HashSet::new();
     for r in params
         .rooms
         .as_deref()
@@ -254,9 +257,22 @@ pub(crate) fn admit(
         .split(',')
         .filter(|r| !r.is_empty())
     {
+        if !seen.insert(r) {
+            continue;
+        }
+        if rooms.len() == settings.max_rooms {
+            return reject(
+                &state,
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!(
+                    "rooms: at most {} rooms per connection\n",
+                    settings.max_rooms
+                ),
+            );
+        }
         match RoomId::new(r) {
-            Ok(room) if !rooms.contains(&room) => rooms.push(room),
-            Ok(_) => {}
+            Ok(room) => rooms.push(room),
             Err(e) => {
                 return reject(
                     &state,
@@ -275,18 +291,6 @@ pub(crate) fn admit(
             StatusCode::FORBIDDEN,
             "forbidden",
             format!("rooms: the token does not allow joining {room}\n"),
-        );
-    }
-    if rooms.len() > state.settings.max_rooms {
-        return reject(
-            &state,
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!(
-                "rooms: at most {} rooms per connection, got {}\n",
-                state.settings.max_rooms,
-                rooms.len()
-            ),
         );
     }
     let positions = match parse_positions(params.positions.as_deref().unwrap_or("")) {
