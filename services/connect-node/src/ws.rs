@@ -90,10 +90,13 @@ pub struct WsState {
     /// Cancelled when the node drains: new upgrades are refused.
     pub draining: CancellationToken,
     /// New connections per second per client IP (429 beyond).
-    pub per_ip: Option<Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>>,
+    pub per_ip: Option<Arc<PerIpLimiter>>,
     /// Client publishing (`publish` frames); `None`: refused.
     pub publisher: Option<Arc<crate::publish::Publisher>>,
 }
+
+/// The limit of new connections per second per client IP.
+pub type PerIpLimiter = governor::DefaultKeyedRateLimiter<std::net::IpAddr>;
 
 /// Query string of `GET /ws`.
 #[derive(Debug, Deserialize)]
