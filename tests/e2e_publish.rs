@@ -559,3 +559,121 @@ async fn a_room_where_a_few_publish_and_everyone_sees_the_same_comments_once() -
     );
     Ok(())
 }
+
+/// A moderation service that answers a text late the first time it sees
+/// it, and approves it at once afterwards.
+#[derive(Default)]
+struct LateOnce(parking_lot::Mutex<std::collections::HashSet<String>>);
+
+#[tonic::async_trait]
+impl barrage_proto::v1::moderation_server::Moderation for LateOnce {
+    async fn review(
+        &self,
+        req: tonic::Request<barrage_proto::v1::ReviewRequest>,
+    ) -> Result<tonic::Response<barrage_proto::v1::ReviewResponse>, tonic::Status> {
+        let text = req.into_inner().text;
+        let first = self.0.lock().insert(text.clone());
+        if first || text.contains("hold") {
+            tokio::time::sleep(Duration::from_millis(if first { 800 } else { 300 })).await;
+        }
+        Ok(tonic::Response::new(barrage_proto::v1::ReviewResponse {
+            verdict: barrage_proto::v1::review_response::Verdict::Approve as i32,
+            ..Default::default()
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_comment_that_was_not_published_can_be_sent_again_at_once() -> anyhow::Result<()> {
+    barrage_testkit::init_tracing();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let hook = listener.local_addr()?.to_string();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(barrage_proto::v1::moderation_server::ModerationServer::new(
+                LateOnce::default(),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    // Nothing listens here: every push through it fails.
+    let nowhere = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await?
+        .local_addr()?
+        .to_string();
+    let mut c = TestCluster::in_process();
+    c.start_controller("c").await?;
+    c.start_manager("m").await?;
+    let api = c.managers[0].grpc_addr.clone();
+    c.start_node_with("n", move |cfg| {
+        cfg.publish = Some(PublishSettings {
+            dedup_window: Duration::from_secs(60),
+            moderation: Some(barrage_connect_node::publish::ModerationHook {
+                addr: hook,
+                timeout: Duration::from_millis(500),
+                fail_open: false,
+            }),
+            ..PublishSettings::open(api, vec!["live-*".into()])
+        });
+    })
+    .await?;
+    c.start_node_with("unreachable-api", move |cfg| {
+        cfg.publish = Some(PublishSettings {
+            dedup_window: Duration::from_secs(60),
+            ..PublishSettings::open(nowhere, vec!["live-*".into()])
+        });
+    })
+    .await?;
+    let connect = |ws: String, user: &'static str| async move {
+        anyhow::Ok(
+            within(
+                T,
+                user,
+                Client::connect(&connect_url(&ws, user, &["live-1"])),
+            )
+            .await??,
+        )
+    };
+    let ws = c.nodes[0].ws_url();
+
+    // Moderation answered late: not published, and the same comment may
+    // be sent again at once (and then goes through).
+    let mut ann = connect(ws.clone(), "ann").await?;
+    let f = publish(&mut ann, "live-1", json!("hello"), "1").await?;
+    assert_eq!(rejected(&f).0, "unavailable");
+    let f = publish(&mut ann, "live-1", json!("hello"), "2").await?;
+    assert!(matches!(f, ServerFrame::Ack { .. }), "{f:?}");
+    // Once published, it is a duplicate.
+    let f = publish(&mut ann, "live-1", json!("hello"), "3").await?;
+    assert_eq!(rejected(&f).0, "duplicate");
+
+    // The push itself failed: the retry is tried again, not a duplicate.
+    let mut bob = connect(c.nodes[1].ws_url(), "bob").await?;
+    for r in ["4", "5"] {
+        let f = publish(&mut bob, "live-1", json!("anyone there?"), r).await?;
+        assert_eq!(rejected(&f).0, "unavailable", "{f:?}");
+    }
+
+    // The same comment sent from two connections of a user at once: one
+    // is published, the other is a duplicate.
+    let (mut a1, mut a2) = (
+        connect(ws.clone(), "cat").await?,
+        connect(ws.clone(), "cat").await?,
+    );
+    // Seen once by moderation, so both are held 300 ms, not timed out.
+    let f = publish(&mut a1, "live-1", json!("hold on"), "6").await?;
+    assert_eq!(rejected(&f).0, "unavailable");
+    let (f1, f2) = tokio::try_join!(
+        publish(&mut a1, "live-1", json!("hold on"), "7"),
+        publish(&mut a2, "live-1", json!("hold on"), "8"),
+    )?;
+    let acks = [&f1, &f2]
+        .iter()
+        .filter(|f| matches!(f, ServerFrame::Ack { .. }))
+        .count();
+    let duplicates = [&f1, &f2]
+        .iter()
+        .filter(|f| matches!(f, ServerFrame::Rejected { reason, .. } if reason == "duplicate"))
+        .count();
+    assert_eq!((acks, duplicates), (1, 1), "{f1:?} {f2:?}");
+    Ok(())
+}

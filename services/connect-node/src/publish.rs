@@ -10,7 +10,9 @@
 //! policy (room allowed, token claim where required, sender is a member) →
 //! validation (text, length, control characters) → per-user rate →
 //! per-room rate → sensitive words (reject or mask with `*`) → duplicate
-//! (same text from the same user within the window) → push. Blocked users
+//! (same text from the same user within the window; a comment that was
+//! refused after this stage, or could not be pushed, does not count, so
+//! it can be sent again at once) → push. Blocked users
 //! and room mutes (files, re-read on change) are refused right after the
 //! policy; an optional moderation service (`barrage.v1.Moderation`)
 //! approves, denies or rewrites each comment within a deadline, failing
@@ -365,6 +367,16 @@ impl Publisher {
         }
     }
 
+    /// Forgets a comment recorded for duplicate detection that was not
+    /// published, unless the record is another's by now (a later copy,
+    /// recorded once this one's window had passed).
+    fn forget(&self, (key, at): &((String, u64), Instant)) {
+        let mut recent = self.recent.lock();
+        if recent.get(key) == Some(at) {
+            recent.remove(key);
+        }
+    }
+
     fn count(&self, stage: &str, outcome: &str) {
         self.counter.with_label_values(&[stage, outcome]).inc();
     }
@@ -549,8 +561,10 @@ impl Publisher {
         } else {
             self.count("words", "pass");
         }
-        // Duplicates.
-        {
+        // Duplicates. The comment is recorded now, so that the same one
+        // sent meanwhile (from another connection of the user) is refused,
+        // and forgotten again if it is not published after all.
+        let recorded = {
             let key = (user.to_string(), hash(&text));
             let mut recent = self.recent.lock();
             if recent
@@ -566,9 +580,15 @@ impl Publisher {
                     "the same comment was just sent",
                 );
             }
-            recent.insert(key, Instant::now());
-        }
+            let at = Instant::now();
+            recent.insert(key.clone(), at);
+            (key, at)
+        };
         self.count("duplicate", "pass");
+        let unpublished = |frame: ServerFrame| {
+            self.forget(&recorded);
+            frame
+        };
         // Moderation hook.
         if let (Some(client), Some(hook)) = (&self.moderation, &self.s.moderation) {
             let mut req = tonic::Request::new(ReviewRequest {
@@ -593,19 +613,25 @@ impl Publisher {
                             } else {
                                 r.reason
                             };
-                            return self.reject("moderation", reference, &room, "denied", why);
+                            return unpublished(self.reject(
+                                "moderation",
+                                reference,
+                                &room,
+                                "denied",
+                                why,
+                            ));
                         }
                     }
                 }
                 _ if hook.fail_open => self.count("moderation", "failed_open"),
                 _ => {
-                    return self.reject(
+                    return unpublished(self.reject(
                         "moderation",
                         reference,
                         &room,
                         "unavailable",
                         "moderation did not answer in time; try again",
-                    );
+                    ));
                 }
             }
         }
@@ -643,13 +669,13 @@ impl Publisher {
             }
             Err(s) => {
                 tracing::warn!(code = ?s.code(), message = s.message(), "publish could not be pushed");
-                self.reject(
+                unpublished(self.reject(
                     "push",
                     reference,
                     &room,
                     "unavailable",
                     format!("not published: {}", s.message()),
-                )
+                ))
             }
         }
     }
