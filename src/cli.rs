@@ -604,6 +604,10 @@ struct WsArgs {
     /// Push API (host:port of a push-manager) published comments go through.
     #[arg(long, env = "PUBLISH_API")]
     publish_api: Option<String>,
+    /// API token published comments are pushed with, when the push API
+    /// requires tokens (its API_TOKENS): one with the push:room scope.
+    #[arg(long, env = "PUBLISH_API_TOKEN", hide_env_values = true)]
+    publish_api_token: Option<String>,
     /// Longest comment, characters.
     #[arg(long, env = "PUBLISH_MAX_CHARS", default_value_t = 200)]
     publish_max_chars: usize,
@@ -1014,6 +1018,21 @@ impl WsArgs {
                 ));
             }
         };
+        let api_token = match self.publish_api_token.as_deref() {
+            None | Some("") => None,
+            Some(t) => {
+                let setting = "PUBLISH_API_TOKEN (--publish-api-token)";
+                barrage_connect_node::publish::check_api_token(t)
+                    .map_err(|why| bad(setting, why))?;
+                if t.len() < 16 {
+                    return Err(bad(
+                        setting,
+                        "is shorter than 16 characters, which API_TOKENS never accepts",
+                    ));
+                }
+                Some(t.to_owned())
+            }
+        };
         if self.publish_max_chars == 0 {
             return Err(bad(
                 "PUBLISH_MAX_CHARS (--publish-max-chars)",
@@ -1079,6 +1098,7 @@ impl WsArgs {
             mutes_file: self.publish_mutes_file.clone(),
             moderation,
             api,
+            api_token,
             tls: tls.clone(),
             rooms,
             claim_rooms: self.publish_claim_rooms.clone(),
@@ -1766,6 +1786,46 @@ mod tests {
             ])
             .is_ok()
         );
+    }
+
+    #[test]
+    fn the_publish_api_token_is_checked_and_kept() {
+        let node = |extra: &[&str]| {
+            let mut args = vec![
+                "connect-node",
+                "--controller-address",
+                "c:1",
+                "--publish-rooms",
+                "live-*",
+                "--publish-api",
+                "pm:50053",
+            ];
+            args.extend_from_slice(extra);
+            plan(&args)
+        };
+        let Ok(Plan::ConnectNode { cfg, .. }) =
+            node(&["--publish-api-token", "node-publisher-0123456789"])
+        else {
+            panic!("not a connect-node plan")
+        };
+        let publish = cfg.publish.expect("publishing on");
+        assert_eq!(
+            publish.api_token.as_deref(),
+            Some("node-publisher-0123456789")
+        );
+        let Ok(Plan::ConnectNode { cfg, .. }) = node(&[]) else {
+            panic!("not a connect-node plan")
+        };
+        assert_eq!(cfg.publish.expect("publishing on").api_token, None);
+        for bad in [
+            "tiny-tok",
+            "has a space in it 0123",
+            "tab\tinside-0123456789",
+        ] {
+            let err = node(&["--publish-api-token", bad]).unwrap_err();
+            assert!(err.contains("PUBLISH_API_TOKEN"), "{bad:?}: {err}");
+            assert!(!err.contains(bad), "the token is not printed: {err}");
+        }
     }
 
     #[test]

@@ -560,6 +560,89 @@ async fn a_room_where_a_few_publish_and_everyone_sees_the_same_comments_once() -
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_through_a_push_api_that_requires_tokens() -> anyhow::Result<()> {
+    const PUBLISHER: &str = "node-publisher-0123456789";
+    const USERS_ONLY: &str = "users-only-token-0123456789";
+    barrage_testkit::init_tracing();
+    let mut c = TestCluster::in_process();
+    c.start_controller("c").await?;
+    c.start_manager_with("m", |cfg| {
+        cfg.api_auth =
+            barrage_auth::ApiAuth::parse(&format!("{PUBLISHER}=push:room;{USERS_ONLY}=push:user"))
+                .expect("tokens");
+    })
+    .await?;
+    let api = c.managers[0].grpc_addr.clone();
+    // One node per token: the right one, none, and one without push:room.
+    for (node, token) in [
+        ("with-token", Some(PUBLISHER)),
+        ("no-token", None),
+        ("wrong-scope", Some(USERS_ONLY)),
+    ] {
+        let api = api.clone();
+        c.start_node_with(node, move |cfg| {
+            cfg.publish = Some(PublishSettings {
+                api_token: token.map(str::to_owned),
+                ..PublishSettings::open(api, vec!["live-*".into()])
+            });
+        })
+        .await?;
+    }
+    let mut clients = Vec::new();
+    for (i, node) in c.nodes.iter().enumerate() {
+        clients.push(
+            within(
+                T,
+                "connect",
+                Client::connect(&connect_url(
+                    &node.ws_url(),
+                    &format!("fan{i}"),
+                    &["live-1"],
+                )),
+            )
+            .await??,
+        );
+    }
+    let ack = publish(&mut clients[0], "live-1", json!("hello"), "ok").await?;
+    assert!(matches!(ack, ServerFrame::Ack { seq: 1, .. }), "{ack:?}");
+    // The others in the room, on the other nodes, get it (the publisher's
+    // own copy was read past while waiting for the ack).
+    for client in &mut clients[1..] {
+        let m = within(T, "the comment", client.next_message())
+            .await??
+            .expect("message");
+        assert_eq!((m.seq, m.from.as_deref()), (1, Some("fan0")));
+    }
+    // Without a token, or with one lacking push:room: refused, and the
+    // message tells the operator what to set.
+    let f = publish(&mut clients[1], "live-1", json!("hi"), "none").await?;
+    let ServerFrame::Rejected {
+        reason, message, ..
+    } = &f
+    else {
+        panic!("expected rejected, got {f:?}");
+    };
+    assert_eq!(reason, "unavailable");
+    assert!(
+        message.contains("PUBLISH_API_TOKEN") && message.contains("push:room"),
+        "{message}"
+    );
+    let f = publish(&mut clients[2], "live-1", json!("hi"), "scope").await?;
+    let ServerFrame::Rejected {
+        reason, message, ..
+    } = &f
+    else {
+        panic!("expected rejected, got {f:?}");
+    };
+    assert_eq!(reason, "unavailable");
+    assert!(
+        message.contains("PUBLISH_API_TOKEN") && message.contains("lacks the push:room scope"),
+        "{message}"
+    );
+    Ok(())
+}
+
 /// A moderation service that answers a text late the first time it sees
 /// it, and approves it at once afterwards.
 #[derive(Default)]

@@ -54,6 +54,8 @@ def test_bad_configuration_exits_64_naming_the_setting(barrage_bin):
         (["controller"], {"TRANSPARENT_HUGE_PAGES": "always"}, "--transparent-huge-pages"),
         (["controller"], {"HISTORY_MAX_BYTES": "0"}, "HISTORY_MAX_BYTES"),
         (["connect-node"], {"CONTROLLER_ADDRESS": "c:1", "DIRECT_WRITES": "sometimes"}, "DIRECT_WRITES"),
+        (["connect-node"], {"CONTROLLER_ADDRESS": "c:1", "PUBLISH_ROOMS": "live-*", "PUBLISH_API": "pm:50053",
+                            "PUBLISH_API_TOKEN": "too-short"}, "PUBLISH_API_TOKEN"),
         (["connect-node"], {"CONTROLLER_ADDRESS": "c:1", "JWT_LEEWAY_SECS": "86400"}, "JWT_LEEWAY_SECS"),
     ]
     for args, env, setting in cases:
