@@ -203,7 +203,7 @@ async fn malformed_frames_get_error_frames_and_the_connection_stays() -> anyhow:
     for bad in ["nonsense", "{}", r#"{"type":"fly"}"#, r#"{"type":"join"}"#] {
         c.send_raw(Message::Text(bad.into())).await?;
         match next_frame(&mut c).await? {
-            ServerFrame::Error { code, message } => {
+            ServerFrame::Error { code, message, .. } => {
                 assert_eq!(code, "invalid_frame");
                 assert!(message.contains("join | leave | ping"), "{message}");
             }

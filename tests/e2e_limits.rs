@@ -260,7 +260,7 @@ async fn a_flooding_client_gets_rate_limited_errors_and_stays() -> anyhow::Resul
     while pongs + limited < 40 {
         match within(T, "answer", flood.next_frame()).await?? {
             Some(ServerFrame::Pong) => pongs += 1,
-            Some(ServerFrame::Error { code, message }) => {
+            Some(ServerFrame::Error { code, message, .. }) => {
                 assert_eq!(code, "rate_limited", "{message}");
                 assert!(
                     message.contains("more than 5 frames per second"),

@@ -1110,6 +1110,13 @@ fn send_error(state: &WsState, conn: &ConnHandle, code: &str, message: String) {
     send_frame(conn, ServerFrame::error(code, message));
 }
 
+/// Refuses a `join` or `leave` of `room`, naming it, so that the client
+/// knows which of its requests failed.
+fn send_room_error(state: &WsState, conn: &ConnHandle, code: &str, room: &str, message: String) {
+    state.metrics.frame_errors.with_label_values(&[code]).inc();
+    send_frame(conn, ServerFrame::room_error(code, room, message));
+}
+
 /// A token expiring this far ahead, or further, never closes its
 /// connection: a hundred years.
 const NEVER: Duration = Duration::from_secs(100 * 365 * 86_400);
@@ -1171,44 +1178,36 @@ async fn handle_frame(
             Err(e) => send_error(state, conn, "unauthorized", e.to_string()),
         },
         ClientFrame::Join { room } => {
-            let room = match RoomId::new(room) {
-                Ok(r) => r,
-                Err(e) => return send_error(state, conn, "invalid_room", format!("room: {e}")),
+            let refuse = |code: &str, message: String| {
+                send_room_error(state, conn, code, &room, message);
             };
-            if !session.allows_room(room.as_str()) {
-                return send_error(
-                    state,
-                    conn,
+            let id = match RoomId::new(room.as_str()) {
+                Ok(r) => r,
+                Err(e) => return refuse("invalid_room", format!("room: {e}")),
+            };
+            if !session.allows_room(id.as_str()) {
+                return refuse(
                     "forbidden",
-                    format!("the token does not allow joining {room}"),
+                    format!("the token does not allow joining {id}"),
                 );
             }
             if state.hub.room_count(conn) >= state.settings.max_rooms {
-                return send_error(
-                    state,
-                    conn,
+                return refuse(
                     "too_many_rooms",
                     format!("at most {} rooms per connection", state.settings.max_rooms),
                 );
             }
             // `None`: already a member; joining again is harmless.
-            if let Some(ack) = state.hub.join(conn, &room)
+            if let Some(ack) = state.hub.join(conn, &id)
                 && !ack.wait(state.settings.ack_timeout).await
             {
-                state.hub.leave(conn, &room);
-                return send_error(
-                    state,
-                    conn,
+                state.hub.leave(conn, &id);
+                return refuse(
                     "unavailable",
-                    format!("could not join {room}: no controller confirmed it, try again"),
+                    format!("could not join {id}: no controller confirmed it, try again"),
                 );
             }
-            send_frame(
-                conn,
-                ServerFrame::Joined {
-                    room: room.to_string(),
-                },
-            );
+            send_frame(conn, ServerFrame::Joined { room });
         }
         ClientFrame::Publish {
             room,
@@ -1238,19 +1237,28 @@ async fn handle_frame(
             send_frame(conn, answer);
         }
         ClientFrame::Leave { room } => {
-            let room = match RoomId::new(room) {
+            let id = match RoomId::new(room.as_str()) {
                 Ok(r) => r,
-                Err(e) => return send_error(state, conn, "invalid_room", format!("room: {e}")),
+                Err(e) => {
+                    return send_room_error(
+                        state,
+                        conn,
+                        "invalid_room",
+                        &room,
+                        format!("room: {e}"),
+                    );
+                }
             };
-            if state.hub.leave(conn, &room) {
-                send_frame(
-                    conn,
-                    ServerFrame::Left {
-                        room: room.to_string(),
-                    },
-                );
+            if state.hub.leave(conn, &id) {
+                send_frame(conn, ServerFrame::Left { room });
             } else {
-                send_error(state, conn, "not_joined", format!("not a member of {room}"));
+                send_room_error(
+                    state,
+                    conn,
+                    "not_joined",
+                    &room,
+                    format!("not a member of {id}"),
+                );
             }
         }
     }
