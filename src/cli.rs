@@ -1371,7 +1371,10 @@ impl Cli {
                     ));
                 }
                 if barrage_protocol::UserId::new(a.user.as_str()).is_err() {
-                    return Err(bad("--user", "must be 1-128 bytes without whitespace"));
+                    return Err(bad(
+                        "--user",
+                        "must be 1-128 bytes without whitespace, control characters or commas",
+                    ));
                 }
                 Plan::Token(token)
             }

@@ -542,3 +542,96 @@ async fn a_rooms_list_is_refused_as_soon_as_it_passes_the_limit() -> anyhow::Res
     assert!(body.contains("at most 4 rooms"), "{body}");
     Ok(())
 }
+
+#[tokio::test]
+async fn ids_with_commas_are_refused_everywhere() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let mut api = cluster.push_client().await?;
+    // The push API names the field.
+    let r = within(
+        T,
+        "push",
+        api.push_to_room(PushToRoomRequest {
+            room_id: "a,b".into(),
+            content: "x".into(),
+            ..Default::default()
+        }),
+    )
+    .await?;
+    expect_invalid(r, "room_id");
+    let r = within(
+        T,
+        "push",
+        api.push_to_room(PushToRoomRequest {
+            room_id: "r1".into(),
+            content: "x".into(),
+            exclude_user_ids: vec!["a,b".into()],
+            ..Default::default()
+        }),
+    )
+    .await?;
+    expect_invalid(r, "exclude_user_ids");
+    for (user_id, user_ids, field) in [
+        ("a,b", vec![], "user_id"),
+        ("", vec!["ok".to_owned(), "a,b".to_owned()], "user_ids"),
+    ] {
+        let r = within(
+            T,
+            "push",
+            api.push_to_user(PushToUserRequest {
+                user_id: user_id.into(),
+                user_ids,
+                content: "x".into(),
+                ..Default::default()
+            }),
+        )
+        .await?;
+        let s = r.expect_err("a user id with a comma");
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert!(
+            s.message().starts_with(field) && s.message().contains("','"),
+            "{s:?}"
+        );
+    }
+    let r = within(
+        T,
+        "room info",
+        api.get_room_info(GetRoomInfoRequest {
+            room_id: "a,b".into(),
+        }),
+    )
+    .await?;
+    expect_invalid(r, "room_id");
+
+    // Connecting as such a user. (A room of `rooms=` cannot hold one:
+    // the list is split there.)
+    let url = format!("{}?user_id=a%2Cb", cluster.nodes[0].ws_url());
+    match within(T, "connect", Client::connect(&url)).await? {
+        Err(ClientError::Refused { status, body }) => {
+            assert_eq!(status, 400, "{url}");
+            assert!(
+                body.starts_with("user_id") && body.contains("','"),
+                "{url}: {body}"
+            );
+        }
+        other => panic!("expected 400 for {url}, got {:?}", other.map(|_| ())),
+    }
+    // Joining: an error frame naming the room.
+    let mut c = connected(&cluster, "joiner").await?;
+    c.send(&ClientFrame::Join { room: "a,b".into() }).await?;
+    match next_frame(&mut c).await? {
+        ServerFrame::Error {
+            code,
+            message,
+            room,
+        } => {
+            assert_eq!(
+                (code.as_str(), room.as_deref()),
+                ("invalid_room", Some("a,b"))
+            );
+            assert!(message.contains("','"), "{message}");
+        }
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+    Ok(())
+}
