@@ -292,13 +292,22 @@ struct JwtArgs {
     /// JWKS file with RS256/ES256 public keys for connection tokens.
     #[arg(long, env = "JWT_JWKS_FILE")]
     jwt_jwks_file: Option<std::path::PathBuf>,
-    /// Clock skew allowed on `exp`, seconds.
+    /// Clock skew allowed on `exp` and `nbf`, seconds (at most 3600).
     #[arg(long, env = "JWT_LEEWAY_SECS", default_value_t = 5)]
     jwt_leeway_secs: u64,
 }
 
+/// Most clock skew `JWT_LEEWAY_SECS` may allow: an hour.
+const MAX_JWT_LEEWAY_SECS: u64 = 3600;
+
 impl JwtArgs {
     fn auth(&self) -> Result<barrage_auth::ConnectAuth, ConfigError> {
+        if self.jwt_leeway_secs > MAX_JWT_LEEWAY_SECS {
+            return Err(bad(
+                "JWT_LEEWAY_SECS (--jwt-leeway-secs)",
+                format!("must be at most {MAX_JWT_LEEWAY_SECS} (seconds of clock skew)"),
+            ));
+        }
         let mut auth = barrage_auth::ConnectAuth::new(Duration::from_secs(self.jwt_leeway_secs));
         if let Some(s) = self.jwt_hs256_secret.as_deref().filter(|s| !s.is_empty()) {
             auth = auth
@@ -607,6 +616,10 @@ struct WsArgs {
     /// Push API (host:port of a push-manager) published comments go through.
     #[arg(long, env = "PUBLISH_API")]
     publish_api: Option<String>,
+    /// API token published comments are pushed with, when the push API
+    /// requires tokens (its API_TOKENS): one with the push:room scope.
+    #[arg(long, env = "PUBLISH_API_TOKEN", hide_env_values = true)]
+    publish_api_token: Option<String>,
     /// Longest comment, characters.
     #[arg(long, env = "PUBLISH_MAX_CHARS", default_value_t = 200)]
     publish_max_chars: usize,
@@ -1017,6 +1030,21 @@ impl WsArgs {
                 ));
             }
         };
+        let api_token = match self.publish_api_token.as_deref() {
+            None | Some("") => None,
+            Some(t) => {
+                let setting = "PUBLISH_API_TOKEN (--publish-api-token)";
+                barrage_connect_node::publish::check_api_token(t)
+                    .map_err(|why| bad(setting, why))?;
+                if t.len() < 16 {
+                    return Err(bad(
+                        setting,
+                        "is shorter than 16 characters, which API_TOKENS never accepts",
+                    ));
+                }
+                Some(t.to_owned())
+            }
+        };
         if self.publish_max_chars == 0 {
             return Err(bad(
                 "PUBLISH_MAX_CHARS (--publish-max-chars)",
@@ -1082,6 +1110,7 @@ impl WsArgs {
             mutes_file: self.publish_mutes_file.clone(),
             moderation,
             api,
+            api_token,
             tls: tls.clone(),
             rooms,
             claim_rooms: self.publish_claim_rooms.clone(),
@@ -1354,7 +1383,10 @@ impl Cli {
                     ));
                 }
                 if barrage_protocol::UserId::new(a.user.as_str()).is_err() {
-                    return Err(bad("--user", "must be 1-128 bytes without whitespace"));
+                    return Err(bad(
+                        "--user",
+                        "must be 1-128 bytes without whitespace, control characters or commas",
+                    ));
                 }
                 Plan::Token(token)
             }
@@ -1742,6 +1774,7 @@ mod tests {
                 &["--handshake-timeout-secs", "0"][..],
                 "HANDSHAKE_TIMEOUT_SECS",
             ),
+            (&["--jwt-leeway-secs", "3601"][..], "JWT_LEEWAY_SECS"),
             (
                 &["--tls-cert-file", "/nonexistent/cert.pem"][..],
                 "TLS_KEY_FILE",
@@ -1770,6 +1803,60 @@ mod tests {
             ])
             .is_ok()
         );
+    }
+
+    #[test]
+    fn the_publish_api_token_is_checked_and_kept() {
+        let node = |extra: &[&str]| {
+            let mut args = vec![
+                "connect-node",
+                "--controller-address",
+                "c:1",
+                "--publish-rooms",
+                "live-*",
+                "--publish-api",
+                "pm:50053",
+            ];
+            args.extend_from_slice(extra);
+            plan(&args)
+        };
+        let Ok(Plan::ConnectNode { cfg, .. }) =
+            node(&["--publish-api-token", "node-publisher-0123456789"])
+        else {
+            panic!("not a connect-node plan")
+        };
+        let publish = cfg.publish.expect("publishing on");
+        assert_eq!(
+            publish.api_token.as_deref(),
+            Some("node-publisher-0123456789")
+        );
+        let Ok(Plan::ConnectNode { cfg, .. }) = node(&[]) else {
+            panic!("not a connect-node plan")
+        };
+        assert_eq!(cfg.publish.expect("publishing on").api_token, None);
+        for bad in [
+            "tiny-tok",
+            "has a space in it 0123",
+            "tab\tinside-0123456789",
+        ] {
+            let err = node(&["--publish-api-token", bad]).unwrap_err();
+            assert!(err.contains("PUBLISH_API_TOKEN"), "{bad:?}: {err}");
+            assert!(!err.contains(bad), "the token is not printed: {err}");
+        }
+    }
+
+    #[test]
+    fn the_jwt_leeway_reaches_the_connect_node() {
+        let Ok(Plan::ConnectNode { cfg, .. }) = plan(&[
+            "connect-node",
+            "--controller-address",
+            "c:1",
+            "--jwt-leeway-secs",
+            "30",
+        ]) else {
+            panic!("not a connect-node plan")
+        };
+        assert_eq!(cfg.auth.leeway(), Duration::from_secs(30));
     }
 
     #[test]

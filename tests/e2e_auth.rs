@@ -340,7 +340,8 @@ async fn api_tokens_and_scopes() -> anyhow::Result<()> {
 async fn a_refreshed_connection_outlives_its_first_token() -> anyhow::Result<()> {
     let cluster = secure_cluster().await?;
     let ws = cluster.nodes[0].ws_url();
-    // Expires in 1 s; with the node's 5 s leeway it would close after ~6 s.
+    // Expires in 1 s; without the refresh the node (no leeway) would close
+    // it about then.
     let mut c = within(
         T,
         "connect",
@@ -365,5 +366,114 @@ async fn a_refreshed_connection_outlives_its_first_token() -> anyhow::Result<()>
             other => panic!("expected pong on a refreshed connection, got {other:?}"),
         }
     }
+    Ok(())
+}
+
+/// A token signed with the test secret carrying `exp`.
+fn token_expiring_at(user: &str, exp: u64) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &Claims {
+            sub: user.into(),
+            exp,
+            rooms: None,
+            publish: None,
+        },
+        &EncodingKey::from_secret(SECRET),
+    )
+    .expect("encode")
+}
+
+/// Sends a ping and waits for its pong, past any other frame.
+async fn answers_ping(c: &mut Client) -> anyhow::Result<()> {
+    c.send(&ClientFrame::Ping).await?;
+    loop {
+        match within(T, "pong", c.next_frame()).await? {
+            Ok(Some(ServerFrame::Pong)) => return Ok(()),
+            Ok(Some(_)) => continue,
+            other => anyhow::bail!("expected pong, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_never_expires_keeps_its_connection_and_leaves_no_trace() -> anyhow::Result<()>
+{
+    let cluster = secure_cluster().await?;
+    let ws = cluster.nodes[0].ws_url();
+    // `exp` at the top of its range: further ahead than any clock counts.
+    let forever = token_expiring_at("frank", u64::MAX);
+    let mut c = within(
+        T,
+        "connect",
+        Client::connect(&format!("{ws}?token={forever}&rooms=lobby")),
+    )
+    .await??;
+    answers_ping(&mut c).await?;
+    // A refresh to such a token is taken as well.
+    c.send(&ClientFrame::Refresh {
+        token: token_expiring_at("frank", u64::MAX - 1),
+    })
+    .await?;
+    match within(T, "refreshed", c.next_frame()).await?? {
+        Some(ServerFrame::Refreshed { expires_at }) => assert_eq!(expires_at, u64::MAX - 1),
+        other => panic!("expected refreshed, got {other:?}"),
+    }
+    answers_ping(&mut c).await?;
+    // Once the client goes, the node holds nothing of it.
+    within(T, "close", c.close()).await??;
+    let node = &cluster.nodes[0];
+    barrage_testkit::cluster::eventually(T, "the connection to leave the hub", || async {
+        (node.metric("connect_node_connections") == 0.0).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_connection_closes_after_the_configured_leeway() -> anyhow::Result<()> {
+    // "secure" allows no clock skew; "lenient" allows 3 s.
+    let mut cluster = secure_cluster().await?;
+    cluster
+        .start_node_with("lenient", |cfg| {
+            cfg.insecure_user_id = false;
+            cfg.auth = ConnectAuth::new(Duration::from_secs(3))
+                .with_hs256_secret(SECRET)
+                .expect("secret");
+        })
+        .await?;
+    let expiry = |url: String| async move {
+        let start = tokio::time::Instant::now();
+        let exp = now_secs() + 1;
+        let mut c = within(
+            T,
+            "connect",
+            Client::connect(&format!("{url}?token={}", token_expiring_at("gail", exp))),
+        )
+        .await??;
+        loop {
+            match within(T, "close", c.next_frame()).await? {
+                Err(ClientError::Closed { code, .. }) => {
+                    assert_eq!(code, 4405);
+                    return anyhow::Ok(start.elapsed());
+                }
+                Ok(Some(_)) => continue,
+                other => anyhow::bail!("expected close 4405, got {other:?}"),
+            }
+        }
+    };
+    let (strict, lenient) = tokio::try_join!(
+        expiry(cluster.nodes[0].ws_url()),
+        expiry(cluster.nodes[1].ws_url())
+    )?;
+    // The token runs out within a second of the connect.
+    assert!(
+        strict < Duration::from_millis(2500),
+        "no leeway: {strict:?}"
+    );
+    assert!(
+        lenient >= Duration::from_secs(3) && lenient < Duration::from_millis(5500),
+        "3 s leeway: {lenient:?}"
+    );
     Ok(())
 }

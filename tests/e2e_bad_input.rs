@@ -251,7 +251,7 @@ async fn malformed_frames_get_error_frames_and_the_connection_stays() -> anyhow:
     for bad in ["nonsense", "{}", r#"{"type":"fly"}"#, r#"{"type":"join"}"#] {
         c.send_raw(Message::Text(bad.into())).await?;
         match next_frame(&mut c).await? {
-            ServerFrame::Error { code, message } => {
+            ServerFrame::Error { code, message, .. } => {
                 assert_eq!(code, "invalid_frame");
                 assert!(message.contains("join | leave | ping"), "{message}");
             }
@@ -508,5 +508,178 @@ async fn a_connection_lost_without_a_close_frame_is_counted_as_1006() -> anyhow:
     })
     .await?;
     assert_eq!((counted("1000"), counted("1006")), (1.0, 1.0));
+    Ok(())
+}
+
+/// `GET path` on `addr` over HTTP/1.1 (a WebSocket upgrade request for
+/// `/ws`): the status and the body of the answer.
+async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = within(T, "tcp connect", tokio::net::TcpStream::connect(addr)).await??;
+    let upgrade = if path.starts_with("/ws") {
+        "connection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    } else {
+        "connection: close\r\n"
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n{upgrade}\r\n");
+    within(T, "request", tcp.write_all(request.as_bytes())).await??;
+    // The head, then as much body as it announces.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let (status, body) = loop {
+        let n = within(T, "answer", tcp.read(&mut buf)).await??;
+        anyhow::ensure!(n > 0, "the connection closed before a whole answer");
+        answer.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&answer);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        if body.len() >= length {
+            let status = head.split(' ').nth(1).and_then(|s| s.parse().ok());
+            break (status.unwrap_or(0), body[..length].to_owned());
+        }
+    };
+    Ok((status, body))
+}
+
+#[tokio::test]
+async fn a_rooms_list_is_refused_as_soon_as_it_passes_the_limit() -> anyhow::Result<()> {
+    barrage_testkit::init_tracing();
+    let mut cluster = TestCluster::in_process();
+    cluster.start_controller("c").await?;
+    cluster.start_node_with("n", |c| c.max_rooms = 4).await?;
+    let node = &cluster.nodes[0];
+    let addr = node.ws_addr.clone().expect("ws address");
+    // Repeats count once: four rooms.
+    let c = within(
+        T,
+        "connect",
+        Client::connect(&format!(
+            "{}?user_id=u&rooms=r1,r2,r1,r3,r4,r2,r4",
+            node.ws_url()
+        )),
+    )
+    .await??;
+    assert_eq!(c.session().rooms, ["r1", "r2", "r3", "r4"]);
+    // A fifth room is refused where it stands, before anything after it
+    // is looked at (here an id that is not valid), on every transport.
+    let bad_id = "x".repeat(200);
+    let rooms = format!("r1,r2,r3,r4,r5,{bad_id}");
+    for path in ["/ws", "/sse", "/poll"] {
+        let (status, body) = http_get(&addr, &format!("{path}?user_id=u&rooms={rooms}")).await?;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(
+            body.starts_with("rooms: at most 4 rooms per connection"),
+            "{path}: {body}"
+        );
+    }
+    // A list far longer than the limit is answered just the same.
+    let long: Vec<String> = (0..5_000).map(|i| format!("r{i}")).collect();
+    let (status, body) =
+        http_get(&addr, &format!("/ws?user_id=u&rooms={}", long.join(","))).await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("at most 4 rooms"), "{body}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn ids_with_commas_are_refused_everywhere() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let mut api = cluster.push_client().await?;
+    // The push API names the field.
+    let r = within(
+        T,
+        "push",
+        api.push_to_room(PushToRoomRequest {
+            room_id: "a,b".into(),
+            content: "x".into(),
+            ..Default::default()
+        }),
+    )
+    .await?;
+    expect_invalid(r, "room_id");
+    let r = within(
+        T,
+        "push",
+        api.push_to_room(PushToRoomRequest {
+            room_id: "r1".into(),
+            content: "x".into(),
+            exclude_user_ids: vec!["a,b".into()],
+            ..Default::default()
+        }),
+    )
+    .await?;
+    expect_invalid(r, "exclude_user_ids");
+    for (user_id, user_ids, field) in [
+        ("a,b", vec![], "user_id"),
+        ("", vec!["ok".to_owned(), "a,b".to_owned()], "user_ids"),
+    ] {
+        let r = within(
+            T,
+            "push",
+            api.push_to_user(PushToUserRequest {
+                user_id: user_id.into(),
+                user_ids,
+                content: "x".into(),
+                ..Default::default()
+            }),
+        )
+        .await?;
+        let s = r.expect_err("a user id with a comma");
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert!(
+            s.message().starts_with(field) && s.message().contains("','"),
+            "{s:?}"
+        );
+    }
+    let r = within(
+        T,
+        "room info",
+        api.get_room_info(GetRoomInfoRequest {
+            room_id: "a,b".into(),
+        }),
+    )
+    .await?;
+    expect_invalid(r, "room_id");
+
+    // Connecting as such a user. (A room of `rooms=` cannot hold one:
+    // the list is split there.)
+    let url = format!("{}?user_id=a%2Cb", cluster.nodes[0].ws_url());
+    match within(T, "connect", Client::connect(&url)).await? {
+        Err(ClientError::Refused { status, body }) => {
+            assert_eq!(status, 400, "{url}");
+            assert!(
+                body.starts_with("user_id") && body.contains("','"),
+                "{url}: {body}"
+            );
+        }
+        other => panic!("expected 400 for {url}, got {:?}", other.map(|_| ())),
+    }
+    // Joining: an error frame naming the room.
+    let mut c = connected(&cluster, "joiner").await?;
+    c.send(&ClientFrame::Join { room: "a,b".into() }).await?;
+    match next_frame(&mut c).await? {
+        ServerFrame::Error {
+            code,
+            message,
+            room,
+        } => {
+            assert_eq!(
+                (code.as_str(), room.as_deref()),
+                ("invalid_room", Some("a,b"))
+            );
+            assert!(message.contains("','"), "{message}");
+        }
+        other => panic!("expected an error frame, got {other:?}"),
+    }
     Ok(())
 }

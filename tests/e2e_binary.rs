@@ -203,7 +203,7 @@ async fn a_malformed_binary_frame_gets_an_error_and_the_connection_serves_on() -
     ))
     .await?;
     match within(T, "error", bin.next_frame()).await??.expect("open") {
-        ServerFrame::Error { code, message } => {
+        ServerFrame::Error { code, message, .. } => {
             assert_eq!(code, "invalid_frame");
             assert!(message.contains("version 9"), "{message}");
         }

@@ -211,6 +211,33 @@ async fn new_connections_per_ip_are_rate_limited() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_ip_limit_forgets_addresses_whose_allowance_refilled() -> anyhow::Result<()> {
+    let cluster = cluster_with(|c| c.new_connections_per_ip = 1).await?;
+    let ws = node(&cluster).ws_url();
+    const ADDRESSES: u8 = 6;
+    for i in 1..=ADDRESSES {
+        let url = connect_url(&ws, &format!("from{i}"), &[]);
+        assert_eq!(connect_from(IpAddr::from([127, 0, 0, i]), &url).await?, 101);
+    }
+    let remembered = || node(&cluster).metric("connect_node_ip_limiter_addresses");
+    assert_eq!(remembered(), f64::from(ADDRESSES));
+    // Each allowance refills within a second; the limit then forgets the
+    // address (it looks every 5 s), so its memory does not grow with every
+    // client address that ever connected.
+    eventually(
+        Duration::from_secs(15),
+        "the addresses to be forgotten",
+        || async { (remembered() == 0.0).then_some(()) },
+    )
+    .await?;
+    // A forgotten address starts again with a full allowance.
+    let url = connect_url(&ws, "again", &[]);
+    assert_eq!(connect_from("127.0.0.1".parse()?, &url).await?, 101);
+    assert_eq!(remembered(), 1.0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_client_gets_rate_limited_errors_and_stays() -> anyhow::Result<()> {
     let cluster = cluster_with(|c| c.messages_per_sec = 5).await?;
     let ws = node(&cluster).ws_url();
@@ -233,7 +260,7 @@ async fn a_flooding_client_gets_rate_limited_errors_and_stays() -> anyhow::Resul
     while pongs + limited < 40 {
         match within(T, "answer", flood.next_frame()).await?? {
             Some(ServerFrame::Pong) => pongs += 1,
-            Some(ServerFrame::Error { code, message }) => {
+            Some(ServerFrame::Error { code, message, .. }) => {
                 assert_eq!(code, "rate_limited", "{message}");
                 assert!(
                     message.contains("more than 5 frames per second"),

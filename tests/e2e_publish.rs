@@ -559,3 +559,204 @@ async fn a_room_where_a_few_publish_and_everyone_sees_the_same_comments_once() -
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_through_a_push_api_that_requires_tokens() -> anyhow::Result<()> {
+    const PUBLISHER: &str = "node-publisher-0123456789";
+    const USERS_ONLY: &str = "users-only-token-0123456789";
+    barrage_testkit::init_tracing();
+    let mut c = TestCluster::in_process();
+    c.start_controller("c").await?;
+    c.start_manager_with("m", |cfg| {
+        cfg.api_auth =
+            barrage_auth::ApiAuth::parse(&format!("{PUBLISHER}=push:room;{USERS_ONLY}=push:user"))
+                .expect("tokens");
+    })
+    .await?;
+    let api = c.managers[0].grpc_addr.clone();
+    // One node per token: the right one, none, and one without push:room.
+    for (node, token) in [
+        ("with-token", Some(PUBLISHER)),
+        ("no-token", None),
+        ("wrong-scope", Some(USERS_ONLY)),
+    ] {
+        let api = api.clone();
+        c.start_node_with(node, move |cfg| {
+            cfg.publish = Some(PublishSettings {
+                api_token: token.map(str::to_owned),
+                ..PublishSettings::open(api, vec!["live-*".into()])
+            });
+        })
+        .await?;
+    }
+    let mut clients = Vec::new();
+    for (i, node) in c.nodes.iter().enumerate() {
+        clients.push(
+            within(
+                T,
+                "connect",
+                Client::connect(&connect_url(
+                    &node.ws_url(),
+                    &format!("fan{i}"),
+                    &["live-1"],
+                )),
+            )
+            .await??,
+        );
+    }
+    let ack = publish(&mut clients[0], "live-1", json!("hello"), "ok").await?;
+    assert!(matches!(ack, ServerFrame::Ack { seq: 1, .. }), "{ack:?}");
+    // The others in the room, on the other nodes, get it (the publisher's
+    // own copy was read past while waiting for the ack).
+    for client in &mut clients[1..] {
+        let m = within(T, "the comment", client.next_message())
+            .await??
+            .expect("message");
+        assert_eq!((m.seq, m.from.as_deref()), (1, Some("fan0")));
+    }
+    // Without a token, or with one lacking push:room: refused, and the
+    // message tells the operator what to set.
+    let f = publish(&mut clients[1], "live-1", json!("hi"), "none").await?;
+    let ServerFrame::Rejected {
+        reason, message, ..
+    } = &f
+    else {
+        panic!("expected rejected, got {f:?}");
+    };
+    assert_eq!(reason, "unavailable");
+    assert!(
+        message.contains("PUBLISH_API_TOKEN") && message.contains("push:room"),
+        "{message}"
+    );
+    let f = publish(&mut clients[2], "live-1", json!("hi"), "scope").await?;
+    let ServerFrame::Rejected {
+        reason, message, ..
+    } = &f
+    else {
+        panic!("expected rejected, got {f:?}");
+    };
+    assert_eq!(reason, "unavailable");
+    assert!(
+        message.contains("PUBLISH_API_TOKEN") && message.contains("lacks the push:room scope"),
+        "{message}"
+    );
+    Ok(())
+}
+
+/// A moderation service that answers a text late the first time it sees
+/// it, and approves it at once afterwards.
+#[derive(Default)]
+struct LateOnce(parking_lot::Mutex<std::collections::HashSet<String>>);
+
+#[tonic::async_trait]
+impl barrage_proto::v1::moderation_server::Moderation for LateOnce {
+    async fn review(
+        &self,
+        req: tonic::Request<barrage_proto::v1::ReviewRequest>,
+    ) -> Result<tonic::Response<barrage_proto::v1::ReviewResponse>, tonic::Status> {
+        let text = req.into_inner().text;
+        let first = self.0.lock().insert(text.clone());
+        if first || text.contains("hold") {
+            tokio::time::sleep(Duration::from_millis(if first { 800 } else { 300 })).await;
+        }
+        Ok(tonic::Response::new(barrage_proto::v1::ReviewResponse {
+            verdict: barrage_proto::v1::review_response::Verdict::Approve as i32,
+            ..Default::default()
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_comment_that_was_not_published_can_be_sent_again_at_once() -> anyhow::Result<()> {
+    barrage_testkit::init_tracing();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let hook = listener.local_addr()?.to_string();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(barrage_proto::v1::moderation_server::ModerationServer::new(
+                LateOnce::default(),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    // Nothing listens here: every push through it fails.
+    let nowhere = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await?
+        .local_addr()?
+        .to_string();
+    let mut c = TestCluster::in_process();
+    c.start_controller("c").await?;
+    c.start_manager("m").await?;
+    let api = c.managers[0].grpc_addr.clone();
+    c.start_node_with("n", move |cfg| {
+        cfg.publish = Some(PublishSettings {
+            dedup_window: Duration::from_secs(60),
+            moderation: Some(barrage_connect_node::publish::ModerationHook {
+                addr: hook,
+                timeout: Duration::from_millis(500),
+                fail_open: false,
+            }),
+            ..PublishSettings::open(api, vec!["live-*".into()])
+        });
+    })
+    .await?;
+    c.start_node_with("unreachable-api", move |cfg| {
+        cfg.publish = Some(PublishSettings {
+            dedup_window: Duration::from_secs(60),
+            ..PublishSettings::open(nowhere, vec!["live-*".into()])
+        });
+    })
+    .await?;
+    let connect = |ws: String, user: &'static str| async move {
+        anyhow::Ok(
+            within(
+                T,
+                user,
+                Client::connect(&connect_url(&ws, user, &["live-1"])),
+            )
+            .await??,
+        )
+    };
+    let ws = c.nodes[0].ws_url();
+
+    // Moderation answered late: not published, and the same comment may
+    // be sent again at once (and then goes through).
+    let mut ann = connect(ws.clone(), "ann").await?;
+    let f = publish(&mut ann, "live-1", json!("hello"), "1").await?;
+    assert_eq!(rejected(&f).0, "unavailable");
+    let f = publish(&mut ann, "live-1", json!("hello"), "2").await?;
+    assert!(matches!(f, ServerFrame::Ack { .. }), "{f:?}");
+    // Once published, it is a duplicate.
+    let f = publish(&mut ann, "live-1", json!("hello"), "3").await?;
+    assert_eq!(rejected(&f).0, "duplicate");
+
+    // The push itself failed: the retry is tried again, not a duplicate.
+    let mut bob = connect(c.nodes[1].ws_url(), "bob").await?;
+    for r in ["4", "5"] {
+        let f = publish(&mut bob, "live-1", json!("anyone there?"), r).await?;
+        assert_eq!(rejected(&f).0, "unavailable", "{f:?}");
+    }
+
+    // The same comment sent from two connections of a user at once: one
+    // is published, the other is a duplicate.
+    let (mut a1, mut a2) = (
+        connect(ws.clone(), "cat").await?,
+        connect(ws.clone(), "cat").await?,
+    );
+    // Seen once by moderation, so both are held 300 ms, not timed out.
+    let f = publish(&mut a1, "live-1", json!("hold on"), "6").await?;
+    assert_eq!(rejected(&f).0, "unavailable");
+    let (f1, f2) = tokio::try_join!(
+        publish(&mut a1, "live-1", json!("hold on"), "7"),
+        publish(&mut a2, "live-1", json!("hold on"), "8"),
+    )?;
+    let acks = [&f1, &f2]
+        .iter()
+        .filter(|f| matches!(f, ServerFrame::Ack { .. }))
+        .count();
+    let duplicates = [&f1, &f2]
+        .iter()
+        .filter(|f| matches!(f, ServerFrame::Rejected { reason, .. } if reason == "duplicate"))
+        .count();
+    assert_eq!((acks, duplicates), (1, 1), "{f1:?} {f2:?}");
+    Ok(())
+}

@@ -75,6 +75,12 @@ export interface StateChange {
 export interface ErrorEvent {
   code: string;
   message: string;
+  /**
+   * The room of a refused join or leave. A join refused for good
+   * (`forbidden`, `invalid_room`, `too_many_rooms`) is also dropped from
+   * the client's rooms, so reconnects do not ask for it again.
+   */
+  room?: string;
 }
 
 export interface Events {

@@ -192,8 +192,9 @@ function decodeBody(type, body) {
     case "left":
       return { type, room: str(pbFields(body, { 1: "room" }).room) };
     case "error": {
-      const e = pbFields(body, { 1: "code", 2: "message" });
-      return { type, code: str(e.code), message: str(e.message) };
+      const e = pbFields(body, { 1: "code", 2: "message", 3: "room" });
+      const room = str(e.room);
+      return { type, code: str(e.code), message: str(e.message), ...(room ? { room } : {}) };
     }
     case "ack":
     case "rejected": {
@@ -295,10 +296,16 @@ class RecentIds {
  *   every (re)connect; `recovered` is false when some stream could not be
  *   resumed (the app should refetch what it shows);
  * - `joined` / `left` ({ room });
- * - `error` ({ code, message }): an `error` frame, or a fatal close
- *   (`code` is then the close code as a string);
+ * - `error` ({ code, message, room? }): an `error` frame, or a fatal close
+ *   (`code` is then the close code as a string); `room` names the room of
+ *   a refused join or leave. A join refused for good (`forbidden`,
+ *   `invalid_room`, `too_many_rooms`) also drops the room from `rooms`,
+ *   so reconnects do not ask for it again;
  * - `state` ({ state, previous, closeCode?, closeReason?, retryInMs? }).
  */
+/** `error` codes that refuse a join for good: the room leaves `rooms`. */
+const JOIN_REFUSALS = new Set(["forbidden", "invalid_room", "too_many_rooms"]);
+
 export class BarrageClient {
   /**
    * @param {object} options
@@ -562,7 +569,12 @@ export class BarrageClient {
         this.emit("left", { room: frame.room });
         break;
       case "error":
-        this.emit("error", { code: frame.code, message: frame.message });
+        // A join refused for good is forgotten: kept, it would go in
+        // `rooms=` at every reconnect and have each refused in turn.
+        if (frame.room && JOIN_REFUSALS.has(frame.code) && this.rooms.delete(frame.room)) {
+          delete this.positions[`room:${frame.room}`];
+        }
+        this.emit("error", { code: frame.code, message: frame.message, ...(frame.room ? { room: frame.room } : {}) });
         break;
       case "ack":
       case "rejected": {

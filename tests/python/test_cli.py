@@ -55,6 +55,9 @@ def test_bad_configuration_exits_64_naming_the_setting(barrage_bin):
         (["controller"], {"HISTORY_MAX_BYTES": "0"}, "HISTORY_MAX_BYTES"),
         (["controller"], {"HISTORY_MAX_STREAMS": "0"}, "HISTORY_MAX_STREAMS"),
         (["connect-node"], {"CONTROLLER_ADDRESS": "c:1", "DIRECT_WRITES": "sometimes"}, "DIRECT_WRITES"),
+        (["connect-node"], {"CONTROLLER_ADDRESS": "c:1", "PUBLISH_ROOMS": "live-*", "PUBLISH_API": "pm:50053",
+                            "PUBLISH_API_TOKEN": "too-short"}, "PUBLISH_API_TOKEN"),
+        (["connect-node"], {"CONTROLLER_ADDRESS": "c:1", "JWT_LEEWAY_SECS": "86400"}, "JWT_LEEWAY_SECS"),
     ]
     for args, env, setting in cases:
         p = run_bin(barrage_bin, *args, env=env)

@@ -50,7 +50,8 @@ VARIANTS = {
     "tls-and-auth": {
         "tls": {"websocket": {"secretName": "barrage-ws-tls"}, "grpc": {"secretName": "barrage-grpc-tls"}},
         "auth": {"jwt": {"hs256Secret": "a-long-enough-secret-for-hs256", "jwks": '{"keys":[]}'},
-                 "apiTokens": "svc-chat-7Rk2pW9xQ4mZ8vT1=push:room|push:user"},
+                 "apiTokens": "svc-chat-7Rk2pW9xQ4mZ8vT1=push:room|push:user;comments-Vb3nQ8rT5yU1wE6p=push:room",
+                 "publishApiToken": "comments-Vb3nQ8rT5yU1wE6p"},
         "otlpEndpoint": "http://otel-collector.observability:4317",
         "connectNode": {"allowedOrigins": ["https://app.example.com", "https://admin.example.com"],
                         "newConnectionsPerIpPerSec": 5,
@@ -62,7 +63,8 @@ VARIANTS = {
                 "connectNode": {"workerThreads": 8}},
     "existing-secrets": {
         "auth": {"jwt": {"existingSecret": "my-jwt", "existingSecretKeys": ["public-key.pem"]},
-                 "apiTokensExistingSecret": "my-api-tokens"},
+                 "apiTokensExistingSecret": "my-api-tokens", "publishApiTokenExistingSecret": "my-publish-token"},
+        "connectNode": {"publish": {"rooms": ["live-*"]}},
     },
 }
 
@@ -156,7 +158,7 @@ def test_tls_and_auth_come_from_secrets():
     assert set(lists["data"]) == {"words.txt", "blocked.txt", "mutes.txt"}
     [secret] = by_kind(docs, "Secret")
     assert secret["metadata"]["name"] == "demo-barrage-auth"
-    assert set(secret["stringData"]) == {"hs256-secret", "jwks.json", "api-tokens"}
+    assert set(secret["stringData"]) == {"hs256-secret", "jwks.json", "api-tokens", "publish-api-token"}
     for workload, c in containers(docs):
         if c["name"] == "etcd":
             continue
@@ -180,6 +182,8 @@ def test_tls_and_auth_come_from_secrets():
             for f in ("SENSITIVE_WORDS_FILE", "PUBLISH_BLOCKLIST_FILE", "PUBLISH_MUTES_FILE"):
                 assert file_is_mounted(workload, c, files[f]) == ("demo-barrage-publish", True), f
             assert env["MODERATION_HOOK"]["value"] == "moderator.biz:7000"
+            assert env["PUBLISH_API_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+                "name": "demo-barrage-auth", "key": "publish-api-token"}
         if c["name"] == "push-manager":
             assert env["API_TOKENS"]["valueFrom"]["secretKeyRef"] == {"name": "demo-barrage-auth", "key": "api-tokens"}
     notes = out["barrage/templates/NOTES.txt"]
@@ -193,11 +197,25 @@ def test_tls_and_auth_come_from_secrets():
         if c["name"] == "connect-node":
             assert "JWT_HS256_SECRET" not in env and "JWT_JWKS_FILE" not in env
             assert file_is_mounted(workload, c, env["JWT_PUBLIC_KEY_FILE"]["value"]) == ("my-jwt", True)
+            assert env["PUBLISH_API_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+                "name": "my-publish-token", "key": "publish-api-token"}
         if c["name"] == "push-manager":
             assert env["API_TOKENS"]["valueFrom"]["secretKeyRef"]["name"] == "my-api-tokens"
     default, out = render()
     assert not by_kind(default, "Secret")
     assert "no client can connect yet" in out["barrage/templates/NOTES.txt"]
+    for _, c in containers(default):
+        assert "PUBLISH_API_TOKEN" not in env_of(c), "no token unless one is given"
+
+
+def test_publishing_behind_api_tokens_needs_a_publish_token():
+    # Comments go through the push API: with API tokens on, a node without
+    # a token of its own could publish nothing, so the chart says so.
+    for tokens in ({"apiTokens": "svc-chat-7Rk2pW9xQ4mZ8vT1=*"}, {"apiTokensExistingSecret": "my-api-tokens"}):
+        with pytest.raises(helm.HelmError, match="auth.publishApiToken"):
+            render({"auth": tokens, "connectNode": {"publish": {"rooms": ["live-*"]}}})
+        # Without publishing rooms no token is needed.
+        render({"auth": tokens})
 
 
 def test_roles_that_drain_wait_for_load_balancers_first():
@@ -230,7 +248,9 @@ def test_schema_rejects_bad_values():
                 {"controller": {"replicas": -1}}, {"typo": 1},
                 {"pushManager": {"runtimeFlavor": "green-threads"}}, {"connectNode": {"workerThreads": 0}},
                 {"controller": {"workerThreads": "two"}}, {"connectNode": {"binaryCompressBytes": 32}},
-                {"transparentHugePages": False}, {"transparentHugePages": "always"}]:
+                {"transparentHugePages": False}, {"transparentHugePages": "always"},
+                {"auth": {"publishApiToken": "short"}}, {"auth": {"publishApiToken": "has spaces in it 0123456"}},
+                {"auth": {"jwt": {"leewaySecs": 3601}}}]:
         with pytest.raises(helm.HelmError):
             render(bad)
 

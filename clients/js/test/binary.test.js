@@ -39,6 +39,16 @@ test("client frames encode to the documented header and body", () => {
   assert.throws(() => encodeBinaryFrame({ type: "message" }), /cannot send a message frame/);
 });
 
+test("an error frame names the room of a refused join", async () => {
+  // Type 21; fields 1 code "forbidden", 2 message "no", 3 room "vip".
+  const body = [0x0a, 9, ...Buffer.from("forbidden"), 0x12, 2, ...Buffer.from("no"), 0x1a, 3, ...Buffer.from("vip")];
+  const frame = new Uint8Array([0xba, 0x7a, 1, 21, 0, 0, 0, 0, body.length, ...body]);
+  assert.deepEqual(await decodeBinaryFrame(frame), { type: "error", code: "forbidden", message: "no", room: "vip" });
+  // Without a room (field 3 absent), none is reported.
+  const plain = new Uint8Array([0xba, 0x7a, 1, 21, 0, 0, 0, 0, 15, ...body.slice(0, 15)]);
+  assert.deepEqual(await decodeBinaryFrame(plain), { type: "error", code: "forbidden", message: "no" });
+});
+
 test("malformed binary frames are refused with a reason", async () => {
   await assert.rejects(decodeBinaryFrame(new Uint8Array([1, 2, 3])), /not a barrage binary frame/);
   await assert.rejects(decodeBinaryFrame(new Uint8Array([0xba, 0x7a, 2, 22, 0, 0, 0, 0, 0])), /version 2/);

@@ -226,6 +226,30 @@ test("a room joined live is resumed from the position joined gives", async () =>
   c.close();
 });
 
+test("a join the server refuses for good is forgotten, so reconnects are not refused", async () => {
+  const c = await client({ userId: "alice", rooms: ["lobby"] });
+  const errors = [];
+  c.on("error", (e) => errors.push(e));
+  const [ws] = ScriptedSocket.all;
+  connected(ws, { rooms: ["lobby"] });
+  c.join("vip");
+  c.join("r2");
+  assert.deepEqual(ws.sent, [{ type: "join", room: "vip" }, { type: "join", room: "r2" }]);
+  ws.frame({ type: "error", code: "forbidden", message: "the token does not allow joining vip", room: "vip" });
+  // A refusal that may pass on a retry keeps the room.
+  ws.frame({ type: "error", code: "unavailable", message: "try again", room: "r2" });
+  assert.deepEqual(errors.map((e) => [e.code, e.room]), [["forbidden", "vip"], ["unavailable", "r2"]]);
+  assert.deepEqual([...c.rooms], ["lobby", "r2"]);
+  ws.serverClose(4000, "node shutting down");
+  await until("a reconnect", () => ScriptedSocket.all.length === 2);
+  assert.equal(ScriptedSocket.all[1].url.searchParams.get("rooms"), "lobby,r2", "the forbidden room is not asked for");
+  // Errors without a room (older servers, other frames) leave the rooms alone.
+  connected(ScriptedSocket.all[1], { rooms: ["lobby", "r2"] });
+  ScriptedSocket.all[1].frame({ type: "error", code: "forbidden", message: "the new token is for bob" });
+  assert.deepEqual([...c.rooms], ["lobby", "r2"]);
+  c.close();
+});
+
 test("a silent connection is detected by the heartbeat and replaced", async () => {
   const c = await client({ userId: "alice", heartbeatMs: 300 });
   const [ws] = ScriptedSocket.all;

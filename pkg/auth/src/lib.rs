@@ -3,7 +3,8 @@
 //! * [`ConnectAuth`] verifies the JWT a WebSocket client presents: signed by
 //!   the business side with a shared secret (HS256) or a private key whose
 //!   public half barrage has (RS256/ES256, PEM or a JWKS file). `sub` is the
-//!   user; `exp` is enforced with a small leeway; an optional `rooms` claim
+//!   user; `exp` (required) and `nbf` (when present) are enforced with a
+//!   small leeway for clock skew; an optional `rooms` claim
 //!   limits the rooms the connection may join (exact names, or prefixes
 //!   written `prefix*`). `alg: none` and algorithm confusion are refused.
 //! * [`ApiAuth`] checks the static bearer tokens business services present
@@ -27,6 +28,9 @@ pub enum AuthError {
     /// The token has expired.
     #[error("token expired")]
     Expired,
+    /// The token's `nbf` (not before) is still in the future.
+    #[error("token not yet valid: its nbf (not before) is in the future")]
+    NotYetValid,
     /// Signature, algorithm or format is wrong.
     #[error("invalid token: {0}")]
     Invalid(String),
@@ -157,6 +161,12 @@ impl ConnectAuth {
         !self.keys.is_empty()
     }
 
+    /// Clock skew allowed on `exp` and `nbf`: a connection is also closed
+    /// this long after its token's expiry, not before.
+    pub fn leeway(&self) -> Duration {
+        self.leeway
+    }
+
     /// Verifies a token and returns its claims.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         if token.is_empty() {
@@ -171,6 +181,7 @@ impl ConnectAuth {
             }
             let mut v = Validation::new(*alg);
             v.leeway = self.leeway.as_secs();
+            v.validate_nbf = true;
             v.set_required_spec_claims(&["exp", "sub"]);
             v.validate_aud = false;
             match jsonwebtoken::decode::<Claims>(token, key, &v) {
@@ -183,6 +194,9 @@ impl ConnectAuth {
                 Err(e) => {
                     last = match e.kind() {
                         jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                        jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
+                            AuthError::NotYetValid
+                        }
                         _ => AuthError::Invalid(e.to_string()),
                     };
                 }
@@ -402,6 +416,32 @@ mod tests {
                 .verify(&mint(SECRET, "x", None, Duration::from_secs(60)).unwrap())
                 .is_err()
         );
+    }
+
+    fn signed(claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn nbf_is_enforced_with_the_leeway() {
+        let now = now_secs();
+        let exp = now + 3600;
+        let future = signed(serde_json::json!({"sub": "early", "exp": exp, "nbf": now + 60}));
+        assert_eq!(auth().verify(&future), Err(AuthError::NotYetValid));
+        // Within the leeway (5 s) of this clock: accepted.
+        let skewed = signed(serde_json::json!({"sub": "skewed", "exp": exp, "nbf": now + 3}));
+        assert_eq!(auth().verify(&skewed).unwrap().sub, "skewed");
+        let past = signed(serde_json::json!({"sub": "ok", "exp": exp, "nbf": now - 10}));
+        assert_eq!(auth().verify(&past).unwrap().sub, "ok");
+        // A malformed nbf is refused, not ignored.
+        let bad = signed(serde_json::json!({"sub": "bad", "exp": exp, "nbf": "soon"}));
+        assert!(matches!(auth().verify(&bad), Err(AuthError::Invalid(_))));
+        assert_eq!(auth().leeway(), Duration::from_secs(5));
     }
 
     #[test]

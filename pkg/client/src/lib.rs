@@ -260,7 +260,7 @@ impl Client {
         let result = loop {
             match read_frame(&mut self.ws).await {
                 Ok(f) if want(&f) => break Ok(f),
-                Ok(ServerFrame::Error { code, message }) => {
+                Ok(ServerFrame::Error { code, message, .. }) => {
                     break Err(Error::Server { code, message });
                 }
                 Ok(f) => held.push_back(f),

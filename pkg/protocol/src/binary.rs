@@ -433,11 +433,16 @@ pub fn encode_server_frame(f: &ServerFrame, compression: Compression) -> Bytes {
             FrameType::Left,
             pb::LeftFrame { room: room.clone() }.encode_to_vec(),
         ),
-        ServerFrame::Error { code, message } => (
+        ServerFrame::Error {
+            code,
+            message,
+            room,
+        } => (
             FrameType::Error,
             pb::ErrorFrame {
                 code: code.clone(),
                 message: message.clone(),
+                room: room.clone().unwrap_or_default(),
             }
             .encode_to_vec(),
         ),
@@ -537,6 +542,7 @@ pub fn decode_server_frame(buf: &[u8], max_body: usize) -> Result<ServerFrame, F
             ServerFrame::Error {
                 code: e.code,
                 message: e.message,
+                room: (!e.room.is_empty()).then_some(e.room),
             }
         }
         FrameType::Pong => {
@@ -739,7 +745,8 @@ mod tests {
                 seq: Some(0),
             },
             ServerFrame::Left { room: "r".into() },
-            ServerFrame::error("invalid_room", "why"),
+            ServerFrame::error("invalid_frame", "why"),
+            ServerFrame::room_error("forbidden", "vip", "why"),
             ServerFrame::Pong,
             ServerFrame::Ack {
                 reference: Some("c1".into()),

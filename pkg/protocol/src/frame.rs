@@ -169,6 +169,9 @@ pub enum ServerFrame {
         code: String,
         /// Human-readable reason.
         message: String,
+        /// The room of a refused `join` or `leave`, as the client named it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        room: Option<String>,
     },
     /// Answer to a client `ping`.
     Pong,
@@ -217,6 +220,16 @@ impl ServerFrame {
         ServerFrame::Error {
             code: code.to_owned(),
             message: message.into(),
+            room: None,
+        }
+    }
+
+    /// Builds the `error` frame refusing a `join` or `leave` of `room`.
+    pub fn room_error(code: &str, room: impl Into<String>, message: impl Into<String>) -> Self {
+        ServerFrame::Error {
+            code: code.to_owned(),
+            message: message.into(),
+            room: Some(room.into()),
         }
     }
 }
@@ -408,5 +421,17 @@ mod tests {
         let err = parse_client_frame("nope").unwrap_err().to_string();
         assert!(err.contains("join | leave | ping"), "{err}");
         assert!(parse_client_frame(r#"{"type":"join"}"#).is_err());
+    }
+
+    #[test]
+    fn error_frames_name_the_room_of_a_refused_join() {
+        assert_eq!(
+            ServerFrame::room_error("forbidden", "vip", "no").to_json(),
+            r#"{"type":"error","code":"forbidden","message":"no","room":"vip"}"#
+        );
+        assert_eq!(
+            ServerFrame::error("rate_limited", "slow down").to_json(),
+            r#"{"type":"error","code":"rate_limited","message":"slow down"}"#
+        );
     }
 }

@@ -7,6 +7,11 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// Longest room, user or node id accepted, in bytes.
+///
+/// Ids are 1 to this many bytes of UTF-8 with no whitespace, control
+/// characters or commas: the client protocol joins ids with `,` in its
+/// lists (`rooms=a,b`, `positions`, event ids), so a comma in an id would
+/// split it in two.
 pub const MAX_ID_LEN: usize = 128;
 
 /// Why an id was refused.
@@ -21,6 +26,10 @@ pub enum IdError {
     /// The id holds whitespace or a control character.
     #[error("must not contain whitespace or control characters")]
     BadChar,
+    /// The id holds a comma, which separates the ids of a list
+    /// (`rooms=a,b`, positions, event ids).
+    #[error("must not contain ',' (it separates ids in lists such as rooms=a,b)")]
+    Comma,
     /// A stream key that is not `room:<id>`, `user:<id>` or `broadcast`.
     #[error("unknown stream key {0:?}: expected room:<id>, user:<id> or broadcast")]
     BadKey(String),
@@ -35,6 +44,9 @@ fn check(s: &str) -> Result<(), IdError> {
     }
     if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(IdError::BadChar);
+    }
+    if s.contains(',') {
+        return Err(IdError::Comma);
     }
     Ok(())
 }
@@ -165,6 +177,15 @@ mod tests {
     fn ids_are_validated() {
         assert_eq!(RoomId::new(""), Err(IdError::Empty));
         assert_eq!(RoomId::new("a b"), Err(IdError::BadChar));
+        assert_eq!(RoomId::new("a,b"), Err(IdError::Comma));
+        assert_eq!(UserId::new(","), Err(IdError::Comma));
+        assert!(
+            IdError::Comma.to_string().contains("','"),
+            "the error says what is wrong"
+        );
+        // A stream key with a comma in its id is refused too, so a list
+        // of positions cannot be split inside one.
+        assert!("room:a,b".parse::<StreamKey>().is_err());
         assert_eq!(UserId::new("x".repeat(129)), Err(IdError::TooLong(129)));
         assert!(UserId::new("x".repeat(128)).is_ok());
         assert_eq!(RoomId::new("r1").unwrap().as_str(), "r1");

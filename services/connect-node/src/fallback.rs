@@ -14,7 +14,6 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Extension;
@@ -25,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use barrage_protocol::{CloseCode, ServerFrame, StreamPos, format_positions};
 use tokio::sync::mpsc;
 
-use crate::hub::{ConnHandle, Hub, Outbound, Wire};
+use crate::hub::{ConnHandle, Outbound, Registered, Wire};
 use crate::listener::ConnAbort;
 use crate::queue;
 use crate::ws::{Admission, ConnectParams, Recovery, WsState, admit, recover};
@@ -36,18 +35,6 @@ pub const MAX_POLL_SECS: u64 = 60;
 pub const DEFAULT_POLL_SECS: u64 = 25;
 /// Interval of SSE keep-alive comments.
 pub const SSE_HEARTBEAT: Duration = Duration::from_secs(15);
-
-/// Leaves the hub when the request ends, however it ends.
-struct Registered {
-    hub: Arc<Hub>,
-    conn: Arc<ConnHandle>,
-}
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        self.hub.disconnect(&self.conn);
-    }
-}
 
 /// Registers the session, waits until the controllers know it, and fetches
 /// what the client missed.

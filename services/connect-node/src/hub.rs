@@ -1050,6 +1050,21 @@ impl Hub {
     }
 }
 
+/// A session's place in the hub, left when this is dropped: at the end of
+/// the session, and also when a panic unwinds the task serving it, so that
+/// no connection stays registered (reported to its controllers, counted
+/// against its user's limit) with nothing serving it.
+pub(crate) struct Registered {
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) conn: Arc<ConnHandle>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.hub.disconnect(&self.conn);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

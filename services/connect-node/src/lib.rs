@@ -294,13 +294,19 @@ pub async fn run(
         }
         None => None,
     };
+    let per_ip = std::num::NonZeroU32::new(cfg.new_connections_per_ip)
+        .map(|n| Arc::new(governor::RateLimiter::keyed(governor::Quota::per_second(n))));
+    if let Some(limiter) = &per_ip {
+        crate::metrics::register_ip_limiter(&registry, limiter.clone())?;
+        tokio::spawn(forget_refilled_addresses(limiter.clone(), tasks.clone()));
+    }
     let ws_state = WsState {
         hub: hub.clone(),
         settings: Arc::new(WsSettings {
             node_id: cfg.node_id.clone(),
             insecure_user_id: cfg.insecure_user_id,
             auth: cfg.auth.clone(),
-            token_leeway: Duration::from_secs(5),
+            token_leeway: cfg.auth.leeway(),
             max_frame_bytes: cfg.max_frame_bytes,
             max_rooms: cfg.max_rooms,
             ping_interval: cfg.ping_interval,
@@ -317,8 +323,7 @@ pub async fn run(
         metrics: metrics.clone(),
         draining: draining.clone(),
         publisher,
-        per_ip: std::num::NonZeroU32::new(cfg.new_connections_per_ip)
-            .map(|n| Arc::new(governor::RateLimiter::keyed(governor::Quota::per_second(n)))),
+        per_ip,
     };
     let mut ws_router = Router::new()
         .route("/ws", get(ws::ws_handler))
@@ -439,6 +444,25 @@ async fn close_spread(conns: Vec<Arc<hub::ConnHandle>>, code: CloseCode, window:
         if batch.len() < conns.len() {
             tokio::time::sleep(TICK).await;
         }
+    }
+}
+
+/// How often the per-IP connection limit forgets the addresses whose
+/// allowance has refilled.
+const FORGET_ADDRESSES_EVERY: Duration = Duration::from_secs(5);
+
+/// Forgets, every [`FORGET_ADDRESSES_EVERY`], the client addresses the
+/// per-IP limit holds no more than a fresh allowance for, until `stop`: the
+/// limit keeps a record per address it has seen, and without this its
+/// memory would grow with every client address that ever connected.
+async fn forget_refilled_addresses(limiter: Arc<ws::PerIpLimiter>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(FORGET_ADDRESSES_EVERY) => {}
+        }
+        limiter.retain_recent();
+        limiter.shrink_to_fit();
     }
 }
 

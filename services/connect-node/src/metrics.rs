@@ -247,6 +247,37 @@ impl Metrics {
     }
 }
 
+/// `connect_node_ip_limiter_addresses`: the client addresses the per-IP
+/// connection limit holds a record for, read from the limit at each scrape.
+struct IpLimiterAddresses {
+    limiter: std::sync::Arc<crate::ws::PerIpLimiter>,
+    gauge: IntGauge,
+}
+
+impl prometheus::core::Collector for IpLimiterAddresses {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.gauge.set(self.limiter.len() as i64);
+        self.gauge.collect()
+    }
+}
+
+/// Exports how many client addresses `limiter` remembers
+/// (`NEW_CONNECTIONS_PER_IP_PER_SEC`).
+pub(crate) fn register_ip_limiter(
+    registry: &Registry,
+    limiter: std::sync::Arc<crate::ws::PerIpLimiter>,
+) -> prometheus::Result<()> {
+    let gauge = IntGauge::new(
+        "connect_node_ip_limiter_addresses",
+        "Client addresses the per-IP new-connection limit remembers; each is forgotten once its allowance has refilled",
+    )?;
+    registry.register(Box::new(IpLimiterAddresses { limiter, gauge }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,9 @@
 //! policy (room allowed, token claim where required, sender is a member) →
 //! validation (text, length, control characters) → per-user rate →
 //! per-room rate → sensitive words (reject or mask with `*`) → duplicate
-//! (same text from the same user within the window) → push. Blocked users
+//! (same text from the same user within the window; a comment that was
+//! refused after this stage, or could not be pushed, does not count, so
+//! it can be sent again at once) → push. Blocked users
 //! and room mutes (files, re-read on change) are refused right after the
 //! policy; an optional moderation service (`barrage.v1.Moderation`)
 //! approves, denies or rewrites each comment within a deadline, failing
@@ -33,6 +35,7 @@ use parking_lot::{Mutex, RwLock};
 use prometheus::IntCounterVec;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 
 /// What to do with a comment that contains a listed word.
@@ -49,6 +52,10 @@ pub enum WordsMode {
 pub struct PublishSettings {
     /// Push API (`host:port` of a push-manager) accepted comments go through.
     pub api: String,
+    /// API token sent with each push (`authorization: Bearer <token>`),
+    /// for a push API that requires tokens (`API_TOKENS`); it needs the
+    /// `push:room` scope. `None`: no token is sent.
+    pub api_token: Option<String>,
     /// TLS of that call.
     pub tls: barrage_proto::GrpcTls,
     /// Rooms where members may publish (exact names or `prefix*`).
@@ -80,13 +87,14 @@ pub struct PublishSettings {
 
 impl PublishSettings {
     /// Members of `rooms` may publish, through the push-manager at `api`
-    /// (plaintext), with the defaults of `barrage connect-node`: comments
+    /// (plaintext, no API token), with the defaults of `barrage connect-node`: comments
     /// of up to 200 characters, 10 per second per user (bursts of 20), no
     /// room limit, duplicates dropped within 5 s, no word list, blocklist,
     /// mutes or moderation.
     pub fn open(api: impl Into<String>, rooms: Vec<String>) -> Self {
         PublishSettings {
             api: api.into(),
+            api_token: None,
             tls: barrage_proto::GrpcTls::plaintext(),
             rooms,
             claim_rooms: Vec::new(),
@@ -191,6 +199,8 @@ pub fn check_list_files(
 pub struct Publisher {
     s: PublishSettings,
     api: PushManagerClient<Channel>,
+    /// `Bearer <PUBLISH_API_TOKEN>`, sent with each push.
+    authorization: Option<MetadataValue<Ascii>>,
     /// Roles in this process (`barrage dev`): a push-manager serving the
     /// API address here is called directly instead of over loopback.
     local: barrage_proto::LocalPeers,
@@ -245,6 +255,21 @@ fn hash(s: &str) -> u64 {
     h.finish()
 }
 
+/// The `authorization` header value carrying an API token.
+fn bearer(token: &str) -> Result<MetadataValue<Ascii>, &'static str> {
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be printable ASCII without spaces");
+    }
+    format!("Bearer {token}")
+        .parse()
+        .map_err(|_| "must be printable ASCII without spaces")
+}
+
+/// Checks an API token for the push API can be sent (for configuration checks).
+pub fn check_api_token(token: &str) -> Result<(), &'static str> {
+    bearer(token).map(drop)
+}
+
 /// The text of a comment: `{"text": "…"}` or a bare string.
 fn text_of(data: &Value) -> Option<&str> {
     match data {
@@ -275,6 +300,13 @@ impl Publisher {
                 .connect_timeout(Duration::from_secs(2))
                 .connect_lazy(),
         );
+        let authorization = match &s.api_token {
+            Some(t) => Some(bearer(t).map_err(|why| WordsError {
+                path: "PUBLISH_API_TOKEN".into(),
+                why: why.into(),
+            })?),
+            None => None,
+        };
         let lists = read_lists(s.blocklist_file.as_ref(), s.mutes_file.as_ref())?;
         let moderation = match &s.moderation {
             Some(h) => Some(ModerationClient::new(
@@ -298,6 +330,7 @@ impl Publisher {
         Ok(Arc::new(Publisher {
             s,
             api,
+            authorization,
             local,
             moderation,
             lists: RwLock::new(lists),
@@ -362,6 +395,16 @@ impl Publisher {
             Err(e) => {
                 tracing::error!(error = %e, "blocklist or mutes not reloaded; the previous ones stay")
             }
+        }
+    }
+
+    /// Forgets a comment recorded for duplicate detection that was not
+    /// published, unless the record is another's by now (a later copy,
+    /// recorded once this one's window had passed).
+    fn forget(&self, (key, at): &((String, u64), Instant)) {
+        let mut recent = self.recent.lock();
+        if recent.get(key) == Some(at) {
+            recent.remove(key);
         }
     }
 
@@ -549,8 +592,10 @@ impl Publisher {
         } else {
             self.count("words", "pass");
         }
-        // Duplicates.
-        {
+        // Duplicates. The comment is recorded now, so that the same one
+        // sent meanwhile (from another connection of the user) is refused,
+        // and forgotten again if it is not published after all.
+        let recorded = {
             let key = (user.to_string(), hash(&text));
             let mut recent = self.recent.lock();
             if recent
@@ -566,9 +611,15 @@ impl Publisher {
                     "the same comment was just sent",
                 );
             }
-            recent.insert(key, Instant::now());
-        }
+            let at = Instant::now();
+            recent.insert(key.clone(), at);
+            (key, at)
+        };
         self.count("duplicate", "pass");
+        let unpublished = |frame: ServerFrame| {
+            self.forget(&recorded);
+            frame
+        };
         // Moderation hook.
         if let (Some(client), Some(hook)) = (&self.moderation, &self.s.moderation) {
             let mut req = tonic::Request::new(ReviewRequest {
@@ -593,19 +644,25 @@ impl Publisher {
                             } else {
                                 r.reason
                             };
-                            return self.reject("moderation", reference, &room, "denied", why);
+                            return unpublished(self.reject(
+                                "moderation",
+                                reference,
+                                &room,
+                                "denied",
+                                why,
+                            ));
                         }
                     }
                 }
                 _ if hook.fail_open => self.count("moderation", "failed_open"),
                 _ => {
-                    return self.reject(
+                    return unpublished(self.reject(
                         "moderation",
                         reference,
                         &room,
                         "unavailable",
                         "moderation did not answer in time; try again",
-                    );
+                    ));
                 }
             }
         }
@@ -624,6 +681,9 @@ impl Publisher {
         });
         const PUSH_TIMEOUT: Duration = Duration::from_secs(3);
         req.set_timeout(PUSH_TIMEOUT);
+        if let Some(a) = &self.authorization {
+            req.metadata_mut().insert("authorization", a.clone());
+        }
         // Looked up per call: the push-manager of this process may start
         // after this node, or stop before it.
         let pushed = match self.local.get(&self.s.api, PUSH_TIMEOUT) {
@@ -642,14 +702,23 @@ impl Publisher {
                 }
             }
             Err(s) => {
-                tracing::warn!(code = ?s.code(), message = s.message(), "publish could not be pushed");
-                self.reject(
-                    "push",
-                    reference,
-                    &room,
-                    "unavailable",
-                    format!("not published: {}", s.message()),
-                )
+                let message = match (s.code(), &self.authorization) {
+                    (tonic::Code::Unauthenticated, None) => format!(
+                        "not published: the push API requires an API token; set PUBLISH_API_TOKEN on the connect-node to a token of its API_TOKENS with the push:room scope ({})",
+                        s.message()
+                    ),
+                    (tonic::Code::Unauthenticated, Some(_)) => format!(
+                        "not published: the push API does not know the connect-node's PUBLISH_API_TOKEN; set it to a token of the push-manager's API_TOKENS with the push:room scope ({})",
+                        s.message()
+                    ),
+                    (tonic::Code::PermissionDenied, _) => format!(
+                        "not published: the connect-node's PUBLISH_API_TOKEN lacks the push:room scope; grant it in the push-manager's API_TOKENS ({})",
+                        s.message()
+                    ),
+                    _ => format!("not published: {}", s.message()),
+                };
+                tracing::warn!(code = ?s.code(), %message, "publish could not be pushed");
+                unpublished(self.reject("push", reference, &room, "unavailable", message))
             }
         }
     }

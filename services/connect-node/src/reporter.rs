@@ -346,6 +346,7 @@ impl Reporter {
     /// [`HistoryCalls`]). Results come back in query order.
     pub async fn history(&self, queries: Vec<HistoryQuery>) -> Result<Vec<HistoryResult>, String> {
         let ring = self.ring.read().clone();
+        let asked = queries.len();
         let mut by_owner: BTreeMap<&str, OwnerQueries<'_>> = BTreeMap::new();
         for (i, q) in queries.into_iter().enumerate() {
             let (id, link) = ring
@@ -366,19 +367,11 @@ impl Reporter {
                     .ok_or_else(|| format!("controller {id} has a bad address"))?;
                 calls.call(queries).await.map(|r| (idx, r))
             });
-        let mut out: Vec<Option<HistoryResult>> = Vec::new();
-        for r in futures::future::join_all(calls).await {
-            let (idx, results) = r?;
-            for (i, res) in idx.into_iter().zip(results) {
-                if out.len() <= i {
-                    out.resize(i + 1, None);
-                }
-                out[i] = Some(res);
-            }
-        }
-        out.into_iter()
-            .map(|r| r.ok_or_else(|| "controller answered fewer results than asked".to_owned()))
-            .collect()
+        let answers = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, String>>()?;
+        in_query_order(asked, answers)
     }
 
     /// Follows the live controllers until `stop`: keeps one link per
@@ -731,6 +724,34 @@ async fn history_rounds(
     Ok(out.into_iter().map(Option::unwrap_or_default).collect())
 }
 
+/// Puts the controllers' answers (each with the indexes of the queries it
+/// was asked) back in query order. A query left without a result, wherever
+/// it was in its controller's list, fails the whole request, as a failed
+/// call does: the session cannot be told where its streams stand.
+fn in_query_order(
+    asked: usize,
+    answers: Vec<(Vec<usize>, Vec<HistoryResult>)>,
+) -> Result<Vec<HistoryResult>, String> {
+    let mut out: Vec<Option<HistoryResult>> = vec![None; asked];
+    for (idx, results) in answers {
+        if results.len() != idx.len() {
+            return Err(format!(
+                "controller answered {} result(s) for {} query(ies)",
+                results.len(),
+                idx.len()
+            ));
+        }
+        for (i, res) in idx.into_iter().zip(results) {
+            if let Some(slot) = out.get_mut(i) {
+                *slot = Some(res);
+            }
+        }
+    }
+    out.into_iter()
+        .map(|r| r.ok_or_else(|| "controller answered fewer results than asked".to_owned()))
+        .collect()
+}
+
 /// Capped exponential backoff with jitter.
 struct Backoff(u32);
 
@@ -808,6 +829,43 @@ mod tests {
             waiting.len() + 2,
             "every session still waiting is answered"
         );
+    }
+
+    fn result(key: &str) -> HistoryResult {
+        HistoryResult {
+            key: key.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn answers_are_put_in_query_order_and_missing_ones_fail_the_request() {
+        let keys = |r: Vec<HistoryResult>| r.into_iter().map(|r| r.key).collect::<Vec<_>>();
+        // Two controllers, each asked for some of four queries.
+        let whole = in_query_order(
+            4,
+            vec![
+                (vec![0, 2], vec![result("user:u"), result("room:a")]),
+                (vec![1, 3], vec![result("broadcast"), result("room:b")]),
+            ],
+        );
+        assert_eq!(
+            keys(whole.expect("every query answered")),
+            ["user:u", "broadcast", "room:a", "room:b"]
+        );
+        // The last queries of the request go unanswered: a failure, not a
+        // shorter answer with those streams missing.
+        let short = in_query_order(
+            4,
+            vec![
+                (vec![0, 1], vec![result("user:u"), result("broadcast")]),
+                (vec![2, 3], vec![result("room:a")]),
+            ],
+        );
+        assert!(short.is_err(), "{short:?}");
+        // So does a query no controller was asked about.
+        let unasked = in_query_order(3, vec![(vec![0, 1], vec![result("a"), result("b")])]);
+        assert!(unasked.is_err(), "{unasked:?}");
     }
 
     #[tokio::test]

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::direct::Way;
 use crate::gate::Gate;
-use crate::hub::{ConnHandle, Hub, Outbound, Wire};
+use crate::hub::{ConnHandle, Hub, Outbound, Registered, Wire};
 use crate::metrics::Metrics;
 use crate::queue;
 use crate::skip::{Skip, SkipRule};
@@ -90,10 +90,13 @@ pub struct WsState {
     /// Cancelled when the node drains: new upgrades are refused.
     pub draining: CancellationToken,
     /// New connections per second per client IP (429 beyond).
-    pub per_ip: Option<Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>>,
+    pub per_ip: Option<Arc<PerIpLimiter>>,
     /// Client publishing (`publish` frames); `None`: refused.
     pub publisher: Option<Arc<crate::publish::Publisher>>,
 }
+
+/// The limit of new connections per second per client IP.
+pub type PerIpLimiter = governor::DefaultKeyedRateLimiter<std::net::IpAddr>;
 
 /// Query string of `GET /ws`.
 #[derive(Debug, Deserialize)]
@@ -246,7 +249,10 @@ pub(crate) fn admit(
             ),
         );
     }
+    // Refused as soon as the list passes the limit: the query string is
+    // the client's, and may hold far more names than a connection may join.
     let mut rooms = Vec::new();
+    let mut seen = HashSet::new();
     for r in params
         .rooms
         .as_deref()
@@ -254,9 +260,22 @@ pub(crate) fn admit(
         .split(',')
         .filter(|r| !r.is_empty())
     {
+        if !seen.insert(r) {
+            continue;
+        }
+        if rooms.len() == settings.max_rooms {
+            return reject(
+                &state,
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!(
+                    "rooms: at most {} rooms per connection\n",
+                    settings.max_rooms
+                ),
+            );
+        }
         match RoomId::new(r) {
-            Ok(room) if !rooms.contains(&room) => rooms.push(room),
-            Ok(_) => {}
+            Ok(room) => rooms.push(room),
             Err(e) => {
                 return reject(
                     &state,
@@ -275,18 +294,6 @@ pub(crate) fn admit(
             StatusCode::FORBIDDEN,
             "forbidden",
             format!("rooms: the token does not allow joining {room}\n"),
-        );
-    }
-    if rooms.len() > state.settings.max_rooms {
-        return reject(
-            &state,
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!(
-                "rooms: at most {} rooms per connection, got {}\n",
-                state.settings.max_rooms,
-                rooms.len()
-            ),
         );
     }
     let positions = match parse_positions(params.positions.as_deref().unwrap_or("")) {
@@ -353,7 +360,7 @@ pub async fn ws_handler(
 
 /// A session that is registered, recovered and told `connected`.
 struct Established {
-    conn: Arc<ConnHandle>,
+    registered: Registered,
     rx: queue::Receiver<Outbound>,
     socket: WebSocket,
     skip: Skip,
@@ -374,7 +381,7 @@ async fn serve(
     claims: Option<Claims>,
 ) {
     let Some(Established {
-        conn,
+        registered,
         rx,
         mut socket,
         skip,
@@ -386,8 +393,19 @@ async fn serve(
     let session = Session {
         claims: Mutex::new(claims),
     };
-    let usable = run_session(&state, &mut socket, rx, &conn, &session, skip, receipt).await;
-    state.hub.disconnect(&conn);
+    let usable = run_session(
+        &state,
+        &mut socket,
+        rx,
+        &registered.conn,
+        &session,
+        skip,
+        receipt,
+    )
+    .await;
+    let conn = registered.conn.clone();
+    // Out of the hub before the close handshake, which may take a while.
+    drop(registered);
     let code = conn.close_code().unwrap_or(CloseCode::Normal);
     if usable {
         close_socket(&mut socket, code, code.reason()).await;
@@ -411,6 +429,11 @@ async fn establish(
     let settings = &state.settings;
     let way = socket.get_ref().way().cloned();
     let (conn, mut rx, ack) = hub.connect(user.clone(), &rooms, wire, way);
+    // Left on every way out of this task, a panic included.
+    let registered = Registered {
+        hub: hub.clone(),
+        conn: conn.clone(),
+    };
     // Registered first, then announced, then history fetched: every message
     // is either in the history answer or queued live (or both: deduplicated).
     let recovery = if ack.wait(settings.ack_timeout).await {
@@ -428,7 +451,7 @@ async fn establish(
         }
         Err(why) => {
             tracing::warn!(user = %user, reason = %why, "cannot establish the session; closing");
-            hub.disconnect(&conn);
+            drop(registered);
             let code = CloseCode::InternalError;
             close_socket(&mut socket, code, "no controller available, reconnect").await;
             state.metrics.count_disconnect(code);
@@ -472,7 +495,7 @@ async fn establish(
     })
     .await;
     if sent != Ok(true) {
-        hub.disconnect(&conn);
+        drop(registered);
         // Counted like a session that ends: too slow, or the socket failed
         // (as a read failure is, 1006).
         let code = if sent.is_err() {
@@ -492,7 +515,7 @@ async fn establish(
     }
     tracing::debug!(conn = conn.id, user = %user, rooms = rooms.len(), "connected");
     Some(Established {
-        conn,
+        registered,
         rx,
         socket,
         skip: recovery.skip,
@@ -586,7 +609,7 @@ async fn run_session(
     let mut closing = conn.close_signal();
     let read_timer = tokio::time::sleep(settings.read_timeout);
     tokio::pin!(read_timer);
-    let never = || tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400);
+    let never = || tokio::time::Instant::now() + NEVER;
     let mut exp = session.expiry();
     let expiry = tokio::time::sleep_until(
         session
@@ -1111,22 +1134,38 @@ fn send_error(state: &WsState, conn: &ConnHandle, code: &str, message: String) {
     send_frame(conn, ServerFrame::error(code, message));
 }
 
+/// Refuses a `join` or `leave` of `room`, naming it, so that the client
+/// knows which of its requests failed.
+fn send_room_error(state: &WsState, conn: &ConnHandle, code: &str, room: &str, message: String) {
+    state.metrics.frame_errors.with_label_values(&[code]).inc();
+    send_frame(conn, ServerFrame::room_error(code, room, message));
+}
+
+/// A token expiring this far ahead, or further, never closes its
+/// connection: a hundred years.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 /// What a connection proved about itself.
 struct Session {
     claims: Mutex<Option<Claims>>,
 }
 
 impl Session {
-    /// When the connection must close unless its token is refreshed.
     /// The token's expiry (seconds since the epoch), when there is a token.
     fn expiry(&self) -> Option<u64> {
         self.claims.lock().as_ref().map(|c| c.exp)
     }
 
+    /// When the connection must close unless its token is refreshed: the
+    /// token's expiry plus `leeway`. None without a token, and for an
+    /// expiry [`NEVER`] or more ahead (a token may say `exp: 2^64-1`,
+    /// further ahead than a clock can count).
     fn deadline(&self, leeway: Duration) -> Option<tokio::time::Instant> {
         let exp = self.claims.lock().as_ref()?.exp;
-        let left = exp.saturating_sub(barrage_auth::now_secs());
-        Some(tokio::time::Instant::now() + Duration::from_secs(left) + leeway)
+        let left = Duration::from_secs(exp.saturating_sub(barrage_auth::now_secs()))
+            .checked_add(leeway)
+            .filter(|left| *left < NEVER)?;
+        Some(tokio::time::Instant::now() + left)
     }
 
     fn allows_room(&self, room: &str) -> bool {
@@ -1163,55 +1202,45 @@ async fn handle_frame(
             Err(e) => send_error(state, conn, "unauthorized", e.to_string()),
         },
         ClientFrame::Join { room } => {
-            let room = match RoomId::new(room) {
-                Ok(r) => r,
-                Err(e) => return send_error(state, conn, "invalid_room", format!("room: {e}")),
+            let refuse = |code: &str, message: String| {
+                send_room_error(state, conn, code, &room, message);
             };
-            if !session.allows_room(room.as_str()) {
-                return send_error(
-                    state,
-                    conn,
+            let id = match RoomId::new(room.as_str()) {
+                Ok(r) => r,
+                Err(e) => return refuse("invalid_room", format!("room: {e}")),
+            };
+            if !session.allows_room(id.as_str()) {
+                return refuse(
                     "forbidden",
-                    format!("the token does not allow joining {room}"),
+                    format!("the token does not allow joining {id}"),
                 );
             }
             if state.hub.room_count(conn) >= state.settings.max_rooms {
-                return send_error(
-                    state,
-                    conn,
+                return refuse(
                     "too_many_rooms",
                     format!("at most {} rooms per connection", state.settings.max_rooms),
                 );
             }
             // `None`: already a member; joining again is harmless.
-            if let Some(ack) = state.hub.join(conn, &room)
+            if let Some(ack) = state.hub.join(conn, &id)
                 && !ack.wait(state.settings.ack_timeout).await
             {
-                state.hub.leave(conn, &room);
-                return send_error(
-                    state,
-                    conn,
+                state.hub.leave(conn, &id);
+                return refuse(
                     "unavailable",
-                    format!("could not join {room}: no controller confirmed it, try again"),
+                    format!("could not join {id}: no controller confirmed it, try again"),
                 );
             }
-            let (epoch, seq) = match room_position(state, &room).await {
+            let (epoch, seq) = match room_position(state, &id).await {
                 Ok((epoch, seq)) => (Some(epoch), Some(seq)),
                 Err(e) => {
                     // Joined all the same: pushes reach the connection, and
                     // its first message gives the client a position.
-                    tracing::warn!(%room, error = %e, "no position for a joined room");
+                    tracing::warn!(room = %id, error = %e, "no position for a joined room");
                     (None, None)
                 }
             };
-            send_frame(
-                conn,
-                ServerFrame::Joined {
-                    room: room.to_string(),
-                    epoch,
-                    seq,
-                },
-            );
+            send_frame(conn, ServerFrame::Joined { room, epoch, seq });
         }
         ClientFrame::Publish {
             room,
@@ -1241,19 +1270,28 @@ async fn handle_frame(
             send_frame(conn, answer);
         }
         ClientFrame::Leave { room } => {
-            let room = match RoomId::new(room) {
+            let id = match RoomId::new(room.as_str()) {
                 Ok(r) => r,
-                Err(e) => return send_error(state, conn, "invalid_room", format!("room: {e}")),
+                Err(e) => {
+                    return send_room_error(
+                        state,
+                        conn,
+                        "invalid_room",
+                        &room,
+                        format!("room: {e}"),
+                    );
+                }
             };
-            if state.hub.leave(conn, &room) {
-                send_frame(
-                    conn,
-                    ServerFrame::Left {
-                        room: room.to_string(),
-                    },
-                );
+            if state.hub.leave(conn, &id) {
+                send_frame(conn, ServerFrame::Left { room });
             } else {
-                send_error(state, conn, "not_joined", format!("not a member of {room}"));
+                send_room_error(
+                    state,
+                    conn,
+                    "not_joined",
+                    &room,
+                    format!("not a member of {id}"),
+                );
             }
         }
     }
