@@ -272,10 +272,11 @@ async fn api_tokens_and_scopes() -> anyhow::Result<()> {
         .expect_err("no token");
     assert_eq!(s.code(), Code::Unauthenticated);
     assert!(
-        s.message().contains("authorization: Bearer"),
+        s.message().contains("no API token") && s.message().contains("authorization: Bearer"),
         "{}",
         s.message()
     );
+    assert!(!s.message().contains("?token="), "{}", s.message());
     let s = within(
         T,
         "push",

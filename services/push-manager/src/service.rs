@@ -588,6 +588,11 @@ impl PushService {
             .check(header, scope)
             .map_err(|e| match e {
                 AuthError::Forbidden(_) => Status::permission_denied(e.to_string()),
+                // The shared text names the ways to present a connection
+                // token; an API caller has one way.
+                AuthError::Missing => Status::unauthenticated(
+                    "no API token: send 'authorization: Bearer <API token>'",
+                ),
                 _ => Status::unauthenticated(format!(
                     "{e} (send 'authorization: Bearer <API token>')"
                 )),
