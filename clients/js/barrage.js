@@ -636,7 +636,7 @@ export class BarrageClient {
     if (frame.epoch !== undefined && frame.seq !== undefined) {
       const stream = `room:${frame.room}`;
       const pos = this.positions[stream];
-      if (!pos || pos.epoch !== frame.epoch || frame.seq > pos.seq) {
+      if (!pos || (pos.epoch === frame.epoch && frame.seq > pos.seq)) {
         this.positions[stream] = { epoch: frame.epoch, seq: frame.seq };
       }
     }

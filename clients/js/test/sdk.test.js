@@ -218,6 +218,11 @@ test("a room joined live is resumed from the position joined gives", async () =>
   ws.frame(message("room:busy", 9, "m9", 1));
   ws.frame({ type: "joined", room: "busy", epoch: 1, seq: 8 });
   assert.deepEqual(c.positions["room:busy"], { epoch: 1, seq: 9 });
+  // So does one of a newer epoch than the one `joined` read.
+  c.join("moved");
+  ws.frame(message("room:moved", 1, "n1", 2));
+  ws.frame({ type: "joined", room: "moved", epoch: 1, seq: 5 });
+  assert.deepEqual(c.positions["room:moved"], { epoch: 2, seq: 1 });
   ws.serverClose(1006);
   await until("a new socket", () => ScriptedSocket.all.length >= 2);
   const resumed = parsePositions(ScriptedSocket.all[1].url.searchParams.get("positions"));

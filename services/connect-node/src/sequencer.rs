@@ -193,16 +193,6 @@ impl Sequencer {
         (out, Some(0))
     }
 
-    /// Releases messages that waited too long for a predecessor, in order.
-    pub fn expire(&self, now: Instant) -> Vec<Ready> {
-        let mut out = Vec::new();
-        for order in self.all() {
-            out.extend(Self::expire_locked(&mut order.lock(), now));
-        }
-        self.forget_idle(now);
-        out
-    }
-
     fn all(&self) -> Vec<Arc<Mutex<Order>>> {
         self.streams.lock().values().cloned().collect()
     }
@@ -219,11 +209,41 @@ impl Sequencer {
         });
     }
 
+    /// Delivers, in order, waiting messages whose predecessor has been
+    /// delivered meanwhile (by a fill, or a release past it).
+    fn behind_locked(o: &mut Order) -> Vec<Ready> {
+        let mut out = Vec::new();
+        while o.seen
+            && let Some(entry) = o.waiting.first_entry()
+            && *entry.key() <= o.last
+        {
+            let w = entry.remove();
+            o.last = o.last.max(w.ready.seq);
+            out.push(w.ready);
+            o.drain(&mut out);
+        }
+        out
+    }
+
+    /// Releases the first waiting message past its gap, and what follows
+    /// it in order; later gaps stay for the next fill.
+    fn release_first_locked(o: &mut Order) -> Vec<Ready> {
+        let mut out = Vec::new();
+        if let Some(entry) = o.waiting.first_entry() {
+            let w = entry.remove();
+            o.seen = true;
+            o.last = o.last.max(w.ready.seq);
+            out.push(w.ready);
+            o.drain(&mut out);
+        }
+        out
+    }
+
     /// The gap to fill before messages that waited too long are released:
-    /// the messages between the last delivered and the first waiting. Of a
-    /// stream this node has delivered nothing of (in this epoch), only the
-    /// named predecessor is known to be missing: what came before it here,
-    /// if anything, was long enough ago for the node to have forgotten it.
+    /// the messages between the last delivered and the first waiting (of
+    /// a stream this node has delivered nothing of in this epoch, from the
+    /// epoch's start: the connections' skip rules and the clients' repeat
+    /// checks drop what they already have).
     fn gap_locked(o: &Order, now: Instant) -> Option<Gap> {
         if o.filling {
             return None;
@@ -239,7 +259,7 @@ impl Sequencer {
         Some(Gap {
             key: first.ready.key.clone(),
             epoch: o.epoch,
-            from: if o.seen { o.last } else { prev - 1 },
+            from: if o.seen { o.last } else { 0 },
             to: prev,
         })
     }
@@ -265,6 +285,11 @@ impl Sequencer {
         };
         let mut o = order.lock();
         o.filling = false;
+        if o.epoch != gap.epoch {
+            // A new epoch came meanwhile: what waited in the old one went
+            // out with it, and the next round looks at the new one.
+            return;
+        }
         let mut out = Vec::new();
         if let Some(h) = history
             && h.recovered
@@ -298,37 +323,14 @@ impl Sequencer {
             hub.metrics().gap_filled_messages.inc_by(filled);
         }
         o.drain(&mut out);
-        out.extend(Self::expire_locked(&mut o, Instant::now()));
+        out.extend(Self::behind_locked(&mut o));
+        if outcome == "released" {
+            // Past this gap only: a later one is filled in its turn.
+            out.extend(Self::release_first_locked(&mut o));
+        }
         for r in &out {
             deliver(&hub, r);
         }
-    }
-
-    fn expire_locked(o: &mut Order, now: Instant) -> Vec<Ready> {
-        let mut out = Vec::new();
-        // The latest in stream order of those that waited too long: it is
-        // released, and with it, in order, every one before it, also those
-        // that came later and have not waited as long.
-        let Some(upto) = o
-            .waiting
-            .iter()
-            .rev()
-            .find(|(_, w)| now.duration_since(w.since) >= MAX_WAIT)
-            .map(|(prev, _)| *prev)
-        else {
-            return out;
-        };
-        while let Some(entry) = o.waiting.first_entry() {
-            if *entry.key() > upto {
-                break;
-            }
-            let w = entry.remove();
-            o.seen = true;
-            o.last = o.last.max(w.ready.seq);
-            out.push(w.ready);
-            o.drain(&mut out);
-        }
-        out
     }
 
     /// Delivers released messages until `stop`.
@@ -341,16 +343,16 @@ impl Sequencer {
             let now = Instant::now();
             for order in self.all() {
                 let mut o = order.lock();
-                if let Some(gap) = Self::gap_locked(&o, now) {
-                    o.filling = true;
-                    tokio::spawn(Self::fill(order.clone(), hub.clone(), gap));
-                    continue;
-                }
                 if o.filling {
                     continue;
                 }
-                for r in Self::expire_locked(&mut o, now) {
-                    deliver(&hub, &r);
+                let behind = Self::behind_locked(&mut o);
+                if let Some(gap) = Self::gap_locked(&o, now) {
+                    o.filling = true;
+                    tokio::spawn(Self::fill(order.clone(), hub.clone(), gap));
+                }
+                for r in &behind {
+                    deliver(&hub, r);
                 }
             }
             self.forget_idle(now);
@@ -435,31 +437,53 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_predecessor_is_waited_for_only_so_long() {
+    fn a_missing_predecessor_is_waited_for_then_each_gap_is_asked_for_in_turn() {
         let s = Sequencer::default();
         assert_eq!(seqs(&s.admit("room:r", 7, 0, ready(1))), vec![1]);
+        // 2 and 4 never come.
         assert!(s.admit("room:r", 7, 2, ready(3)).is_empty());
-        assert!(s.admit("room:r", 7, 3, ready(4)).is_empty());
-        assert!(s.expire(Instant::now()).is_empty());
+        assert!(s.admit("room:r", 7, 4, ready(5)).is_empty());
+        let order = s.order("room:r");
+        let mut o = order.lock();
+        assert_eq!(Sequencer::gap_locked(&o, Instant::now()), None);
         let later = Instant::now() + MAX_WAIT + Duration::from_millis(1);
-        assert_eq!(seqs(&s.expire(later)), vec![3, 4]);
-        assert_eq!(seqs(&s.admit("room:r", 7, 4, ready(5))), vec![5]);
+        let gap = |from, to| Gap {
+            key: StreamKey::Broadcast,
+            epoch: 7,
+            from,
+            to,
+        };
+        assert_eq!(Sequencer::gap_locked(&o, later), Some(gap(1, 2)));
+        // The history did not have 2: only 3 goes past that gap, and the
+        // next gap is asked for in its turn, not passed.
+        assert_eq!(seqs(&Sequencer::release_first_locked(&mut o)), vec![3]);
+        assert_eq!(Sequencer::gap_locked(&o, later), Some(gap(3, 4)));
+        // While a fill is under way, nothing else is asked.
+        o.filling = true;
+        assert_eq!(Sequencer::gap_locked(&o, later), None);
     }
 
-    /// A message that waited too long is released even when one before
-    /// it in the stream came later and has not waited as long: both go,
-    /// in order.
     #[test]
-    fn a_later_arrival_before_it_does_not_hold_an_expired_message() {
+    fn what_waited_behind_a_filled_gap_follows_it() {
         let s = Sequencer::default();
         assert_eq!(seqs(&s.admit("room:r", 7, 0, ready(1))), vec![1]);
-        assert!(s.admit("room:r", 7, 7, ready(8)).is_empty());
-        let t0 = Instant::now();
-        // 6 (after a lost 5) arrives a while after 8.
-        assert!(s.admit("room:r", 7, 5, ready(6)).is_empty());
+        assert!(s.admit("room:r", 7, 3, ready(4)).is_empty());
         let order = s.order("room:r");
-        order.lock().waiting.get_mut(&5).expect("6 waits").since = t0 + MAX_WAIT / 2;
-        let expired_8 = t0 + MAX_WAIT + Duration::from_millis(1);
-        assert_eq!(seqs(&s.expire(expired_8)), vec![6, 8]);
+        let mut o = order.lock();
+        assert!(Sequencer::behind_locked(&mut o).is_empty());
+        // A fill delivered 2 and 3.
+        o.last = 3;
+        assert_eq!(seqs(&Sequencer::behind_locked(&mut o)), vec![4]);
+        assert!(o.waiting.is_empty());
+    }
+
+    #[test]
+    fn a_stream_new_here_is_filled_from_its_epochs_start() {
+        let s = Sequencer::default();
+        assert!(s.admit("room:r", 7, 2, ready(3)).is_empty());
+        let later = Instant::now() + MAX_WAIT + Duration::from_millis(1);
+        let o = s.order("room:r");
+        let gap = Sequencer::gap_locked(&o.lock(), later).expect("a gap");
+        assert_eq!((gap.epoch, gap.from, gap.to), (7, 0, 2));
     }
 }

@@ -1221,6 +1221,21 @@ async fn handle_frame(
                     format!("at most {} rooms per connection", state.settings.max_rooms),
                 );
             }
+            // The room's position is read before the join: a push after it
+            // and before the join's confirmation may not reach this
+            // connection, but the client, resuming from this position,
+            // recovers it. Read after the confirmation instead, it could
+            // count a push still on its way here, and lose it if the
+            // connection dropped first.
+            let (epoch, seq) = match room_position(state, &id).await {
+                Ok((epoch, seq)) => (Some(epoch), Some(seq)),
+                Err(e) => {
+                    // Joined all the same: pushes reach the connection, and
+                    // its first message gives the client a position.
+                    tracing::warn!(room = %id, error = %e, "no position for a joined room");
+                    (None, None)
+                }
+            };
             // `None`: already a member; joining again is harmless.
             if let Some(ack) = state.hub.join(conn, &id)
                 && !ack.wait(state.settings.ack_timeout).await
@@ -1231,15 +1246,6 @@ async fn handle_frame(
                     format!("could not join {id}: no controller confirmed it, try again"),
                 );
             }
-            let (epoch, seq) = match room_position(state, &id).await {
-                Ok((epoch, seq)) => (Some(epoch), Some(seq)),
-                Err(e) => {
-                    // Joined all the same: pushes reach the connection, and
-                    // its first message gives the client a position.
-                    tracing::warn!(room = %id, error = %e, "no position for a joined room");
-                    (None, None)
-                }
-            };
             send_frame(conn, ServerFrame::Joined { room, epoch, seq });
         }
         ClientFrame::Publish {

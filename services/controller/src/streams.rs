@@ -552,13 +552,18 @@ impl Streams {
     /// Applies the per-stream bounds to `key`.
     fn trim(&mut self, key: &str, now: Instant) {
         if let Some(i) = self.streams.get_index_of(key) {
-            self.trim_index(i, now);
+            self.trim_index(i, now, false);
         }
     }
 
     /// Applies the per-stream bounds to the stream at `index`; true when
     /// the stream was forgotten (the last stream then takes its index).
-    fn trim_index(&mut self, index: usize, now: Instant) -> bool {
+    /// `sweeping`: over [`StreamConfig::max_streams`], a stream with no
+    /// message left is forgotten once it has been quiet for its retention
+    /// and for [`barrage_proto::ORDER_MEMORY`] (its order may still be
+    /// named to nodes until then), by the sweep only: never as a push or
+    /// a recovery touches it.
+    fn trim_index(&mut self, index: usize, now: Instant, sweeping: bool) -> bool {
         let Some((key, stream)) = self.streams.get_index_mut(index) else {
             return false;
         };
@@ -576,8 +581,11 @@ impl Streams {
         if !stream.history.is_empty() {
             return false;
         }
-        let idle = now.saturating_duration_since(stream.last_push) > self.cfg.idle_ttl;
-        let over_cap = self.streams.len() > self.cfg.max_streams;
+        let quiet = now.saturating_duration_since(stream.last_push);
+        let idle = quiet > self.cfg.idle_ttl;
+        let over_cap = sweeping
+            && self.streams.len() > self.cfg.max_streams
+            && quiet > retention.ttl.max(barrage_proto::ORDER_MEMORY);
         if idle || over_cap {
             self.streams.swap_remove_index(index);
             if !idle {
@@ -624,7 +632,7 @@ impl Streams {
                 self.sweep_cursor = 0;
             }
             // A forgotten stream's index now holds another, unvisited one.
-            if !self.trim_index(self.sweep_cursor, now) {
+            if !self.trim_index(self.sweep_cursor, now, true) {
                 self.sweep_cursor += 1;
             }
         }
@@ -1006,12 +1014,17 @@ mod tests {
         for u in 0..5 {
             s.append(&format!("user:old-{u}"), &body("m"), false, start);
         }
-        tokio::time::advance(Duration::from_secs(30)).await;
+        // Emptied by their age but still within the order memory: kept.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        s.sweep(Instant::now());
+        assert_eq!((s.len(), s.forgotten_over_cap()), (5, 0));
+        tokio::time::advance(barrage_proto::ORDER_MEMORY).await;
         let fresh = s.append("user:fresh", &body("f"), false, Instant::now());
-        tokio::time::advance(Duration::from_secs(31)).await;
-        // The five old streams' messages are past their age: the sweep
-        // forgets them, though far from their 24 idle hours, while there
-        // are more streams than the cap; the one with a message stays.
+        // A push to a stream over the cap forgets no other stream.
+        assert_eq!(s.len(), 6);
+        // The sweep forgets the quiet empty ones, though far from their 24
+        // idle hours, while there are more streams than the cap; the one
+        // with a message stays.
         s.sweep(Instant::now());
         assert_eq!(s.len(), 3);
         assert_eq!(s.forgotten_over_cap(), 3);
