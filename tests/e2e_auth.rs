@@ -478,3 +478,40 @@ async fn an_expired_connection_closes_after_the_configured_leeway() -> anyhow::R
     );
     Ok(())
 }
+
+/// An event stream cannot be given a new token: it ends with a `close`
+/// event (4405) when its token expires, as a WebSocket is closed, and the
+/// node lets the session go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_ends_when_its_token_expires() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = secure_cluster().await?;
+    let node = &cluster.nodes[0];
+    let addr = node.ws_addr.clone().expect("a WebSocket address");
+    let token = token_expiring_at("hana", now_secs() + 1);
+    let mut stream = within(T, "connect", tokio::net::TcpStream::connect(&addr)).await??;
+    let request = format!(
+        "GET /sse?token={token}&rooms=lobby HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    let ended = within(T, "the close event", async {
+        loop {
+            let n = stream.read(&mut buf).await?;
+            anyhow::ensure!(n > 0, "the stream ended without a close event: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if seen.contains("event: close") && seen.contains("4405") {
+                return anyhow::Ok(());
+            }
+        }
+    })
+    .await?;
+    ended?;
+    assert!(seen.contains("event: connected"), "{seen}");
+    barrage_testkit::cluster::eventually(T, "the session to leave the hub", || async {
+        (node.metric("connect_node_connections") == 0.0).then_some(())
+    })
+    .await?;
+    Ok(())
+}

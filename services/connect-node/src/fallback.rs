@@ -128,6 +128,12 @@ fn frame_type(frame: &str) -> String {
     serde_json::from_str::<Typed>(frame).map_or_else(|_| "message".to_owned(), |t| t.r#type)
 }
 
+/// The `close` event that ends an event stream with `code`.
+fn close_event(code: CloseCode) -> Event {
+    let data = serde_json::json!({ "code": code.code(), "reason": code.reason() });
+    Event::default().event("close").data(data.to_string())
+}
+
 /// `GET /sse?token=<JWT>&rooms=a,b` (positions from `Last-Event-ID` or `positions=`).
 pub async fn sse_handler(
     State(state): State<WsState>,
@@ -150,6 +156,12 @@ pub async fn sse_handler(
         };
     let connected = connected_frame(&state, &a, &registered.conn, &recovery);
     let mut positions = initial_positions(&a, &recovery);
+    // An event stream cannot be given a new token: it ends when its token
+    // expires (4405), and the client reconnects with a fresh one.
+    let expires = a
+        .claims
+        .as_ref()
+        .and_then(|c| crate::ws::token_deadline(c, state.settings.token_leeway));
     let (tx, events) = mpsc::channel::<Result<Event, Infallible>>(16);
     let limit = state.settings.read_timeout;
     tokio::spawn(async move {
@@ -204,13 +216,25 @@ pub async fn sse_handler(
         if let Some(r) = receipt {
             r.report(&registered.hub, &conn.user);
         }
+        let expiry = async move {
+            match expires {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expiry);
         loop {
             let out = tokio::select! {
                 biased;
+                () = &mut expiry => {
+                    conn.close_with(CloseCode::TokenExpired);
+                    let code = conn.close_code().unwrap_or(CloseCode::TokenExpired);
+                    let _ = hand_over(close_event(code)).await;
+                    break;
+                }
                 _ = conn.closing() => {
                     let code = conn.close_code().unwrap_or(CloseCode::Normal);
-                    let data = serde_json::json!({ "code": code.code(), "reason": code.reason() });
-                    let _ = hand_over(Event::default().event("close").data(data.to_string())).await;
+                    let _ = hand_over(close_event(code)).await;
                     break;
                 }
                 _ = tx.closed() => break,

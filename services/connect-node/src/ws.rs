@@ -1161,11 +1161,7 @@ impl Session {
     /// expiry [`NEVER`] or more ahead (a token may say `exp: 2^64-1`,
     /// further ahead than a clock can count).
     fn deadline(&self, leeway: Duration) -> Option<tokio::time::Instant> {
-        let exp = self.claims.lock().as_ref()?.exp;
-        let left = Duration::from_secs(exp.saturating_sub(barrage_auth::now_secs()))
-            .checked_add(leeway)
-            .filter(|left| *left < NEVER)?;
-        Some(tokio::time::Instant::now() + left)
+        token_deadline(self.claims.lock().as_ref()?, leeway)
     }
 
     fn allows_room(&self, room: &str) -> bool {
@@ -1174,6 +1170,15 @@ impl Session {
             .as_ref()
             .is_none_or(|c| c.allows_room(room))
     }
+}
+
+/// When a session admitted with `claims` must end: the token's expiry
+/// plus `leeway`; None for an expiry [`NEVER`] or more ahead.
+pub(crate) fn token_deadline(claims: &Claims, leeway: Duration) -> Option<tokio::time::Instant> {
+    let left = Duration::from_secs(claims.exp.saturating_sub(barrage_auth::now_secs()))
+        .checked_add(leeway)
+        .filter(|left| *left < NEVER)?;
+    Some(tokio::time::Instant::now() + left)
 }
 
 async fn handle_frame(
