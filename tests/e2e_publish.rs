@@ -141,6 +141,18 @@ async fn comments_are_filtered_published_and_acknowledged() -> anyhow::Result<()
         ("vip-1", json!({"text": "needs the claim"}), "not_allowed"),
         ("live-1", json!({"text": "x".repeat(21)}), "too_long"),
         ("live-1", json!({"nothing": 1}), "invalid"),
+        // Fields besides text: small, and filtered like it.
+        (
+            "live-1",
+            json!({"text": "hi", "note": "x".repeat(600)}),
+            "too_long",
+        ),
+        ("live-1", json!({"text": "hi", "note": "a\u{7}"}), "invalid"),
+        (
+            "live-1",
+            json!({"text": "hi", "style": {"label": "badword"}}),
+            "sensitive",
+        ),
         (
             "live-1",
             json!({"text": "hello", "color": "#ff0000"}),

@@ -8,7 +8,8 @@
 //! Stages, in order, each counted in
 //! `connect_node_publish_total{stage,outcome}`:
 //! policy (room allowed, token claim where required, sender is a member) →
-//! validation (text, length, control characters) → per-user rate →
+//! validation (text, length, control characters; the other fields of
+//! `data`: size, control characters, sensitive words) → per-user rate →
 //! per-room rate → sensitive words (reject or mask with `*`) → duplicate
 //! (same text from the same user within the window; a comment that was
 //! refused after this stage, or could not be pushed, does not count, so
@@ -268,6 +269,23 @@ fn bearer(token: &str) -> Result<MetadataValue<Ascii>, &'static str> {
 /// Checks an API token for the push API can be sent (for configuration checks).
 pub fn check_api_token(token: &str) -> Result<(), &'static str> {
     bearer(token).map(drop)
+}
+
+/// Bytes a comment's fields besides `text` may take (keys and encoded
+/// values).
+pub const MAX_EXTRA_BYTES: usize = 512;
+
+/// Every string inside `v`, in order.
+fn strings_in<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+    match v {
+        Value::String(s) => out.push(s),
+        Value::Array(a) => a.iter().for_each(|v| strings_in(v, out)),
+        Value::Object(o) => o.iter().for_each(|(k, v)| {
+            out.push(k);
+            strings_in(v, out);
+        }),
+        _ => {}
+    }
 }
 
 /// The text of a comment: `{"text": "…"}` or a bare string.
@@ -536,6 +554,52 @@ impl Publisher {
                 "invalid",
                 "text contains control characters",
             );
+        }
+        // The comment's other fields (a colour, a display mode) travel
+        // to every member too: they are kept small and pass the same
+        // character and word checks as the text.
+        if let Value::Object(o) = &data {
+            let extras: Vec<(&String, &Value)> = o.iter().filter(|(k, _)| *k != "text").collect();
+            let size: usize = extras
+                .iter()
+                .map(|(k, v)| k.len() + v.to_string().len())
+                .sum();
+            if size > MAX_EXTRA_BYTES {
+                return self.reject(
+                    "validate",
+                    reference,
+                    &room,
+                    "too_long",
+                    format!(
+                        "data's fields besides text take {size} bytes, at most {MAX_EXTRA_BYTES}"
+                    ),
+                );
+            }
+            let mut strings = Vec::new();
+            for (k, v) in &extras {
+                strings.push(k.as_str());
+                strings_in(v, &mut strings);
+            }
+            if strings.iter().any(|t| t.chars().any(char::is_control)) {
+                return self.reject(
+                    "validate",
+                    reference,
+                    &room,
+                    "invalid",
+                    "data contains control characters",
+                );
+            }
+            if let Some(w) = self.words.read().as_ref()
+                && strings.iter().any(|t| w.matcher.is_match(t))
+            {
+                return self.reject(
+                    "validate",
+                    reference,
+                    &room,
+                    "sensitive",
+                    "a field of data besides text contains a blocked word",
+                );
+            }
         }
         self.count("validate", "pass");
         // Rates.
