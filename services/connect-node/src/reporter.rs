@@ -340,6 +340,30 @@ impl Reporter {
             .collect())
     }
 
+    /// [`Reporter::history`] within `timeout`.
+    pub async fn history_within(
+        &self,
+        queries: Vec<HistoryQuery>,
+        timeout: Duration,
+    ) -> Result<Vec<HistoryResult>, String> {
+        tokio::time::timeout(timeout, self.history(queries))
+            .await
+            .map_err(|_| "history request timed out".to_owned())?
+    }
+
+    /// The answer to one query, within `timeout`.
+    pub async fn history_of(
+        &self,
+        query: HistoryQuery,
+        timeout: Duration,
+    ) -> Result<HistoryResult, String> {
+        self.history_within(vec![query], timeout)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| "no answer from the stream's controller".to_owned())
+    }
+
     /// Asks the owning controllers for stream positions and missed
     /// messages for one connecting client: one item per controller,
     /// concurrently, each sent alone or with other clients' queries (see

@@ -80,6 +80,15 @@ impl Order {
             out.push(w.ready);
         }
     }
+
+    /// Delivers `w`, taken from `waiting` without its predecessor (or
+    /// after it came another way), then what follows it in order.
+    fn pass(&mut self, w: Waiting, out: &mut Vec<Ready>) {
+        self.seen = true;
+        self.last = self.last.max(w.ready.seq);
+        out.push(w.ready);
+        self.drain(out);
+    }
 }
 
 /// Per-stream delivery order of this node. A stream's admission and its
@@ -214,13 +223,12 @@ impl Sequencer {
     fn behind_locked(o: &mut Order) -> Vec<Ready> {
         let mut out = Vec::new();
         while o.seen
-            && let Some(entry) = o.waiting.first_entry()
-            && *entry.key() <= o.last
+            && o.waiting
+                .first_key_value()
+                .is_some_and(|(&prev, _)| prev <= o.last)
+            && let Some((_, w)) = o.waiting.pop_first()
         {
-            let w = entry.remove();
-            o.last = o.last.max(w.ready.seq);
-            out.push(w.ready);
-            o.drain(&mut out);
+            o.pass(w, &mut out);
         }
         out
     }
@@ -229,12 +237,8 @@ impl Sequencer {
     /// it in order; later gaps stay for the next fill.
     fn release_first_locked(o: &mut Order) -> Vec<Ready> {
         let mut out = Vec::new();
-        if let Some(entry) = o.waiting.first_entry() {
-            let w = entry.remove();
-            o.seen = true;
-            o.last = o.last.max(w.ready.seq);
-            out.push(w.ready);
-            o.drain(&mut out);
+        if let Some((_, w)) = o.waiting.pop_first() {
+            o.pass(w, &mut out);
         }
         out
     }
@@ -270,16 +274,10 @@ impl Sequencer {
         let key = gap.key.to_string();
         let mut query = HistoryQuery::new(key.clone(), Some((gap.epoch, gap.from)));
         query.gap_fill = true;
-        let answer = tokio::time::timeout(FILL_TIMEOUT, hub.reporter().history(vec![query])).await;
-        let history = match answer {
-            Ok(Ok(mut results)) if !results.is_empty() => Some(results.swap_remove(0)),
-            Ok(Ok(_)) => None,
-            Ok(Err(e)) => {
+        let history = match hub.reporter().history_of(query, FILL_TIMEOUT).await {
+            Ok(h) => Some(h),
+            Err(e) => {
                 tracing::warn!(stream = %key, error = %e, "cannot fill a gap from the history");
-                None
-            }
-            Err(_) => {
-                tracing::warn!(stream = %key, "the history to fill a gap did not come in time");
                 None
             }
         };
@@ -294,7 +292,6 @@ impl Sequencer {
         if let Some(h) = history
             && h.recovered
             && h.epoch == gap.epoch
-            && o.epoch == gap.epoch
         {
             for m in &h.messages {
                 let Some(body) = &m.body else { continue };

@@ -955,9 +955,7 @@ pub(crate) async fn recover(
     // The whole of the session's set-up deadline: when every client of a
     // node comes back at once, queries wait their turn at the controller,
     // and a client told to reconnect would only queue again.
-    let results = tokio::time::timeout(timeout, hub.reporter().history(queries))
-        .await
-        .map_err(|_| "history request timed out".to_owned())??;
+    let results = hub.reporter().history_within(queries, timeout).await?;
     let mut out = Recovery {
         streams: BTreeMap::new(),
         missed: Vec::new(),
@@ -1000,20 +998,16 @@ pub(crate) async fn recover(
 }
 
 /// Where `room`'s stream stands (epoch, seq), asked of its controller
-/// after a join: a client that stores it recovers, at its next connect,
+/// before a join: a client that stores it recovers, at its next connect,
 /// what was pushed to the room after the join, even when nothing arrived
 /// in between.
 async fn room_position(state: &WsState, room: &RoomId) -> Result<(u64, u64), String> {
-    let key = StreamKey::Room(room.clone()).to_string();
-    let query = HistoryQuery::new(key, None);
-    let asked = state.hub.reporter().history(vec![query]);
-    let results = tokio::time::timeout(state.settings.ack_timeout, asked)
-        .await
-        .map_err(|_| "history request timed out".to_owned())??;
-    let r = results
-        .into_iter()
-        .next()
-        .ok_or_else(|| "no answer from the room's controller".to_owned())?;
+    let query = HistoryQuery::new(StreamKey::Room(room.clone()).to_string(), None);
+    let r = state
+        .hub
+        .reporter()
+        .history_of(query, state.settings.ack_timeout)
+        .await?;
     Ok((r.epoch, r.seq))
 }
 
